@@ -1,0 +1,156 @@
+//! Grouped-query self-attention with query/key RMS norm and RoPE.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+use crate::norm::RmsNorm;
+use crate::rope::Rope;
+use crate::weights::{Linear, Weights};
+
+/// Upper bound, in bytes, of the f32 score block one query chunk may allocate.
+/// Attention memory is bounded by `B * heads * chunk * S_kv * 4` bytes, not by
+/// `heads * S * S` (at 1024x1024 the joint sequence is over 4096 tokens).
+pub const DEFAULT_SCORE_BUDGET: usize = 64 << 20;
+
+/// A key mask for one attention call: `bias` is `[B, 1, 1, S_kv]`, 0 for keys to
+/// attend to and `-inf` for padding.
+#[derive(Debug, Clone)]
+pub struct KeyMask {
+    bias: Tensor,
+}
+
+impl KeyMask {
+    /// From per-batch key validity (`valid[b][j]`: key `j` of item `b` is attended to).
+    pub fn from_valid(valid: &[Vec<bool>], device: &candle_core::Device) -> Result<Self> {
+        let b = valid.len();
+        let s = valid.first().map_or(0, |v| v.len());
+        let data: Vec<f32> = valid
+            .iter()
+            .flat_map(|row| row.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        if data.len() != b * s {
+            return Err(crate::error::invalid_input("mask", "rows of different lengths"));
+        }
+        Ok(Self {
+            bias: Tensor::from_vec(data, (b, 1, 1, s), device)?,
+        })
+    }
+}
+
+/// diffusers' `Attention` with `Lumina2AttnProcessor2_0`: q/k/v projections
+/// without bias, RMS norm (eps 1e-5) on each query and key head, RoPE,
+/// grouped-query attention, output projection without bias.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    score_budget: usize,
+}
+
+impl Attention {
+    /// Loads `to_q`, `to_k`, `to_v`, `to_out.0`, `norm_q`, `norm_k`.
+    pub fn load(w: &Weights, dim: usize, n_heads: usize, n_kv_heads: usize) -> Result<Self> {
+        let head_dim = dim / n_heads;
+        let kv_dim = head_dim * n_kv_heads;
+        Ok(Self {
+            to_q: w.linear("to_q", dim, dim, false)?,
+            to_k: w.linear("to_k", dim, kv_dim, false)?,
+            to_v: w.linear("to_v", dim, kv_dim, false)?,
+            to_out: w.linear("to_out.0", dim, dim, false)?,
+            // The block builds its Attention with eps=1e-5 whatever norm_eps says.
+            norm_q: RmsNorm::load(w, "norm_q", head_dim, 1e-5)?,
+            norm_k: RmsNorm::load(w, "norm_k", head_dim, 1e-5)?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            score_budget: DEFAULT_SCORE_BUDGET,
+        })
+    }
+
+    /// Sets the byte budget of one query chunk's score block.
+    pub fn set_score_budget(&mut self, bytes: usize) {
+        self.score_budget = bytes.max(1);
+    }
+
+    /// `x`: `[B, S, dim]`, `rope`: factors for the `S` positions, `mask`: optional
+    /// key padding mask -> `[B, S, dim]`.
+    pub fn forward(&self, x: &Tensor, rope: &Rope, mask: Option<&KeyMask>) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let dtype = x.dtype();
+        let (h, kv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+
+        let q = self.to_q.forward(x)?.reshape((b, s, h, hd))?;
+        let k = self.to_k.forward(x)?.reshape((b, s, kv, hd))?;
+        let v = self.to_v.forward(x)?.reshape((b, s, kv, hd))?;
+        let q = self.norm_q.forward(&q)?.transpose(1, 2)?.contiguous()?;
+        let k = self.norm_k.forward(&k)?.transpose(1, 2)?.contiguous()?;
+        // RoPE in f32, rounded back to the compute dtype as diffusers does.
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
+
+        // Scores, softmax and the weighted sum in f32 (PyTorch's CPU attention
+        // kernels accumulate in f32 for bf16/f16 inputs too). The scale is folded
+        // into the queries.
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = (q.to_dtype(DType::F32)? * scale)?;
+        let k = k.to_dtype(DType::F32)?;
+        let v = v.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
+        let out = grouped_attention(&q, &k, &v, mask, self.score_budget)?;
+        // [B, H, S, hd] -> [B, S, H*hd]
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, s, h * hd))?
+            .to_dtype(dtype)?;
+        Ok(self.to_out.forward(&out)?)
+    }
+}
+
+/// Softmax attention without repeating keys and values per query head.
+///
+/// `q`: `[B, H, S_q, d]` (already scaled), `k`, `v`: `[B, KV, S_kv, d]` with `H`
+/// a multiple of `KV`; query head `i` uses key/value head `i / (H / KV)`, as
+/// diffusers' `repeat(...).flatten(2, 3)`. The query heads sharing a key head are
+/// stacked into one matrix, and queries are processed in chunks so that the
+/// score block stays within `score_budget` bytes. Returns `[B, H, S_q, d]`.
+pub fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&KeyMask>,
+    score_budget: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, h, s_q, d) = q.dims4()?;
+    let (_, kv, s_kv, _) = k.dims4()?;
+    let rep = h / kv;
+    let q = q.reshape((b, kv, rep, s_q, d))?;
+    let kt = k.transpose(2, 3)?; // [B, KV, d, S_kv]
+    let row_bytes = b * h * s_kv * 4;
+    let chunk = (score_budget / row_bytes.max(1)).clamp(1, s_q.max(1));
+    let mut outs = Vec::with_capacity(s_q.div_ceil(chunk));
+    let mut start = 0;
+    while start < s_q {
+        let len = chunk.min(s_q - start);
+        let qc = q.narrow(3, start, len)?.reshape((b, kv, rep * len, d))?;
+        let mut scores = qc.matmul(&kt)?; // [B, KV, rep*len, S_kv]
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(&m.bias)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        drop(scores);
+        let o = probs.matmul(v)?; // [B, KV, rep*len, d]
+        outs.push(o.reshape((b, h, len, d))?);
+        start += len;
+    }
+    if outs.len() == 1 {
+        Ok(outs.remove(0))
+    } else {
+        Tensor::cat(&outs, 2)
+    }
+}

@@ -1,0 +1,263 @@
+//! The model configuration, as diffusers writes it in `config.json`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Configuration of [`crate::Lumina2Transformer`], field for field the arguments of
+/// diffusers' `Lumina2Transformer2DModel.__init__`, with the same defaults.
+///
+/// Unknown keys (`_class_name`, `_diffusers_version`, ...) are ignored, so the
+/// `transformer/config.json` of a diffusers pipeline deserialises as it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Latent width the model was trained at (the pipeline's default size is `sample_size * 8`).
+    pub sample_size: usize,
+    /// Side of the square patches the latent is cut into.
+    pub patch_size: usize,
+    /// Latent channels in.
+    pub in_channels: usize,
+    /// Latent channels out (`None`: same as `in_channels`).
+    pub out_channels: Option<usize>,
+    /// Width of the transformer.
+    pub hidden_size: usize,
+    /// Number of joint blocks.
+    pub num_layers: usize,
+    /// Number of blocks in each refiner (context and noise).
+    pub num_refiner_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub num_kv_heads: usize,
+    /// The feed-forward width is rounded up to a multiple of this.
+    pub multiple_of: usize,
+    /// Optional multiplier of the feed-forward width (`4 * hidden_size`).
+    pub ffn_dim_multiplier: Option<f64>,
+    /// Epsilon of the RMS norms of the blocks and of the caption embedder.
+    pub norm_eps: f64,
+    /// Stored by diffusers; the forward pass does not use it.
+    pub scaling_factor: f64,
+    /// Per-axis RoPE dimensions (caption position, row, column); they sum to the head dimension.
+    pub axes_dim_rope: Vec<usize>,
+    /// Per-axis RoPE table lengths: the largest position + 1 each axis supports.
+    pub axes_lens: Vec<usize>,
+    /// Width of the caption features (the text encoder's hidden size).
+    pub cap_feat_dim: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            sample_size: 128,
+            patch_size: 2,
+            in_channels: 16,
+            out_channels: None,
+            hidden_size: 2304,
+            num_layers: 26,
+            num_refiner_layers: 2,
+            num_attention_heads: 24,
+            num_kv_heads: 8,
+            multiple_of: 256,
+            ffn_dim_multiplier: None,
+            norm_eps: 1e-5,
+            scaling_factor: 1.0,
+            axes_dim_rope: vec![32, 32, 32],
+            axes_lens: vec![300, 512, 512],
+            cap_feat_dim: 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a `config.json` text and validates it.
+    pub fn from_json_str(json: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(json).map_err(|source| Error::ConfigParse {
+            origin: "<string>".into(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a `config.json` file (or a folder holding one) and validates it.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let mut path = path.as_ref().to_path_buf();
+        if path.is_dir() {
+            path = path.join("config.json");
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::ConfigIo {
+            path: path.clone(),
+            source,
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|source| Error::ConfigParse {
+            origin: path.display().to_string(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks that the dimensions are consistent, as the model construction needs.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.patch_size == 0 || self.in_channels == 0 || self.hidden_size == 0 {
+            return bad("patch_size, in_channels and hidden_size must be positive".into());
+        }
+        if self.out_channels == Some(0) || self.cap_feat_dim == 0 {
+            return bad("out_channels and cap_feat_dim must be positive".into());
+        }
+        if self.num_attention_heads == 0 || self.num_kv_heads == 0 {
+            return bad("num_attention_heads and num_kv_heads must be positive".into());
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.num_attention_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_attention_heads {} is not a multiple of num_kv_heads {}",
+                self.num_attention_heads, self.num_kv_heads
+            ));
+        }
+        if self.multiple_of == 0 {
+            return bad("multiple_of must be positive".into());
+        }
+        if let Some(m) = self.ffn_dim_multiplier {
+            if !(m.is_finite() && m > 0.0) {
+                return bad(format!("ffn_dim_multiplier {m} must be a positive number"));
+            }
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return bad(format!("norm_eps {} must be a non-negative number", self.norm_eps));
+        }
+        if self.axes_dim_rope.len() != 3 || self.axes_lens.len() != 3 {
+            return bad(format!(
+                "axes_dim_rope {:?} and axes_lens {:?} must have 3 entries (caption, row, column)",
+                self.axes_dim_rope, self.axes_lens
+            ));
+        }
+        if self.axes_dim_rope.iter().any(|d| d % 2 != 0) {
+            return bad(format!("axes_dim_rope {:?} must be even", self.axes_dim_rope));
+        }
+        let rope_dim: usize = self.axes_dim_rope.iter().sum();
+        if rope_dim != self.head_dim() {
+            return bad(format!(
+                "axes_dim_rope {:?} sums to {rope_dim}, but the head dimension is {}",
+                self.axes_dim_rope,
+                self.head_dim()
+            ));
+        }
+        if self.axes_lens.iter().any(|&l| l == 0 || l > 1 << 20) {
+            return bad(format!("axes_lens {:?} must be in 1..=2^20", self.axes_lens));
+        }
+        if self.ffn_inner_dim() > 1 << 24 || self.hidden_size > 1 << 20 {
+            return bad("hidden_size or feed-forward width is absurdly large".into());
+        }
+        Ok(())
+    }
+
+    /// Latent channels out.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// Dimension of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// Width of the timestep embedding and of the adaLN conditioning: `min(hidden_size, 1024)`.
+    pub fn temb_dim(&self) -> usize {
+        self.hidden_size.min(1024)
+    }
+
+    /// Inner width of the SwiGLU feed-forward, computed as diffusers' `LuminaFeedForward`:
+    /// `4 * hidden_size`, times `ffn_dim_multiplier` (truncated), rounded up to `multiple_of`.
+    pub fn ffn_inner_dim(&self) -> usize {
+        let mut inner = 4 * self.hidden_size;
+        if let Some(m) = self.ffn_dim_multiplier {
+            // Python's int() truncates toward zero.
+            inner = (m * inner as f64).trunc() as usize;
+        }
+        let m = self.multiple_of.max(1);
+        m * inner.div_ceil(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diffusers_config_of_the_2b_model() {
+        // The transformer/config.json of Alpha-VLLM/Lumina-Image-2.0.
+        let json = r#"{
+          "_class_name": "Lumina2Transformer2DModel",
+          "_diffusers_version": "0.33.0.dev0",
+          "axes_dim_rope": [32, 32, 32],
+          "axes_lens": [300, 512, 512],
+          "cap_feat_dim": 2304,
+          "ffn_dim_multiplier": null,
+          "hidden_size": 2304,
+          "in_channels": 16,
+          "multiple_of": 256,
+          "norm_eps": 1e-05,
+          "num_attention_heads": 24,
+          "num_kv_heads": 8,
+          "num_layers": 26,
+          "num_refiner_layers": 2,
+          "out_channels": null,
+          "patch_size": 2,
+          "sample_size": 128,
+          "scaling_factor": 1.0
+        }"#;
+        let cfg = Config::from_json_str(json).unwrap();
+        assert_eq!(cfg.head_dim(), 96);
+        assert_eq!(cfg.ffn_inner_dim(), 9216);
+        assert_eq!(cfg.temb_dim(), 1024);
+        assert_eq!(cfg.out_channels(), 16);
+    }
+
+    #[test]
+    fn defaults_match_diffusers() {
+        let cfg = Config::from_json_str("{}").unwrap();
+        assert_eq!(cfg, Config::default());
+        assert_eq!(cfg.cap_feat_dim, 1024);
+    }
+
+    #[test]
+    fn ffn_multiplier_truncates_then_rounds_up() {
+        let cfg = Config {
+            hidden_size: 48,
+            num_attention_heads: 2,
+            num_kv_heads: 1,
+            axes_dim_rope: vec![8, 8, 8],
+            multiple_of: 16,
+            ffn_dim_multiplier: Some(1.3),
+            ..Config::default()
+        };
+        // int(1.3 * 192) = 249 -> 256
+        assert_eq!(cfg.ffn_inner_dim(), 256);
+    }
+
+    #[test]
+    fn inconsistent_configs_are_refused() {
+        for json in [
+            r#"{"hidden_size": 100}"#,
+            r#"{"num_kv_heads": 5}"#,
+            r#"{"axes_dim_rope": [32, 32]}"#,
+            r#"{"axes_dim_rope": [32, 32, 30]}"#,
+            r#"{"axes_dim_rope": [31, 33, 32]}"#,
+            r#"{"multiple_of": 0}"#,
+            r#"{"patch_size": 0}"#,
+            r#"{"hidden_size": "big"}"#,
+        ] {
+            assert!(Config::from_json_str(json).is_err(), "{json} was accepted");
+        }
+    }
+}
