@@ -1,1 +1,105 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use xtask::parity::{self, RunOptions};
+use xtask::pyenv;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "lumina2-rs developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compare our outputs with PyTorch reference cases.
+    Parity {
+        /// Run the cases under this directory instead of generating ours.
+        #[arg(long)]
+        cases: Option<PathBuf>,
+        /// Print `time: <case> <seconds>` (median of `--runs` runs after a warm-up).
+        #[arg(long)]
+        time: bool,
+        /// Timed runs per case with `--time` (at least 3).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Regenerate our cases even when they exist.
+        #[arg(long)]
+        regenerate: bool,
+        /// Only cases whose path contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Write our outputs under this directory (one `ours.safetensors` per case).
+        #[arg(long)]
+        dump: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<bool> {
+    match Cli::parse().cmd {
+        Cmd::Parity {
+            cases,
+            time,
+            runs,
+            regenerate,
+            filter,
+            dump,
+        } => {
+            let dir = match cases {
+                Some(d) => d,
+                None => generate_cases(regenerate)?,
+            };
+            let opts = RunOptions {
+                time_runs: if time { runs.max(3) } else { 0 },
+                filter,
+                dump,
+            };
+            let (_, failed) = parity::run_dir(&dir, &opts)?;
+            Ok(failed == 0)
+        }
+    }
+}
+
+/// Writes our cases under `target/parity-cases` with the pinned environment.
+fn generate_cases(regenerate: bool) -> Result<PathBuf> {
+    let root = pyenv::workspace_root();
+    let out = root.join("target").join("parity-cases");
+    let scripts = pyenv::scripts_dir();
+    // The cases are regenerated when a generator script is newer than the stamp.
+    let stamp = out.join(".generated");
+    let newest_script = std::fs::read_dir(&scripts)?
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max();
+    let stamp_time = std::fs::metadata(&stamp).and_then(|m| m.modified()).ok();
+    let fresh = matches!((stamp_time, newest_script), (Some(s), Some(n)) if s >= n);
+    if regenerate || !fresh {
+        let python = pyenv::ensure_venv()?;
+        if out.exists() {
+            std::fs::remove_dir_all(&out)?;
+        }
+        std::fs::create_dir_all(&out)?;
+        eprintln!("xtask: writing reference cases to {}", out.display());
+        pyenv::run(
+            std::process::Command::new(python)
+                .arg(scripts.join("generate.py"))
+                .arg("--out")
+                .arg(&out),
+        )?;
+        std::fs::write(&stamp, "")?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,34 @@
+"""Writes the project's parity cases (format: shared/parity-cases.md).
+
+    python xtask/parity/generate.py --out DIR [--only-tiny] [--components transformer,...]
+
+`cargo xtask parity` runs this inside its pinned virtual environment; the
+committed test fixtures are the `--only-tiny` output (see each fixture folder's
+README for the exact command)."""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import gen_transformer  # noqa: E402
+
+GENERATORS = {"transformer": gen_transformer.generate}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only-tiny", action="store_true")
+    ap.add_argument("--components", default=",".join(GENERATORS))
+    a = ap.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for c in a.components.split(","):
+        GENERATORS[c](a.out, only_tiny=a.only_tiny)
+
+
+if __name__ == "__main__":
+    main()

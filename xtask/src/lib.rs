@@ -1,0 +1,7 @@
+//! Developer tasks: `cargo xtask parity` and `cargo xtask bench`.
+//!
+//! The library half exists so that `cargo test` can run the committed parity
+//! fixtures through the same runner as `cargo xtask parity --cases`.
+
+pub mod parity;
+pub mod pyenv;

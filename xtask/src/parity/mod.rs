@@ -1,0 +1,243 @@
+//! The parity runner: finds cases in the format of `shared/parity-cases.md`,
+//! runs our implementation on each and compares with the PyTorch outputs.
+
+mod case;
+mod compare;
+mod transformer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use candle_core::Tensor;
+
+pub use case::{find_cases, Case};
+pub use compare::{compare, Comparison};
+
+/// A case loaded and ready to run (model loading is not timed).
+pub trait Prepared {
+    /// Runs our computation, returning outputs by their `expected.safetensors` names.
+    fn run(&mut self) -> Result<BTreeMap<String, Tensor>>;
+}
+
+/// Loads a case's model and inputs for its component.
+pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
+    match case.component.as_str() {
+        "transformer" => transformer::prepare(case),
+        "text_encoder" | "prompt_encoding" | "vae_decode" | "vae_encode" | "scheduler"
+        | "gguf_dequant" | "pipeline" => Err(anyhow!(
+            "component `{}` is not implemented yet",
+            case.component
+        )),
+        other => Err(anyhow!("unknown component `{other}`")),
+    }
+}
+
+/// One row of the report.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Case path relative to the cases directory.
+    pub case: String,
+    /// The component.
+    pub component: String,
+    /// Expected tensor name (or `-` when the case could not run).
+    pub tensor: String,
+    /// Shape of the expected tensor.
+    pub shape: String,
+    /// Max absolute error.
+    pub max_abs: f64,
+    /// Max of |rust - expected| / (atol + rtol |expected|).
+    pub worst: f64,
+    /// Whether the row passes.
+    pub pass: bool,
+    /// Why a row failed without a comparison.
+    pub note: String,
+}
+
+/// Outcome of one case: its rows and, with timing, the median run time.
+pub struct CaseResult {
+    /// Report rows.
+    pub rows: Vec<Row>,
+    /// Median seconds of our computation, when timed.
+    pub seconds: Option<f64>,
+}
+
+/// Runs one case; never fails: a case that cannot run is a failed row.
+pub fn run_case(case: &Case, rel: &str, opts: &RunOptions) -> CaseResult {
+    match run_case_inner(case, rel, opts) {
+        Ok(r) => r,
+        Err(e) => CaseResult {
+            rows: vec![Row {
+                case: rel.to_string(),
+                component: case.component.clone(),
+                tensor: "-".into(),
+                shape: "-".into(),
+                max_abs: f64::NAN,
+                worst: f64::INFINITY,
+                pass: false,
+                note: format!("{e:#}"),
+            }],
+            seconds: None,
+        },
+    }
+}
+
+fn run_case_inner(case: &Case, rel: &str, opts: &RunOptions) -> Result<CaseResult> {
+    let time_runs = opts.time_runs;
+    let expected = case.expected()?;
+    let mut prepared = prepare(case)?;
+    let mut outputs = prepared.run()?;
+    let mut seconds = None;
+    if time_runs > 0 {
+        let mut times = Vec::with_capacity(time_runs);
+        for _ in 0..time_runs {
+            let t0 = Instant::now();
+            outputs = prepared.run()?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        seconds = Some(times[times.len() / 2]);
+    }
+    if let Some(dump) = &opts.dump {
+        let dir = dump.join(rel);
+        std::fs::create_dir_all(&dir)?;
+        candle_core::safetensors::save(&outputs.clone().into_iter().collect(), dir.join("ours.safetensors"))?;
+    }
+    let mut rows = Vec::new();
+    for (name, exp) in &expected {
+        let row = match outputs.get(name) {
+            None => Row {
+                case: rel.to_string(),
+                component: case.component.clone(),
+                tensor: name.clone(),
+                shape: format!("{:?}", exp.dims()),
+                max_abs: f64::NAN,
+                worst: f64::INFINITY,
+                pass: false,
+                note: "our implementation produced no such output".into(),
+            },
+            Some(ours) => match compare(ours, exp, case.tolerance.atol, case.tolerance.rtol) {
+                Ok(c) => Row {
+                    case: rel.to_string(),
+                    component: case.component.clone(),
+                    tensor: name.clone(),
+                    shape: format!("{:?}", exp.dims()),
+                    max_abs: c.max_abs,
+                    worst: c.worst,
+                    pass: c.worst <= 1.0,
+                    note: String::new(),
+                },
+                Err(e) => Row {
+                    case: rel.to_string(),
+                    component: case.component.clone(),
+                    tensor: name.clone(),
+                    shape: format!("{:?}", exp.dims()),
+                    max_abs: f64::NAN,
+                    worst: f64::INFINITY,
+                    pass: false,
+                    note: format!("{e:#}"),
+                },
+            },
+        };
+        rows.push(row);
+    }
+    Ok(CaseResult { rows, seconds })
+}
+
+/// Options of a parity run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Number of timed runs per case (0: no timing).
+    pub time_runs: usize,
+    /// Only cases whose relative path contains this.
+    pub filter: Option<String>,
+    /// Write our outputs to `<dump>/<case path>/ours.safetensors`.
+    pub dump: Option<PathBuf>,
+}
+
+/// Runs every case under `dir` and prints the report. Returns (passed, failed).
+pub fn run_dir(dir: &Path, opts: &RunOptions) -> Result<(usize, usize)> {
+    let cases = find_cases(dir)?;
+    if cases.is_empty() {
+        return Err(anyhow!("no case (a folder with case.json) under {}", dir.display()));
+    }
+    let mut rows = Vec::new();
+    let (mut passed, mut failed) = (0, 0);
+    for path in &cases {
+        let rel = rel_path(dir, path);
+        if let Some(f) = &opts.filter {
+            if !rel.contains(f.as_str()) {
+                continue;
+            }
+        }
+        let result = match Case::load(path) {
+            Ok(case) => run_case(&case, &rel, opts),
+            Err(e) => CaseResult {
+                rows: vec![Row {
+                    case: rel.clone(),
+                    component: "?".into(),
+                    tensor: "-".into(),
+                    shape: "-".into(),
+                    max_abs: f64::NAN,
+                    worst: f64::INFINITY,
+                    pass: false,
+                    note: format!("{e:#}"),
+                }],
+                seconds: None,
+            },
+        };
+        if result.rows.iter().all(|r| r.pass) {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+        for r in &result.rows {
+            eprintln!("{}", format_row(r));
+        }
+        if let Some(s) = result.seconds {
+            println!("time: {rel} {s:.6}");
+        }
+        rows.extend(result.rows);
+    }
+    println!("{}", format_report(&rows));
+    println!("{passed} passed, {failed} failed");
+    Ok((passed, failed))
+}
+
+fn rel_path(root: &Path, p: &Path) -> String {
+    let rel: PathBuf = p.strip_prefix(root).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
+    let s = rel.display().to_string();
+    if s.is_empty() {
+        ".".into()
+    } else {
+        s
+    }
+}
+
+fn format_row(r: &Row) -> String {
+    format!(
+        "{:<44} {:<12} {:<24} {:<20} {:>11} {:>10} {}{}",
+        r.case,
+        r.component,
+        r.tensor,
+        r.shape,
+        if r.max_abs.is_nan() { "-".to_string() } else { format!("{:.3e}", r.max_abs) },
+        if r.worst.is_infinite() { "inf".to_string() } else { format!("{:.4}", r.worst) },
+        if r.pass { "pass" } else { "FAIL" },
+        if r.note.is_empty() { String::new() } else { format!("  ({})", r.note) }
+    )
+}
+
+/// The report table.
+pub fn format_report(rows: &[Row]) -> String {
+    let mut s = format!(
+        "{:<44} {:<12} {:<24} {:<20} {:>11} {:>10} {}\n",
+        "case", "component", "tensor", "shape", "max_abs", "worst", "result"
+    );
+    for r in rows {
+        s.push_str(&format_row(r));
+        s.push('\n');
+    }
+    s
+}

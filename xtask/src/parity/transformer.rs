@@ -1,0 +1,46 @@
+//! `transformer` cases.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use lumina2_transformer::{Config, Lumina2Transformer, Weights};
+
+use super::case::{input, Case};
+use super::Prepared;
+
+struct TransformerCase {
+    model: Lumina2Transformer,
+    inputs: BTreeMap<String, Tensor>,
+}
+
+pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
+    if case.args.get("lora").is_some_and(|v| !v.is_null()) {
+        anyhow::bail!("`lora` arguments are not implemented yet");
+    }
+    let model_path = case.model()?;
+    let dev = Device::Cpu;
+    let folder = lumina2_loader::ComponentFolder::open(model_path)
+        .with_context(|| format!("opening {}", model_path.display()))?;
+    let config_dir = case.model_config.as_deref().unwrap_or(model_path);
+    let cfg = Config::from_file(config_dir)?;
+    let weights = Weights::from_safetensors(folder.safetensors_files(), case.dtype, &dev)?;
+    let model = Lumina2Transformer::new(&cfg, &weights)?;
+    Ok(Box::new(TransformerCase {
+        model,
+        inputs: case.inputs()?,
+    }))
+}
+
+impl Prepared for TransformerCase {
+    fn run(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        let i = &self.inputs;
+        let out = self.model.forward(
+            input(i, "hidden_states")?,
+            input(i, "timestep")?,
+            input(i, "encoder_hidden_states")?,
+            input(i, "encoder_attention_mask")?,
+        )?;
+        Ok(BTreeMap::from([("sample".to_string(), out)]))
+    }
+}
