@@ -34,12 +34,25 @@ pub fn ensure_venv() -> Result<PathBuf> {
     }
     if !python.exists() {
         let base = std::env::var("LUMINA2_PYTHON").unwrap_or_else(|_| "python3".into());
-        eprintln!("xtask: creating the reference environment {}", venv.display());
+        eprintln!(
+            "xtask: creating the reference environment {}",
+            venv.display()
+        );
         run(Command::new(&base).args(["-m", "venv"]).arg(&venv))?;
     }
-    eprintln!("xtask: installing pinned packages from {}", reqs_path.display());
+    eprintln!(
+        "xtask: installing pinned packages from {}",
+        reqs_path.display()
+    );
     run(Command::new(&python)
-        .args(["-m", "pip", "install", "--disable-pip-version-check", "-q", "-r"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            "-r",
+        ])
         .arg(&reqs_path))?;
     std::fs::write(&stamp, reqs)?;
     Ok(python)
@@ -47,9 +60,7 @@ pub fn ensure_venv() -> Result<PathBuf> {
 
 /// Runs a command, failing with its status.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }

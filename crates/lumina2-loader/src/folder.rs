@@ -84,7 +84,8 @@ impl ComponentFolder {
             path: index.to_path_buf(),
             reason,
         };
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())

@@ -1,1 +1,1 @@
-//! Not built yet: see this crate's README.
+//! Not built yet: see this crate's README.md.

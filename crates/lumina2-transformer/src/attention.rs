@@ -29,7 +29,10 @@ impl KeyMask {
             .flat_map(|row| row.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
         if data.len() != b * s {
-            return Err(crate::error::invalid_input("mask", "rows of different lengths"));
+            return Err(crate::error::invalid_input(
+                "mask",
+                "rows of different lengths",
+            ));
         }
         Ok(Self {
             bias: Tensor::from_vec(data, (b, 1, 1, s), device)?,

@@ -133,7 +133,10 @@ impl Config {
             }
         }
         if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
-            return bad(format!("norm_eps {} must be a non-negative number", self.norm_eps));
+            return bad(format!(
+                "norm_eps {} must be a non-negative number",
+                self.norm_eps
+            ));
         }
         if self.axes_dim_rope.len() != 3 || self.axes_lens.len() != 3 {
             return bad(format!(
@@ -142,7 +145,10 @@ impl Config {
             ));
         }
         if self.axes_dim_rope.iter().any(|d| d % 2 != 0) {
-            return bad(format!("axes_dim_rope {:?} must be even", self.axes_dim_rope));
+            return bad(format!(
+                "axes_dim_rope {:?} must be even",
+                self.axes_dim_rope
+            ));
         }
         let rope_dim: usize = self.axes_dim_rope.iter().sum();
         if rope_dim != self.head_dim() {
@@ -153,7 +159,10 @@ impl Config {
             ));
         }
         if self.axes_lens.iter().any(|&l| l == 0 || l > 1 << 20) {
-            return bad(format!("axes_lens {:?} must be in 1..=2^20", self.axes_lens));
+            return bad(format!(
+                "axes_lens {:?} must be in 1..=2^20",
+                self.axes_lens
+            ));
         }
         if self.ffn_inner_dim() > 1 << 24 || self.hidden_size > 1 << 20 {
             return bad("hidden_size or feed-forward width is absurdly large".into());

@@ -15,7 +15,10 @@ pub const FREQUENCY_EMBEDDING_SIZE: usize = 256;
 /// Computed in f32, as diffusers does, whatever the compute dtype.
 pub fn timestep_features(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
     let half = dim / 2;
-    let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+    let t = t
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?;
     let ln_period = (10000f64).ln() as f32;
     let freqs: Vec<f32> = (0..half)
         .map(|k| (-ln_period * k as f32 / half as f32).exp())
@@ -50,7 +53,12 @@ impl TimestepEmbedder {
     }
 
     /// `t`: `[B]` model times (0 = noise, 1 = image) -> `[B, out_dim]` in `dtype` on `device`.
-    pub fn forward(&self, t: &Tensor, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        t: &Tensor,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let feats = timestep_features(t, FREQUENCY_EMBEDDING_SIZE)?
             .to_device(device)?
             .to_dtype(dtype)?;

@@ -46,7 +46,10 @@ pub struct SequenceLayout {
 impl SequenceLayout {
     /// Joint length of each item: caption plus image tokens.
     pub fn seq_lens(&self) -> Vec<usize> {
-        self.caption_lens.iter().map(|c| c + self.image_len).collect()
+        self.caption_lens
+            .iter()
+            .map(|c| c + self.image_len)
+            .collect()
     }
 
     /// Length of the padded joint sequence.
@@ -61,9 +64,8 @@ impl SequenceLayout {
         self.caption_lens
             .iter()
             .map(|&cap| {
-                let mut row: Vec<Position> = (0..cap)
-                    .map(|i| Position::At([i as u32, 0, 0]))
-                    .collect();
+                let mut row: Vec<Position> =
+                    (0..cap).map(|i| Position::At([i as u32, 0, 0])).collect();
                 row.extend(self.image_positions(cap));
                 row.resize(max, Position::At([0, 0, 0]));
                 row
@@ -182,11 +184,15 @@ impl Lumina2Transformer {
             1 if b > 1 => timestep.flatten_all()?.repeat(b)?,
             _ => timestep.flatten_all()?,
         };
-        let temb = self.t_embedder.forward(&timestep, self.dtype, &self.device)?;
+        let temb = self
+            .t_embedder
+            .forward(&timestep, self.dtype, &self.device)?;
         let caption = caption.to_device(&self.device)?.to_dtype(self.dtype)?;
         let cap = self.cap_embedder.forward(&caption)?;
         let latents = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let img = self.x_embedder.forward(&patchify(&latents, cfg.patch_size)?)?;
+        let img = self
+            .x_embedder
+            .forward(&patchify(&latents, cfg.patch_size)?)?;
 
         // 2. RoPE factors. Caption rows past the real length get a zero factor
         //    (diffusers' zero-filled `cap_freqs_cis`); their outputs are dropped.
@@ -234,7 +240,11 @@ impl Lumina2Transformer {
         for (i, (&c, &s)) in layout.caption_lens.iter().zip(&seq_lens).enumerate() {
             let mut parts = vec![cap.get(i)?.narrow(0, 0, c)?, img.get(i)?];
             if s < max_len {
-                parts.push(Tensor::zeros((max_len - s, hidden), self.dtype, &self.device)?);
+                parts.push(Tensor::zeros(
+                    (max_len - s, hidden),
+                    self.dtype,
+                    &self.device,
+                )?);
             }
             rows.push(Tensor::cat(&parts, 0)?);
         }
@@ -279,7 +289,10 @@ impl Lumina2Transformer {
             )
         })?;
         if b == 0 || h == 0 || w == 0 {
-            return Err(invalid_input("hidden_states", format!("empty shape {:?}", latents.dims())));
+            return Err(invalid_input(
+                "hidden_states",
+                format!("empty shape {:?}", latents.dims()),
+            ));
         }
         if c != cfg.in_channels {
             return Err(invalid_input(
@@ -330,7 +343,10 @@ impl Lumina2Transformer {
             .into_iter()
             .map(|r| r.into_iter().map(|v| v != 0.0).collect())
             .collect();
-        let caption_lens: Vec<usize> = rows.iter().map(|r| r.iter().filter(|&&v| v).count()).collect();
+        let caption_lens: Vec<usize> = rows
+            .iter()
+            .map(|r| r.iter().filter(|&&v| v).count())
+            .collect();
         let layout = SequenceLayout {
             caption_lens,
             image_len: (h / p) * (w / p),

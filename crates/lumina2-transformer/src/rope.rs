@@ -52,7 +52,12 @@ pub struct RopeEmbedder {
 
 impl RopeEmbedder {
     /// Builds the tables `angle[p, k] = p / theta^(2k/d)` for each axis.
-    pub fn new(theta: f64, axes_dim: &[usize], axes_lens: &[usize], device: &Device) -> Result<Self> {
+    pub fn new(
+        theta: f64,
+        axes_dim: &[usize],
+        axes_lens: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
         let mut cos = Vec::new();
         let mut sin = Vec::new();
         for (&d, &len) in axes_dim.iter().zip(axes_lens) {

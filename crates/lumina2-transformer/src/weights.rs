@@ -102,13 +102,14 @@ impl SafetensorsSource {
             .join(", ");
         // SAFETY: the files are mapped read-only; as with every mmap, the caller
         // must not truncate or rewrite them while the model is alive.
-        let inner = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(
-            |e| Error::WeightLoad {
-                key: String::new(),
-                source_name: files.clone(),
-                reason: e.to_string(),
-            },
-        )?;
+        let inner =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(|e| {
+                Error::WeightLoad {
+                    key: String::new(),
+                    source_name: files.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         Ok(Self { inner, files })
     }
 }

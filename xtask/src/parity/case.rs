@@ -50,7 +50,8 @@ impl Case {
     /// Reads `dir/case.json`.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("case.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let j: CaseJson =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         let dtype = match j.dtype.as_deref().unwrap_or("f32") {

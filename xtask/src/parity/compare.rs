@@ -19,7 +19,10 @@ pub fn compare(ours: &Tensor, expected: &Tensor, atol: f64, rtol: f64) -> Result
         bail!("shape {:?}, expected {:?}", ours.dims(), expected.dims());
     }
     let a = ours.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let e = expected.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let e = expected
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     let mut max_abs = 0f64;
     let mut worst = 0f64;
     for (&x, &y) in a.iter().zip(&e) {
@@ -34,7 +37,11 @@ pub fn compare(ours: &Tensor, expected: &Tensor, atol: f64, rtol: f64) -> Result
         }
         max_abs = max_abs.max(d);
         let bound = atol + rtol * y.abs();
-        let r = if bound > 0.0 { d / bound } else { f64::INFINITY };
+        let r = if bound > 0.0 {
+            d / bound
+        } else {
+            f64::INFINITY
+        };
         worst = worst.max(r);
     }
     Ok(Comparison { max_abs, worst })

@@ -102,7 +102,10 @@ fn run_case_inner(case: &Case, rel: &str, opts: &RunOptions) -> Result<CaseResul
     if let Some(dump) = &opts.dump {
         let dir = dump.join(rel);
         std::fs::create_dir_all(&dir)?;
-        candle_core::safetensors::save(&outputs.clone().into_iter().collect(), dir.join("ours.safetensors"))?;
+        candle_core::safetensors::save(
+            &outputs.clone().into_iter().collect(),
+            dir.join("ours.safetensors"),
+        )?;
     }
     let mut rows = Vec::new();
     for (name, exp) in &expected {
@@ -160,7 +163,10 @@ pub struct RunOptions {
 pub fn run_dir(dir: &Path, opts: &RunOptions) -> Result<(usize, usize)> {
     let cases = find_cases(dir)?;
     if cases.is_empty() {
-        return Err(anyhow!("no case (a folder with case.json) under {}", dir.display()));
+        return Err(anyhow!(
+            "no case (a folder with case.json) under {}",
+            dir.display()
+        ));
     }
     let mut rows = Vec::new();
     let (mut passed, mut failed) = (0, 0);
@@ -206,7 +212,10 @@ pub fn run_dir(dir: &Path, opts: &RunOptions) -> Result<(usize, usize)> {
 }
 
 fn rel_path(root: &Path, p: &Path) -> String {
-    let rel: PathBuf = p.strip_prefix(root).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
+    let rel: PathBuf = p
+        .strip_prefix(root)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|_| p.to_path_buf());
     let s = rel.display().to_string();
     if s.is_empty() {
         ".".into()
@@ -222,10 +231,22 @@ fn format_row(r: &Row) -> String {
         r.component,
         r.tensor,
         r.shape,
-        if r.max_abs.is_nan() { "-".to_string() } else { format!("{:.3e}", r.max_abs) },
-        if r.worst.is_infinite() { "inf".to_string() } else { format!("{:.4}", r.worst) },
+        if r.max_abs.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.3e}", r.max_abs)
+        },
+        if r.worst.is_infinite() {
+            "inf".to_string()
+        } else {
+            format!("{:.4}", r.worst)
+        },
         if r.pass { "pass" } else { "FAIL" },
-        if r.note.is_empty() { String::new() } else { format!("  ({})", r.note) }
+        if r.note.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", r.note)
+        }
     )
 }
 
