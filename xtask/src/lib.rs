@@ -3,5 +3,6 @@
 //! The library half exists so that `cargo test` can run the committed parity
 //! fixtures through the same runner as `cargo xtask parity --cases`.
 
+pub mod bench;
 pub mod parity;
 pub mod pyenv;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xtask::parity::{self, RunOptions};
-use xtask::pyenv;
+use xtask::{bench, pyenv};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "lumina2-rs developer tasks")]
@@ -35,6 +35,42 @@ enum Cmd {
         /// Write our outputs under this directory (one `ours.safetensors` per case).
         #[arg(long)]
         dump: Option<PathBuf>,
+    },
+    /// Time our transformer and PyTorch's side by side (same weights, same inputs).
+    Bench {
+        /// Joint blocks of the benchmark model (the real model has 26).
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        /// Blocks per refiner (the real model has 2).
+        #[arg(long, default_value_t = 2)]
+        refiner_layers: usize,
+        /// Square image sizes in pixels, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "512,1024")]
+        sizes: Vec<usize>,
+        /// Compute dtypes, comma separated (f32, bf16).
+        #[arg(long, value_delimiter = ',', default_value = "f32")]
+        dtypes: Vec<String>,
+        /// Timed runs per measurement, after one warm-up.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Only our side.
+        #[arg(long)]
+        skip_torch: bool,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// (internal) One measurement of our side, printed as JSON.
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
 }
 
@@ -70,6 +106,37 @@ fn run() -> Result<bool> {
             };
             let (_, failed) = parity::run_dir(&dir, &opts)?;
             Ok(failed == 0)
+        }
+        Cmd::Bench {
+            layers,
+            refiner_layers,
+            sizes,
+            dtypes,
+            runs,
+            skip_torch,
+            json,
+        } => {
+            let rows = bench::bench(&bench::BenchOptions {
+                layers,
+                refiner_layers,
+                sizes,
+                dtypes,
+                runs,
+                skip_torch,
+                json,
+            })?;
+            println!("{}", bench::format_table(&rows));
+            Ok(true)
+        }
+        Cmd::BenchWorker {
+            model,
+            inputs,
+            dtype,
+            runs,
+        } => {
+            let t = bench::worker_transformer(&model, &inputs, &dtype, runs.max(1))?;
+            println!("{}", serde_json::to_string(&t)?);
+            Ok(true)
         }
     }
 }

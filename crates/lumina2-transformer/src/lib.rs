@@ -57,3 +57,8 @@ pub use rope::{Position, Rope, RopeEmbedder};
 pub use weights::{Linear, LinearWeight, VarBuilderSource, WeightSource, Weights};
 
 pub use candle_core;
+
+// Compiles the README's example as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,257 @@
+//! `cargo xtask bench`: our implementation and PyTorch side by side, in one run,
+//! on the same random weights and inputs. Each measurement runs in its own
+//! process so that peak RSS belongs to it alone.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::pyenv;
+
+/// Timing of one side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Timing {
+    /// Model load seconds (not part of the timed runs).
+    pub load_s: f64,
+    /// Seconds of each timed run, sorted.
+    pub times: Vec<f64>,
+    /// Median of `times`.
+    pub median_s: f64,
+    /// Peak resident memory of the process, MiB.
+    pub peak_rss_mb: f64,
+}
+
+/// One row of the bench table.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    /// What was measured.
+    pub what: String,
+    /// Image size in pixels (square).
+    pub size: usize,
+    /// Compute dtype.
+    pub dtype: String,
+    /// Our timing.
+    pub ours: Option<Timing>,
+    /// PyTorch's timing.
+    pub torch: Option<Timing>,
+}
+
+impl BenchRow {
+    /// ours / torch median time.
+    pub fn ratio(&self) -> Option<f64> {
+        Some(self.ours.as_ref()?.median_s / self.torch.as_ref()?.median_s)
+    }
+}
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Joint blocks of the benchmark model (the real model has 26).
+    pub layers: usize,
+    /// Blocks per refiner (the real model has 2).
+    pub refiner_layers: usize,
+    /// Square image sizes in pixels.
+    pub sizes: Vec<usize>,
+    /// Compute dtypes.
+    pub dtypes: Vec<String>,
+    /// Timed runs per measurement (after one warm-up).
+    pub runs: usize,
+    /// Skip the PyTorch side.
+    pub skip_torch: bool,
+    /// Write the rows as JSON here.
+    pub json: Option<PathBuf>,
+}
+
+/// Peak RSS of this process in MiB (Linux `VmHWM`).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        _ => bail!("unknown dtype `{s}`"),
+    }
+}
+
+/// Our side of a transformer measurement (run in a child process).
+pub fn worker_transformer(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
+    use lumina2_transformer::{Config, Lumina2Transformer, Weights};
+    let dev = Device::Cpu;
+    let t0 = Instant::now();
+    let folder = lumina2_loader::ComponentFolder::open(model)?;
+    let cfg = Config::from_file(model)?;
+    let net = {
+        let w = Weights::from_safetensors(folder.safetensors_files(), parse_dtype(dtype)?, &dev)?;
+        Lumina2Transformer::new(&cfg, &w)?
+    };
+    let load_s = t0.elapsed().as_secs_f64();
+    let i = candle_core::safetensors::load(inputs, &dev)?;
+    let get = |n: &str| -> Result<&Tensor> { i.get(n).ok_or_else(|| anyhow!("no `{n}`")) };
+    let mut times = Vec::new();
+    for k in 0..=runs {
+        let t0 = Instant::now();
+        net.forward(
+            get("hidden_states")?,
+            get("timestep")?,
+            get("encoder_hidden_states")?,
+            get("encoder_attention_mask")?,
+        )?;
+        if k > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(Timing {
+        load_s,
+        median_s: times[times.len() / 2],
+        times,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+fn run_json(cmd: &mut Command) -> Result<Timing> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| anyhow!("{cmd:?} printed no JSON:\n{stdout}"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// Runs the transformer benchmark and prints the table.
+pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
+    if opts.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let python = pyenv::ensure_venv()?;
+    let worker_py = pyenv::scripts_dir().join("bench_worker.py");
+    let dir = pyenv::workspace_root().join("target").join("bench").join(format!(
+        "transformer-l{}-r{}",
+        opts.layers, opts.refiner_layers
+    ));
+    let sizes = opts
+        .sizes
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let ready = opts
+        .sizes
+        .iter()
+        .all(|s| dir.join(format!("inputs_{s}.safetensors")).exists())
+        && dir.join("model").join("config.json").exists();
+    if !ready {
+        eprintln!("bench: writing random weights and inputs to {}", dir.display());
+        pyenv::run(
+            Command::new(&python)
+                .arg(&worker_py)
+                .arg("setup-transformer")
+                .arg("--out")
+                .arg(&dir)
+                .args(["--layers", &opts.layers.to_string()])
+                .args(["--refiner-layers", &opts.refiner_layers.to_string()])
+                .args(["--sizes", &sizes]),
+        )?;
+    }
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for &size in &opts.sizes {
+        for dtype in &opts.dtypes {
+            let inputs = dir.join(format!("inputs_{size}.safetensors"));
+            let model = dir.join("model");
+            eprintln!("bench: transformer {size}x{size} {dtype}: ours");
+            let ours = run_json(
+                Command::new(&exe)
+                    .arg("bench-worker")
+                    .arg("--model")
+                    .arg(&model)
+                    .arg("--inputs")
+                    .arg(&inputs)
+                    .args(["--dtype", dtype, "--runs", &opts.runs.to_string()]),
+            )?;
+            let torch = if opts.skip_torch {
+                None
+            } else {
+                eprintln!("bench: transformer {size}x{size} {dtype}: pytorch");
+                Some(run_json(
+                    Command::new(&python)
+                        .arg(&worker_py)
+                        .arg("transformer")
+                        .arg("--model")
+                        .arg(&model)
+                        .arg("--inputs")
+                        .arg(&inputs)
+                        .args(["--dtype", dtype, "--runs", &opts.runs.to_string()]),
+                )?)
+            };
+            rows.push(BenchRow {
+                what: format!(
+                    "transformer ({} layers + 2x{} refiner)",
+                    opts.layers, opts.refiner_layers
+                ),
+                size,
+                dtype: dtype.clone(),
+                ours: Some(ours),
+                torch,
+            });
+            eprintln!("{}", format_table(&rows));
+        }
+    }
+    if let Some(path) = &opts.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(rows)
+}
+
+fn secs(t: &Option<Timing>) -> String {
+    t.as_ref().map_or("-".into(), |t| format!("{:.3}", t.median_s))
+}
+
+fn rss(t: &Option<Timing>) -> String {
+    t.as_ref().map_or("-".into(), |t| format!("{:.0}", t.peak_rss_mb))
+}
+
+/// The markdown table of the rows.
+pub fn format_table(rows: &[BenchRow]) -> String {
+    let mut s = String::from(
+        "| what | size | dtype | ours (s) | PyTorch (s) | ours / PyTorch | ours peak RSS (MiB) | PyTorch peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {}x{} | {} | {} | {} | {} | {} | {} |\n",
+            r.what,
+            r.size,
+            r.size,
+            r.dtype,
+            secs(&r.ours),
+            secs(&r.torch),
+            r.ratio().map_or("-".into(), |x| format!("{x:.2}")),
+            rss(&r.ours),
+            rss(&r.torch),
+        ));
+    }
+    s
+}
