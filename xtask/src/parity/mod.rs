@@ -55,6 +55,22 @@ pub struct Row {
     pub note: String,
 }
 
+impl Row {
+    /// A failed row that did not get to a comparison.
+    fn failed(case: &str, component: &str, tensor: &str, shape: String, note: String) -> Self {
+        Self {
+            case: case.to_string(),
+            component: component.to_string(),
+            tensor: tensor.to_string(),
+            shape,
+            max_abs: f64::NAN,
+            worst: f64::INFINITY,
+            pass: false,
+            note,
+        }
+    }
+}
+
 /// Outcome of one case: its rows and, with timing, the median run time.
 pub struct CaseResult {
     /// Report rows.
@@ -68,16 +84,13 @@ pub fn run_case(case: &Case, rel: &str, opts: &RunOptions) -> CaseResult {
     match run_case_inner(case, rel, opts) {
         Ok(r) => r,
         Err(e) => CaseResult {
-            rows: vec![Row {
-                case: rel.to_string(),
-                component: case.component.clone(),
-                tensor: "-".into(),
-                shape: "-".into(),
-                max_abs: f64::NAN,
-                worst: f64::INFINITY,
-                pass: false,
-                note: format!("{e:#}"),
-            }],
+            rows: vec![Row::failed(
+                rel,
+                &case.component,
+                "-",
+                "-".into(),
+                format!("{e:#}"),
+            )],
             seconds: None,
         },
     }
@@ -110,16 +123,13 @@ fn run_case_inner(case: &Case, rel: &str, opts: &RunOptions) -> Result<CaseResul
     let mut rows = Vec::new();
     for (name, exp) in &expected {
         let row = match outputs.get(name) {
-            None => Row {
-                case: rel.to_string(),
-                component: case.component.clone(),
-                tensor: name.clone(),
-                shape: format!("{:?}", exp.dims()),
-                max_abs: f64::NAN,
-                worst: f64::INFINITY,
-                pass: false,
-                note: "our implementation produced no such output".into(),
-            },
+            None => Row::failed(
+                rel,
+                &case.component,
+                name,
+                format!("{:?}", exp.dims()),
+                "our implementation produced no such output".into(),
+            ),
             Some(ours) => match compare(ours, exp, case.tolerance.atol, case.tolerance.rtol) {
                 Ok(c) => Row {
                     case: rel.to_string(),
@@ -131,16 +141,13 @@ fn run_case_inner(case: &Case, rel: &str, opts: &RunOptions) -> Result<CaseResul
                     pass: c.worst <= 1.0,
                     note: String::new(),
                 },
-                Err(e) => Row {
-                    case: rel.to_string(),
-                    component: case.component.clone(),
-                    tensor: name.clone(),
-                    shape: format!("{:?}", exp.dims()),
-                    max_abs: f64::NAN,
-                    worst: f64::INFINITY,
-                    pass: false,
-                    note: format!("{e:#}"),
-                },
+                Err(e) => Row::failed(
+                    rel,
+                    &case.component,
+                    name,
+                    format!("{:?}", exp.dims()),
+                    format!("{e:#}"),
+                ),
             },
         };
         rows.push(row);
@@ -180,16 +187,7 @@ pub fn run_dir(dir: &Path, opts: &RunOptions) -> Result<(usize, usize)> {
         let result = match Case::load(path) {
             Ok(case) => run_case(&case, &rel, opts),
             Err(e) => CaseResult {
-                rows: vec![Row {
-                    case: rel.clone(),
-                    component: "?".into(),
-                    tensor: "-".into(),
-                    shape: "-".into(),
-                    max_abs: f64::NAN,
-                    worst: f64::INFINITY,
-                    pass: false,
-                    note: format!("{e:#}"),
-                }],
+                rows: vec![Row::failed(&rel, "?", "-", "-".into(), format!("{e:#}"))],
                 seconds: None,
             },
         };
