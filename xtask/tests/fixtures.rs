@@ -70,3 +70,81 @@ fn unknown_and_unimplemented_components_fail_with_a_reason() {
     assert_eq!((passed, failed), (0, 1));
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// A case laid out differently from ours, as another tool might write it: nested
+/// deeper, the model in a sub-folder under another name and re-sharded with an
+/// index, unknown keys in case.json, extra files; and a single-file variant with
+/// `model_config`.
+#[test]
+fn a_case_written_by_another_tool_runs() {
+    use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
+
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/lumina2-transformer/tests/fixtures/transformer/tiny_f32");
+    let tmp = std::env::temp_dir().join(format!("lumina2-foreign-{}", std::process::id()));
+    let case_dir = tmp.join("suite").join("deep").join("case-1");
+    let model_dir = case_dir.join("weights").join("dit");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    for f in ["inputs.safetensors", "expected.safetensors"] {
+        std::fs::copy(src.join(f), case_dir.join(f)).unwrap();
+    }
+    std::fs::copy(src.join("model/config.json"), model_dir.join("config.json")).unwrap();
+    // Re-shard the weights into two files with an index.
+    let all: HashMap<String, Tensor> = candle_core::safetensors::load(
+        src.join("model/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (mut a, mut b) = (HashMap::new(), HashMap::new());
+    let mut weight_map = serde_json::Map::new();
+    for (i, (k, v)) in all.iter().enumerate() {
+        let (shard, name) = if i % 2 == 0 {
+            (&mut a, "part-1.safetensors")
+        } else {
+            (&mut b, "part-2.safetensors")
+        };
+        shard.insert(k.clone(), v.clone());
+        weight_map.insert(k.clone(), name.into());
+    }
+    candle_core::safetensors::save(&a, model_dir.join("part-1.safetensors")).unwrap();
+    candle_core::safetensors::save(&b, model_dir.join("part-2.safetensors")).unwrap();
+    std::fs::write(
+        model_dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let tol = r#""tolerance": {"atol": 1e-5, "rtol": 1e-4}"#;
+    std::fs::write(
+        case_dir.join("case.json"),
+        format!(
+            r#"{{"component": "transformer", "model": "weights/dit", "author": "elsewhere", {tol}}}"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(case_dir.join("notes.txt"), "extra files are ignored").unwrap();
+
+    // The same model as one file, config elsewhere.
+    let single = tmp.join("suite").join("single");
+    std::fs::create_dir_all(single.join("cfg")).unwrap();
+    for f in ["inputs.safetensors", "expected.safetensors"] {
+        std::fs::copy(src.join(f), single.join(f)).unwrap();
+    }
+    std::fs::copy(
+        src.join("model/config.json"),
+        single.join("cfg/config.json"),
+    )
+    .unwrap();
+    candle_core::safetensors::save(&all, single.join("dit.safetensors")).unwrap();
+    std::fs::write(
+        single.join("case.json"),
+        format!(
+            r#"{{"component": "transformer", "model": "dit.safetensors", "model_config": "cfg", "dtype": "f32", {tol}}}"#
+        ),
+    )
+    .unwrap();
+
+    let (passed, failed) = xtask::parity::run_dir(&tmp, &RunOptions::default()).unwrap();
+    std::fs::remove_dir_all(&tmp).unwrap();
+    assert_eq!((passed, failed), (2, 0));
+}

@@ -20,11 +20,26 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
     }
     let model_path = case.model()?;
     let dev = Device::Cpu;
-    let folder = lumina2_loader::ComponentFolder::open(model_path)
-        .with_context(|| format!("opening {}", model_path.display()))?;
-    let config_dir = case.model_config.as_deref().unwrap_or(model_path);
+    let (files, config_dir) = if model_path.is_dir() {
+        let folder = lumina2_loader::ComponentFolder::open(model_path)
+            .with_context(|| format!("opening {}", model_path.display()))?;
+        let config_dir = case.model_config.as_deref().unwrap_or(model_path);
+        (folder.safetensors_files().to_vec(), config_dir)
+    } else if model_path.extension().is_some_and(|e| e == "safetensors") {
+        // A single diffusers-key file; its config comes from `model_config`.
+        let config_dir = case
+            .model_config
+            .as_deref()
+            .context("a single-file model needs `model_config`")?;
+        (vec![model_path.to_path_buf()], config_dir)
+    } else {
+        anyhow::bail!(
+            "single-file checkpoints other than diffusers-key .safetensors ({}) are not implemented yet",
+            model_path.display()
+        );
+    };
     let cfg = Config::from_file(config_dir)?;
-    let weights = Weights::from_safetensors(folder.safetensors_files(), case.dtype, &dev)?;
+    let weights = Weights::from_safetensors(&files, case.dtype, &dev)?;
     let model = Lumina2Transformer::new(&cfg, &weights)?;
     Ok(Box::new(TransformerCase {
         model,
