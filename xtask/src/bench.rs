@@ -148,10 +148,13 @@ pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
     }
     let python = pyenv::ensure_venv()?;
     let worker_py = pyenv::scripts_dir().join("bench_worker.py");
-    let dir = pyenv::workspace_root().join("target").join("bench").join(format!(
-        "transformer-l{}-r{}",
-        opts.layers, opts.refiner_layers
-    ));
+    let dir = pyenv::workspace_root()
+        .join("target")
+        .join("bench")
+        .join(format!(
+            "transformer-l{}-r{}",
+            opts.layers, opts.refiner_layers
+        ));
     let sizes = opts
         .sizes
         .iter()
@@ -164,7 +167,10 @@ pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
         .all(|s| dir.join(format!("inputs_{s}.safetensors")).exists())
         && dir.join("model").join("config.json").exists();
     if !ready {
-        eprintln!("bench: writing random weights and inputs to {}", dir.display());
+        eprintln!(
+            "bench: writing random weights and inputs to {}",
+            dir.display()
+        );
         pyenv::run(
             Command::new(&python)
                 .arg(&worker_py)
@@ -227,11 +233,13 @@ pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
 }
 
 fn secs(t: &Option<Timing>) -> String {
-    t.as_ref().map_or("-".into(), |t| format!("{:.3}", t.median_s))
+    t.as_ref()
+        .map_or("-".into(), |t| format!("{:.3}", t.median_s))
 }
 
 fn rss(t: &Option<Timing>) -> String {
-    t.as_ref().map_or("-".into(), |t| format!("{:.0}", t.peak_rss_mb))
+    t.as_ref()
+        .map_or("-".into(), |t| format!("{:.0}", t.peak_rss_mb))
 }
 
 /// The markdown table of the rows.
