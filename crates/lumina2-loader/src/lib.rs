@@ -10,5 +10,6 @@
 #![warn(missing_docs)]
 
 mod folder;
+pub mod gguf;
 
 pub use folder::{ComponentFolder, Error};
