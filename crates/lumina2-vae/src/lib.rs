@@ -1,1 +1,35 @@
-//! Not built yet: see this crate's README.md.
+//! diffusers' `AutoencoderKL` on candle: the 16-channel Flux VAE that
+//! Lumina-Image 2.0 uses, and any other config of that class.
+//!
+//! - [`AutoencoderKL::decode`] / [`AutoencoderKL::encode`]: the same outputs as
+//!   diffusers' `decode` and `encode(x).latent_dist` (mean, clamped log-variance;
+//!   sampling only with caller-supplied noise).
+//! - [`AutoencoderKL::unscale_latents`] / [`AutoencoderKL::scale_latents`]: the
+//!   pipeline's latent transform and its inverse.
+//! - [`image::to_rgb_images`]: 8-bit RGB exactly as `VaeImageProcessor`.
+//! - Tiled decoding and encoding ([`AutoencoderKL::enable_tiling`]).
+//!
+//! Weights come through candle's [`candle_nn::VarBuilder`] with diffusers' keys.
+#![warn(missing_docs)]
+
+mod attention;
+mod autoencoder;
+mod blocks;
+pub mod config;
+mod decoder;
+mod encoder;
+pub mod error;
+pub mod image;
+mod layers;
+mod resnet;
+pub mod tiling;
+
+pub use autoencoder::{AutoencoderKL, DiagonalGaussian};
+pub use config::AutoencoderKLConfig;
+pub use decoder::Decoder;
+pub use encoder::Encoder;
+pub use error::{Result, VaeError};
+pub use tiling::Tiling;
+
+/// candle's weight builder, re-exported so callers need no direct candle-nn dependency.
+pub use candle_nn::VarBuilder;

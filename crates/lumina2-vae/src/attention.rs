@@ -1,0 +1,67 @@
+//! The single-head spatial self-attention of the VAE's middle block
+//! (diffusers' `Attention` with `residual_connection`, group norm and one head).
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::error::Result;
+use crate::layers::{GroupNorm, Linear};
+
+/// Queries per chunk: bounds the score matrix to `QUERY_CHUNK x tokens` f32.
+const QUERY_CHUNK: usize = 1024;
+
+/// `x + to_out(softmax(q k^T / sqrt(c)) v)` over the `h*w` positions, with
+/// q, k, v projections of `group_norm(x)`. Scores and softmax in f32.
+#[derive(Debug, Clone)]
+pub(crate) struct Attention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    channels: usize,
+    dtype: DType,
+}
+
+impl Attention {
+    pub(crate) fn load(vb: &VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            group_norm: GroupNorm::load(&vb.pp("group_norm"), channels, groups, eps)?,
+            to_q: Linear::load(&vb.pp("to_q"), channels, channels)?,
+            to_k: Linear::load(&vb.pp("to_k"), channels, channels)?,
+            to_v: Linear::load(&vb.pp("to_v"), channels, channels)?,
+            to_out: Linear::load(&vb.pp("to_out").pp("0"), channels, channels)?,
+            channels,
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = h * w;
+        let hs = self.group_norm.forward_f32(x)?.to_dtype(self.dtype)?;
+        let hs = hs.reshape((b, c, n))?.transpose(1, 2)?.contiguous()?;
+        // Projections are stored in the model dtype (as PyTorch does), then
+        // attention reads them in f32.
+        let q = self.to_q.forward(&hs)?.to_dtype(DType::F32)?;
+        let k = self.to_k.forward(&hs)?.to_dtype(DType::F32)?;
+        let v = self.to_v.forward(&hs)?.to_dtype(DType::F32)?;
+        let kt = k.transpose(1, 2)?.contiguous()?;
+        let scale = 1.0 / (self.channels as f64).sqrt();
+        let mut outs = Vec::with_capacity(n.div_ceil(QUERY_CHUNK));
+        let mut start = 0;
+        while start < n {
+            let len = QUERY_CHUNK.min(n - start);
+            let qc = q.narrow(1, start, len)?;
+            let scores = (qc.matmul(&kt)? * scale)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            outs.push(probs.matmul(&v)?);
+            start += len;
+        }
+        let attn = Tensor::cat(&outs, 1)?;
+        let attn = attn.to_dtype(self.dtype)?;
+        let out = self.to_out.forward(&attn)?;
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        Ok((out + x)?)
+    }
+}
