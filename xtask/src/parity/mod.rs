@@ -3,6 +3,7 @@
 
 mod case;
 mod compare;
+mod scheduler;
 mod transformer;
 
 use std::collections::BTreeMap;
@@ -25,8 +26,9 @@ pub trait Prepared {
 pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
     match case.component.as_str() {
         "transformer" => transformer::prepare(case),
-        "text_encoder" | "prompt_encoding" | "vae_decode" | "vae_encode" | "scheduler"
-        | "gguf_dequant" | "pipeline" => Err(anyhow!(
+        "scheduler" => scheduler::prepare(case),
+        "text_encoder" | "prompt_encoding" | "vae_decode" | "vae_encode" | "gguf_dequant"
+        | "pipeline" => Err(anyhow!(
             "component `{}` is not implemented yet",
             case.component
         )),
