@@ -14,10 +14,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import gen_gguf  # noqa: E402
 import gen_transformer  # noqa: E402
 import gen_scheduler  # noqa: E402
 
 GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_scheduler.generate}
+GENERATORS["gguf_dequant"] = gen_gguf.generate
 
 
 def main():

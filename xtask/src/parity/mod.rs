@@ -3,6 +3,7 @@
 
 mod case;
 mod compare;
+mod gguf;
 mod scheduler;
 mod transformer;
 
@@ -26,12 +27,11 @@ pub trait Prepared {
 pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
     match case.component.as_str() {
         "transformer" => transformer::prepare(case),
+        "gguf_dequant" => gguf::prepare(case),
         "scheduler" => scheduler::prepare(case),
-        "text_encoder" | "prompt_encoding" | "vae_decode" | "vae_encode" | "gguf_dequant"
-        | "pipeline" => Err(anyhow!(
-            "component `{}` is not implemented yet",
-            case.component
-        )),
+        "text_encoder" | "prompt_encoding" | "vae_decode" | "vae_encode" | "pipeline" => Err(
+            anyhow!("component `{}` is not implemented yet", case.component),
+        ),
         other => Err(anyhow!("unknown component `{other}`")),
     }
 }
