@@ -75,7 +75,10 @@ def generate(out_dir, only_tiny=False):
         model = make_model(config, seed, storage)
         inputs = make_inputs(config, batch, lens, L, H, W, seed + 100)
         first_model_dir = None
-        for dtype_name, dtype in [("f32", torch.float32), ("bf16", torch.bfloat16)]:
+        dtypes = [("f32", torch.float32), ("bf16", torch.bfloat16)]
+        if not name.startswith("real"):
+            dtypes.append(("f16", torch.float16))
+        for dtype_name, dtype in dtypes:
             case_dir = os.path.join(out_dir, "transformer", f"{name}_{dtype_name}")
             model_dir = os.path.join(case_dir, "model")
             if first_model_dir is None:
@@ -106,4 +109,8 @@ TOLERANCES = {
     (True, "f32"): {"atol": 1e-5, "rtol": 1e-4},
     (False, "bf16"): {"atol": 5e-2, "rtol": 2e-2},
     (True, "bf16"): {"atol": 5e-2, "rtol": 2e-2},
+    # PyTorch's CPU f16 result deviates from its f32 result by up to 0.016
+    # (mean 0.003) on the tiny cases; ours by up to 0.0045 (mean 0.0009): the
+    # comparison is bounded by the reference's own f16 error.
+    (False, "f16"): {"atol": 2.5e-2, "rtol": 1e-2},
 }
