@@ -1,1 +1,43 @@
-//! Not built yet: see this crate's README.md.
+//! Lumina-Image 2.0's text conditioning on candle: the Gemma-2 encoder
+//! ([`Gemma2Encoder`], transformers' `Gemma2Model` stopped before its last
+//! layer, i.e. `hidden_states[-2]`) and the prompt encoding of diffusers'
+//! `Lumina2Pipeline.encode_prompt` ([`PromptEncoder`]: system prompt template,
+//! padding, truncation, masks, repetition per image).
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use lumina2_text_encoder::{PromptEncoder, PromptOptions};
+//!
+//! # fn main() -> lumina2_text_encoder::Result<()> {
+//! let enc = PromptEncoder::from_pipeline_folder("Lumina-Image-2.0", DType::BF16, &Device::Cpu)?;
+//! let out = enc.encode(&["a cat on a mat"], &PromptOptions::default())?;
+//! for w in &out.warnings {
+//!     eprintln!("{w}");
+//! }
+//! println!("{:?}", out.prompt_embeds.dims()); // [1, 256, 2304]
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The crate depends on candle and `tokenizers` only. Weights come through
+//! [`Weights`] (over a [`WeightSource`]: safetensors files, a candle
+//! `VarBuilder`, tensors in memory, or a quantised source).
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod model;
+mod prompt;
+mod weights;
+
+pub use config::{Activation, Gemma2Config, LayerType, Rope};
+pub use error::{Error, Result};
+pub use model::Gemma2Encoder;
+pub use prompt::{
+    GemmaTokenizer, PromptEmbeddings, PromptEncoder, PromptOptions, SystemPrompt, Tokenized,
+    DEFAULT_SYSTEM_PROMPT, MAX_SEQUENCE_LENGTH_LIMIT, SYSTEM_PROMPT_PRESETS,
+};
+pub use weights::{
+    safetensors_files, Linear, LinearWeight, SafetensorsSource, VarBuilderSource, WeightSource,
+    Weights,
+};

@@ -5,6 +5,7 @@ mod case;
 mod compare;
 mod gguf;
 mod scheduler;
+mod text_encoder;
 mod transformer;
 
 use std::collections::BTreeMap;
@@ -29,7 +30,9 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
         "transformer" => transformer::prepare(case),
         "gguf_dequant" => gguf::prepare(case),
         "scheduler" => scheduler::prepare(case),
-        "text_encoder" | "prompt_encoding" | "vae_decode" | "vae_encode" | "pipeline" => Err(
+        "text_encoder" => text_encoder::prepare_text_encoder(case),
+        "prompt_encoding" => text_encoder::prepare_prompt_encoding(case),
+        "vae_decode" | "vae_encode" | "pipeline" => Err(
             anyhow!("component `{}` is not implemented yet", case.component),
         ),
         other => Err(anyhow!("unknown component `{other}`")),

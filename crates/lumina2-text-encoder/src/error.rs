@@ -1,0 +1,98 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong when loading or running the text encoder or
+/// encoding prompts.
+///
+/// Variants carry what a user needs to fix the problem: the file, the tensor
+/// key, the expected and the found shape.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file that was read.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A JSON file (config, shard index) is not valid for its purpose.
+    #[error("invalid JSON in {origin}: {source}")]
+    Json {
+        /// The file (or `<string>`) that was parsed.
+        origin: String,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+    /// The config parsed but describes a model this crate cannot build.
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    /// A folder does not hold the safetensors files of a model.
+    #[error("no model weights in {path}: {reason}")]
+    NoWeights {
+        /// The folder.
+        path: PathBuf,
+        /// What was missing.
+        reason: String,
+    },
+    /// A weight the model needs is not in the weight source.
+    #[error("missing weight `{key}` in {source_name}")]
+    MissingWeight {
+        /// The full tensor key.
+        key: String,
+        /// The weight source (usually file names).
+        source_name: String,
+    },
+    /// A weight exists but has the wrong shape for the config.
+    #[error("weight `{key}` in {source_name} has shape {found:?}, expected {expected:?}")]
+    WeightShape {
+        /// The full tensor key.
+        key: String,
+        /// The weight source (usually file names).
+        source_name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape found in the source.
+        found: Vec<usize>,
+    },
+    /// A weight could not be read from its source.
+    #[error("cannot load weight `{key}` from {source_name}: {reason}")]
+    WeightLoad {
+        /// The full tensor key.
+        key: String,
+        /// The weight source.
+        source_name: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The tokenizer file could not be loaded or used.
+    #[error("tokenizer {origin}: {reason}")]
+    Tokenizer {
+        /// The tokenizer file (or what was being done with it).
+        origin: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An input has the wrong shape, dtype or content.
+    #[error("invalid input `{name}`: {reason}")]
+    InvalidInput {
+        /// Which input.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An error raised by candle while computing.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn invalid_input(name: &'static str, reason: impl Into<String>) -> Error {
+    Error::InvalidInput {
+        name,
+        reason: reason.into(),
+    }
+}
