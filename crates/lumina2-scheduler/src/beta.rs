@@ -107,7 +107,7 @@ fn lower_quantile(p: f64, a: f64, b: f64) -> f64 {
     let (mut lo, mut hi) = (0.0f64, 1.0f64);
     // I_x ~ x^a / (a B(a, b)) for small x.
     let mut x = ((p * a).ln() + lb).exp().powf(1.0 / a);
-    if !(x > lo && x < hi) {
+    if !x.is_finite() || x <= lo || x >= hi {
         x = 0.5;
     }
     for _ in 0..400 {
@@ -123,7 +123,7 @@ fn lower_quantile(p: f64, a: f64, b: f64) -> f64 {
         }
         let dens = ((a - 1.0) * x.ln() + (b - 1.0) * (-x).ln_1p() - lb).exp();
         let mut next = x - f / dens;
-        if !(next > lo && next < hi) || !next.is_finite() {
+        if !next.is_finite() || next <= lo || next >= hi {
             next = 0.5 * (lo + hi);
         }
         if (next - x).abs() <= 2.0 * f64::EPSILON * next.abs() || next == lo || next == hi {

@@ -515,9 +515,8 @@ impl FlowMatchEulerDiscreteScheduler {
         let sample = sample.to_dtype(DType::F32)?;
         // `scalar * model_output` with a 0-dim f32 tensor: PyTorch computes it in
         // the model output's dtype, the scalar rounded to that dtype first.
-        let dev = model_output.device();
         let scaled = |s: f32| -> Result<Tensor> {
-            let s = Tensor::new(s, dev)?
+            let s = Tensor::new(s, &candle_core::Device::Cpu)?
                 .to_dtype(out_dtype)?
                 .to_dtype(DType::F32)?
                 .to_scalar::<f32>()?;
