@@ -1,10 +1,13 @@
 """VAE cases: diffusers' AutoencoderKL (decode, encode's latent distribution,
 tiled decode and encode) on random weights."""
 
+import copy
 import os
 
 import torch
 from diffusers import AutoencoderKL
+
+from diffusers.utils import logging as _dlogging
 
 from common import link_tree, randomize_, versions, write_case
 
@@ -36,6 +39,8 @@ FLUX = dict(
     scaling_factor=0.3611, shift_factor=0.1159,
 )
 
+_dlogging.set_verbosity_error()
+
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -46,7 +51,8 @@ def make_model(config, seed, storage_dtype):
 
 
 def run(model, component, x, dtype, tiling):
-    m = model.to(dtype)
+    # A copy: casting `model` itself to bf16 and back would round its weights.
+    m = copy.deepcopy(model).to(dtype)
     if tiling:
         m.enable_tiling()
     with torch.no_grad():
@@ -55,8 +61,6 @@ def run(model, component, x, dtype, tiling):
         else:
             d = m.encode(x.to(dtype)).latent_dist
             out = {"mean": d.mean.float(), "logvar": d.logvar.float()}
-    m.disable_tiling()
-    model.to(torch.float32)
     return out
 
 
@@ -101,8 +105,7 @@ def generate(out_dir, only_tiny=False):
             case_dir = os.path.join(out_dir, component, f"{name}_{dtype_name}")
             case_model = os.path.join(case_dir, "model")
             if model_dir is None:
-                model.to(storage).save_pretrained(case_model, safe_serialization=True)
-                model.to(torch.float32)
+                copy.deepcopy(model).to(storage).save_pretrained(case_model, safe_serialization=True)
                 model_dir = case_model
                 models[key] = (model, model_dir)
             else:
