@@ -137,7 +137,7 @@ fn qtensors_keep_the_bytes_and_shape() {
             .join("tests/fixtures/gguf_dequant/all_types/model.gguf"),
     )
     .unwrap();
-    let exp = expected(&f.path().parent().unwrap().to_path_buf());
+    let exp = expected(f.path().parent().unwrap());
     for t in f.tensor_infos() {
         let q = f.qtensor(&t.name, &Device::Cpu).unwrap();
         assert_eq!(q.shape().dims(), t.shape().as_slice());

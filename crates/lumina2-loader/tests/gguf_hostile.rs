@@ -60,7 +60,10 @@ fn err(w: &W) -> GgufError {
     match w.open() {
         Ok(_) => panic!("a malformed file was accepted"),
         Err(e) => {
-            assert!(e.to_string().starts_with(PATH), "error does not name the file: {e}");
+            assert!(
+                e.to_string().starts_with(PATH),
+                "error does not name the file: {e}"
+            );
             e
         }
     }
@@ -81,11 +84,20 @@ fn valid() -> W {
     w.str("u64").u32(10).u64(u64::MAX);
     w.str("i64").u32(11).raw(&(-1i64 << 40).to_le_bytes());
     w.str("f64").u32(12).raw(&(-2.5f64).to_le_bytes());
-    w.str("strings").u32(9).u32(8).u64(3).str("a").str("").str("bc");
+    w.str("strings")
+        .u32(9)
+        .u32(8)
+        .u64(3)
+        .str("a")
+        .str("")
+        .str("bc");
     w.str("empty").u32(9).u32(4).u64(0);
     // [[1, 2], [3]] as u16 arrays inside an array.
     w.str("nested").u32(9).u32(9).u64(2);
-    w.u32(2).u64(2).raw(&1u16.to_le_bytes()).raw(&2u16.to_le_bytes());
+    w.u32(2)
+        .u64(2)
+        .raw(&1u16.to_le_bytes())
+        .raw(&2u16.to_le_bytes());
     w.u32(2).u64(1).raw(&3u16.to_le_bytes());
     w.str("bools").u32(9).u32(7).u64(2).u8(0).u8(1);
     w.tensor("a", &[4, 2], 0, 0); // PyTorch shape [2, 4], 32 bytes
@@ -123,10 +135,7 @@ fn a_valid_crafted_file_reads_completely() {
             "bc".into()
         ]))
     );
-    assert_eq!(
-        m["empty"],
-        MetadataValue::Array(MetadataArray::U32(vec![]))
-    );
+    assert_eq!(m["empty"], MetadataValue::Array(MetadataArray::U32(vec![])));
     assert_eq!(
         m["nested"],
         MetadataValue::Array(MetadataArray::Array(vec![
@@ -216,7 +225,9 @@ fn wrong_magic_and_versions() {
     for version in [0, 1, 4, u32::MAX] {
         let mut w = valid();
         w.0[4..8].copy_from_slice(&version.to_le_bytes());
-        assert!(matches!(err(&w), GgufError::UnsupportedVersion { version: v, .. } if v == version));
+        assert!(
+            matches!(err(&w), GgufError::UnsupportedVersion { version: v, .. } if v == version)
+        );
     }
     let mut w = valid();
     w.0[4..8].copy_from_slice(&2u32.to_le_bytes());
@@ -241,7 +252,10 @@ fn absurd_counts_are_refused_before_allocating() {
     for (ty, count) in [(10u32, 1u64 << 61), (0, 1 << 40), (9, 1 << 59)] {
         let mut w = W::header(3, 0, 1);
         w.str("arr").u32(9).u32(ty).u64(count).raw(&[0; 64]);
-        assert!(matches!(err(&w), GgufError::CountTooLarge { .. }), "type {ty}");
+        assert!(
+            matches!(err(&w), GgufError::CountTooLarge { .. }),
+            "type {ty}"
+        );
     }
     // A tensor name of absurd length.
     let mut w = W::header(3, 1, 0);
@@ -264,10 +278,16 @@ fn arrays_nested_too_deep() {
 fn unknown_value_types_bad_bools_bad_utf8() {
     let mut w = W::header(3, 0, 1);
     w.str("k").u32(13).u32(0);
-    assert!(matches!(err(&w), GgufError::UnknownValueType { id: 13, .. }));
+    assert!(matches!(
+        err(&w),
+        GgufError::UnknownValueType { id: 13, .. }
+    ));
     let mut w = W::header(3, 0, 1);
     w.str("k").u32(9).u32(99).u64(0);
-    assert!(matches!(err(&w), GgufError::UnknownValueType { id: 99, .. }));
+    assert!(matches!(
+        err(&w),
+        GgufError::UnknownValueType { id: 99, .. }
+    ));
     let mut w = W::header(3, 0, 1);
     w.str("k").u32(7).u8(2);
     assert!(matches!(err(&w), GgufError::InvalidBool { byte: 2, .. }));
@@ -282,7 +302,9 @@ fn duplicates() {
     w.kv_u32("k", 1).kv_u32("k", 2);
     assert!(matches!(err(&w), GgufError::DuplicateKey { key, .. } if key == "k"));
     let mut w = W::header(3, 2, 0);
-    w.tensor("t", &[4], 0, 0).tensor("t", &[4], 0, 32).data(32, 64);
+    w.tensor("t", &[4], 0, 0)
+        .tensor("t", &[4], 0, 32)
+        .data(32, 64);
     assert!(matches!(err(&w), GgufError::DuplicateTensor { name, .. } if name == "t"));
 }
 
@@ -298,13 +320,21 @@ fn alignment_key() {
     assert!(matches!(err(&w), GgufError::BadAlignment { .. }));
     // Alignment 64: offset 32 is misaligned, 64 is fine.
     let mut w = W::header(3, 1, 1);
-    w.kv_u32("general.alignment", 64).tensor("t", &[4], 0, 32).data(64, 96);
+    w.kv_u32("general.alignment", 64)
+        .tensor("t", &[4], 0, 32)
+        .data(64, 96);
     assert!(matches!(
         err(&w),
-        GgufError::MisalignedTensor { offset: 32, alignment: 64, .. }
+        GgufError::MisalignedTensor {
+            offset: 32,
+            alignment: 64,
+            ..
+        }
     ));
     let mut w = W::header(3, 1, 1);
-    w.kv_u32("general.alignment", 64).tensor("t", &[4], 0, 64).data(64, 80);
+    w.kv_u32("general.alignment", 64)
+        .tensor("t", &[4], 0, 64)
+        .data(64, 80);
     let f = w.open().unwrap();
     assert_eq!(f.alignment(), 64);
     assert_eq!(f.data_start() % 64, 0);
@@ -353,7 +383,11 @@ fn bad_tensor_infos() {
     // Past the end: 4 f32 need 16 bytes; the data section has 15.
     assert!(matches!(
         err(&one(&[4], 0, 0, 15)),
-        GgufError::TensorPastEnd { end: 16, data_len: 15, .. }
+        GgufError::TensorPastEnd {
+            end: 16,
+            data_len: 15,
+            ..
+        }
     ));
     assert!(matches!(
         err(&one(&[4], 0, u64::MAX - 31, 64)),

@@ -2,7 +2,8 @@
 //! (and ggml's reference C code): the same float32 operations in the same order,
 //! never fused. Blocks are independent, so runs of blocks go to rayon's pool.
 
-use half::{bf16, f16};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::GgmlType;
@@ -203,29 +204,60 @@ fn q6_k(b: &[u8; 210], o: &mut [f32; 256]) {
     let (qh, rest) = rest.split_at(64);
     let (scales, dd) = rest.split_at(16);
     let d = f16_at(dd, 0);
-    for g in 0..16 {
-        let dl = d * (scales[g] as i8) as f32;
-        let j = g / 8;
-        for i in 0..16 {
-            let r = 16 * (g % 8) + i;
-            let lo = (ql[64 * j + r % 64] >> (4 * (r / 64))) & 0x0F;
-            let hi = (qh[32 * j + r % 32] >> (2 * (r / 32))) & 3;
-            let q = (lo | (hi << 4)) as i32 - 32;
-            o[16 * g + i] = dl * q as f32;
+    // Each half of 128 elements: quarter k holds elements 32k..32k+32 of the half,
+    // low nibbles from ql[64j + l (+32)], high bits from qh[32j + l] >> 2k.
+    for j in 0..2 {
+        let ql = &ql[64 * j..64 * j + 64];
+        let qh = &qh[32 * j..32 * j + 32];
+        let o = &mut o[128 * j..128 * j + 128];
+        for half16 in 0..2 {
+            let dl: [f32; 4] =
+                std::array::from_fn(|k| d * (scales[8 * j + 2 * k + half16] as i8) as f32);
+            for i in 0..16 {
+                let l = 16 * half16 + i;
+                let (a, c, h) = (ql[l], ql[l + 32], qh[l]);
+                let q0 = ((a & 0x0F) | ((h & 3) << 4)) as i32 - 32;
+                let q1 = ((c & 0x0F) | (((h >> 2) & 3) << 4)) as i32 - 32;
+                let q2 = ((a >> 4) | (((h >> 4) & 3) << 4)) as i32 - 32;
+                let q3 = ((c >> 4) | (((h >> 6) & 3) << 4)) as i32 - 32;
+                o[l] = dl[0] * q0 as f32;
+                o[l + 32] = dl[1] * q1 as f32;
+                o[l + 64] = dl[2] * q2 as f32;
+                o[l + 96] = dl[3] * q3 as f32;
+            }
         }
     }
 }
 
-fn f32_block(b: &[u8; 4], o: &mut [f32; 1]) {
-    o[0] = f32::from_le_bytes(*b);
-}
-
-fn f16_block(b: &[u8; 2], o: &mut [f32; 1]) {
-    o[0] = f16::from_bits(u16::from_le_bytes(*b)).to_f32();
-}
-
-fn bf16_block(b: &[u8; 2], o: &mut [f32; 1]) {
-    o[0] = bf16::from_bits(u16::from_le_bytes(*b)).to_f32();
+/// Plain float types: one element per "block", converted in runs.
+fn run_floats(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    bytes
+        .par_chunks(ty.type_size() * ELEMS_PER_TASK)
+        .zip(out.par_chunks_mut(ELEMS_PER_TASK))
+        .for_each(|(src, dst)| match ty {
+            GgmlType::F16 => {
+                let mut buf = [f16::ZERO; 1024];
+                for (s, d) in src.chunks(2 * buf.len()).zip(dst.chunks_mut(buf.len())) {
+                    for (h, c) in buf.iter_mut().zip(s.chunks_exact(2)) {
+                        *h = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
+                    }
+                    if let Some(h) = buf.get(..d.len()) {
+                        // Exact conversion (F16C when the CPU has it).
+                        h.convert_to_f32_slice(d);
+                    }
+                }
+            }
+            GgmlType::BF16 => {
+                for (o, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+                }
+            }
+            _ => {
+                for (o, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        });
 }
 
 /// Dequantises `bytes` of type `ty` into `out` (row-major, one f32 per element).
@@ -242,9 +274,7 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()
         });
     }
     match ty {
-        GgmlType::F32 => run(bytes, out, f32_block),
-        GgmlType::F16 => run(bytes, out, f16_block),
-        GgmlType::BF16 => run(bytes, out, bf16_block),
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => run_floats(ty, bytes, out),
         GgmlType::Q4_0 => run(bytes, out, q4_0),
         GgmlType::Q4_1 => run(bytes, out, q4_1),
         GgmlType::Q5_0 => run(bytes, out, q5_0),

@@ -207,6 +207,6 @@ pub enum GgufError {
         name: String,
         /// The cause.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
 }

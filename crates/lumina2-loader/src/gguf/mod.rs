@@ -201,7 +201,7 @@ impl GgufFile {
         move |source| GgufError::Candle {
             path: self.path.clone(),
             name: name.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 

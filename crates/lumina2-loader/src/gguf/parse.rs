@@ -242,7 +242,10 @@ pub(crate) fn parse(path: &Path, data: &[u8]) -> Result<Header, GgufError> {
         let ty = c.value_type(&key, &|| format!("the type of metadata `{key}`"))?;
         let value = c.value(ty, &key)?;
         if metadata.contains_key(&key) {
-            return Err(GgufError::DuplicateKey { path: c.path(), key });
+            return Err(GgufError::DuplicateKey {
+                path: c.path(),
+                key,
+            });
         }
         metadata.insert(key, value);
     }
@@ -324,7 +327,10 @@ pub(crate) fn parse(path: &Path, data: &[u8]) -> Result<Header, GgufError> {
             });
         }
         if names.insert(name.clone(), i).is_some() {
-            return Err(GgufError::DuplicateTensor { path: c.path(), name });
+            return Err(GgufError::DuplicateTensor {
+                path: c.path(),
+                name,
+            });
         }
         tensors.push(TensorInfo {
             name,
@@ -337,9 +343,7 @@ pub(crate) fn parse(path: &Path, data: &[u8]) -> Result<Header, GgufError> {
     }
 
     let pos = c.pos as u64;
-    let data_start = pos
-        .checked_next_multiple_of(alignment)
-        .unwrap_or(u64::MAX);
+    let data_start = pos.checked_next_multiple_of(alignment).unwrap_or(u64::MAX);
     let data_len = (data.len() as u64).saturating_sub(data_start);
     for t in &tensors {
         let end = t.offset.checked_add(t.n_bytes);
