@@ -445,3 +445,114 @@ fn ggml_type_table_round_trips() {
     assert_eq!(GgmlType::Q6_K.type_size(), 210);
     assert_eq!(GgmlType::Q4_K.type_size(), 144);
 }
+
+#[test]
+fn random_corruptions_never_panic() {
+    // Deterministic xorshift: overwrite 1-4 bytes (or cut the file) and use
+    // whatever still opens through every accessor.
+    let base = valid();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut opened, mut refused) = (0, 0);
+    for _ in 0..3000 {
+        let mut w = base.clone();
+        for _ in 0..1 + next() % 4 {
+            let i = (next() % w.0.len() as u64) as usize;
+            w.0[i] = next() as u8;
+        }
+        if next() % 8 == 0 {
+            let len = (next() % w.0.len() as u64) as usize;
+            w.0.truncate(len);
+        }
+        match w.open() {
+            Err(e) => {
+                assert!(e.to_string().starts_with(PATH), "{e}");
+                refused += 1;
+            }
+            Ok(f) => {
+                opened += 1;
+                for t in f.tensor_infos() {
+                    let n = f.dequantize(&t.name).map(|v| v.len());
+                    if let Ok(n) = n {
+                        assert_eq!(n as u64, t.n_elements);
+                    }
+                    let _ = f.qtensor(&t.name, &candle_core::Device::Cpu);
+                    let _ = f.tensor(&t.name, candle_core::DType::BF16, &candle_core::Device::Cpu);
+                }
+            }
+        }
+    }
+    assert!(
+        opened > 100 && refused > 100,
+        "{opened} opened, {refused} refused"
+    );
+}
+
+#[test]
+fn misaligned_data_still_makes_qtensors() {
+    // general.alignment 1 lets a tensor start at an odd address; candle would
+    // assert on it, so the bytes are copied to an aligned buffer first.
+    for offset in [1u64, 2, 3] {
+        let mut w = W::header(3, 1, 1);
+        w.kv_u32("general.alignment", 1)
+            .tensor("t", &[3], 0, offset)
+            .data(1, offset as usize + 12);
+        let f = w.open().unwrap();
+        assert_eq!(f.alignment(), 1);
+        let ours = f.dequantize("t").unwrap();
+        let q = f.qtensor("t", &candle_core::Device::Cpu).unwrap();
+        assert_eq!(q.data().unwrap().as_ref(), f.tensor_data("t").unwrap());
+        let theirs = q
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            ours.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            theirs.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn tensors_in_other_dtypes_and_q8_1_layout() {
+    // One Q8_0 block: d = 0.5, q_i = i - 16; as bf16 each value is exact.
+    let mut w = W::header(3, 2, 0);
+    w.tensor("q", &[32], 8, 0).tensor("q81", &[32], 9, 64);
+    while w.0.len() % 32 != 0 {
+        w.0.push(0);
+    }
+    w.raw(&half::f16::from_f32(0.5).to_le_bytes());
+    for i in 0..32u8 {
+        w.u8(i.wrapping_sub(16));
+    }
+    w.raw(&[0; 30]);
+    // Q8_1 is 36 bytes a block, as ggml's block_q8_1.
+    w.raw(&[0; 36]);
+    let f = w.open().unwrap();
+    let expect: Vec<f32> = (0..32).map(|i| 0.5 * (i as f32 - 16.0)).collect();
+    assert_eq!(f.dequantize("q").unwrap(), expect);
+    let dev = candle_core::Device::Cpu;
+    for dt in [candle_core::DType::BF16, candle_core::DType::F16] {
+        let x = f.tensor("q", dt, &dev).unwrap();
+        assert_eq!(x.dtype(), dt);
+        let back = x
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(back, expect);
+    }
+    assert_eq!(f.tensor_info("q81").unwrap().n_bytes, 36);
+    assert!(matches!(
+        f.dequantize("q81"),
+        Err(GgufError::Unsupported { .. })
+    ));
+    let q = f.qtensor("q81", &dev).unwrap();
+    assert_eq!(q.shape().dims(), &[32]);
+}

@@ -229,6 +229,22 @@ impl GgufFile {
             });
         };
         let data = self.data_of(t)?;
+        // candle reinterprets the bytes as its block structs and asserts on
+        // mismatches: make sure they cannot happen.
+        if ct.block_size() != t.ggml_type.block_size()
+            || ct.type_size() != t.ggml_type.type_size()
+            || data.len() % ct.type_size() != 0
+            || t.dims
+                .first()
+                .is_some_and(|&d| d % ct.block_size() as u64 != 0)
+        {
+            return Err(GgufError::Unsupported {
+                path: self.path.clone(),
+                name: t.name.clone(),
+                ggml_type: t.ggml_type,
+                what: "a candle QTensor (block layouts differ)".into(),
+            });
+        }
         // candle reinterprets the bytes as blocks and asserts their alignment:
         // copy into an 8-byte aligned buffer unless the map already is.
         let words: Vec<u64>;

@@ -143,7 +143,7 @@ impl GgmlType {
         }
     }
 
-    /// Bytes per block (as gguf-py's `GGML_QUANT_SIZES`).
+    /// Bytes per block (as gguf-py's `GGML_QUANT_SIZES`, except Q8_1: as ggml).
     pub fn type_size(self) -> usize {
         use GgmlType::*;
         match self {
@@ -156,7 +156,9 @@ impl GgmlType {
             Q5_0 => 2 + 4 + 16,
             Q5_1 => 2 + 2 + 4 + 16,
             Q8_0 => 2 + 32,
-            Q8_1 => 4 + 4 + 32,
+            // ggml's block_q8_1 is two f16 (d, s) and 32 i8: 36 bytes (gguf-py
+            // 0.19's table still says 4 + 4 + 32, from when d and s were f32).
+            Q8_1 => 2 + 2 + 32,
             Q2_K => 2 + 2 + QK_K / 16 + QK_K / 4,
             Q3_K => 2 + QK_K / 4 + QK_K / 8 + 12,
             Q4_K => 2 + 2 + QK_K / 2 + 12,
