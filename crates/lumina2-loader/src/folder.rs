@@ -25,6 +25,52 @@ pub enum Error {
     /// The folder holds no weights.
     #[error("no .safetensors file in {0}")]
     NoWeights(PathBuf),
+    /// A `.pth` archive could not be read.
+    #[error("invalid PyTorch checkpoint {path}: {reason}")]
+    Pth {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A `.pth` pickle names a global outside the allow-list; nothing was executed.
+    #[error("refusing {path}: {reason}")]
+    UnsafePickle {
+        /// The file.
+        path: PathBuf,
+        /// Which global or opcode.
+        reason: String,
+    },
+    /// The checkpoint's keys do not match the model the config describes.
+    #[error("{path} does not match the model config: {}", key_lists(missing, unexpected))]
+    KeyMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Keys the model needs that the file lacks (diffusers names).
+        missing: Vec<String>,
+        /// Keys the file has that the model does not use (the file's names).
+        unexpected: Vec<String>,
+    },
+    /// A tensor has the wrong shape for the config.
+    #[error("{path}: tensor `{key}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The file.
+        path: PathBuf,
+        /// The key, as in the file.
+        key: String,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Found shape.
+        found: Vec<usize>,
+    },
+    /// The file's format is not one this loader knows.
+    #[error("{path}: {reason}")]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// What is not supported.
+        reason: String,
+    },
     /// An index names a shard that is not there.
     #[error("{index} lists shard {shard}, which does not exist")]
     MissingShard {
@@ -33,6 +79,24 @@ pub enum Error {
         /// The missing shard.
         shard: PathBuf,
     },
+}
+
+fn key_lists(missing: &[String], unexpected: &[String]) -> String {
+    let show = |v: &[String]| {
+        let mut s = v.iter().take(20).cloned().collect::<Vec<_>>().join(", ");
+        if v.len() > 20 {
+            s.push_str(&format!(", ... ({} in all)", v.len()));
+        }
+        s
+    };
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("missing keys: {}", show(missing)));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!("unexpected keys: {}", show(unexpected)));
+    }
+    parts.join("; ")
 }
 
 /// A component folder: `config.json` and its safetensors weights.

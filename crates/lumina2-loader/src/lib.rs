@@ -4,12 +4,19 @@
 //!
 //! Built so far: [`ComponentFolder`], which resolves the safetensors files of a
 //! diffusers or transformers component folder (one file, or shards listed by an
-//! `*.safetensors.index.json`). The Hub cache, original single files, GGUF and
-//! LoRA are planned (see the README).
+//! `*.safetensors.index.json`); single-file transformer checkpoints in the
+//! original, ComfyUI or diffusers layout, from `.pth` (read without executing
+//! pickle code) or `.safetensors` ([`open_transformer_file`]); GGUF files
+//! ([`gguf`]). The Hub cache and LoRA are planned (see the README).
 
 #![warn(missing_docs)]
 
 mod folder;
 pub mod gguf;
+pub mod original;
+mod pickle_guard;
+pub mod pth;
 
 pub use folder::{ComponentFolder, Error};
+pub use original::{detect_layout, open_transformer_file, TransformerLayout};
+pub use pth::PthFile;

@@ -51,7 +51,7 @@ pub use block::{FeedForward, Modulation, ModulationOut, TransformerBlock};
 pub use config::Config;
 pub use embed::{patchify, timestep_features, unpatchify, CaptionEmbedder, TimestepEmbedder};
 pub use error::{Error, Result};
-pub use model::{Lumina2Transformer, SequenceLayout};
+pub use model::{weight_shapes, Lumina2Transformer, SequenceLayout};
 pub use norm::{OutputNorm, RmsNorm};
 pub use rope::{Position, Rope, RopeEmbedder};
 pub use weights::{Linear, LinearWeight, VarBuilderSource, WeightSource, Weights};

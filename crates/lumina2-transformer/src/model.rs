@@ -355,3 +355,64 @@ impl Lumina2Transformer {
         Ok((layout, rows))
     }
 }
+
+/// Every weight the model loads for `cfg`, with its shape, by diffusers key.
+///
+/// Loaders use it to list all missing and unexpected keys of a checkpoint at
+/// once, before the model is built.
+pub fn weight_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let t = cfg.temb_dim();
+    let hd = cfg.head_dim();
+    let kv = cfg.num_kv_heads * hd;
+    let ff = cfg.ffn_inner_dim();
+    let p2 = cfg.patch_size * cfg.patch_size;
+    let cap = cfg.cap_feat_dim;
+    let mut v: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut push = |k: String, s: &[usize]| v.push((k, s.to_vec()));
+    push("x_embedder.weight".into(), &[h, p2 * cfg.in_channels]);
+    push("x_embedder.bias".into(), &[h]);
+    let te = "time_caption_embed.timestep_embedder";
+    push(format!("{te}.linear_1.weight"), &[t, crate::embed::FREQUENCY_EMBEDDING_SIZE]);
+    push(format!("{te}.linear_1.bias"), &[t]);
+    push(format!("{te}.linear_2.weight"), &[t, t]);
+    push(format!("{te}.linear_2.bias"), &[t]);
+    let ce = "time_caption_embed.caption_embedder";
+    push(format!("{ce}.0.weight"), &[cap]);
+    push(format!("{ce}.1.weight"), &[h, cap]);
+    push(format!("{ce}.1.bias"), &[h]);
+    let stacks = [
+        ("context_refiner", cfg.num_refiner_layers, false),
+        ("noise_refiner", cfg.num_refiner_layers, true),
+        ("layers", cfg.num_layers, true),
+    ];
+    for (stack, n, modulated) in stacks {
+        for i in 0..n {
+            let b = format!("{stack}.{i}");
+            push(format!("{b}.attn.to_q.weight"), &[h, h]);
+            push(format!("{b}.attn.to_k.weight"), &[kv, h]);
+            push(format!("{b}.attn.to_v.weight"), &[kv, h]);
+            push(format!("{b}.attn.to_out.0.weight"), &[h, h]);
+            push(format!("{b}.attn.norm_q.weight"), &[hd]);
+            push(format!("{b}.attn.norm_k.weight"), &[hd]);
+            push(format!("{b}.feed_forward.linear_1.weight"), &[ff, h]);
+            push(format!("{b}.feed_forward.linear_2.weight"), &[h, ff]);
+            push(format!("{b}.feed_forward.linear_3.weight"), &[ff, h]);
+            if modulated {
+                push(format!("{b}.norm1.linear.weight"), &[4 * h, t]);
+                push(format!("{b}.norm1.linear.bias"), &[4 * h]);
+                push(format!("{b}.norm1.norm.weight"), &[h]);
+            } else {
+                push(format!("{b}.norm1.weight"), &[h]);
+            }
+            for n in ["ffn_norm1", "norm2", "ffn_norm2"] {
+                push(format!("{b}.{n}.weight"), &[h]);
+            }
+        }
+    }
+    push("norm_out.linear_1.weight".into(), &[h, t]);
+    push("norm_out.linear_1.bias".into(), &[h]);
+    push("norm_out.linear_2.weight".into(), &[p2 * cfg.out_channels(), h]);
+    push("norm_out.linear_2.bias".into(), &[p2 * cfg.out_channels()]);
+    v
+}

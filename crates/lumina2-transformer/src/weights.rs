@@ -54,6 +54,11 @@ pub trait WeightSource: Send + Sync {
     }
     /// A short description for error messages (usually the file names).
     fn name(&self) -> String;
+    /// Every key the source holds, when it can list them (loaders use this to
+    /// report all missing and unexpected keys at once); empty otherwise.
+    fn keys(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A [`WeightSource`] over a candle [`VarBuilder`] (whatever backend it has).
@@ -83,6 +88,11 @@ impl WeightSource for HashMap<String, Tensor> {
     }
     fn name(&self) -> String {
         "in-memory tensors".into()
+    }
+    fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = HashMap::keys(self).cloned().collect();
+        k.sort();
+        k
     }
 }
 
@@ -129,6 +139,11 @@ impl WeightSource for SafetensorsSource {
     }
     fn name(&self) -> String {
         self.files.clone()
+    }
+    fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.inner.tensors().into_iter().map(|(n, _)| n).collect();
+        k.sort();
+        k
     }
 }
 

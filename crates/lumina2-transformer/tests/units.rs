@@ -205,3 +205,23 @@ fn bad_weights_and_inputs_are_typed_errors() {
         other => panic!("expected MissingWeight, got {:?}", other.err()),
     }
 }
+
+#[test]
+fn weight_shapes_lists_exactly_what_the_model_loads() {
+    for cfg in [
+        tiny_config(),
+        Config {
+            out_channels: Some(6),
+            patch_size: 1,
+            ..tiny_config()
+        },
+    ] {
+        let asked = random_weights(&cfg);
+        let listed: HashMap<String, Vec<usize>> =
+            lumina2_transformer::weight_shapes(&cfg).into_iter().collect();
+        assert_eq!(listed.len(), asked.len());
+        for (k, t) in &asked {
+            assert_eq!(listed.get(k), Some(&t.dims().to_vec()), "{k}");
+        }
+    }
+}

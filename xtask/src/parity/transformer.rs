@@ -25,18 +25,19 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
             .with_context(|| format!("opening {}", model_path.display()))?;
         let config_dir = case.model_config.as_deref().unwrap_or(model_path);
         (folder.safetensors_files().to_vec(), config_dir)
-    } else if model_path.extension().is_some_and(|e| e == "safetensors") {
-        // A single diffusers-key file; its config comes from `model_config`.
+    } else {
+        // A single file (original, ComfyUI or diffusers keys); config from `model_config`.
         let config_dir = case
             .model_config
             .as_deref()
             .context("a single-file model needs `model_config`")?;
-        (vec![model_path.to_path_buf()], config_dir)
-    } else {
-        anyhow::bail!(
-            "single-file checkpoints other than diffusers-key .safetensors ({}) are not implemented yet",
-            model_path.display()
-        );
+        let cfg = Config::from_file(config_dir)?;
+        let source = lumina2_loader::open_transformer_file(model_path, &cfg)?;
+        let model = Lumina2Transformer::new(&cfg, &Weights::new(source, case.dtype, &dev))?;
+        return Ok(Box::new(TransformerCase {
+            model,
+            inputs: case.inputs()?,
+        }));
     };
     let cfg = Config::from_file(config_dir)?;
     let weights = Weights::from_safetensors(&files, case.dtype, &dev)?;

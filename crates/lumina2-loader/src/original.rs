@@ -1,0 +1,238 @@
+//! Single-file transformer checkpoints: the original Alpha-VLLM layout
+//! (`consolidated.00-of-01.pth`, or the same keys in `.safetensors`), ComfyUI
+//! files (keys under `model.diffusion_model.`), and diffusers-key files.
+//!
+//! The format is detected from the keys, as diffusers does; original keys are
+//! mapped to diffusers' names as `convert_lumina2_to_diffusers` does, with two
+//! differences: the fused `qkv` is split with sizes taken from the config
+//! (diffusers hard-codes the 2B model's 2304/768/768), and any number of
+//! context-refiner blocks is handled (diffusers lists blocks 0 and 1).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use lumina2_transformer::{weight_shapes, Config, WeightSource};
+
+use crate::folder::Error;
+use crate::pth::PthFile;
+
+/// Key layout of a transformer checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransformerLayout {
+    /// diffusers' `Lumina2Transformer2DModel` names.
+    Diffusers,
+    /// The original Alpha-VLLM names (`cap_embedder`, `layers.N.attention.qkv`, ...).
+    Original,
+    /// Original names under ComfyUI's `model.diffusion_model.` prefix.
+    ComfyUi,
+}
+
+const COMFY_PREFIX: &str = "model.diffusion_model.";
+
+/// Detects the layout from the keys (diffusers' `CHECKPOINT_KEY_NAMES["lumina2"]` markers).
+pub fn detect_layout<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<TransformerLayout> {
+    let mut found = None;
+    for k in keys {
+        if k == "model.diffusion_model.cap_embedder.0.weight" {
+            return Some(TransformerLayout::ComfyUi);
+        }
+        if k == "cap_embedder.0.weight" {
+            found = Some(TransformerLayout::Original);
+        } else if k == "time_caption_embed.caption_embedder.0.weight" && found.is_none() {
+            found = Some(TransformerLayout::Diffusers);
+        }
+    }
+    found
+}
+
+/// The diffusers name of an original key (ComfyUI prefix removed first).
+/// `qkv` keys come back with `qkv` in them; [`OriginalTransformer`] splits them.
+pub fn original_key_to_diffusers(key: &str) -> String {
+    let mut k = key.strip_prefix(COMFY_PREFIX).unwrap_or(key).to_string();
+    // The context refiner is not modulated: its norm1 is a plain RMS norm.
+    if let Some(rest) = k.strip_prefix("context_refiner.") {
+        if let Some((idx, tail)) = rest.split_once('.') {
+            if let Some(t) = tail.strip_prefix("attention_norm1") {
+                k = format!("context_refiner.{idx}.norm1{t}");
+            } else if let Some(t) = tail.strip_prefix("attention_norm2") {
+                k = format!("context_refiner.{idx}.norm2{t}");
+            }
+        }
+    }
+    const ORDERED: &[(&str, &str)] = &[
+        ("final_layer.adaLN_modulation.1", "norm_out.linear_1"),
+        ("final_layer.linear", "norm_out.linear_2"),
+        ("attention_norm1", "norm1.norm"),
+        ("attention_norm2", "norm2"),
+        ("cap_embedder", "time_caption_embed.caption_embedder"),
+        ("t_embedder.mlp.0", "time_caption_embed.timestep_embedder.linear_1"),
+        ("t_embedder.mlp.2", "time_caption_embed.timestep_embedder.linear_2"),
+        ("attention", "attn"),
+        (".out.", ".to_out.0."),
+        ("k_norm", "norm_k"),
+        ("q_norm", "norm_q"),
+        ("w1", "linear_1"),
+        ("w2", "linear_2"),
+        ("w3", "linear_3"),
+        ("adaLN_modulation.1", "norm1.linear"),
+    ];
+    for (from, to) in ORDERED {
+        k = k.replace(from, to);
+    }
+    k
+}
+
+/// Where a diffusers key comes from in the file: a key, and rows of it for the
+/// parts of a fused `qkv`.
+#[derive(Debug, Clone)]
+struct Origin {
+    key: String,
+    rows: Option<(usize, usize)>,
+}
+
+/// An original-layout checkpoint seen through diffusers' key names.
+pub struct OriginalTransformer {
+    inner: Arc<dyn WeightSource>,
+    map: HashMap<String, Origin>,
+    name: String,
+}
+
+impl OriginalTransformer {
+    /// Maps every key of `inner` (original or ComfyUI layout) to diffusers'
+    /// names for `cfg`. Every missing and every unexpected key is reported at
+    /// once; `norm_final.weight`, unused by the model, is dropped as diffusers does.
+    pub fn new(inner: Arc<dyn WeightSource>, path: &Path, cfg: &Config) -> Result<Self, Error> {
+        let q_rows = cfg.hidden_size;
+        let kv_rows = cfg.num_kv_heads * cfg.head_dim();
+        let mut map = HashMap::new();
+        for key in inner.keys() {
+            let plain = key.strip_prefix(COMFY_PREFIX).unwrap_or(&key);
+            if plain == "norm_final.weight" {
+                continue;
+            }
+            let d = original_key_to_diffusers(&key);
+            if d.contains("qkv") {
+                let parts = [
+                    ("to_q", 0, q_rows),
+                    ("to_k", q_rows, kv_rows),
+                    ("to_v", q_rows + kv_rows, kv_rows),
+                ];
+                for (name, start, len) in parts {
+                    map.insert(
+                        d.replace("qkv", name),
+                        Origin {
+                            key: key.clone(),
+                            rows: Some((start, len)),
+                        },
+                    );
+                }
+            } else {
+                map.insert(d, Origin { key, rows: None });
+            }
+        }
+        let this = Self {
+            name: path.display().to_string(),
+            inner,
+            map,
+        };
+        check_keys(&this, path, cfg)?;
+        Ok(this)
+    }
+}
+
+/// Compares a source's keys with what the model needs for `cfg`.
+pub fn check_keys(source: &dyn WeightSource, path: &Path, cfg: &Config) -> Result<(), Error> {
+    let needed: BTreeSet<String> = weight_shapes(cfg).into_iter().map(|(k, _)| k).collect();
+    let have: BTreeSet<String> = source.keys().into_iter().collect();
+    let missing: Vec<String> = needed.difference(&have).cloned().collect();
+    let unexpected: Vec<String> = have.difference(&needed).cloned().collect();
+    if missing.is_empty() && unexpected.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::KeyMismatch {
+            path: path.to_path_buf(),
+            missing,
+            unexpected,
+        })
+    }
+}
+
+impl WeightSource for OriginalTransformer {
+    fn contains(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+    fn tensor(&self, key: &str) -> lumina2_transformer::Result<Tensor> {
+        let o = self
+            .map
+            .get(key)
+            .ok_or_else(|| lumina2_transformer::Error::MissingWeight {
+                key: key.to_string(),
+                source_name: self.name.clone(),
+            })?;
+        let t = self.inner.tensor(&o.key)?;
+        match o.rows {
+            None => Ok(t),
+            Some((start, len)) => {
+                let rows = t.dims().first().copied().unwrap_or(0);
+                if start + len > rows {
+                    return Err(lumina2_transformer::Error::WeightShape {
+                        key: o.key.clone(),
+                        source_name: self.name.clone(),
+                        expected: vec![rows.max(start + len), t.dims().get(1).copied().unwrap_or(0)],
+                        found: t.dims().to_vec(),
+                    });
+                }
+                Ok(t.narrow(0, start, len)?)
+            }
+        }
+    }
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.map.keys().cloned().collect();
+        k.sort();
+        k
+    }
+}
+
+/// Opens a single-file transformer checkpoint (`.pth`/`.pt`, `.safetensors`) in
+/// any of the layouts, as a source with diffusers' key names for `cfg`.
+pub fn open_transformer_file(path: &Path, cfg: &Config) -> Result<Arc<dyn WeightSource>, Error> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let raw: Arc<dyn WeightSource> = match ext.as_str() {
+        "pth" | "pt" | "bin" => Arc::new(PthFile::open(path)?),
+        "safetensors" => Arc::new(
+            lumina2_transformer::weights::SafetensorsSource::open(&[path]).map_err(|e| {
+                Error::Unsupported {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                }
+            })?,
+        ),
+        _ => {
+            return Err(Error::Unsupported {
+                path: PathBuf::from(path),
+                reason: format!("unknown checkpoint extension `.{ext}` (expected .pth or .safetensors)"),
+            })
+        }
+    };
+    let keys = raw.keys();
+    match detect_layout(keys.iter().map(String::as_str)) {
+        Some(TransformerLayout::Diffusers) => {
+            check_keys(raw.as_ref(), path, cfg)?;
+            Ok(raw)
+        }
+        Some(_) => Ok(Arc::new(OriginalTransformer::new(raw, path, cfg)?)),
+        None => Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            reason: "not a Lumina2 transformer checkpoint (no caption embedder key in diffusers, original or ComfyUI layout)".into(),
+        }),
+    }
+}

@@ -1,0 +1,101 @@
+"""Single-file transformer cases: the original Alpha-VLLM layout as a `.pth`
+(bf16, as `consolidated.00-of-01.pth` ships) and as ComfyUI-prefixed
+`.safetensors`, each with `model_config` pointing at the diffusers config.
+
+At the real dimensions the reference is diffusers' `from_single_file` of the
+`.pth` (its converter hard-codes the 2B model's qkv split); the tiny fixtures
+use sizes that converter cannot split, so their reference is the diffusers
+model the file was made from.
+
+diffusers 0.42.1's `from_single_file` fails on ComfyUI-prefixed Lumina2 files
+(`convert_lumina2_to_diffusers` renames the prefixed keys, then pops them by
+their old names: KeyError). The ComfyUI case holds the same tensors as the
+`.pth` case, so its reference is the same `from_single_file` output."""
+
+import os
+
+import torch
+from diffusers import Lumina2Transformer2DModel
+from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
+from safetensors.torch import save_file
+
+from common import versions, write_case
+from gen_transformer import REAL, TINY, make_inputs, make_model, run
+
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def to_original(sd):
+    """diffusers state dict -> original Alpha-VLLM keys (fused qkv, norm_final)."""
+    out = {}
+    for k, v in sd.items():
+        if ".attn.to_k." in k or ".attn.to_v." in k:
+            continue
+        o = k
+        if ".attn.to_q." in k:
+            base = k.replace(".attn.to_q.weight", "")
+            out[base + ".attention.qkv.weight"] = torch.cat(
+                [sd[base + ".attn.to_q.weight"], sd[base + ".attn.to_k.weight"], sd[base + ".attn.to_v.weight"]], 0)
+            continue
+        for a, b in [
+            ("time_caption_embed.caption_embedder", "cap_embedder"),
+            ("time_caption_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+            ("time_caption_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+            ("norm_out.linear_1", "final_layer.adaLN_modulation.1"),
+            ("norm_out.linear_2", "final_layer.linear"),
+            (".attn.to_out.0.", ".attention.out."),
+            (".attn.norm_q.", ".attention.q_norm."),
+            (".attn.norm_k.", ".attention.k_norm."),
+            (".feed_forward.linear_1.", ".feed_forward.w1."),
+            (".feed_forward.linear_2.", ".feed_forward.w2."),
+            (".feed_forward.linear_3.", ".feed_forward.w3."),
+            (".norm1.linear.", ".adaLN_modulation.1."),
+            (".norm1.norm.", ".attention_norm1."),
+            (".norm1.weight", ".attention_norm1.weight"),
+            (".norm2.", ".attention_norm2."),
+        ]:
+            o = o.replace(a, b)
+        out[o] = v
+    # Present in the original checkpoint, unused by the model.
+    out["norm_final.weight"] = torch.ones(sd["x_embedder.bias"].shape[0], dtype=sd["x_embedder.bias"].dtype)
+    return out
+
+
+def generate(out_dir, only_tiny=False):
+    specs = [("tiny", TINY, 21, 2, [4, 10], 12, 6, 8)]
+    if not only_tiny:
+        specs.append(("real_dims", REAL, 22, 1, [23], 24, 16, 16))
+    for name, config, seed, batch, lens, L, H, W in specs:
+        model = make_model(config, seed, torch.bfloat16)
+        sd = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+        original = to_original(sd)
+        # diffusers' own converter must map the file back (for sizes it can split).
+        if name == "real_dims":
+            back = convert_lumina2_to_diffusers(dict(original))
+            assert set(back) == set(sd), set(back) ^ set(sd)
+        inputs = make_inputs(config, batch, lens, L, H, W, seed + 100)
+        expected = None
+        for kind in ["pth", "comfyui"]:
+            case_dir = os.path.join(out_dir, "transformer", f"{name}_{kind}_f32")
+            cfg_dir = os.path.join(case_dir, "config")
+            os.makedirs(cfg_dir, exist_ok=True)
+            model.save_config(cfg_dir)
+            if kind == "pth":
+                file = "consolidated.00-of-01.pth"
+                torch.save(original, os.path.join(case_dir, file))
+            else:
+                file = "lumina2_comfyui.safetensors"
+                save_file({"model.diffusion_model." + k: v for k, v in original.items()},
+                          os.path.join(case_dir, file))
+            if expected is None:
+                if name == "real_dims":
+                    ref = Lumina2Transformer2DModel.from_single_file(
+                        os.path.join(case_dir, file), config=cfg_dir, torch_dtype=torch.float32).eval()
+                else:
+                    ref = model
+                expected = {"sample": run(ref, inputs, torch.float32)}
+            write_case(case_dir, "transformer", file, inputs, expected, TOL, dtype="f32", model_config="config",
+                       provenance={"generator": "xtask/parity/gen_transformer_single.py",
+                                   "reference": "from_single_file" if name == "real_dims" else "diffusers model",
+                                   **versions()})
+        print(f"transformer single-file/{name}: written")
