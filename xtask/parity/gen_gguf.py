@@ -46,9 +46,10 @@ def _tensor_bytes(rng, qtype, shape):
         return _random_k_blocks(rng, qtype, shape), qtype
     x = rng.standard_normal(shape).astype(np.float32) * np.float32(0.5)
     if x.size >= 4:
-        # Values that stress rounding and signs: zeros, -0.0, a large one.
+        # Values that stress rounding and signs: zeros, -0.0, a large one, an
+        # f16 subnormal.
         flat = x.reshape(-1)
-        flat[0], flat[1], flat[2] = 0.0, -0.0, 3.75
+        flat[0], flat[1], flat[2], flat[3] = 0.0, -0.0, 3.75, 3e-6
     q = quantize(x, qtype)
     if qtype in (T.F32, T.F16):
         return q, None

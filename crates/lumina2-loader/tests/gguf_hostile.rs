@@ -556,3 +556,24 @@ fn tensors_in_other_dtypes_and_q8_1_layout() {
     let q = f.qtensor("q81", &dev).unwrap();
     assert_eq!(q.shape().dims(), &[32]);
 }
+
+#[test]
+fn f16_special_values_as_numpy_converts_them() {
+    // Bits from gguf-py 0.19 (`dequantize(..., F16)`, numpy's astype): signalling
+    // NaNs stay signalling, subnormals and infinities are exact.
+    let cases: [(u16, u32); 8] = [
+        (0x7C01, 0x7F80_2000),
+        (0xFE01, 0xFFC0_2000),
+        (0x7E00, 0x7FC0_0000),
+        (0x0001, 0x3380_0000),
+        (0x8000, 0x8000_0000),
+        (0x7C00, 0x7F80_0000),
+        (0x83FF, 0xB87F_C000),
+        (0x3C00, 0x3F80_0000),
+    ];
+    let bytes: Vec<u8> = cases.iter().flat_map(|(h, _)| h.to_le_bytes()).collect();
+    let out = lumina2_loader::gguf::dequantize(GgmlType::F16, &bytes, cases.len()).unwrap();
+    for ((h, f), o) in cases.iter().zip(&out) {
+        assert_eq!(o.to_bits(), *f, "f16 {h:#06x}");
+    }
+}

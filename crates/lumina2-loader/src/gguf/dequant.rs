@@ -2,8 +2,6 @@
 //! (and ggml's reference C code): the same float32 operations in the same order,
 //! never fused. Blocks are independent, so runs of blocks go to rayon's pool.
 
-use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::GgmlType;
@@ -29,9 +27,27 @@ pub enum DequantError {
 /// Elements per rayon task (a few tens of KB of output).
 const ELEMS_PER_TASK: usize = 16 * 1024;
 
+/// f16 bits to f32 exactly as numpy's `astype(np.float32)` (which gguf-py
+/// uses): exact for every finite value and infinity, and NaN payloads are
+/// shifted without setting the quiet bit (hardware F16C would set it).
+#[inline(always)]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h & 0x8000) << 16;
+    let exp = h & 0x7C00;
+    let man = u32::from(h & 0x03FF);
+    if exp == 0x7C00 {
+        f32::from_bits(sign | 0x7F80_0000 | (man << 13))
+    } else if exp == 0 {
+        // Zero or subnormal: man * 2^-24, exact in f32.
+        f32::from_bits(sign | (man as f32 * f32::from_bits(0x3380_0000)).to_bits())
+    } else {
+        f32::from_bits(sign | ((u32::from(h & 0x7FFF) + 0x1_C000) << 13))
+    }
+}
+
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
 /// Runs `kernel` over every block of `bytes` (blocks of `TS` bytes) into `out`
@@ -236,15 +252,8 @@ fn run_floats(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
         .zip(out.par_chunks_mut(ELEMS_PER_TASK))
         .for_each(|(src, dst)| match ty {
             GgmlType::F16 => {
-                let mut buf = [f16::ZERO; 1024];
-                for (s, d) in src.chunks(2 * buf.len()).zip(dst.chunks_mut(buf.len())) {
-                    for (h, c) in buf.iter_mut().zip(s.chunks_exact(2)) {
-                        *h = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
-                    }
-                    if let Some(h) = buf.get(..d.len()) {
-                        // Exact conversion (F16C when the CPU has it).
-                        h.convert_to_f32_slice(d);
-                    }
+                for (o, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
                 }
             }
             GgmlType::BF16 => {
