@@ -2,6 +2,8 @@
 
     bench_worker.py setup-transformer --out DIR --layers N --refiner-layers R --sizes 512,1024
     bench_worker.py transformer --model DIR --inputs FILE --dtype f32|bf16 --runs K
+    bench_worker.py setup-text-encoder --out DIR --layers N
+    bench_worker.py text_encoder --model DIR --inputs FILE --dtype f32|bf16 --runs K
 
 `setup-transformer` writes a random-weight model at the real dimensions (few
 layers) and one input file per image size; both sides load the same files.
@@ -78,6 +80,44 @@ def time_transformer(a):
                       "torch": torch.__version__}))
 
 
+def setup_text_encoder(a):
+    from transformers import Gemma2Config, Gemma2Model
+
+    from gen_text_encoder import REAL
+
+    cfg = Gemma2Config(**dict(REAL, num_hidden_layers=a.layers), attn_implementation="eager")
+    model = Gemma2Model(cfg)
+    randomize_(model, 8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:  # Gemma norms multiply by (1 + w): keep w near 0
+                p.sub_(1.0)
+    model.save_pretrained(os.path.join(a.out, "model"), safe_serialization=True)
+    g = torch.Generator().manual_seed(12)
+    ids = torch.randint(0, cfg.vocab_size, (1, a.caption_len), generator=g)
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, os.path.join(a.out, "inputs.safetensors"))
+
+
+def time_text_encoder(a):
+    from transformers import Gemma2Model
+
+    dtype = DTYPES[a.dtype]
+    t0 = time.perf_counter()
+    model = Gemma2Model.from_pretrained(a.model, torch_dtype=dtype, attn_implementation="eager").eval()
+    load_s = time.perf_counter() - t0
+    i = load_file(a.inputs)
+    times = []
+    with torch.inference_mode():
+        for k in range(a.runs + 1):
+            t0 = time.perf_counter()
+            model(input_ids=i["input_ids"], attention_mask=i["attention_mask"], output_hidden_states=True)
+            if k > 0:
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    print(json.dumps({"load_s": load_s, "times": times, "median_s": times[len(times) // 2],
+                      "peak_rss_mb": peak_rss_mb()}))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("what")
@@ -91,7 +131,8 @@ def main():
     ap.add_argument("--sizes", default="512,1024")
     ap.add_argument("--caption-len", type=int, default=256)
     a = ap.parse_args()
-    {"setup-transformer": setup_transformer, "transformer": time_transformer}[a.what](a)
+    {"setup-transformer": setup_transformer, "transformer": time_transformer,
+     "setup-text-encoder": setup_text_encoder, "text_encoder": time_text_encoder}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ impl BenchRow {
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// What to measure: `transformer`, `text_encoder`.
+    pub what: Vec<String>,
+    /// Gemma-2 layers of the text-encoder benchmark model (the real one has 26).
+    pub text_layers: usize,
     /// Joint blocks of the benchmark model (the real model has 26).
     pub layers: usize,
     /// Blocks per refiner (the real model has 2).
@@ -87,8 +91,63 @@ fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
-/// Our side of a transformer measurement (run in a child process).
-pub fn worker_transformer(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
+/// Times `runs` calls of `f` after one warm-up.
+fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    let mut times = Vec::new();
+    for k in 0..=runs {
+        let t0 = Instant::now();
+        f()?;
+        if k > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times)
+}
+
+fn timing(load_s: f64, times: Vec<f64>) -> Timing {
+    Timing {
+        load_s,
+        median_s: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
+        times,
+        peak_rss_mb: peak_rss_mb(),
+    }
+}
+
+/// Our side of one measurement (run in a child process): `kind` is
+/// `transformer` or `text_encoder`.
+pub fn worker(kind: &str, model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
+    match kind {
+        "transformer" => worker_transformer(model, inputs, dtype, runs),
+        "text_encoder" => worker_text_encoder(model, inputs, dtype, runs),
+        other => bail!("unknown benchmark kind `{other}`"),
+    }
+}
+
+fn worker_text_encoder(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
+    use lumina2_text_encoder::{Gemma2Config, Gemma2Encoder, Weights};
+    let dev = Device::Cpu;
+    let t0 = Instant::now();
+    let cfg = Gemma2Config::from_file(model.join("config.json"))?;
+    let files = lumina2_loader::ComponentFolder::open(model)?;
+    let w = Weights::from_safetensors(files.safetensors_files(), parse_dtype(dtype)?, &dev)?;
+    // The same work as transformers: every layer (the pipeline itself skips the last).
+    let enc = Gemma2Encoder::new(&cfg, &w, cfg.num_hidden_layers)?;
+    drop(w);
+    let load_s = t0.elapsed().as_secs_f64();
+    let i = candle_core::safetensors::load(inputs, &dev)?;
+    let ids = i.get("input_ids").ok_or_else(|| anyhow!("no input_ids"))?;
+    let mask = i
+        .get("attention_mask")
+        .ok_or_else(|| anyhow!("no attention_mask"))?;
+    let times = time_runs(runs, || {
+        enc.forward(ids, Some(mask))?;
+        Ok(())
+    })?;
+    Ok(timing(load_s, times))
+}
+
+fn worker_transformer(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
     use lumina2_transformer::{Config, Lumina2Transformer, Weights};
     let dev = Device::Cpu;
     let t0 = Instant::now();
@@ -101,26 +160,16 @@ pub fn worker_transformer(model: &Path, inputs: &Path, dtype: &str, runs: usize)
     let load_s = t0.elapsed().as_secs_f64();
     let i = candle_core::safetensors::load(inputs, &dev)?;
     let get = |n: &str| -> Result<&Tensor> { i.get(n).ok_or_else(|| anyhow!("no `{n}`")) };
-    let mut times = Vec::new();
-    for k in 0..=runs {
-        let t0 = Instant::now();
+    let times = time_runs(runs, || {
         net.forward(
             get("hidden_states")?,
             get("timestep")?,
             get("encoder_hidden_states")?,
             get("encoder_attention_mask")?,
         )?;
-        if k > 0 {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(Timing {
-        load_s,
-        median_s: times[times.len() / 2],
-        times,
-        peak_rss_mb: peak_rss_mb(),
-    })
+        Ok(())
+    })?;
+    Ok(timing(load_s, times))
 }
 
 fn run_json(cmd: &mut Command) -> Result<Timing> {
@@ -141,12 +190,102 @@ fn run_json(cmd: &mut Command) -> Result<Timing> {
     Ok(serde_json::from_str(line)?)
 }
 
-/// Runs the transformer benchmark and prints the table.
+/// Runs the benchmarks and prints the table.
 pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
     if opts.runs == 0 {
         bail!("--runs must be at least 1");
     }
     let python = pyenv::ensure_venv()?;
+    let mut rows = Vec::new();
+    for what in &opts.what {
+        match what.as_str() {
+            "transformer" => bench_transformer(opts, &python, &mut rows)?,
+            "text_encoder" => bench_text_encoder(opts, &python, &mut rows)?,
+            other => bail!("unknown benchmark `{other}` (transformer, text_encoder)"),
+        }
+    }
+    if let Some(path) = &opts.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(rows)
+}
+
+/// One measurement pair: our worker, then PyTorch's.
+fn measure(
+    opts: &BenchOptions,
+    python: &Path,
+    kind: &str,
+    model: &Path,
+    inputs: &Path,
+    dtype: &str,
+) -> Result<(Timing, Option<Timing>)> {
+    let worker_py = pyenv::scripts_dir().join("bench_worker.py");
+    let runs = opts.runs.to_string();
+    eprintln!("bench: {kind} {} {dtype}: ours", inputs.display());
+    let ours = run_json(
+        Command::new(std::env::current_exe()?)
+            .args(["bench-worker", "--kind", kind])
+            .arg("--model")
+            .arg(model)
+            .arg("--inputs")
+            .arg(inputs)
+            .args(["--dtype", dtype, "--runs", &runs]),
+    )?;
+    let torch = if opts.skip_torch {
+        None
+    } else {
+        eprintln!("bench: {kind} {} {dtype}: pytorch", inputs.display());
+        Some(run_json(
+            Command::new(python)
+                .arg(&worker_py)
+                .arg(kind)
+                .arg("--model")
+                .arg(model)
+                .arg("--inputs")
+                .arg(inputs)
+                .args(["--dtype", dtype, "--runs", &runs]),
+        )?)
+    };
+    Ok((ours, torch))
+}
+
+fn bench_text_encoder(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Result<()> {
+    let dir = pyenv::workspace_root()
+        .join("target")
+        .join("bench")
+        .join(format!("text-encoder-l{}", opts.text_layers));
+    if !dir.join("inputs.safetensors").exists() {
+        pyenv::run(
+            Command::new(python)
+                .arg(pyenv::scripts_dir().join("bench_worker.py"))
+                .arg("setup-text-encoder")
+                .arg("--out")
+                .arg(&dir)
+                .args(["--layers", &opts.text_layers.to_string()]),
+        )?;
+    }
+    for dtype in &opts.dtypes {
+        let (ours, torch) = measure(
+            opts,
+            python,
+            "text_encoder",
+            &dir.join("model"),
+            &dir.join("inputs.safetensors"),
+            dtype,
+        )?;
+        rows.push(BenchRow {
+            what: format!("Gemma-2 encoder ({} layers), 256 tokens", opts.text_layers),
+            size: 0,
+            dtype: dtype.clone(),
+            ours: Some(ours),
+            torch,
+        });
+        eprintln!("{}", format_table(rows));
+    }
+    Ok(())
+}
+
+fn bench_transformer(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Result<()> {
     let worker_py = pyenv::scripts_dir().join("bench_worker.py");
     let dir = pyenv::workspace_root()
         .join("target")
@@ -172,7 +311,7 @@ pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             dir.display()
         );
         pyenv::run(
-            Command::new(&python)
+            Command::new(python)
                 .arg(&worker_py)
                 .arg("setup-transformer")
                 .arg("--out")
@@ -182,37 +321,11 @@ pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
                 .args(["--sizes", &sizes]),
         )?;
     }
-    let exe = std::env::current_exe()?;
-    let mut rows = Vec::new();
     for &size in &opts.sizes {
         for dtype in &opts.dtypes {
             let inputs = dir.join(format!("inputs_{size}.safetensors"));
             let model = dir.join("model");
-            eprintln!("bench: transformer {size}x{size} {dtype}: ours");
-            let ours = run_json(
-                Command::new(&exe)
-                    .arg("bench-worker")
-                    .arg("--model")
-                    .arg(&model)
-                    .arg("--inputs")
-                    .arg(&inputs)
-                    .args(["--dtype", dtype, "--runs", &opts.runs.to_string()]),
-            )?;
-            let torch = if opts.skip_torch {
-                None
-            } else {
-                eprintln!("bench: transformer {size}x{size} {dtype}: pytorch");
-                Some(run_json(
-                    Command::new(&python)
-                        .arg(&worker_py)
-                        .arg("transformer")
-                        .arg("--model")
-                        .arg(&model)
-                        .arg("--inputs")
-                        .arg(&inputs)
-                        .args(["--dtype", dtype, "--runs", &opts.runs.to_string()]),
-                )?)
-            };
+            let (ours, torch) = measure(opts, python, "transformer", &model, &inputs, dtype)?;
             rows.push(BenchRow {
                 what: format!(
                     "transformer ({} layers + 2x{} refiner)",
@@ -223,13 +336,10 @@ pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
                 ours: Some(ours),
                 torch,
             });
-            eprintln!("{}", format_table(&rows));
+            eprintln!("{}", format_table(rows));
         }
     }
-    if let Some(path) = &opts.json {
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
-    }
-    Ok(rows)
+    Ok(())
 }
 
 fn secs(t: &Option<Timing>) -> String {
@@ -248,11 +358,15 @@ pub fn format_table(rows: &[BenchRow]) -> String {
         "| what | size | dtype | ours (s) | PyTorch (s) | ours / PyTorch | ours peak RSS (MiB) | PyTorch peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
+        let size = if r.size == 0 {
+            "-".to_string()
+        } else {
+            format!("{}x{}", r.size, r.size)
+        };
         s.push_str(&format!(
-            "| {} | {}x{} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.what,
-            r.size,
-            r.size,
+            size,
             r.dtype,
             secs(&r.ours),
             secs(&r.torch),

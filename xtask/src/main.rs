@@ -38,6 +38,16 @@ enum Cmd {
     },
     /// Time our transformer and PyTorch's side by side (same weights, same inputs).
     Bench {
+        /// What to measure, comma separated: transformer, text_encoder.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "transformer,text_encoder"
+        )]
+        what: Vec<String>,
+        /// Gemma-2 layers of the text-encoder benchmark model (the real one has 26).
+        #[arg(long, default_value_t = 4)]
+        text_layers: usize,
         /// Joint blocks of the benchmark model (the real model has 26).
         #[arg(long, default_value_t = 4)]
         layers: usize,
@@ -63,6 +73,8 @@ enum Cmd {
     /// (internal) One measurement of our side, printed as JSON.
     #[command(hide = true)]
     BenchWorker {
+        #[arg(long, default_value = "transformer")]
+        kind: String,
         #[arg(long)]
         model: PathBuf,
         #[arg(long)]
@@ -108,6 +120,8 @@ fn run() -> Result<bool> {
             Ok(failed == 0)
         }
         Cmd::Bench {
+            what,
+            text_layers,
             layers,
             refiner_layers,
             sizes,
@@ -117,6 +131,8 @@ fn run() -> Result<bool> {
             json,
         } => {
             let rows = bench::bench(&bench::BenchOptions {
+                what,
+                text_layers,
                 layers,
                 refiner_layers,
                 sizes,
@@ -129,12 +145,13 @@ fn run() -> Result<bool> {
             Ok(true)
         }
         Cmd::BenchWorker {
+            kind,
             model,
             inputs,
             dtype,
             runs,
         } => {
-            let t = bench::worker_transformer(&model, &inputs, &dtype, runs.max(1))?;
+            let t = bench::worker(&kind, &model, &inputs, &dtype, runs.max(1))?;
             println!("{}", serde_json::to_string(&t)?);
             Ok(true)
         }
