@@ -1,0 +1,66 @@
+//! `vae_decode` and `vae_encode` cases.
+//!
+//! `args`: optional `"tiling": true` turns on diffusers' default tiling
+//! (`vae.enable_tiling()`) on our side, as the reference did; then inputs
+//! larger than a tile (`sample_size`, or `sample_size / 2^(levels-1)` latents)
+//! are decoded or encoded tile by tile.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, VarBuilder};
+
+use super::case::{input, Case};
+use super::Prepared;
+
+struct VaeCase {
+    model: AutoencoderKL,
+    encode: bool,
+    inputs: BTreeMap<String, Tensor>,
+}
+
+pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
+    let tiling = match case.args.get("tiling") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(other) => bail!("`tiling` must be a boolean, got {other}"),
+    };
+    let model_path = case.model()?;
+    let dev = Device::Cpu;
+    let folder = lumina2_loader::ComponentFolder::open(model_path)
+        .with_context(|| format!("opening {}", model_path.display()))?;
+    let config_dir = case.model_config.as_deref().unwrap_or(model_path);
+    let cfg = AutoencoderKLConfig::from_file(config_dir)?;
+    let mut tensors = HashMap::new();
+    for f in folder.safetensors_files() {
+        let t = candle_core::safetensors::load(f, &dev)
+            .with_context(|| format!("reading {}", f.display()))?;
+        tensors.extend(t);
+    }
+    let vb = VarBuilder::from_tensors(tensors, case.dtype, &dev);
+    let mut model = AutoencoderKL::new(&cfg, &vb)?;
+    if tiling {
+        model.enable_tiling();
+    }
+    Ok(Box::new(VaeCase {
+        model,
+        encode: case.component == "vae_encode",
+        inputs: case.inputs()?,
+    }))
+}
+
+impl Prepared for VaeCase {
+    fn run(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        if self.encode {
+            let d = self.model.encode(input(&self.inputs, "sample")?)?;
+            Ok(BTreeMap::from([
+                ("mean".to_string(), d.mean),
+                ("logvar".to_string(), d.logvar),
+            ]))
+        } else {
+            let out = self.model.decode(input(&self.inputs, "latents")?)?;
+            Ok(BTreeMap::from([("sample".to_string(), out)]))
+        }
+    }
+}
