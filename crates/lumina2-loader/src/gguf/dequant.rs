@@ -32,17 +32,22 @@ const ELEMS_PER_TASK: usize = 16 * 1024;
 /// shifted without setting the quiet bit (hardware F16C would set it).
 #[inline(always)]
 pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    // Branch-free (all three cases computed, one selected) so loops vectorise.
     let sign = u32::from(h & 0x8000) << 16;
     let exp = h & 0x7C00;
     let man = u32::from(h & 0x03FF);
-    if exp == 0x7C00 {
-        f32::from_bits(sign | 0x7F80_0000 | (man << 13))
+    let special = sign | 0x7F80_0000 | (man << 13);
+    // Zero or subnormal: man * 2^-24, exact in f32.
+    let subnormal = sign | (man as f32 * f32::from_bits(0x3380_0000)).to_bits();
+    let normal = sign | ((u32::from(h & 0x7FFF) + 0x1_C000) << 13);
+    let bits = if exp == 0x7C00 {
+        special
     } else if exp == 0 {
-        // Zero or subnormal: man * 2^-24, exact in f32.
-        f32::from_bits(sign | (man as f32 * f32::from_bits(0x3380_0000)).to_bits())
+        subnormal
     } else {
-        f32::from_bits(sign | ((u32::from(h & 0x7FFF) + 0x1_C000) << 13))
-    }
+        normal
+    };
+    f32::from_bits(bits)
 }
 
 #[inline(always)]
