@@ -19,9 +19,11 @@ import gen_transformer  # noqa: E402
 import gen_transformer_single  # noqa: E402
 import gen_text_encoder  # noqa: E402
 import gen_scheduler  # noqa: E402
+import gen_vae  # noqa: E402
 
 GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_scheduler.generate}
 GENERATORS["gguf_dequant"] = gen_gguf.generate
+GENERATORS["vae"] = gen_vae.generate
 GENERATORS["text_encoder"] = gen_text_encoder.generate
 GENERATORS["transformer_single_file"] = gen_transformer_single.generate
 

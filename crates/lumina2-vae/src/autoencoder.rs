@@ -137,14 +137,23 @@ impl AutoencoderKL {
 
     fn check_input(&self, x: &Tensor, name: &'static str, channels: usize) -> Result<Tensor> {
         if x.rank() != 4 {
-            return Err(input_err(name, format!("rank {} (shape {:?}), expected 4", x.rank(), x.dims())));
+            return Err(input_err(
+                name,
+                format!("rank {} (shape {:?}), expected 4", x.rank(), x.dims()),
+            ));
         }
         if !x.dtype().is_float() {
-            return Err(input_err(name, format!("dtype {:?}, expected a float dtype", x.dtype())));
+            return Err(input_err(
+                name,
+                format!("dtype {:?}, expected a float dtype", x.dtype()),
+            ));
         }
         let (b, c, h, w) = x.dims4()?;
         if c != channels {
-            return Err(input_err(name, format!("{c} channels, expected {channels}")));
+            return Err(input_err(
+                name,
+                format!("{c} channels, expected {channels}"),
+            ));
         }
         if b == 0 || h == 0 || w == 0 {
             return Err(input_err(name, format!("empty shape {:?}", x.dims())));
@@ -189,12 +198,16 @@ impl AutoencoderKL {
     /// the tiling in effect or diffusers' default tiling.
     pub fn tiled_decode(&self, latents: &Tensor) -> Result<Tensor> {
         let z = self.check_input(latents, "latents", self.config.latent_channels)?;
-        let t = self.tiling.unwrap_or_else(|| Tiling::from_config(&self.config));
+        let t = self
+            .tiling
+            .unwrap_or_else(|| Tiling::from_config(&self.config));
         self.tiled_decode_checked(&z, &t)
     }
 
     fn tiled_decode_checked(&self, z: &Tensor, t: &Tiling) -> Result<Tensor> {
-        tiled(z, t.latent_tile, t.sample_tile, t, |tile| self.decode_tile(tile))
+        tiled(z, t.latent_tile, t.sample_tile, t, |tile| {
+            self.decode_tile(tile)
+        })
     }
 
     fn decode_tile(&self, z: &Tensor) -> Result<Tensor> {
@@ -222,12 +235,16 @@ impl AutoencoderKL {
     /// the tiling in effect or diffusers' default tiling.
     pub fn tiled_encode(&self, sample: &Tensor) -> Result<DiagonalGaussian> {
         let x = self.check_input(sample, "sample", self.config.in_channels)?;
-        let t = self.tiling.unwrap_or_else(|| Tiling::from_config(&self.config));
+        let t = self
+            .tiling
+            .unwrap_or_else(|| Tiling::from_config(&self.config));
         DiagonalGaussian::from_moments(&self.tiled_moments(&x, &t)?)
     }
 
     fn tiled_moments(&self, x: &Tensor, t: &Tiling) -> Result<Tensor> {
-        tiled(x, t.sample_tile, t.latent_tile, t, |tile| self.encode_tile(tile))
+        tiled(x, t.sample_tile, t.latent_tile, t, |tile| {
+            self.encode_tile(tile)
+        })
     }
 
     fn encode_tile(&self, x: &Tensor) -> Result<Tensor> {

@@ -31,7 +31,8 @@ impl Decoder {
         let top = rev[0];
         let first = rev[rev.len() - 1];
         let conv_in = Conv2d::load(&vb.pp("conv_in"), cfg.latent_channels, top, 3, 1, 1)?;
-        let mid_block = UNetMidBlock2D::load(&vb.pp("mid_block"), top, cfg.mid_block_add_attention, p)?;
+        let mid_block =
+            UNetMidBlock2D::load(&vb.pp("mid_block"), top, cfg.mid_block_add_attention, p)?;
         let mut up_blocks = Vec::with_capacity(rev.len());
         let mut c_out = top;
         for i in 0..rev.len() {

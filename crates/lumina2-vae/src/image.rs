@@ -7,7 +7,10 @@ use crate::error::{input_err, Result};
 
 fn check(images: &Tensor) -> Result<(usize, usize, usize)> {
     if images.rank() != 4 {
-        return Err(input_err("images", format!("rank {}, expected 4 [b, 3, h, w]", images.rank())));
+        return Err(input_err(
+            "images",
+            format!("rank {}, expected 4 [b, 3, h, w]", images.rank()),
+        ));
     }
     let (b, c, h, w) = images.dims4()?;
     if c != 3 {
@@ -25,7 +28,9 @@ fn check(images: &Tensor) -> Result<(usize, usize, usize)> {
 pub fn denormalize(images: &Tensor) -> Result<Tensor> {
     check(images)?;
     let x = images.affine(0.5, 0.5)?.clamp(0f32, 1f32)?;
-    Ok(x.permute((0, 2, 3, 1))?.to_dtype(DType::F32)?.contiguous()?)
+    Ok(x.permute((0, 2, 3, 1))?
+        .to_dtype(DType::F32)?
+        .contiguous()?)
 }
 
 /// 8-bit value of a denormalized f32: `(x * 255).round()` with numpy's

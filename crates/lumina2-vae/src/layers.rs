@@ -175,7 +175,12 @@ impl GroupNorm {
         let mean = (grouped.sum(D::Minus1)?.to_dtype(DType::F64)?.sum(2)? / n)?;
         let mean = mean.to_dtype(DType::F32)?.reshape((b, g, 1, 1))?;
         let centered = grouped.broadcast_sub(&mean)?;
-        let var = (centered.sqr()?.sum(D::Minus1)?.to_dtype(DType::F64)?.sum(2)? / n)?;
+        let var = (centered
+            .sqr()?
+            .sum(D::Minus1)?
+            .to_dtype(DType::F64)?
+            .sum(2)?
+            / n)?;
         let rstd = (var + self.eps)?.sqrt()?.recip()?;
         let rstd = rstd.to_dtype(DType::F32)?.reshape((b, g, 1, 1))?;
         let y = centered.broadcast_mul(&rstd)?.reshape((b, c, h, w))?;
@@ -199,7 +204,9 @@ impl Activation {
             "relu" => Ok(Self::Relu),
             "gelu" => Ok(Self::Gelu),
             "mish" => Ok(Self::Mish),
-            other => Err(VaeError::Config(format!("act_fn `{other}` is not supported"))),
+            other => Err(VaeError::Config(format!(
+                "act_fn `{other}` is not supported"
+            ))),
         }
     }
 

@@ -62,8 +62,14 @@ fn weighted(a: &Tensor, b: &Tensor, dim: usize, extent: usize) -> Result<Tensor>
         .collect();
     let wa = Tensor::from_vec(wa, shape.as_slice(), b.device())?;
     let wb = Tensor::from_vec(wb, shape.as_slice(), b.device())?;
-    let pa = a.to_dtype(DType::F32)?.broadcast_mul(&wa)?.to_dtype(dtype)?;
-    let pb = b.to_dtype(DType::F32)?.broadcast_mul(&wb)?.to_dtype(dtype)?;
+    let pa = a
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&wa)?
+        .to_dtype(dtype)?;
+    let pb = b
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&wb)?
+        .to_dtype(dtype)?;
     Ok((pa + pb)?)
 }
 
@@ -94,7 +100,13 @@ pub fn blend_h(a: &Tensor, b: &Tensor, extent: usize) -> Result<Tensor> {
 
 /// Runs `f` on overlapping tiles of `x` [b, c, h, w] of `in_tile` size and
 /// blends the outputs (tiles of `out_tile` size at most) as diffusers does.
-pub(crate) fn tiled<F>(x: &Tensor, in_tile: usize, out_tile: usize, t: &Tiling, f: F) -> Result<Tensor>
+pub(crate) fn tiled<F>(
+    x: &Tensor,
+    in_tile: usize,
+    out_tile: usize,
+    t: &Tiling,
+    f: F,
+) -> Result<Tensor>
 where
     F: Fn(&Tensor) -> Result<Tensor>,
 {

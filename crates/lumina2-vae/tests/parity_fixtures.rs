@@ -56,7 +56,8 @@ fn run_case(dir: &Path) -> Vec<(String, f64, f64)> {
     let weights =
         candle_core::safetensors::load(model_dir.join("diffusion_pytorch_model.safetensors"), &dev)
             .unwrap();
-    let mut vae = AutoencoderKL::new(&cfg, &VarBuilder::from_tensors(weights, dtype, &dev)).unwrap();
+    let mut vae =
+        AutoencoderKL::new(&cfg, &VarBuilder::from_tensors(weights, dtype, &dev)).unwrap();
     if case["args"]["tiling"].as_bool() == Some(true) {
         vae.enable_tiling();
     }
@@ -97,7 +98,10 @@ fn pytorch_fixtures_match() {
     let mut failures = Vec::new();
     for dir in &cases {
         for (name, max_abs, worst) in run_case(dir) {
-            eprintln!("{} {name}: max_abs {max_abs:.3e} worst {worst:.4}", dir.display());
+            eprintln!(
+                "{} {name}: max_abs {max_abs:.3e} worst {worst:.4}",
+                dir.display()
+            );
             if worst > 1.0 {
                 failures.push(format!("{} {name}", dir.display()));
             }

@@ -15,8 +15,21 @@ fn stride_two_conv_is_subsampled_stride_one_conv() {
         let (_, _, bh, bw) = b.dims4().unwrap();
         let ih = Tensor::arange_step(0u32, bh as u32, 2, &d).unwrap();
         let iw = Tensor::arange_step(0u32, bw as u32, 2, &d).unwrap();
-        let b2 = b.index_select(&ih, 2).unwrap().index_select(&iw, 3).unwrap();
-        let diff: f32 = (a - b2).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        let b2 = b
+            .index_select(&ih, 2)
+            .unwrap()
+            .index_select(&iw, 3)
+            .unwrap();
+        let diff: f32 = (a - b2)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         eprintln!("{c} {h} {w}: {diff}");
         assert!(diff < 1e-4);
     }

@@ -7,6 +7,7 @@ mod gguf;
 mod scheduler;
 mod text_encoder;
 mod transformer;
+mod vae;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,11 +31,13 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
         "transformer" => transformer::prepare(case),
         "gguf_dequant" => gguf::prepare(case),
         "scheduler" => scheduler::prepare(case),
+        "vae_decode" | "vae_encode" => vae::prepare(case),
         "text_encoder" => text_encoder::prepare_text_encoder(case),
         "prompt_encoding" => text_encoder::prepare_prompt_encoding(case),
-        "vae_decode" | "vae_encode" | "pipeline" => Err(
-            anyhow!("component `{}` is not implemented yet", case.component),
-        ),
+        "pipeline" => Err(anyhow!(
+            "component `{}` is not implemented yet",
+            case.component
+        )),
         other => Err(anyhow!("unknown component `{other}`")),
     }
 }
