@@ -61,6 +61,71 @@ def to_original(sd):
     return out
 
 
+def write_gguf(path, original):
+    """Original keys, like the community `lumina2-q4_0.gguf`: 2-D weights whose
+    rows are whole Q4_0 blocks quantised by gguf-py, everything else F32."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(path, "lumina2")
+    for k, v in original.items():
+        a = v.float().numpy()
+        if a.ndim == 2 and a.shape[1] % 32 == 0:
+            q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q4_0)
+            w.add_tensor(k, q, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        else:
+            w.add_tensor(k, a.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def dequantized_model(model, gguf_path):
+    """The diffusers model with the GGUF's weights as gguf-py dequantises them."""
+    import gguf
+    from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
+
+    r = gguf.GGUFReader(gguf_path)
+    sd = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+          .reshape([int(d) for d in reversed(t.shape)]) for t in r.tensors}
+    try:
+        conv = convert_lumina2_to_diffusers(dict(sd))  # it pops from its argument
+    except Exception:  # sizes diffusers' converter cannot split: split by the config
+        conv = None
+    if conv is None or set(conv) != set(model.state_dict()):
+        h = model.config.hidden_size
+        kv = model.config.num_kv_heads * (h // model.config.num_attention_heads)
+        conv = {}
+        for k, v in sd.items():
+            if k == "norm_final.weight":
+                continue
+            from_orig = _orig_to_diffusers(k)
+            if "qkv" in from_orig:
+                for n, part in zip(["to_q", "to_k", "to_v"], torch.split(v, [h, kv, kv])):
+                    conv[from_orig.replace("qkv", n)] = part
+            else:
+                conv[from_orig] = v
+    ref = Lumina2Transformer2DModel.from_config(model.config)
+    ref.load_state_dict(conv, strict=True)
+    return ref.eval()
+
+
+def _orig_to_diffusers(k):
+    import re
+    k = re.sub(r"^context_refiner\.(\d+)\.attention_norm1", r"context_refiner.\1.norm1", k)
+    k = re.sub(r"^context_refiner\.(\d+)\.attention_norm2", r"context_refiner.\1.norm2", k)
+    for a, b in [("final_layer.adaLN_modulation.1", "norm_out.linear_1"), ("final_layer.linear", "norm_out.linear_2"),
+                 ("attention_norm1", "norm1.norm"), ("attention_norm2", "norm2"),
+                 ("cap_embedder", "time_caption_embed.caption_embedder"),
+                 ("t_embedder.mlp.0", "time_caption_embed.timestep_embedder.linear_1"),
+                 ("t_embedder.mlp.2", "time_caption_embed.timestep_embedder.linear_2"),
+                 ("attention", "attn"), (".out.", ".to_out.0."), ("k_norm", "norm_k"), ("q_norm", "norm_q"),
+                 ("w1", "linear_1"), ("w2", "linear_2"), ("w3", "linear_3"), ("adaLN_modulation.1", "norm1.linear")]:
+        k = k.replace(a, b)
+    return k
+
+
 def generate(out_dir, only_tiny=False):
     specs = [("tiny", TINY, 21, 2, [4, 10], 12, 6, 8)]
     if not only_tiny:
@@ -98,4 +163,18 @@ def generate(out_dir, only_tiny=False):
                        provenance={"generator": "xtask/parity/gen_transformer_single.py",
                                    "reference": "from_single_file" if name == "real_dims" else "diffusers model",
                                    **versions()})
+        # Q4_0 GGUF with original keys. The reference is PyTorch on the weights
+        # gguf-py dequantises (diffusers' GGUF path computes with the same values).
+        case_dir = os.path.join(out_dir, "transformer", f"{name}_gguf_q4_0_f32")
+        cfg_dir = os.path.join(case_dir, "config")
+        os.makedirs(cfg_dir, exist_ok=True)
+        model.save_config(cfg_dir)
+        gguf_path = os.path.join(case_dir, "lumina2-q4_0.gguf")
+        write_gguf(gguf_path, original)
+        ref = dequantized_model(model, gguf_path)
+        expected = {"sample": run(ref, inputs, torch.float32)}
+        write_case(case_dir, "transformer", "lumina2-q4_0.gguf", inputs, expected, TOL, dtype="f32",
+                   model_config="config",
+                   provenance={"generator": "xtask/parity/gen_transformer_single.py",
+                               "reference": "diffusers model on gguf-py dequantised weights", **versions()})
         print(f"transformer single-file/{name}: written")

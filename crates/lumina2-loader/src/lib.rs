@@ -13,6 +13,7 @@
 
 mod folder;
 pub mod gguf;
+mod gguf_source;
 pub mod original;
 mod pickle_guard;
 pub mod pth;

@@ -16,6 +16,7 @@ use candle_core::Tensor;
 use lumina2_transformer::{weight_shapes, Config, WeightSource};
 
 use crate::folder::Error;
+use crate::gguf::GgufFile;
 use crate::pth::PthFile;
 
 /// Key layout of a transformer checkpoint.
@@ -67,8 +68,14 @@ pub fn original_key_to_diffusers(key: &str) -> String {
         ("attention_norm1", "norm1.norm"),
         ("attention_norm2", "norm2"),
         ("cap_embedder", "time_caption_embed.caption_embedder"),
-        ("t_embedder.mlp.0", "time_caption_embed.timestep_embedder.linear_1"),
-        ("t_embedder.mlp.2", "time_caption_embed.timestep_embedder.linear_2"),
+        (
+            "t_embedder.mlp.0",
+            "time_caption_embed.timestep_embedder.linear_1",
+        ),
+        (
+            "t_embedder.mlp.2",
+            "time_caption_embed.timestep_embedder.linear_2",
+        ),
         ("attention", "attn"),
         (".out.", ".to_out.0."),
         ("k_norm", "norm_k"),
@@ -95,6 +102,9 @@ struct Origin {
 /// An original-layout checkpoint seen through diffusers' key names.
 pub struct OriginalTransformer {
     inner: Arc<dyn WeightSource>,
+    /// Set when `inner` is a GGUF file: the parts of a fused `qkv` are then
+    /// split while quantised.
+    gguf: Option<Arc<GgufFile>>,
     map: HashMap<String, Origin>,
     name: String,
 }
@@ -135,6 +145,7 @@ impl OriginalTransformer {
         let this = Self {
             name: path.display().to_string(),
             inner,
+            gguf: None,
             map,
         };
         check_keys(&this, path, cfg)?;
@@ -159,7 +170,35 @@ pub fn check_keys(source: &dyn WeightSource, path: &Path, cfg: &Config) -> Resul
     }
 }
 
+impl OriginalTransformer {
+    /// An original-layout GGUF file: linear weights, the `qkv` parts included, stay quantised.
+    pub fn from_gguf(file: Arc<GgufFile>, path: &Path, cfg: &Config) -> Result<Self, Error> {
+        let mut this = Self::new(file.clone(), path, cfg)?;
+        this.gguf = Some(file);
+        Ok(this)
+    }
+}
+
 impl WeightSource for OriginalTransformer {
+    fn linear(&self, key: &str) -> lumina2_transformer::Result<lumina2_transformer::LinearWeight> {
+        let o = self
+            .map
+            .get(key)
+            .ok_or_else(|| lumina2_transformer::Error::MissingWeight {
+                key: key.to_string(),
+                source_name: self.name.clone(),
+            })?;
+        match (o.rows, &self.gguf) {
+            (None, _) => self.inner.linear(&o.key),
+            (Some((start, len)), Some(g)) => {
+                match crate::gguf_source::quantized_rows(g, &o.key, start, len)? {
+                    Some(q) => Ok(lumina2_transformer::LinearWeight::Quantized(Arc::new(q))),
+                    None => Ok(lumina2_transformer::LinearWeight::Dense(self.tensor(key)?)),
+                }
+            }
+            (Some(_), None) => Ok(lumina2_transformer::LinearWeight::Dense(self.tensor(key)?)),
+        }
+    }
     fn contains(&self, key: &str) -> bool {
         self.map.contains_key(key)
     }
@@ -180,7 +219,10 @@ impl WeightSource for OriginalTransformer {
                     return Err(lumina2_transformer::Error::WeightShape {
                         key: o.key.clone(),
                         source_name: self.name.clone(),
-                        expected: vec![rows.max(start + len), t.dims().get(1).copied().unwrap_or(0)],
+                        expected: vec![
+                            rows.max(start + len),
+                            t.dims().get(1).copied().unwrap_or(0),
+                        ],
                         found: t.dims().to_vec(),
                     });
                 }
@@ -207,6 +249,21 @@ pub fn open_transformer_file(path: &Path, cfg: &Config) -> Result<Arc<dyn Weight
         .unwrap_or("")
         .to_ascii_lowercase();
     let raw: Arc<dyn WeightSource> = match ext.as_str() {
+        "gguf" => {
+            let g = Arc::new(GgufFile::open(path).map_err(|e| Error::Unsupported {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?);
+            let keys = WeightSource::keys(g.as_ref());
+            return match detect_layout(keys.iter().map(String::as_str)) {
+                Some(TransformerLayout::Diffusers) => {
+                    check_keys(g.as_ref(), path, cfg)?;
+                    Ok(g)
+                }
+                Some(_) => Ok(Arc::new(OriginalTransformer::from_gguf(g, path, cfg)?)),
+                None => Err(not_lumina(path)),
+            };
+        }
         "pth" | "pt" | "bin" => Arc::new(PthFile::open(path)?),
         "safetensors" => Arc::new(
             lumina2_transformer::weights::SafetensorsSource::open(&[path]).map_err(|e| {
@@ -219,7 +276,9 @@ pub fn open_transformer_file(path: &Path, cfg: &Config) -> Result<Arc<dyn Weight
         _ => {
             return Err(Error::Unsupported {
                 path: PathBuf::from(path),
-                reason: format!("unknown checkpoint extension `.{ext}` (expected .pth or .safetensors)"),
+                reason: format!(
+                    "unknown checkpoint extension `.{ext}` (expected .pth, .safetensors or .gguf)"
+                ),
             })
         }
     };
@@ -230,9 +289,13 @@ pub fn open_transformer_file(path: &Path, cfg: &Config) -> Result<Arc<dyn Weight
             Ok(raw)
         }
         Some(_) => Ok(Arc::new(OriginalTransformer::new(raw, path, cfg)?)),
-        None => Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            reason: "not a Lumina2 transformer checkpoint (no caption embedder key in diffusers, original or ComfyUI layout)".into(),
-        }),
+        None => Err(not_lumina(path)),
+    }
+}
+
+fn not_lumina(path: &Path) -> Error {
+    Error::Unsupported {
+        path: path.to_path_buf(),
+        reason: "not a Lumina2 transformer checkpoint (no caption embedder key in diffusers, original or ComfyUI layout)".into(),
     }
 }

@@ -16,9 +16,11 @@ fn fixture(name: &str) -> PathBuf {
 fn run(case: &Path, file: &str) -> f32 {
     let cfg = Config::from_file(case.join("config")).unwrap();
     let src = open_transformer_file(&case.join(file), &cfg).unwrap();
-    let model = Lumina2Transformer::new(&cfg, &Weights::new(src, DType::F32, &Device::Cpu)).unwrap();
+    let model =
+        Lumina2Transformer::new(&cfg, &Weights::new(src, DType::F32, &Device::Cpu)).unwrap();
     let i = candle_core::safetensors::load(case.join("inputs.safetensors"), &Device::Cpu).unwrap();
-    let e = candle_core::safetensors::load(case.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let e =
+        candle_core::safetensors::load(case.join("expected.safetensors"), &Device::Cpu).unwrap();
     let out = model
         .forward(
             &i["hidden_states"],
@@ -44,6 +46,42 @@ fn original_pth_and_comfyui_files_match_pytorch() {
     // The fixtures' f32 tolerance is atol 1e-5 on values of order 1.
     assert!(run(&fixture("tiny_pth_f32"), "consolidated.00-of-01.pth") < 1e-5);
     assert!(run(&fixture("tiny_comfyui_f32"), "lumina2_comfyui.safetensors") < 1e-5);
+    assert!(run(&fixture("tiny_gguf_q4_0_f32"), "lumina2-q4_0.gguf") < 1e-5);
+}
+
+#[test]
+fn gguf_linear_weights_stay_quantised_qkv_parts_too() {
+    use lumina2_transformer::LinearWeight;
+    let case = fixture("tiny_gguf_q4_0_f32");
+    let cfg = Config::from_file(case.join("config")).unwrap();
+    let src = open_transformer_file(&case.join("lumina2-q4_0.gguf"), &cfg).unwrap();
+    for key in [
+        "layers.0.attn.to_q.weight",
+        "layers.0.attn.to_k.weight",
+        "layers.0.attn.to_v.weight",
+        "layers.0.feed_forward.linear_1.weight",
+    ] {
+        match src.linear(key).unwrap() {
+            LinearWeight::Quantized(q) => {
+                let want = src.tensor(key).unwrap();
+                assert_eq!(q.shape().dims(), want.dims(), "{key}");
+                let got = q.dequantize(&Device::Cpu).unwrap();
+                let diff: f32 = (got - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert_eq!(
+                    diff, 0.0,
+                    "{key}: quantised rows differ from the dequantised ones"
+                );
+            }
+            LinearWeight::Dense(_) => panic!("{key} was dequantised"),
+        }
+    }
 }
 
 #[test]
@@ -80,7 +118,10 @@ fn a_config_that_does_not_match_lists_the_keys() {
             unexpected,
             ..
         } => {
-            assert!(missing.iter().any(|k| k.starts_with("layers.2.")), "{missing:?}");
+            assert!(
+                missing.iter().any(|k| k.starts_with("layers.2.")),
+                "{missing:?}"
+            );
             assert!(unexpected.is_empty(), "{unexpected:?}");
         }
         other => panic!("expected KeyMismatch, got {other}"),
@@ -96,7 +137,10 @@ fn truncated_and_foreign_files_are_errors() {
     for cut in [0, 10, bytes.len() / 2, bytes.len() - 30] {
         let p = dir.join(format!("cut{cut}.pth"));
         std::fs::write(&p, &bytes[..cut]).unwrap();
-        assert!(PthFile::open(&p).is_err(), "truncated at {cut} was accepted");
+        assert!(
+            PthFile::open(&p).is_err(),
+            "truncated at {cut} was accepted"
+        );
     }
     let cfg = Config::from_file(fixture("tiny_pth_f32").join("config")).unwrap();
     let p = dir.join("weights.ckpt");
