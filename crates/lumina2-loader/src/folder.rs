@@ -42,7 +42,10 @@ pub enum Error {
         reason: String,
     },
     /// The checkpoint's keys do not match the model the config describes.
-    #[error("{path} does not match the model config: {}", key_lists(missing, unexpected))]
+    #[error(
+        "{path} does not match the model config: {}",
+        key_lists(missing, unexpected)
+    )]
     KeyMismatch {
         /// The file.
         path: PathBuf,

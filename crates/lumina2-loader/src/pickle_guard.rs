@@ -39,7 +39,10 @@ pub fn check_globals(data: &[u8]) -> Result<(), String> {
         Ok(r)
     };
     let uint = |r: std::ops::Range<usize>| -> u64 {
-        data[r].iter().rev().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+        data[r]
+            .iter()
+            .rev()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
     };
     let line = |pos: &mut usize| -> Result<String, String> {
         let rest = &data[*pos..];
@@ -79,7 +82,9 @@ pub fn check_globals(data: &[u8]) -> Result<(), String> {
                 }
                 check(&strings[n - 2], &strings[n - 1])?;
             }
-            0x82..=0x84 => return Err("the pickle uses the extension registry (EXT opcodes)".into()),
+            0x82..=0x84 => {
+                return Err("the pickle uses the extension registry (EXT opcodes)".into())
+            }
             // Strings (remembered for STACK_GLOBAL).
             b'X' | 0x8c | 0x8d => {
                 let len_bytes = match op {
@@ -128,9 +133,13 @@ pub fn check_globals(data: &[u8]) -> Result<(), String> {
             }
             // No argument.
             b'(' | b'0' | b'1' | b'2' | b'N' | b'R' | b']' | b'a' | b'b' | b'd' | b'}' | b'e'
-            | b'l' | b'o' | b's' | b't' | b')' | b'u' | 0x81 | 0x85 | 0x86 | 0x87 | 0x88
-            | 0x89 | b'Q' | 0x90 | 0x8f | 0x91 | 0x92 | 0x94 | 0x97 | 0x98 => {}
-            other => return Err(format!("unknown pickle opcode 0x{other:02x} at byte {op_at}")),
+            | b'l' | b'o' | b's' | b't' | b')' | b'u' | 0x81 | 0x85 | 0x86 | 0x87 | 0x88 | 0x89
+            | b'Q' | 0x90 | 0x8f | 0x91 | 0x92 | 0x94 | 0x97 | 0x98 => {}
+            other => {
+                return Err(format!(
+                    "unknown pickle opcode 0x{other:02x} at byte {op_at}"
+                ))
+            }
         }
     }
 }
@@ -160,7 +169,10 @@ mod tests {
         let ok = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nq\x00ccollections\nOrderedDict\n)R.";
         assert!(check_globals(ok).is_ok());
         assert!(check_globals(b"\x80\x02").is_err(), "no STOP");
-        assert!(check_globals(b"X\xff\xff\xff\xff").is_err(), "string past the end");
+        assert!(
+            check_globals(b"X\xff\xff\xff\xff").is_err(),
+            "string past the end"
+        );
         assert!(check_globals(b"\xff.").is_err(), "unknown opcode");
     }
 }

@@ -49,7 +49,10 @@ impl PthFile {
             .by_name(&pkl_name)
             .map_err(|e| bad(format!("{pkl_name}: {e}")))?;
         if entry.size() > MAX_PICKLE_BYTES {
-            return Err(bad(format!("{pkl_name} is {} bytes, too large for a state dict", entry.size())));
+            return Err(bad(format!(
+                "{pkl_name} is {} bytes, too large for a state dict",
+                entry.size()
+            )));
         }
         let mut data = Vec::new();
         entry
@@ -71,7 +74,9 @@ impl PthFile {
             .map_err(|e| bad(format!("{pkl_name}: {e}")))?;
         let dir = PathBuf::from(pkl_name.trim_end_matches(".pkl"));
         let Object::Dict(items) = obj else {
-            return Err(bad("the pickle is not a state dict (a dict of tensors)".into()));
+            return Err(bad(
+                "the pickle is not a state dict (a dict of tensors)".into()
+            ));
         };
         let mut infos = HashMap::new();
         for (k, v) in items {
@@ -113,7 +118,10 @@ impl PthFile {
             .get(name)
             .ok_or_else(|| bad("not in the checkpoint".into()))?;
         if !info.layout.is_contiguous() {
-            return Err(bad(format!("non-contiguous storage layout {:?}", info.layout)));
+            return Err(bad(format!(
+                "non-contiguous storage layout {:?}",
+                info.layout
+            )));
         }
         let elems = info.layout.shape().elem_count();
         let bytes = elems
