@@ -373,7 +373,10 @@ pub fn weight_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     push("x_embedder.weight".into(), &[h, p2 * cfg.in_channels]);
     push("x_embedder.bias".into(), &[h]);
     let te = "time_caption_embed.timestep_embedder";
-    push(format!("{te}.linear_1.weight"), &[t, crate::embed::FREQUENCY_EMBEDDING_SIZE]);
+    push(
+        format!("{te}.linear_1.weight"),
+        &[t, crate::embed::FREQUENCY_EMBEDDING_SIZE],
+    );
     push(format!("{te}.linear_1.bias"), &[t]);
     push(format!("{te}.linear_2.weight"), &[t, t]);
     push(format!("{te}.linear_2.bias"), &[t]);
@@ -412,7 +415,10 @@ pub fn weight_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     }
     push("norm_out.linear_1.weight".into(), &[h, t]);
     push("norm_out.linear_1.bias".into(), &[h]);
-    push("norm_out.linear_2.weight".into(), &[p2 * cfg.out_channels(), h]);
+    push(
+        "norm_out.linear_2.weight".into(),
+        &[p2 * cfg.out_channels(), h],
+    );
     push("norm_out.linear_2.bias".into(), &[p2 * cfg.out_channels()]);
     v
 }

@@ -217,8 +217,9 @@ fn weight_shapes_lists_exactly_what_the_model_loads() {
         },
     ] {
         let asked = random_weights(&cfg);
-        let listed: HashMap<String, Vec<usize>> =
-            lumina2_transformer::weight_shapes(&cfg).into_iter().collect();
+        let listed: HashMap<String, Vec<usize>> = lumina2_transformer::weight_shapes(&cfg)
+            .into_iter()
+            .collect();
         assert_eq!(listed.len(), asked.len());
         for (k, t) in &asked {
             assert_eq!(listed.get(k), Some(&t.dims().to_vec()), "{k}");
