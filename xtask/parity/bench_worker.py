@@ -4,6 +4,8 @@
     bench_worker.py transformer --model DIR --inputs FILE --dtype f32|bf16 --runs K
     bench_worker.py setup-text-encoder --out DIR --layers N
     bench_worker.py text_encoder --model DIR --inputs FILE --dtype f32|bf16 --runs K
+    bench_worker.py setup-vae --out DIR --sizes 512,1024
+    bench_worker.py vae_decode|vae_decode_tiled --model DIR --inputs FILE --dtype f32 --runs K
 
 `setup-transformer` writes a random-weight model at the real dimensions (few
 layers) and one input file per image size; both sides load the same files.
@@ -118,6 +120,42 @@ def time_text_encoder(a):
                       "peak_rss_mb": peak_rss_mb()}))
 
 
+def setup_vae(a):
+    from diffusers import AutoencoderKL
+
+    from gen_vae import FLUX
+
+    model = AutoencoderKL(**FLUX)
+    randomize_(model, 9)
+    model.save_pretrained(os.path.join(a.out, "model"), safe_serialization=True)
+    g = torch.Generator().manual_seed(13)
+    for size in [int(s) for s in a.sizes.split(",")]:
+        z = torch.randn(1, FLUX["latent_channels"], size // 8, size // 8, generator=g)
+        save_file({"latents": z}, os.path.join(a.out, f"inputs_{size}.safetensors"))
+
+
+def time_vae(a, tiled):
+    from diffusers import AutoencoderKL
+
+    dtype = DTYPES[a.dtype]
+    t0 = time.perf_counter()
+    model = AutoencoderKL.from_pretrained(a.model, torch_dtype=dtype).eval()
+    if tiled:
+        model.enable_tiling()
+    load_s = time.perf_counter() - t0
+    z = load_file(a.inputs)["latents"].to(dtype)
+    times = []
+    with torch.inference_mode():
+        for k in range(a.runs + 1):
+            t0 = time.perf_counter()
+            model.decode(z)
+            if k > 0:
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    print(json.dumps({"load_s": load_s, "times": times, "median_s": times[len(times) // 2],
+                      "peak_rss_mb": peak_rss_mb()}))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("what")
@@ -132,7 +170,9 @@ def main():
     ap.add_argument("--caption-len", type=int, default=256)
     a = ap.parse_args()
     {"setup-transformer": setup_transformer, "transformer": time_transformer,
-     "setup-text-encoder": setup_text_encoder, "text_encoder": time_text_encoder}[a.what](a)
+     "setup-text-encoder": setup_text_encoder, "text_encoder": time_text_encoder,
+     "setup-vae": setup_vae, "vae_decode": lambda a: time_vae(a, False),
+     "vae_decode_tiled": lambda a: time_vae(a, True)}[a.what](a)
 
 
 if __name__ == "__main__":

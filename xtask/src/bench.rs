@@ -50,7 +50,7 @@ impl BenchRow {
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// What to measure: `transformer`, `text_encoder`.
+    /// What to measure: `transformer`, `text_encoder`, `vae`.
     pub what: Vec<String>,
     /// Gemma-2 layers of the text-encoder benchmark model (the real one has 26).
     pub text_layers: usize,
@@ -120,6 +120,8 @@ pub fn worker(kind: &str, model: &Path, inputs: &Path, dtype: &str, runs: usize)
     match kind {
         "transformer" => worker_transformer(model, inputs, dtype, runs),
         "text_encoder" => worker_text_encoder(model, inputs, dtype, runs),
+        "vae_decode" => worker_vae(model, inputs, dtype, runs, false),
+        "vae_decode_tiled" => worker_vae(model, inputs, dtype, runs, true),
         other => bail!("unknown benchmark kind `{other}`"),
     }
 }
@@ -142,6 +144,37 @@ fn worker_text_encoder(model: &Path, inputs: &Path, dtype: &str, runs: usize) ->
         .ok_or_else(|| anyhow!("no attention_mask"))?;
     let times = time_runs(runs, || {
         enc.forward(ids, Some(mask))?;
+        Ok(())
+    })?;
+    Ok(timing(load_s, times))
+}
+
+fn worker_vae(
+    model: &Path,
+    inputs: &Path,
+    dtype: &str,
+    runs: usize,
+    tiled: bool,
+) -> Result<Timing> {
+    use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, VarBuilder};
+    let dev = Device::Cpu;
+    let t0 = Instant::now();
+    let cfg = AutoencoderKLConfig::from_file(model)?;
+    let files = lumina2_loader::ComponentFolder::open(model)?;
+    // SAFETY: read-only map of files nothing else writes during the benchmark.
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(files.safetensors_files(), parse_dtype(dtype)?, &dev)?
+    };
+    let mut vae = AutoencoderKL::new(&cfg, &vb)?;
+    drop(vb);
+    if tiled {
+        vae.enable_tiling();
+    }
+    let load_s = t0.elapsed().as_secs_f64();
+    let i = candle_core::safetensors::load(inputs, &dev)?;
+    let z = i.get("latents").ok_or_else(|| anyhow!("no latents"))?;
+    let times = time_runs(runs, || {
+        vae.decode(z)?;
         Ok(())
     })?;
     Ok(timing(load_s, times))
@@ -201,7 +234,8 @@ pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
         match what.as_str() {
             "transformer" => bench_transformer(opts, &python, &mut rows)?,
             "text_encoder" => bench_text_encoder(opts, &python, &mut rows)?,
-            other => bail!("unknown benchmark `{other}` (transformer, text_encoder)"),
+            "vae" => bench_vae(opts, &python, &mut rows)?,
+            other => bail!("unknown benchmark `{other}` (transformer, text_encoder, vae)"),
         }
     }
     if let Some(path) = &opts.json {
@@ -281,6 +315,53 @@ fn bench_text_encoder(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRo
             torch,
         });
         eprintln!("{}", format_table(rows));
+    }
+    Ok(())
+}
+
+fn bench_vae(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Result<()> {
+    let dir = pyenv::workspace_root()
+        .join("target")
+        .join("bench")
+        .join("vae");
+    let sizes = opts
+        .sizes
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let ready = opts
+        .sizes
+        .iter()
+        .all(|s| dir.join(format!("inputs_{s}.safetensors")).exists());
+    if !ready {
+        pyenv::run(
+            Command::new(python)
+                .arg(pyenv::scripts_dir().join("bench_worker.py"))
+                .arg("setup-vae")
+                .arg("--out")
+                .arg(&dir)
+                .args(["--sizes", &sizes]),
+        )?;
+    }
+    for &size in &opts.sizes {
+        for kind in ["vae_decode", "vae_decode_tiled"] {
+            // The VAE runs in f32 on CPU (candle has no bf16 convolution there).
+            let inputs = dir.join(format!("inputs_{size}.safetensors"));
+            let (ours, torch) = measure(opts, python, kind, &dir.join("model"), &inputs, "f32")?;
+            rows.push(BenchRow {
+                what: if kind == "vae_decode" {
+                    "Flux VAE decode".into()
+                } else {
+                    "Flux VAE decode, tiled".into()
+                },
+                size,
+                dtype: "f32".into(),
+                ours: Some(ours),
+                torch,
+            });
+            eprintln!("{}", format_table(rows));
+        }
     }
     Ok(())
 }
