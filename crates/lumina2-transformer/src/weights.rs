@@ -96,52 +96,179 @@ impl WeightSource for HashMap<String, Tensor> {
     }
 }
 
-/// Memory-mapped safetensors files (one or several shards).
+/// Safetensors files (one or several shards), read tensor by tensor.
+///
+/// The headers are parsed and checked when opened (offsets inside the file,
+/// sizes that match dtype and shape, no key twice); each tensor is then read
+/// with a positioned read into its own buffer. Unlike a memory map, nothing of
+/// the file stays resident once the model holds its copy, so the peak memory of
+/// a load is the model plus one tensor.
 pub struct SafetensorsSource {
-    inner: candle_core::safetensors::MmapedSafetensors,
-    files: String,
+    files: Vec<(std::path::PathBuf, std::sync::Mutex<std::fs::File>)>,
+    index: HashMap<String, StEntry>,
+    names: String,
+}
+
+#[derive(Debug, Clone)]
+struct StEntry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    start: u64,
+    len: usize,
+}
+
+/// Largest safetensors header accepted (the format's own limit is 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+fn st_dtype(s: &str) -> Option<DType> {
+    Some(match s {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "I32" => DType::I32,
+        "I16" => DType::I16,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
 }
 
 impl SafetensorsSource {
-    /// Memory-maps the given files. Keys are looked up across all of them.
+    /// Opens the files and reads their headers. Keys are looked up across all of them.
     pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
-        let files = paths
+        let names = paths
             .iter()
             .map(|p| p.as_ref().display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        // SAFETY: the files are mapped read-only; as with every mmap, the caller
-        // must not truncate or rewrite them while the model is alive.
-        let inner =
-            unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(|e| {
-                Error::WeightLoad {
-                    key: String::new(),
-                    source_name: files.clone(),
-                    reason: e.to_string(),
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for (fi, p) in paths.iter().enumerate() {
+            let p = p.as_ref();
+            let bad = |key: &str, reason: String| Error::WeightLoad {
+                key: key.to_string(),
+                source_name: p.display().to_string(),
+                reason,
+            };
+            let mut f = std::fs::File::open(p).map_err(|e| bad("", e.to_string()))?;
+            let file_len = f.metadata().map_err(|e| bad("", e.to_string()))?.len();
+            let mut n = [0u8; 8];
+            std::io::Read::read_exact(&mut f, &mut n)
+                .map_err(|_| bad("", "truncated safetensors header".into()))?;
+            let n = u64::from_le_bytes(n);
+            if n > MAX_HEADER || n > file_len.saturating_sub(8) {
+                return Err(bad(
+                    "",
+                    format!("header length {n} does not fit the file ({file_len} bytes)"),
+                ));
+            }
+            let mut header = vec![0u8; n as usize];
+            std::io::Read::read_exact(&mut f, &mut header)
+                .map_err(|_| bad("", "truncated safetensors header".into()))?;
+            let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+                .map_err(|e| bad("", format!("invalid header: {e}")))?;
+            let data_start = 8 + n;
+            for (key, v) in json {
+                if key == "__metadata__" {
+                    continue;
                 }
-            })?;
-        Ok(Self { inner, files })
+                let dtype = v
+                    .get("dtype")
+                    .and_then(|d| d.as_str())
+                    .ok_or_else(|| bad(&key, "no dtype".into()))?;
+                let dtype = st_dtype(dtype)
+                    .ok_or_else(|| bad(&key, format!("unsupported dtype {dtype}")))?;
+                let shape: Vec<usize> = v
+                    .get("shape")
+                    .and_then(|s| s.as_array())
+                    .ok_or_else(|| bad(&key, "no shape".into()))?
+                    .iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad(&key, "invalid shape".into()))?;
+                let offs: Vec<u64> = v
+                    .get("data_offsets")
+                    .and_then(|o| o.as_array())
+                    .map(|o| o.iter().filter_map(|x| x.as_u64()).collect())
+                    .unwrap_or_default();
+                let [s0, s1] = offs[..] else {
+                    return Err(bad(&key, "invalid data_offsets".into()));
+                };
+                let need = shape
+                    .iter()
+                    .try_fold(dtype.size_in_bytes(), |a, &d| a.checked_mul(d))
+                    .ok_or_else(|| bad(&key, "size overflows".into()))?;
+                let end = data_start.checked_add(s1);
+                if s1 < s0 || end.is_none_or(|e| e > file_len) || (s1 - s0) as usize != need {
+                    return Err(bad(
+                        &key,
+                        format!(
+                            "data_offsets [{s0}, {s1}] do not hold {need} bytes inside the file ({file_len} bytes)"
+                        ),
+                    ));
+                }
+                let entry = StEntry {
+                    file: fi,
+                    dtype,
+                    shape,
+                    start: data_start + s0,
+                    len: need,
+                };
+                if index.insert(key.clone(), entry).is_some() {
+                    return Err(bad(&key, "the key appears twice".into()));
+                }
+            }
+            files.push((p.to_path_buf(), std::sync::Mutex::new(f)));
+        }
+        Ok(Self {
+            files,
+            index,
+            names,
+        })
     }
 }
 
 impl WeightSource for SafetensorsSource {
     fn contains(&self, key: &str) -> bool {
-        self.inner.get(key).is_ok()
+        self.index.contains_key(key)
     }
     fn tensor(&self, key: &str) -> Result<Tensor> {
-        self.inner
-            .load(key, &Device::Cpu)
-            .map_err(|e| Error::WeightLoad {
-                key: key.to_string(),
-                source_name: self.files.clone(),
-                reason: e.to_string(),
-            })
+        use std::io::{Read, Seek, SeekFrom};
+        let e = self.index.get(key).ok_or_else(|| Error::MissingWeight {
+            key: key.to_string(),
+            source_name: self.names.clone(),
+        })?;
+        let (path, file) = self.files.get(e.file).ok_or_else(|| Error::MissingWeight {
+            key: key.to_string(),
+            source_name: self.names.clone(),
+        })?;
+        let err = |reason: String| Error::WeightLoad {
+            key: key.to_string(),
+            source_name: path.display().to_string(),
+            reason,
+        };
+        let mut buf = vec![0u8; e.len];
+        {
+            let mut f = file.lock().map_err(|_| err("file lock poisoned".into()))?;
+            f.seek(SeekFrom::Start(e.start))
+                .map_err(|x| err(x.to_string()))?;
+            f.read_exact(&mut buf).map_err(|x| err(x.to_string()))?;
+        }
+        Ok(Tensor::from_raw_buffer(
+            &buf,
+            e.dtype,
+            &e.shape,
+            &Device::Cpu,
+        )?)
     }
     fn name(&self) -> String {
-        self.files.clone()
+        self.names.clone()
     }
     fn keys(&self) -> Vec<String> {
-        let mut k: Vec<String> = self.inner.tensors().into_iter().map(|(n, _)| n).collect();
+        let mut k: Vec<String> = self.index.keys().cloned().collect();
         k.sort();
         k
     }
@@ -175,7 +302,7 @@ impl Weights {
         Self::new(Arc::new(VarBuilderSource(vb)), dtype, device)
     }
 
-    /// Weights from memory-mapped safetensors files (the shards of one model).
+    /// Weights from safetensors files (the shards of one model).
     pub fn from_safetensors<P: AsRef<Path>>(
         paths: &[P],
         dtype: DType,
