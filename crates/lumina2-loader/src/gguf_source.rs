@@ -11,8 +11,8 @@ use lumina2_transformer::{LinearWeight, WeightSource};
 
 use crate::gguf::GgufFile;
 
-fn load_err(file: &GgufFile, key: &str, e: impl std::fmt::Display) -> lumina2_transformer::Error {
-    lumina2_transformer::Error::WeightLoad {
+fn load_err(file: &GgufFile, key: &str, e: impl std::fmt::Display) -> lumina2_weights::Error {
+    lumina2_weights::Error::WeightLoad {
         key: key.to_string(),
         source_name: file.path().display().to_string(),
         reason: e.to_string(),
@@ -23,10 +23,10 @@ impl WeightSource for GgufFile {
     fn contains(&self, key: &str) -> bool {
         self.tensor_info(key).is_ok()
     }
-    fn tensor(&self, key: &str) -> lumina2_transformer::Result<Tensor> {
+    fn tensor(&self, key: &str) -> lumina2_weights::Result<Tensor> {
         GgufFile::tensor(self, key, DType::F32, &Device::Cpu).map_err(|e| load_err(self, key, e))
     }
-    fn linear(&self, key: &str) -> lumina2_transformer::Result<LinearWeight> {
+    fn linear(&self, key: &str) -> lumina2_weights::Result<LinearWeight> {
         let info = self.tensor_info(key).map_err(|e| load_err(self, key, e))?;
         if info.ggml_type.block_size() > 1 && info.ggml_type.to_candle().is_some() {
             let q = self
@@ -55,7 +55,7 @@ pub fn quantized_rows(
     key: &str,
     start: usize,
     len: usize,
-) -> lumina2_transformer::Result<Option<QTensor>> {
+) -> lumina2_weights::Result<Option<QTensor>> {
     let info = file.tensor_info(key).map_err(|e| load_err(file, key, e))?;
     let Some(ct) = info.ggml_type.to_candle() else {
         return Ok(None);

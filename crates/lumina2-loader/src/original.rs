@@ -180,11 +180,11 @@ impl OriginalTransformer {
 }
 
 impl WeightSource for OriginalTransformer {
-    fn linear(&self, key: &str) -> lumina2_transformer::Result<lumina2_transformer::LinearWeight> {
+    fn linear(&self, key: &str) -> lumina2_weights::Result<lumina2_transformer::LinearWeight> {
         let o = self
             .map
             .get(key)
-            .ok_or_else(|| lumina2_transformer::Error::MissingWeight {
+            .ok_or_else(|| lumina2_weights::Error::MissingWeight {
                 key: key.to_string(),
                 source_name: self.name.clone(),
             })?;
@@ -202,11 +202,11 @@ impl WeightSource for OriginalTransformer {
     fn contains(&self, key: &str) -> bool {
         self.map.contains_key(key)
     }
-    fn tensor(&self, key: &str) -> lumina2_transformer::Result<Tensor> {
+    fn tensor(&self, key: &str) -> lumina2_weights::Result<Tensor> {
         let o = self
             .map
             .get(key)
-            .ok_or_else(|| lumina2_transformer::Error::MissingWeight {
+            .ok_or_else(|| lumina2_weights::Error::MissingWeight {
                 key: key.to_string(),
                 source_name: self.name.clone(),
             })?;
@@ -216,7 +216,7 @@ impl WeightSource for OriginalTransformer {
             Some((start, len)) => {
                 let rows = t.dims().first().copied().unwrap_or(0);
                 if start + len > rows {
-                    return Err(lumina2_transformer::Error::WeightShape {
+                    return Err(lumina2_weights::Error::WeightShape {
                         key: o.key.clone(),
                         source_name: self.name.clone(),
                         expected: vec![

@@ -162,8 +162,8 @@ impl WeightSource for PthFile {
     fn contains(&self, key: &str) -> bool {
         self.infos.contains_key(key)
     }
-    fn tensor(&self, key: &str) -> lumina2_transformer::Result<Tensor> {
-        PthFile::tensor(self, key).map_err(|e| lumina2_transformer::Error::WeightLoad {
+    fn tensor(&self, key: &str) -> lumina2_weights::Result<Tensor> {
+        PthFile::tensor(self, key).map_err(|e| lumina2_weights::Error::WeightLoad {
             key: key.to_string(),
             source_name: self.path.display().to_string(),
             reason: e.to_string(),

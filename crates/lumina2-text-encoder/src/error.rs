@@ -36,36 +36,6 @@ pub enum Error {
         /// What was missing.
         reason: String,
     },
-    /// A weight the model needs is not in the weight source.
-    #[error("missing weight `{key}` in {source_name}")]
-    MissingWeight {
-        /// The full tensor key.
-        key: String,
-        /// The weight source (usually file names).
-        source_name: String,
-    },
-    /// A weight exists but has the wrong shape for the config.
-    #[error("weight `{key}` in {source_name} has shape {found:?}, expected {expected:?}")]
-    WeightShape {
-        /// The full tensor key.
-        key: String,
-        /// The weight source (usually file names).
-        source_name: String,
-        /// The shape the config implies.
-        expected: Vec<usize>,
-        /// The shape found in the source.
-        found: Vec<usize>,
-    },
-    /// A weight could not be read from its source.
-    #[error("cannot load weight `{key}` from {source_name}: {reason}")]
-    WeightLoad {
-        /// The full tensor key.
-        key: String,
-        /// The weight source.
-        source_name: String,
-        /// What went wrong.
-        reason: String,
-    },
     /// The tokenizer file could not be loaded or used.
     #[error("tokenizer {origin}: {reason}")]
     Tokenizer {
@@ -82,6 +52,10 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A weight is missing, has the wrong shape or cannot be read (the
+    /// error names the key, the source and the shapes).
+    #[error(transparent)]
+    Weight(#[from] lumina2_weights::Error),
     /// An error raised by candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -32,6 +32,8 @@ mod weights;
 
 pub use config::{Activation, Gemma2Config, LayerType, Rope};
 pub use error::{Error, Result};
+/// Errors of weight loading (inside [`Error::Weight`]).
+pub use lumina2_weights::Error as WeightError;
 pub use model::Gemma2Encoder;
 pub use prompt::{
     GemmaTokenizer, PromptEmbeddings, PromptEncoder, PromptOptions, SystemPrompt, Tokenized,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use lumina2_text_encoder::{
     safetensors_files, Error, Gemma2Config, Gemma2Encoder, GemmaTokenizer, PromptEncoder,
-    PromptOptions, SystemPrompt, Weights, DEFAULT_SYSTEM_PROMPT,
+    PromptOptions, SystemPrompt, WeightError, Weights, DEFAULT_SYSTEM_PROMPT,
 };
 
 fn fixtures() -> PathBuf {
@@ -130,7 +130,9 @@ fn weight_errors_name_the_key_and_shapes() {
     t.remove("layers.1.mlp.up_proj.weight");
     let w = Weights::from_tensors(t.clone(), DType::F32, &dev);
     match Gemma2Encoder::penultimate(&cfg, &w) {
-        Err(Error::MissingWeight { key, .. }) => assert_eq!(key, "layers.1.mlp.up_proj.weight"),
+        Err(Error::Weight(WeightError::MissingWeight { key, .. })) => {
+            assert_eq!(key, "layers.1.mlp.up_proj.weight")
+        }
         other => panic!("{other:?}"),
     }
     // Two layers only need layers 0 and 1: the missing layer-1 key still matters,
@@ -150,12 +152,12 @@ fn weight_errors_name_the_key_and_shapes() {
     );
     let w3 = Weights::from_tensors(t3, DType::F32, &dev);
     match Gemma2Encoder::penultimate(&cfg, &w3) {
-        Err(Error::WeightShape {
+        Err(Error::Weight(WeightError::WeightShape {
             key,
             expected,
             found,
             ..
-        }) => {
+        })) => {
             assert_eq!(key, "layers.1.mlp.up_proj.weight");
             assert_eq!((expected, found), (vec![48, 32], vec![48, 31]));
         }

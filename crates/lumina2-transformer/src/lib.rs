@@ -51,6 +51,8 @@ pub use block::{FeedForward, Modulation, ModulationOut, TransformerBlock};
 pub use config::Config;
 pub use embed::{patchify, timestep_features, unpatchify, CaptionEmbedder, TimestepEmbedder};
 pub use error::{Error, Result};
+/// Errors of weight loading (inside [`Error::Weight`]).
+pub use lumina2_weights::Error as WeightError;
 pub use model::{weight_shapes, Lumina2Transformer, SequenceLayout};
 pub use norm::{OutputNorm, RmsNorm};
 pub use rope::{Position, Rope, RopeEmbedder};

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use lumina2_transformer::{
     grouped_attention, patchify, unpatchify, Config, Error, KeyMask, Lumina2Transformer, Position,
-    RopeEmbedder, Weights,
+    RopeEmbedder, WeightError, Weights,
 };
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -134,10 +134,10 @@ fn random_weights(cfg: &Config) -> HashMap<String, Tensor> {
         let w = Weights::from_tensors(map.clone(), DType::F32, &dev);
         match Lumina2Transformer::new(cfg, &w) {
             Ok(_) => return map,
-            Err(Error::MissingWeight { key, .. }) => {
+            Err(Error::Weight(WeightError::MissingWeight { key, .. })) => {
                 map.insert(key, Tensor::zeros(1, DType::F32, &dev).unwrap());
             }
-            Err(Error::WeightShape { key, expected, .. }) => {
+            Err(Error::Weight(WeightError::WeightShape { key, expected, .. })) => {
                 map.insert(key, Tensor::randn(0f32, 0.3, expected, &dev).unwrap());
             }
             Err(e) => panic!("{e}"),
@@ -187,12 +187,12 @@ fn bad_weights_and_inputs_are_typed_errors() {
         Tensor::zeros((3, 16), DType::F32, &dev).unwrap(),
     );
     match Lumina2Transformer::new(&cfg, &Weights::from_tensors(map.clone(), DType::F32, &dev)) {
-        Err(Error::WeightShape {
+        Err(Error::Weight(WeightError::WeightShape {
             key: k,
             expected,
             found,
             ..
-        }) => {
+        })) => {
             assert_eq!(k, key);
             assert_eq!(expected, vec![8, 16]);
             assert_eq!(found, vec![3, 16]);
@@ -201,7 +201,7 @@ fn bad_weights_and_inputs_are_typed_errors() {
     }
     map.remove(&key);
     match Lumina2Transformer::new(&cfg, &Weights::from_tensors(map, DType::F32, &dev)) {
-        Err(Error::MissingWeight { key: k, .. }) => assert_eq!(k, key),
+        Err(Error::Weight(WeightError::MissingWeight { key: k, .. })) => assert_eq!(k, key),
         other => panic!("expected MissingWeight, got {:?}", other.err()),
     }
 }
@@ -225,60 +225,4 @@ fn weight_shapes_lists_exactly_what_the_model_loads() {
             assert_eq!(listed.get(k), Some(&t.dims().to_vec()), "{k}");
         }
     }
-}
-
-#[test]
-fn safetensors_source_reads_shards_and_refuses_broken_headers() {
-    use lumina2_transformer::weights::SafetensorsSource;
-    use lumina2_transformer::WeightSource;
-    let dev = Device::Cpu;
-    let dir = std::env::temp_dir().join(format!("lumina2-st-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let a = Tensor::arange(0f32, 6., &dev)
-        .unwrap()
-        .reshape((2, 3))
-        .unwrap();
-    let b = Tensor::new(&[1u8, 2, 3], &dev).unwrap();
-    let (pa, pb) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
-    candle_core::safetensors::save(&HashMap::from([("a".to_string(), a.clone())]), &pa).unwrap();
-    candle_core::safetensors::save(&HashMap::from([("b".to_string(), b)]), &pb).unwrap();
-    let src = SafetensorsSource::open(&[&pa, &pb]).unwrap();
-    assert_eq!(src.keys(), vec!["a".to_string(), "b".to_string()]);
-    assert_eq!(max_diff(&src.tensor("a").unwrap(), &a), 0.0);
-    assert!(matches!(src.tensor("c"), Err(Error::MissingWeight { .. })));
-
-    let bytes = std::fs::read(&pa).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let bad = dir.join("bad.safetensors");
-    let mut cases: Vec<Vec<u8>> = vec![
-        bytes[..4].to_vec(),               // no header length
-        bytes[..8 + n / 2].to_vec(),       // header cut
-        bytes[..bytes.len() - 4].to_vec(), // data cut
-    ];
-    let mut huge = bytes.clone();
-    huge[..8].copy_from_slice(&(1u64 << 40).to_le_bytes()); // a 1 TB header
-    cases.push(huge);
-    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
-    for (from, to) in [
-        ("[2,3]", "[2,4]"),
-        ("F32", "Q9"),
-        ("[0,24]", "[0,99999999999]"),
-    ] {
-        let h = header.replace(from, to);
-        let mut v = (h.len() as u64).to_le_bytes().to_vec();
-        v.extend_from_slice(h.as_bytes());
-        v.extend_from_slice(&bytes[8 + n..]);
-        cases.push(v);
-    }
-    for (i, c) in cases.iter().enumerate() {
-        std::fs::write(&bad, c).unwrap();
-        assert!(
-            matches!(
-                SafetensorsSource::open(&[&bad]),
-                Err(Error::WeightLoad { .. })
-            ),
-            "broken file {i} was accepted"
-        );
-    }
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,0 +1,474 @@
+//! # lumina2-weights
+//!
+//! How the lumina2-rs model crates receive their weights: one interface shared
+//! by the transformer and the text encoder, implemented once by the loader.
+//!
+//! A model never opens files. It asks a [`WeightSource`] for tensors by key; a
+//! source can be a candle [`VarBuilder`], a map of tensors, safetensors files
+//! ([`SafetensorsSource`], [`Weights::from_safetensors`]), or anything the
+//! `lumina2-loader` crate builds (original checkpoints, GGUF). Linear layers ask
+//! through [`WeightSource::linear`], which may hand out a quantised tensor that
+//! stays quantised in memory: one model definition serves dense and quantised
+//! weights.
+
+#![warn(missing_docs)]
+
+pub mod error;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use error::{Error, Result};
+
+/// The weight of a linear layer: dense, or quantised and kept so.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// A dense `[out, in]` matrix.
+    Dense(Tensor),
+    /// A quantised `[out, in]` matrix, dequantised one layer at a time when used.
+    Quantized(Arc<QTensor>),
+}
+
+impl LinearWeight {
+    /// The `[out, in]` shape.
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Self::Dense(t) => t.dims().to_vec(),
+            Self::Quantized(q) => q.shape().dims().to_vec(),
+        }
+    }
+}
+
+/// A store of named tensors the model can draw its weights from.
+///
+/// Keys are the model's own names (diffusers' for the transformer, transformers'
+/// for the text encoder). Implementations
+/// convert nothing: [`Weights`] checks shapes and converts to the compute
+/// dtype and device.
+pub trait WeightSource: Send + Sync {
+    /// Whether the source holds `key`.
+    fn contains(&self, key: &str) -> bool;
+    /// The tensor stored under `key`, in any dtype, on any device.
+    fn tensor(&self, key: &str) -> Result<Tensor>;
+    /// The weight of a linear layer. The default is dense; quantised sources
+    /// override it to hand out their quantised tensor.
+    fn linear(&self, key: &str) -> Result<LinearWeight> {
+        Ok(LinearWeight::Dense(self.tensor(key)?))
+    }
+    /// A short description for error messages (usually the file names).
+    fn name(&self) -> String;
+    /// Every key the source holds, when it can list them (loaders use this to
+    /// report all missing and unexpected keys at once); empty otherwise.
+    fn keys(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// A [`WeightSource`] over a candle [`VarBuilder`] (whatever backend it has).
+pub struct VarBuilderSource(pub VarBuilder<'static>);
+
+impl WeightSource for VarBuilderSource {
+    fn contains(&self, key: &str) -> bool {
+        self.0.contains_tensor(key)
+    }
+    fn tensor(&self, key: &str) -> Result<Tensor> {
+        Ok(self.0.get_unchecked(key)?)
+    }
+    fn name(&self) -> String {
+        "VarBuilder".into()
+    }
+}
+
+impl WeightSource for HashMap<String, Tensor> {
+    fn contains(&self, key: &str) -> bool {
+        self.contains_key(key)
+    }
+    fn tensor(&self, key: &str) -> Result<Tensor> {
+        self.get(key).cloned().ok_or_else(|| Error::MissingWeight {
+            key: key.to_string(),
+            source_name: self.name(),
+        })
+    }
+    fn name(&self) -> String {
+        "in-memory tensors".into()
+    }
+    fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = HashMap::keys(self).cloned().collect();
+        k.sort();
+        k
+    }
+}
+
+/// Safetensors files (one or several shards), read tensor by tensor.
+///
+/// The headers are parsed and checked when opened (offsets inside the file,
+/// sizes that match dtype and shape, no key twice); each tensor is then read
+/// with a positioned read into its own buffer. Unlike a memory map, nothing of
+/// the file stays resident once the model holds its copy, so the peak memory of
+/// a load is the model plus one tensor.
+pub struct SafetensorsSource {
+    files: Vec<(std::path::PathBuf, std::sync::Mutex<std::fs::File>)>,
+    index: HashMap<String, StEntry>,
+    names: String,
+}
+
+#[derive(Debug, Clone)]
+struct StEntry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    start: u64,
+    len: usize,
+}
+
+/// Largest safetensors header accepted (the format's own limit is 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+fn st_dtype(s: &str) -> Option<DType> {
+    Some(match s {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        "I64" => DType::I64,
+        "I32" => DType::I32,
+        "I16" => DType::I16,
+        "U32" => DType::U32,
+        "U8" => DType::U8,
+        _ => return None,
+    })
+}
+
+impl SafetensorsSource {
+    /// Opens the files and reads their headers. Keys are looked up across all of them.
+    pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
+        let names = paths
+            .iter()
+            .map(|p| p.as_ref().display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for (fi, p) in paths.iter().enumerate() {
+            let p = p.as_ref();
+            let bad = |key: &str, reason: String| Error::WeightLoad {
+                key: key.to_string(),
+                source_name: p.display().to_string(),
+                reason,
+            };
+            let mut f = std::fs::File::open(p).map_err(|e| bad("", e.to_string()))?;
+            let file_len = f.metadata().map_err(|e| bad("", e.to_string()))?.len();
+            let mut n = [0u8; 8];
+            std::io::Read::read_exact(&mut f, &mut n)
+                .map_err(|_| bad("", "truncated safetensors header".into()))?;
+            let n = u64::from_le_bytes(n);
+            if n > MAX_HEADER || n > file_len.saturating_sub(8) {
+                return Err(bad(
+                    "",
+                    format!("header length {n} does not fit the file ({file_len} bytes)"),
+                ));
+            }
+            let mut header = vec![0u8; n as usize];
+            std::io::Read::read_exact(&mut f, &mut header)
+                .map_err(|_| bad("", "truncated safetensors header".into()))?;
+            let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+                .map_err(|e| bad("", format!("invalid header: {e}")))?;
+            let data_start = 8 + n;
+            for (key, v) in json {
+                if key == "__metadata__" {
+                    continue;
+                }
+                let dtype = v
+                    .get("dtype")
+                    .and_then(|d| d.as_str())
+                    .ok_or_else(|| bad(&key, "no dtype".into()))?;
+                let dtype = st_dtype(dtype)
+                    .ok_or_else(|| bad(&key, format!("unsupported dtype {dtype}")))?;
+                let shape: Vec<usize> = v
+                    .get("shape")
+                    .and_then(|s| s.as_array())
+                    .ok_or_else(|| bad(&key, "no shape".into()))?
+                    .iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad(&key, "invalid shape".into()))?;
+                let offs: Vec<u64> = v
+                    .get("data_offsets")
+                    .and_then(|o| o.as_array())
+                    .map(|o| o.iter().filter_map(|x| x.as_u64()).collect())
+                    .unwrap_or_default();
+                let [s0, s1] = offs[..] else {
+                    return Err(bad(&key, "invalid data_offsets".into()));
+                };
+                let need = shape
+                    .iter()
+                    .try_fold(dtype.size_in_bytes(), |a, &d| a.checked_mul(d))
+                    .ok_or_else(|| bad(&key, "size overflows".into()))?;
+                let end = data_start.checked_add(s1);
+                if s1 < s0 || end.is_none_or(|e| e > file_len) || (s1 - s0) as usize != need {
+                    return Err(bad(
+                        &key,
+                        format!(
+                            "data_offsets [{s0}, {s1}] do not hold {need} bytes inside the file ({file_len} bytes)"
+                        ),
+                    ));
+                }
+                let entry = StEntry {
+                    file: fi,
+                    dtype,
+                    shape,
+                    start: data_start + s0,
+                    len: need,
+                };
+                if index.insert(key.clone(), entry).is_some() {
+                    return Err(bad(&key, "the key appears twice".into()));
+                }
+            }
+            files.push((p.to_path_buf(), std::sync::Mutex::new(f)));
+        }
+        Ok(Self {
+            files,
+            index,
+            names,
+        })
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+    fn tensor(&self, key: &str) -> Result<Tensor> {
+        use std::io::{Read, Seek, SeekFrom};
+        let e = self.index.get(key).ok_or_else(|| Error::MissingWeight {
+            key: key.to_string(),
+            source_name: self.names.clone(),
+        })?;
+        let (path, file) = self.files.get(e.file).ok_or_else(|| Error::MissingWeight {
+            key: key.to_string(),
+            source_name: self.names.clone(),
+        })?;
+        let err = |reason: String| Error::WeightLoad {
+            key: key.to_string(),
+            source_name: path.display().to_string(),
+            reason,
+        };
+        let mut buf = vec![0u8; e.len];
+        {
+            let mut f = file.lock().map_err(|_| err("file lock poisoned".into()))?;
+            f.seek(SeekFrom::Start(e.start))
+                .map_err(|x| err(x.to_string()))?;
+            f.read_exact(&mut buf).map_err(|x| err(x.to_string()))?;
+        }
+        Ok(Tensor::from_raw_buffer(
+            &buf,
+            e.dtype,
+            &e.shape,
+            &Device::Cpu,
+        )?)
+    }
+    fn name(&self) -> String {
+        self.names.clone()
+    }
+    fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.index.keys().cloned().collect();
+        k.sort();
+        k
+    }
+}
+
+/// A handle on a [`WeightSource`]: a key prefix, the compute dtype and the device.
+///
+/// Cheap to clone; [`Weights::pp`] descends into a sub-module as candle's
+/// `VarBuilder::pp` does.
+#[derive(Clone)]
+pub struct Weights {
+    source: Arc<dyn WeightSource>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// Weights from any source, converted to `dtype` on `device` when loaded.
+    pub fn new(source: Arc<dyn WeightSource>, dtype: DType, device: &Device) -> Self {
+        Self {
+            source,
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Weights from a candle `VarBuilder`; its own dtype is ignored in favour of `dtype`.
+    pub fn from_var_builder(vb: VarBuilder<'static>, dtype: DType, device: &Device) -> Self {
+        Self::new(Arc::new(VarBuilderSource(vb)), dtype, device)
+    }
+
+    /// Weights from safetensors files (the shards of one model).
+    pub fn from_safetensors<P: AsRef<Path>>(
+        paths: &[P],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self::new(
+            Arc::new(SafetensorsSource::open(paths)?),
+            dtype,
+            device,
+        ))
+    }
+
+    /// Weights from tensors in memory, keyed by the model's names.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
+        Self::new(Arc::new(tensors), dtype, device)
+    }
+
+    /// The handle for a sub-module: keys are prefixed with `name.`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The compute device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Whether the source has `name` under this prefix.
+    pub fn contains(&self, name: &str) -> bool {
+        self.source.contains(&self.key(name))
+    }
+
+    fn check_shape(&self, key: &str, found: &[usize], expected: &[usize]) -> Result<()> {
+        if found != expected {
+            return Err(Error::WeightShape {
+                key: key.to_string(),
+                source_name: self.source.name(),
+                expected: expected.to_vec(),
+                found: found.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn require(&self, key: &str) -> Result<()> {
+        if !self.source.contains(key) {
+            return Err(Error::MissingWeight {
+                key: key.to_string(),
+                source_name: self.source.name(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A dense tensor of the given shape, in the compute dtype, on the compute device.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let key = self.key(name);
+        self.require(&key)?;
+        let t = self.source.tensor(&key)?;
+        self.check_shape(&key, t.dims(), shape)?;
+        Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// A dense tensor of the given shape in `dtype` (not the compute dtype), on the compute device.
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let key = self.key(name);
+        self.require(&key)?;
+        let t = self.source.tensor(&key)?;
+        self.check_shape(&key, t.dims(), shape)?;
+        Ok(t.to_device(&self.device)?.to_dtype(dtype)?)
+    }
+
+    /// A linear layer `in_dim -> out_dim` (`name.weight`, and `name.bias` when `bias`).
+    pub fn linear(&self, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let wkey = self.key(&format!("{name}.weight"));
+        self.require(&wkey)?;
+        let weight = match self.source.linear(&wkey)? {
+            LinearWeight::Dense(t) => {
+                self.check_shape(&wkey, t.dims(), &[out_dim, in_dim])?;
+                LinearWeight::Dense(t.to_device(&self.device)?.to_dtype(self.dtype)?)
+            }
+            LinearWeight::Quantized(q) => {
+                self.check_shape(&wkey, q.shape().dims(), &[out_dim, in_dim])?;
+                LinearWeight::Quantized(q)
+            }
+        };
+        let bias = if bias {
+            Some(self.get(&format!("{name}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+}
+
+/// `y = x W^T + b` over the last dimension, with a dense or quantised `W`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A linear layer from its parts (`weight` is `[out, in]`).
+    pub fn new(weight: LinearWeight, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> &LinearWeight {
+        &self.weight
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Applies the layer to `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = match &self.weight {
+            LinearWeight::Dense(w) => w.clone(),
+            // Dequantised when used, so that only one layer is ever dense at a time.
+            LinearWeight::Quantized(q) => q.dequantize(x.device())?.to_dtype(x.dtype())?,
+        };
+        let dims = x.dims();
+        let in_dim = dims.last().copied().unwrap_or(0);
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = w.dim(0)?;
+        }
+        y.reshape(out_dims)
+    }
+}
