@@ -5,7 +5,7 @@
 //! diffusers accepts.
 //!
 //! The model is built from a [`Config`] (diffusers' `config.json`) and
-//! [`Weights`] (any [`WeightSource`]: a candle `VarBuilder`, memory-mapped
+//! [`Weights`] (any [`WeightSource`]: a candle `VarBuilder`, safetensors
 //! safetensors, tensors in memory, or the loader crate's original and GGUF
 //! checkpoints). Its parts ([`TransformerBlock`], [`Attention`], [`RopeEmbedder`],
 //! the embedders and [`OutputNorm`]) are public so that other pipelines can
