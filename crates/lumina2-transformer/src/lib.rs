@@ -6,7 +6,7 @@
 //!
 //! The model is built from a [`Config`] (diffusers' `config.json`) and
 //! [`Weights`] (any [`WeightSource`]: a candle `VarBuilder`, safetensors
-//! safetensors, tensors in memory, or the loader crate's original and GGUF
+//! files, tensors in memory, or the loader crate's original and GGUF
 //! checkpoints). Its parts ([`TransformerBlock`], [`Attention`], [`RopeEmbedder`],
 //! the embedders and [`OutputNorm`]) are public so that other pipelines can
 //! compose them.
