@@ -33,6 +33,21 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def report(load_s, runs, call):
+    """Times `runs` calls after one warm-up and prints the JSON line."""
+    times = []
+    with torch.inference_mode():
+        for k in range(runs + 1):
+            t0 = time.perf_counter()
+            call()
+            if k > 0:
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    print(json.dumps({"load_s": load_s, "times": times, "median_s": times[len(times) // 2],
+                      "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+                      "torch": torch.__version__}))
+
+
 def setup_transformer(a):
     from diffusers import Lumina2Transformer2DModel
 
@@ -69,17 +84,7 @@ def time_transformer(a):
         encoder_attention_mask=i["encoder_attention_mask"],
         return_dict=False,
     )
-    times = []
-    with torch.inference_mode():
-        for k in range(a.runs + 1):
-            t0 = time.perf_counter()
-            model(**args)
-            if k > 0:
-                times.append(time.perf_counter() - t0)
-    times.sort()
-    print(json.dumps({"load_s": load_s, "times": times, "median_s": times[len(times) // 2],
-                      "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__}))
+    report(load_s, a.runs, lambda: model(**args))
 
 
 def setup_text_encoder(a):
@@ -108,16 +113,8 @@ def time_text_encoder(a):
     model = Gemma2Model.from_pretrained(a.model, torch_dtype=dtype, attn_implementation="eager").eval()
     load_s = time.perf_counter() - t0
     i = load_file(a.inputs)
-    times = []
-    with torch.inference_mode():
-        for k in range(a.runs + 1):
-            t0 = time.perf_counter()
-            model(input_ids=i["input_ids"], attention_mask=i["attention_mask"], output_hidden_states=True)
-            if k > 0:
-                times.append(time.perf_counter() - t0)
-    times.sort()
-    print(json.dumps({"load_s": load_s, "times": times, "median_s": times[len(times) // 2],
-                      "peak_rss_mb": peak_rss_mb()}))
+    report(load_s, a.runs, lambda: model(input_ids=i["input_ids"], attention_mask=i["attention_mask"],
+                                         output_hidden_states=True))
 
 
 def setup_vae(a):
@@ -144,16 +141,7 @@ def time_vae(a, tiled):
         model.enable_tiling()
     load_s = time.perf_counter() - t0
     z = load_file(a.inputs)["latents"].to(dtype)
-    times = []
-    with torch.inference_mode():
-        for k in range(a.runs + 1):
-            t0 = time.perf_counter()
-            model.decode(z)
-            if k > 0:
-                times.append(time.perf_counter() - t0)
-    times.sort()
-    print(json.dumps({"load_s": load_s, "times": times, "median_s": times[len(times) // 2],
-                      "peak_rss_mb": peak_rss_mb()}))
+    report(load_s, a.runs, lambda: model.decode(z))
 
 
 def main():

@@ -70,6 +70,14 @@ pub struct BenchOptions {
     pub json: Option<PathBuf>,
 }
 
+impl BenchOptions {
+    /// The sizes as the Python worker's `--sizes` argument.
+    fn sizes_arg(&self) -> String {
+        let v: Vec<String> = self.sizes.iter().map(|s| s.to_string()).collect();
+        v.join(",")
+    }
+}
+
 /// Peak RSS of this process in MiB (Linux `VmHWM`).
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -324,12 +332,7 @@ fn bench_vae(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Re
         .join("target")
         .join("bench")
         .join("vae");
-    let sizes = opts
-        .sizes
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let sizes = opts.sizes_arg();
     let ready = opts
         .sizes
         .iter()
@@ -375,12 +378,7 @@ fn bench_transformer(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow
             "transformer-l{}-r{}",
             opts.layers, opts.refiner_layers
         ));
-    let sizes = opts
-        .sizes
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let sizes = opts.sizes_arg();
     let ready = opts
         .sizes
         .iter()
