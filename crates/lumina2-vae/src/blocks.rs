@@ -19,6 +19,22 @@ pub(crate) struct BlockParams {
     pub act: Activation,
 }
 
+/// `resnets.0..n`: the first maps `c_in` to `c_out`, the others keep `c_out`.
+fn load_resnets(
+    vb: &VarBuilder,
+    c_in: usize,
+    c_out: usize,
+    num_layers: usize,
+    p: BlockParams,
+) -> Result<Vec<ResnetBlock2D>> {
+    (0..num_layers)
+        .map(|i| {
+            let ci = if i == 0 { c_in } else { c_out };
+            ResnetBlock2D::load(&vb.pp("resnets").pp(i), ci, c_out, p.groups, EPS, p.act)
+        })
+        .collect()
+}
+
 /// `num_layers` resnets, then (except at the last level) a stride-2 3x3
 /// convolution after padding right and bottom by one (`Downsample2D`, padding 0).
 #[derive(Debug, Clone)]
@@ -36,12 +52,7 @@ impl DownEncoderBlock2D {
         add_downsample: bool,
         p: BlockParams,
     ) -> Result<Self> {
-        let resnets = (0..num_layers)
-            .map(|i| {
-                let ci = if i == 0 { c_in } else { c_out };
-                ResnetBlock2D::load(&vb.pp("resnets").pp(i), ci, c_out, p.groups, EPS, p.act)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = load_resnets(vb, c_in, c_out, num_layers, p)?;
         let downsample = if add_downsample {
             Some(Conv2d::load(
                 &vb.pp("downsamplers").pp("0").pp("conv"),
@@ -90,12 +101,7 @@ impl UpDecoderBlock2D {
         add_upsample: bool,
         p: BlockParams,
     ) -> Result<Self> {
-        let resnets = (0..num_layers)
-            .map(|i| {
-                let ci = if i == 0 { c_in } else { c_out };
-                ResnetBlock2D::load(&vb.pp("resnets").pp(i), ci, c_out, p.groups, EPS, p.act)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resnets = load_resnets(vb, c_in, c_out, num_layers, p)?;
         let upsample = if add_upsample {
             Some(Conv2d::load(
                 &vb.pp("upsamplers").pp("0").pp("conv"),
