@@ -1,8 +1,40 @@
 //! # lumina2-pipeline
 //!
-//! Wires the lumina2-rs model crates into diffusers' `Lumina2Pipeline`.
-//! Work in progress: see this crate's README.md.
+//! Lumina-Image 2.0 text-to-image on candle: diffusers' `Lumina2Pipeline`
+//! wired from the lumina2-rs model crates, and the `lumina2` command.
+//!
+//! - [`Lumina2Pipeline`] is built from a diffusers pipeline folder, a Hub repo
+//!   (through `lumina2-loader`), or component files the caller brings
+//!   ([`PipelineSources`]: any transformer checkpoint the loader reads, LoRAs).
+//! - [`GenerateOptions`] holds every argument of diffusers'
+//!   `Lumina2Pipeline.__call__` with its defaults; a seed draws the same noise
+//!   as `torch.Generator("cpu").manual_seed(seed)` ([`torch_rng`]).
+//! - Components are loaded one at a time and released after their stage unless
+//!   [`PipelineBuilder::keep_resident`] is set.
+//!
+//! This crate holds wiring only; the model math lives in the model crates.
 
 #![warn(missing_docs)]
 
+pub mod components;
+pub mod error;
+pub mod guidance;
+mod lora;
+pub mod memory;
+pub mod noise;
+pub mod options;
+pub mod pipeline;
+pub mod progress;
 pub mod torch_rng;
+
+pub use components::{LoraSpec, PipelineSources, TransformerSource};
+pub use error::{Error, Result};
+pub use options::{
+    Conditioning, GenerateOptions, GuidanceMode, Noise, OutputKind, PromptEmbeddingsInput,
+};
+pub use pipeline::{Generation, Lumina2Pipeline, PipelineBuilder};
+pub use progress::{Control, Event, Stage, StageTimings, StepInfo};
+
+pub use candle_core;
+pub use lumina2_scheduler::SolverKind;
+pub use lumina2_text_encoder::SystemPrompt;

@@ -4,6 +4,7 @@
 mod case;
 mod compare;
 mod gguf;
+mod pipeline;
 mod scheduler;
 mod text_encoder;
 mod transformer;
@@ -34,10 +35,7 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
         "vae_decode" | "vae_encode" => vae::prepare(case),
         "text_encoder" => text_encoder::prepare_text_encoder(case),
         "prompt_encoding" => text_encoder::prepare_prompt_encoding(case),
-        "pipeline" => Err(anyhow!(
-            "component `{}` is not implemented yet",
-            case.component
-        )),
+        "pipeline" => pipeline::prepare(case),
         other => Err(anyhow!("unknown component `{other}`")),
     }
 }

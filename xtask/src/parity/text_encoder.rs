@@ -44,7 +44,7 @@ struct PromptCase {
     opts: PromptOptions,
 }
 
-fn strings(v: &serde_json::Value, what: &str) -> Result<Vec<String>> {
+pub(super) fn strings(v: &serde_json::Value, what: &str) -> Result<Vec<String>> {
     let arr = v
         .as_array()
         .ok_or_else(|| anyhow!("`{what}` must be a list of strings"))?;

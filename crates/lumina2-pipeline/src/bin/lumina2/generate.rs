@@ -1,0 +1,577 @@
+//! `lumina2 generate`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use lumina2_pipeline::candle_core::{DType, Device};
+use lumina2_pipeline::{
+    Conditioning, Control, Error as PipelineError, Event, GenerateOptions, GuidanceMode,
+    Lumina2Pipeline, LoraSpec, Noise, OutputKind, PipelineSources, SolverKind, SystemPrompt,
+    TransformerSource,
+};
+
+use crate::output;
+
+/// The default model: the Hub repo of Lumina-Image 2.0 in diffusers' layout.
+const DEFAULT_MODEL: &str = "Alpha-VLLM/Lumina-Image-2.0";
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SamplerArg {
+    /// diffusers' FlowMatchEulerDiscrete step (1 model call per step).
+    Euler,
+    /// Second-order midpoint (2 model calls per step), the original sampler's default.
+    Midpoint,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GuidanceArg {
+    /// diffusers' Lumina2Pipeline semantics (the default).
+    Diffusers,
+    /// The Alpha-VLLM sampler's semantics.
+    Original,
+}
+
+/// Arguments of `lumina2 generate`, named after diffusers' in kebab case.
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// The prompt; repeat for a batch of prompts.
+    #[arg(short, long, required = true)]
+    prompt: Vec<String>,
+    /// Negative prompt: one for all prompts, or one per prompt (default "").
+    #[arg(short, long)]
+    negative_prompt: Vec<String>,
+    /// Image width in pixels, a multiple of 16 (default: the model's sample_size * 8).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels, a multiple of 16 (default: the model's sample_size * 8).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Denoising steps.
+    #[arg(long, visible_alias = "steps", default_value_t = 30)]
+    num_inference_steps: usize,
+    /// Classifier-free guidance scale (guidance only above 1).
+    #[arg(long, default_value_t = 4.0)]
+    guidance_scale: f64,
+    /// Fraction of the run with guidance (see --guidance-mode).
+    #[arg(long, default_value_t = 1.0)]
+    cfg_trunc_ratio: f64,
+    /// Do not renormalise the guided prediction.
+    #[arg(long)]
+    no_cfg_normalization: bool,
+    /// System prompt put in front of each prompt (default: diffusers').
+    #[arg(long, conflicts_with = "system_preset")]
+    system_prompt: Option<String>,
+    /// A system prompt preset of the original sampler: align, base, aesthetics, real, 4grid, empty.
+    #[arg(long)]
+    system_preset: Option<String>,
+    /// Text tokens per prompt (at most 512).
+    #[arg(long, default_value_t = 256)]
+    max_sequence_length: usize,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1)]
+    num_images_per_prompt: usize,
+    /// Seed of image 0; image i uses seed + i, drawn as
+    /// torch.Generator("cpu").manual_seed(seed + i) does (random when absent).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Custom sigmas, comma-separated (diffusers' `sigmas`; overrides the step count).
+    #[arg(long, value_delimiter = ',')]
+    sigmas: Option<Vec<f64>>,
+    /// Output path; `{seed}` and `{index}` are replaced. Several images without
+    /// a placeholder get `_{index}` before the extension.
+    #[arg(short, long, default_value = "lumina2_{seed}.png")]
+    output: String,
+    /// Also write the final latents (before the VAE) to this .safetensors file.
+    #[arg(long)]
+    output_latents: Option<PathBuf>,
+    /// Write only the latents (no VAE decode, no image); needs --output-latents.
+    #[arg(long, requires = "output_latents")]
+    latents_only: bool,
+
+    /// Hub repo id or local diffusers pipeline folder.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Never touch the network: use the Hugging Face cache only (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+    /// Transformer checkpoint file (.safetensors original/ComfyUI/diffusers, .pth, .gguf)
+    /// or diffusers folder, instead of the model's.
+    #[arg(long)]
+    transformer: Option<PathBuf>,
+    /// Folder or file with the config.json of --transformer (default: the model's).
+    #[arg(long)]
+    transformer_config: Option<PathBuf>,
+    /// Text encoder folder (transformers' Gemma-2 layout), instead of the model's.
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// tokenizer.json (or its folder), instead of the model's.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// VAE folder, instead of the model's.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// scheduler_config.json, instead of the model's.
+    #[arg(long)]
+    scheduler_config: Option<PathBuf>,
+    /// LoRA file with an optional scale, FILE[:SCALE]; repeatable.
+    #[arg(long)]
+    lora: Vec<String>,
+
+    /// Compute dtype.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Device: cpu, cuda[:N] or metal[:N] (GPU builds only).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Worker threads (default: RAYON_NUM_THREADS, else all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// ODE solver.
+    #[arg(long, value_enum, default_value = "euler")]
+    sampler: SamplerArg,
+    /// Guidance semantics.
+    #[arg(long, value_enum, default_value = "diffusers")]
+    guidance_mode: GuidanceArg,
+    /// Decode the image tile by tile (bounds the VAE's memory for large images).
+    #[arg(long)]
+    vae_tiling: bool,
+    /// Skip the up-front memory check.
+    #[arg(long)]
+    no_memory_check: bool,
+}
+
+/// A run stopped by Ctrl-C; the text says after which step.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted{}", self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+fn parse_lora(s: &str) -> Result<LoraSpec> {
+    // FILE:SCALE, where FILE may itself hold ':' (take the last one only when
+    // what follows parses as a number).
+    if let Some((file, scale)) = s.rsplit_once(':') {
+        if let Ok(v) = scale.parse::<f64>() {
+            if !v.is_finite() {
+                bail!("--lora {s}: the scale must be finite");
+            }
+            return Ok(LoraSpec {
+                path: PathBuf::from(file),
+                scale: v,
+            });
+        }
+    }
+    Ok(LoraSpec {
+        path: PathBuf::from(s),
+        scale: 1.0,
+    })
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    let (kind, ordinal) = match s.split_once(':') {
+        Some((k, n)) => (
+            k,
+            n.parse::<usize>()
+                .with_context(|| format!("--device {s}: `{n}` is not a device number"))?,
+        ),
+        None => (s, 0),
+    };
+    match kind {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(ordinal).with_context(|| {
+            format!("--device {s}: CUDA is not available (build with --features cuda)")
+        }),
+        "metal" => Device::new_metal(ordinal).with_context(|| {
+            format!("--device {s}: Metal is not available (build with --features metal)")
+        }),
+        other => bail!("--device: unknown device `{other}` (cpu, cuda[:N], metal[:N])"),
+    }
+}
+
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    let Some(n) = threads else { return Ok(()) };
+    if n == 0 {
+        bail!("--threads must be at least 1");
+    }
+    // candle's CPU kernels read RAYON_NUM_THREADS; rayon's global pool is built
+    // on first use, before any model code runs.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("setting the thread count")?;
+    Ok(())
+}
+
+/// Resolves `--model` (a folder or a Hub repo) and the component overrides.
+fn sources(args: &GenerateArgs, quiet: bool) -> Result<(PipelineSources, String)> {
+    let model_path = Path::new(&args.model);
+    let folder_sources = if model_path.is_dir() {
+        PipelineSources::from_pipeline_folder(model_path)
+            .with_context(|| format!("opening pipeline folder {}", model_path.display()))?
+    } else {
+        let offline = args.offline || hub_offline_env();
+        let folder = lumina2_loader::hub::HubRepo::new(&args.model)
+            .revision(&args.revision)
+            .offline(offline)
+            .download_pipeline(!quiet)
+            .with_context(|| format!("getting `{}` from the Hugging Face Hub", args.model))?;
+        PipelineSources::from_folder(&folder)
+    };
+    let mut s = folder_sources;
+    if let Some(t) = &args.transformer {
+        let config = args
+            .transformer_config
+            .clone()
+            .unwrap_or_else(|| s.transformer.config_path().to_path_buf());
+        s.transformer = if t.is_dir() {
+            TransformerSource::Folder(t.clone())
+        } else {
+            TransformerSource::File {
+                path: t.clone(),
+                config,
+            }
+        };
+    }
+    if let Some(p) = &args.text_encoder {
+        s.text_encoder = p.clone();
+    }
+    if let Some(p) = &args.tokenizer {
+        s.tokenizer = p.clone();
+    }
+    if let Some(p) = &args.vae {
+        s.vae = p.clone();
+    }
+    if let Some(p) = &args.scheduler_config {
+        s.scheduler_config = Some(p.clone());
+    }
+    s.loras = args
+        .lora
+        .iter()
+        .map(|l| parse_lora(l))
+        .collect::<Result<_>>()?;
+    let model_name = match &args.transformer {
+        Some(t) => t.display().to_string(),
+        None => args.model.clone(),
+    };
+    Ok((s, model_name))
+}
+
+fn hub_offline_env() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .unwrap_or(false)
+}
+
+fn options(args: &GenerateArgs, seed: u64) -> Result<GenerateOptions> {
+    let mut o = GenerateOptions::with_prompts(args.prompt.clone());
+    if !args.negative_prompt.is_empty() {
+        o.conditioning = Conditioning::Prompts {
+            prompts: args.prompt.clone(),
+            negative_prompts: Some(args.negative_prompt.clone()),
+        };
+    }
+    o.width = args.width;
+    o.height = args.height;
+    o.num_inference_steps = args.num_inference_steps;
+    o.guidance_scale = args.guidance_scale;
+    o.cfg_trunc_ratio = args.cfg_trunc_ratio;
+    o.cfg_normalization = !args.no_cfg_normalization;
+    o.system_prompt = match (&args.system_prompt, &args.system_preset) {
+        (Some(t), _) => SystemPrompt::Text(t.clone()),
+        (None, Some(p)) => SystemPrompt::preset(p)?,
+        (None, None) => SystemPrompt::default(),
+    };
+    o.sigmas = args.sigmas.clone();
+    o.num_images_per_prompt = args.num_images_per_prompt;
+    o.max_sequence_length = args.max_sequence_length;
+    o.output = if args.latents_only {
+        OutputKind::Latents
+    } else {
+        OutputKind::Images
+    };
+    o.solver = match args.sampler {
+        SamplerArg::Euler => SolverKind::Euler,
+        SamplerArg::Midpoint => SolverKind::Midpoint,
+    };
+    o.guidance_mode = match args.guidance_mode {
+        GuidanceArg::Diffusers => GuidanceMode::Diffusers,
+        GuidanceArg::Original => GuidanceMode::Original,
+    };
+    let batch = o.batch_size()?;
+    let seeds = (0..batch as u64)
+        .map(|i| {
+            seed.checked_add(i)
+                .with_context(|| format!("--seed {seed} + {i} overflows"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    o.noise = Noise::Seeds(seeds);
+    o.validate()?;
+    Ok(o)
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    // Seeds users can type: 2^53 keeps them exact in JSON and Python floats.
+    h.finish() % (1u64 << 53)
+}
+
+pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
+    set_threads(args.threads)?;
+    let seed = args.seed.unwrap_or_else(random_seed);
+    // Options are checked before anything is loaded or downloaded.
+    let opts = options(&args, seed)?;
+    let count = opts.batch_size()?;
+    let outputs: Vec<PathBuf> = if args.latents_only {
+        Vec::new()
+    } else {
+        (0..count)
+            .map(|i| output::output_path(&args.output, Some(seed + i as u64), i, count))
+            .collect()
+    };
+    for p in outputs.iter().chain(args.output_latents.iter()) {
+        output::check_writable(p)?;
+    }
+    let device = parse_device(&args.device)?;
+    let dtype = match args.dtype {
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::Bf16 => DType::BF16,
+        DtypeArg::F16 => DType::F16,
+    };
+
+    // Ctrl-C: the first stops the run after the current step (nothing is
+    // written); a second exits at once (still nothing written: files only
+    // appear by rename once complete).
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\nlumina2: interrupted; no image was written");
+                std::process::exit(i32::from(crate::EXIT_INTERRUPTED));
+            }
+            eprintln!("\nlumina2: stopping after this step (Ctrl-C again to quit now)");
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+
+    let (sources, model_name) = sources(&args, quiet)?;
+    let mut pipe = Lumina2Pipeline::builder(sources)
+        .dtype(dtype)
+        .device(device)
+        .vae_tiling(args.vae_tiling)
+        .build()?;
+    let (width, height) = pipe.resolve_size(&opts)?;
+    if !args.no_memory_check {
+        pipe.check_memory(&opts)?;
+    }
+    if interrupted.load(Ordering::SeqCst) {
+        return Err(Interrupted(" before denoising".into()).into());
+    }
+
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>9} [{bar:30}] {pos}/{len} steps  {msg}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b.set_prefix("denoising");
+        b
+    };
+    let steps_done = AtomicUsize::new(0);
+    let mut observer = |e: Event<'_>| -> Control {
+        match e {
+            Event::StageStarted(stage) => tracing::info!("{} ...", stage.name()),
+            Event::StageFinished(stage, d) => {
+                tracing::info!("{} done in {:.2} s", stage.name(), d.as_secs_f64());
+            }
+            Event::Step(s) => {
+                steps_done.store(s.step, Ordering::SeqCst);
+                if bar.length() != Some(s.num_steps as u64) {
+                    bar.set_length(s.num_steps as u64);
+                    bar.reset_eta();
+                }
+                bar.set_position(s.step as u64);
+                let secs = s.elapsed.as_secs_f64().max(1e-9);
+                bar.set_message(if secs >= 1.0 {
+                    format!("{secs:.2} s/it")
+                } else {
+                    format!("{:.2} it/s", 1.0 / secs)
+                });
+                tracing::debug!(
+                    "step {}/{} t={} sigma={} guidance={} calls={} {:.3} s",
+                    s.step,
+                    s.num_steps,
+                    s.timestep,
+                    s.sigma,
+                    s.guidance,
+                    s.model_calls,
+                    secs
+                );
+            }
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    };
+    let result = pipe.generate(&opts, &mut observer);
+    bar.finish_and_clear();
+    let out = match result {
+        Ok(out) => out,
+        Err(PipelineError::Stopped { step, steps }) => {
+            return Err(Interrupted(format!(" after step {step} of {steps}")).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for w in &out.warnings {
+        tracing::warn!("{w}");
+    }
+    if let Some(path) = &args.output_latents {
+        let bytes = lumina2_pipeline::candle_core::safetensors::save_to_bytes(
+            &[("latents", &out.latents), ("initial_latents", &out.initial_latents)],
+        )
+        .context("serialising the latents")?;
+        output::write_bytes(path, &bytes)?;
+        if !quiet {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    if !args.latents_only {
+        let images = out.rgb_images()?;
+        let prompts_per_image = prompt_of_each_image(&opts);
+        for (i, (img, path)) in images.iter().zip(&outputs).enumerate() {
+            let meta = metadata(&args, &opts, &model_name, seed + i as u64, width, height, &prompts_per_image, i);
+            output::write_png(path, img, &meta)?;
+            if !quiet {
+                eprintln!("wrote {}", path.display());
+            }
+        }
+    }
+    if !quiet {
+        let t = &out.timings;
+        let parts: Vec<String> = t
+            .stages
+            .iter()
+            .map(|(s, d)| format!("{} {:.2} s", s.name(), d.as_secs_f64()))
+            .collect();
+        eprintln!("timings: {} (total {:.2} s)", parts.join(", "), t.total().as_secs_f64());
+        if let Some(mean) = mean(&t.steps) {
+            eprintln!("denoising: {} steps, {:.3} s/step", t.steps.len(), mean.as_secs_f64());
+        }
+    }
+    Ok(())
+}
+
+fn mean(d: &[Duration]) -> Option<Duration> {
+    if d.is_empty() {
+        None
+    } else {
+        Some(d.iter().sum::<Duration>() / d.len() as u32)
+    }
+}
+
+/// Prompt and negative prompt of each image, in batch order (p0 p0 p1 p1).
+fn prompt_of_each_image(opts: &GenerateOptions) -> Vec<(String, String)> {
+    let Conditioning::Prompts {
+        prompts,
+        negative_prompts,
+    } = &opts.conditioning
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let neg = match negative_prompts {
+            Some(n) if n.len() == 1 => n[0].clone(),
+            Some(n) => n.get(i).cloned().unwrap_or_default(),
+            None => String::new(),
+        };
+        for _ in 0..opts.num_images_per_prompt {
+            out.push((p.clone(), neg.clone()));
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn metadata(
+    args: &GenerateArgs,
+    opts: &GenerateOptions,
+    model: &str,
+    seed: u64,
+    width: usize,
+    height: usize,
+    prompts: &[(String, String)],
+    index: usize,
+) -> Vec<(String, String)> {
+    let (prompt, negative) = prompts.get(index).cloned().unwrap_or_default();
+    let sampler = match args.sampler {
+        SamplerArg::Euler => "euler",
+        SamplerArg::Midpoint => "midpoint",
+    };
+    let guidance_mode = match args.guidance_mode {
+        GuidanceArg::Diffusers => "diffusers",
+        GuidanceArg::Original => "original",
+    };
+    let mut m = vec![
+        ("prompt".to_string(), prompt),
+        ("negative_prompt".to_string(), negative),
+        ("seed".to_string(), seed.to_string()),
+        ("num_inference_steps".to_string(), opts.num_inference_steps.to_string()),
+        ("guidance_scale".to_string(), opts.guidance_scale.to_string()),
+        ("cfg_trunc_ratio".to_string(), opts.cfg_trunc_ratio.to_string()),
+        ("cfg_normalization".to_string(), opts.cfg_normalization.to_string()),
+        ("width".to_string(), width.to_string()),
+        ("height".to_string(), height.to_string()),
+        ("sampler".to_string(), sampler.to_string()),
+        ("guidance_mode".to_string(), guidance_mode.to_string()),
+        ("model".to_string(), model.to_string()),
+        ("max_sequence_length".to_string(), opts.max_sequence_length.to_string()),
+        ("software".to_string(), format!("lumina2-rs {}", env!("CARGO_PKG_VERSION"))),
+    ];
+    if let Some(s) = Lumina2Pipeline::system_prompt_text(opts) {
+        m.push(("system_prompt".to_string(), s.to_string()));
+    }
+    if let Some(s) = &opts.sigmas {
+        let v: Vec<String> = s.iter().map(|x| x.to_string()).collect();
+        m.push(("sigmas".to_string(), v.join(",")));
+    }
+    for l in &args.lora {
+        m.push(("lora".to_string(), l.clone()));
+    }
+    m
+}

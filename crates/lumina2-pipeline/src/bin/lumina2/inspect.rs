@@ -1,0 +1,248 @@
+//! `lumina2 inspect FILE`: what a checkpoint is, read from its header only.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lumina2_loader::gguf::{GgufFile, MetadataValue};
+use lumina2_loader::{detect_layout, original::original_key_to_diffusers, PthFile};
+
+/// Arguments of `lumina2 inspect`.
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A checkpoint (.safetensors, .pth, .gguf) or a diffusers folder.
+    file: PathBuf,
+}
+
+/// One tensor as the file describes it.
+struct Entry {
+    key: String,
+    shape: Vec<usize>,
+    dtype: String,
+}
+
+/// The largest safetensors header we read (the real ones are a few MB).
+const MAX_HEADER: u64 = 256 << 20;
+
+fn safetensors_entries(path: &Path) -> Result<Vec<Entry>> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file_len = f.metadata()?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .with_context(|| format!("{}: too short for a safetensors header", path.display()))?;
+    let len = u64::from_le_bytes(n);
+    if len > MAX_HEADER || len + 8 > file_len {
+        bail!(
+            "{}: header length {len} is impossible for a file of {file_len} bytes",
+            path.display()
+        );
+    }
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact(&mut buf)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&buf)
+        .with_context(|| format!("{}: the header is not a JSON object", path.display()))?;
+    let mut out = Vec::new();
+    for (key, v) in header {
+        if key == "__metadata__" {
+            continue;
+        }
+        let dtype = v
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .unwrap_or("?")
+            .to_string();
+        let shape = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect())
+            .unwrap_or_default();
+        out.push(Entry { key, shape, dtype });
+    }
+    Ok(out)
+}
+
+fn gguf_entries(path: &Path) -> Result<(Vec<Entry>, Vec<(String, String)>)> {
+    let g = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let entries = g
+        .tensor_infos()
+        .iter()
+        .map(|t| Entry {
+            key: t.name.clone(),
+            // GGUF lists dimensions innermost first.
+            shape: t.dims.iter().rev().map(|&d| d as usize).collect(),
+            dtype: t.ggml_type.to_string(),
+        })
+        .collect();
+    let mut meta = vec![("gguf version".to_string(), g.version().to_string())];
+    for (k, v) in g.metadata() {
+        let text = match v {
+            MetadataValue::String(s) if s.len() <= 200 => s.clone(),
+            MetadataValue::String(s) => format!("<{} characters>", s.len()),
+            MetadataValue::Array(_) => "<array>".to_string(),
+            other => format!("{other:?}"),
+        };
+        meta.push((k.clone(), text));
+    }
+    Ok((entries, meta))
+}
+
+fn pth_entries(path: &Path) -> Result<Vec<Entry>> {
+    let p = PthFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(p.keys()
+        .into_iter()
+        .map(|k| Entry {
+            shape: p.shape(&k).unwrap_or_default(),
+            key: k,
+            dtype: "torch storage".to_string(),
+        })
+        .collect())
+}
+
+/// Transformer dimensions read back from the shapes (diffusers names).
+fn detect_transformer_config(entries: &[Entry]) -> Vec<(String, String)> {
+    let by_name: BTreeMap<String, &Entry> = entries
+        .iter()
+        .map(|e| (original_key_to_diffusers(&e.key), e))
+        .collect();
+    let count = |prefix: &str| {
+        let mut idx = std::collections::BTreeSet::new();
+        for k in by_name.keys() {
+            if let Some(rest) = k.strip_prefix(prefix) {
+                if let Some((i, _)) = rest.split_once('.') {
+                    if let Ok(i) = i.parse::<usize>() {
+                        idx.insert(i);
+                    }
+                }
+            }
+        }
+        idx.len()
+    };
+    let shape = |k: &str| by_name.get(k).map(|e| e.shape.clone());
+    let mut out = Vec::new();
+    if let Some(s) = shape("x_embedder.weight") {
+        if let [hidden, inp] = s[..] {
+            out.push(("hidden_size".into(), hidden.to_string()));
+            out.push(("in_channels * patch_size^2".into(), inp.to_string()));
+        }
+    }
+    for (name, prefix) in [
+        ("num_layers", "layers."),
+        ("num_refiner_layers (noise)", "noise_refiner."),
+        ("num_refiner_layers (context)", "context_refiner."),
+    ] {
+        out.push((name.into(), count(prefix).to_string()));
+    }
+    let cap = shape("time_caption_embed.caption_embedder.0.weight")
+        .or_else(|| shape("cap_embedder.0.weight"));
+    if let Some(s) = cap {
+        if let Some(d) = s.first() {
+            out.push(("cap_feat_dim".into(), d.to_string()));
+        }
+    }
+    let head_dim = shape("layers.0.attn.norm_q.weight")
+        .or_else(|| shape("layers.0.attention.q_norm.weight"))
+        .and_then(|s| s.first().copied());
+    if let Some(hd) = head_dim {
+        out.push(("head_dim".into(), hd.to_string()));
+        if let Some(q) = shape("layers.0.attn.to_q.weight").and_then(|s| s.first().copied()) {
+            out.push(("num_attention_heads".into(), (q / hd.max(1)).to_string()));
+        }
+        if let Some(k) = shape("layers.0.attn.to_k.weight").and_then(|s| s.first().copied()) {
+            out.push(("num_kv_heads".into(), (k / hd.max(1)).to_string()));
+        }
+    }
+    out
+}
+
+fn describe(path: &Path, format: &str, entries: &[Entry], extra: &[(String, String)]) {
+    println!("file: {}", path.display());
+    println!("format: {format}");
+    let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+    let layout = detect_layout(keys.iter().copied());
+    println!(
+        "key layout: {}",
+        match layout {
+            Some(l) => format!("Lumina2 transformer, {l:?} keys"),
+            None if keys.iter().any(|k| k.contains("lora")) => "LoRA".to_string(),
+            None => "not a Lumina2 transformer".to_string(),
+        }
+    );
+    println!("tensors: {}", entries.len());
+    let mut dtypes: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    let mut params: u64 = 0;
+    for e in entries {
+        let n: u64 = e.shape.iter().map(|&d| d as u64).product();
+        params += n;
+        let slot = dtypes.entry(e.dtype.as_str()).or_default();
+        slot.0 += 1;
+        slot.1 += n;
+    }
+    println!("parameters: {params} ({:.3} B)", params as f64 / 1e9);
+    println!("storage types:");
+    for (d, (count, n)) in &dtypes {
+        println!("  {d}: {count} tensors, {n} values");
+    }
+    if layout.is_some() {
+        println!("detected transformer config:");
+        for (k, v) in detect_transformer_config(entries) {
+            println!("  {k}: {v}");
+        }
+    }
+    if !extra.is_empty() {
+        println!("metadata:");
+        for (k, v) in extra {
+            println!("  {k}: {v}");
+        }
+    }
+}
+
+pub fn run(args: &InspectArgs) -> Result<()> {
+    let path = &args.file;
+    if path.is_dir() {
+        if path.join("model_index.json").is_file() {
+            let folder = lumina2_loader::PipelineFolder::open(path)?;
+            println!("diffusers pipeline folder: {}", path.display());
+            println!("{folder:#?}");
+            return Ok(());
+        }
+        let folder = lumina2_loader::ComponentFolder::open(path)?;
+        let mut entries = Vec::new();
+        for f in folder.safetensors_files() {
+            entries.extend(safetensors_entries(f)?);
+        }
+        let cfg = std::fs::read_to_string(path.join("config.json")).unwrap_or_default();
+        let mut extra = Vec::new();
+        if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(&cfg) {
+            for (k, v) in m {
+                extra.push((format!("config.{k}"), v.to_string()));
+            }
+        }
+        describe(path, "component folder (safetensors)", &entries, &extra);
+        return Ok(());
+    }
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "safetensors" => describe(path, "safetensors", &safetensors_entries(path)?, &[]),
+        "gguf" => {
+            let (entries, meta) = gguf_entries(path)?;
+            describe(path, "GGUF", &entries, &meta);
+        }
+        "pth" | "pt" | "bin" => describe(
+            path,
+            "PyTorch zip (read without executing pickle code)",
+            &pth_entries(path)?,
+            &[],
+        ),
+        _ => bail!(
+            "{}: unknown checkpoint type (expected .safetensors, .gguf, .pth or a folder)",
+            path.display()
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! `lumina2`: Lumina-Image 2.0 text-to-image from the command line.
+
+mod generate;
+mod inspect;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status of a run stopped by Ctrl-C (128 + SIGINT, the shell's convention).
+const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Parser)]
+#[command(name = "lumina2", version, about = "Lumina-Image 2.0 text-to-image on candle")]
+struct Cli {
+    /// Only errors on stderr (no progress bar, no stage timings).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// More logging (repeat for even more); `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from prompts.
+    Generate(Box<generate::GenerateArgs>),
+    /// Describe a checkpoint: format, key layout, dtypes, quantisation, parameters, config.
+    Inspect(inspect::InspectArgs),
+}
+
+fn init_logging(quiet: bool, verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.quiet, cli.verbose);
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(*args, cli.quiet),
+        Command::Inspect(args) => inspect::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(generate::Interrupted(step)) = e.downcast_ref::<generate::Interrupted>() {
+                eprintln!("lumina2: interrupted{step}; no image was written");
+                return ExitCode::from(EXIT_INTERRUPTED);
+            }
+            eprintln!("lumina2: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Where each component comes from, and loading it.
+//!
+//! The pipeline asks the loader for weights and builds the models; nothing of
+//! the model math lives here.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use lumina2_scheduler::SchedulerConfig;
+use lumina2_text_encoder::{Gemma2Encoder, GemmaTokenizer, PromptEncoder};
+use lumina2_transformer::{Config as TransformerConfig, Lumina2Transformer, WeightSource, Weights};
+use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, VarBuilder};
+
+use crate::error::{Error, Result};
+
+/// Where the transformer's weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TransformerSource {
+    /// A diffusers component folder (`config.json` + safetensors, sharded or not).
+    Folder(PathBuf),
+    /// A single file (`.safetensors` in the original, ComfyUI or diffusers
+    /// layout, the original `.pth`, or `.gguf`), with the folder (or file)
+    /// of the `config.json` that describes it.
+    File {
+        /// The checkpoint.
+        path: PathBuf,
+        /// A folder holding `config.json`, or the JSON file itself.
+        config: PathBuf,
+    },
+}
+
+impl TransformerSource {
+    /// The path of the `config.json` that describes the transformer.
+    pub fn config_path(&self) -> &Path {
+        match self {
+            TransformerSource::Folder(p) => p,
+            TransformerSource::File { config, .. } => config,
+        }
+    }
+}
+
+/// A LoRA to apply to the transformer, with its scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// The LoRA file (diffusers/PEFT or original/ComfyUI keys).
+    pub path: PathBuf,
+    /// Its strength (1.0 = as trained).
+    pub scale: f64,
+}
+
+/// The files of every component of a Lumina2 pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineSources {
+    /// The diffusion transformer.
+    pub transformer: TransformerSource,
+    /// LoRAs applied on top of the transformer, in order.
+    pub loras: Vec<LoraSpec>,
+    /// The Gemma-2 text encoder's transformers folder.
+    pub text_encoder: PathBuf,
+    /// `tokenizer.json`, or the folder that holds it.
+    pub tokenizer: PathBuf,
+    /// The VAE's diffusers folder.
+    pub vae: PathBuf,
+    /// `scheduler_config.json`; `None`: Lumina-Image 2.0's (shift 6, no
+    /// dynamic shifting).
+    pub scheduler_config: Option<PathBuf>,
+}
+
+impl PipelineSources {
+    /// The components of a diffusers pipeline folder (`model_index.json`,
+    /// `transformer/`, `text_encoder/`, `tokenizer/`, `vae/`, `scheduler/`).
+    pub fn from_pipeline_folder(path: impl AsRef<Path>) -> Result<Self> {
+        let folder = lumina2_loader::PipelineFolder::open(path.as_ref())?;
+        Ok(Self::from_folder(&folder))
+    }
+
+    /// The components of an opened pipeline folder (local or a Hub snapshot).
+    pub fn from_folder(folder: &lumina2_loader::PipelineFolder) -> Self {
+        Self {
+            transformer: TransformerSource::Folder(folder.transformer_dir().to_path_buf()),
+            loras: Vec::new(),
+            text_encoder: folder.text_encoder_dir().to_path_buf(),
+            tokenizer: folder.tokenizer_file().to_path_buf(),
+            vae: folder.vae_dir().to_path_buf(),
+            scheduler_config: Some(folder.scheduler_config().to_path_buf()),
+        }
+    }
+}
+
+/// Lumina-Image 2.0's `scheduler/scheduler_config.json`.
+pub fn lumina2_scheduler_config() -> SchedulerConfig {
+    SchedulerConfig {
+        shift: 6.0,
+        ..SchedulerConfig::default()
+    }
+}
+
+pub(crate) fn read_scheduler_config(path: Option<&Path>) -> Result<SchedulerConfig> {
+    match path {
+        Some(p) => Ok(SchedulerConfig::from_file(p)?),
+        None => Ok(lumina2_scheduler_config()),
+    }
+}
+
+pub(crate) fn load_prompt_encoder(
+    sources: &PipelineSources,
+    dtype: DType,
+    device: &Device,
+) -> Result<PromptEncoder> {
+    let tokenizer = GemmaTokenizer::from_file(&sources.tokenizer)?;
+    let encoder = Gemma2Encoder::from_folder(&sources.text_encoder, dtype, device)?;
+    Ok(PromptEncoder::new(tokenizer, encoder))
+}
+
+/// Opens the transformer's weights (LoRAs applied) without building the model.
+pub fn transformer_weights(
+    source: &TransformerSource,
+    loras: &[LoraSpec],
+    cfg: &TransformerConfig,
+) -> Result<Arc<dyn WeightSource>> {
+    let base: Arc<dyn WeightSource> = match source {
+        TransformerSource::Folder(dir) => {
+            let folder = lumina2_loader::ComponentFolder::open(dir)?;
+            Arc::new(lumina2_weights::SafetensorsSource::open(
+                folder.safetensors_files(),
+            )?)
+        }
+        TransformerSource::File { path, .. } => lumina2_loader::open_transformer_file(path, cfg)?,
+    };
+    if loras.is_empty() {
+        return Ok(base);
+    }
+    crate::lora::apply(base, loras, cfg)
+}
+
+pub(crate) fn load_transformer(
+    sources: &PipelineSources,
+    cfg: &TransformerConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<Lumina2Transformer> {
+    let source = transformer_weights(&sources.transformer, &sources.loras, cfg)?;
+    Ok(Lumina2Transformer::new(
+        cfg,
+        &Weights::new(source, dtype, device),
+    )?)
+}
+
+pub(crate) fn load_vae(
+    dir: &Path,
+    cfg: &AutoencoderKLConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<AutoencoderKL> {
+    let folder = lumina2_loader::ComponentFolder::open(dir)?;
+    let mut tensors = HashMap::new();
+    for f in folder.safetensors_files() {
+        let t = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| Error::File {
+            path: f.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        tensors.extend(t);
+    }
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    Ok(AutoencoderKL::new(cfg, &vb)?)
+}

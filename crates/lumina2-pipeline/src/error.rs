@@ -1,0 +1,88 @@
+//! The pipeline's error type.
+
+use std::path::PathBuf;
+
+/// Errors of the pipeline: invalid options, component errors (with the file,
+/// key and shapes those carry), and runs that had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An option of the request is invalid; nothing was computed.
+    #[error("invalid `{option}`: {reason}")]
+    InvalidOption {
+        /// The option, named as diffusers' argument.
+        option: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file of the pipeline could not be read or is not valid.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The transformer failed (loading or running).
+    #[error("transformer: {0}")]
+    Transformer(#[from] lumina2_transformer::Error),
+    /// The text encoder or tokenizer failed.
+    #[error("text encoder: {0}")]
+    TextEncoder(#[from] lumina2_text_encoder::Error),
+    /// The VAE failed.
+    #[error("VAE: {0}")]
+    Vae(#[from] lumina2_vae::VaeError),
+    /// The scheduler rejected its configuration or inputs.
+    #[error("scheduler: {0}")]
+    Scheduler(#[from] lumina2_scheduler::SchedulerError),
+    /// A checkpoint could not be found or opened.
+    #[error("{0}")]
+    Loader(#[from] lumina2_loader::Error),
+    /// A component folder could not be resolved into its files.
+    #[error("{0}")]
+    Folder(#[from] lumina2_weights::FolderError),
+    /// A weight could not be read.
+    #[error("{0}")]
+    Weights(#[from] lumina2_weights::Error),
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The latents stopped being finite: the run stops instead of decoding a
+    /// black image.
+    #[error("the latents hold {count} NaN/Inf values after denoising step {step} of {steps} (reduce the guidance scale, check the weights, or use f32)")]
+    NonFinite {
+        /// The 1-based step after which it was found.
+        step: usize,
+        /// The number of steps of the run.
+        steps: usize,
+        /// How many values are not finite.
+        count: usize,
+    },
+    /// The caller's step callback asked to stop.
+    #[error("stopped by the caller after step {step} of {steps}")]
+    Stopped {
+        /// Steps completed.
+        step: usize,
+        /// Steps planned.
+        steps: usize,
+    },
+    /// The run would need more memory than the machine has.
+    #[error("{what} needs about {needed_mib} MiB but only {available_mib} MiB are available; use a smaller size, fewer images, VAE tiling or bf16")]
+    OutOfMemory {
+        /// What was estimated.
+        what: String,
+        /// The estimate.
+        needed_mib: u64,
+        /// Memory available to this process.
+        available_mib: u64,
+    },
+}
+
+/// The pipeline's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn invalid(option: &'static str, reason: impl Into<String>) -> Error {
+    Error::InvalidOption {
+        option,
+        reason: reason.into(),
+    }
+}

@@ -1,0 +1,119 @@
+//! An up-front memory estimate, so that a request too large for the machine
+//! is refused with a number before anything is allocated.
+//!
+//! The estimate is deliberately simple: weights from the configs (or the file
+//! size of a single-file checkpoint, which covers quantised GGUF), and the
+//! largest activations of each stage with a safety factor. It is meant to
+//! catch absurd sizes, not to predict the peak to the megabyte.
+
+use std::path::Path;
+
+use candle_core::DType;
+use lumina2_transformer::Config as TransformerConfig;
+use lumina2_vae::{AutoencoderKLConfig, Tiling};
+
+/// Estimated bytes per stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Text encoder weights plus its activations.
+    pub encode: u64,
+    /// Transformer weights plus the activations of one forward.
+    pub denoise: u64,
+    /// VAE weights plus the decoder's activations.
+    pub decode: u64,
+}
+
+impl MemoryEstimate {
+    /// The peak: the largest stage when components are loaded one at a time,
+    /// all weights plus the largest activations when they stay resident.
+    pub fn peak(&self, resident: bool) -> u64 {
+        if resident {
+            self.encode + self.denoise + self.decode
+        } else {
+            self.encode.max(self.denoise).max(self.decode)
+        }
+    }
+}
+
+/// Bytes of one element of `dtype`.
+pub(crate) fn dtype_bytes(dtype: DType) -> u64 {
+    dtype.size_in_bytes() as u64
+}
+
+/// Weights and one forward of the transformer for `batch` images of
+/// `width` x `height` with `caption_len` text tokens.
+pub fn transformer_bytes(
+    cfg: &TransformerConfig,
+    weights_bytes: u64,
+    batch: usize,
+    width: usize,
+    height: usize,
+    caption_len: usize,
+) -> u64 {
+    let tokens = (width / 16) as u64 * (height / 16) as u64 + caption_len as u64;
+    let d = cfg.hidden_size as u64;
+    let ffn = cfg.ffn_inner_dim() as u64;
+    // Residual stream, normed copies, q/k/v/out and the two FFN branches, in
+    // f32 where diffusers upcasts; attention scores are chunked (64 MiB).
+    let per_token = (10 * d + 3 * ffn) * 4;
+    weights_bytes + batch as u64 * tokens * per_token + (64 << 20)
+}
+
+/// The transformer's parameters times the dtype size.
+pub fn transformer_weight_bytes(cfg: &TransformerConfig, dtype: DType) -> u64 {
+    let params: u64 = lumina2_transformer::weight_shapes(cfg)
+        .iter()
+        .map(|(_, s)| s.iter().map(|&v| v as u64).product::<u64>())
+        .sum();
+    params * dtype_bytes(dtype)
+}
+
+/// The VAE decoder's weights and activations for `batch` images.
+pub fn vae_decode_bytes(
+    cfg: &AutoencoderKLConfig,
+    weights_bytes: u64,
+    batch: usize,
+    width: usize,
+    height: usize,
+    tiled: bool,
+) -> u64 {
+    let pixels = if tiled {
+        let t = Tiling::from_config(cfg).sample_tile as u64;
+        (t * t).min(width as u64 * height as u64)
+    } else {
+        width as u64 * height as u64
+    };
+    let ch = cfg.block_out_channels.first().copied().unwrap_or(128) as u64;
+    // The last up block at full resolution: input, output, a residual and the
+    // 3x3 convolution's unfolded input (9 channels per channel), in f32.
+    weights_bytes + batch as u64 * pixels * ch * 4 * (3 + 9)
+}
+
+/// Total size of the regular files in `dir` (or of `dir` itself when it is a file).
+pub fn files_bytes(dir: &Path) -> u64 {
+    if dir.is_file() {
+        return std::fs::metadata(dir).map(|m| m.len()).unwrap_or(0);
+    }
+    std::fs::read_dir(dir)
+        .map(|it| {
+            it.filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.path()
+                        .extension()
+                        .is_some_and(|x| x == "safetensors" || x == "gguf" || x == "pth")
+                })
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Memory this process may still use: `MemAvailable` of `/proc/meminfo`
+/// (Linux), `None` where unknown.
+pub fn available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,319 @@
+//! What to generate: the arguments of diffusers' `Lumina2Pipeline.__call__`,
+//! with its defaults, plus the choices diffusers does not offer (solver,
+//! guidance semantics, noise source).
+
+use candle_core::Tensor;
+use lumina2_scheduler::SolverKind;
+use lumina2_text_encoder::SystemPrompt;
+
+use crate::error::{invalid, Result};
+
+/// diffusers rejects a longer `max_sequence_length`.
+pub const MAX_SEQUENCE_LENGTH: usize = 512;
+
+/// Width and height must be multiples of this (VAE factor 8 times patch 2).
+pub const SIZE_MULTIPLE: usize = 16;
+
+/// What conditions the image.
+#[derive(Debug, Clone)]
+pub enum Conditioning {
+    /// Prompts to encode (one image or `num_images_per_prompt` images each).
+    Prompts {
+        /// The prompts (the batch).
+        prompts: Vec<String>,
+        /// One negative prompt per prompt, or one for all; `None` is `""`.
+        negative_prompts: Option<Vec<String>>,
+    },
+    /// Embeddings computed beforehand (diffusers' `prompt_embeds` and friends).
+    Embeddings(PromptEmbeddingsInput),
+}
+
+/// Precomputed prompt embeddings: `[B, L, D]` embeddings and `[B, L]` masks
+/// (1 = token, 0 = padding, real tokens first), as the text encoder returns
+/// them. They are repeated `num_images_per_prompt` times like encoded prompts.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeddingsInput {
+    /// Positive prompt embeddings `[B, L, D]`.
+    pub prompt_embeds: Tensor,
+    /// Their mask `[B, L]`.
+    pub prompt_attention_mask: Tensor,
+    /// Negative embeddings, needed with guidance; same shape as `prompt_embeds`.
+    pub negative_prompt_embeds: Option<Tensor>,
+    /// Their mask.
+    pub negative_prompt_attention_mask: Option<Tensor>,
+}
+
+/// Where the initial noise comes from.
+#[derive(Debug, Clone)]
+pub enum Noise {
+    /// One generator for the whole batch: what diffusers draws with
+    /// `generator=torch.Generator("cpu").manual_seed(seed)` (one `randn` of
+    /// shape `[B, C, h, w]`).
+    Seed(u64),
+    /// One generator per image (diffusers' list of generators): image `i` is
+    /// drawn from `manual_seed(seeds[i])`, so each image can be regenerated
+    /// alone from its seed. The list length must equal the batch size.
+    Seeds(Vec<u64>),
+    /// Given initial latents `[B, C, h, w]` (diffusers' `latents` argument).
+    Latents(Tensor),
+}
+
+/// Classifier-free guidance semantics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuidanceMode {
+    /// diffusers' `Lumina2Pipeline` (the parity reference): guidance stops once
+    /// `(step + 1) / steps > cfg_trunc_ratio`; with `cfg_normalization` the
+    /// guided prediction is rescaled to the conditional one's norm taken over
+    /// the last axis (each latent row), always.
+    #[default]
+    Diffusers,
+    /// The Alpha-VLLM sampler (and ComfyUI's `RenormCFG` node): guidance while
+    /// the model time `t = 1 - sigma` is below `cfg_trunc_ratio`; the norm of the
+    /// guided prediction, taken over the whole latent of each image, is clamped
+    /// to the conditional one's (only scaled down); the system prompt is also
+    /// put in front of a non-empty negative prompt.
+    Original,
+}
+
+/// What the run returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputKind {
+    /// Decoded images.
+    #[default]
+    Images,
+    /// The final latents only (no VAE decode; diffusers' `output_type="latent"`).
+    Latents,
+}
+
+/// Everything one generation needs, with diffusers' defaults.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// The prompts or precomputed embeddings.
+    pub conditioning: Conditioning,
+    /// Image width in pixels, a multiple of 16; `None`: the transformer's
+    /// `sample_size * 8`.
+    pub width: Option<usize>,
+    /// Image height in pixels, a multiple of 16; `None`: `sample_size * 8`.
+    pub height: Option<usize>,
+    /// Denoising steps (30).
+    pub num_inference_steps: usize,
+    /// Guidance scale (4.0); guidance runs only above 1.
+    pub guidance_scale: f64,
+    /// Fraction of the run with guidance (1.0 = all of it); see [`GuidanceMode`].
+    pub cfg_trunc_ratio: f64,
+    /// Renormalise the guided prediction (true); see [`GuidanceMode`].
+    pub cfg_normalization: bool,
+    /// Put in front of each prompt (diffusers' default system prompt).
+    pub system_prompt: SystemPrompt,
+    /// Custom sigmas instead of `linspace(1, 1/N, N)` (diffusers' `sigmas`).
+    pub sigmas: Option<Vec<f64>>,
+    /// Images per prompt (1).
+    pub num_images_per_prompt: usize,
+    /// Initial noise (seed 0 when not set by the caller).
+    pub noise: Noise,
+    /// Text tokens per prompt after padding or truncation (256, at most 512).
+    pub max_sequence_length: usize,
+    /// Images or latents.
+    pub output: OutputKind,
+    /// The ODE solver (diffusers' Euler step by default).
+    pub solver: SolverKind,
+    /// Guidance semantics.
+    pub guidance_mode: GuidanceMode,
+}
+
+impl GenerateOptions {
+    /// Options for one prompt with diffusers' defaults.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self::with_prompts(vec![prompt.into()])
+    }
+
+    /// Options for a batch of prompts with diffusers' defaults.
+    pub fn with_prompts(prompts: Vec<String>) -> Self {
+        Self {
+            conditioning: Conditioning::Prompts {
+                prompts,
+                negative_prompts: None,
+            },
+            width: None,
+            height: None,
+            num_inference_steps: 30,
+            guidance_scale: 4.0,
+            cfg_trunc_ratio: 1.0,
+            cfg_normalization: true,
+            system_prompt: SystemPrompt::default(),
+            sigmas: None,
+            num_images_per_prompt: 1,
+            noise: Noise::Seed(0),
+            max_sequence_length: 256,
+            output: OutputKind::Images,
+            solver: SolverKind::Euler,
+            guidance_mode: GuidanceMode::Diffusers,
+        }
+    }
+
+    /// Whether classifier-free guidance runs at all (diffusers: scale > 1).
+    pub fn do_classifier_free_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// The number of prompts (before `num_images_per_prompt`).
+    pub fn prompt_batch(&self) -> Result<usize> {
+        match &self.conditioning {
+            Conditioning::Prompts { prompts, .. } => Ok(prompts.len()),
+            Conditioning::Embeddings(e) => Ok(e.prompt_embeds.dims().first().copied().unwrap_or(0)),
+        }
+    }
+
+    /// The number of images the run makes.
+    pub fn batch_size(&self) -> Result<usize> {
+        Ok(self.prompt_batch()? * self.num_images_per_prompt)
+    }
+
+    /// Checks every option that can be checked without the models.
+    pub fn validate(&self) -> Result<()> {
+        match &self.conditioning {
+            Conditioning::Prompts {
+                prompts,
+                negative_prompts,
+            } => {
+                if prompts.is_empty() {
+                    return Err(invalid("prompt", "no prompt given"));
+                }
+                if let Some(n) = negative_prompts {
+                    if n.len() != 1 && n.len() != prompts.len() {
+                        return Err(invalid(
+                            "negative_prompt",
+                            format!("{} negative prompts for {} prompts", n.len(), prompts.len()),
+                        ));
+                    }
+                }
+            }
+            Conditioning::Embeddings(e) => {
+                let d = e.prompt_embeds.dims();
+                if d.len() != 3 || d[0] == 0 {
+                    return Err(invalid(
+                        "prompt_embeds",
+                        format!("shape {d:?}, expected [B, L, D] with B > 0"),
+                    ));
+                }
+                check_mask("prompt_attention_mask", &e.prompt_attention_mask, d)?;
+                match (&e.negative_prompt_embeds, &e.negative_prompt_attention_mask) {
+                    (Some(n), Some(m)) => {
+                        if n.dims() != d {
+                            return Err(invalid(
+                                "negative_prompt_embeds",
+                                format!("shape {:?}, expected {d:?} (that of prompt_embeds)", n.dims()),
+                            ));
+                        }
+                        check_mask("negative_prompt_attention_mask", m, d)?;
+                    }
+                    (Some(_), None) => {
+                        return Err(invalid(
+                            "negative_prompt_attention_mask",
+                            "required with negative_prompt_embeds",
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(invalid(
+                            "negative_prompt_embeds",
+                            "a negative mask was given without embeddings",
+                        ))
+                    }
+                    (None, None) if self.do_classifier_free_guidance() => {
+                        return Err(invalid(
+                            "negative_prompt_embeds",
+                            "required with prompt_embeds when guidance_scale > 1",
+                        ))
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if let Some(v) = v {
+                check_size(name, v)?;
+            }
+        }
+        if self.num_inference_steps == 0 && self.sigmas.is_none() {
+            return Err(invalid("num_inference_steps", "must be at least 1"));
+        }
+        if self.num_inference_steps > 10_000 {
+            return Err(invalid(
+                "num_inference_steps",
+                format!("{} is absurd (at most 10000)", self.num_inference_steps),
+            ));
+        }
+        if let Some(s) = &self.sigmas {
+            if s.is_empty() {
+                return Err(invalid("sigmas", "empty list"));
+            }
+            if let Some(bad) = s.iter().find(|v| !v.is_finite()) {
+                return Err(invalid("sigmas", format!("{bad} is not finite")));
+            }
+        }
+        if !self.guidance_scale.is_finite() {
+            return Err(invalid("guidance_scale", "must be finite"));
+        }
+        if !self.cfg_trunc_ratio.is_finite() {
+            return Err(invalid("cfg_trunc_ratio", "must be finite"));
+        }
+        if self.num_images_per_prompt == 0 {
+            return Err(invalid("num_images_per_prompt", "must be at least 1"));
+        }
+        if self.max_sequence_length == 0 || self.max_sequence_length > MAX_SEQUENCE_LENGTH {
+            return Err(invalid(
+                "max_sequence_length",
+                format!(
+                    "{} is not in [1, {MAX_SEQUENCE_LENGTH}]",
+                    self.max_sequence_length
+                ),
+            ));
+        }
+        let batch = self.batch_size()?;
+        match &self.noise {
+            Noise::Seeds(s) if s.len() != batch => Err(invalid(
+                "generator",
+                format!(
+                    "{} seeds for an effective batch of {batch} images",
+                    s.len()
+                ),
+            )),
+            Noise::Latents(l) if l.dims().first() != Some(&batch) => Err(invalid(
+                "latents",
+                format!("shape {:?} for a batch of {batch} images", l.dims()),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn check_mask(name: &'static str, mask: &Tensor, embeds: &[usize]) -> Result<()> {
+    if mask.dims() != [embeds[0], embeds[1]] {
+        return Err(invalid(
+            name,
+            format!(
+                "shape {:?}, expected [{}, {}]",
+                mask.dims(),
+                embeds[0],
+                embeds[1]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an image side: positive, a multiple of 16, not absurd.
+pub fn check_size(name: &'static str, v: usize) -> Result<()> {
+    if v == 0 || v % SIZE_MULTIPLE != 0 {
+        return Err(invalid(
+            name,
+            format!("{v} is not a positive multiple of {SIZE_MULTIPLE}"),
+        ));
+    }
+    // Past this the latent sequence alone no longer fits any machine's memory.
+    const MAX_SIDE: usize = 16384;
+    if v > MAX_SIDE {
+        return Err(invalid(name, format!("{v} is larger than {MAX_SIDE} pixels")));
+    }
+    Ok(())
+}

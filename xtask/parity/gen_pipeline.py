@@ -1,0 +1,146 @@
+"""Pipeline cases: diffusers' Lumina2Pipeline end to end (prompts -> image) on a
+tiny random pipeline folder written by `save_pretrained` (model_index.json,
+tokenizer, Gemma-2 text encoder, transformer, VAE, scheduler)."""
+
+import os
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+from diffusers.utils import logging as _dlogging
+from transformers import AutoTokenizer
+
+import gen_text_encoder
+from common import randomize_, versions, write_case
+
+_dlogging.set_verbosity_error()
+
+# Caption features = the text encoder's hidden size (16); latent channels = the
+# VAE's (4); four VAE levels so that the image is 8x the latents, as the
+# pipeline assumes; axes_lens[0] covers caption + image positions.
+TRANSFORMER = dict(
+    sample_size=4, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+    num_attention_heads=4, num_kv_heads=2, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5,
+    axes_dim_rope=(2, 2, 4), axes_lens=(128, 32, 32), cap_feat_dim=16,
+)
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1, norm_num_groups=4, act_fn="silu", sample_size=32,
+    use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+    scaling_factor=0.3611, shift_factor=0.1159,
+)
+TEXT = gen_text_encoder.PROMPT_MODEL
+
+# name, args, given latents (shape or None), committed as a test fixture
+CASES = [
+    ("seed_cfg", dict(prompt=["a red fox in the snow"], negative_prompt=None, height=32, width=48,
+                      num_inference_steps=4, guidance_scale=4.0, cfg_trunc_ratio=1.0, cfg_normalization=True,
+                      system_prompt=None, max_sequence_length=32, num_images_per_prompt=1, seed=42), None, True),
+    ("batch_negative_trunc", dict(prompt=["a castle on a hill", "two cats asleep on a sofa"],
+                                  negative_prompt=["blurry", "low quality, watermark"], height=32, width=32,
+                                  num_inference_steps=4, guidance_scale=3.0, cfg_trunc_ratio=0.5,
+                                  cfg_normalization=False, system_prompt=None, max_sequence_length=24,
+                                  num_images_per_prompt=1, seed=7), None, True),
+    ("latents_no_cfg", dict(prompt=["an empty road at night"], negative_prompt=None, height=32, width=32,
+                            num_inference_steps=3, guidance_scale=1.0, cfg_trunc_ratio=1.0,
+                            cfg_normalization=True, system_prompt="", max_sequence_length=16,
+                            num_images_per_prompt=2, seed=0), (2, 4, 4, 4), False),
+    ("images_per_prompt_big_seed", dict(prompt=["a lighthouse"], negative_prompt=["dark"], height=48, width=32,
+                                        num_inference_steps=2, guidance_scale=5.5, cfg_trunc_ratio=1.0,
+                                        cfg_normalization=True,
+                                        system_prompt="You are an assistant designed to generate high-quality images.",
+                                        max_sequence_length=32, num_images_per_prompt=2, seed=2 ** 40 + 3),
+     None, False),
+]
+
+# Tolerances, measured on these cases (max |error| of our f32 pipeline against
+# diffusers' f32, see the parity report): initial_latents are bit-exact (torch's
+# CPU generator reproduced); images differ by float summation order in the
+# transformer and VAE only.
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def build_pipeline(src):
+    vocab = gen_text_encoder.build_tokenizer(os.path.join(src, "tokenizer"))
+    spec = dict(TEXT, vocab_size=max(vocab, TEXT["vocab_size"]))
+    text_encoder = gen_text_encoder.make_model(spec, 31, torch.float32)
+    transformer = Lumina2Transformer2DModel(**TRANSFORMER)
+    randomize_(transformer, 32)
+    vae = AutoencoderKL(**VAE)
+    randomize_(vae, 33)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(src, "tokenizer"))
+    pipe = Lumina2Pipeline(transformer=transformer.eval(), scheduler=scheduler, vae=vae.eval(),
+                           text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe.save_pretrained(os.path.join(src, "pipeline"))
+    # Reload: exactly what the files hold, with the tokenizer class a user gets.
+    return Lumina2Pipeline.from_pretrained(os.path.join(src, "pipeline"))
+
+
+def run(pipe, args, latents):
+    gen = None if latents is not None else torch.Generator("cpu").manual_seed(args["seed"])
+    initial = None
+    if latents is None:
+        # What prepare_latents draws with this generator (a fresh one, same seed).
+        b = len(args["prompt"]) * args["num_images_per_prompt"]
+        shape = (b, TRANSFORMER["in_channels"], 2 * (args["height"] // 16), 2 * (args["width"] // 16))
+        initial = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(args["seed"]))
+    with torch.no_grad():
+        out = pipe(prompt=args["prompt"], negative_prompt=args["negative_prompt"], height=args["height"],
+                   width=args["width"], num_inference_steps=args["num_inference_steps"],
+                   guidance_scale=args["guidance_scale"], cfg_trunc_ratio=args["cfg_trunc_ratio"],
+                   cfg_normalization=args["cfg_normalization"], system_prompt=args["system_prompt"],
+                   max_sequence_length=args["max_sequence_length"],
+                   num_images_per_prompt=args["num_images_per_prompt"], generator=gen, latents=latents,
+                   output_type="np")
+    expected = {"image": torch.from_numpy(np.asarray(out.images, dtype=np.float32))}
+    if initial is not None:
+        expected["initial_latents"] = initial
+    return expected
+
+
+def generate(out_dir, only_tiny=False, only_committed=False):
+    base = os.path.join(out_dir, "pipeline")
+    src = os.path.join(base, ".pipeline_src")
+    pipe = build_pipeline(src)
+    for name, args, latent_shape, committed in CASES:
+        if only_committed and not committed:
+            continue
+        case_dir = os.path.join(base, name)
+        link_tree_deep(os.path.join(src, "pipeline"), os.path.join(case_dir, "pipeline"))
+        inputs = None
+        latents = None
+        if latent_shape is not None:
+            latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(99))
+            inputs = {"latents": latents}
+        expected = run(pipe, args, latents)
+        # Multiple prompts with num_images_per_prompt > 1 hit diffusers' misordered
+        # masks (parity-cases.md): no case combines them.
+        assert not (len(args["prompt"]) > 1 and args["num_images_per_prompt"] > 1)
+        prov = {"generator": "xtask/parity/gen_pipeline.py", **versions()}
+        write_case(case_dir, "pipeline", "pipeline", inputs, expected, TOLERANCE, dtype="f32", args=args,
+                   provenance=prov)
+        print(f"pipeline/{name}: written")
+    import shutil
+    shutil.rmtree(src)
+
+
+def link_tree_deep(src, dst):
+    for root, _dirs, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        if files:
+            link_tree_files(root, os.path.join(dst, rel), files)
+
+
+def link_tree_files(src, dst, files):
+    import shutil
+    os.makedirs(dst, exist_ok=True)
+    for name in files:
+        s, d = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.exists(d):
+            os.remove(d)
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copyfile(s, d)

@@ -1,0 +1,111 @@
+//! `pipeline` cases: prompts to images through [`Lumina2Pipeline`].
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use lumina2_pipeline::{
+    Conditioning, GenerateOptions, Lumina2Pipeline, Noise, PipelineSources, SystemPrompt,
+};
+
+use super::case::{Case};
+use super::text_encoder::strings;
+use super::Prepared;
+
+struct PipelineCase {
+    pipe: Lumina2Pipeline,
+    opts: GenerateOptions,
+}
+
+pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
+    let a = &case.args;
+    let get = |k: &str| a.get(k).filter(|v| !v.is_null());
+    let prompts = strings(get("prompt").ok_or_else(|| anyhow!("args has no `prompt`"))?, "prompt")?;
+    let negative_prompts = get("negative_prompt")
+        .map(|v| strings(v, "negative_prompt"))
+        .transpose()?;
+    let mut opts = GenerateOptions::with_prompts(prompts.clone());
+    opts.conditioning = Conditioning::Prompts {
+        prompts,
+        negative_prompts,
+    };
+    let uint = |k: &str| -> Result<Option<usize>> {
+        get(k)
+            .map(|v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| anyhow!("`{k}` must be a non-negative integer"))
+            })
+            .transpose()
+    };
+    let float = |k: &str| -> Result<Option<f64>> {
+        get(k)
+            .map(|v| v.as_f64().ok_or_else(|| anyhow!("`{k}` must be a number")))
+            .transpose()
+    };
+    opts.height = uint("height")?;
+    opts.width = uint("width")?;
+    if let Some(n) = uint("num_inference_steps")? {
+        opts.num_inference_steps = n;
+    }
+    if let Some(v) = float("guidance_scale")? {
+        opts.guidance_scale = v;
+    }
+    if let Some(v) = float("cfg_trunc_ratio")? {
+        opts.cfg_trunc_ratio = v;
+    }
+    if let Some(v) = get("cfg_normalization") {
+        opts.cfg_normalization = v
+            .as_bool()
+            .ok_or_else(|| anyhow!("`cfg_normalization` must be a boolean"))?;
+    }
+    match get("system_prompt") {
+        None => {}
+        Some(serde_json::Value::String(s)) => opts.system_prompt = SystemPrompt::Text(s.clone()),
+        Some(_) => bail!("`system_prompt` must be a string or null"),
+    }
+    if let Some(n) = uint("max_sequence_length")? {
+        opts.max_sequence_length = n;
+    }
+    if let Some(n) = uint("num_images_per_prompt")? {
+        opts.num_images_per_prompt = n;
+    }
+    if let Some(v) = get("sigmas") {
+        let s = v
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| anyhow!("`sigmas` must be a list of numbers"))?;
+        opts.sigmas = Some(s);
+    }
+    let inputs = case.inputs()?;
+    opts.noise = match inputs.get("latents") {
+        Some(l) => Noise::Latents(l.clone()),
+        None => Noise::Seed(
+            get("seed")
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| anyhow!("a case without `latents` needs an integer `seed`"))?,
+        ),
+    };
+    let model_path = case.model()?;
+    let sources = PipelineSources::from_pipeline_folder(model_path)
+        .with_context(|| format!("opening {}", model_path.display()))?;
+    // Resident components: `--time` repeats the run without reloading.
+    let pipe = Lumina2Pipeline::builder(sources)
+        .dtype(case.dtype)
+        .device(Device::Cpu)
+        .keep_resident(true)
+        .build()?;
+    Ok(Box::new(PipelineCase { pipe, opts }))
+}
+
+impl Prepared for PipelineCase {
+    fn run(&mut self) -> Result<BTreeMap<String, Tensor>> {
+        let out = self.pipe.generate(&self.opts, &mut |_| Default::default())?;
+        let mut m = BTreeMap::new();
+        if let Some(images) = out.images {
+            m.insert("image".to_string(), images);
+        }
+        m.insert("initial_latents".to_string(), out.initial_latents);
+        Ok(m)
+    }
+}
