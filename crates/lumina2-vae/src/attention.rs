@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::Result;
 use crate::layers::{GroupNorm, Linear};
+use crate::profile::{span, Op};
 
 /// Queries per chunk: bounds the score matrix to `QUERY_CHUNK x tokens` f32.
 const QUERY_CHUNK: usize = 1024;
@@ -37,6 +38,7 @@ impl Attention {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _s = span(Op::Attention);
         let (b, c, h, w) = x.dims4()?;
         let n = h * w;
         let hs = self.group_norm.forward_f32(x)?.to_dtype(self.dtype)?;

@@ -123,9 +123,7 @@ impl UpDecoderBlock2D {
             x = r.forward(&x)?;
         }
         if let Some(conv) = &self.upsample {
-            let (_, _, h, w) = x.dims4()?;
-            let up = x.upsample_nearest2d(2 * h, 2 * w)?;
-            x = conv.forward(&up)?;
+            x = conv.forward_upsampled(&x)?;
         }
         Ok(x)
     }

@@ -7,10 +7,15 @@
 //! model dtype. Group norms and activations compute in f32 and round to the
 //! model dtype, as PyTorch's CPU kernels do.
 
-use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::error::{Result, VaeError};
+use crate::cpu_conv::{self, Geometry, PackedConv};
+use crate::cpu_norm::{self, FusedAct, NormShape};
+use crate::error::{input_err, Result, VaeError};
+use crate::profile::{span, Op};
 
 /// Loads `name` under `vb`'s prefix with exactly `shape`, with typed errors.
 pub(crate) fn get(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor> {
@@ -60,11 +65,19 @@ pub(crate) fn round_through(x: &Tensor, dtype: DType) -> Result<Tensor> {
 /// A 2D convolution with bias (`nn.Conv2d`).
 #[derive(Debug, Clone)]
 pub(crate) struct Conv2d {
-    weight: Tensor,
-    bias: Tensor,
+    kind: ConvKind,
+    kernel: usize,
     stride: usize,
     padding: usize,
     dtype: DType,
+}
+
+/// Where the convolution runs: our packed CPU kernel (f32 on x86-64 with
+/// AVX2/FMA, see `cpu_conv`) or candle's `conv2d` (other devices and CPUs).
+#[derive(Debug, Clone)]
+enum ConvKind {
+    Packed(Arc<PackedConv>),
+    Candle { weight: Tensor, bias: Tensor },
 }
 
 impl Conv2d {
@@ -80,12 +93,24 @@ impl Conv2d {
         let dtype = vb.dtype();
         let cdt = compute_dtype(dtype, vb.device());
         let weight = get(vb, &[c_out, c_in, kernel, kernel], "weight")?.to_dtype(cdt)?;
-        let bias = get(vb, &[c_out], "bias")?
-            .to_dtype(cdt)?
-            .reshape((1, c_out, 1, 1))?;
+        let bias = get(vb, &[c_out], "bias")?.to_dtype(cdt)?;
+        let packed = if vb.device().is_cpu() && cdt == DType::F32 && cpu_conv::available() {
+            let w = weight.flatten_all()?.to_vec1::<f32>()?;
+            let b = bias.to_vec1::<f32>()?;
+            PackedConv::new(&w, &b, c_out, c_in, kernel)
+        } else {
+            None
+        };
+        let kind = match packed {
+            Some(p) => ConvKind::Packed(Arc::new(p)),
+            None => ConvKind::Candle {
+                weight,
+                bias: bias.reshape((1, c_out, 1, 1))?,
+            },
+        };
         Ok(Self {
-            weight,
-            bias,
+            kind,
+            kernel,
             stride,
             padding,
             dtype,
@@ -94,12 +119,73 @@ impl Conv2d {
 
     /// Applies the convolution; the output has the model dtype.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.to_dtype(self.weight.dtype())?;
-        let y = x
-            .conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-            .broadcast_add(&self.bias)?;
+        self.run(x, 1)
+    }
+
+    /// Nearest 2x upsampling then the convolution (`Upsample2D`), fused on the
+    /// CPU path so that the upsampled tensor is never built.
+    pub(crate) fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, 2)
+    }
+
+    fn run(&self, x: &Tensor, upsample: usize) -> Result<Tensor> {
+        let _s = span(if self.kernel == 1 {
+            Op::Conv1x1
+        } else {
+            Op::Conv3x3
+        });
+        let y = match &self.kind {
+            ConvKind::Packed(p) => self.run_packed(p, x, upsample)?,
+            ConvKind::Candle { weight, bias } => {
+                let mut x = x.to_dtype(weight.dtype())?;
+                if upsample != 1 {
+                    let _s = span(Op::Upsample);
+                    let (_, _, h, w) = x.dims4()?;
+                    x = x.upsample_nearest2d(upsample * h, upsample * w)?;
+                }
+                x.conv2d(weight, self.padding, self.stride, 1, 1)?
+                    .broadcast_add(bias)?
+            }
+        };
         Ok(y.to_dtype(self.dtype)?)
     }
+
+    fn run_packed(&self, p: &PackedConv, x: &Tensor, upsample: usize) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != p.c_in() {
+            return Err(input_err(
+                "convolution input",
+                format!("{c} channels, the weights expect {}", p.c_in()),
+            ));
+        }
+        let g = Geometry {
+            stride: self.stride,
+            padding: self.padding,
+            upsample,
+        };
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let out = with_cpu_f32(&x, |xs| p.forward(xs, b, h, w, g))?
+            .ok_or_else(|| input_err("convolution input", "not on the CPU, as the weights"))?;
+        match out {
+            Some((y, ho, wo)) => Ok(Tensor::from_vec(y, (b, p.c_out(), ho, wo), x.device())?),
+            None => Err(input_err(
+                "convolution input",
+                format!(
+                    "{h}x{w} (upsampled {upsample}x) is too small for a {0}x{0} kernel with padding {1}",
+                    self.kernel, self.padding
+                ),
+            )),
+        }
+    }
+}
+
+/// Runs `f` on the data of a contiguous f32 CPU tensor (`None` otherwise).
+pub(crate) fn with_cpu_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<Option<T>> {
+    let (storage, layout) = x.storage_and_layout();
+    Ok(match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => v.get(a..b).map(f),
+        _ => None,
+    })
 }
 
 /// A linear layer with bias (`nn.Linear`), applied to the last dimension.
@@ -144,6 +230,9 @@ impl Linear {
 pub(crate) struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
+    /// The same parameters for the CPU path (`cpu_norm`).
+    weight_v: Vec<f32>,
+    bias_v: Vec<f32>,
     groups: usize,
     eps: f64,
 }
@@ -151,22 +240,60 @@ pub(crate) struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` [c] and `bias` [c].
     pub(crate) fn load(vb: &VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
-        let weight = get(vb, &[channels], "weight")?
-            .to_dtype(DType::F32)?
-            .reshape((1, channels, 1, 1))?;
-        let bias = get(vb, &[channels], "bias")?
-            .to_dtype(DType::F32)?
-            .reshape((1, channels, 1, 1))?;
+        let weight = get(vb, &[channels], "weight")?.to_dtype(DType::F32)?;
+        let bias = get(vb, &[channels], "bias")?.to_dtype(DType::F32)?;
         Ok(Self {
-            weight,
-            bias,
+            weight_v: weight.to_vec1()?,
+            bias_v: bias.to_vec1()?,
+            weight: weight.reshape((1, channels, 1, 1))?,
+            bias: bias.reshape((1, channels, 1, 1))?,
             groups,
             eps,
         })
     }
 
+    /// The CPU path: `act(round(norm(x)))` in f32, one pass per statistic and
+    /// one for the output, where `round` stores in `dtype` as PyTorch does;
+    /// `None` when `x` is not on the CPU.
+    fn forward_cpu(&self, x: &Tensor, act: FusedAct, dtype: DType) -> Result<Option<Tensor>> {
+        if !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let shape = NormShape {
+            batch: b,
+            channels: c,
+            hw: h * w,
+            groups: self.groups,
+        };
+        let (wv, bv, eps) = (&self.weight_v, &self.bias_v, self.eps);
+        let y = match dtype {
+            DType::BF16 => with_cpu_f32(&x, |xs| {
+                cpu_norm::group_norm_act(xs, shape, eps, wv, bv, act, |v| {
+                    half::bf16::from_f32(v).to_f32()
+                })
+            })?,
+            DType::F16 => with_cpu_f32(&x, |xs| {
+                cpu_norm::group_norm_act(xs, shape, eps, wv, bv, act, |v| {
+                    half::f16::from_f32(v).to_f32()
+                })
+            })?,
+            _ => with_cpu_f32(&x, |xs| {
+                cpu_norm::group_norm_act(xs, shape, eps, wv, bv, act, |v| v)
+            })?,
+        };
+        Ok(match y.flatten() {
+            Some(y) => Some(Tensor::from_vec(y, (b, c, h, w), x.device())?),
+            None => None,
+        })
+    }
+
     /// Normalises `x` [b, c, h, w]; the output is f32.
     pub(crate) fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cpu(x, FusedAct::None, DType::F32)? {
+            return Ok(y);
+        }
         let (b, c, h, w) = x.dims4()?;
         let g = self.groups;
         let n = (c / g * h * w) as f64;
@@ -236,6 +363,21 @@ pub(crate) fn norm_act(
     x: &Tensor,
     dtype: DType,
 ) -> Result<Tensor> {
-    let y = round_through(&norm.forward_f32(x)?, dtype)?;
+    let fused = match act {
+        Activation::Silu => Some(FusedAct::Silu),
+        Activation::Relu => Some(FusedAct::Relu),
+        Activation::Gelu | Activation::Mish => None,
+    };
+    if let Some(f) = fused {
+        let _s = span(Op::GroupNorm);
+        if let Some(y) = norm.forward_cpu(x, f, dtype)? {
+            return Ok(y.to_dtype(dtype)?);
+        }
+    }
+    let y = {
+        let _s = span(Op::GroupNorm);
+        round_through(&norm.forward_f32(x)?, dtype)?
+    };
+    let _s = span(Op::Activation);
     Ok(act.apply(&y)?.to_dtype(dtype)?)
 }

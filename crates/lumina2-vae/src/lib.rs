@@ -16,11 +16,14 @@ mod attention;
 mod autoencoder;
 mod blocks;
 pub mod config;
+mod cpu_conv;
+mod cpu_norm;
 mod decoder;
 mod encoder;
 pub mod error;
 pub mod image;
 mod layers;
+pub mod profile;
 mod resnet;
 pub mod tiling;
 

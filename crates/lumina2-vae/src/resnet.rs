@@ -5,6 +5,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::Result;
 use crate::layers::{norm_act, Activation, Conv2d, GroupNorm};
+use crate::profile::{span, Op};
 
 /// `norm1 -> act -> conv1 -> norm2 -> act -> conv2`, plus the input (through a
 /// 1x1 `conv_shortcut` when the channel count changes).
@@ -52,6 +53,7 @@ impl ResnetBlock2D {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
+        let _s = span(Op::Residual);
         Ok((shortcut + h)?)
     }
 }

@@ -1,0 +1,221 @@
+//! The CPU fast path of group norm followed by an activation: one task per
+//! (batch item, group), three passes over the group's contiguous NCHW slice
+//! (mean, centred variance, then normalise + affine + activation), instead of
+//! a dozen candle ops each writing a tensor.
+//!
+//! Numerics as [`crate::layers::GroupNorm`]: f32 partial sums over blocks,
+//! blocks summed in f64, variance of the centred values. SiLU uses a
+//! vectorisable `exp` accurate to a few ulp (PyTorch's CPU kernel uses SLEEF's).
+
+use rayon::prelude::*;
+
+/// Activation fused into the normalisation pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FusedAct {
+    /// No activation.
+    None,
+    /// `x * sigmoid(x)`.
+    Silu,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+/// Sizes of one group norm over a [b, c, hw] tensor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NormShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub hw: usize,
+    pub groups: usize,
+}
+
+/// Elements summed in f32 before the running sum moves to f64.
+const BLOCK: usize = 4096;
+
+/// `act(round(norm(x) * weight + bias))` for contiguous NCHW `x`; `round`
+/// rounds the norm's output to the model dtype (identity for f32), as
+/// PyTorch stores it before the activation reads it. `None` when the sizes
+/// do not fit (the caller falls back to candle).
+pub(crate) fn group_norm_act<R>(
+    x: &[f32],
+    s: NormShape,
+    eps: f64,
+    weight: &[f32],
+    bias: &[f32],
+    act: FusedAct,
+    round: R,
+) -> Option<Vec<f32>>
+where
+    R: Fn(f32) -> f32 + Sync,
+{
+    let NormShape {
+        batch,
+        channels,
+        hw,
+        groups,
+    } = s;
+    if groups == 0
+        || channels % groups != 0
+        || x.len() != batch * channels * hw
+        || weight.len() != channels
+        || bias.len() != channels
+        || x.is_empty()
+    {
+        return None;
+    }
+    let cg = channels / groups;
+    let len = cg * hw;
+    let mut out = vec![0f32; x.len()];
+    x.par_chunks(len)
+        .zip(out.par_chunks_mut(len))
+        .enumerate()
+        .for_each(|(i, (xs, os))| {
+            let n = len as f64;
+            let mean = sum(xs) / n;
+            let var = sum_sq_centred(xs, mean as f32) / n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let c0 = (i % groups) * cg;
+            for (c, (xr, or)) in xs.chunks(hw).zip(os.chunks_mut(hw)).enumerate() {
+                let scale = (rstd * weight[c0 + c] as f64) as f32;
+                let shift = (bias[c0 + c] as f64 - mean * rstd * weight[c0 + c] as f64) as f32;
+                apply(xr, or, scale, shift, act, &round);
+            }
+        });
+    Some(out)
+}
+
+fn sum(xs: &[f32]) -> f64 {
+    xs.chunks(BLOCK).map(|b| dispatch_sum(b, None) as f64).sum()
+}
+
+fn sum_sq_centred(xs: &[f32], mean: f32) -> f64 {
+    xs.chunks(BLOCK)
+        .map(|b| dispatch_sum(b, Some(mean)) as f64)
+        .sum()
+}
+
+/// Sum of `b` (or of `(b - m)^2` with `Some(m)`) in 16 f32 lanes.
+fn dispatch_sum(b: &[f32], centre: Option<f32>) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu_conv::available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { sum_avx2(b, centre) };
+    }
+    sum_lanes(b, centre)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_avx2(b: &[f32], centre: Option<f32>) -> f32 {
+    sum_lanes(b, centre)
+}
+
+#[inline(always)]
+fn sum_lanes(b: &[f32], centre: Option<f32>) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = b.chunks_exact(16);
+    let tail = chunks.remainder();
+    let mut t = 0f32;
+    match centre {
+        None => {
+            for ch in chunks {
+                for (a, &v) in acc.iter_mut().zip(ch) {
+                    *a += v;
+                }
+            }
+            for &v in tail {
+                t += v;
+            }
+        }
+        Some(m) => {
+            for ch in chunks {
+                for (a, &v) in acc.iter_mut().zip(ch) {
+                    let d = v - m;
+                    *a += d * d;
+                }
+            }
+            for &v in tail {
+                t += (v - m) * (v - m);
+            }
+        }
+    }
+    acc.iter().sum::<f32>() + t
+}
+
+fn apply<R: Fn(f32) -> f32>(
+    x: &[f32],
+    o: &mut [f32],
+    scale: f32,
+    shift: f32,
+    act: FusedAct,
+    round: &R,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu_conv::available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { apply_avx2(x, o, scale, shift, act, round) };
+    }
+    apply_generic(x, o, scale, shift, act, round)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn apply_avx2<R: Fn(f32) -> f32>(
+    x: &[f32],
+    o: &mut [f32],
+    scale: f32,
+    shift: f32,
+    act: FusedAct,
+    round: &R,
+) {
+    apply_generic(x, o, scale, shift, act, round)
+}
+
+#[inline(always)]
+fn apply_generic<R: Fn(f32) -> f32>(
+    x: &[f32],
+    o: &mut [f32],
+    scale: f32,
+    shift: f32,
+    act: FusedAct,
+    round: &R,
+) {
+    let it = o.iter_mut().zip(x);
+    match act {
+        FusedAct::None => it.for_each(|(o, &v)| *o = round(v * scale + shift)),
+        FusedAct::Relu => it.for_each(|(o, &v)| *o = round(v * scale + shift).max(0.0)),
+        FusedAct::Silu => it.for_each(|(o, &v)| *o = silu(round(v * scale + shift))),
+    }
+}
+
+/// `x / (1 + exp(-x))`.
+#[inline(always)]
+pub(crate) fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+/// `e^x` for f32, branch-free so that loops over it vectorise: `x = n ln2 + r`
+/// with |r| <= ln2 / 2, a degree-7 polynomial for `e^r` (Cephes' `expf`
+/// coefficients), `2^n` built in the exponent bits. Inputs are clamped to the
+/// range whose result is a normal float (below it the result is ~0, above inf
+/// is not needed by SiLU).
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let bits = ((n as i32 + 127) as u32) << 23;
+    er * f32::from_bits(bits)
+}
