@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import gen_gguf  # noqa: E402
+import gen_lora  # noqa: E402
+import gen_pipeline  # noqa: E402
 import gen_transformer  # noqa: E402
 import gen_transformer_single  # noqa: E402
 import gen_text_encoder  # noqa: E402
@@ -26,6 +28,8 @@ GENERATORS["gguf_dequant"] = gen_gguf.generate
 GENERATORS["vae"] = gen_vae.generate
 GENERATORS["text_encoder"] = gen_text_encoder.generate
 GENERATORS["transformer_single_file"] = gen_transformer_single.generate
+GENERATORS["lora"] = gen_lora.generate
+GENERATORS["pipeline"] = gen_pipeline.generate
 
 
 def main():
