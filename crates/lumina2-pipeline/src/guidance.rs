@@ -65,8 +65,10 @@ pub fn combine(
             // Norms over each image's whole latent; only ever scaled down.
             let b = c.dim(0)?;
             let cond_norm = rounded(c.reshape((b, ()))?.sqr()?.sum_keepdim(1)?.sqrt()?, dtype)?;
-            let pred_norm =
-                rounded(guided.reshape((b, ()))?.sqr()?.sum_keepdim(1)?.sqrt()?, dtype)?;
+            let pred_norm = rounded(
+                guided.reshape((b, ()))?.sqr()?.sum_keepdim(1)?.sqrt()?,
+                dtype,
+            )?;
             let ratio = rounded(cond_norm.broadcast_div(&pred_norm)?, dtype)?;
             let clamp = pred_norm.ge(&cond_norm)?;
             let ones = Tensor::ones_like(&ratio)?;

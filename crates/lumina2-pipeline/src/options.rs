@@ -202,7 +202,10 @@ impl GenerateOptions {
                         if n.dims() != d {
                             return Err(invalid(
                                 "negative_prompt_embeds",
-                                format!("shape {:?}, expected {d:?} (that of prompt_embeds)", n.dims()),
+                                format!(
+                                    "shape {:?}, expected {d:?} (that of prompt_embeds)",
+                                    n.dims()
+                                ),
                             ));
                         }
                         check_mask("negative_prompt_attention_mask", m, d)?;
@@ -273,10 +276,7 @@ impl GenerateOptions {
         match &self.noise {
             Noise::Seeds(s) if s.len() != batch => Err(invalid(
                 "generator",
-                format!(
-                    "{} seeds for an effective batch of {batch} images",
-                    s.len()
-                ),
+                format!("{} seeds for an effective batch of {batch} images", s.len()),
             )),
             Noise::Latents(l) if l.dims().first() != Some(&batch) => Err(invalid(
                 "latents",
@@ -313,7 +313,10 @@ pub fn check_size(name: &'static str, v: usize) -> Result<()> {
     // Past this the latent sequence alone no longer fits any machine's memory.
     const MAX_SIDE: usize = 16384;
     if v > MAX_SIDE {
-        return Err(invalid(name, format!("{v} is larger than {MAX_SIDE} pixels")));
+        return Err(invalid(
+            name,
+            format!("{v} is larger than {MAX_SIDE} pixels"),
+        ));
     }
     Ok(())
 }

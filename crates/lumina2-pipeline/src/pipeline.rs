@@ -9,9 +9,9 @@ use lumina2_transformer::{Config as TransformerConfig, Lumina2Transformer};
 use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
 
 use crate::components::{self, PipelineSources, TransformerSource};
-use crate::memory::{self, MemoryEstimate};
 use crate::error::{invalid, Error, Result};
 use crate::guidance;
+use crate::memory::{self, MemoryEstimate};
 use crate::noise;
 use crate::options::{check_size, Conditioning, GenerateOptions, GuidanceMode, OutputKind};
 use crate::progress::{Control, Event, Stage, StageTimings, StepInfo};
@@ -45,7 +45,11 @@ impl Generation {
         let per = h * w * 3;
         let mut out = Vec::with_capacity(b);
         for chunk in data.chunks_exact(per.max(1)).take(b) {
-            let bytes: Vec<u8> = chunk.iter().copied().map(lumina2_vae::image::to_u8).collect();
+            let bytes: Vec<u8> = chunk
+                .iter()
+                .copied()
+                .map(lumina2_vae::image::to_u8)
+                .collect();
             let img = image::RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
                 invalid("images", format!("{w}x{h} does not fit an image buffer"))
             })?;
@@ -102,7 +106,8 @@ impl PipelineBuilder {
                 format!("{:?} is not a compute dtype (f32, bf16, f16)", self.dtype),
             ));
         }
-        let transformer_config = TransformerConfig::from_file(self.sources.transformer.config_path())?;
+        let transformer_config =
+            TransformerConfig::from_file(self.sources.transformer.config_path())?;
         let vae_config = AutoencoderKLConfig::from_file(&self.sources.vae)?;
         let scheduler_config =
             components::read_scheduler_config(self.sources.scheduler_config.as_deref())?;
@@ -379,7 +384,8 @@ impl Lumina2Pipeline {
         let n = opts.num_images_per_prompt;
         let (prompts, negatives) = match &opts.conditioning {
             Conditioning::Embeddings(e) => {
-                let negative = match (&e.negative_prompt_embeds, &e.negative_prompt_attention_mask) {
+                let negative = match (&e.negative_prompt_embeds, &e.negative_prompt_attention_mask)
+                {
                     (Some(ne), Some(nm)) if cfg => Some((repeat(ne, n)?, repeat(nm, n)?)),
                     _ => None,
                 };
@@ -441,7 +447,10 @@ impl Lumina2Pipeline {
         let d = start.elapsed();
         timings.stages.push((Stage::Encode, d));
         observer(Event::StageFinished(Stage::Encode, d));
-        let negative = match (out.negative_prompt_embeds, out.negative_prompt_attention_mask) {
+        let negative = match (
+            out.negative_prompt_embeds,
+            out.negative_prompt_attention_mask,
+        ) {
             (Some(e), Some(m)) => Some((e, m)),
             _ => None,
         };
@@ -488,8 +497,12 @@ impl Lumina2Pipeline {
             None => {
                 let start = Instant::now();
                 observer(Event::StageStarted(Stage::LoadVae));
-                let mut v =
-                    components::load_vae(&self.sources.vae, &self.vae_config, self.dtype, &self.device)?;
+                let mut v = components::load_vae(
+                    &self.sources.vae,
+                    &self.vae_config,
+                    self.dtype,
+                    &self.device,
+                )?;
                 if self.vae_tiling {
                     v.enable_tiling();
                 }
@@ -531,7 +544,8 @@ impl Lumina2Pipeline {
             _ => memory::transformer_weight_bytes(cfg, self.dtype),
         };
         // Guidance runs cond and uncond one after the other: one batch at a time.
-        let denoise = memory::transformer_bytes(cfg, t_weights, batch, w, h, opts.max_sequence_length);
+        let denoise =
+            memory::transformer_bytes(cfg, t_weights, batch, w, h, opts.max_sequence_length);
         let te_files = memory::files_bytes(&self.sources.text_encoder);
         let encode = te_files.saturating_mul(memory::dtype_bytes(self.dtype)) / 2
             + (batch as u64) * (opts.max_sequence_length as u64) * (64 << 10);
@@ -604,7 +618,9 @@ fn repeat(t: &Tensor, n: usize) -> Result<Tensor> {
         return Ok(t.clone());
     }
     let b = t.dim(0)?;
-    let idx: Vec<u32> = (0..b as u32).flat_map(|i| std::iter::repeat_n(i, n)).collect();
+    let idx: Vec<u32> = (0..b as u32)
+        .flat_map(|i| std::iter::repeat_n(i, n))
+        .collect();
     let idx = Tensor::from_vec(idx, b * n, t.device())?;
     Ok(t.index_select(&idx, 0)?)
 }

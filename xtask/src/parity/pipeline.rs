@@ -8,7 +8,7 @@ use lumina2_pipeline::{
     Conditioning, GenerateOptions, Lumina2Pipeline, Noise, PipelineSources, SystemPrompt,
 };
 
-use super::case::{Case};
+use super::case::Case;
 use super::text_encoder::strings;
 use super::Prepared;
 
@@ -20,7 +20,10 @@ struct PipelineCase {
 pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
     let a = &case.args;
     let get = |k: &str| a.get(k).filter(|v| !v.is_null());
-    let prompts = strings(get("prompt").ok_or_else(|| anyhow!("args has no `prompt`"))?, "prompt")?;
+    let prompts = strings(
+        get("prompt").ok_or_else(|| anyhow!("args has no `prompt`"))?,
+        "prompt",
+    )?;
     let negative_prompts = get("negative_prompt")
         .map(|v| strings(v, "negative_prompt"))
         .transpose()?;
@@ -100,7 +103,9 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
 
 impl Prepared for PipelineCase {
     fn run(&mut self) -> Result<BTreeMap<String, Tensor>> {
-        let out = self.pipe.generate(&self.opts, &mut |_| Default::default())?;
+        let out = self
+            .pipe
+            .generate(&self.opts, &mut |_| Default::default())?;
         let mut m = BTreeMap::new();
         if let Some(images) = out.images {
             m.insert("image".to_string(), images);

@@ -10,8 +10,8 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use lumina2_pipeline::candle_core::{DType, Device};
 use lumina2_pipeline::{
-    Conditioning, Control, Error as PipelineError, Event, GenerateOptions, GuidanceMode,
-    Lumina2Pipeline, LoraSpec, Noise, OutputKind, PipelineSources, SolverKind, SystemPrompt,
+    Conditioning, Control, Error as PipelineError, Event, GenerateOptions, GuidanceMode, LoraSpec,
+    Lumina2Pipeline, Noise, OutputKind, PipelineSources, SolverKind, SystemPrompt,
     TransformerSource,
 };
 
@@ -461,11 +461,14 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         tracing::warn!("{w}");
     }
     if let Some(path) = &args.output_latents {
-        let bytes = lumina2_pipeline::candle_core::safetensors::save_to_bytes(
-            &[("latents", &out.latents), ("initial_latents", &out.initial_latents)],
-        )
-        .context("serialising the latents")?;
-        output::write_bytes(path, &bytes)?;
+        let tensors = std::collections::HashMap::from([
+            ("latents".to_string(), out.latents.clone()),
+            ("initial_latents".to_string(), out.initial_latents.clone()),
+        ]);
+        output::write_via_temp(path, |tmp| {
+            lumina2_pipeline::candle_core::safetensors::save(&tensors, tmp)
+                .context("writing the latents")
+        })?;
         if !quiet {
             eprintln!("wrote {}", path.display());
         }
@@ -474,7 +477,16 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         let images = out.rgb_images()?;
         let prompts_per_image = prompt_of_each_image(&opts);
         for (i, (img, path)) in images.iter().zip(&outputs).enumerate() {
-            let meta = metadata(&args, &opts, &model_name, seed + i as u64, width, height, &prompts_per_image, i);
+            let meta = metadata(
+                &args,
+                &opts,
+                &model_name,
+                seed + i as u64,
+                width,
+                height,
+                &prompts_per_image,
+                i,
+            );
             output::write_png(path, img, &meta)?;
             if !quiet {
                 eprintln!("wrote {}", path.display());
@@ -488,9 +500,17 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             .iter()
             .map(|(s, d)| format!("{} {:.2} s", s.name(), d.as_secs_f64()))
             .collect();
-        eprintln!("timings: {} (total {:.2} s)", parts.join(", "), t.total().as_secs_f64());
+        eprintln!(
+            "timings: {} (total {:.2} s)",
+            parts.join(", "),
+            t.total().as_secs_f64()
+        );
         if let Some(mean) = mean(&t.steps) {
-            eprintln!("denoising: {} steps, {:.3} s/step", t.steps.len(), mean.as_secs_f64());
+            eprintln!(
+                "denoising: {} steps, {:.3} s/step",
+                t.steps.len(),
+                mean.as_secs_f64()
+            );
         }
     }
     Ok(())
@@ -551,17 +571,35 @@ fn metadata(
         ("prompt".to_string(), prompt),
         ("negative_prompt".to_string(), negative),
         ("seed".to_string(), seed.to_string()),
-        ("num_inference_steps".to_string(), opts.num_inference_steps.to_string()),
-        ("guidance_scale".to_string(), opts.guidance_scale.to_string()),
-        ("cfg_trunc_ratio".to_string(), opts.cfg_trunc_ratio.to_string()),
-        ("cfg_normalization".to_string(), opts.cfg_normalization.to_string()),
+        (
+            "num_inference_steps".to_string(),
+            opts.num_inference_steps.to_string(),
+        ),
+        (
+            "guidance_scale".to_string(),
+            opts.guidance_scale.to_string(),
+        ),
+        (
+            "cfg_trunc_ratio".to_string(),
+            opts.cfg_trunc_ratio.to_string(),
+        ),
+        (
+            "cfg_normalization".to_string(),
+            opts.cfg_normalization.to_string(),
+        ),
         ("width".to_string(), width.to_string()),
         ("height".to_string(), height.to_string()),
         ("sampler".to_string(), sampler.to_string()),
         ("guidance_mode".to_string(), guidance_mode.to_string()),
         ("model".to_string(), model.to_string()),
-        ("max_sequence_length".to_string(), opts.max_sequence_length.to_string()),
-        ("software".to_string(), format!("lumina2-rs {}", env!("CARGO_PKG_VERSION"))),
+        (
+            "max_sequence_length".to_string(),
+            opts.max_sequence_length.to_string(),
+        ),
+        (
+            "software".to_string(),
+            format!("lumina2-rs {}", env!("CARGO_PKG_VERSION")),
+        ),
     ];
     if let Some(s) = Lumina2Pipeline::system_prompt_text(opts) {
         m.push(("system_prompt".to_string(), s.to_string()));

@@ -56,7 +56,12 @@ fn safetensors_entries(path: &Path) -> Result<Vec<Entry>> {
         let shape = v
             .get("shape")
             .and_then(|s| s.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .collect()
+            })
             .unwrap_or_default();
         out.push(Entry { key, shape, dtype });
     }

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 const EXIT_INTERRUPTED: u8 = 130;
 
 #[derive(Parser)]
-#[command(name = "lumina2", version, about = "Lumina-Image 2.0 text-to-image on candle")]
+#[command(
+    name = "lumina2",
+    version,
+    about = "Lumina-Image 2.0 text-to-image on candle"
+)]
 struct Cli {
     /// Only errors on stderr (no progress bar, no stage timings).
     #[arg(short, long, global = true, conflicts_with = "verbose")]
@@ -48,6 +52,20 @@ fn init_logging(quiet: bool, verbose: u8) {
         .try_init();
 }
 
+/// The error and its causes on one line, skipping a cause whose text the
+/// message already holds (typed errors quote their source).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.quiet, cli.verbose);
@@ -62,7 +80,7 @@ fn main() -> ExitCode {
                 eprintln!("lumina2: interrupted{step}; no image was written");
                 return ExitCode::from(EXIT_INTERRUPTED);
             }
-            eprintln!("lumina2: error: {e:#}");
+            eprintln!("lumina2: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -3,7 +3,7 @@
 //! rename), so an interrupted or failed run never leaves a partial image.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -41,11 +41,13 @@ pub fn check_writable(path: &Path) -> Result<()> {
         bail!("output folder {} is not a folder", dir.display());
     }
     if path.is_dir() {
-        bail!("output {} is a folder, expected a file name", path.display());
+        bail!(
+            "output {} is a folder, expected a file name",
+            path.display()
+        );
     }
     let probe = temp_path(path);
-    File::create(&probe)
-        .with_context(|| format!("cannot create files in {}", dir.display()))?;
+    File::create(&probe).with_context(|| format!("cannot create files in {}", dir.display()))?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }
@@ -67,7 +69,10 @@ fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes `write` into a temporary file next to `path`, then renames it over
 /// `path`; the temporary file is removed on any failure.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
+) -> Result<()> {
     let tmp = temp_path(path);
     let result = (|| -> Result<()> {
         let f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -103,10 +108,16 @@ pub fn write_png(path: &Path, img: &image::RgbImage, text: &[(String, String)]) 
     Ok(())
 }
 
-/// Writes bytes atomically.
-pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomically(path, |w| {
-        w.write_all(bytes)?;
-        Ok(())
-    })
+/// Lets `write` create a temporary file next to `path`, then renames it over
+/// `path`; the temporary file is removed on any failure.
+pub fn write_via_temp(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(path);
+    let result = write(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }

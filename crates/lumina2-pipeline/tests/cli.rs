@@ -1,0 +1,264 @@
+//! The `lumina2` command on the committed tiny pipeline: a generation writes a
+//! PNG that matches diffusers' image and carries the parameters; bad input
+//! fails with a message and a non-zero status, leaving no file behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn pipeline_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline/seed_cfg/pipeline")
+}
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lumina2-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn lumina2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lumina2"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// PNG text chunks (iTXt, uncompressed) as key/value pairs.
+fn png_text(bytes: &[u8]) -> Vec<(String, String)> {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let reader = decoder.read_info().unwrap();
+    reader
+        .info()
+        .utf8_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.get_text().unwrap()))
+        .collect()
+}
+
+#[test]
+fn generates_the_diffusers_image_with_metadata() {
+    let dir = tmp_dir("gen");
+    let out = dir.join("fox_{seed}.png");
+    let model = pipeline_dir();
+    let r = lumina2(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red fox in the snow",
+        "--width",
+        "48",
+        "--height",
+        "32",
+        "--steps",
+        "4",
+        "--seed",
+        "42",
+        "--max-sequence-length",
+        "32",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(files_in(&dir), vec!["fox_42.png".to_string()]);
+    let bytes = std::fs::read(dir.join("fox_42.png")).unwrap();
+    let text = png_text(&bytes);
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(get("prompt"), "a red fox in the snow");
+    assert_eq!(get("seed"), "42");
+    assert_eq!(get("num_inference_steps"), "4");
+    assert_eq!(get("width"), "48");
+    assert_eq!(get("sampler"), "euler");
+
+    // The pixels: diffusers' `output_type="np"` image of the same case, rounded
+    // as its PIL output is (off by one at most where the float error meets a .5).
+    let expected = candle_core::safetensors::load(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/pipeline/seed_cfg/expected.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let reference: Vec<f32> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    assert_eq!((img.width(), img.height()), (48, 32));
+    let worst = img
+        .as_raw()
+        .iter()
+        .zip(&reference)
+        .map(|(&p, &r)| (i32::from(p) - (r * 255.0).round_ties_even() as i32).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "pixel off by {worst}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_options_fail_before_loading_and_write_nothing() {
+    let dir = tmp_dir("bad");
+    let model = pipeline_dir();
+    let m = model.to_str().unwrap();
+    let out = dir.join("x.png");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--width", "40"], "multiple of 16"),
+        (vec!["--width", "0"], "multiple of 16"),
+        (vec!["--height", "100000"], "larger than"),
+        (vec!["--steps", "0"], "at least 1"),
+        (vec!["--max-sequence-length", "513"], "max_sequence_length"),
+        (
+            vec!["--num-images-per-prompt", "0"],
+            "num_images_per_prompt",
+        ),
+        (vec!["--guidance-scale", "NaN"], "guidance_scale"),
+        (
+            vec!["--negative-prompt", "a", "--negative-prompt", "b"],
+            "negative",
+        ),
+        (vec!["--system-preset", "nope"], "unknown preset"),
+        (vec!["--device", "tpu"], "unknown device"),
+        (
+            vec![
+                "--width",
+                "8192",
+                "--height",
+                "16384",
+                "--num-images-per-prompt",
+                "64",
+            ],
+            "MiB",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["generate", "--model", m, "--prompt", "x", "-o", o, "-q"];
+        args.extend(extra.iter().copied());
+        let r = lumina2(&args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{extra:?} succeeded");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+    }
+    assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
+
+    // Output folder missing; model folder missing (offline Hub lookup).
+    let r = lumina2(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "-o",
+        "/nonexistent-dir/x.png",
+    ]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("does not exist"));
+    let r = lumina2(&[
+        "generate",
+        "--model",
+        "nobody/nothing",
+        "--prompt",
+        "x",
+        "-o",
+        o,
+        "--offline",
+    ]);
+    assert!(!r.status.success());
+    assert!(files_in(&dir).is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn prompts_of_any_kind_do_not_crash() {
+    let dir = tmp_dir("prompts");
+    let model = pipeline_dir();
+    // ~100k characters: truncated to --max-sequence-length tokens (the tiny
+    // model's RoPE table holds 128 caption positions, so 64 here).
+    let huge = "a very long prompt ".repeat(5300);
+    for (i, p) in ["", huge.as_str(), "\u{1}\u{FFFD}\u{202E}☃ 🦊 \\x00 ÿ"]
+        .iter()
+        .enumerate()
+    {
+        let out = dir.join(format!("p{i}.png"));
+        let r = lumina2(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            p,
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "1",
+            "--seed",
+            "1",
+            "--max-sequence-length",
+            "64",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            r.status.success(),
+            "prompt {i}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert!(out.is_file());
+    }
+    // Past the model's RoPE table: a clear error, no panic, no file.
+    let out = dir.join("long.png");
+    let r = lumina2(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &huge,
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "1",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(
+        err.contains("axes_lens") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert_eq!(err.matches("beyond the table length").count(), 1, "{err}");
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn inspect_describes_a_transformer_folder() {
+    let t = pipeline_dir().join("transformer");
+    let r = lumina2(&["inspect", t.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let s = String::from_utf8_lossy(&r.stdout);
+    assert!(s.contains("Diffusers keys"), "{s}");
+    assert!(s.contains("num_layers: 2"), "{s}");
+    assert!(s.contains("hidden_size: 32"), "{s}");
+    let r = lumina2(&["inspect", "/nonexistent.gguf"]);
+    assert!(!r.status.success());
+}
