@@ -68,7 +68,10 @@ fn safetensors_entries(path: &Path) -> Result<Vec<Entry>> {
     Ok(out)
 }
 
-fn gguf_entries(path: &Path) -> Result<(Vec<Entry>, Vec<(String, String)>)> {
+/// Key/value lines to print.
+type Lines = Vec<(String, String)>;
+
+fn gguf_entries(path: &Path) -> Result<(Vec<Entry>, Lines)> {
     let g = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
     let entries = g
         .tensor_infos()
