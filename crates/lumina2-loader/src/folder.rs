@@ -1,7 +1,12 @@
-//! diffusers / transformers component folders.
+//! The loader's error type, and component folders.
+//!
+//! The resolution of a component folder into its safetensors files lives in
+//! `lumina2_weights::folder`, shared with the text encoder (which cannot depend
+//! on this crate); [`ComponentFolder`] is that type, re-exported.
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+pub use lumina2_weights::folder::{ComponentFolder, FolderError, ShardIndex};
 
 /// Errors of the loader.
 #[derive(Debug, thiserror::Error)]
@@ -14,17 +19,10 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// An index file is not valid.
-    #[error("invalid index file {path}: {reason}")]
-    Index {
-        /// The index file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The folder holds no weights.
-    #[error("no .safetensors file in {0}")]
-    NoWeights(PathBuf),
+    /// A component folder's weights could not be resolved (no weights, a bad
+    /// or incomplete shard index).
+    #[error(transparent)]
+    Folder(#[from] FolderError),
     /// A `.pth` archive could not be read.
     #[error("invalid PyTorch checkpoint {path}: {reason}")]
     Pth {
@@ -74,13 +72,117 @@ pub enum Error {
         /// What is not supported.
         reason: String,
     },
-    /// An index names a shard that is not there.
-    #[error("{index} lists shard {shard}, which does not exist")]
-    MissingShard {
-        /// The index file.
-        index: PathBuf,
-        /// The missing shard.
-        shard: PathBuf,
+    /// `model_index.json` is missing, unreadable, or not a diffusers pipeline index.
+    #[error("invalid pipeline index {path}: {reason}")]
+    ModelIndex {
+        /// The `model_index.json` file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The pipeline's `_class_name` is not a Lumina2 pipeline.
+    #[error("{path}: pipeline class `{found}` is not a Lumina2 pipeline (expected {})", .expected.join(" or "))]
+    PipelineClass {
+        /// The `model_index.json` file.
+        path: PathBuf,
+        /// The class found.
+        found: String,
+        /// The classes accepted.
+        expected: Vec<String>,
+    },
+    /// A component Lumina2 needs is absent from `model_index.json`, or null there.
+    #[error("{path}: component `{component}` is {}", if *.null { "null" } else { "missing" })]
+    MissingComponent {
+        /// The `model_index.json` file.
+        path: PathBuf,
+        /// The component (`transformer`, `vae`, ...).
+        component: String,
+        /// Whether it is listed as null rather than absent.
+        null: bool,
+    },
+    /// `model_index.json` lists a component Lumina2 does not use.
+    #[error(
+        "{path}: unexpected component `{component}` ({library}.{class}) for a Lumina2 pipeline"
+    )]
+    UnexpectedComponent {
+        /// The `model_index.json` file.
+        path: PathBuf,
+        /// The component.
+        component: String,
+        /// Its library.
+        library: String,
+        /// Its class.
+        class: String,
+    },
+    /// A component has a library or class this project cannot load.
+    #[error("{path}: component `{component}` is {found}, expected {}", .expected.join(" or "))]
+    ComponentClass {
+        /// The `model_index.json` file.
+        path: PathBuf,
+        /// The component.
+        component: String,
+        /// `library.Class` found.
+        found: String,
+        /// The `library.Class` names accepted.
+        expected: Vec<String>,
+    },
+    /// A file or folder a component needs is not in the pipeline folder.
+    #[error("component `{component}`: {path} does not exist")]
+    ComponentFile {
+        /// The component.
+        component: String,
+        /// The missing file or folder.
+        path: PathBuf,
+    },
+    /// A repo id, revision or file name cannot be used with the Hub.
+    #[error("invalid Hub {what} `{value}`: {reason}")]
+    InvalidHubName {
+        /// `repo id`, `revision` or `file name`.
+        what: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The revision is not in the local Hub cache and the Hub may not be asked.
+    #[error(
+        "revision `{revision}` of {repo} is not in the Hugging Face cache \
+         (looked for {searched}) and offline mode forbids asking the Hub"
+    )]
+    RevisionNotCached {
+        /// The repo id.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// The ref file or snapshot folder looked for.
+        searched: PathBuf,
+    },
+    /// A file is not in the local Hub cache and the Hub may not be asked.
+    #[error(
+        "`{file}` of {repo} at revision `{revision}` is not in the Hugging Face cache \
+         (looked for {searched}) and offline mode forbids downloading it"
+    )]
+    NotCached {
+        /// The repo id.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+        /// The file, relative to the repo.
+        file: String,
+        /// The snapshot path looked for.
+        searched: PathBuf,
+    },
+    /// A download from the Hub failed.
+    #[error("cannot download `{file}` of {repo} at revision `{revision}`: {source}")]
+    Download {
+        /// The repo id.
+        repo: String,
+        /// The revision.
+        revision: String,
+        /// The file, relative to the repo.
+        file: String,
+        /// The error of the Hub client.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -100,98 +202,4 @@ fn key_lists(missing: &[String], unexpected: &[String]) -> String {
         parts.push(format!("unexpected keys: {}", show(unexpected)));
     }
     parts.join("; ")
-}
-
-/// A component folder: `config.json` and its safetensors weights.
-#[derive(Debug, Clone)]
-pub struct ComponentFolder {
-    dir: PathBuf,
-    files: Vec<PathBuf>,
-}
-
-impl ComponentFolder {
-    /// Resolves the weights of `dir`. With an `*.safetensors.index.json` the
-    /// shards it lists (every one must exist); otherwise the folder's
-    /// `.safetensors` files, sorted by name.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self, Error> {
-        let dir = dir.as_ref().to_path_buf();
-        let io = |source| Error::Io {
-            path: dir.clone(),
-            source,
-        };
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(io)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        names.sort();
-        let index = names.iter().find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(".safetensors.index.json"))
-        });
-        let files = match index {
-            Some(index) => Self::shards(&dir, index)?,
-            None => names
-                .into_iter()
-                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-                .collect(),
-        };
-        if files.is_empty() {
-            return Err(Error::NoWeights(dir));
-        }
-        Ok(Self { dir, files })
-    }
-
-    fn shards(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, Error> {
-        let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
-            path: index.to_path_buf(),
-            source,
-        })?;
-        let bad = |reason: String| Error::Index {
-            path: index.to_path_buf(),
-            reason,
-        };
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no `weight_map` object".into()))?;
-        let mut shards = BTreeSet::new();
-        for (key, v) in map {
-            let name = v
-                .as_str()
-                .ok_or_else(|| bad(format!("`{key}` maps to a non-string")))?;
-            let p = Path::new(name);
-            // Shards live next to the index: no absolute paths, no `..`.
-            if p.components().count() != 1 {
-                return Err(bad(format!("shard name `{name}` is not a plain file name")));
-            }
-            shards.insert(dir.join(p));
-        }
-        for shard in &shards {
-            if !shard.is_file() {
-                return Err(Error::MissingShard {
-                    index: index.to_path_buf(),
-                    shard: shard.clone(),
-                });
-            }
-        }
-        Ok(shards.into_iter().collect())
-    }
-
-    /// The folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// `config.json` of the folder.
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.join("config.json")
-    }
-
-    /// The weight files.
-    pub fn safetensors_files(&self) -> &[PathBuf] {
-        &self.files
-    }
 }

@@ -2,22 +2,50 @@
 //!
 //! Finds and opens Lumina-Image 2.0 checkpoints for the model crates.
 //!
-//! Built so far: [`ComponentFolder`], which resolves the safetensors files of a
-//! diffusers or transformers component folder (one file, or shards listed by an
-//! `*.safetensors.index.json`); single-file transformer checkpoints in the
-//! original, ComfyUI or diffusers layout, from `.pth` (read without executing
-//! pickle code) or `.safetensors` ([`open_transformer_file`]); GGUF files
-//! ([`gguf`]). The Hub cache and LoRA are planned (see the README).
+//! Built so far:
+//! - [`PipelineFolder`]: a diffusers pipeline folder (`model_index.json`
+//!   checked for the Lumina2 pipeline and component classes), handing out each
+//!   component's folder and files;
+//! - [`ComponentFolder`] (from `lumina2_weights::folder`, shared with the text
+//!   encoder): the safetensors files of a component folder, one file or the
+//!   shards of a validated `*.safetensors.index.json`;
+//! - [`hub`]: the Hugging Face Hub through `hf-hub`, in the cache layout and
+//!   with the environment variables of Python's `huggingface_hub` (files it
+//!   downloaded are reused; `HF_HUB_OFFLINE` works); [`HubRepo::download_pipeline`]
+//!   fetches a whole pipeline;
+//! - single-file transformer checkpoints in the original, ComfyUI or diffusers
+//!   layout, from `.pth` (read without executing pickle code) or `.safetensors`
+//!   ([`open_transformer_file`]); GGUF files ([`gguf`]).
+//!
+//! LoRA is planned (see the README).
+//!
+//! ```no_run
+//! use lumina2_loader::{Component, HubRepo, PipelineFolder};
+//!
+//! // A local folder, or the Hub (downloaded once into ~/.cache/huggingface/hub).
+//! let local = PipelineFolder::open("Lumina-Image-2.0")?;
+//! let hub = HubRepo::new("Alpha-VLLM/Lumina-Image-2.0").download_pipeline(true)?;
+//! let shards = hub.component_folder(Component::Transformer)?;
+//! println!("{:?} {:?}", local.tokenizer_file(), shards.safetensors_files());
+//! # Ok::<(), lumina2_loader::Error>(())
+//! ```
+//!
+//! Features: `download` (default) downloads through `hf-hub`; without it the
+//! Hub cache is still read, offline.
 
 #![warn(missing_docs)]
 
 mod folder;
 pub mod gguf;
 mod gguf_source;
+pub mod hub;
 pub mod original;
 mod pickle_guard;
+mod pipeline_folder;
 pub mod pth;
 
-pub use folder::{ComponentFolder, Error};
+pub use folder::{ComponentFolder, Error, FolderError, ShardIndex};
+pub use hub::{HubEnv, HubRepo};
 pub use original::{detect_layout, open_transformer_file, TransformerLayout};
+pub use pipeline_folder::{Component, PipelineFolder, PIPELINE_CLASSES};
 pub use pth::PthFile;

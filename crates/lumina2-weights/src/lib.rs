@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod folder;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,6 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 pub use error::{Error, Result};
+pub use folder::{ComponentFolder, FolderError, ShardIndex};
 
 /// The weight of a linear layer: dense, or quantised and kept so.
 #[derive(Debug, Clone)]
