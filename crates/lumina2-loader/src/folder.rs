@@ -2,11 +2,53 @@
 //!
 //! The resolution of a component folder into its safetensors files lives in
 //! `lumina2_weights::folder`, shared with the text encoder (which cannot depend
-//! on this crate); [`ComponentFolder`] is that type, re-exported.
+//! on this crate); [`ComponentFolder`] wraps it so that its errors are this
+//! crate's [`Error`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-pub use lumina2_weights::folder::{ComponentFolder, FolderError, ShardIndex};
+pub use lumina2_weights::folder::{FolderError, ShardIndex};
+
+/// A component folder (`config.json` and its safetensors weights), resolved
+/// by `lumina2_weights::folder::ComponentFolder::open`: the standard shard
+/// index, else the standard single file, else the one index of another name,
+/// else every `*.safetensors`; an index is validated (shards inside the
+/// folder, present, no key twice).
+#[derive(Debug, Clone)]
+pub struct ComponentFolder(lumina2_weights::folder::ComponentFolder);
+
+impl ComponentFolder {
+    /// Resolves the weights of `path`, a folder or a single `.safetensors` file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
+        Ok(Self(lumina2_weights::folder::ComponentFolder::open(path)?))
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        self.0.dir()
+    }
+
+    /// `config.json` of the folder.
+    pub fn config_path(&self) -> PathBuf {
+        self.0.config_path()
+    }
+
+    /// The index file the shards came from, if any.
+    pub fn index_file(&self) -> Option<&Path> {
+        self.0.index_file()
+    }
+
+    /// The weight files: the shards in name order, or the single file.
+    pub fn safetensors_files(&self) -> &[PathBuf] {
+        self.0.safetensors_files()
+    }
+}
+
+impl From<lumina2_weights::folder::ComponentFolder> for ComponentFolder {
+    fn from(f: lumina2_weights::folder::ComponentFolder) -> Self {
+        Self(f)
+    }
+}
 
 /// Errors of the loader.
 #[derive(Debug, thiserror::Error)]

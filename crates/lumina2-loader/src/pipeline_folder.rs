@@ -287,7 +287,7 @@ impl PipelineFolder {
     /// shards, index validated); [`Error::Folder`] for the tokenizer and the
     /// scheduler, which have none.
     pub fn component_folder(&self, c: Component) -> Result<ComponentFolder, Error> {
-        Ok(ComponentFolder::open(self.component_dir(c))?)
+        ComponentFolder::open(self.component_dir(c))
     }
 
     /// `transformer/`.

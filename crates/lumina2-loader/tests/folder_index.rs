@@ -1,11 +1,12 @@
 //! Component folders: which safetensors files a folder resolves to, and the
-//! validation of shard indexes (`lumina2_weights::folder`, re-exported here).
+//! validation of shard indexes (`lumina2_weights::folder`, which the loader's
+//! `ComponentFolder` wraps).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use lumina2_loader::{ComponentFolder, FolderError, ShardIndex};
+use lumina2_weights::folder::{ComponentFolder, FolderError, ShardIndex};
 use lumina2_weights::SafetensorsSource;
 
 struct TempDir(PathBuf);
@@ -293,4 +294,21 @@ fn shard_names_are_unique_and_sorted() {
     let idx = ShardIndex::parse("i.json", &text).unwrap();
     assert_eq!(idx.shard_names(), ["a.safetensors", "b.safetensors"]);
     assert_eq!(idx.weight_map().len(), 3);
+}
+
+#[test]
+fn the_loader_wrapper_gives_the_same_files_and_loader_errors() {
+    let d = TempDir::new("wrapper");
+    d.write("model.safetensors", &safetensors(&["a"]));
+    let f = lumina2_loader::ComponentFolder::open(&d.0).unwrap();
+    assert_eq!(
+        f.safetensors_files(),
+        ComponentFolder::open(&d.0).unwrap().safetensors_files()
+    );
+    assert_eq!(f.dir(), d.0.as_path());
+    let e = lumina2_loader::ComponentFolder::open(d.0.join("nope")).unwrap_err();
+    assert!(
+        matches!(e, lumina2_loader::Error::Folder(FolderError::NotFound(_))),
+        "{e}"
+    );
 }
