@@ -277,87 +277,93 @@ impl Lumina2Pipeline {
 
         // 4. Denoise.
         let transformer = self.take_transformer(observer, &mut timings)?;
-        observer(Event::StageStarted(Stage::Denoise));
-        let denoise_start = Instant::now();
-        let mut step_start = Instant::now();
-        let mut calls = 0usize;
-        let mut step_guided = false;
-        while let Some(eval) = solver.pending() {
-            let (step, stage, t, sigma) = (eval.step, eval.stage, eval.timestep, eval.sigma);
-            // Lumina's model time, computed in f32 as the pipeline does.
-            let model_t = 1f32 - t / num_train;
-            let timestep = Tensor::full(model_t, batch, &self.device)?;
-            let sample = eval.sample.clone();
-            let cond = transformer.forward(&sample, &timestep, &prompt, &prompt_mask)?;
-            calls += 1;
-            let guided = cfg
-                && guidance::guidance_active(
-                    opts.guidance_mode,
-                    opts.cfg_trunc_ratio,
-                    step,
-                    num_steps,
-                    sigma,
-                );
-            let pred = match (&negative, guided) {
-                (Some((neg, neg_mask)), true) => {
-                    let uncond = transformer.forward(&sample, &timestep, neg, neg_mask)?;
-                    calls += 1;
-                    guidance::combine(
-                        &cond,
-                        &uncond,
-                        opts.guidance_scale,
-                        opts.cfg_normalization,
+        let device = self.device.clone();
+        let mut denoise = || -> Result<Tensor> {
+            observer(Event::StageStarted(Stage::Denoise));
+            let denoise_start = Instant::now();
+            let mut step_start = Instant::now();
+            let mut calls = 0usize;
+            let mut step_guided = false;
+            while let Some(eval) = solver.pending() {
+                let (step, stage, t, sigma) = (eval.step, eval.stage, eval.timestep, eval.sigma);
+                // Lumina's model time, computed in f32 as the pipeline does.
+                let model_t = 1f32 - t / num_train;
+                let timestep = Tensor::full(model_t, batch, &device)?;
+                let sample = eval.sample.clone();
+                let cond = transformer.forward(&sample, &timestep, &prompt, &prompt_mask)?;
+                calls += 1;
+                let guided = cfg
+                    && guidance::guidance_active(
                         opts.guidance_mode,
-                    )?
+                        opts.cfg_trunc_ratio,
+                        step,
+                        num_steps,
+                        sigma,
+                    );
+                let pred = match (&negative, guided) {
+                    (Some((neg, neg_mask)), true) => {
+                        let uncond = transformer.forward(&sample, &timestep, neg, neg_mask)?;
+                        calls += 1;
+                        guidance::combine(
+                            &cond,
+                            &uncond,
+                            opts.guidance_scale,
+                            opts.cfg_normalization,
+                            opts.guidance_mode,
+                        )?
+                    }
+                    _ => cond,
+                };
+                step_guided |= guided;
+                // The flow's velocity is the negated model output.
+                solver.submit(&pred.neg()?)?;
+                if stage + 1 < solver.evaluations_per_step() {
+                    continue;
                 }
-                _ => cond,
-            };
-            step_guided |= guided;
-            // The flow's velocity is the negated model output.
-            solver.submit(&pred.neg()?)?;
-            if stage + 1 < solver.evaluations_per_step() {
-                continue;
-            }
-            let latents = solver.sample();
-            let bad = count_non_finite(latents)?;
-            if bad > 0 {
-                return Err(Error::NonFinite {
+                let latents = solver.sample();
+                let bad = count_non_finite(latents)?;
+                if bad > 0 {
+                    return Err(Error::NonFinite {
+                        step: step + 1,
+                        steps: num_steps,
+                        count: bad,
+                    });
+                }
+                let elapsed = step_start.elapsed();
+                timings.steps.push(elapsed);
+                let control = observer(Event::Step(StepInfo {
                     step: step + 1,
-                    steps: num_steps,
-                    count: bad,
-                });
+                    num_steps,
+                    timestep: t,
+                    sigma,
+                    guidance: step_guided,
+                    model_calls: calls,
+                    elapsed,
+                    latents,
+                }));
+                if control == Control::Stop {
+                    return Err(Error::Stopped {
+                        step: step + 1,
+                        steps: num_steps,
+                    });
+                }
+                calls = 0;
+                step_guided = false;
+                step_start = Instant::now();
             }
-            let elapsed = step_start.elapsed();
-            timings.steps.push(elapsed);
-            let control = observer(Event::Step(StepInfo {
-                step: step + 1,
-                num_steps,
-                timestep: t,
-                sigma,
-                guidance: step_guided,
-                model_calls: calls,
-                elapsed,
-                latents,
-            }));
-            if control == Control::Stop {
-                return Err(Error::Stopped {
-                    step: step + 1,
-                    steps: num_steps,
-                });
-            }
-            calls = 0;
-            step_guided = false;
-            step_start = Instant::now();
-        }
-        let latents = solver.sample().clone();
-        let d = denoise_start.elapsed();
-        timings.stages.push((Stage::Denoise, d));
-        observer(Event::StageFinished(Stage::Denoise, d));
+
+            let latents = solver.sample().clone();
+            let d = denoise_start.elapsed();
+            timings.stages.push((Stage::Denoise, d));
+            observer(Event::StageFinished(Stage::Denoise, d));
+            Ok(latents)
+        };
+        let result = denoise();
+        // A resident transformer stays loaded even when the run failed or stopped.
         if self.keep_resident {
             self.transformer = Some(transformer);
-        } else {
-            drop(transformer);
         }
+        let latents = result?;
 
         // 5. Decode.
         let images = match opts.output {
