@@ -148,3 +148,47 @@ fn a_case_written_by_another_tool_runs() {
     std::fs::remove_dir_all(&tmp).unwrap();
     assert_eq!((passed, failed), (2, 0));
 }
+
+/// The loader's LoRA fixtures (`args.lora` on `transformer` cases: PEFT with
+/// alpha, two LoRAs, ComfyUI fused qkv, kohya, a Q4_0 GGUF base) pass through
+/// the runner, and a `lora` entry naming no file fails with a reason.
+#[test]
+fn lora_cases_run_and_a_missing_lora_file_is_reported() {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/lumina2-loader/tests/fixtures/lora");
+    let cases = find_cases(&dir).unwrap();
+    assert!(cases.len() >= 6, "only {} LoRA cases", cases.len());
+    for case in &cases {
+        let rel = case.display().to_string();
+        let r = run_case(&Case::load(case).unwrap(), &rel, &RunOptions::default());
+        for row in &r.rows {
+            assert!(row.pass, "{rel}: worst {} {}", row.worst, row.note);
+        }
+    }
+
+    let tmp = std::env::temp_dir().join(format!("lumina2-lora-{}", std::process::id()));
+    let src = dir.join("peft_alpha_f32");
+    std::fs::create_dir_all(tmp.join("model")).unwrap();
+    for f in [
+        "inputs.safetensors",
+        "expected.safetensors",
+        "model/config.json",
+        "model/diffusion_pytorch_model.safetensors",
+    ] {
+        std::fs::copy(src.join(f), tmp.join(f)).unwrap();
+    }
+    std::fs::write(
+        tmp.join("case.json"),
+        r#"{"component": "transformer", "model": "model", "tolerance": {"atol": 1e-5, "rtol": 1e-4},
+            "args": {"lora": [{"path": "absent.safetensors", "scale": 1.0}]}}"#,
+    )
+    .unwrap();
+    let r = run_case(&Case::load(&tmp).unwrap(), "absent", &RunOptions::default());
+    std::fs::remove_dir_all(&tmp).unwrap();
+    assert!(!r.rows[0].pass);
+    assert!(
+        r.rows[0].note.contains("absent.safetensors"),
+        "{}",
+        r.rows[0].note
+    );
+}

@@ -39,6 +39,7 @@ mod folder;
 pub mod gguf;
 mod gguf_source;
 pub mod hub;
+pub mod lora;
 pub mod original;
 mod pickle_guard;
 mod pipeline_folder;
@@ -46,6 +47,7 @@ pub mod pth;
 
 pub use folder::{ComponentFolder, Error, FolderError, ShardIndex};
 pub use hub::{HubEnv, HubRepo};
+pub use lora::{LoraFile, LoraSource};
 pub use original::{detect_layout, open_transformer_file, TransformerLayout};
 pub use pipeline_folder::{Component, PipelineFolder, PIPELINE_CLASSES};
 pub use pth::PthFile;

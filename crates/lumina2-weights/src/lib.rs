@@ -46,6 +46,83 @@ impl LinearWeight {
     }
 }
 
+/// A low-rank adapter (LoRA) of a linear layer, kept factored: it adds
+/// `scale * B A` to the `[out, in]` weight, `A` (`down`) being `[rank, in]`
+/// and `B` (`up`) `[out, rank]`.
+///
+/// `scale` is everything that multiplies `B A`: the user's strength times the
+/// file's `alpha / rank`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    down: Tensor,
+    up: Tensor,
+    scale: f64,
+    /// `[out, in]`, fixed when built.
+    dims: [usize; 2],
+}
+
+impl LoraAdapter {
+    /// An adapter from `down` (`A`, `[rank, in]`) and `up` (`B`, `[out, rank]`).
+    /// Fails when they are not matrices of the same rank.
+    pub fn new(down: Tensor, up: Tensor, scale: f64) -> candle_core::Result<Self> {
+        match (down.dims(), up.dims()) {
+            (&[r, inp], &[out, r2]) if r == r2 => Ok(Self {
+                down,
+                up,
+                scale,
+                dims: [out, inp],
+            }),
+            (d, u) => candle_core::bail!(
+                "LoRA factors do not fit: down (A) {d:?} must be [rank, in], up (B) {u:?} [out, rank]"
+            ),
+        }
+    }
+
+    /// `A`, `[rank, in]`.
+    pub fn down(&self) -> &Tensor {
+        &self.down
+    }
+
+    /// `B`, `[out, rank]`.
+    pub fn up(&self) -> &Tensor {
+        &self.up
+    }
+
+    /// The factor of `B A`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// The `[out, in]` shape of the weight this adapter changes.
+    pub fn dims(&self) -> [usize; 2] {
+        self.dims
+    }
+
+    /// The dense `[out, in]` update `scale * B A`, computed in f32 on the
+    /// factors' device.
+    pub fn delta(&self) -> candle_core::Result<Tensor> {
+        let up = self.up.to_dtype(DType::F32)?;
+        let down = self.down.to_dtype(DType::F32)?;
+        up.matmul(&down)? * self.scale
+    }
+
+    /// The same adapter with its factors in `dtype` on `device`.
+    pub fn to(&self, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            down: self.down.to_device(device)?.to_dtype(dtype)?,
+            up: self.up.to_device(device)?.to_dtype(dtype)?,
+            scale: self.scale,
+            dims: self.dims,
+        })
+    }
+
+    /// `scale * (x A^T) B^T` for `x` of shape `[rows, in]`: the adapter's part
+    /// of a linear layer's output, without forming `B A`.
+    fn forward_rows(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.down.t()?)?.matmul(&self.up.t()?)? * self.scale
+    }
+}
+
 /// A store of named tensors the model can draw its weights from.
 ///
 /// Keys are the model's own names (diffusers' for the transformer, transformers'
@@ -68,6 +145,18 @@ pub trait WeightSource: Send + Sync {
     /// report all missing and unexpected keys at once); empty otherwise.
     fn keys(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// The low-rank adapters (LoRA) that go with a quantised `linear(key)`.
+    ///
+    /// A source merges its adapters into every dense weight it hands out
+    /// (through [`WeightSource::tensor`] and [`WeightSource::linear`]); a
+    /// quantised weight cannot take them without being dequantised for good,
+    /// so they are handed out here and applied at run time by [`Linear`].
+    /// [`Weights::linear`] asks only when `linear(key)` was quantised. The
+    /// default has none.
+    fn lora_adapters(&self, key: &str) -> Result<Vec<LoraAdapter>> {
+        let _ = key;
+        Ok(Vec::new())
     }
 }
 
@@ -117,6 +206,7 @@ pub struct SafetensorsSource {
     files: Vec<(std::path::PathBuf, std::sync::Mutex<std::fs::File>)>,
     index: HashMap<String, StEntry>,
     names: String,
+    metadata: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -156,6 +246,7 @@ impl SafetensorsSource {
             .join(", ");
         let mut files = Vec::new();
         let mut index = HashMap::new();
+        let mut metadata = HashMap::new();
         for (fi, p) in paths.iter().enumerate() {
             let p = p.as_ref();
             let bad = |key: &str, reason: String| Error::WeightLoad {
@@ -183,6 +274,15 @@ impl SafetensorsSource {
             let data_start = 8 + n;
             for (key, v) in json {
                 if key == "__metadata__" {
+                    // The format's free-form string map (LoRA files keep their
+                    // adapter config there); other value types are ignored.
+                    if let Some(m) = v.as_object() {
+                        for (mk, mv) in m {
+                            if let Some(mv) = mv.as_str() {
+                                metadata.insert(mk.clone(), mv.to_string());
+                            }
+                        }
+                    }
                     continue;
                 }
                 let dtype = v
@@ -237,7 +337,13 @@ impl SafetensorsSource {
             files,
             index,
             names,
+            metadata,
         })
+    }
+
+    /// The `__metadata__` string map of the headers (of all files together).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
     }
 }
 
@@ -420,26 +526,68 @@ impl Weights {
                 LinearWeight::Quantized(q)
             }
         };
+        // Dense weights come with their adapters merged; quantised ones carry
+        // them at run time.
+        let mut adapters = Vec::new();
+        if matches!(weight, LinearWeight::Quantized(_)) {
+            for a in self.source.lora_adapters(&wkey)? {
+                let [out, inp] = a.dims();
+                if [out, inp] != [out_dim, in_dim] {
+                    return Err(Error::WeightShape {
+                        key: format!("{wkey} (LoRA)"),
+                        source_name: self.source.name(),
+                        expected: vec![out_dim, in_dim],
+                        found: vec![out, inp],
+                    });
+                }
+                adapters.push(a.to(self.dtype, &self.device)?);
+            }
+        }
         let bias = if bias {
             Some(self.get(&format!("{name}.bias"), &[out_dim])?)
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            adapters,
+        })
     }
 }
 
-/// `y = x W^T + b` over the last dimension, with a dense or quantised `W`.
+/// `y = x W^T + b` over the last dimension, with a dense or quantised `W`, plus
+/// `sum_i s_i (x A_i^T) B_i^T` for each low-rank adapter (LoRA) it carries.
+///
+/// Adapters are kept factored so that a quantised `W` stays quantised: only
+/// the base weight is dequantised, one layer at a time, when used.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    adapters: Vec<LoraAdapter>,
 }
 
 impl Linear {
     /// A linear layer from its parts (`weight` is `[out, in]`).
     pub fn new(weight: LinearWeight, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            adapters: Vec::new(),
+        }
+    }
+
+    /// The same layer with `adapters` added to those it has (each must be
+    /// `[out, in]` and in the compute dtype of the inputs).
+    pub fn with_adapters(mut self, adapters: impl IntoIterator<Item = LoraAdapter>) -> Self {
+        self.adapters.extend(adapters);
+        self
+    }
+
+    /// The low-rank adapters applied at run time.
+    pub fn adapters(&self) -> &[LoraAdapter] {
+        &self.adapters
     }
 
     /// The weight.
@@ -466,6 +614,9 @@ impl Linear {
         let mut y = x2.matmul(&w.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
+        }
+        for a in &self.adapters {
+            y = (y + a.forward_rows(&x2)?)?;
         }
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {

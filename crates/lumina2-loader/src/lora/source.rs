@@ -1,0 +1,187 @@
+//! Applying LoRAs to a transformer's weights: a [`WeightSource`] wrapper.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use lumina2_transformer::{Config, LinearWeight, WeightSource};
+use lumina2_weights::LoraAdapter;
+
+use super::file::LoraFile;
+use super::keys::{Resolver, Target};
+use crate::folder::Error;
+
+/// Any [`WeightSource`] with LoRAs on top, for the transformer `cfg` describes.
+///
+/// Dense weights are handed out with every update merged in:
+/// `W + sum_i s_i (alpha_i / r_i) B_i A_i`, computed in f32 (the model then
+/// converts to its compute dtype). Quantised linear weights stay quantised and
+/// the updates go with them as [`LoraAdapter`]s
+/// ([`WeightSource::lora_adapters`]), which the model's linear layers apply at
+/// run time.
+pub struct LoraSource {
+    inner: Arc<dyn WeightSource>,
+    /// Adapters by diffusers weight key.
+    adapters: HashMap<String, Vec<LoraAdapter>>,
+}
+
+impl LoraSource {
+    /// Puts `loras`, each with its strength (`scale`), on top of `inner`.
+    ///
+    /// Every module of every LoRA must map onto a linear weight of the model
+    /// (else [`Error::KeyMismatch`] lists all those that do not) and fit its
+    /// shape (else [`Error::Shape`] names the LoRA key, the expected and the
+    /// found shape). A fused original `qkv` module is split: its `A` is shared
+    /// by `to_q`, `to_k` and `to_v`, the rows of its `B` are cut with the sizes
+    /// of those weights.
+    pub fn new(
+        inner: Arc<dyn WeightSource>,
+        cfg: &Config,
+        loras: &[(LoraFile, f64)],
+    ) -> Result<Self, Error> {
+        let resolver = Resolver::new(cfg);
+        let mut adapters: HashMap<String, Vec<LoraAdapter>> = HashMap::new();
+        for (lora, scale) in loras {
+            let path = lora.path();
+            let mut unknown: Vec<String> = lora.unrecognised_keys().to_vec();
+            for m in lora.modules() {
+                let target = resolver
+                    .resolve(m.name())
+                    .map_err(|reason| Error::Unsupported {
+                        path: path.to_path_buf(),
+                        reason: format!("LoRA module `{}`: {reason}", m.name()),
+                    })?;
+                let Some(target) = target else {
+                    unknown.push(m.down_key().to_string());
+                    unknown.push(m.up_key().to_string());
+                    continue;
+                };
+                let Some([out, inp]) = resolver.dims(&target) else {
+                    unknown.push(m.down_key().to_string());
+                    unknown.push(m.up_key().to_string());
+                    continue;
+                };
+                let rank = m.rank();
+                check_dims(path, m.down_key(), m.down(), [rank, inp])?;
+                check_dims(path, m.up_key(), m.up(), [out, rank])?;
+                let s = scale * m.factor();
+                let new = |up: Tensor| {
+                    LoraAdapter::new(m.down().clone(), up, s).map_err(|e| Error::Unsupported {
+                        path: path.to_path_buf(),
+                        reason: format!("LoRA module `{}`: {e}", m.name()),
+                    })
+                };
+                match target {
+                    Target::Single(key) => {
+                        adapters.entry(key).or_default().push(new(m.up().clone())?)
+                    }
+                    Target::Qkv(keys) => {
+                        let mut start = 0;
+                        for key in keys {
+                            let rows = resolver.weight_dims(&key).map_or(0, |[o, _]| o);
+                            let up =
+                                m.up()
+                                    .narrow(0, start, rows)
+                                    .map_err(|e| Error::Unsupported {
+                                        path: path.to_path_buf(),
+                                        reason: format!("`{}`: {e}", m.up_key()),
+                                    })?;
+                            adapters.entry(key).or_default().push(new(up)?);
+                            start += rows;
+                        }
+                    }
+                }
+            }
+            if !unknown.is_empty() {
+                unknown.sort();
+                return Err(Error::KeyMismatch {
+                    path: path.to_path_buf(),
+                    missing: Vec::new(),
+                    unexpected: unknown,
+                });
+            }
+        }
+        Ok(Self { inner, adapters })
+    }
+
+    /// Opens the LoRA files and puts them, each with its strength, on top of `inner`.
+    pub fn open<P: AsRef<Path>>(
+        inner: Arc<dyn WeightSource>,
+        cfg: &Config,
+        loras: &[(P, f64)],
+    ) -> Result<Self, Error> {
+        let files = loras
+            .iter()
+            .map(|(p, s)| Ok((LoraFile::open(p)?, *s)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        Self::new(inner, cfg, &files)
+    }
+
+    /// The diffusers keys of the weights the LoRAs change, sorted.
+    pub fn adapted_keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.adapters.keys().cloned().collect();
+        k.sort();
+        k
+    }
+
+    /// `w` with this source's updates of `key` added, in f32.
+    fn merged(&self, key: &str, w: Tensor) -> lumina2_weights::Result<Tensor> {
+        let Some(list) = self.adapters.get(key) else {
+            return Ok(w);
+        };
+        let mut w = w.to_dtype(DType::F32)?;
+        for a in list {
+            if w.dims() != a.dims() {
+                return Err(lumina2_weights::Error::WeightShape {
+                    key: key.to_string(),
+                    source_name: self.inner.name(),
+                    expected: a.dims().to_vec(),
+                    found: w.dims().to_vec(),
+                });
+            }
+            let delta = a.delta()?.to_device(w.device())?;
+            w = (w + delta)?;
+        }
+        Ok(w)
+    }
+}
+
+fn check_dims(path: &Path, key: &str, t: &Tensor, expected: [usize; 2]) -> Result<(), Error> {
+    if t.dims() != expected {
+        return Err(Error::Shape {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            expected: expected.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+impl WeightSource for LoraSource {
+    fn contains(&self, key: &str) -> bool {
+        self.inner.contains(key)
+    }
+    fn tensor(&self, key: &str) -> lumina2_weights::Result<Tensor> {
+        self.merged(key, self.inner.tensor(key)?)
+    }
+    fn linear(&self, key: &str) -> lumina2_weights::Result<LinearWeight> {
+        Ok(match self.inner.linear(key)? {
+            LinearWeight::Dense(w) => LinearWeight::Dense(self.merged(key, w)?),
+            q @ LinearWeight::Quantized(_) => q,
+        })
+    }
+    fn lora_adapters(&self, key: &str) -> lumina2_weights::Result<Vec<LoraAdapter>> {
+        // The inner source may be another LoRA layer with its own.
+        let mut list = self.inner.lora_adapters(key)?;
+        list.extend(self.adapters.get(key).into_iter().flatten().cloned());
+        Ok(list)
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn keys(&self) -> Vec<String> {
+        self.inner.keys()
+    }
+}
