@@ -31,6 +31,9 @@ pub(crate) const NR: usize = 16;
 const KC: usize = 256;
 /// Pixels per task: the task's packed block (`KC x NC`, 256 KiB) stays in L2.
 const NC: usize = 256;
+/// Input values one (channel, kernel row) of a row panel reads, rounded up:
+/// kernels up to 9 wide (the VAE has 1 and 3).
+const LINE: usize = 24;
 
 /// Whether this CPU can run the fast path.
 pub(crate) fn available() -> bool {
@@ -118,21 +121,26 @@ impl PackedConv {
         Some((out(h)?, out(w)?))
     }
 
-    /// Convolves `x` ([b, c_in, h, w] contiguous f32) into [b, c_out, ho, wo].
-    /// Returns `None` when the sizes do not fit together (the caller falls back).
+    /// Convolves `x` ([b, c_in, h, w] contiguous f32) into [b, c_out, ho, wo],
+    /// plus `residual` (same shape as the output) when given: the resnets'
+    /// skip connection, added while the output tile is still in registers.
+    /// Returns `None` when the sizes do not fit together.
     pub(crate) fn forward(
         &self,
         x: &[f32],
         b: usize,
-        h: usize,
-        w: usize,
+        (h, w): (usize, usize),
         g: Geometry,
+        residual: Option<&[f32]>,
     ) -> Option<(Vec<f32>, usize, usize)> {
         if !available() || g.upsample == 0 || x.len() != b * self.c_in * h * w {
             return None;
         }
         let (ho, wo) = self.out_size(h, w, g)?;
         let n = ho * wo;
+        if residual.is_some_and(|r| r.len() != b * self.c_out * n) {
+            return None;
+        }
         let mut out = vec![0f32; b * self.c_out * n];
         let src = Source {
             h,
@@ -141,20 +149,35 @@ impl PackedConv {
             g,
             wo,
         };
-        for (xb, ob) in x
+        for (i, (xb, ob)) in x
             .chunks_exact(self.c_in * h * w)
             .zip(out.chunks_exact_mut(self.c_out * n))
+            .enumerate()
         {
             let dst = OutPtr(ob.as_mut_ptr());
             let dst = &dst;
+            let res = residual.map(|r| &r[i * self.c_out * n..(i + 1) * self.c_out * n]);
             (0..n.div_ceil(NC)).into_par_iter().for_each_init(
-                || vec![0f32; KC * NC],
+                // 64-byte aligned so that no pixel-vector load splits a cache line.
+                || vec![0f32; KC * NC + 16],
                 |buf, t| {
                     let p0 = t * NC;
                     let p1 = (p0 + NC).min(n);
+                    let off = buf.as_ptr().align_offset(64).min(16);
                     // SAFETY: `ob` has c_out * n elements; this task writes only
                     // columns p0..p1 of each row, which no other task touches.
-                    unsafe { self.task(xb, &src, buf, dst.0, n, p0, p1) };
+                    unsafe {
+                        self.task(
+                            xb,
+                            &src,
+                            &mut buf[off..off + KC * NC],
+                            dst.0,
+                            res,
+                            n,
+                            p0,
+                            p1,
+                        )
+                    };
                 },
             );
         }
@@ -173,6 +196,7 @@ impl PackedConv {
         src: &Source,
         buf: &mut [f32],
         out: *mut f32,
+        res: Option<&[f32]>,
         n: usize,
         p0: usize,
         p1: usize,
@@ -183,28 +207,19 @@ impl PackedConv {
         let mut kb = 0;
         while kb < k_len {
             let kc = KC.min(k_len - kb);
-            for pi in 0..n_panels {
-                let q0 = p0 + pi * NR;
-                let cols = NR.min(p1 - q0);
-                src.pack(
-                    x,
-                    &mut buf[pi * kc * NR..(pi + 1) * kc * NR],
-                    kb,
-                    kc,
-                    q0,
-                    cols,
-                );
-            }
+            src.pack(x, &mut buf[..n_panels * kc * NR], kb, kc, p0, p1);
             for mp in 0..m_panels {
                 let a = &self.panels[(mp * k_len + kb) * MR..(mp * k_len + kb + kc) * MR];
                 let rows = MR.min(self.c_out - mp * MR);
                 let bias = (kb == 0).then(|| &self.bias[mp * MR..(mp + 1) * MR]);
+                let last = kb + kc == k_len;
                 for pi in 0..n_panels {
                     let q0 = p0 + pi * NR;
                     let cols = NR.min(p1 - q0);
                     let bp = &buf[pi * kc * NR..(pi + 1) * kc * NR];
                     let c = out.add(mp * MR * n + q0);
-                    micro_tile(kc, a, bp, c, n, rows, cols, bias);
+                    let r = res.filter(|_| last).map(|r| &r[mp * MR * n + q0..]);
+                    micro_tile(kc, a, bp, c, n, rows, cols, bias, r);
                 }
             }
             kb += kc;
@@ -228,70 +243,127 @@ struct Source {
 
 impl Source {
     /// Packs rows `kb..kb + kc` of the implicit im2col matrix for output pixels
-    /// `q0..q0 + cols` into `dst` (`kc x NR`, pixel-minor; columns past `cols` zero).
-    fn pack(&self, x: &[f32], dst: &mut [f32], kb: usize, kc: usize, q0: usize, cols: usize) {
-        let kk = self.kernel * self.kernel;
-        let (hv, wv) = (self.h * self.g.upsample, self.w * self.g.upsample);
-        let (s, pad, up) = (self.g.stride, self.g.padding, self.g.upsample);
-        // The pixels as runs along output rows: (first column in the panel,
-        // length, output row, first output column).
-        let mut segs = [(0usize, 0usize, 0usize, 0usize); NR];
-        let mut n_segs = 0;
-        let mut j = 0;
-        while j < cols {
-            let p = q0 + j;
-            let (y, x0) = (p / self.wo, p % self.wo);
-            let len = (self.wo - x0).min(cols - j);
-            segs[n_segs] = (j, len, y, x0);
-            n_segs += 1;
-            j += len;
+    /// `p0..p1` into `dst`: panels of `NR` pixels, each `kc x NR` (pixel-minor,
+    /// columns past `p1` zero).
+    ///
+    /// Why this loop order: the rows of one (channel, kernel row) are packed for
+    /// all panels before the next, so the input is read along its rows (what
+    /// the prefetcher follows) rather than jumping between channel planes.
+    fn pack(&self, x: &[f32], dst: &mut [f32], kb: usize, kc: usize, p0: usize, p1: usize) {
+        let k = self.kernel;
+        let kk = k * k;
+        let mut r = 0;
+        while r < kc {
+            let kr = kb + r;
+            let (ci, ky, kx) = (kr / kk, (kr % kk) / k, kr % k);
+            // Rows r..r + len share (ci, ky): kx runs from kx to kx + len.
+            let len = (k - kx).min(kc - r);
+            let group = Group { ci, ky, kx, r, len };
+            for (pi, panel) in dst.chunks_exact_mut(kc * NR).enumerate() {
+                let q0 = p0 + pi * NR;
+                let cols = NR.min(p1 - q0);
+                self.pack_group(x, panel, group, q0, cols);
+            }
+            r += len;
         }
-        let (mut ci, mut ky, mut kx) = (kb / kk, (kb % kk) / self.kernel, kb % self.kernel);
-        for row in dst.chunks_exact_mut(NR).take(kc) {
-            let plane = &x[ci * self.h * self.w..(ci + 1) * self.h * self.w];
-            for &(j0, len, y, x0) in &segs[..n_segs] {
-                let out = &mut row[j0..j0 + len];
-                let u = (y * s + ky) as isize - pad as isize;
-                if u < 0 || u >= hv as isize {
-                    out.fill(0.0);
-                    continue;
-                }
-                let src = &plane[(u as usize / up) * self.w..(u as usize / up + 1) * self.w];
-                let v0 = (x0 * s + kx) as isize - pad as isize;
-                if up == 1 && s == 1 && v0 >= 0 && v0 as usize + len <= self.w {
-                    out.copy_from_slice(&src[v0 as usize..v0 as usize + len]);
+    }
+
+    /// Packs the rows of `g` for pixels `q0..q0 + cols` into `panel` (`kc x NR`).
+    fn pack_group(&self, x: &[f32], panel: &mut [f32], g: Group, q0: usize, cols: usize) {
+        let (y, x0) = (q0 / self.wo, q0 % self.wo);
+        let (s, up, pad) = (self.g.stride, self.g.upsample, self.g.padding as isize);
+        let (hv, wv) = ((self.h * up) as isize, (self.w * up) as isize);
+        let plane = &x[g.ci * self.h * self.w..(g.ci + 1) * self.h * self.w];
+        let rows = panel[g.r * NR..(g.r + g.len) * NR].chunks_exact_mut(NR);
+        if s == 1 && x0 + cols <= self.wo && self.kernel + NR - 1 <= LINE && up <= 2 {
+            // Stride 1, one output row: the group's rows read the same input
+            // values shifted by one; gather them once into `line`.
+            let mut line = [0f32; LINE];
+            let u = (y + g.ky) as isize - pad;
+            if u >= 0 && u < hv {
+                let start = (u as usize >> (up == 2) as usize) * self.w;
+                fill_line(
+                    &mut line,
+                    &plane[start..start + self.w],
+                    x0 as isize - pad,
+                    up == 2,
+                );
+            }
+            for (i, row) in rows.enumerate() {
+                let kx = g.kx + i;
+                if cols == NR {
+                    row.copy_from_slice(&line[kx..kx + NR]);
                 } else {
-                    for (jj, o) in out.iter_mut().enumerate() {
-                        let v = v0 + (jj * s) as isize;
-                        *o = if v >= 0 && v < wv as isize {
-                            src[v as usize / up]
-                        } else {
-                            0.0
-                        };
-                    }
+                    row[..cols].copy_from_slice(&line[kx..kx + cols]);
+                    row[cols..].fill(0.0);
                 }
             }
-            row[cols..].fill(0.0);
-            kx += 1;
-            if kx == self.kernel {
-                kx = 0;
-                ky += 1;
-                if ky == self.kernel {
-                    ky = 0;
-                    ci += 1;
+            return;
+        }
+        // Any stride or upsampling, pixels over several output rows.
+        for (i, row) in rows.enumerate() {
+            let kx = g.kx + i;
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = 0.0;
+                if j >= cols {
+                    continue;
+                }
+                let p = q0 + j;
+                let (yo, xo) = (p / self.wo, p % self.wo);
+                let u = (yo * s + g.ky) as isize - pad;
+                let v = (xo * s + kx) as isize - pad;
+                if u >= 0 && u < hv && v >= 0 && v < wv {
+                    *o = plane[(u as usize / up) * self.w + v as usize / up];
                 }
             }
         }
     }
 }
 
+/// Consecutive rows `r..r + len` of a packed block that share an input
+/// channel and kernel row; their kernel columns start at `kx`.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    ci: usize,
+    ky: usize,
+    kx: usize,
+    r: usize,
+    len: usize,
+}
+
+/// `line[i] = row[(v0 + i) / up]` (up is 1, or 2 when `up2`), zero outside
+/// the row.
+#[inline]
+fn fill_line(line: &mut [f32; LINE], row: &[f32], v0: isize, up2: bool) {
+    let wv = (row.len() << up2 as usize) as isize;
+    if !up2 && v0 >= 0 && v0 + LINE as isize <= wv {
+        line.copy_from_slice(&row[v0 as usize..v0 as usize + LINE]);
+        return;
+    }
+    // Columns lo..hi of the line fall inside the (virtual) row.
+    let lo = (-v0).clamp(0, LINE as isize) as usize;
+    let hi = (wv - v0).clamp(lo as isize, LINE as isize) as usize;
+    line[..lo].fill(0.0);
+    line[hi..].fill(0.0);
+    let first = (v0 + lo as isize) as usize;
+    if up2 {
+        for (i, l) in line[lo..hi].iter_mut().enumerate() {
+            *l = row[(first + i) >> 1];
+        }
+    } else {
+        line[lo..hi].copy_from_slice(&row[first..first + hi - lo]);
+    }
+}
+
 /// One `rows x cols` output tile (at most `MR x NR`): full tiles go straight to
 /// the kernel, partial ones through a scratch tile. With `bias`, the tile
-/// starts from the bias; without, it accumulates into `c`.
+/// starts from the bias; without, it accumulates into `c`. `res` (row 0 of the
+/// same tile in the residual, same stride) is added before the store.
 ///
 /// # Safety
 /// `c` points to row 0 of a tile of `rows` rows of stride `ldc`, each with
-/// `cols` writable f32; AVX2 and FMA are available.
+/// `cols` writable f32; `res`, when given, holds `(rows - 1) * ldc + cols`
+/// f32; AVX2 and FMA are available.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn micro_tile(
@@ -303,11 +375,21 @@ unsafe fn micro_tile(
     rows: usize,
     cols: usize,
     bias: Option<&[f32]>,
+    res: Option<&[f32]>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if rows == MR && cols == NR {
-            x86::kernel(kc, a.as_ptr(), b.as_ptr(), c, ldc, bias.map(|b| b.as_ptr()));
+            let res = res.map(|r| r.as_ptr());
+            x86::kernel(
+                kc,
+                a.as_ptr(),
+                b.as_ptr(),
+                c,
+                ldc,
+                bias.map(|b| b.as_ptr()),
+                res,
+            );
             return;
         }
         let mut tmp = [0f32; MR * NR];
@@ -323,7 +405,15 @@ unsafe fn micro_tile(
             tmp.as_mut_ptr(),
             NR,
             bias.map(|b| b.as_ptr()),
+            None,
         );
+        if let Some(res) = res {
+            for r in 0..rows {
+                for j in 0..cols {
+                    tmp[r * NR + j] += res[r * ldc + j];
+                }
+            }
+        }
         for r in 0..rows {
             std::ptr::copy_nonoverlapping(tmp.as_ptr().add(r * NR), c.add(r * ldc), cols);
         }
@@ -331,7 +421,7 @@ unsafe fn micro_tile(
     #[cfg(not(target_arch = "x86_64"))]
     {
         // Unreachable: `available()` is false off x86-64.
-        let _ = (kc, a, b, c, ldc, rows, cols, bias);
+        let _ = (kc, a, b, c, ldc, rows, cols, bias, res);
     }
 }
 
@@ -347,7 +437,8 @@ mod x86 {
     /// # Safety
     /// `a` holds `kc * MR` f32, `b` `kc * NR`, `c` `MR` rows of stride `ldc`
     /// with `NR` writable f32 each (read too when `bias` is `None`; `bias`
-    /// holds `MR` f32); AVX2 and FMA are available.
+    /// holds `MR` f32; `res`, when given, `MR` rows of stride `ldc` with `NR`
+    /// readable f32 each); AVX2 and FMA are available.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kernel(
         kc: usize,
@@ -356,6 +447,7 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         bias: Option<*const f32>,
+        res: Option<*const f32>,
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         match bias {
@@ -384,10 +476,91 @@ mod x86 {
             a = a.add(MR);
             b = b.add(NR);
         }
+        if let Some(res) = res {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let row = res.add(r * ldc);
+                acc_r[0] = _mm256_add_ps(acc_r[0], _mm256_loadu_ps(row));
+                acc_r[1] = _mm256_add_ps(acc_r[1], _mm256_loadu_ps(row.add(8)));
+            }
+        }
         for (r, acc_r) in acc.iter().enumerate() {
             let row = c.add(r * ldc);
             _mm256_storeu_ps(row, acc_r[0]);
             _mm256_storeu_ps(row.add(8), acc_r[1]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// Our kernel against candle's `conv2d` (after candle's nearest upsampling,
+    /// plus the residual) on random data, over the shapes that exercise the
+    /// edges: output channels not a multiple of `MR`, pixel counts not a
+    /// multiple of `NR` and panels across rows, `K` larger than `KC`, stride 2.
+    #[test]
+    fn matches_candle_conv2d() -> candle_core::Result<()> {
+        if !available() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        // (batch, c_in, c_out, h, w, kernel, stride, padding, upsample, residual)
+        let cases = [
+            (1, 3, 7, 5, 9, 3, 1, 1, 1, false),
+            (2, 40, 13, 6, 17, 3, 1, 1, 1, true),
+            (1, 8, 6, 7, 5, 3, 2, 0, 1, false),
+            (1, 5, 9, 4, 6, 3, 1, 1, 2, false),
+            (1, 32, 12, 16, 32, 3, 1, 1, 1, true),
+            (1, 16, 4, 9, 20, 3, 1, 1, 2, false),
+            (2, 300, 5, 3, 4, 1, 1, 0, 1, true),
+            (1, 4, 3, 18, 18, 3, 1, 1, 1, false),
+        ];
+        for (b, ci, co, h, w, k, s, p, up, with_res) in cases {
+            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 0.2, (co, ci, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1.0, co, &dev)?;
+            let xu = x.upsample_nearest2d(h * up, w * up)?;
+            let mut want = xu
+                .conv2d(&wt, p, s, 1, 1)?
+                .broadcast_add(&bias.reshape((1, co, 1, 1))?)?;
+            let res = Tensor::randn(0f32, 1.0, want.dims(), &dev)?;
+            if with_res {
+                want = (want + &res)?;
+            }
+            let packed =
+                PackedConv::new(&wt.flatten_all()?.to_vec1()?, &bias.to_vec1()?, co, ci, k)
+                    .ok_or_else(|| candle_core::Error::Msg("pack".into()))?;
+            let g = Geometry {
+                stride: s,
+                padding: p,
+                upsample: up,
+            };
+            let rv: Vec<f32> = res.flatten_all()?.to_vec1()?;
+            let (got, ho, wo) = packed
+                .forward(
+                    &x.flatten_all()?.to_vec1()?,
+                    b,
+                    (h, w),
+                    g,
+                    with_res.then_some(rv.as_slice()),
+                )
+                .ok_or_else(|| candle_core::Error::Msg("forward".into()))?;
+            assert_eq!(&[b, co, ho, wo], want.dims());
+            let want: Vec<f32> = want.flatten_all()?.to_vec1()?;
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs() / (1e-5 + 1e-5 * w.abs()))
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1.0,
+                "case {:?}: worst {worst}",
+                (b, ci, co, h, w, k, s, p, up)
+            );
+        }
+        Ok(())
     }
 }

@@ -119,23 +119,36 @@ impl Conv2d {
 
     /// Applies the convolution; the output has the model dtype.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, 1)
+        self.run(x, 1, None)
     }
 
     /// Nearest 2x upsampling then the convolution (`Upsample2D`), fused on the
     /// CPU path so that the upsampled tensor is never built.
     pub(crate) fn forward_upsampled(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, 2)
+        self.run(x, 2, None)
     }
 
-    fn run(&self, x: &Tensor, upsample: usize) -> Result<Tensor> {
+    /// `residual + conv(x)` (a resnet's last convolution and skip connection).
+    /// In f32 on the CPU path the sum is taken before the output is stored;
+    /// otherwise the convolution's output is rounded to the model dtype first,
+    /// as PyTorch does.
+    pub(crate) fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if matches!(self.kind, ConvKind::Packed(_)) && self.dtype == DType::F32 {
+            return self.run(x, 1, Some(residual));
+        }
+        let y = self.run(x, 1, None)?;
+        let _s = span(Op::Residual);
+        Ok((residual + y)?)
+    }
+
+    fn run(&self, x: &Tensor, upsample: usize, residual: Option<&Tensor>) -> Result<Tensor> {
         let _s = span(if self.kernel == 1 {
             Op::Conv1x1
         } else {
             Op::Conv3x3
         });
         let y = match &self.kind {
-            ConvKind::Packed(p) => self.run_packed(p, x, upsample)?,
+            ConvKind::Packed(p) => self.run_packed(p, x, upsample, residual)?,
             ConvKind::Candle { weight, bias } => {
                 let mut x = x.to_dtype(weight.dtype())?;
                 if upsample != 1 {
@@ -143,14 +156,25 @@ impl Conv2d {
                     let (_, _, h, w) = x.dims4()?;
                     x = x.upsample_nearest2d(upsample * h, upsample * w)?;
                 }
-                x.conv2d(weight, self.padding, self.stride, 1, 1)?
-                    .broadcast_add(bias)?
+                let y = x
+                    .conv2d(weight, self.padding, self.stride, 1, 1)?
+                    .broadcast_add(bias)?;
+                match residual {
+                    Some(r) => (y.to_dtype(self.dtype)? + r)?,
+                    None => y,
+                }
             }
         };
         Ok(y.to_dtype(self.dtype)?)
     }
 
-    fn run_packed(&self, p: &PackedConv, x: &Tensor, upsample: usize) -> Result<Tensor> {
+    fn run_packed(
+        &self,
+        p: &PackedConv,
+        x: &Tensor,
+        upsample: usize,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != p.c_in() {
             return Err(input_err(
@@ -164,14 +188,25 @@ impl Conv2d {
             upsample,
         };
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let out = with_cpu_f32(&x, |xs| p.forward(xs, b, h, w, g))?
-            .ok_or_else(|| input_err("convolution input", "not on the CPU, as the weights"))?;
+        let res = residual
+            .map(|r| r.to_dtype(DType::F32)?.contiguous())
+            .transpose()?;
+        let out = match &res {
+            Some(r) => with_cpu_f32(r, |rs| {
+                with_cpu_f32(&x, |xs| p.forward(xs, b, (h, w), g, Some(rs)))
+            })?
+            .transpose()?
+            .flatten(),
+            None => with_cpu_f32(&x, |xs| p.forward(xs, b, (h, w), g, None))?,
+        }
+        .ok_or_else(|| input_err("convolution input", "not on the CPU, as the weights"))?;
         match out {
             Some((y, ho, wo)) => Ok(Tensor::from_vec(y, (b, p.c_out(), ho, wo), x.device())?),
             None => Err(input_err(
                 "convolution input",
                 format!(
-                    "{h}x{w} (upsampled {upsample}x) is too small for a {0}x{0} kernel with padding {1}",
+                    "{h}x{w} (upsampled {upsample}x) is too small for a {0}x{0} kernel with padding {1}, \
+                     or the residual's shape is not the output's",
                     self.kernel, self.padding
                 ),
             )),

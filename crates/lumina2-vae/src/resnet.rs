@@ -5,7 +5,6 @@ use candle_nn::VarBuilder;
 
 use crate::error::Result;
 use crate::layers::{norm_act, Activation, Conv2d, GroupNorm};
-use crate::profile::{span, Op};
 
 /// `norm1 -> act -> conv1 -> norm2 -> act -> conv2`, plus the input (through a
 /// 1x1 `conv_shortcut` when the channel count changes).
@@ -48,12 +47,10 @@ impl ResnetBlock2D {
         let h = norm_act(&self.norm1, self.act, x, self.dtype)?;
         let h = self.conv1.forward(&h)?;
         let h = norm_act(&self.norm2, self.act, &h, self.dtype)?;
-        let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let _s = span(Op::Residual);
-        Ok((shortcut + h)?)
+        self.conv2.forward_add(&h, &shortcut)
     }
 }
