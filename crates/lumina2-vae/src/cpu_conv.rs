@@ -276,19 +276,28 @@ impl Source {
         let plane = &x[g.ci * self.h * self.w..(g.ci + 1) * self.h * self.w];
         let rows = panel[g.r * NR..(g.r + g.len) * NR].chunks_exact_mut(NR);
         if s == 1 && x0 + cols <= self.wo && self.kernel + NR - 1 <= LINE && up <= 2 {
-            // Stride 1, one output row: the group's rows read the same input
-            // values shifted by one; gather them once into `line`.
-            let mut line = [0f32; LINE];
+            // Stride 1, one output row. Full panels inside the row without
+            // upsampling copy straight from the input; otherwise the group's
+            // rows read the same input values shifted by one, gathered once
+            // into `line`.
             let u = (y + g.ky) as isize - pad;
-            if u >= 0 && u < hv {
-                let start = (u as usize >> (up == 2) as usize) * self.w;
-                fill_line(
-                    &mut line,
-                    &plane[start..start + self.w],
-                    x0 as isize - pad,
-                    up == 2,
-                );
+            if u < 0 || u >= hv {
+                rows.for_each(|row| row.fill(0.0));
+                return;
             }
+            let start = (u as usize >> (up == 2) as usize) * self.w;
+            let src = &plane[start..start + self.w];
+            let v0 = x0 as isize - pad;
+            let (lo, hi) = (v0 + g.kx as isize, v0 + (g.kx + g.len - 1) as isize);
+            if up == 1 && cols == NR && lo >= 0 && hi + NR as isize <= self.w as isize {
+                for (i, row) in rows.enumerate() {
+                    let v = lo as usize + i;
+                    row.copy_from_slice(&src[v..v + NR]);
+                }
+                return;
+            }
+            let mut line = [0f32; LINE];
+            fill_line(&mut line, src, v0, up == 2);
             for (i, row) in rows.enumerate() {
                 let kx = g.kx + i;
                 if cols == NR {
@@ -562,5 +571,56 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    /// Throughput of the kernel on the decoder's layer shapes (not a check):
+    /// `cargo test --release -p lumina2-vae --lib conv_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn conv_speed() {
+        // The micro-kernel alone on L1-resident panels: this core's ceiling.
+        let (a, b) = (vec![0.5f32; KC * MR], vec![0.25f32; KC * NR]);
+        let mut c = vec![0f32; MR * NR];
+        let t0 = std::time::Instant::now();
+        let reps = 200_000;
+        for _ in 0..reps {
+            // SAFETY: panels and tile sized as the kernel requires.
+            unsafe { micro_tile(KC, &a, &b, c.as_mut_ptr(), NR, MR, NR, None, None) };
+        }
+        let s = t0.elapsed().as_secs_f64();
+        println!(
+            "micro-kernel in L1: {:.1} GFLOP/s",
+            2.0 * (KC * MR * NR * reps) as f64 / s / 1e9
+        );
+        // (c_in, c_out, size, upsample)
+        for (ci, co, hw, up) in [
+            (512, 512, 64, 1),
+            (256, 256, 128, 1),
+            (128, 128, 256, 1),
+            (256, 256, 128, 2),
+            (128, 3, 256, 1),
+        ] {
+            let x: Vec<f32> = (0..ci * hw * hw).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..co * ci * 9).map(|i| (i % 5) as f32 * 0.01).collect();
+            let packed =
+                PackedConv::new(&w, &vec![0.0; co], co, ci, 3).unwrap_or_else(|| unreachable!());
+            let g = Geometry {
+                stride: 1,
+                padding: 1,
+                upsample: up,
+            };
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let t0 = std::time::Instant::now();
+                let _ = packed.forward(&x, 1, (hw, hw), g, None);
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            let flops = 2.0 * (ci * co * 9 * hw * hw * up * up) as f64;
+            println!(
+                "{ci}->{co} at {0}x{0}: {best:.3} s, {1:.1} GFLOP/s",
+                hw * up,
+                flops / best / 1e9
+            );
+        }
     }
 }
