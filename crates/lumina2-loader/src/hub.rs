@@ -560,38 +560,34 @@ impl Fetch<'_> {
 
 #[cfg(feature = "download")]
 mod download {
-    //! Downloads through `hf-hub`'s blocking client, into our cache folder.
+    //! Downloads through `hf-hub`'s blocking (ureq, rustls) client, into our
+    //! cache folder, in the layout Python writes (blobs, snapshot symlinks, refs).
 
     use std::io::{IsTerminal, Write};
     use std::path::PathBuf;
-    use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
-    use hf_hub::progress::{DownloadEvent, ProgressEvent, ProgressHandler};
-    use hf_hub::{HFClientBuilder, HFError, HFRepositorySync, RepoTypeModel};
+    use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
+    use hf_hub::api::Progress;
+    use hf_hub::{Repo, RepoType};
 
     use super::HubRepo;
     use crate::folder::Error;
 
     pub(super) struct Client<'a> {
         repo: &'a HubRepo,
-        hub: HFRepositorySync<RepoTypeModel>,
+        api: Api,
     }
 
     impl<'a> Client<'a> {
         pub(super) fn new(repo: &'a HubRepo) -> Result<Self, Error> {
-            let mut builder = HFClientBuilder::new().cache_dir(repo.cache_dir.clone());
-            if let Some(t) = &repo.token {
-                builder = builder.token(t.clone());
-            }
-            let client = builder
-                .build_sync()
+            let api = ApiBuilder::new()
+                .with_cache_dir(repo.cache_dir.clone())
+                .with_token(repo.token.clone())
+                .with_progress(false)
+                .build()
                 .map_err(|e| download_error(repo, &repo.revision, "", e))?;
-            let (owner, name) = hf_hub::split_id(&repo.id);
-            Ok(Self {
-                repo,
-                hub: client.model(owner, name),
-            })
+            Ok(Self { repo, api })
         }
 
         /// The file at `revision`, `None` when the repo has no such file.
@@ -601,19 +597,19 @@ mod download {
             file: &str,
             progress: bool,
         ) -> Result<Option<PathBuf>, Error> {
-            let req = self
-                .hub
-                .download_file()
-                .filename(file)
-                .revision(revision.to_string());
+            let api_repo = self.api.repo(Repo::with_revision(
+                self.repo.id.clone(),
+                RepoType::Model,
+                revision.to_string(),
+            ));
             let result = if progress {
-                req.progress(Printer::new(file)).send()
+                api_repo.download_with_progress(file, Printer::new(file))
             } else {
-                req.send()
+                api_repo.download(file)
             };
             match result {
                 Ok(p) => Ok(Some(p)),
-                Err(HFError::EntryNotFound { .. }) => Ok(None),
+                Err(ApiError::RequestError(e)) if is_not_found(&e) => Ok(None),
                 Err(e) => Err(download_error(self.repo, revision, file, e)),
             }
         }
@@ -628,6 +624,12 @@ mod download {
                 download_error(self.repo, revision, file, "the repo has no such file")
             })
         }
+    }
+
+    /// A 404 from the Hub: the file is not in the repo at that revision.
+    fn is_not_found(e: &impl std::fmt::Display) -> bool {
+        let text = e.to_string();
+        text.contains("status code 404") || text.contains(": 404")
     }
 
     fn download_error(
@@ -649,13 +651,8 @@ mod download {
     struct Printer {
         file: String,
         tty: bool,
-        state: Mutex<State>,
-    }
-
-    #[derive(Default)]
-    struct State {
-        total: u64,
-        started: bool,
+        total: usize,
+        done: usize,
         last: Option<Instant>,
     }
 
@@ -664,34 +661,14 @@ mod download {
             Self {
                 file: file.to_string(),
                 tty: std::io::stderr().is_terminal(),
-                state: Mutex::new(State::default()),
+                total: 0,
+                done: 0,
+                last: None,
             }
-        }
-
-        fn show(&self, state: &mut State, done: u64) {
-            if !self.tty {
-                return;
-            }
-            let now = Instant::now();
-            if state
-                .last
-                .is_some_and(|t| now - t < Duration::from_millis(200))
-            {
-                return;
-            }
-            state.last = Some(now);
-            let pct = if state.total > 0 {
-                (done as f64 / state.total as f64 * 100.0).min(100.0)
-            } else {
-                0.0
-            };
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r{}: {pct:5.1}% of {}", self.file, human(state.total));
-            let _ = err.flush();
         }
     }
 
-    fn human(bytes: u64) -> String {
+    fn human(bytes: usize) -> String {
         let b = bytes as f64;
         match bytes {
             0..=999_999 => format!("{:.1} kB", b / 1e3),
@@ -700,39 +677,42 @@ mod download {
         }
     }
 
-    impl ProgressHandler for Printer {
-        fn on_progress(&self, event: &ProgressEvent) {
-            let ProgressEvent::Download(event) = event else {
+    impl Progress for Printer {
+        fn init(&mut self, size: usize, _filename: &str) {
+            self.total = size;
+            if !self.tty {
+                eprintln!("downloading {} ({})", self.file, human(size));
+            }
+        }
+
+        fn update(&mut self, size: usize) {
+            self.done = self.done.saturating_add(size);
+            if !self.tty {
                 return;
-            };
-            let Ok(mut state) = self.state.lock() else {
+            }
+            let now = Instant::now();
+            if self
+                .last
+                .is_some_and(|t| now - t < Duration::from_millis(200))
+            {
                 return;
+            }
+            self.last = Some(now);
+            let pct = if self.total > 0 {
+                (self.done as f64 / self.total as f64 * 100.0).min(100.0)
+            } else {
+                0.0
             };
-            match event {
-                DownloadEvent::Start { total_bytes, .. } => {
-                    state.total = *total_bytes;
-                    state.started = true;
-                    if !self.tty {
-                        eprintln!("downloading {} ({})", self.file, human(*total_bytes));
-                    }
-                }
-                DownloadEvent::Progress { files } => {
-                    if let Some(f) = files.iter().find(|f| f.filename == self.file) {
-                        self.show(&mut state, f.bytes_completed);
-                    }
-                }
-                DownloadEvent::AggregateProgress {
-                    bytes_completed, ..
-                } => self.show(&mut state, *bytes_completed),
-                // A file already cached at a commit emits `Complete` alone: nothing to say.
-                DownloadEvent::Complete if state.started => {
-                    if self.tty {
-                        eprintln!("\r{}: done, {}       ", self.file, human(state.total));
-                    } else {
-                        eprintln!("downloaded {}", self.file);
-                    }
-                }
-                DownloadEvent::Complete => {}
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r{}: {pct:5.1}% of {}", self.file, human(self.total));
+            let _ = err.flush();
+        }
+
+        fn finish(&mut self) {
+            if self.tty {
+                eprintln!("\r{}: done, {}       ", self.file, human(self.total));
+            } else {
+                eprintln!("downloaded {}", self.file);
             }
         }
     }

@@ -17,7 +17,11 @@
 //!   layout, from `.pth` (read without executing pickle code) or `.safetensors`
 //!   ([`open_transformer_file`]); GGUF files ([`gguf`]).
 //!
-//! LoRA is planned (see the README).
+//! - [`lora`]: diffusers/PEFT, original/ComfyUI and kohya LoRA files, several
+//!   at once with a scale each, merged into dense weights or kept factored on
+//!   quantised ones ([`lora::LoraSource`]).
+//!
+//! Not built: Gemma-2 text encoders from GGUF (llama.cpp key names).
 //!
 //! ```no_run
 //! use lumina2_loader::{Component, HubRepo, PipelineFolder};

@@ -1,16 +1,20 @@
-//! LoRAs on the transformer's weights (the loader does the work).
+//! LoRAs on the transformer's weights: the loader's [`LoraSource`] merges them
+//! into dense weights and keeps them factored on quantised (GGUF) ones.
 
 use std::sync::Arc;
 
+use lumina2_loader::lora::LoraSource;
 use lumina2_transformer::{Config, WeightSource};
 
 use crate::components::LoraSpec;
-use crate::error::{invalid, Result};
+use crate::error::Result;
 
 pub(crate) fn apply(
-    _base: Arc<dyn WeightSource>,
-    _loras: &[LoraSpec],
-    _cfg: &Config,
+    base: Arc<dyn WeightSource>,
+    loras: &[LoraSpec],
+    cfg: &Config,
 ) -> Result<Arc<dyn WeightSource>> {
-    Err(invalid("lora", "LoRA loading is not wired yet"))
+    let list: Vec<(&std::path::Path, f64)> =
+        loras.iter().map(|l| (l.path.as_path(), l.scale)).collect();
+    Ok(Arc::new(LoraSource::open(base, cfg, &list)?))
 }

@@ -262,3 +262,69 @@ fn inspect_describes_a_transformer_folder() {
     let r = lumina2(&["inspect", "/nonexistent.gguf"]);
     assert!(!r.status.success());
 }
+
+fn write_lora(path: &Path, key: &str) {
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let a = Tensor::randn(0f32, 0.5, (2, 32), &dev).unwrap();
+    let b = Tensor::randn(0f32, 0.5, (32, 2), &dev).unwrap();
+    let tensors = std::collections::HashMap::from([
+        (format!("transformer.{key}.lora_A.weight"), a),
+        (format!("transformer.{key}.lora_B.weight"), b),
+    ]);
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+#[test]
+fn loras_change_the_image_and_unknown_keys_are_refused() {
+    let dir = tmp_dir("lora");
+    let model = pipeline_dir();
+    let good = dir.join("good.safetensors");
+    let bad = dir.join("bad.safetensors");
+    write_lora(&good, "layers.0.attn.to_q");
+    write_lora(&bad, "layers.7.attn.to_nothing");
+    let run = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a boat",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--max-sequence-length",
+            "32",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        lumina2(&args)
+    };
+    let plain = dir.join("plain.png");
+    let lora = dir.join("lora.png");
+    assert!(run(&[], &plain).status.success());
+    let spec = format!("{}:0.7", good.display());
+    let r = run(&["--lora", &spec], &lora);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_ne!(
+        std::fs::read(&plain).unwrap(),
+        std::fs::read(&lora).unwrap()
+    );
+    let text = png_text(&std::fs::read(&lora).unwrap());
+    assert!(text.iter().any(|(k, v)| k == "lora" && v == &spec));
+
+    let refused = dir.join("refused.png");
+    let r = run(&["--lora", bad.to_str().unwrap()], &refused);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(err.contains("layers.7.attn.to_nothing"), "{err}");
+    assert!(!refused.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
