@@ -64,12 +64,16 @@ def versions():
 
 
 def link_tree(src, dst):
-    """Gives `dst` the files of `src` (hard links where possible: each case holds
-    its model, as the format asks, without doubling the disk use)."""
+    """Gives `dst` the files of `src`, sub-folders included (hard links where
+    possible: each case holds its model, as the format asks, without doubling
+    the disk use)."""
     import shutil
     os.makedirs(dst, exist_ok=True)
     for name in os.listdir(src):
         s, d = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isdir(s):
+            link_tree(s, d)
+            continue
         if os.path.exists(d):
             os.remove(d)
         try:

@@ -11,7 +11,7 @@ from diffusers.utils import logging as _dlogging
 from transformers import AutoTokenizer
 
 import gen_text_encoder
-from common import randomize_, versions, write_case
+from common import link_tree, randomize_, versions, write_case
 
 _dlogging.set_verbosity_error()
 
@@ -110,7 +110,7 @@ def generate(out_dir, only_tiny=False, only_committed=False):
         if only_committed and not committed:
             continue
         case_dir = os.path.join(base, name)
-        link_tree_deep(os.path.join(src, "pipeline"), os.path.join(case_dir, "pipeline"))
+        link_tree(os.path.join(src, "pipeline"), os.path.join(case_dir, "pipeline"))
         inputs = None
         latents = None
         if latent_shape is not None:
@@ -126,23 +126,3 @@ def generate(out_dir, only_tiny=False, only_committed=False):
         print(f"pipeline/{name}: written")
     import shutil
     shutil.rmtree(src)
-
-
-def link_tree_deep(src, dst):
-    for root, _dirs, files in os.walk(src):
-        rel = os.path.relpath(root, src)
-        if files:
-            link_tree_files(root, os.path.join(dst, rel), files)
-
-
-def link_tree_files(src, dst, files):
-    import shutil
-    os.makedirs(dst, exist_ok=True)
-    for name in files:
-        s, d = os.path.join(src, name), os.path.join(dst, name)
-        if os.path.exists(d):
-            os.remove(d)
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copyfile(s, d)

@@ -341,6 +341,11 @@ impl SafetensorsSource {
         })
     }
 
+    /// The storage dtype and shape of a tensor, from the header (nothing is read).
+    pub fn tensor_info(&self, key: &str) -> Option<(DType, &[usize])> {
+        self.index.get(key).map(|e| (e.dtype, e.shape.as_slice()))
+    }
+
     /// The `__metadata__` string map of the headers (of all files together).
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata

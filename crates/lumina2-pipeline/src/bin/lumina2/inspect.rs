@@ -1,7 +1,6 @@
 //! `lumina2 inspect FILE`: what a checkpoint is, read from its header only.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -23,47 +22,19 @@ struct Entry {
     dtype: String,
 }
 
-/// The largest safetensors header we read (the real ones are a few MB).
-const MAX_HEADER: u64 = 256 << 20;
-
 fn safetensors_entries(path: &Path) -> Result<Vec<Entry>> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let file_len = f.metadata()?.len();
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .with_context(|| format!("{}: too short for a safetensors header", path.display()))?;
-    let len = u64::from_le_bytes(n);
-    if len > MAX_HEADER || len + 8 > file_len {
-        bail!(
-            "{}: header length {len} is impossible for a file of {file_len} bytes",
-            path.display()
-        );
-    }
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact(&mut buf)?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&buf)
-        .with_context(|| format!("{}: the header is not a JSON object", path.display()))?;
+    // The validated reader of the model crates: header bounds, offsets,
+    // sizes and duplicate keys are checked before anything is listed.
+    let st = lumina2_weights::SafetensorsSource::open(&[path])?;
     let mut out = Vec::new();
-    for (key, v) in header {
-        if key == "__metadata__" {
-            continue;
+    for key in lumina2_weights::WeightSource::keys(&st) {
+        if let Some((dtype, shape)) = st.tensor_info(&key) {
+            out.push(Entry {
+                shape: shape.to_vec(),
+                dtype: format!("{dtype:?}"),
+                key,
+            });
         }
-        let dtype = v
-            .get("dtype")
-            .and_then(|d| d.as_str())
-            .unwrap_or("?")
-            .to_string();
-        let shape = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as usize)
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push(Entry { key, shape, dtype });
     }
     Ok(out)
 }
