@@ -328,3 +328,46 @@ fn loras_change_the_image_and_unknown_keys_are_refused() {
     assert!(!refused.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Ctrl-C during denoising: exit status 130, a message, no image.
+#[cfg(unix)]
+#[test]
+fn sigint_during_denoising_leaves_no_image() {
+    let dir = tmp_dir("sigint");
+    let out = dir.join("never.png");
+    let model = pipeline_dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lumina2"))
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "10000",
+            "--max-sequence-length",
+            "32",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let r = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
