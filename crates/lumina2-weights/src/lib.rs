@@ -218,6 +218,32 @@ struct StEntry {
     len: usize,
 }
 
+/// A safetensors header's entries in file order, duplicates kept.
+struct HeaderEntries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for HeaderEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HeaderEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensor entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<HeaderEntries, A::Error> {
+                let mut v = Vec::new();
+                while let Some(entry) = m.next_entry::<String, serde_json::Value>()? {
+                    v.push(entry);
+                }
+                Ok(HeaderEntries(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Largest safetensors header accepted (the format's own limit is 100 MB).
 const MAX_HEADER: u64 = 100 << 20;
 
@@ -269,10 +295,16 @@ impl SafetensorsSource {
             let mut header = vec![0u8; n as usize];
             std::io::Read::read_exact(&mut f, &mut header)
                 .map_err(|_| bad("", "truncated safetensors header".into()))?;
-            let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            let HeaderEntries(json) = serde_json::from_slice(&header)
                 .map_err(|e| bad("", format!("invalid header: {e}")))?;
             let data_start = 8 + n;
+            let mut seen = std::collections::HashSet::new();
             for (key, v) in json {
+                // JSON objects may repeat a key; serde_json's map would keep the
+                // last silently, which hides a corrupt or forged header.
+                if !seen.insert(key.clone()) {
+                    return Err(bad(&key, "key listed twice in the header".into()));
+                }
                 if key == "__metadata__" {
                     // The format's free-form string map (LoRA files keep their
                     // adapter config there); other value types are ignored.

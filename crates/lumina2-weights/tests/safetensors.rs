@@ -59,6 +59,17 @@ fn safetensors_source_reads_shards_and_refuses_broken_headers() {
         v.extend_from_slice(&bytes[8 + n..]);
         cases.push(v);
     }
+    // The same key twice in one header (a JSON map would keep the last one).
+    let entry = r#""a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}"#;
+    let h = format!("{{{entry},{entry}}}");
+    let mut v = (h.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(h.as_bytes());
+    v.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&bad, &v).unwrap();
+    match SafetensorsSource::open(&[&bad]) {
+        Err(e @ Error::WeightLoad { .. }) => assert!(e.to_string().contains("twice"), "{e}"),
+        other => panic!("duplicate key accepted: {:?}", other.map(|_| ())),
+    }
     for (i, c) in cases.iter().enumerate() {
         std::fs::write(&bad, c).unwrap();
         assert!(
