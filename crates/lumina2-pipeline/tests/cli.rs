@@ -150,6 +150,9 @@ fn bad_options_fail_before_loading_and_write_nothing() {
         let r = lumina2(&args);
         let err = String::from_utf8_lossy(&r.stderr);
         assert!(!r.status.success(), "{extra:?} succeeded");
+        // Usage errors exit with 2, failures while running (memory) with 1.
+        let code = if needle == "MiB" { 1 } else { 2 };
+        assert_eq!(r.status.code(), Some(code), "{extra:?}: {err}");
         assert!(err.contains(needle), "{extra:?}: {err}");
         assert!(!err.contains("panicked"), "{extra:?}: {err}");
     }

@@ -343,11 +343,28 @@ fn random_seed() -> u64 {
     h.finish() % (1u64 << 53)
 }
 
+/// A command line that asks for something impossible (exit status 2, as
+/// clap's own usage errors).
+#[derive(Debug)]
+pub struct Usage(pub anyhow::Error);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", crate::error_chain(&self.0))
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn usage<T>(r: Result<T>) -> Result<T> {
+    r.map_err(|e| Usage(e).into())
+}
+
 pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
-    set_threads(args.threads)?;
+    usage(set_threads(args.threads))?;
     let seed = args.seed.unwrap_or_else(random_seed);
     // Options are checked before anything is loaded or downloaded.
-    let opts = options(&args, seed)?;
+    let opts = usage(options(&args, seed))?;
     let count = opts.batch_size()?;
     let outputs: Vec<PathBuf> = if args.latents_only {
         Vec::new()
@@ -359,7 +376,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     for p in outputs.iter().chain(args.output_latents.iter()) {
         output::check_writable(p)?;
     }
-    let device = parse_device(&args.device)?;
+    let device = usage(parse_device(&args.device))?;
     let dtype = match args.dtype {
         DtypeArg::F32 => DType::F32,
         DtypeArg::Bf16 => DType::BF16,
@@ -383,12 +400,19 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     }
 
     let (sources, model_name) = sources(&args, quiet)?;
+    if let Some(bad) = sources.loras.iter().find(|l| !l.path.is_file()) {
+        return Err(Usage(anyhow::anyhow!(
+            "--lora {}: no such file",
+            bad.path.display()
+        ))
+        .into());
+    }
     let mut pipe = Lumina2Pipeline::builder(sources)
         .dtype(dtype)
         .device(device)
         .vae_tiling(args.vae_tiling)
         .build()?;
-    let (width, height) = pipe.resolve_size(&opts)?;
+    let (width, height) = usage(pipe.resolve_size(&opts).map_err(Into::into))?;
     if !args.no_memory_check {
         pipe.check_memory(&opts)?;
     }

@@ -11,6 +11,10 @@ use clap::{Parser, Subcommand};
 /// Exit status of a run stopped by Ctrl-C (128 + SIGINT, the shell's convention).
 const EXIT_INTERRUPTED: u8 = 130;
 
+/// Exit status of an impossible request (clap uses it for its usage errors);
+/// 1 is a failure while running (missing or corrupt files, ...).
+const EXIT_USAGE: u8 = 2;
+
 #[derive(Parser)]
 #[command(
     name = "lumina2",
@@ -81,7 +85,15 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_INTERRUPTED);
             }
             eprintln!("lumina2: error: {}", error_chain(&e));
-            ExitCode::FAILURE
+            let invalid_option = matches!(
+                e.downcast_ref::<lumina2_pipeline::Error>(),
+                Some(lumina2_pipeline::Error::InvalidOption { .. })
+            );
+            if e.downcast_ref::<generate::Usage>().is_some() || invalid_option {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
