@@ -339,7 +339,7 @@ fn sigint_during_denoising_leaves_no_image() {
     let dir = tmp_dir("sigint");
     let out = dir.join("never.png");
     let model = pipeline_dir();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lumina2"))
+    let child = Command::new(env!("CARGO_BIN_EXE_lumina2"))
         .args([
             "generate",
             "--model",
