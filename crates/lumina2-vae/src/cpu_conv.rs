@@ -441,7 +441,8 @@ mod x86 {
     use super::{MR, NR};
 
     /// `C[MR x NR] (+)= A[kc x MR]^T B[kc x NR]`: twelve accumulators, two
-    /// pixel vectors and one broadcast weight per step, all in registers.
+    /// pixel vectors and one broadcast weight per step, all in registers; when
+    /// accumulating, the block's sum is added to `C` at the end.
     ///
     /// # Safety
     /// `a` holds `kc * MR` f32, `b` `kc * NR`, `c` `MR` rows of stride `ldc`
@@ -467,9 +468,12 @@ mod x86 {
                 }
             }
             None => {
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let row = c.add(r * ldc);
-                    *acc_r = [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))];
+                // The partial sums are added at the end: ask for them now so
+                // that they arrive (typically from L3) while the loop runs.
+                for r in 0..MR {
+                    let row = c.add(r * ldc) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(row);
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(4 * NR - 4));
                 }
             }
         }
@@ -484,6 +488,13 @@ mod x86 {
             }
             a = a.add(MR);
             b = b.add(NR);
+        }
+        if bias.is_none() {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let row = c.add(r * ldc);
+                acc_r[0] = _mm256_add_ps(_mm256_loadu_ps(row), acc_r[0]);
+                acc_r[1] = _mm256_add_ps(_mm256_loadu_ps(row.add(8)), acc_r[1]);
+            }
         }
         if let Some(res) = res {
             for (r, acc_r) in acc.iter_mut().enumerate() {

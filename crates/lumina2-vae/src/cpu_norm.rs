@@ -1,10 +1,10 @@
 //! The CPU fast path of group norm followed by an activation: one task per
-//! (batch item, group), three passes over the group's contiguous NCHW slice
-//! (mean, centred variance, then normalise + affine + activation), instead of
-//! a dozen candle ops each writing a tensor.
+//! (batch item, group), two passes over the group's contiguous NCHW slice
+//! (statistics, then normalise + affine + activation), instead of a dozen
+//! candle ops each writing a tensor.
 //!
-//! Numerics as [`crate::layers::GroupNorm`]: f32 partial sums over blocks,
-//! blocks summed in f64, variance of the centred values. SiLU uses a
+//! Numerics: per block of 4096 values, the mean and the centred sum of
+//! squares in f32; blocks merged in f64 (no `E[x^2] - E[x]^2` cancellation). SiLU uses a
 //! vectorisable `exp` accurate to a few ulp (PyTorch's CPU kernel uses SLEEF's).
 
 use rayon::prelude::*;
@@ -29,7 +29,7 @@ pub(crate) struct NormShape {
     pub groups: usize,
 }
 
-/// Elements summed in f32 before the running sum moves to f64.
+/// Values whose statistics are taken in f32 before merging in f64 (16 KiB: L1).
 const BLOCK: usize = 4096;
 
 /// `act(round(norm(x) * weight + bias))` for contiguous NCHW `x`; `round`
@@ -70,9 +70,7 @@ where
         .zip(out.par_chunks_mut(len))
         .enumerate()
         .for_each(|(i, (xs, os))| {
-            let n = len as f64;
-            let mean = sum(xs) / n;
-            let var = sum_sq_centred(xs, mean as f32) / n;
+            let (mean, var) = moments(xs);
             let rstd = 1.0 / (var + eps).sqrt();
             let c0 = (i % groups) * cg;
             for (c, (xr, or)) in xs.chunks(hw).zip(os.chunks_mut(hw)).enumerate() {
@@ -84,14 +82,23 @@ where
     Some(out)
 }
 
-fn sum(xs: &[f32]) -> f64 {
-    xs.chunks(BLOCK).map(|b| dispatch_sum(b, None) as f64).sum()
-}
-
-fn sum_sq_centred(xs: &[f32], mean: f32) -> f64 {
-    xs.chunks(BLOCK)
-        .map(|b| dispatch_sum(b, Some(mean)) as f64)
-        .sum()
+/// Mean and (biased) variance of `xs`, reading memory once: each block of
+/// `BLOCK` values gets its own mean and centred sum of squares in f32 (the
+/// second pass over the block hits the L1 cache), and the blocks are merged
+/// in f64 (Chan et al.'s pairwise update).
+fn moments(xs: &[f32]) -> (f64, f64) {
+    let (mut n, mut mean, mut m2) = (0f64, 0f64, 0f64);
+    for b in xs.chunks(BLOCK) {
+        let nb = b.len() as f64;
+        let mb = dispatch_sum(b, None) as f64 / nb;
+        let m2b = dispatch_sum(b, Some(mb as f32)) as f64;
+        let tot = n + nb;
+        let d = mb - mean;
+        mean += d * nb / tot;
+        m2 += m2b + d * d * n * nb / tot;
+        n = tot;
+    }
+    (mean, m2 / n.max(1.0))
 }
 
 /// Sum of `b` (or of `(b - m)^2` with `Some(m)`) in 16 f32 lanes.
@@ -207,7 +214,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // t = ROUND + n exactly, so n also sits in t's low mantissa bits: integer
+    // arithmetic builds 2^n without a float-to-int conversion (which would not
+    // vectorise).
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -216,7 +227,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    let bits = (t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23;
     er * f32::from_bits(bits)
 }
 
