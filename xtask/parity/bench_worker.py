@@ -5,7 +5,7 @@
     bench_worker.py setup-text-encoder --out DIR --layers N
     bench_worker.py text_encoder --model DIR --inputs FILE --dtype f32|bf16 --runs K
     bench_worker.py setup-vae --out DIR --sizes 512,1024
-    bench_worker.py vae_decode|vae_decode_tiled --model DIR --inputs FILE --dtype f32 --runs K
+    bench_worker.py vae_decode|vae_decode_tiled|vae_decode_tile512 --model DIR --inputs FILE --dtype f32 --runs K
 
 `setup-transformer` writes a random-weight model at the real dimensions (few
 layers) and one input file per image size; both sides load the same files.
@@ -131,14 +131,20 @@ def setup_vae(a):
         save_file({"latents": z}, os.path.join(a.out, f"inputs_{size}.safetensors"))
 
 
-def time_vae(a, tiled):
+def time_vae(a, tiles):
+    """`tiles`: None (untiled), "defaults" (`enable_tiling()`), or a sample tile
+    size in pixels forced on `enable_tiling()` (latent tile = size / 8, overlap 0.25)."""
     from diffusers import AutoencoderKL
 
     dtype = DTYPES[a.dtype]
     t0 = time.perf_counter()
     model = AutoencoderKL.from_pretrained(a.model, torch_dtype=dtype).eval()
-    if tiled:
+    if tiles is not None:
         model.enable_tiling()
+    if isinstance(tiles, int):
+        model.tile_sample_min_size = tiles
+        model.tile_latent_min_size = tiles // 2 ** (len(model.config.block_out_channels) - 1)
+        model.tile_overlap_factor = 0.25
     load_s = time.perf_counter() - t0
     z = load_file(a.inputs)["latents"].to(dtype)
     report(load_s, a.runs, lambda: model.decode(z))
@@ -159,8 +165,9 @@ def main():
     a = ap.parse_args()
     {"setup-transformer": setup_transformer, "transformer": time_transformer,
      "setup-text-encoder": setup_text_encoder, "text_encoder": time_text_encoder,
-     "setup-vae": setup_vae, "vae_decode": lambda a: time_vae(a, False),
-     "vae_decode_tiled": lambda a: time_vae(a, True)}[a.what](a)
+     "setup-vae": setup_vae, "vae_decode": lambda a: time_vae(a, None),
+     "vae_decode_tiled": lambda a: time_vae(a, "defaults"),
+     "vae_decode_tile512": lambda a: time_vae(a, 512)}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -128,8 +128,9 @@ pub fn worker(kind: &str, model: &Path, inputs: &Path, dtype: &str, runs: usize)
     match kind {
         "transformer" => worker_transformer(model, inputs, dtype, runs),
         "text_encoder" => worker_text_encoder(model, inputs, dtype, runs),
-        "vae_decode" => worker_vae(model, inputs, dtype, runs, false),
-        "vae_decode_tiled" => worker_vae(model, inputs, dtype, runs, true),
+        "vae_decode" => worker_vae(model, inputs, dtype, runs, VaeTiles::Off),
+        "vae_decode_tiled" => worker_vae(model, inputs, dtype, runs, VaeTiles::Defaults),
+        "vae_decode_tile512" => worker_vae(model, inputs, dtype, runs, VaeTiles::Sample(512)),
         other => bail!("unknown benchmark kind `{other}`"),
     }
 }
@@ -157,14 +158,40 @@ fn worker_text_encoder(model: &Path, inputs: &Path, dtype: &str, runs: usize) ->
     Ok(timing(load_s, times))
 }
 
+/// Tiling of a VAE benchmark (the same on both sides).
+#[derive(Debug, Clone, Copy)]
+enum VaeTiles {
+    /// Untiled decode.
+    Off,
+    /// diffusers' `enable_tiling()` defaults (tiles of `sample_size`, which
+    /// for the Flux VAE is 1024 px: no tiling up to 1024x1024).
+    Defaults,
+    /// Tiles of this many pixels (latent tiles of a 1/8 of it), overlap 0.25,
+    /// forced so that tiling happens at the sizes measured.
+    Sample(usize),
+}
+
+/// The VAE benchmark kinds: worker kind, row label.
+const VAE_KINDS: [(&str, &str); 3] = [
+    ("vae_decode", "Flux VAE decode"),
+    (
+        "vae_decode_tiled",
+        "Flux VAE decode, tiling on (diffusers' defaults: 1024 px tiles)",
+    ),
+    (
+        "vae_decode_tile512",
+        "Flux VAE decode, tiles forced to 512 px (64 latent), overlap 0.25",
+    ),
+];
+
 fn worker_vae(
     model: &Path,
     inputs: &Path,
     dtype: &str,
     runs: usize,
-    tiled: bool,
+    tiles: VaeTiles,
 ) -> Result<Timing> {
-    use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, VarBuilder};
+    use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, Tiling, VarBuilder};
     let dev = Device::Cpu;
     let t0 = Instant::now();
     let cfg = AutoencoderKLConfig::from_file(model)?;
@@ -175,8 +202,14 @@ fn worker_vae(
     };
     let mut vae = AutoencoderKL::new(&cfg, &vb)?;
     drop(vb);
-    if tiled {
-        vae.enable_tiling();
+    match tiles {
+        VaeTiles::Off => {}
+        VaeTiles::Defaults => vae.enable_tiling(),
+        VaeTiles::Sample(sample_tile) => vae.set_tiling(Some(Tiling {
+            sample_tile,
+            latent_tile: sample_tile / cfg.downsample_factor(),
+            overlap_factor: 0.25,
+        })),
     }
     let load_s = t0.elapsed().as_secs_f64();
     let i = candle_core::safetensors::load(inputs, &dev)?;
@@ -348,16 +381,13 @@ fn bench_vae(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Re
         )?;
     }
     for &size in &opts.sizes {
-        for kind in ["vae_decode", "vae_decode_tiled"] {
-            // The VAE runs in f32 on CPU (candle has no bf16 convolution there).
+        for (kind, what) in VAE_KINDS {
+            // f32: the dtype the VAE computes in on the CPU (bf16 weights are
+            // widened for the convolutions, as PyTorch's CPU kernels do).
             let inputs = dir.join(format!("inputs_{size}.safetensors"));
             let (ours, torch) = measure(opts, python, kind, &dir.join("model"), &inputs, "f32")?;
             rows.push(BenchRow {
-                what: if kind == "vae_decode" {
-                    "Flux VAE decode".into()
-                } else {
-                    "Flux VAE decode, tiled".into()
-                },
+                what: what.into(),
                 size,
                 dtype: "f32".into(),
                 ours: Some(ours),
