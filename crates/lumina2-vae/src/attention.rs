@@ -1,11 +1,15 @@
 //! The single-head spatial self-attention of the VAE's middle block
 //! (diffusers' `Attention` with `residual_connection`, group norm and one head).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::error::Result;
-use crate::layers::{GroupNorm, Linear};
+use crate::cpu_attention::{LinearWeights, PackedAttention};
+use crate::cpu_conv;
+use crate::error::{input_err, Result};
+use crate::layers::{get, with_cpu_f32, GroupNorm, Linear};
 use crate::profile::{span, Op};
 
 /// Queries per chunk: bounds the score matrix to `QUERY_CHUNK x tokens` f32.
@@ -20,13 +24,40 @@ pub(crate) struct Attention {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
+    /// The f32 CPU path (`cpu_attention`), when available.
+    packed: Option<Arc<PackedAttention>>,
     channels: usize,
     dtype: DType,
 }
 
 impl Attention {
     pub(crate) fn load(vb: &VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        let packed = if vb.device().is_cpu() && vb.dtype() == DType::F32 && cpu_conv::available() {
+            let lin = |name: &str| -> Result<LinearWeights> {
+                let v = vb.pp(name);
+                Ok(LinearWeights {
+                    weight: get(&v, &[channels, channels], "weight")?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1()?,
+                    bias: get(&v, &[channels], "bias")?
+                        .to_dtype(DType::F32)?
+                        .to_vec1()?,
+                })
+            };
+            PackedAttention::new(
+                &lin("to_q")?,
+                &lin("to_k")?,
+                &lin("to_v")?,
+                &lin("to_out.0")?,
+                channels,
+            )
+            .map(Arc::new)
+        } else {
+            None
+        };
         Ok(Self {
+            packed,
             group_norm: GroupNorm::load(&vb.pp("group_norm"), channels, groups, eps)?,
             to_q: Linear::load(&vb.pp("to_q"), channels, channels)?,
             to_k: Linear::load(&vb.pp("to_k"), channels, channels)?,
@@ -39,6 +70,9 @@ impl Attention {
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _s = span(Op::Attention);
+        if let Some(p) = &self.packed {
+            return self.forward_packed(p, x);
+        }
         let (b, c, h, w) = x.dims4()?;
         let n = h * w;
         let hs = self.group_norm.forward_f32(x)?.to_dtype(self.dtype)?;
@@ -65,5 +99,24 @@ impl Attention {
         let out = self.to_out.forward(&attn)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + x)?)
+    }
+
+    /// The f32 CPU path (see `cpu_attention`).
+    fn forward_packed(&self, p: &PackedAttention, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != self.channels {
+            return Err(input_err(
+                "attention input",
+                format!("{c} channels, the weights expect {}", self.channels),
+            ));
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let hs = self.group_norm.forward_f32(&x)?.contiguous()?;
+        let y = with_cpu_f32(&hs, |hv| with_cpu_f32(&x, |xv| p.forward(hv, xv, b, h * w)))?
+            .transpose()?
+            .flatten()
+            .flatten()
+            .ok_or_else(|| input_err("attention input", "not on the CPU, as the weights"))?;
+        Ok(Tensor::from_vec(y, (b, c, h, w), x.device())?)
     }
 }

@@ -102,6 +102,28 @@ impl PackedConv {
         })
     }
 
+    /// A 1x1 convolution without bias whose weight matrix is the transpose
+    /// of `at` ([c_in, c_out] row-major): packs `at` without transposing it.
+    pub(crate) fn from_transposed(at: &[f32], c_out: usize, c_in: usize) -> Option<Self> {
+        if at.len() != c_out * c_in || at.is_empty() {
+            return None;
+        }
+        let m_panels = c_out.div_ceil(MR);
+        let mut panels = vec![0f32; m_panels * c_in * MR];
+        for (k, row) in at.chunks_exact(c_out).enumerate() {
+            for (co, &w) in row.iter().enumerate() {
+                panels[((co / MR) * c_in + k) * MR + co % MR] = w;
+            }
+        }
+        Some(Self {
+            c_out,
+            c_in,
+            kernel: 1,
+            panels,
+            bias: vec![0f32; m_panels * MR],
+        })
+    }
+
     /// Input channels.
     pub(crate) fn c_in(&self) -> usize {
         self.c_in

@@ -16,6 +16,7 @@ mod attention;
 mod autoencoder;
 mod blocks;
 pub mod config;
+mod cpu_attention;
 mod cpu_conv;
 mod cpu_norm;
 mod decoder;
