@@ -103,13 +103,9 @@ impl UpDecoderBlock2D {
     ) -> Result<Self> {
         let resnets = load_resnets(vb, c_in, c_out, num_layers, p)?;
         let upsample = if add_upsample {
-            Some(Conv2d::load(
+            Some(Conv2d::load_upsampler(
                 &vb.pp("upsamplers").pp("0").pp("conv"),
                 c_out,
-                c_out,
-                3,
-                1,
-                1,
             )?)
         } else {
             None

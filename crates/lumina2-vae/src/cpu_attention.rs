@@ -27,8 +27,9 @@ const SUM_BLOCK: usize = 256;
 
 const ONE_BY_ONE: Geometry = Geometry {
     stride: 1,
-    padding: 0,
+    pad: (0, 0),
     upsample: 1,
+    out: None,
 };
 
 /// The four projections packed for the convolution kernel.

@@ -50,14 +50,29 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// How the input is read: zero padding on each side, stride, and a nearest
-/// upsampling by `upsample` applied before the convolution (diffusers'
-/// `Upsample2D` is `interpolate(scale 2, nearest)` then a 3x3 convolution).
+/// How the input is read: stride, zero padding, and a nearest upsampling by
+/// `upsample` applied before the convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Geometry {
     pub stride: usize,
-    pub padding: usize,
+    /// Zero rows above and zero columns left of the (upsampled) input.
+    pub pad: (usize, usize),
     pub upsample: usize,
+    /// Output height and width; `None`: the same padding below and right,
+    /// `(n * upsample + 2 pad - kernel) / stride + 1`.
+    pub out: Option<(usize, usize)>,
+}
+
+impl Geometry {
+    /// `padding` on every side (`nn.Conv2d`'s), no upsampling.
+    pub(crate) fn symmetric(stride: usize, padding: usize) -> Self {
+        Self {
+            stride,
+            pad: (padding, padding),
+            upsample: 1,
+            out: None,
+        }
+    }
 }
 
 /// A convolution's weights packed for the micro-kernel.
@@ -139,11 +154,14 @@ impl PackedConv {
 
     /// Output height and width for an `h x w` input, if positive.
     pub(crate) fn out_size(&self, h: usize, w: usize, g: Geometry) -> Option<(usize, usize)> {
-        let out = |n: usize| {
-            let v = n * g.upsample + 2 * g.padding;
+        if let Some((ho, wo)) = g.out {
+            return (ho > 0 && wo > 0).then_some((ho, wo));
+        }
+        let out = |n: usize, pad: usize| {
+            let v = n * g.upsample + 2 * pad;
             (g.stride > 0 && v >= self.kernel).then(|| (v - self.kernel) / g.stride + 1)
         };
-        Some((out(h)?, out(w)?))
+        Some((out(h, g.pad.0)?, out(w, g.pad.1)?))
     }
 
     /// Convolves `x` ([b, c_in, h, w] contiguous f32) into [b, c_out, ho, wo],
@@ -296,7 +314,8 @@ impl Source {
     /// Packs the rows of `g` for pixels `q0..q0 + cols` into `panel` (`kc x NR`).
     fn pack_group(&self, x: &[f32], panel: &mut [f32], g: Group, q0: usize, cols: usize) {
         let (y, x0) = (q0 / self.wo, q0 % self.wo);
-        let (s, up, pad) = (self.g.stride, self.g.upsample, self.g.padding as isize);
+        let (s, up) = (self.g.stride, self.g.upsample);
+        let (pad_y, pad_x) = (self.g.pad.0 as isize, self.g.pad.1 as isize);
         let (hv, wv) = ((self.h * up) as isize, (self.w * up) as isize);
         let plane = &x[g.ci * self.h * self.w..(g.ci + 1) * self.h * self.w];
         let rows = panel[g.r * NR..(g.r + g.len) * NR].chunks_exact_mut(NR);
@@ -305,14 +324,14 @@ impl Source {
             // upsampling copy straight from the input; otherwise the group's
             // rows read the same input values shifted by one, gathered once
             // into `line`.
-            let u = (y + g.ky) as isize - pad;
+            let u = (y + g.ky) as isize - pad_y;
             if u < 0 || u >= hv {
                 rows.for_each(|row| row.fill(0.0));
                 return;
             }
             let start = (u as usize >> (up == 2) as usize) * self.w;
             let src = &plane[start..start + self.w];
-            let v0 = x0 as isize - pad;
+            let v0 = x0 as isize - pad_x;
             let (lo, hi) = (v0 + g.kx as isize, v0 + (g.kx + g.len - 1) as isize);
             if up == 1 && cols == NR && lo >= 0 && hi + NR as isize <= self.w as isize {
                 for (i, row) in rows.enumerate() {
@@ -344,8 +363,8 @@ impl Source {
                 }
                 let p = q0 + j;
                 let (yo, xo) = (p / self.wo, p % self.wo);
-                let u = (yo * s + g.ky) as isize - pad;
-                let v = (xo * s + kx) as isize - pad;
+                let u = (yo * s + g.ky) as isize - pad_y;
+                let v = (xo * s + kx) as isize - pad_x;
                 if u >= 0 && u < hv && v >= 0 && v < wv {
                     *o = plane[(u as usize / up) * self.w + v as usize / up];
                 }
@@ -579,9 +598,8 @@ mod tests {
                 PackedConv::new(&wt.flatten_all()?.to_vec1()?, &bias.to_vec1()?, co, ci, k)
                     .ok_or_else(|| candle_core::Error::Msg("pack".into()))?;
             let g = Geometry {
-                stride: s,
-                padding: p,
                 upsample: up,
+                ..Geometry::symmetric(s, p)
             };
             let rv: Vec<f32> = res.flatten_all()?.to_vec1()?;
             let (got, ho, wo) = packed
@@ -641,9 +659,8 @@ mod tests {
             let packed =
                 PackedConv::new(&w, &vec![0.0; co], co, ci, 3).unwrap_or_else(|| unreachable!());
             let g = Geometry {
-                stride: 1,
-                padding: 1,
                 upsample: up,
+                ..Geometry::symmetric(1, 1)
             };
             let mut best = f64::MAX;
             for _ in 0..3 {

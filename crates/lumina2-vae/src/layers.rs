@@ -14,6 +14,7 @@ use candle_nn::VarBuilder;
 
 use crate::cpu_conv::{self, Geometry, PackedConv};
 use crate::cpu_norm::{self, FusedAct, NormShape};
+use crate::cpu_upconv::UpsampleConv;
 use crate::error::{input_err, Result, VaeError};
 use crate::profile::{span, Op};
 
@@ -73,10 +74,13 @@ pub(crate) struct Conv2d {
 }
 
 /// Where the convolution runs: our packed CPU kernel (f32 on x86-64 with
-/// AVX2/FMA, see `cpu_conv`) or candle's `conv2d` (other devices and CPUs).
+/// AVX2/FMA, see `cpu_conv`), its four-phase form for an `Upsample2D`
+/// convolution (`cpu_upconv`, used only upsampled), or candle's `conv2d`
+/// (other devices and CPUs).
 #[derive(Debug, Clone)]
 enum ConvKind {
     Packed(Arc<PackedConv>),
+    Upsampler(Arc<UpsampleConv>),
     Candle { weight: Tensor, bias: Tensor },
 }
 
@@ -90,19 +94,42 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        Self::load_as(vb, c_in, c_out, kernel, stride, padding, false)
+    }
+
+    /// Loads the 3x3 convolution of an `Upsample2D`: on the CPU path it only
+    /// serves [`Self::forward_upsampled`].
+    pub(crate) fn load_upsampler(vb: &VarBuilder, channels: usize) -> Result<Self> {
+        Self::load_as(vb, channels, channels, 3, 1, 1, true)
+    }
+
+    fn load_as(
+        vb: &VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        upsampler: bool,
+    ) -> Result<Self> {
         let dtype = vb.dtype();
         let cdt = compute_dtype(dtype, vb.device());
         let weight = get(vb, &[c_out, c_in, kernel, kernel], "weight")?.to_dtype(cdt)?;
         let bias = get(vb, &[c_out], "bias")?.to_dtype(cdt)?;
-        let packed = if vb.device().is_cpu() && cdt == DType::F32 && cpu_conv::available() {
+        let fast = vb.device().is_cpu() && cdt == DType::F32 && cpu_conv::available();
+        let kind = if fast {
             let w = weight.flatten_all()?.to_vec1::<f32>()?;
             let b = bias.to_vec1::<f32>()?;
-            PackedConv::new(&w, &b, c_out, c_in, kernel)
+            if upsampler {
+                UpsampleConv::new(&w, &b, c_out, c_in).map(|u| ConvKind::Upsampler(Arc::new(u)))
+            } else {
+                PackedConv::new(&w, &b, c_out, c_in, kernel).map(|p| ConvKind::Packed(Arc::new(p)))
+            }
         } else {
             None
         };
-        let kind = match packed {
-            Some(p) => ConvKind::Packed(Arc::new(p)),
+        let kind = match kind {
+            Some(k) => k,
             None => ConvKind::Candle {
                 weight,
                 bias: bias.reshape((1, c_out, 1, 1))?,
@@ -149,6 +176,14 @@ impl Conv2d {
         });
         let y = match &self.kind {
             ConvKind::Packed(p) => self.run_packed(p, x, upsample, residual)?,
+            ConvKind::Upsampler(u) if upsample == 2 && residual.is_none() => {
+                self.run_upsampler(u, x)?
+            }
+            ConvKind::Upsampler(_) => {
+                return Err(VaeError::Config(
+                    "an Upsample2D convolution runs only after upsampling by 2".into(),
+                ))
+            }
             ConvKind::Candle { weight, bias } => {
                 let mut x = x.to_dtype(weight.dtype())?;
                 if upsample != 1 {
@@ -183,9 +218,8 @@ impl Conv2d {
             ));
         }
         let g = Geometry {
-            stride: self.stride,
-            padding: self.padding,
             upsample,
+            ..Geometry::symmetric(self.stride, self.padding)
         };
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let res = residual
@@ -211,6 +245,27 @@ impl Conv2d {
                 ),
             )),
         }
+    }
+}
+
+impl Conv2d {
+    fn run_upsampler(&self, u: &UpsampleConv, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != u.c_in() {
+            return Err(input_err(
+                "convolution input",
+                format!("{c} channels, the weights expect {}", u.c_in()),
+            ));
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let y = with_cpu_f32(&x, |xs| u.forward(xs, b, (h, w)))?
+            .ok_or_else(|| input_err("convolution input", "not on the CPU, as the weights"))?
+            .ok_or_else(|| input_err("convolution input", format!("{h}x{w}: empty")))?;
+        Ok(Tensor::from_vec(
+            y,
+            (b, u.c_out(), 2 * h, 2 * w),
+            x.device(),
+        )?)
     }
 }
 

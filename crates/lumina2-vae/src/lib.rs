@@ -19,6 +19,7 @@ pub mod config;
 mod cpu_attention;
 mod cpu_conv;
 mod cpu_norm;
+mod cpu_upconv;
 mod decoder;
 mod encoder;
 pub mod error;
