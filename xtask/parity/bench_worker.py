@@ -5,7 +5,7 @@
     bench_worker.py setup-text-encoder --out DIR --layers N
     bench_worker.py text_encoder --model DIR --inputs FILE --dtype f32|bf16 --runs K
     bench_worker.py setup-vae --out DIR --sizes 512,1024
-    bench_worker.py vae_decode|vae_decode_tiled|vae_decode_tile512 --model DIR --inputs FILE --dtype f32 --runs K
+    bench_worker.py vae_decode|vae_decode_tiled|vae_decode_tile<PX> --model DIR --inputs FILE --dtype f32 --runs K
 
 `setup-transformer` writes a random-weight model at the real dimensions (few
 layers) and one input file per image size; both sides load the same files.
@@ -163,11 +163,12 @@ def main():
     ap.add_argument("--sizes", default="512,1024")
     ap.add_argument("--caption-len", type=int, default=256)
     a = ap.parse_args()
+    if a.what.startswith("vae_decode_tile"):
+        return time_vae(a, int(a.what[len("vae_decode_tile"):]))
     {"setup-transformer": setup_transformer, "transformer": time_transformer,
      "setup-text-encoder": setup_text_encoder, "text_encoder": time_text_encoder,
      "setup-vae": setup_vae, "vae_decode": lambda a: time_vae(a, None),
-     "vae_decode_tiled": lambda a: time_vae(a, "defaults"),
-     "vae_decode_tile512": lambda a: time_vae(a, 512)}[a.what](a)
+     "vae_decode_tiled": lambda a: time_vae(a, "defaults")}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,12 @@ pub fn worker(kind: &str, model: &Path, inputs: &Path, dtype: &str, runs: usize)
         "text_encoder" => worker_text_encoder(model, inputs, dtype, runs),
         "vae_decode" => worker_vae(model, inputs, dtype, runs, VaeTiles::Off),
         "vae_decode_tiled" => worker_vae(model, inputs, dtype, runs, VaeTiles::Defaults),
-        "vae_decode_tile512" => worker_vae(model, inputs, dtype, runs, VaeTiles::Sample(512)),
+        k if k.starts_with("vae_decode_tile") => {
+            let tile = k["vae_decode_tile".len()..]
+                .parse()
+                .with_context(|| format!("tile size in `{k}`"))?;
+            worker_vae(model, inputs, dtype, runs, VaeTiles::Sample(tile))
+        }
         other => bail!("unknown benchmark kind `{other}`"),
     }
 }
@@ -171,18 +176,26 @@ enum VaeTiles {
     Sample(usize),
 }
 
-/// The VAE benchmark kinds: worker kind, row label.
-const VAE_KINDS: [(&str, &str); 3] = [
-    ("vae_decode", "Flux VAE decode"),
-    (
-        "vae_decode_tiled",
-        "Flux VAE decode, tiling on (diffusers' defaults: 1024 px tiles)",
-    ),
-    (
-        "vae_decode_tile512",
-        "Flux VAE decode, tiles forced to 512 px (64 latent), overlap 0.25",
-    ),
-];
+/// The VAE benchmark kinds for an image of `size` pixels: worker kind, row
+/// label. The forced tiles are half the image (diffusers tiles only latents
+/// larger than a tile), so that tiling happens at every size measured.
+fn vae_kinds(size: usize) -> [(String, String); 3] {
+    let tile = size / 2;
+    [
+        ("vae_decode".into(), "Flux VAE decode".into()),
+        (
+            "vae_decode_tiled".into(),
+            "Flux VAE decode, tiling on (diffusers' defaults: 1024 px tiles)".into(),
+        ),
+        (
+            format!("vae_decode_tile{tile}"),
+            format!(
+                "Flux VAE decode, tiles forced to {tile} px ({} latent), overlap 0.25",
+                tile / 8
+            ),
+        ),
+    ]
+}
 
 fn worker_vae(
     model: &Path,
@@ -381,13 +394,13 @@ fn bench_vae(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Re
         )?;
     }
     for &size in &opts.sizes {
-        for (kind, what) in VAE_KINDS {
+        for (kind, what) in vae_kinds(size) {
             // f32: the dtype the VAE computes in on the CPU (bf16 weights are
             // widened for the convolutions, as PyTorch's CPU kernels do).
             let inputs = dir.join(format!("inputs_{size}.safetensors"));
-            let (ours, torch) = measure(opts, python, kind, &dir.join("model"), &inputs, "f32")?;
+            let (ours, torch) = measure(opts, python, &kind, &dir.join("model"), &inputs, "f32")?;
             rows.push(BenchRow {
-                what: what.into(),
+                what,
                 size,
                 dtype: "f32".into(),
                 ours: Some(ours),
