@@ -163,7 +163,7 @@ def main():
     ap.add_argument("--sizes", default="512,1024")
     ap.add_argument("--caption-len", type=int, default=256)
     a = ap.parse_args()
-    if a.what.startswith("vae_decode_tile"):
+    if a.what.startswith("vae_decode_tile") and a.what[len("vae_decode_tile"):].isdigit():
         return time_vae(a, int(a.what[len("vae_decode_tile"):]))
     {"setup-transformer": setup_transformer, "transformer": time_transformer,
      "setup-text-encoder": setup_text_encoder, "text_encoder": time_text_encoder,
