@@ -20,6 +20,7 @@ import gen_pipeline  # noqa: E402
 import gen_transformer  # noqa: E402
 import gen_transformer_single  # noqa: E402
 import gen_text_encoder  # noqa: E402
+import gen_text_encoder_gguf  # noqa: E402
 import gen_scheduler  # noqa: E402
 import gen_vae  # noqa: E402
 
@@ -27,6 +28,7 @@ GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_schedule
 GENERATORS["gguf_dequant"] = gen_gguf.generate
 GENERATORS["vae"] = gen_vae.generate
 GENERATORS["text_encoder"] = gen_text_encoder.generate
+GENERATORS["text_encoder_gguf"] = gen_text_encoder_gguf.generate
 GENERATORS["transformer_single_file"] = gen_transformer_single.generate
 GENERATORS["lora"] = gen_lora.generate
 GENERATORS["pipeline"] = gen_pipeline.generate

@@ -21,7 +21,9 @@
 //!   at once with a scale each, merged into dense weights or kept factored on
 //!   quantised ones ([`lora::LoraSource`]).
 //!
-//! Not built: Gemma-2 text encoders from GGUF (llama.cpp key names).
+//! - [`gemma_gguf`]: Gemma-2 text encoders from GGUF files in llama.cpp's
+//!   key names (the community Gemma-2-2B quantisations), config from the
+//!   file's metadata, linear weights kept quantised ([`Gemma2Gguf`]).
 //!
 //! ```no_run
 //! use lumina2_loader::{Component, HubRepo, PipelineFolder};
@@ -40,6 +42,7 @@
 #![warn(missing_docs)]
 
 mod folder;
+pub mod gemma_gguf;
 pub mod gguf;
 mod gguf_source;
 pub mod hub;
@@ -50,6 +53,7 @@ mod pipeline_folder;
 pub mod pth;
 
 pub use folder::{ComponentFolder, Error, FolderError, ShardIndex};
+pub use gemma_gguf::{Gemma2Gguf, GemmaGgufError};
 pub use hub::{HubEnv, HubRepo};
 pub use lora::{LoraFile, LoraSource};
 pub use original::{detect_layout, open_transformer_file, TransformerLayout};

@@ -57,7 +57,8 @@ pub struct PipelineSources {
     pub transformer: TransformerSource,
     /// LoRAs applied on top of the transformer, in order.
     pub loras: Vec<LoraSpec>,
-    /// The Gemma-2 text encoder's transformers folder.
+    /// The Gemma-2 text encoder: a transformers folder, or a GGUF file
+    /// (llama.cpp's key names, as the community Gemma-2-2B quantisations).
     pub text_encoder: PathBuf,
     /// `tokenizer.json`, or the folder that holds it.
     pub tokenizer: PathBuf,
@@ -110,7 +111,13 @@ pub(crate) fn load_prompt_encoder(
     device: &Device,
 ) -> Result<PromptEncoder> {
     let tokenizer = GemmaTokenizer::from_file(&sources.tokenizer)?;
-    let encoder = Gemma2Encoder::from_folder(&sources.text_encoder, dtype, device)?;
+    let path = &sources.text_encoder;
+    let encoder = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        // llama.cpp's Gemma-2 GGUF: config from its metadata, linears quantised.
+        lumina2_loader::Gemma2Gguf::open(path)?.penultimate_encoder(dtype, device)?
+    } else {
+        Gemma2Encoder::from_folder(path, dtype, device)?
+    };
     Ok(PromptEncoder::new(tokenizer, encoder))
 }
 

@@ -28,6 +28,9 @@ pub enum Error {
     /// The text encoder or tokenizer failed.
     #[error("text encoder: {0}")]
     TextEncoder(#[from] lumina2_text_encoder::Error),
+    /// A GGUF text encoder could not be read.
+    #[error("text encoder: {0}")]
+    TextEncoderGguf(Box<lumina2_loader::GemmaGgufError>),
     /// The VAE failed.
     #[error("VAE: {0}")]
     Vae(#[from] lumina2_vae::VaeError),
@@ -75,6 +78,12 @@ pub enum Error {
         /// Memory available to this process.
         available_mib: u64,
     },
+}
+
+impl From<lumina2_loader::GemmaGgufError> for Error {
+    fn from(e: lumina2_loader::GemmaGgufError) -> Self {
+        Self::TextEncoderGguf(Box::new(e))
+    }
 }
 
 /// The pipeline's result type.

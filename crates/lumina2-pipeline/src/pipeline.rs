@@ -553,8 +553,19 @@ impl Lumina2Pipeline {
         let denoise =
             memory::transformer_bytes(cfg, t_weights, batch, w, h, opts.max_sequence_length);
         let te_files = memory::files_bytes(&self.sources.text_encoder);
-        let encode = te_files.saturating_mul(memory::dtype_bytes(self.dtype)) / 2
-            + (batch as u64) * (opts.max_sequence_length as u64) * (64 << 10);
+        let te_weights = if self
+            .sources
+            .text_encoder
+            .extension()
+            .is_some_and(|e| e == "gguf")
+        {
+            // Quantised linears stay as stored; the embedding is dequantised.
+            te_files.saturating_mul(1 + memory::dtype_bytes(self.dtype))
+        } else {
+            // bf16 files.
+            te_files.saturating_mul(memory::dtype_bytes(self.dtype)) / 2
+        };
+        let encode = te_weights + (batch as u64) * (opts.max_sequence_length as u64) * (64 << 10);
         let decode = match opts.output {
             OutputKind::Latents => 0,
             OutputKind::Images => memory::vae_decode_bytes(

@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod embedding;
 mod error;
 mod model;
 mod prompt;

@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{Activation, Gemma2Config, LayerType};
+use crate::embedding::Embedding;
 use crate::error::{invalid_input, Error, Result};
 use crate::weights::{safetensors_files, Linear, Weights};
 
@@ -240,7 +241,7 @@ impl DecoderLayer {
 /// padded positions therefore match transformers too.
 #[derive(Debug, Clone)]
 pub struct Gemma2Encoder {
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     embed_scale: Tensor,
     layers: Vec<DecoderLayer>,
     inv_freq: Vec<f32>,
@@ -274,7 +275,7 @@ impl Gemma2Encoder {
         };
         let dtype = w.dtype();
         let device = w.device().clone();
-        let embed_tokens = w.get("embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        let embed_tokens = Embedding::load(&w, "embed_tokens", cfg.vocab_size, cfg.hidden_size)?;
         // transformers: torch.tensor(hidden_size ** 0.5) (float32) cast to the weights' dtype.
         let scale = (cfg.hidden_size as f64).sqrt() as f32;
         let embed_scale = Tensor::new(scale, &device)?.to_dtype(dtype)?;
@@ -383,10 +384,9 @@ impl Gemma2Encoder {
         }
         let (b, l, ids) = self.check_ids(input_ids)?;
         let keep = self.check_mask(attention_mask, b, l)?;
-        let ids = Tensor::from_vec(ids, b * l, &self.device)?;
         let x = self
             .embed_tokens
-            .index_select(&ids, 0)?
+            .lookup(&ids, self.hidden_size, &self.device)?
             .reshape((b, l, self.hidden_size))?;
         let mut x = x.broadcast_mul(&self.embed_scale)?;
         if n == 0 {

@@ -17,8 +17,20 @@ struct TextEncoderCase {
 /// A `text_encoder` case: `hidden_states[-2]` of the model folder.
 pub fn prepare_text_encoder(case: &Case) -> Result<Box<dyn Prepared>> {
     let model_path = case.model()?;
-    let model = Gemma2Encoder::from_folder(model_path, case.dtype, &Device::Cpu)
-        .with_context(|| format!("loading {}", model_path.display()))?;
+    let model = if model_path.extension().is_some_and(|e| e == "gguf") {
+        // llama.cpp's Gemma-2 GGUF: config from the metadata unless given.
+        let gguf = lumina2_loader::Gemma2Gguf::open(model_path)?;
+        match case.model_config.as_deref() {
+            Some(dir) => {
+                let cfg = lumina2_text_encoder::Gemma2Config::from_file(dir)?;
+                gguf.penultimate_encoder_with_config(&cfg, case.dtype, &Device::Cpu)?
+            }
+            None => gguf.penultimate_encoder(case.dtype, &Device::Cpu)?,
+        }
+    } else {
+        Gemma2Encoder::from_folder(model_path, case.dtype, &Device::Cpu)
+            .with_context(|| format!("loading {}", model_path.display()))?
+    };
     Ok(Box::new(TextEncoderCase {
         model,
         inputs: case.inputs()?,

@@ -116,7 +116,8 @@ pub struct GenerateArgs {
     /// Folder or file with the config.json of --transformer (default: the model's).
     #[arg(long)]
     transformer_config: Option<PathBuf>,
-    /// Text encoder folder (transformers' Gemma-2 layout), instead of the model's.
+    /// Text encoder: folder (transformers' Gemma-2 layout) or GGUF file (llama.cpp's
+    /// Gemma-2 names, e.g. a community gemma-2-2b Q4_0/Q8_0), instead of the model's.
     #[arg(long)]
     text_encoder: Option<PathBuf>,
     /// tokenizer.json (or its folder), instead of the model's.

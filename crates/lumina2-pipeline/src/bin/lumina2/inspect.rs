@@ -209,8 +209,31 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     match ext.as_str() {
         "safetensors" => describe(path, "safetensors", &safetensors_entries(path)?, &[]),
         "gguf" => {
-            let (entries, meta) = gguf_entries(path)?;
-            describe(path, "GGUF", &entries, &meta);
+            let (entries, mut meta) = gguf_entries(path)?;
+            let gemma = GgufFile::open(path)
+                .ok()
+                .filter(|g| {
+                    g.metadata()
+                        .get("general.architecture")
+                        .and_then(MetadataValue::as_str)
+                        == Some("gemma2")
+                })
+                .map(lumina2_loader::Gemma2Gguf::new);
+            let format = match gemma {
+                Some(Ok(g)) => {
+                    match g.config() {
+                        Ok(cfg) => {
+                            meta.push(("detected Gemma-2 config".into(), format!("{cfg:?}")))
+                        }
+                        Err(e) => {
+                            meta.push(("detected Gemma-2 config".into(), format!("error: {e}")))
+                        }
+                    }
+                    "GGUF (Gemma-2 text encoder, llama.cpp names)"
+                }
+                _ => "GGUF",
+            };
+            describe(path, format, &entries, &meta);
         }
         "pth" | "pt" | "bin" => describe(
             path,
