@@ -33,8 +33,9 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def report(load_s, runs, call):
-    """Times `runs` calls after one warm-up and prints the JSON line."""
+def report(load_s, runs, call, extra=None):
+    """Times `runs` calls after one warm-up and prints the JSON line (with the
+    fields `extra()` returns, when given)."""
     times = []
     with torch.inference_mode():
         for k in range(runs + 1):
@@ -43,9 +44,11 @@ def report(load_s, runs, call):
             if k > 0:
                 times.append(time.perf_counter() - t0)
     times.sort()
-    print(json.dumps({"load_s": load_s, "times": times, "median_s": times[len(times) // 2],
-                      "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__}))
+    out = {"load_s": load_s, "times": times, "median_s": times[len(times) // 2],
+           "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if extra is not None:
+        out.update(extra())
+    print(json.dumps(out))
 
 
 def setup_transformer(a):
@@ -85,6 +88,117 @@ def time_transformer(a):
         return_dict=False,
     )
     report(load_s, a.runs, lambda: model(**args))
+
+
+def setup_gguf(a):
+    """The benchmark transformer as a Q4_0 GGUF with the original keys (as the
+    community `lumina2-q4_0.gguf`), written by gen_transformer_single."""
+    from safetensors.torch import load_file as load_st
+
+    from gen_transformer_single import to_original, write_gguf
+
+    sd = {}
+    for f in sorted(os.listdir(a.model)):
+        if f.endswith(".safetensors"):
+            sd.update(load_st(os.path.join(a.model, f)))
+    write_gguf(a.out, to_original(sd))
+
+
+def time_transformer_gguf(a):
+    """diffusers' GGUF path: `from_single_file` with `GGUFQuantizationConfig`
+    (weights kept quantised, dequantised by diffusers when used)."""
+    from diffusers import GGUFQuantizationConfig, Lumina2Transformer2DModel
+
+    dtype = DTYPES[a.dtype]
+    config_dir = os.path.join(os.path.dirname(a.model), "model")
+    t0 = time.perf_counter()
+    model = Lumina2Transformer2DModel.from_single_file(
+        a.model, quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+        config=config_dir, torch_dtype=dtype).eval()
+    load_s = time.perf_counter() - t0
+    i = load_file(a.inputs)
+    args = dict(
+        hidden_states=i["hidden_states"].to(dtype),
+        timestep=i["timestep"],
+        encoder_hidden_states=i["encoder_hidden_states"].to(dtype),
+        encoder_attention_mask=i["encoder_attention_mask"],
+        return_dict=False,
+    )
+    report(load_s, a.runs, lambda: model(**args))
+
+
+def setup_pipeline(a):
+    """A pipeline folder of real-dimension components with few layers: the
+    transformer (`--layers` joint blocks, `--refiner-layers` per refiner),
+    Gemma-2-2B widths with `--text-layers` layers and the parity tokenizer's
+    small vocabulary, the Flux VAE; stored in bf16 as the real checkpoint."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline,
+                           Lumina2Transformer2DModel)
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+
+    import gen_text_encoder
+    from gen_transformer import REAL
+    from gen_vae import FLUX
+
+    tok_dir = os.path.join(a.out, "tokenizer-src")
+    vocab = gen_text_encoder.build_tokenizer(tok_dir)
+    te_spec = dict(gen_text_encoder.REAL, num_hidden_layers=a.text_layers,
+                   vocab_size=max(vocab, gen_text_encoder.REAL["vocab_size"]))
+    text_encoder = Gemma2Model(Gemma2Config(**te_spec, attn_implementation="eager"))
+    randomize_(text_encoder, 8)
+    with torch.no_grad():
+        for n, p in text_encoder.named_parameters():
+            if "norm" in n:  # Gemma norms multiply by (1 + w): keep w near 0
+                p.sub_(1.0)
+    transformer = Lumina2Transformer2DModel(**dict(REAL, num_layers=a.layers,
+                                                   num_refiner_layers=a.refiner_layers))
+    randomize_(transformer, 7)
+    vae = AutoencoderKL(**FLUX)
+    randomize_(vae, 9)
+    pipe = Lumina2Pipeline(transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                           tokenizer=AutoTokenizer.from_pretrained(tok_dir),
+                           scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0))
+    pipe.to(torch.bfloat16).save_pretrained(os.path.join(a.out, "pipeline"))
+
+
+def time_pipeline(a):
+    """diffusers' Lumina2Pipeline.__call__ (components resident, as diffusers
+    keeps them), with encode_prompt and vae.decode timed inside the call."""
+    from diffusers import Lumina2Pipeline
+
+    dtype = DTYPES[a.dtype]
+    with open(a.inputs) as f:
+        run = json.load(f)
+    t0 = time.perf_counter()
+    pipe = Lumina2Pipeline.from_pretrained(a.model, torch_dtype=dtype)
+    load_s = time.perf_counter() - t0
+    stages = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            stages[name] = stages.get(name, 0.0) + time.perf_counter() - t
+            return out
+        return wrapper
+
+    pipe.encode_prompt = timed("encode", pipe.encode_prompt)
+    pipe.vae.decode = timed("decode", pipe.vae.decode)
+    per_run = []
+
+    def call():
+        stages.clear()
+        t = time.perf_counter()
+        pipe(prompt=run["prompt"], height=run["size"], width=run["size"],
+             num_inference_steps=run["steps"], guidance_scale=run["guidance_scale"],
+             max_sequence_length=run["max_sequence_length"],
+             generator=torch.Generator("cpu").manual_seed(run["seed"]), output_type="np")
+        total = time.perf_counter() - t
+        denoise = total - stages.get("encode", 0.0) - stages.get("decode", 0.0)
+        per_run.append((total, [["encode", stages.get("encode", 0.0)], ["denoise + rest", denoise],
+                                ["decode", stages.get("decode", 0.0)]]))
+
+    report(load_s, a.runs, call, extra=lambda: {"stages": sorted(per_run[1:])[len(per_run[1:]) // 2][1]})
 
 
 def setup_text_encoder(a):
@@ -162,10 +276,13 @@ def main():
     ap.add_argument("--refiner-layers", type=int, default=2)
     ap.add_argument("--sizes", default="512,1024")
     ap.add_argument("--caption-len", type=int, default=256)
+    ap.add_argument("--text-layers", type=int, default=2)
     a = ap.parse_args()
     if a.what.startswith("vae_decode_tile") and a.what[len("vae_decode_tile"):].isdigit():
         return time_vae(a, int(a.what[len("vae_decode_tile"):]))
     {"setup-transformer": setup_transformer, "transformer": time_transformer,
+     "setup-gguf": setup_gguf, "transformer_gguf": time_transformer_gguf,
+     "setup-pipeline": setup_pipeline, "pipeline": time_pipeline,
      "setup-text-encoder": setup_text_encoder, "text_encoder": time_text_encoder,
      "setup-vae": setup_vae, "vae_decode": lambda a: time_vae(a, None),
      "vae_decode_tiled": lambda a: time_vae(a, "defaults")}[a.what](a)

@@ -144,3 +144,29 @@ def generate(out_dir, only_tiny=False):
         write_case(case_dir, "text_encoder", "model.gguf", inputs, {"hidden_states": out},
                    {"atol": 1e-5, "rtol": 1e-4}, dtype="f32", provenance=prov)
         print(f"text_encoder_gguf/{name}: written")
+
+
+def convert_folder(model_dir, out_path, qtype):
+    """A transformers Gemma-2 folder -> a llama.cpp-style GGUF (matrices in
+    `qtype`). Used for the pipeline crate's CLI fixture:
+
+        python xtask/parity/gen_text_encoder_gguf.py \\
+            crates/lumina2-pipeline/tests/fixtures/pipeline/seed_cfg/pipeline/text_encoder \\
+            crates/lumina2-pipeline/tests/fixtures/text_encoder.gguf F16
+    """
+    model = Gemma2Model.from_pretrained(model_dir, dtype=torch.float32)
+    c = model.config
+    spec = dict(max_position_embeddings=c.max_position_embeddings, hidden_size=c.hidden_size,
+                num_hidden_layers=c.num_hidden_layers, intermediate_size=c.intermediate_size,
+                num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                rms_norm_eps=c.rms_norm_eps, head_dim=c.head_dim,
+                attn_logit_softcapping=c.attn_logit_softcapping,
+                final_logit_softcapping=c.final_logit_softcapping, sliding_window=c.sliding_window)
+    assert c.query_pre_attn_scalar == c.head_dim, "GGUF cannot say query_pre_attn_scalar"
+    write_gguf(model, spec, out_path, getattr(T, qtype), getattr(T, qtype))
+
+
+if __name__ == "__main__":
+    import sys
+
+    convert_folder(sys.argv[1], sys.argv[2], sys.argv[3])

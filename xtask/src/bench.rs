@@ -23,6 +23,10 @@ pub struct Timing {
     pub median_s: f64,
     /// Peak resident memory of the process, MiB.
     pub peak_rss_mb: f64,
+    /// Per-stage seconds of the median run, where the measurement has stages
+    /// (the pipeline: `encode`, `denoise`, `decode`, loads).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<(String, f64)>,
 }
 
 /// One row of the bench table.
@@ -64,6 +68,8 @@ pub struct BenchOptions {
     pub dtypes: Vec<String>,
     /// Timed runs per measurement (after one warm-up).
     pub runs: usize,
+    /// Denoising steps of the pipeline benchmark.
+    pub steps: usize,
     /// Skip the PyTorch side.
     pub skip_torch: bool,
     /// Write the rows as JSON here.
@@ -119,6 +125,7 @@ fn timing(load_s: f64, times: Vec<f64>) -> Timing {
         median_s: times.get(times.len() / 2).copied().unwrap_or(f64::NAN),
         times,
         peak_rss_mb: peak_rss_mb(),
+        stages: Vec::new(),
     }
 }
 
@@ -127,6 +134,8 @@ fn timing(load_s: f64, times: Vec<f64>) -> Timing {
 pub fn worker(kind: &str, model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
     match kind {
         "transformer" => worker_transformer(model, inputs, dtype, runs),
+        "transformer_gguf" => worker_transformer_gguf(model, inputs, dtype, runs),
+        "pipeline" => worker_pipeline(model, inputs, dtype, runs),
         "text_encoder" => worker_text_encoder(model, inputs, dtype, runs),
         "vae_decode" => worker_vae(model, inputs, dtype, runs, VaeTiles::Off),
         "vae_decode_tiled" => worker_vae(model, inputs, dtype, runs, VaeTiles::Defaults),
@@ -179,22 +188,26 @@ enum VaeTiles {
 /// The VAE benchmark kinds for an image of `size` pixels: worker kind, row
 /// label. The forced tiles are half the image (diffusers tiles only latents
 /// larger than a tile), so that tiling happens at every size measured.
-fn vae_kinds(size: usize) -> [(String, String); 3] {
+/// diffusers' default tiling (tiles of the config's `sample_size`, 1024 px for
+/// the Flux VAE) is measured only above 1024 px: below it does not tile and
+/// is the plain decode.
+fn vae_kinds(size: usize) -> Vec<(String, String)> {
     let tile = size / 2;
-    [
-        ("vae_decode".into(), "Flux VAE decode".into()),
-        (
+    let mut kinds = vec![("vae_decode".to_string(), "Flux VAE decode".to_string())];
+    if size > 1024 {
+        kinds.push((
             "vae_decode_tiled".into(),
             "Flux VAE decode, tiling on (diffusers' defaults: 1024 px tiles)".into(),
+        ));
+    }
+    kinds.push((
+        format!("vae_decode_tile{tile}"),
+        format!(
+            "Flux VAE decode, tiles forced to {tile} px ({} latent), overlap 0.25",
+            tile / 8
         ),
-        (
-            format!("vae_decode_tile{tile}"),
-            format!(
-                "Flux VAE decode, tiles forced to {tile} px ({} latent), overlap 0.25",
-                tile / 8
-            ),
-        ),
-    ]
+    ));
+    kinds
 }
 
 fn worker_vae(
@@ -259,6 +272,95 @@ fn worker_transformer(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> 
     Ok(timing(load_s, times))
 }
 
+/// The GGUF transformer: `model` is the `.gguf` file (original keys, 2-D
+/// weights Q4_0), its config the `model/config.json` beside it. Linear weights
+/// stay quantised and are dequantised one layer at a time when used.
+fn worker_transformer_gguf(
+    model: &Path,
+    inputs: &Path,
+    dtype: &str,
+    runs: usize,
+) -> Result<Timing> {
+    use lumina2_transformer::{Config, Lumina2Transformer, Weights};
+    let dev = Device::Cpu;
+    let t0 = Instant::now();
+    let config_dir = model
+        .parent()
+        .map(|p| p.join("model"))
+        .ok_or_else(|| anyhow!("{}: no folder", model.display()))?;
+    let cfg = Config::from_file(&config_dir)?;
+    let net = {
+        let source = lumina2_loader::open_transformer_file(model, &cfg)?;
+        let w = Weights::new(source, parse_dtype(dtype)?, &dev);
+        Lumina2Transformer::new(&cfg, &w)?
+    };
+    let load_s = t0.elapsed().as_secs_f64();
+    let i = candle_core::safetensors::load(inputs, &dev)?;
+    let get = |n: &str| -> Result<&Tensor> { i.get(n).ok_or_else(|| anyhow!("no `{n}`")) };
+    let times = time_runs(runs, || {
+        net.forward(
+            get("hidden_states")?,
+            get("timestep")?,
+            get("encoder_hidden_states")?,
+            get("encoder_attention_mask")?,
+        )?;
+        Ok(())
+    })?;
+    Ok(timing(load_s, times))
+}
+
+/// Settings of the pipeline benchmark, shared with bench_worker.py's
+/// `pipeline` kind through `inputs` (a JSON file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PipelineRun {
+    prompt: String,
+    size: usize,
+    steps: usize,
+    guidance_scale: f64,
+    seed: u64,
+    max_sequence_length: usize,
+}
+
+/// A whole generation with the components kept resident (loaded during the
+/// warm-up), the same work as diffusers' pipeline call. The time is the whole
+/// call; the stages of the median run are reported too.
+fn worker_pipeline(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
+    use lumina2_pipeline::{GenerateOptions, Lumina2Pipeline, Noise, PipelineSources};
+    let run: PipelineRun = serde_json::from_str(&std::fs::read_to_string(inputs)?)?;
+    let t0 = Instant::now();
+    let sources = PipelineSources::from_pipeline_folder(model)?;
+    let mut pipe = Lumina2Pipeline::builder(sources)
+        .dtype(parse_dtype(dtype)?)
+        .keep_resident(true)
+        .build()?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let mut opts = GenerateOptions::new(run.prompt.clone());
+    opts.width = Some(run.size);
+    opts.height = Some(run.size);
+    opts.num_inference_steps = run.steps;
+    opts.guidance_scale = run.guidance_scale;
+    opts.max_sequence_length = run.max_sequence_length;
+    opts.noise = Noise::Seed(run.seed);
+    let mut all = Vec::new();
+    let times = time_runs(runs, || {
+        let g = pipe.generate(&opts, &mut |_| Default::default())?;
+        all.push(g.timings);
+        Ok(())
+    })?;
+    let mut t = timing(load_s, times);
+    // The stages of the run whose total is the median (warm-up excluded).
+    let mut measured: Vec<_> = all.into_iter().skip(1).collect();
+    measured.sort_by(|a, b| a.total().cmp(&b.total()));
+    if let Some(mid) = measured.get(measured.len() / 2) {
+        t.stages = mid
+            .stages
+            .iter()
+            .map(|(s, d)| (s.name().to_string(), d.as_secs_f64()))
+            .collect();
+    }
+    Ok(t)
+}
+
 fn run_json(cmd: &mut Command) -> Result<Timing> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
@@ -289,7 +391,11 @@ pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             "transformer" => bench_transformer(opts, &python, &mut rows)?,
             "text_encoder" => bench_text_encoder(opts, &python, &mut rows)?,
             "vae" => bench_vae(opts, &python, &mut rows)?,
-            other => bail!("unknown benchmark `{other}` (transformer, text_encoder, vae)"),
+            "gguf" => bench_transformer_gguf(opts, &python, &mut rows)?,
+            "pipeline" => bench_pipeline(opts, &python, &mut rows)?,
+            other => bail!(
+                "unknown benchmark `{other}` (transformer, text_encoder, vae, gguf, pipeline)"
+            ),
         }
     }
     if let Some(path) = &opts.json {
@@ -412,7 +518,146 @@ fn bench_vae(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Re
     Ok(())
 }
 
-fn bench_transformer(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Result<()> {
+/// The GGUF Q4_0 transformer (original keys, as the community file) made from
+/// the same random weights as the `transformer` benchmark: load time, forward
+/// time and peak RSS, ours against diffusers' `from_single_file` with
+/// `GGUFQuantizationConfig`.
+fn bench_transformer_gguf(
+    opts: &BenchOptions,
+    python: &Path,
+    rows: &mut Vec<BenchRow>,
+) -> Result<()> {
+    let dir = transformer_setup(opts, python)?;
+    let gguf = dir.join("transformer-q4_0.gguf");
+    if !gguf.exists() {
+        pyenv::run(
+            Command::new(python)
+                .arg(pyenv::scripts_dir().join("bench_worker.py"))
+                .arg("setup-gguf")
+                .arg("--model")
+                .arg(dir.join("model"))
+                .arg("--out")
+                .arg(&gguf),
+        )?;
+    }
+    for &size in &opts.sizes {
+        for dtype in &opts.dtypes {
+            let inputs = dir.join(format!("inputs_{size}.safetensors"));
+            let (ours, torch) = measure(opts, python, "transformer_gguf", &gguf, &inputs, dtype)?;
+            rows.push(BenchRow {
+                what: format!(
+                    "transformer GGUF Q4_0 ({} layers + 2x{} refiner)",
+                    opts.layers, opts.refiner_layers
+                ),
+                size,
+                dtype: dtype.clone(),
+                ours: Some(ours),
+                torch,
+            });
+            eprintln!("{}", format_table(rows));
+        }
+    }
+    Ok(())
+}
+
+/// A whole generation (`--steps` steps, guidance 4, 512 px by default
+/// `--sizes`) on a pipeline folder of real-dimension components with few
+/// layers: `--layers` joint blocks and `--refiner-layers` per refiner,
+/// `--text-layers` Gemma-2 layers (a small vocabulary and its tokenizer), the
+/// Flux VAE. Both sides keep the components resident (ours loads them during
+/// the warm-up run).
+fn bench_pipeline(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Result<()> {
+    let dir = pyenv::workspace_root()
+        .join("target")
+        .join("bench")
+        .join(format!(
+            "pipeline-l{}-r{}-t{}",
+            opts.layers, opts.refiner_layers, opts.text_layers
+        ));
+    if !dir.join("pipeline").join("model_index.json").exists() {
+        eprintln!(
+            "bench: writing a random-weight pipeline to {}",
+            dir.display()
+        );
+        pyenv::run(
+            Command::new(python)
+                .arg(pyenv::scripts_dir().join("bench_worker.py"))
+                .arg("setup-pipeline")
+                .arg("--out")
+                .arg(&dir)
+                .args(["--layers", &opts.layers.to_string()])
+                .args(["--refiner-layers", &opts.refiner_layers.to_string()])
+                .args(["--text-layers", &opts.text_layers.to_string()]),
+        )?;
+    }
+    for &size in &opts.sizes {
+        let run = PipelineRun {
+            prompt: "A photograph of a mountain lake at sunset, with reflections of the trees"
+                .into(),
+            size,
+            steps: opts.steps,
+            guidance_scale: 4.0,
+            seed: 0,
+            max_sequence_length: 256,
+        };
+        let inputs = dir.join(format!("run_{size}_{}.json", opts.steps));
+        std::fs::write(&inputs, serde_json::to_string_pretty(&run)?)?;
+        for dtype in &opts.dtypes {
+            let (ours, torch) = measure(
+                opts,
+                python,
+                "pipeline",
+                &dir.join("pipeline"),
+                &inputs,
+                dtype,
+            )?;
+            rows.push(BenchRow {
+                what: format!(
+                    "pipeline, {} steps, guidance 4 (transformer {} layers + 2x{} refiner, Gemma-2 {} layers, Flux VAE)",
+                    opts.steps, opts.layers, opts.refiner_layers, opts.text_layers
+                ),
+                size,
+                dtype: dtype.clone(),
+                ours: Some(ours),
+                torch,
+            });
+            eprintln!("{}", format_table(rows));
+            eprintln!("{}", format_stages(rows));
+        }
+    }
+    Ok(())
+}
+
+/// The per-stage seconds of the rows that have stages.
+pub fn format_stages(rows: &[BenchRow]) -> String {
+    let mut s = String::new();
+    for r in rows {
+        for (side, t) in [("ours", &r.ours), ("PyTorch", &r.torch)] {
+            if let Some(t) = t {
+                if !t.stages.is_empty() {
+                    let parts: Vec<String> = t
+                        .stages
+                        .iter()
+                        .map(|(n, v)| format!("{n} {v:.2} s"))
+                        .collect();
+                    s.push_str(&format!(
+                        "{} {}x{} {} {side}: {}\n",
+                        r.what,
+                        r.size,
+                        r.size,
+                        r.dtype,
+                        parts.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    s
+}
+
+/// Writes (once) the random-weight transformer and its inputs of the
+/// transformer benchmarks; returns their folder.
+fn transformer_setup(opts: &BenchOptions, python: &Path) -> Result<PathBuf> {
     let worker_py = pyenv::scripts_dir().join("bench_worker.py");
     let dir = pyenv::workspace_root()
         .join("target")
@@ -443,6 +688,11 @@ fn bench_transformer(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow
                 .args(["--sizes", &sizes]),
         )?;
     }
+    Ok(dir)
+}
+
+fn bench_transformer(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Result<()> {
+    let dir = transformer_setup(opts, python)?;
     for &size in &opts.sizes {
         for dtype in &opts.dtypes {
             let inputs = dir.join(format!("inputs_{size}.safetensors"));
@@ -474,10 +724,15 @@ fn rss(t: &Option<Timing>) -> String {
         .map_or("-".into(), |t| format!("{:.0}", t.peak_rss_mb))
 }
 
+fn load(t: &Option<Timing>) -> String {
+    t.as_ref()
+        .map_or("-".into(), |t| format!("{:.1}", t.load_s))
+}
+
 /// The markdown table of the rows.
 pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| what | size | dtype | ours (s) | PyTorch (s) | ours / PyTorch | ours peak RSS (MiB) | PyTorch peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|\n",
+        "| what | size | dtype | ours (s) | PyTorch (s) | ours / PyTorch | ours peak RSS (MiB) | PyTorch peak RSS (MiB) | ours load (s) | PyTorch load (s) |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let size = if r.size == 0 {
@@ -486,7 +741,7 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             format!("{}x{}", r.size, r.size)
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.what,
             size,
             r.dtype,
@@ -495,6 +750,8 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             r.ratio().map_or("-".into(), |x| format!("{x:.2}")),
             rss(&r.ours),
             rss(&r.torch),
+            load(&r.ours),
+            load(&r.torch),
         ));
     }
     s

@@ -38,7 +38,9 @@ enum Cmd {
     },
     /// Time our transformer and PyTorch's side by side (same weights, same inputs).
     Bench {
-        /// What to measure, comma separated: transformer, text_encoder.
+        /// What to measure, comma separated: transformer, text_encoder, vae, gguf (the
+        /// transformer as a Q4_0 GGUF: load time, forward time, peak RSS), pipeline (a
+        /// whole generation, per-stage times).
         #[arg(
             long,
             value_delimiter = ',',
@@ -63,6 +65,9 @@ enum Cmd {
         /// Timed runs per measurement, after one warm-up.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Denoising steps of the `pipeline` benchmark.
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
         /// Only our side.
         #[arg(long)]
         skip_torch: bool,
@@ -127,6 +132,7 @@ fn run() -> Result<bool> {
             sizes,
             dtypes,
             runs,
+            steps,
             skip_torch,
             json,
         } => {
@@ -138,10 +144,12 @@ fn run() -> Result<bool> {
                 sizes,
                 dtypes,
                 runs,
+                steps,
                 skip_torch,
                 json,
             })?;
             println!("{}", bench::format_table(&rows));
+            print!("{}", bench::format_stages(&rows));
             Ok(true)
         }
         Cmd::BenchWorker {

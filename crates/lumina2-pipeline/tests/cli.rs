@@ -108,6 +108,89 @@ fn generates_the_diffusers_image_with_metadata() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The same generation with the text encoder given as a llama.cpp-style GGUF
+/// file (`tests/fixtures/text_encoder.gguf`: the tiny pipeline's Gemma-2 in
+/// F16, written by xtask/parity/gen_text_encoder_gguf.py): the same image.
+#[test]
+fn a_gguf_text_encoder_gives_the_same_image() {
+    let dir = tmp_dir("gguf-te");
+    let out = dir.join("fox.png");
+    let model = pipeline_dir();
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text_encoder.gguf");
+    let r = lumina2(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--text-encoder",
+        gguf.to_str().unwrap(),
+        "--prompt",
+        "a red fox in the snow",
+        "--width",
+        "48",
+        "--height",
+        "32",
+        "--steps",
+        "4",
+        "--seed",
+        "42",
+        "--max-sequence-length",
+        "32",
+        "-q",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let expected = candle_core::safetensors::load(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/pipeline/seed_cfg/expected.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let reference: Vec<f32> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
+    let img = image::open(&out).unwrap().to_rgb8();
+    let worst = img
+        .as_raw()
+        .iter()
+        .zip(&reference)
+        .map(|(&p, &r)| (i32::from(p) - (r * 255.0).round_ties_even() as i32).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "pixel off by {worst}");
+
+    // A GGUF that is not a Gemma-2 model is refused with its architecture.
+    let lumina = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lumina2-loader/tests/fixtures/transformer/tiny_gguf_q4_0_f32");
+    let lumina_gguf = std::fs::read_dir(&lumina)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .unwrap();
+    let bad = dir.join("bad.png");
+    let r = lumina2(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--text-encoder",
+        lumina_gguf.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "48",
+        "--height",
+        "32",
+        "--steps",
+        "1",
+        "-q",
+        "-o",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("lumina2") && err.contains("gemma2"), "{err}");
+    assert!(!bad.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_options_fail_before_loading_and_write_nothing() {
     let dir = tmp_dir("bad");
