@@ -350,7 +350,7 @@ fn worker_pipeline(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Res
     let mut t = timing(load_s, times);
     // The stages of the run whose total is the median (warm-up excluded).
     let mut measured: Vec<_> = all.into_iter().skip(1).collect();
-    measured.sort_by(|a, b| a.total().cmp(&b.total()));
+    measured.sort_by_key(|t| t.total());
     if let Some(mid) = measured.get(measured.len() / 2) {
         t.stages = mid
             .stages
