@@ -72,13 +72,8 @@ def setup_transformer(a):
         save_file(inputs, os.path.join(a.out, f"inputs_{size}.safetensors"))
 
 
-def time_transformer(a):
-    from diffusers import Lumina2Transformer2DModel
-
-    dtype = DTYPES[a.dtype]
-    t0 = time.perf_counter()
-    model = Lumina2Transformer2DModel.from_pretrained(a.model, torch_dtype=dtype).eval()
-    load_s = time.perf_counter() - t0
+def time_transformer_forward(a, model, dtype, load_s):
+    """Times the forward of a loaded transformer on the `--inputs` file."""
     i = load_file(a.inputs)
     args = dict(
         hidden_states=i["hidden_states"].to(dtype),
@@ -88,6 +83,16 @@ def time_transformer(a):
         return_dict=False,
     )
     report(load_s, a.runs, lambda: model(**args))
+
+
+def time_transformer(a):
+    from diffusers import Lumina2Transformer2DModel
+
+    dtype = DTYPES[a.dtype]
+    t0 = time.perf_counter()
+    model = Lumina2Transformer2DModel.from_pretrained(a.model, torch_dtype=dtype).eval()
+    load_s = time.perf_counter() - t0
+    time_transformer_forward(a, model, dtype, load_s)
 
 
 def setup_gguf(a):
@@ -116,15 +121,7 @@ def time_transformer_gguf(a):
         a.model, quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
         config=config_dir, torch_dtype=dtype).eval()
     load_s = time.perf_counter() - t0
-    i = load_file(a.inputs)
-    args = dict(
-        hidden_states=i["hidden_states"].to(dtype),
-        timestep=i["timestep"],
-        encoder_hidden_states=i["encoder_hidden_states"].to(dtype),
-        encoder_attention_mask=i["encoder_attention_mask"],
-        return_dict=False,
-    )
-    report(load_s, a.runs, lambda: model(**args))
+    time_transformer_forward(a, model, dtype, load_s)
 
 
 def setup_pipeline(a):

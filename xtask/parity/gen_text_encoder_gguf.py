@@ -27,7 +27,7 @@ from transformers import Gemma2Config, Gemma2Model
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from common import randomize_, versions, write_case
-from gen_text_encoder import hidden_states_m2, make_inputs
+from gen_text_encoder import REAL, hidden_states_m2, make_inputs
 
 # Every matrix dimension that is an input width is a multiple of 32 (the
 # quantisation block); GQA 4/2; a sliding window shorter than the inputs.
@@ -38,13 +38,7 @@ TINY = dict(
     max_position_embeddings=64,
 )
 
-# The real Gemma-2-2B dimensions, three layers (two are run), a small vocabulary.
-REAL = dict(
-    vocab_size=512, hidden_size=2304, intermediate_size=9216, num_hidden_layers=3, num_attention_heads=8,
-    num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
-    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, rms_norm_eps=1e-6, rope_theta=10000.0,
-    max_position_embeddings=8192,
-)
+# REAL: gen_text_encoder's (Gemma-2-2B widths, three layers, a small vocabulary).
 
 LAYER_NAMES = {
     "input_layernorm": "attn_norm",

@@ -164,7 +164,7 @@ def generate(out_dir, only_tiny=False):
                                    "reference": "from_single_file" if name == "real_dims" else "diffusers model",
                                    **versions()})
         # Q4_0 GGUF with original keys. The reference is PyTorch on the weights
-        # gguf-py dequantises (diffusers' GGUF path computes with the same values).
+        # gguf-py dequantises; at the real dimensions, diffusers' own GGUF path.
         case_dir = os.path.join(out_dir, "transformer", f"{name}_gguf_q4_0_f32")
         cfg_dir = os.path.join(case_dir, "config")
         os.makedirs(cfg_dir, exist_ok=True)
@@ -173,8 +173,25 @@ def generate(out_dir, only_tiny=False):
         write_gguf(gguf_path, original)
         ref = dequantized_model(model, gguf_path)
         expected = {"sample": run(ref, inputs, torch.float32)}
+        reference = "diffusers model on gguf-py dequantised weights"
+        extra = {}
+        if name == "real_dims":
+            # diffusers' own GGUF path (weights kept quantised, dequantised by
+            # diffusers when used) is the reference; it must agree with the
+            # dequantised model.
+            from diffusers import GGUFQuantizationConfig
+
+            q = Lumina2Transformer2DModel.from_single_file(
+                gguf_path, config=cfg_dir, torch_dtype=torch.float32,
+                quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32)).eval()
+            via_diffusers = run(q, inputs, torch.float32)
+            diff = (via_diffusers - expected["sample"]).abs().max().item()
+            assert diff < 1e-4, diff
+            expected = {"sample": via_diffusers}
+            reference = "diffusers from_single_file with GGUFQuantizationConfig(compute_dtype=float32)"
+            extra["max_abs_vs_gguf_py_dequantised_model"] = diff
         write_case(case_dir, "transformer", "lumina2-q4_0.gguf", inputs, expected, TOL, dtype="f32",
                    model_config="config",
                    provenance={"generator": "xtask/parity/gen_transformer_single.py",
-                               "reference": "diffusers model on gguf-py dequantised weights", **versions()})
+                               "reference": reference, **extra, **versions()})
         print(f"transformer single-file/{name}: written")

@@ -247,18 +247,14 @@ fn worker_vae(
     Ok(timing(load_s, times))
 }
 
-fn worker_transformer(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
-    use lumina2_transformer::{Config, Lumina2Transformer, Weights};
-    let dev = Device::Cpu;
-    let t0 = Instant::now();
-    let folder = lumina2_loader::ComponentFolder::open(model)?;
-    let cfg = Config::from_file(model)?;
-    let net = {
-        let w = Weights::from_safetensors(folder.safetensors_files(), parse_dtype(dtype)?, &dev)?;
-        Lumina2Transformer::new(&cfg, &w)?
-    };
-    let load_s = t0.elapsed().as_secs_f64();
-    let i = candle_core::safetensors::load(inputs, &dev)?;
+/// Times the forward of a loaded transformer on the `inputs` file.
+fn time_transformer_forward(
+    net: &lumina2_transformer::Lumina2Transformer,
+    inputs: &Path,
+    runs: usize,
+    load_s: f64,
+) -> Result<Timing> {
+    let i = candle_core::safetensors::load(inputs, &Device::Cpu)?;
     let get = |n: &str| -> Result<&Tensor> { i.get(n).ok_or_else(|| anyhow!("no `{n}`")) };
     let times = time_runs(runs, || {
         net.forward(
@@ -270,6 +266,20 @@ fn worker_transformer(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> 
         Ok(())
     })?;
     Ok(timing(load_s, times))
+}
+
+fn worker_transformer(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
+    use lumina2_transformer::{Config, Lumina2Transformer, Weights};
+    let dev = Device::Cpu;
+    let t0 = Instant::now();
+    let folder = lumina2_loader::ComponentFolder::open(model)?;
+    let cfg = Config::from_file(model)?;
+    let net = {
+        let w = Weights::from_safetensors(folder.safetensors_files(), parse_dtype(dtype)?, &dev)?;
+        Lumina2Transformer::new(&cfg, &w)?
+    };
+    let load_s = t0.elapsed().as_secs_f64();
+    time_transformer_forward(&net, inputs, runs, load_s)
 }
 
 /// The GGUF transformer: `model` is the `.gguf` file (original keys, 2-D
@@ -295,18 +305,7 @@ fn worker_transformer_gguf(
         Lumina2Transformer::new(&cfg, &w)?
     };
     let load_s = t0.elapsed().as_secs_f64();
-    let i = candle_core::safetensors::load(inputs, &dev)?;
-    let get = |n: &str| -> Result<&Tensor> { i.get(n).ok_or_else(|| anyhow!("no `{n}`")) };
-    let times = time_runs(runs, || {
-        net.forward(
-            get("hidden_states")?,
-            get("timestep")?,
-            get("encoder_hidden_states")?,
-            get("encoder_attention_mask")?,
-        )?;
-        Ok(())
-    })?;
-    Ok(timing(load_s, times))
+    time_transformer_forward(&net, inputs, runs, load_s)
 }
 
 /// Settings of the pipeline benchmark, shared with bench_worker.py's
@@ -540,15 +539,29 @@ fn bench_transformer_gguf(
                 .arg(&gguf),
         )?;
     }
+    let what = format!(
+        "transformer GGUF Q4_0 ({} layers + 2x{} refiner)",
+        opts.layers, opts.refiner_layers
+    );
+    transformer_rows(opts, python, rows, ("transformer_gguf", &what), &gguf, &dir)
+}
+
+/// Measures `kind` on `model` with the benchmark inputs of `dir`, for every
+/// size and dtype, one row each labelled `what`.
+fn transformer_rows(
+    opts: &BenchOptions,
+    python: &Path,
+    rows: &mut Vec<BenchRow>,
+    (kind, what): (&str, &str),
+    model: &Path,
+    dir: &Path,
+) -> Result<()> {
     for &size in &opts.sizes {
         for dtype in &opts.dtypes {
             let inputs = dir.join(format!("inputs_{size}.safetensors"));
-            let (ours, torch) = measure(opts, python, "transformer_gguf", &gguf, &inputs, dtype)?;
+            let (ours, torch) = measure(opts, python, kind, model, &inputs, dtype)?;
             rows.push(BenchRow {
-                what: format!(
-                    "transformer GGUF Q4_0 ({} layers + 2x{} refiner)",
-                    opts.layers, opts.refiner_layers
-                ),
+                what: what.to_string(),
                 size,
                 dtype: dtype.clone(),
                 ours: Some(ours),
@@ -693,25 +706,18 @@ fn transformer_setup(opts: &BenchOptions, python: &Path) -> Result<PathBuf> {
 
 fn bench_transformer(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Result<()> {
     let dir = transformer_setup(opts, python)?;
-    for &size in &opts.sizes {
-        for dtype in &opts.dtypes {
-            let inputs = dir.join(format!("inputs_{size}.safetensors"));
-            let model = dir.join("model");
-            let (ours, torch) = measure(opts, python, "transformer", &model, &inputs, dtype)?;
-            rows.push(BenchRow {
-                what: format!(
-                    "transformer ({} layers + 2x{} refiner)",
-                    opts.layers, opts.refiner_layers
-                ),
-                size,
-                dtype: dtype.clone(),
-                ours: Some(ours),
-                torch,
-            });
-            eprintln!("{}", format_table(rows));
-        }
-    }
-    Ok(())
+    let what = format!(
+        "transformer ({} layers + 2x{} refiner)",
+        opts.layers, opts.refiner_layers
+    );
+    transformer_rows(
+        opts,
+        python,
+        rows,
+        ("transformer", &what),
+        &dir.join("model"),
+        &dir,
+    )
 }
 
 fn secs(t: &Option<Timing>) -> String {

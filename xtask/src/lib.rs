@@ -1,8 +1,9 @@
-//! Developer tasks: `cargo xtask parity` and `cargo xtask bench`.
+//! Developer tasks: `cargo xtask parity`, `cargo xtask bench` and `cargo xtask fuzz`.
 //!
 //! The library half exists so that `cargo test` can run the committed parity
 //! fixtures through the same runner as `cargo xtask parity --cases`.
 
 pub mod bench;
+pub mod fuzz;
 pub mod parity;
 pub mod pyenv;

@@ -4,7 +4,11 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xtask::parity::{self, RunOptions};
-use xtask::{bench, pyenv};
+use xtask::{bench, fuzz, pyenv};
+
+// Records the largest single allocation while `cargo xtask fuzz` runs.
+#[global_allocator]
+static ALLOC: fuzz::CountingAlloc = fuzz::CountingAlloc;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "lumina2-rs developer tasks")]
@@ -74,6 +78,27 @@ enum Cmd {
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Feed every parser of user files mutated inputs for a given time each
+    /// (seeds: the committed fixtures and xtask/fuzz/seeds); fails on a panic,
+    /// a slow input or an oversized allocation (inputs saved in target/fuzz/findings).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets, comma separated (gguf, safetensors, pth, lora,
+        /// shard_index, configs, model_index, tokenizer).
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+        /// Random seed of the mutations.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// An input that takes longer than this many seconds is a finding.
+        #[arg(long, default_value_t = 10.0)]
+        hang_seconds: f64,
+        /// A single allocation larger than this many MiB is a finding.
+        #[arg(long, default_value_t = 512)]
+        alloc_mib: usize,
     },
     /// (internal) One measurement of our side, printed as JSON.
     #[command(hide = true)]
@@ -151,6 +176,28 @@ fn run() -> Result<bool> {
             println!("{}", bench::format_table(&rows));
             print!("{}", bench::format_stages(&rows));
             Ok(true)
+        }
+        Cmd::Fuzz {
+            seconds,
+            targets,
+            seed,
+            hang_seconds,
+            alloc_mib,
+        } => {
+            let reports = fuzz::fuzz(
+                &pyenv::workspace_root(),
+                &fuzz::FuzzOptions {
+                    per_target: std::time::Duration::from_secs(seconds),
+                    only: targets,
+                    seed,
+                    hang_limit: std::time::Duration::from_secs_f64(hang_seconds),
+                    alloc_limit: alloc_mib << 20,
+                },
+            )?;
+            println!("{}", fuzz::format_reports(&reports));
+            Ok(reports
+                .iter()
+                .all(|r| r.panics == 0 && r.slow == 0 && r.big_allocs == 0))
         }
         Cmd::BenchWorker {
             kind,

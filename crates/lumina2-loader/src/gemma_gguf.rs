@@ -57,6 +57,48 @@ pub enum GemmaGgufError {
     },
 }
 
+/// The names outside the layers: (transformers, llama.cpp).
+const GLOBAL_NAMES: [(&str, &str); 2] = [
+    ("embed_tokens.weight", "token_embd.weight"),
+    ("norm.weight", "output_norm.weight"),
+];
+
+/// The names inside layer N, after `layers.N.` and `blk.N.`: (transformers,
+/// llama.cpp).
+const LAYER_NAMES: [(&str, &str); 11] = [
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    (
+        "post_attention_layernorm.weight",
+        "post_attention_norm.weight",
+    ),
+    ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+];
+
+/// Maps `name` from one naming to the other: `from_prefix`/`to_prefix` are the
+/// layer prefixes (`layers.`, `blk.`), `side` picks the column of the tables
+/// that `name` is in (0: transformers, 1: llama.cpp).
+fn rename(name: &str, from_prefix: &str, to_prefix: &str, side: usize) -> Option<String> {
+    let pick = |pair: &(&'static str, &'static str)| if side == 0 { pair.0 } else { pair.1 };
+    let other = |pair: &(&'static str, &'static str)| if side == 0 { pair.1 } else { pair.0 };
+    if let Some(pair) = GLOBAL_NAMES.iter().find(|p| pick(p) == name) {
+        return Some(other(pair).to_string());
+    }
+    let (layer, tail) = name.strip_prefix(from_prefix)?.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let pair = LAYER_NAMES.iter().find(|p| pick(p) == tail)?;
+    Some(format!("{to_prefix}{layer}.{}", other(pair)))
+}
+
 /// The llama.cpp name of a transformers `Gemma2Model` key (without the
 /// `model.` prefix), or `None` for a key llama.cpp does not have.
 ///
@@ -72,65 +114,13 @@ pub enum GemmaGgufError {
 /// | `layers.N.mlp.{gate,up,down}_proj.weight` | `blk.N.ffn_{gate,up,down}.weight` |
 /// | `layers.N.post_feedforward_layernorm.weight` | `blk.N.post_ffw_norm.weight` |
 pub fn llama_cpp_name(key: &str) -> Option<String> {
-    match key {
-        "embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "norm.weight" => return Some("output_norm.weight".into()),
-        _ => {}
-    }
-    let rest = key.strip_prefix("layers.")?;
-    let (layer, name) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let tail = match name {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "post_attention_layernorm.weight" => "post_attention_norm.weight",
-        "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{tail}"))
+    rename(key, "layers.", "blk.", 0)
 }
 
 /// The transformers key of a llama.cpp Gemma-2 tensor name (the inverse of
 /// [`llama_cpp_name`]).
 pub fn transformers_name(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("norm.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let key = format!("layers.{layer}.{}", transformers_tail(tail)?);
-    Some(key)
-}
-
-fn transformers_tail(tail: &str) -> Option<&'static str> {
-    Some(match tail {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "post_attention_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_norm.weight" => "pre_feedforward_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        "post_ffw_norm.weight" => "post_feedforward_layernorm.weight",
-        _ => return None,
-    })
+    rename(name, "blk.", "layers.", 1)
 }
 
 /// A Gemma-2 GGUF file as a [`WeightSource`] in transformers' key names
@@ -310,6 +300,12 @@ impl Gemma2Gguf {
         }
         Gemma2Config::from_json(&cfg.to_string())
             .map_err(|source| GemmaGgufError::Encoder { path, source })
+    }
+
+    /// The file as [`Weights`] in `dtype` on `device`, for building the
+    /// encoder oneself (with [`Gemma2Gguf::config`] or another config).
+    pub fn into_weights(self, dtype: DType, device: &Device) -> Weights {
+        Weights::new(Arc::new(self), dtype, device)
     }
 
     /// Builds the encoder that the Lumina2 pipeline uses (the layers up to

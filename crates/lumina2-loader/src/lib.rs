@@ -40,6 +40,11 @@
 //! Hub cache is still read, offline.
 
 #![warn(missing_docs)]
+// Library code returns errors on bad input; it never unwraps (tests may).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 mod folder;
 pub mod gemma_gguf;

@@ -160,3 +160,15 @@ fn a_config_that_does_not_match_the_tensors_is_an_error() {
         "{msg}"
     );
 }
+
+/// `cargo xtask fuzz` found a file whose `gemma2.block_count` claims 2097155
+/// layers: building the encoder reserved memory for all of them (928 MiB)
+/// before failing. It is now refused from the config.
+#[test]
+fn an_absurd_layer_count_is_refused_before_allocating() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../xtask/fuzz/seeds/regression-2m-layers.gguf");
+    let g = Gemma2Gguf::open(path).unwrap();
+    let e = g.config().unwrap_err();
+    assert!(e.to_string().contains("num_hidden_layers 2097155"), "{e}");
+}

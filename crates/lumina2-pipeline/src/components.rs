@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use lumina2_scheduler::SchedulerConfig;
-use lumina2_text_encoder::{Gemma2Encoder, GemmaTokenizer, PromptEncoder};
+use lumina2_text_encoder::{Gemma2Config, Gemma2Encoder, GemmaTokenizer, PromptEncoder};
 use lumina2_transformer::{Config as TransformerConfig, Lumina2Transformer, WeightSource, Weights};
 use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, VarBuilder};
 
@@ -109,16 +109,43 @@ pub(crate) fn load_prompt_encoder(
     sources: &PipelineSources,
     dtype: DType,
     device: &Device,
+    warnings: &mut Vec<String>,
 ) -> Result<PromptEncoder> {
     let tokenizer = GemmaTokenizer::from_file(&sources.tokenizer)?;
     let path = &sources.text_encoder;
-    let encoder = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+    let (cfg, weights) = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         // llama.cpp's Gemma-2 GGUF: config from its metadata, linears quantised.
-        lumina2_loader::Gemma2Gguf::open(path)?.penultimate_encoder(dtype, device)?
+        let gguf = lumina2_loader::Gemma2Gguf::open(path)?;
+        (gguf.config()?, gguf.into_weights(dtype, device))
     } else {
-        Gemma2Encoder::from_folder(path, dtype, device)?
+        let cfg = Gemma2Config::from_file(path)?;
+        let files = lumina2_text_encoder::safetensors_files(path)?;
+        (cfg, Weights::from_safetensors(&files, dtype, device)?)
     };
+    let encoder = Gemma2Encoder::penultimate(&cfg, &weights)?;
+    warn_non_finite("text encoder", weights.non_finite_keys(), warnings);
     Ok(PromptEncoder::new(tokenizer, encoder))
+}
+
+/// Adds a warning (and logs it) when a component's weights hold NaN or
+/// infinite values: the run goes on, but its output is likely black or noise.
+pub(crate) fn warn_non_finite(component: &str, keys: Vec<String>, warnings: &mut Vec<String>) {
+    if keys.is_empty() {
+        return;
+    }
+    let shown: Vec<&str> = keys.iter().take(5).map(String::as_str).collect();
+    let more = if keys.len() > shown.len() {
+        format!(" and {} more", keys.len() - shown.len())
+    } else {
+        String::new()
+    };
+    let w = format!(
+        "the {component} weights hold NaN or infinite values in {} tensor(s): {}{more}; the output is likely broken",
+        keys.len(),
+        shown.join(", ")
+    );
+    tracing::warn!("{w}");
+    warnings.push(w);
 }
 
 /// Opens the transformer's weights (LoRAs applied) without building the model.
@@ -147,12 +174,13 @@ pub(crate) fn load_transformer(
     cfg: &TransformerConfig,
     dtype: DType,
     device: &Device,
+    warnings: &mut Vec<String>,
 ) -> Result<Lumina2Transformer> {
     let source = transformer_weights(&sources.transformer, &sources.loras, cfg)?;
-    Ok(Lumina2Transformer::new(
-        cfg,
-        &Weights::new(source, dtype, device),
-    )?)
+    let weights = Weights::new(source, dtype, device);
+    let model = Lumina2Transformer::new(cfg, &weights)?;
+    warn_non_finite("transformer", weights.non_finite_keys(), warnings);
+    Ok(model)
 }
 
 pub(crate) fn load_vae(
@@ -160,6 +188,7 @@ pub(crate) fn load_vae(
     cfg: &AutoencoderKLConfig,
     dtype: DType,
     device: &Device,
+    warnings: &mut Vec<String>,
 ) -> Result<AutoencoderKL> {
     let folder = lumina2_loader::ComponentFolder::open(dir)?;
     let mut tensors = HashMap::new();
@@ -170,6 +199,20 @@ pub(crate) fn load_vae(
         })?;
         tensors.extend(t);
     }
+    let mut bad = Vec::new();
+    for (k, t) in &tensors {
+        if t.dtype().is_float()
+            && !t
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?
+                .is_finite()
+        {
+            bad.push(k.clone());
+        }
+    }
+    bad.sort();
+    warn_non_finite("VAE", bad, warnings);
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     Ok(AutoencoderKL::new(cfg, &vb)?)
 }

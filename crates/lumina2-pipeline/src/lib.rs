@@ -15,6 +15,11 @@
 //! This crate holds wiring only; the model math lives in the model crates.
 
 #![warn(missing_docs)]
+// Library code returns errors on bad input; it never unwraps (tests may).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod components;
 pub mod error;

@@ -132,6 +132,7 @@ impl PipelineBuilder {
             prompt_encoder: None,
             transformer: None,
             vae: None,
+            load_warnings: Vec::new(),
         })
     }
 }
@@ -163,6 +164,8 @@ pub struct Lumina2Pipeline {
     prompt_encoder: Option<PromptEncoder>,
     transformer: Option<Lumina2Transformer>,
     vae: Option<AutoencoderKL>,
+    /// Warnings of the components loaded during the current run.
+    load_warnings: Vec<String>,
 }
 
 impl std::fmt::Debug for Lumina2Pipeline {
@@ -370,6 +373,8 @@ impl Lumina2Pipeline {
             OutputKind::Latents => None,
             OutputKind::Images => Some(self.decode(&latents, observer, &mut timings)?),
         };
+        let mut warnings = warnings;
+        warnings.append(&mut self.load_warnings);
         Ok(Generation {
             images,
             latents,
@@ -429,7 +434,12 @@ impl Lumina2Pipeline {
             None => {
                 let start = Instant::now();
                 observer(Event::StageStarted(Stage::LoadTextEncoder));
-                let e = components::load_prompt_encoder(&self.sources, self.dtype, &self.device)?;
+                let e = components::load_prompt_encoder(
+                    &self.sources,
+                    self.dtype,
+                    &self.device,
+                    &mut self.load_warnings,
+                )?;
                 let d = start.elapsed();
                 timings.stages.push((Stage::LoadTextEncoder, d));
                 observer(Event::StageFinished(Stage::LoadTextEncoder, d));
@@ -485,6 +495,7 @@ impl Lumina2Pipeline {
             &self.transformer_config,
             self.dtype,
             &self.device,
+            &mut self.load_warnings,
         )?;
         let d = start.elapsed();
         timings.stages.push((Stage::LoadTransformer, d));
@@ -508,6 +519,7 @@ impl Lumina2Pipeline {
                     &self.vae_config,
                     self.dtype,
                     &self.device,
+                    &mut self.load_warnings,
                 )?;
                 if self.vae_tiling {
                     v.enable_tiling();

@@ -45,12 +45,11 @@ fn png_text(bytes: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
-fn generates_the_diffusers_image_with_metadata() {
-    let dir = tmp_dir("gen");
-    let out = dir.join("fox_{seed}.png");
+/// `lumina2 generate` of the `seed_cfg` fixture case (seed 42, 48x32, 4 steps)
+/// into `out`, with `extra` arguments.
+fn generate_fixture_case(out: &Path, extra: &[&str]) -> Output {
     let model = pipeline_dir();
-    let r = lumina2(&[
+    let mut args = vec![
         "generate",
         "--model",
         model.to_str().unwrap(),
@@ -69,7 +68,38 @@ fn generates_the_diffusers_image_with_metadata() {
         "-q",
         "-o",
         out.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    lumina2(&args)
+}
+
+/// Asserts that a PNG holds diffusers' `output_type="np"` image of the
+/// `seed_cfg` case, rounded as its PIL output is (off by one at most where
+/// the float error meets a .5).
+fn assert_fixture_pixels(png: &[u8]) {
+    let expected = candle_core::safetensors::load(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/pipeline/seed_cfg/expected.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let reference: Vec<f32> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
+    let img = image::load_from_memory(png).unwrap().to_rgb8();
+    assert_eq!((img.width(), img.height()), (48, 32));
+    let worst = img
+        .as_raw()
+        .iter()
+        .zip(&reference)
+        .map(|(&p, &r)| (i32::from(p) - (r * 255.0).round_ties_even() as i32).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "pixel off by {worst}");
+}
+
+#[test]
+fn generates_the_diffusers_image_with_metadata() {
+    let dir = tmp_dir("gen");
+    let r = generate_fixture_case(&dir.join("fox_{seed}.png"), &[]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_eq!(files_in(&dir), vec!["fox_42.png".to_string()]);
     let bytes = std::fs::read(dir.join("fox_42.png")).unwrap();
@@ -86,25 +116,7 @@ fn generates_the_diffusers_image_with_metadata() {
     assert_eq!(get("width"), "48");
     assert_eq!(get("sampler"), "euler");
 
-    // The pixels: diffusers' `output_type="np"` image of the same case, rounded
-    // as its PIL output is (off by one at most where the float error meets a .5).
-    let expected = candle_core::safetensors::load(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/pipeline/seed_cfg/expected.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let reference: Vec<f32> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
-    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
-    assert_eq!((img.width(), img.height()), (48, 32));
-    let worst = img
-        .as_raw()
-        .iter()
-        .zip(&reference)
-        .map(|(&p, &r)| (i32::from(p) - (r * 255.0).round_ties_even() as i32).abs())
-        .max()
-        .unwrap();
-    assert!(worst <= 1, "pixel off by {worst}");
+    assert_fixture_pixels(&bytes);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -115,47 +127,10 @@ fn generates_the_diffusers_image_with_metadata() {
 fn a_gguf_text_encoder_gives_the_same_image() {
     let dir = tmp_dir("gguf-te");
     let out = dir.join("fox.png");
-    let model = pipeline_dir();
     let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text_encoder.gguf");
-    let r = lumina2(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--text-encoder",
-        gguf.to_str().unwrap(),
-        "--prompt",
-        "a red fox in the snow",
-        "--width",
-        "48",
-        "--height",
-        "32",
-        "--steps",
-        "4",
-        "--seed",
-        "42",
-        "--max-sequence-length",
-        "32",
-        "-q",
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let r = generate_fixture_case(&out, &["--text-encoder", gguf.to_str().unwrap()]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let expected = candle_core::safetensors::load(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/pipeline/seed_cfg/expected.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let reference: Vec<f32> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
-    let img = image::open(&out).unwrap().to_rgb8();
-    let worst = img
-        .as_raw()
-        .iter()
-        .zip(&reference)
-        .map(|(&p, &r)| (i32::from(p) - (r * 255.0).round_ties_even() as i32).abs())
-        .max()
-        .unwrap();
-    assert!(worst <= 1, "pixel off by {worst}");
+    assert_fixture_pixels(&std::fs::read(&out).unwrap());
 
     // A GGUF that is not a Gemma-2 model is refused with its architecture.
     let lumina = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -166,24 +141,7 @@ fn a_gguf_text_encoder_gives_the_same_image() {
         .find(|p| p.extension().is_some_and(|e| e == "gguf"))
         .unwrap();
     let bad = dir.join("bad.png");
-    let r = lumina2(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--text-encoder",
-        lumina_gguf.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--width",
-        "48",
-        "--height",
-        "32",
-        "--steps",
-        "1",
-        "-q",
-        "-o",
-        bad.to_str().unwrap(),
-    ]);
+    let r = generate_fixture_case(&bad, &["--text-encoder", lumina_gguf.to_str().unwrap()]);
     assert_eq!(r.status.code(), Some(1));
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("lumina2") && err.contains("gemma2"), "{err}");

@@ -13,6 +13,11 @@
 //! - Lumina2Pipeline's schedule: [`lumina2_sigmas`], [`calculate_shift`],
 //!   [`FlowMatchEulerDiscreteScheduler::set_timesteps_lumina2`].
 #![warn(missing_docs)]
+// Library code returns errors on bad input; it never unwraps (tests may).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod beta;
 mod config;

@@ -213,6 +213,19 @@ impl Gemma2Config {
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
+        // Bounds far above any Gemma-2 but low enough that what is sized by
+        // them alone (the layer list, the RoPE table) stays small: a file
+        // claiming two million layers is refused, not allocated for.
+        for (name, v, max) in [
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", self.num_key_value_heads, 1 << 12),
+            ("head_dim", self.head_dim(), 1 << 16),
+        ] {
+            if v > max {
+                return bad(format!("{name} {v} is absurd (at most {max})"));
+            }
+        }
         let hd = self.head_dim();
         if hd == 0 || hd % 2 != 0 {
             return bad(format!("head_dim {hd} must be positive and even"));

@@ -23,6 +23,11 @@
 //! [`Weights`] (over a [`WeightSource`]: safetensors files, a candle
 //! `VarBuilder`, tensors in memory, or a quantised source).
 #![warn(missing_docs)]
+// Library code returns errors on bad input; it never unwraps (tests may).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 mod config;
 mod embedding;

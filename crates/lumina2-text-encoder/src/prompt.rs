@@ -164,7 +164,20 @@ impl GemmaTokenizer {
         if !path.is_file() {
             return Err(tok_err(&origin, "no such file"));
         }
-        let mut inner = Tokenizer::from_file(&path).map_err(|e| tok_err(&origin, e))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| tok_err(&origin, e))?;
+        // The tokenizers crate panics (an `expect` in its decoder and
+        // normalizer deserialisers) on some malformed files, a truncated one
+        // among them: check the JSON syntax first, and turn any panic left
+        // into an error.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| tok_err(&origin, format!("not valid JSON: {e}")))?;
+        let parsed = std::panic::catch_unwind(|| text.parse::<Tokenizer>()).map_err(|_| {
+            tok_err(
+                &origin,
+                "malformed tokenizer.json (the tokenizers crate could not read it)",
+            )
+        })?;
+        let mut inner = parsed.map_err(|e| tok_err(&origin, e))?;
         // transformers overrides the file's own padding and truncation per call.
         inner.with_padding(None);
         inner
@@ -195,6 +208,20 @@ impl GemmaTokenizer {
         &self.inner
     }
 
+    /// `tokenizer.encode(text, add_special_tokens)`, with a panic of the
+    /// tokenizers crate (it has `expect`s on inconsistent files, e.g. a
+    /// post-processor naming a special token the vocabulary lacks) turned
+    /// into an error.
+    fn guarded_encode(&self, tokenizer: &Tokenizer, text: &str) -> Result<tokenizers::Encoding> {
+        match std::panic::catch_unwind(|| tokenizer.encode(text, true)) {
+            Ok(r) => r.map_err(|e| tok_err(&self.origin, e)),
+            Err(_) => Err(tok_err(
+                &self.origin,
+                "inconsistent tokenizer.json (the tokenizers crate failed while encoding)",
+            )),
+        }
+    }
+
     /// Tokenizes as transformers does with `padding="max_length",
     /// max_length=max_len, truncation=True`: special tokens added by the
     /// post-processor, the text truncated on the right so that the result
@@ -218,9 +245,7 @@ impl GemmaTokenizer {
             truncated: Vec::with_capacity(texts.len()),
         };
         for text in texts {
-            let enc = truncating
-                .encode(text.as_str(), true)
-                .map_err(|e| tok_err(&self.origin, e))?;
+            let enc = self.guarded_encode(&truncating, text)?;
             let mut ids = enc.get_ids().to_vec();
             if ids.len() > max_len {
                 return Err(tok_err(
@@ -231,10 +256,7 @@ impl GemmaTokenizer {
                     ),
                 ));
             }
-            let full = self
-                .inner
-                .encode(text.as_str(), true)
-                .map_err(|e| tok_err(&self.origin, e))?;
+            let full = self.guarded_encode(&self.inner, text)?;
             let cut = if full.get_ids().len() > ids.len() {
                 // The text tokens beyond those kept are what truncation removed.
                 let kept = enc

@@ -317,3 +317,32 @@ fn prompt_options_are_checked() {
     assert!(out.negative_prompt_embeds.is_none() && out.warnings.is_empty());
     assert!(GemmaTokenizer::from_file(fixtures().join("nowhere")).is_err());
 }
+
+/// A truncated or mangled tokenizer.json is an error, never a panic (the
+/// tokenizers crate itself panics on some: `cargo xtask fuzz` found it).
+#[test]
+fn truncated_tokenizer_files_are_errors() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/prompt_encoding/no_guidance_f32/pipeline/tokenizer/tokenizer.json");
+    let bytes = std::fs::read(&src).unwrap();
+    let dir = std::env::temp_dir().join(format!("lumina2-tok-trunc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    let mut cuts: Vec<usize> = (0..bytes.len()).step_by(97).collect();
+    cuts.push(bytes.len() - 1);
+    for cut in cuts {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let r = std::panic::catch_unwind(|| lumina2_text_encoder::GemmaTokenizer::from_file(&path));
+        match r {
+            Ok(Err(e)) => assert!(e.to_string().contains("tokenizer.json"), "{e}"),
+            Ok(Ok(_)) => panic!("a file cut at {cut} of {} bytes was accepted", bytes.len()),
+            Err(_) => panic!("panicked on a file cut at {cut} bytes"),
+        }
+    }
+    // The fuzzer's finding (xtask/fuzz/seeds/regression-truncated-tokenizer.json).
+    let finding = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../xtask/fuzz/seeds/regression-truncated-tokenizer.json");
+    std::fs::copy(finding, &path).unwrap();
+    assert!(lumina2_text_encoder::GemmaTokenizer::from_file(&path).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

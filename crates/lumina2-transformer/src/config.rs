@@ -164,6 +164,19 @@ impl Config {
                 self.axes_lens
             ));
         }
+        // The RoPE tables are sized by these alone (len x dim / 2 per axis).
+        let table: usize = self
+            .axes_lens
+            .iter()
+            .zip(&self.axes_dim_rope)
+            .map(|(&l, &d)| l.saturating_mul(d / 2))
+            .fold(0, usize::saturating_add);
+        if table > 1 << 24 {
+            return bad(format!(
+                "axes_lens {:?} x axes_dim_rope {:?} make RoPE tables of {table} values (at most 2^24)",
+                self.axes_lens, self.axes_dim_rope
+            ));
+        }
         if self.ffn_inner_dim() > 1 << 24 || self.hidden_size > 1 << 20 {
             return bad("hidden_size or feed-forward width is absurdly large".into());
         }

@@ -35,6 +35,11 @@
 //! [candle]: https://github.com/huggingface/candle
 
 #![warn(missing_docs)]
+// Library code returns errors on bad input; it never unwraps (tests may).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod attention;
 pub mod block;

@@ -11,6 +11,11 @@
 //!
 //! Weights come through candle's [`candle_nn::VarBuilder`] with diffusers' keys.
 #![warn(missing_docs)]
+// Library code returns errors on bad input; it never unwraps (tests may).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 mod attention;
 mod autoencoder;

@@ -12,6 +12,11 @@
 //! weights.
 
 #![warn(missing_docs)]
+// Library code returns errors on bad input; it never unwraps (tests may).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod error;
 pub mod folder;
@@ -437,6 +442,9 @@ pub struct Weights {
     prefix: String,
     dtype: DType,
     device: Device,
+    /// Keys of the dense tensors loaded so far that hold NaN or infinity
+    /// (shared by every handle made from one [`Weights::new`]).
+    non_finite: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Weights {
@@ -447,7 +455,34 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            non_finite: Arc::default(),
         }
+    }
+
+    /// The keys of the dense tensors loaded so far through this handle (or
+    /// any handle derived from the same [`Weights::new`]) that hold NaN or
+    /// infinite values: a broken checkpoint, worth a warning before it turns
+    /// the output black. Quantised weights are not scanned.
+    pub fn non_finite_keys(&self) -> Vec<String> {
+        self.non_finite
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Records `key` when `t` holds NaN or infinity (its f32 sum is then not
+    /// finite; a sum overflowing from huge finite values is flagged too, which
+    /// is as suspicious).
+    fn scan(&self, key: &str, t: &Tensor) -> Result<()> {
+        if !t.dtype().is_float() || t.elem_count() == 0 {
+            return Ok(());
+        }
+        let sum = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            let mut v = self.non_finite.lock().unwrap_or_else(|e| e.into_inner());
+            v.push(key.to_string());
+        }
+        Ok(())
     }
 
     /// Weights from a candle `VarBuilder`; its own dtype is ignored in favour of `dtype`.
@@ -537,6 +572,7 @@ impl Weights {
         self.require(&key)?;
         let t = self.source.tensor(&key)?;
         self.check_shape(&key, t.dims(), shape)?;
+        self.scan(&key, &t)?;
         Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
@@ -546,6 +582,7 @@ impl Weights {
         self.require(&key)?;
         let t = self.source.tensor(&key)?;
         self.check_shape(&key, t.dims(), shape)?;
+        self.scan(&key, &t)?;
         Ok(t.to_device(&self.device)?.to_dtype(dtype)?)
     }
 
@@ -556,6 +593,7 @@ impl Weights {
         let weight = match self.source.linear(&wkey)? {
             LinearWeight::Dense(t) => {
                 self.check_shape(&wkey, t.dims(), &[out_dim, in_dim])?;
+                self.scan(&wkey, &t)?;
                 LinearWeight::Dense(t.to_device(&self.device)?.to_dtype(self.dtype)?)
             }
             LinearWeight::Quantized(q) => {

@@ -1,5 +1,11 @@
 //! `lumina2`: Lumina-Image 2.0 text-to-image from the command line.
 
+// Bad input is an error message and an exit status, never a panic.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 mod generate;
 mod inspect;
 mod output;
