@@ -198,6 +198,42 @@ def time_pipeline(a):
     report(load_s, a.runs, call, extra=lambda: {"stages": sorted(per_run[1:])[len(per_run[1:]) // 2][1]})
 
 
+DEQUANT_SHAPE = (4096, 4096)  # 16 Mi values per type
+
+
+def setup_dequant(a):
+    """One GGUF with a 4096x4096 tensor of every type gguf-py can
+    dequantize, written by gen_gguf's helpers (quantized random values; for
+    the K-quants, random blocks with sane scales)."""
+    import gguf
+    import numpy as np
+
+    from gen_gguf import K_SCALE_OFFSETS, QUANTIZABLE, _tensor_bytes
+
+    rng = np.random.default_rng(5)
+    w = gguf.GGUFWriter(a.out, "dequant-bench")
+    for qtype in QUANTIZABLE + list(K_SCALE_OFFSETS):
+        arr, raw_dtype = _tensor_bytes(rng, qtype, DEQUANT_SHAPE)
+        w.add_tensor(qtype.name, arr, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def time_dequant(a, type_name):
+    """gguf-py's `gguf.quants.dequantize` of one tensor (the numpy reference)."""
+    import gguf
+    import numpy as np
+
+    t0 = time.perf_counter()
+    r = gguf.GGUFReader(a.model)
+    t = next(t for t in r.tensors if t.name == type_name)
+    data = np.asarray(t.data)
+    load_s = time.perf_counter() - t0
+    report(load_s, a.runs, lambda: gguf.quants.dequantize(data, t.tensor_type))
+
+
 def setup_text_encoder(a):
     from transformers import Gemma2Config, Gemma2Model
 
@@ -275,11 +311,13 @@ def main():
     ap.add_argument("--caption-len", type=int, default=256)
     ap.add_argument("--text-layers", type=int, default=2)
     a = ap.parse_args()
+    if a.what.startswith("dequant:"):
+        return time_dequant(a, a.what[len("dequant:"):])
     if a.what.startswith("vae_decode_tile") and a.what[len("vae_decode_tile"):].isdigit():
         return time_vae(a, int(a.what[len("vae_decode_tile"):]))
     {"setup-transformer": setup_transformer, "transformer": time_transformer,
      "setup-gguf": setup_gguf, "transformer_gguf": time_transformer_gguf,
-     "setup-pipeline": setup_pipeline, "pipeline": time_pipeline,
+     "setup-pipeline": setup_pipeline, "pipeline": time_pipeline, "setup-dequant": setup_dequant,
      "setup-text-encoder": setup_text_encoder, "text_encoder": time_text_encoder,
      "setup-vae": setup_vae, "vae_decode": lambda a: time_vae(a, None),
      "vae_decode_tiled": lambda a: time_vae(a, "defaults")}[a.what](a)

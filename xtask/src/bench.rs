@@ -136,6 +136,7 @@ pub fn worker(kind: &str, model: &Path, inputs: &Path, dtype: &str, runs: usize)
         "transformer" => worker_transformer(model, inputs, dtype, runs),
         "transformer_gguf" => worker_transformer_gguf(model, inputs, dtype, runs),
         "pipeline" => worker_pipeline(model, inputs, dtype, runs),
+        k if k.starts_with("dequant:") => worker_dequant(model, &k["dequant:".len()..], runs),
         "text_encoder" => worker_text_encoder(model, inputs, dtype, runs),
         "vae_decode" => worker_vae(model, inputs, dtype, runs, VaeTiles::Off),
         "vae_decode_tiled" => worker_vae(model, inputs, dtype, runs, VaeTiles::Defaults),
@@ -360,6 +361,23 @@ fn worker_pipeline(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Res
     Ok(t)
 }
 
+/// Our dequantisation (rayon-parallel kernels) of the tensor named after its
+/// type in the benchmark GGUF, into a reused f32 buffer.
+fn worker_dequant(model: &Path, type_name: &str, runs: usize) -> Result<Timing> {
+    use lumina2_loader::gguf::{dequantize_into, GgufFile};
+    let t0 = Instant::now();
+    let f = GgufFile::open(model)?;
+    let info = f.tensor_info(type_name)?.clone();
+    let bytes = f.tensor_data(type_name)?;
+    let mut out = vec![0f32; usize::try_from(info.n_elements)?];
+    let load_s = t0.elapsed().as_secs_f64();
+    let times = time_runs(runs, || {
+        dequantize_into(info.ggml_type, bytes, &mut out)?;
+        Ok(())
+    })?;
+    Ok(timing(load_s, times))
+}
+
 fn run_json(cmd: &mut Command) -> Result<Timing> {
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
     if !out.status.success() {
@@ -392,8 +410,9 @@ pub fn bench(opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             "vae" => bench_vae(opts, &python, &mut rows)?,
             "gguf" => bench_transformer_gguf(opts, &python, &mut rows)?,
             "pipeline" => bench_pipeline(opts, &python, &mut rows)?,
+            "dequant" => bench_dequant(opts, &python, &mut rows)?,
             other => bail!(
-                "unknown benchmark `{other}` (transformer, text_encoder, vae, gguf, pipeline)"
+                "unknown benchmark `{other}` (transformer, text_encoder, vae, gguf, pipeline, dequant)"
             ),
         }
     }
@@ -666,6 +685,48 @@ pub fn format_stages(rows: &[BenchRow]) -> String {
         }
     }
     s
+}
+
+/// Dequantisation throughput per GGUF type: a 4096x4096 tensor of each type
+/// gguf-py can dequantise, ours against gguf-py's numpy `dequantize`, as GB/s
+/// of f32 output (in the row label; the times are per tensor).
+fn bench_dequant(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Result<()> {
+    let dir = pyenv::workspace_root().join("target").join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("dequant.gguf");
+    if !file.exists() {
+        pyenv::run(
+            Command::new(python)
+                .arg(pyenv::scripts_dir().join("bench_worker.py"))
+                .arg("setup-dequant")
+                .arg("--out")
+                .arg(&file),
+        )?;
+    }
+    let types = [
+        "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+        "Q6_K",
+    ];
+    let out_gb = (4096.0 * 4096.0 * 4.0) / 1e9;
+    for ty in types {
+        let (ours, torch) = measure(opts, python, &format!("dequant:{ty}"), &file, &file, "f32")?;
+        let gbs = |t: &Timing| out_gb / t.median_s;
+        rows.push(BenchRow {
+            what: format!(
+                "dequantise {ty}, 4096x4096 (GB/s of f32 out: ours {:.2}, gguf-py {})",
+                gbs(&ours),
+                torch
+                    .as_ref()
+                    .map_or("-".into(), |t| format!("{:.2}", gbs(t)))
+            ),
+            size: 0,
+            dtype: ty.to_string(),
+            ours: Some(ours),
+            torch,
+        });
+        eprintln!("{}", format_table(rows));
+    }
+    Ok(())
 }
 
 /// Writes (once) the random-weight transformer and its inputs of the

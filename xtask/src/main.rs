@@ -44,7 +44,7 @@ enum Cmd {
     Bench {
         /// What to measure, comma separated: transformer, text_encoder, vae, gguf (the
         /// transformer as a Q4_0 GGUF: load time, forward time, peak RSS), pipeline (a
-        /// whole generation, per-stage times).
+        /// whole generation, per-stage times), dequant (GGUF dequantisation against gguf-py).
         #[arg(
             long,
             value_delimiter = ',',

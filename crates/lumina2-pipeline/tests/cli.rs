@@ -415,3 +415,30 @@ fn sigint_during_denoising_leaves_no_image() {
     assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An output path that cannot be written (its folder is a file; a read-only
+/// folder is refused the same way for a non-root user, but root may write
+/// anywhere, so this is what a test can check everywhere): refused before
+/// anything is loaded, status 1, naming the folder, nothing left behind.
+#[test]
+fn an_unwritable_output_path_fails_cleanly() {
+    let dir = tmp_dir("unwritable");
+    let not_a_dir = dir.join("file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let out = not_a_dir.join("fox.png");
+    let r = generate_fixture_case(&out, &[]);
+    assert_eq!(
+        r.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("is not a folder") && err.contains("file"),
+        "{err}"
+    );
+    assert_eq!(files_in(&dir), vec!["file".to_string()]);
+    assert_eq!(std::fs::read(&not_a_dir).unwrap(), b"x");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
