@@ -70,6 +70,9 @@ pub struct BenchOptions {
     pub runs: usize,
     /// Denoising steps of the pipeline benchmark.
     pub steps: usize,
+    /// After the timed runs, one more transformer forward of ours with the
+    /// per-op-group accounting on (reported as stages).
+    pub profile: bool,
     /// Skip the PyTorch side.
     pub skip_torch: bool,
     /// Write the rows as JSON here.
@@ -131,10 +134,17 @@ fn timing(load_s: f64, times: Vec<f64>) -> Timing {
 
 /// Our side of one measurement (run in a child process): `kind` is
 /// `transformer` or `text_encoder`.
-pub fn worker(kind: &str, model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
+pub fn worker(
+    kind: &str,
+    model: &Path,
+    inputs: &Path,
+    dtype: &str,
+    runs: usize,
+    profile: bool,
+) -> Result<Timing> {
     match kind {
-        "transformer" => worker_transformer(model, inputs, dtype, runs),
-        "transformer_gguf" => worker_transformer_gguf(model, inputs, dtype, runs),
+        "transformer" => worker_transformer(model, inputs, dtype, runs, profile),
+        "transformer_gguf" => worker_transformer_gguf(model, inputs, dtype, runs, profile),
         "pipeline" => worker_pipeline(model, inputs, dtype, runs),
         k if k.starts_with("dequant:") => worker_dequant(model, &k["dequant:".len()..], runs),
         "text_encoder" => worker_text_encoder(model, inputs, dtype, runs),
@@ -254,10 +264,11 @@ fn time_transformer_forward(
     inputs: &Path,
     runs: usize,
     load_s: f64,
+    profile: bool,
 ) -> Result<Timing> {
     let i = candle_core::safetensors::load(inputs, &Device::Cpu)?;
     let get = |n: &str| -> Result<&Tensor> { i.get(n).ok_or_else(|| anyhow!("no `{n}`")) };
-    let times = time_runs(runs, || {
+    let forward = || -> Result<()> {
         net.forward(
             get("hidden_states")?,
             get("timestep")?,
@@ -265,11 +276,42 @@ fn time_transformer_forward(
             get("encoder_attention_mask")?,
         )?;
         Ok(())
-    })?;
-    Ok(timing(load_s, times))
+    };
+    let times = time_runs(runs, forward)?;
+    let mut t = timing(load_s, times);
+    if profile {
+        // One more forward with the per-group accounting on (not timed above).
+        use lumina2_weights::profile;
+        profile::reset();
+        profile::enable(true);
+        let t0 = Instant::now();
+        forward()?;
+        let total = t0.elapsed().as_secs_f64();
+        profile::enable(false);
+        let groups = profile::report();
+        let covered: f64 = groups.iter().map(|g| g.1).sum();
+        t.stages = groups
+            .into_iter()
+            .map(|(g, s, _)| (g.to_string(), s))
+            .chain([
+                (
+                    "other (embedders, patchify, concatenation)".into(),
+                    total - covered,
+                ),
+                ("total of the profiled forward".into(), total),
+            ])
+            .collect();
+    }
+    Ok(t)
 }
 
-fn worker_transformer(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
+fn worker_transformer(
+    model: &Path,
+    inputs: &Path,
+    dtype: &str,
+    runs: usize,
+    profile: bool,
+) -> Result<Timing> {
     use lumina2_transformer::{Config, Lumina2Transformer, Weights};
     let dev = Device::Cpu;
     let t0 = Instant::now();
@@ -280,7 +322,7 @@ fn worker_transformer(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> 
         Lumina2Transformer::new(&cfg, &w)?
     };
     let load_s = t0.elapsed().as_secs_f64();
-    time_transformer_forward(&net, inputs, runs, load_s)
+    time_transformer_forward(&net, inputs, runs, load_s, profile)
 }
 
 /// The GGUF transformer: `model` is the `.gguf` file (original keys, 2-D
@@ -291,6 +333,7 @@ fn worker_transformer_gguf(
     inputs: &Path,
     dtype: &str,
     runs: usize,
+    profile: bool,
 ) -> Result<Timing> {
     use lumina2_transformer::{Config, Lumina2Transformer, Weights};
     let dev = Device::Cpu;
@@ -306,7 +349,7 @@ fn worker_transformer_gguf(
         Lumina2Transformer::new(&cfg, &w)?
     };
     let load_s = t0.elapsed().as_secs_f64();
-    time_transformer_forward(&net, inputs, runs, load_s)
+    time_transformer_forward(&net, inputs, runs, load_s, profile)
 }
 
 /// Settings of the pipeline benchmark, shared with bench_worker.py's
@@ -441,7 +484,8 @@ fn measure(
             .arg(model)
             .arg("--inputs")
             .arg(inputs)
-            .args(["--dtype", dtype, "--runs", &runs]),
+            .args(["--dtype", dtype, "--runs", &runs])
+            .args(opts.profile.then_some("--profile")),
     )?;
     let torch = if opts.skip_torch {
         None

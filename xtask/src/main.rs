@@ -72,6 +72,10 @@ enum Cmd {
         /// Denoising steps of the `pipeline` benchmark.
         #[arg(long, default_value_t = 4)]
         steps: usize,
+        /// Also run one transformer forward of ours with per-op-group timing
+        /// (linear layers, attention core, norms, RoPE, elementwise, copies).
+        #[arg(long)]
+        profile: bool,
         /// Only our side.
         #[arg(long)]
         skip_torch: bool,
@@ -113,6 +117,8 @@ enum Cmd {
         dtype: String,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -158,6 +164,7 @@ fn run() -> Result<bool> {
             dtypes,
             runs,
             steps,
+            profile,
             skip_torch,
             json,
         } => {
@@ -170,6 +177,7 @@ fn run() -> Result<bool> {
                 dtypes,
                 runs,
                 steps,
+                profile,
                 skip_torch,
                 json,
             })?;
@@ -205,8 +213,9 @@ fn run() -> Result<bool> {
             inputs,
             dtype,
             runs,
+            profile,
         } => {
-            let t = bench::worker(&kind, &model, &inputs, &dtype, runs.max(1))?;
+            let t = bench::worker(&kind, &model, &inputs, &dtype, runs.max(1), profile)?;
             println!("{}", serde_json::to_string(&t)?);
             Ok(true)
         }

@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 use crate::error::Result;
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
+use crate::weights::profile::{groups, span};
 use crate::weights::{Linear, Weights};
 
 /// Upper bound, in bytes, of the f32 score block one query chunk may allocate.
@@ -92,8 +93,15 @@ impl Attention {
         let q = self.to_q.forward(x)?.reshape((b, s, h, hd))?;
         let k = self.to_k.forward(x)?.reshape((b, s, kv, hd))?;
         let v = self.to_v.forward(x)?.reshape((b, s, kv, hd))?;
-        let q = self.norm_q.forward(&q)?.transpose(1, 2)?.contiguous()?;
-        let k = self.norm_k.forward(&k)?.transpose(1, 2)?.contiguous()?;
+        let q = self.norm_q.forward(&q)?;
+        let k = self.norm_k.forward(&k)?;
+        let (q, k) = {
+            let _span = span(groups::COPY);
+            (
+                q.transpose(1, 2)?.contiguous()?,
+                k.transpose(1, 2)?.contiguous()?,
+            )
+        };
         // RoPE in f32, rounded back to the compute dtype as diffusers does.
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
@@ -102,15 +110,25 @@ impl Attention {
         // kernels accumulate in f32 for bf16/f16 inputs too). The scale is folded
         // into the queries.
         let scale = 1.0 / (hd as f64).sqrt();
-        let q = (q.to_dtype(DType::F32)? * scale)?;
-        let k = k.to_dtype(DType::F32)?;
-        let v = v.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
-        let out = grouped_attention(&q, &k, &v, mask, self.score_budget)?;
+        let (q, k, v) = {
+            let _span = span(groups::COPY);
+            (
+                (q.to_dtype(DType::F32)? * scale)?,
+                k.to_dtype(DType::F32)?,
+                v.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?,
+            )
+        };
+        let out = {
+            let _span = span(groups::ATTENTION);
+            grouped_attention(&q, &k, &v, mask, self.score_budget)?
+        };
         // [B, H, S, hd] -> [B, S, H*hd]
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, s, h * hd))?
-            .to_dtype(dtype)?;
+        let out = {
+            let _span = span(groups::COPY);
+            out.transpose(1, 2)?
+                .reshape((b, s, h * hd))?
+                .to_dtype(dtype)?
+        };
         Ok(self.to_out.forward(&out)?)
     }
 }

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::error::{invalid_input, Result};
 use crate::norm::{silu, RmsNorm};
 use crate::rope::Rope;
+use crate::weights::profile::{groups, span};
 use crate::weights::{Linear, Weights};
 
 /// diffusers' `LuminaFeedForward`: `linear_2(silu(linear_1(x)) * linear_3(x))`.
@@ -32,7 +33,11 @@ impl FeedForward {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate = silu(&self.linear_1.forward(x)?)?;
         let up = self.linear_3.forward(x)?;
-        self.linear_2.forward(&(gate * up)?)
+        let h = {
+            let _span = span(groups::ELEMENTWISE);
+            (gate * up)?
+        };
+        self.linear_2.forward(&h)
     }
 }
 
@@ -79,12 +84,20 @@ impl Modulation {
 
 /// `x * (1 + scale)` with `scale` broadcast over the sequence.
 fn scale(x: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    let _span = span(groups::ELEMENTWISE);
     x.broadcast_mul(&(scale + 1.0)?)
 }
 
 /// `tanh(gate) * x`, broadcast over the sequence.
 fn gate(x: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
+    let _span = span(groups::ELEMENTWISE);
     x.broadcast_mul(&gate.tanh()?)
+}
+
+/// The residual addition `x + y`.
+fn residual(x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    let _span = span(groups::ELEMENTWISE);
+    x + y
 }
 
 /// diffusers' `Lumina2TransformerBlock`: sandwich-normed attention and
@@ -158,16 +171,19 @@ impl TransformerBlock {
                 let m = m.forward(temb)?;
                 let h = scale(&self.norm1.forward(x)?, &m.scale_msa)?;
                 let a = self.attn.forward(&h, rope, mask)?;
-                let x = (x + gate(&self.norm2.forward(&a)?, &m.gate_msa)?)?;
+                let x = residual(x, &gate(&self.norm2.forward(&a)?, &m.gate_msa)?)?;
                 let h = scale(&self.ffn_norm1.forward(&x)?, &m.scale_mlp)?;
                 let f = self.feed_forward.forward(&h)?;
-                Ok((&x + gate(&self.ffn_norm2.forward(&f)?, &m.gate_mlp)?)?)
+                Ok(residual(
+                    &x,
+                    &gate(&self.ffn_norm2.forward(&f)?, &m.gate_mlp)?,
+                )?)
             }
             None => {
                 let a = self.attn.forward(&self.norm1.forward(x)?, rope, mask)?;
-                let x = (x + self.norm2.forward(&a)?)?;
+                let x = residual(x, &self.norm2.forward(&a)?)?;
                 let f = self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?;
-                Ok((&x + self.ffn_norm2.forward(&f)?)?)
+                Ok(residual(&x, &self.ffn_norm2.forward(&f)?)?)
             }
         }
     }

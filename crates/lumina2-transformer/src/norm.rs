@@ -3,6 +3,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
+use crate::weights::profile::{groups, span};
 use crate::weights::{Linear, Weights};
 
 /// diffusers' `RMSNorm`: the mean square is taken in f32, the normalised value
@@ -30,6 +31,7 @@ impl RmsNorm {
 
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let _span = span(groups::NORM);
         let dtype = x.dtype();
         match (&self.weight, dtype) {
             // One fused kernel; in f32 the rounding order does not matter.
@@ -51,6 +53,7 @@ impl RmsNorm {
 /// Layer norm without affine parameters, computed in f32 (PyTorch's
 /// `nn.LayerNorm(elementwise_affine=False)` accumulates in f32 for bf16 inputs too).
 pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let _span = span(groups::NORM);
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let mean = xf.mean_keepdim(D::Minus1)?;
@@ -63,6 +66,7 @@ pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> candle_core::Result<Tensor>
 /// SiLU computed in f32 and rounded once to the input dtype (diffusers'
 /// `FP32SiLU`; PyTorch's `nn.SiLU` on bf16 rounds once as well).
 pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    let _span = span(groups::ELEMENTWISE);
     match x.dtype() {
         DType::F32 | DType::F64 => candle_nn::ops::silu(x),
         dtype => candle_nn::ops::silu(&x.to_dtype(DType::F32)?)?.to_dtype(dtype),

@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{invalid_input, Result};
+use crate::weights::profile::{groups, span};
 
 /// Per-position rotation factors for a batch: `cos` and `sin` of shape `[B, S, head_dim/2]`.
 #[derive(Debug, Clone)]
@@ -23,6 +24,7 @@ impl Rope {
     /// Rotates `x` of shape `[B, H, S, head_dim]` (contiguous). The rotation is
     /// done in f32 and rounded once to `x`'s dtype, as diffusers' complex product.
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let _span = span(groups::ROPE);
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?.contiguous()?;
         candle_nn::rotary_emb::rope_i(&xf, &self.cos, &self.sin)?.to_dtype(dtype)

@@ -6,5 +6,5 @@
 //! compute dtype; [`Linear`] serves dense and quantised weights alike.
 
 pub use lumina2_weights::{
-    Linear, LinearWeight, SafetensorsSource, VarBuilderSource, WeightSource, Weights,
+    profile, Linear, LinearWeight, SafetensorsSource, VarBuilderSource, WeightSource, Weights,
 };

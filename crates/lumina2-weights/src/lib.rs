@@ -20,6 +20,7 @@
 
 pub mod error;
 pub mod folder;
+pub mod profile;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -677,6 +678,7 @@ impl Linear {
 
     /// Applies the layer to `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let _span = profile::span(profile::groups::LINEAR);
         let w = match &self.weight {
             LinearWeight::Dense(w) => w.clone(),
             // Dequantised when used, so that only one layer is ever dense at a time.
