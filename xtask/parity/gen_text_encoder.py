@@ -88,7 +88,19 @@ def hidden_states_m2(model, inputs, dtype):
     enc = copy.deepcopy(encoder_of(model)).to(dtype)
     with torch.no_grad():
         out = enc(inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True)
-    return out.hidden_states[-2].float()
+    h = out.hidden_states[-2]
+    return h if dtype == torch.float64 else h.float()
+
+
+def f64_error(model, inputs, ref32):
+    """Max |error| of the f32 reference against float64 where the float64
+    result is finite (in float64 a padded row whose keys are all masked comes
+    out NaN, and through 0 * NaN in the value sum so can later rows; the f32
+    model gives those rows a uniform softmax instead)."""
+    r64 = hidden_states_m2(model, inputs, torch.float64)
+    d = (ref32.double() - r64).abs()
+    d = d[torch.isfinite(d)]
+    return d.max().item() if d.numel() else 0.0
 
 
 def save_model(model, model_dir, storage, shard=None):
@@ -121,10 +133,18 @@ def gen_text_encoder(out_dir, only_tiny):
                 link_tree(first_model_dir, model_dir)
             out = ref32 if dtype == torch.float32 else hidden_states_m2(model, inputs, dtype)
             prov = {"generator": "xtask/parity/gen_text_encoder.py", "storage": str(storage), **versions()}
+            tol = dict(TOLERANCES[(name.startswith("real"), dtype_name)])
             if dtype != torch.float32:
                 prov["torch_bf16_vs_f32_max_abs"] = (out - ref32).abs().max().item()
+            else:
+                # The f32 reference is itself off the exact result by summation
+                # order; at the real widths that error (about 1e-5 on values up
+                # to 10) exceeds the 1e-5 floor, so the floor is three times it.
+                ref_err = f64_error(model, inputs, ref32)
+                prov["torch_f32_vs_f64_max_abs"] = ref_err
+                tol["atol"] = max(tol["atol"], 3 * ref_err)
             write_case(case_dir, "text_encoder", "model", inputs, {"hidden_states": out},
-                       TOLERANCES[(name.startswith("real"), dtype_name)], dtype=dtype_name, provenance=prov)
+                       tol, dtype=dtype_name, provenance=prov)
         print(f"text_encoder/{name}: written")
 
 
@@ -258,7 +278,10 @@ def generate(out_dir, only_tiny=False):
 
 
 # Tolerances, measured (crate README "Parity"). f32 differs from PyTorch only by
-# summation order (max |error| 1.5e-5 on values up to 10). In bf16 the reference
+# summation order (max |error| 1.5e-5 on values up to 10). PyTorch's own f32
+# result is off the float64 one by as much (9.5e-6 on the real-width case; 7.6e-6
+# between its 1- and 2-thread runs), so each f32 case's atol is at least three
+# times that measured error (the tiny cases keep 1e-5). In bf16 the reference
 # is only as good as bf16: on the tiny cases PyTorch bf16 deviates from its own
 # f32 result by up to 0.19 (mean 0.01-0.025) on values up to 10, ours by as much
 # (up to 0.19, mean 0.01-0.025), and the two bf16 results differ by up to 0.19
