@@ -113,7 +113,7 @@ pub(crate) fn load_prompt_encoder(
 ) -> Result<PromptEncoder> {
     let tokenizer = GemmaTokenizer::from_file(&sources.tokenizer)?;
     let path = &sources.text_encoder;
-    let (cfg, weights) = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+    let (cfg, weights) = if path.is_file() && is_gguf(path) {
         // llama.cpp's Gemma-2 GGUF: config from its metadata, linears quantised.
         let gguf = lumina2_loader::Gemma2Gguf::open(path)?;
         (gguf.config()?, gguf.into_weights(dtype, device))
@@ -125,6 +125,11 @@ pub(crate) fn load_prompt_encoder(
     let encoder = Gemma2Encoder::penultimate(&cfg, &weights)?;
     warn_non_finite("text encoder", weights.non_finite_keys(), warnings);
     Ok(PromptEncoder::new(tokenizer, encoder))
+}
+
+/// Whether `path` names a GGUF file (by its extension).
+pub(crate) fn is_gguf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "gguf")
 }
 
 /// Adds a warning (and logs it) when a component's weights hold NaN or
@@ -201,13 +206,7 @@ pub(crate) fn load_vae(
     }
     let mut bad = Vec::new();
     for (k, t) in &tensors {
-        if t.dtype().is_float()
-            && !t
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()?
-                .is_finite()
-        {
+        if lumina2_weights::holds_non_finite(t)? {
             bad.push(k.clone());
         }
     }

@@ -554,9 +554,7 @@ impl Lumina2Pipeline {
         let cfg = &self.transformer_config;
         let t_weights = match &self.sources.transformer {
             // A single file may be quantised: its size bounds what stays in memory.
-            TransformerSource::File { path, .. }
-                if path.extension().is_some_and(|e| e == "gguf") =>
-            {
+            TransformerSource::File { path, .. } if components::is_gguf(path) => {
                 memory::files_bytes(path)
             }
             _ => memory::transformer_weight_bytes(cfg, self.dtype),
@@ -565,12 +563,7 @@ impl Lumina2Pipeline {
         let denoise =
             memory::transformer_bytes(cfg, t_weights, batch, w, h, opts.max_sequence_length);
         let te_files = memory::files_bytes(&self.sources.text_encoder);
-        let te_weights = if self
-            .sources
-            .text_encoder
-            .extension()
-            .is_some_and(|e| e == "gguf")
-        {
+        let te_weights = if components::is_gguf(&self.sources.text_encoder) {
             // Quantised linears stay as stored; the embedding is dequantised.
             te_files.saturating_mul(1 + memory::dtype_bytes(self.dtype))
         } else {

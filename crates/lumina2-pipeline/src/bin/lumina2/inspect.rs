@@ -42,8 +42,7 @@ fn safetensors_entries(path: &Path) -> Result<Vec<Entry>> {
 /// Key/value lines to print.
 type Lines = Vec<(String, String)>;
 
-fn gguf_entries(path: &Path) -> Result<(Vec<Entry>, Lines)> {
-    let g = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+fn gguf_entries(g: &GgufFile) -> (Vec<Entry>, Lines) {
     let entries = g
         .tensor_infos()
         .iter()
@@ -64,7 +63,7 @@ fn gguf_entries(path: &Path) -> Result<(Vec<Entry>, Lines)> {
         };
         meta.push((k.clone(), text));
     }
-    Ok((entries, meta))
+    (entries, meta)
 }
 
 fn pth_entries(path: &Path) -> Result<Vec<Entry>> {
@@ -209,30 +208,24 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     match ext.as_str() {
         "safetensors" => describe(path, "safetensors", &safetensors_entries(path)?, &[]),
         "gguf" => {
-            let (entries, mut meta) = gguf_entries(path)?;
-            let gemma = GgufFile::open(path)
-                .ok()
-                .filter(|g| {
-                    g.metadata()
-                        .get("general.architecture")
-                        .and_then(MetadataValue::as_str)
-                        == Some("gemma2")
-                })
-                .map(lumina2_loader::Gemma2Gguf::new);
-            let format = match gemma {
-                Some(Ok(g)) => {
-                    match g.config() {
-                        Ok(cfg) => {
-                            meta.push(("detected Gemma-2 config".into(), format!("{cfg:?}")))
-                        }
-                        Err(e) => {
-                            meta.push(("detected Gemma-2 config".into(), format!("error: {e}")))
-                        }
-                    }
-                    "GGUF (Gemma-2 text encoder, llama.cpp names)"
+            let g = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+            let (entries, mut meta) = gguf_entries(&g);
+            let is_gemma = g
+                .metadata()
+                .get("general.architecture")
+                .and_then(MetadataValue::as_str)
+                == Some("gemma2");
+            let mut format = "GGUF";
+            if is_gemma {
+                if let Ok(g) = lumina2_loader::Gemma2Gguf::new(g) {
+                    let cfg = match g.config() {
+                        Ok(cfg) => format!("{cfg:?}"),
+                        Err(e) => format!("error: {e}"),
+                    };
+                    meta.push(("detected Gemma-2 config".into(), cfg));
+                    format = "GGUF (Gemma-2 text encoder, llama.cpp names)";
                 }
-                _ => "GGUF",
-            };
+            }
             describe(path, format, &entries, &meta);
         }
         "pth" | "pt" | "bin" => describe(
