@@ -131,7 +131,7 @@ def setup_pipeline(a):
     small vocabulary, the Flux VAE; stored in bf16 as the real checkpoint."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline,
                            Lumina2Transformer2DModel)
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+    from transformers import AutoTokenizer
 
     import gen_text_encoder
     from gen_transformer import REAL
@@ -141,12 +141,7 @@ def setup_pipeline(a):
     vocab = gen_text_encoder.build_tokenizer(tok_dir)
     te_spec = dict(gen_text_encoder.REAL, num_hidden_layers=a.text_layers,
                    vocab_size=max(vocab, gen_text_encoder.REAL["vocab_size"]))
-    text_encoder = Gemma2Model(Gemma2Config(**te_spec, attn_implementation="eager"))
-    randomize_(text_encoder, 8)
-    with torch.no_grad():
-        for n, p in text_encoder.named_parameters():
-            if "norm" in n:  # Gemma norms multiply by (1 + w): keep w near 0
-                p.sub_(1.0)
+    text_encoder = gen_text_encoder.make_model(te_spec, 8, torch.float32)
     transformer = Lumina2Transformer2DModel(**dict(REAL, num_layers=a.layers,
                                                    num_refiner_layers=a.refiner_layers))
     randomize_(transformer, 7)
@@ -235,20 +230,13 @@ def time_dequant(a, type_name):
 
 
 def setup_text_encoder(a):
-    from transformers import Gemma2Config, Gemma2Model
+    from gen_text_encoder import REAL, make_model
 
-    from gen_text_encoder import REAL
-
-    cfg = Gemma2Config(**dict(REAL, num_hidden_layers=a.layers), attn_implementation="eager")
-    model = Gemma2Model(cfg)
-    randomize_(model, 8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:  # Gemma norms multiply by (1 + w): keep w near 0
-                p.sub_(1.0)
+    spec = dict(REAL, num_hidden_layers=a.layers)
+    model = make_model(spec, 8, torch.float32)
     model.save_pretrained(os.path.join(a.out, "model"), safe_serialization=True)
     g = torch.Generator().manual_seed(12)
-    ids = torch.randint(0, cfg.vocab_size, (1, a.caption_len), generator=g)
+    ids = torch.randint(0, spec["vocab_size"], (1, a.caption_len), generator=g)
     save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, os.path.join(a.out, "inputs.safetensors"))
 
 

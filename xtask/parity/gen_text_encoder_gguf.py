@@ -26,8 +26,8 @@ from gguf.quants import quantize
 from transformers import Gemma2Config, Gemma2Model
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-from common import randomize_, versions, write_case
-from gen_text_encoder import REAL, f64_error, hidden_states_m2, make_inputs
+from common import versions, write_case
+from gen_text_encoder import REAL, f64_error, hidden_states_m2, make_inputs, make_model
 
 # Every matrix dimension that is an input width is a multiple of 32 (the
 # quantisation block); GQA 4/2; a sliding window shorter than the inputs.
@@ -120,12 +120,7 @@ def generate(out_dir, only_tiny=False):
     if not only_tiny:
         specs.append(("real_dims_q4_0", REAL, 23, T.Q4_0, T.Q4_0, [32, 19], 32))
     for name, spec, seed, embd_type, linear_type, lengths, L in specs:
-        src = Gemma2Model(Gemma2Config(**spec, attn_implementation="eager"))
-        randomize_(src, seed, torch.float32)
-        with torch.no_grad():
-            for k, p in src.named_parameters():
-                if k.endswith("norm.weight"):
-                    p.sub_(1.0)  # Gemma norm weights ~ N(0, 0.1)
+        src = make_model(spec, seed, torch.float32)
         case_dir = os.path.join(out_dir, "text_encoder_gguf", name)
         os.makedirs(case_dir, exist_ok=True)
         path = os.path.join(case_dir, "model.gguf")

@@ -132,6 +132,24 @@ fn timing(load_s: f64, times: Vec<f64>) -> Timing {
     }
 }
 
+/// Appends one measured row and prints the table so far.
+fn add_row(
+    rows: &mut Vec<BenchRow>,
+    what: String,
+    size: usize,
+    dtype: &str,
+    (ours, torch): (Timing, Option<Timing>),
+) {
+    rows.push(BenchRow {
+        what,
+        size,
+        dtype: dtype.to_string(),
+        ours: Some(ours),
+        torch,
+    });
+    eprintln!("{}", format_table(rows));
+}
+
 /// Our side of one measurement (run in a child process): `kind` is
 /// `transformer` or `text_encoder`.
 pub fn worker(
@@ -529,14 +547,13 @@ fn bench_text_encoder(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRo
             &dir.join("inputs.safetensors"),
             dtype,
         )?;
-        rows.push(BenchRow {
-            what: format!("Gemma-2 encoder ({} layers), 256 tokens", opts.text_layers),
-            size: 0,
-            dtype: dtype.clone(),
-            ours: Some(ours),
-            torch,
-        });
-        eprintln!("{}", format_table(rows));
+        add_row(
+            rows,
+            format!("Gemma-2 encoder ({} layers), 256 tokens", opts.text_layers),
+            0,
+            dtype,
+            (ours, torch),
+        );
     }
     Ok(())
 }
@@ -567,14 +584,7 @@ fn bench_vae(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Re
             // widened for the convolutions, as PyTorch's CPU kernels do).
             let inputs = dir.join(format!("inputs_{size}.safetensors"));
             let (ours, torch) = measure(opts, python, &kind, &dir.join("model"), &inputs, "f32")?;
-            rows.push(BenchRow {
-                what,
-                size,
-                dtype: "f32".into(),
-                ours: Some(ours),
-                torch,
-            });
-            eprintln!("{}", format_table(rows));
+            add_row(rows, what, size, "f32", (ours, torch));
         }
     }
     Ok(())
@@ -623,14 +633,7 @@ fn transformer_rows(
         for dtype in &opts.dtypes {
             let inputs = dir.join(format!("inputs_{size}.safetensors"));
             let (ours, torch) = measure(opts, python, kind, model, &inputs, dtype)?;
-            rows.push(BenchRow {
-                what: what.to_string(),
-                size,
-                dtype: dtype.clone(),
-                ours: Some(ours),
-                torch,
-            });
-            eprintln!("{}", format_table(rows));
+            add_row(rows, what.to_string(), size, dtype, (ours, torch));
         }
     }
     Ok(())
@@ -687,17 +690,10 @@ fn bench_pipeline(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) 
                 &inputs,
                 dtype,
             )?;
-            rows.push(BenchRow {
-                what: format!(
+            add_row(rows, format!(
                     "pipeline, {} steps, guidance 4 (transformer {} layers + 2x{} refiner, Gemma-2 {} layers, Flux VAE)",
                     opts.steps, opts.layers, opts.refiner_layers, opts.text_layers
-                ),
-                size,
-                dtype: dtype.clone(),
-                ours: Some(ours),
-                torch,
-            });
-            eprintln!("{}", format_table(rows));
+                ), size, dtype, (ours, torch));
             eprintln!("{}", format_stages(rows));
         }
     }
@@ -755,20 +751,19 @@ fn bench_dequant(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -
     for ty in types {
         let (ours, torch) = measure(opts, python, &format!("dequant:{ty}"), &file, &file, "f32")?;
         let gbs = |t: &Timing| out_gb / t.median_s;
-        rows.push(BenchRow {
-            what: format!(
+        add_row(
+            rows,
+            format!(
                 "dequantise {ty}, 4096x4096 (GB/s of f32 out: ours {:.2}, gguf-py {})",
                 gbs(&ours),
                 torch
                     .as_ref()
                     .map_or("-".into(), |t| format!("{:.2}", gbs(t)))
             ),
-            size: 0,
-            dtype: ty.to_string(),
-            ours: Some(ours),
-            torch,
-        });
-        eprintln!("{}", format_table(rows));
+            0,
+            ty,
+            (ours, torch),
+        );
     }
     Ok(())
 }
