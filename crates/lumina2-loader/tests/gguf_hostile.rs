@@ -43,7 +43,7 @@ impl W {
     }
     /// Pads to `align` and appends `n` data bytes 0, 1, 2, ...
     fn data(&mut self, align: usize, n: usize) -> &mut Self {
-        while self.0.len() % align != 0 {
+        while !self.0.len().is_multiple_of(align) {
             self.0.push(0);
         }
         for i in 0..n {
@@ -524,7 +524,7 @@ fn tensors_in_other_dtypes_and_q8_1_layout() {
     // One Q8_0 block: d = 0.5, q_i = i - 16; as bf16 each value is exact.
     let mut w = W::header(3, 2, 0);
     w.tensor("q", &[32], 8, 0).tensor("q81", &[32], 9, 64);
-    while w.0.len() % 32 != 0 {
+    while !w.0.len().is_multiple_of(32) {
         w.0.push(0);
     }
     w.raw(&half::f16::from_f32(0.5).to_le_bytes());

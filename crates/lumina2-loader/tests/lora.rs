@@ -132,18 +132,20 @@ fn merged_and_run_time_updates_agree() {
     let key = "layers.1.feed_forward.linear_2.weight";
     let merged = match lora.linear(key).unwrap() {
         LinearWeight::Dense(t) => t,
-        LinearWeight::Quantized(_) => panic!("dense base came back quantised"),
+        other => panic!("dense base came back as {other:?}"),
     };
     let base = src.tensor(key).unwrap().to_dtype(DType::F32).unwrap();
     let adapters = lora.lora_adapters(key).unwrap();
     assert_eq!(adapters.len(), 1);
     let x = Tensor::randn(0f32, 1., (3, 5, merged.dim(1).unwrap()), &Device::Cpu).unwrap();
-    let dense = lumina2_weights::Linear::new(LinearWeight::Dense(merged), None);
-    let factored = lumina2_weights::Linear::new(LinearWeight::Dense(base), None).with_adapters(
-        adapters
-            .into_iter()
-            .map(|a| a.to(DType::F32, &Device::Cpu).unwrap()),
-    );
+    let dense = lumina2_weights::Linear::new(LinearWeight::Dense(merged), None).unwrap();
+    let factored = lumina2_weights::Linear::new(LinearWeight::Dense(base), None)
+        .unwrap()
+        .with_adapters(
+            adapters
+                .into_iter()
+                .map(|a| a.to(DType::F32, &Device::Cpu).unwrap()),
+        );
     let d = (dense.forward(&x).unwrap() - factored.forward(&x).unwrap())
         .unwrap()
         .abs()

@@ -79,7 +79,7 @@ fn gguf_linear_weights_stay_quantised_qkv_parts_too() {
                     "{key}: quantised rows differ from the dequantised ones"
                 );
             }
-            LinearWeight::Dense(_) => panic!("{key} was dequantised"),
+            other => panic!("{key} was dequantised: {other:?}"),
         }
     }
 }

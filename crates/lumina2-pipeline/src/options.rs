@@ -304,7 +304,7 @@ fn check_mask(name: &'static str, mask: &Tensor, embeds: &[usize]) -> Result<()>
 
 /// Checks an image side: positive, a multiple of 16, not absurd.
 pub fn check_size(name: &'static str, v: usize) -> Result<()> {
-    if v == 0 || v % SIZE_MULTIPLE != 0 {
+    if v == 0 || !v.is_multiple_of(SIZE_MULTIPLE) {
         return Err(invalid(
             name,
             format!("{v} is not a positive multiple of {SIZE_MULTIPLE}"),

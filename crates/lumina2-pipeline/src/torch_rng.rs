@@ -221,7 +221,7 @@ impl TorchGenerator {
                 self.kernel.box_muller_16(block);
             }
         }
-        if out.len() % 16 != 0 {
+        if !out.len().is_multiple_of(16) {
             if let Some(tail) = out.last_chunk_mut::<16>() {
                 for value in tail.iter_mut() {
                     *value = self.uniform_f32();
@@ -257,7 +257,7 @@ impl TorchGenerator {
         for block in out.chunks_exact_mut(16) {
             self.half_block(block, from_f32);
         }
-        if out.len() % 16 != 0 {
+        if !out.len().is_multiple_of(16) {
             if let Some(tail) = out.last_chunk_mut::<16>() {
                 self.half_block(tail, from_f32);
             }

@@ -207,7 +207,10 @@ impl Gemma2Config {
         if self.hidden_size == 0 || self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return bad("hidden_size and head counts must be positive".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
@@ -227,7 +230,7 @@ impl Gemma2Config {
             }
         }
         let hd = self.head_dim();
-        if hd == 0 || hd % 2 != 0 {
+        if hd == 0 || !hd.is_multiple_of(2) {
             return bad(format!("head_dim {hd} must be positive and even"));
         }
         if self.query_pre_attn_scalar <= 0.0 {

@@ -32,19 +32,19 @@ impl Embedding {
     /// `name.weight` of `[vocab, hidden]`, quantised when the source hands it
     /// out quantised (a GGUF file), else dense in the compute dtype.
     pub(crate) fn load(w: &Weights, name: &str, vocab: usize, hidden: usize) -> Result<Self> {
-        let linear = w.linear(name, hidden, vocab, false)?;
-        match linear.weight() {
-            LinearWeight::Dense(t) => Ok(Self::Dense(t.clone())),
+        match w.linear_weight(name, hidden, vocab)? {
+            LinearWeight::Dense(t) => Ok(Self::Dense(t)),
+            packed @ LinearWeight::PackedBf16(_) => Ok(Self::Dense(packed.to_dense(w.device())?)),
             LinearWeight::Quantized(q) => {
                 let ty = q.dtype();
                 let (block, size) = (ty.block_size(), ty.type_size());
-                if block == 0 || hidden % block != 0 {
+                if block == 0 || !hidden.is_multiple_of(block) {
                     return Err(Error::InvalidConfig(format!(
                         "{name}.weight: rows of {hidden} values are not whole {ty:?} blocks of {block}"
                     )));
                 }
                 Ok(Self::Quantized {
-                    table: q.clone(),
+                    table: q,
                     row_bytes: hidden / block * size,
                     dtype: w.dtype(),
                 })

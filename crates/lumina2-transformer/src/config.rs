@@ -112,13 +112,13 @@ impl Config {
         if self.num_attention_heads == 0 || self.num_kv_heads == 0 {
             return bad("num_attention_heads and num_kv_heads must be positive".into());
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_attention_heads % self.num_kv_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_kv_heads {}",
                 self.num_attention_heads, self.num_kv_heads

@@ -20,6 +20,7 @@
 
 pub mod error;
 pub mod folder;
+pub mod packed;
 pub mod profile;
 
 use std::collections::HashMap;
@@ -40,6 +41,10 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// A quantised `[out, in]` matrix, dequantised one layer at a time when used.
     Quantized(Arc<QTensor>),
+    /// A bf16 `[out, in]` matrix repacked for the CPU's bf16 dot-product
+    /// instructions ([`packed`]); [`Linear`] makes this from a dense bf16
+    /// weight on CPUs that have them.
+    PackedBf16(Arc<packed::PackedBf16>),
 }
 
 impl LinearWeight {
@@ -48,6 +53,34 @@ impl LinearWeight {
         match self {
             Self::Dense(t) => t.dims().to_vec(),
             Self::Quantized(q) => q.shape().dims().to_vec(),
+            Self::PackedBf16(p) => p.dims().to_vec(),
+        }
+    }
+
+    /// The weight as a dense `[out, in]` tensor (dequantised or unpacked if
+    /// need be) on `device`.
+    pub fn to_dense(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(t) => Ok(t.clone()),
+            Self::Quantized(q) => q.dequantize(device),
+            Self::PackedBf16(p) => p.to_dense()?.to_device(device),
+        }
+    }
+
+    /// The bf16 weight repacked for [`packed`]'s kernel when it is dense bf16
+    /// on the CPU and the CPU has the kernel ([`packed::available`]);
+    /// otherwise unchanged.
+    pub fn packed_if_possible(self) -> candle_core::Result<Self> {
+        match &self {
+            Self::Dense(t)
+                if t.dtype() == DType::BF16
+                    && t.device().is_cpu()
+                    && t.rank() == 2
+                    && packed::available() =>
+            {
+                Ok(Self::PackedBf16(Arc::new(packed::PackedBf16::pack(t)?)))
+            }
+            _ => Ok(self),
         }
     }
 }
@@ -608,8 +641,11 @@ impl Weights {
         Ok(t.to_device(&self.device)?.to_dtype(dtype)?)
     }
 
-    /// A linear layer `in_dim -> out_dim` (`name.weight`, and `name.bias` when `bias`).
-    pub fn linear(&self, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    /// The `[out_dim, in_dim]` weight `name.weight` as the source hands it
+    /// out (dense in the compute dtype and device, or quantised), shape
+    /// checked, not repacked: for tables that are not multiplied, such as
+    /// embeddings.
+    pub fn linear_weight(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearWeight> {
         let wkey = self.key(&format!("{name}.weight"));
         self.require(&wkey)?;
         let weight = match self.source.linear(&wkey)? {
@@ -622,7 +658,18 @@ impl Weights {
                 self.check_shape(&wkey, q.shape().dims(), &[out_dim, in_dim])?;
                 LinearWeight::Quantized(q)
             }
+            LinearWeight::PackedBf16(p) => {
+                self.check_shape(&wkey, &p.dims(), &[out_dim, in_dim])?;
+                LinearWeight::PackedBf16(p)
+            }
         };
+        Ok(weight)
+    }
+
+    /// A linear layer `in_dim -> out_dim` (`name.weight`, and `name.bias` when `bias`).
+    pub fn linear(&self, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let weight = self.linear_weight(name, in_dim, out_dim)?;
+        let wkey = self.key(&format!("{name}.weight"));
         // Dense weights come with their adapters merged; quantised ones carry
         // them at run time.
         let mut adapters = Vec::new();
@@ -645,11 +692,7 @@ impl Weights {
         } else {
             None
         };
-        Ok(Linear {
-            weight,
-            bias,
-            adapters,
-        })
+        Ok(Linear::new(weight, bias)?.with_adapters(adapters))
     }
 }
 
@@ -662,17 +705,31 @@ impl Weights {
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// The bias in f32, for the packed bf16 kernel.
+    bias_f32: Option<Vec<f32>>,
     adapters: Vec<LoraAdapter>,
 }
 
 impl Linear {
     /// A linear layer from its parts (`weight` is `[out, in]`).
-    pub fn new(weight: LinearWeight, bias: Option<Tensor>) -> Self {
-        Self {
-            weight,
+    ///
+    /// A dense bf16 weight on a CPU with AVX512-BF16 is repacked for
+    /// [`packed`]'s kernel (see [`LinearWeight::packed_if_possible`]).
+    pub fn new(weight: LinearWeight, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let bias_f32 = Self::bias_f32(bias.as_ref())?;
+        Ok(Self {
+            weight: weight.packed_if_possible()?,
             bias,
+            bias_f32,
             adapters: Vec::new(),
-        }
+        })
+    }
+
+    /// The bias as f32 values, kept beside the tensor for the packed kernel
+    /// (which adds it in f32, before its one rounding to bf16, as oneDNN does).
+    fn bias_f32(bias: Option<&Tensor>) -> candle_core::Result<Option<Vec<f32>>> {
+        bias.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .transpose()
     }
 
     /// The same layer with `adapters` added to those it has (each must be
@@ -698,27 +755,43 @@ impl Linear {
     }
 
     /// Applies the layer to `x` of shape `[..., in]`.
+    ///
+    /// bf16 inputs on a CPU with AVX512-BF16 go through [`packed`]'s kernel
+    /// (packed weights; quantised ones are dequantised and packed per call);
+    /// everything else through candle's matmul.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let _span = profile::span(profile::groups::LINEAR);
-        let w = match &self.weight {
-            LinearWeight::Dense(w) => w.clone(),
-            // Dequantised when used, so that only one layer is ever dense at a time.
-            LinearWeight::Quantized(q) => q.dequantize(x.device())?.to_dtype(x.dtype())?,
-        };
         let dims = x.dims();
         let in_dim = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&w.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let out_dim = self.weight.dims().first().copied().unwrap_or(0);
+        let fast = x.device().is_cpu() && x.dtype() == DType::BF16;
+        let mut y = match &self.weight {
+            LinearWeight::PackedBf16(p) if x.device().is_cpu() => p
+                .matmul(&x2, self.bias_f32.as_deref())?
+                .to_dtype(x.dtype())?,
+            // Packing costs about one pass over the weight: worth it once a
+            // few rows share it.
+            LinearWeight::Quantized(q) if fast && rows >= 16 && packed::available() => {
+                packed::PackedBf16::pack(&q.dequantize(x.device())?)?
+                    .matmul(&x2, self.bias_f32.as_deref())?
+            }
+            w => {
+                let w = w.to_dense(x.device())?.to_dtype(x.dtype())?;
+                let y = x2.matmul(&w.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+                    None => y,
+                }
+            }
+        };
         for a in &self.adapters {
             y = (y + a.forward_rows(&x2)?)?;
         }
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
-            *last = w.dim(0)?;
+            *last = out_dim;
         }
         y.reshape(out_dims)
     }

@@ -280,7 +280,7 @@ fn run_floats(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
 pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), DequantError> {
     let (bs, ts) = (ty.block_size(), ty.type_size());
     let n_blocks = out.len() / bs;
-    if out.len() % bs != 0 || n_blocks.checked_mul(ts) != Some(bytes.len()) {
+    if !out.len().is_multiple_of(bs) || n_blocks.checked_mul(ts) != Some(bytes.len()) {
         return Err(DequantError::SizeMismatch {
             ggml_type: ty,
             n_bytes: bytes.len(),
@@ -311,7 +311,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f
     }
     let bs = ty.block_size();
     // Refuse before allocating: the output must match the input's block count.
-    if n_elements % bs != 0 || (n_elements / bs).checked_mul(ty.type_size()) != Some(bytes.len()) {
+    if !n_elements.is_multiple_of(bs)
+        || (n_elements / bs).checked_mul(ty.type_size()) != Some(bytes.len())
+    {
         return Err(DequantError::SizeMismatch {
             ggml_type: ty,
             n_bytes: bytes.len(),

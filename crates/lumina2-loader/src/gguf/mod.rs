@@ -248,7 +248,7 @@ impl GgufFile {
         // candle reinterprets the bytes as blocks and asserts their alignment:
         // copy into an 8-byte aligned buffer unless the map already is.
         let words: Vec<u64>;
-        let data: &[u8] = if (data.as_ptr() as usize) % 8 == 0 {
+        let data: &[u8] = if (data.as_ptr() as usize).is_multiple_of(8) {
             data
         } else {
             let mut w = vec![0u64; data.len().div_ceil(8)];

@@ -170,6 +170,11 @@ impl WeightSource for LoraSource {
         Ok(match self.inner.linear(key)? {
             LinearWeight::Dense(w) => LinearWeight::Dense(self.merged(key, w)?),
             q @ LinearWeight::Quantized(_) => q,
+            // Sources do not hand out packed weights today; one that did
+            // would be unpacked, merged, and repacked by `Linear::new`.
+            p @ LinearWeight::PackedBf16(_) => {
+                LinearWeight::Dense(self.merged(key, p.to_dense(&candle_core::Device::Cpu)?)?)
+            }
         })
     }
     fn lora_adapters(&self, key: &str) -> lumina2_weights::Result<Vec<LoraAdapter>> {

@@ -1,0 +1,45 @@
+//! Matmul throughput of the shapes of the Lumina2 transformer's linear layers:
+//! candle's f32 and bf16 matmul against the packed bf16 kernel.
+//! `cargo run --release -p lumina2-weights --example gemm_probe`
+use candle_core::{DType, Device, Tensor};
+use lumina2_weights::packed::PackedBf16;
+use std::time::Instant;
+
+fn time(runs: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+    f()?;
+    let t = Instant::now();
+    for _ in 0..runs {
+        f()?;
+    }
+    Ok(t.elapsed().as_secs_f64() / runs as f64)
+}
+
+fn main() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    println!("| m x k x n | candle f32 GFLOP/s | candle bf16 | packed bf16 |");
+    println!("|---|---|---|---|");
+    for &(m, k, n) in &[
+        (1280usize, 2304usize, 3840usize),
+        (1280, 2304, 2304),
+        (1280, 2304, 6144),
+        (1280, 6144, 2304),
+        (256, 2304, 6144),
+        (4096, 4096, 4096),
+    ] {
+        let flop = 2.0 * (m * k * n) as f64;
+        let a = Tensor::randn(0f32, 1., (m, k), &dev)?;
+        let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
+        let f32_s = time(3, || a.matmul(&w.t()?).map(|_| ()))?;
+        let (ab, wb) = (a.to_dtype(DType::BF16)?, w.to_dtype(DType::BF16)?);
+        let bf_s = time(3, || ab.matmul(&wb.t()?).map(|_| ()))?;
+        let p = PackedBf16::pack(&wb)?;
+        let pk_s = time(3, || p.matmul(&ab, None).map(|_| ()))?;
+        println!(
+            "| {m}x{k}x{n} | {:.0} | {:.0} | {:.0} |",
+            flop / f32_s / 1e9,
+            flop / bf_s / 1e9,
+            flop / pk_s / 1e9
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,640 @@
+//! A bf16 matrix multiply for linear layers on x86-64 CPUs with bf16
+//! dot-product hardware: AMX tiles (`tdpbf16ps`) where the CPU and the OS
+//! allow them, else AVX512-BF16 (`vdpbf16ps`).
+//!
+//! candle's CPU bf16 matmul widens both operands to f32 on every call, so bf16
+//! runs slower than f32 there; PyTorch (oneDNN) multiplies bf16 pairs directly.
+//! This module does the same for `y = x W^T + b`:
+//!
+//! - the weight is repacked once, at load time, into panels of 32 output
+//!   columns in which each 32-bit lane holds two consecutive input elements:
+//!   the operand layout of `vdpbf16ps`, and row by row the "VNNI" layout of an
+//!   AMX B tile; the packed copy replaces the dense one (same size);
+//! - a 32x32 block (four AMX tiles) or a 12x32 block (AVX-512 registers)
+//!   accumulates in f32 over the whole input width, then adds the bias in f32
+//!   and rounds once to bf16 (round to nearest even), as oneDNN's bf16 `addmm`
+//!   does;
+//! - tiles are spread over rayon's pool (so `RAYON_NUM_THREADS` applies).
+//!
+//! [`available`] says whether this CPU can run it (runtime detection); where it
+//! cannot, [`crate::Linear`] keeps the dense weight and candle's matmul.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Output columns per packed panel (two 16-lane registers).
+pub const PANEL: usize = 32;
+/// Rows per register tile.
+const TILE_ROWS: usize = 12;
+/// Rows per parallel task (a multiple of the tile height).
+const BLOCK_ROWS: usize = 8 * TILE_ROWS;
+/// Panels per parallel task.
+const BLOCK_PANELS: usize = 8;
+
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether packed bf16 linear layers are used: the CPU has AVX512-BF16 (checked
+/// at run time) and they were not turned off with [`set_enabled`] or the
+/// environment variable `LUMINA2_NO_PACKED_BF16=1`.
+pub fn available() -> bool {
+    if DISABLED.load(Ordering::Relaxed) {
+        return false;
+    }
+    if std::env::var_os("LUMINA2_NO_PACKED_BF16").is_some_and(|v| v == "1") {
+        return false;
+    }
+    cpu_has_kernel()
+}
+
+/// Turns packing of bf16 linear weights on or off for layers built from now on
+/// (process-wide; for benchmarks and comparisons). Layers already built keep
+/// their form.
+pub fn set_enabled(on: bool) {
+    DISABLED.store(!on, Ordering::Relaxed);
+}
+
+fn cpu_has_kernel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Which kernel runs: AMX when the CPU has AMX-BF16 and Linux granted the
+/// process its tile state (asked once), else AVX512-BF16.
+/// `LUMINA2_NO_AMX=1` forces the AVX512-BF16 kernel.
+fn use_amx() -> bool {
+    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMX.get_or_init(|| {
+        if std::env::var_os("LUMINA2_NO_AMX").is_some_and(|v| v == "1") {
+            return false;
+        }
+        kernel::amx_usable()
+    })
+}
+
+/// An `[out, in]` bf16 weight in the panel layout of the kernels.
+///
+/// Element `(n, k)` lives in panel `n / 32`, pair `k / 2`, lane `n % 32`, half
+/// `k % 2`; the last panel is padded with zero columns and the input width
+/// with zeros to a multiple of 32 (one AMX tile's depth).
+#[derive(Debug)]
+pub struct PackedBf16 {
+    out_dim: usize,
+    in_dim: usize,
+    /// `ceil(in_dim / 32) * 16`.
+    pairs: usize,
+    /// `ceil(out_dim / 32)`.
+    panels: usize,
+    /// `panels * pairs * 32` lanes, each two bf16 (low half = even `k`).
+    data: Vec<u32>,
+}
+
+impl PackedBf16 {
+    /// Packs a dense `[out, in]` weight (any dtype; rounded to bf16 if it is
+    /// not bf16 already). The tensor must be on the CPU.
+    pub fn pack(weight: &Tensor) -> candle_core::Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        if !matches!(weight.device(), Device::Cpu) {
+            candle_core::bail!("packed bf16 weights live on the CPU");
+        }
+        let w: Vec<u16> = weight
+            .to_dtype(DType::BF16)?
+            .flatten_all()?
+            .to_vec1::<bf16>()?
+            .into_iter()
+            .map(bf16::to_bits)
+            .collect();
+        let pairs = in_dim.div_ceil(32) * 16;
+        let panels = out_dim.div_ceil(PANEL);
+        let mut data = vec![0u32; panels * pairs * PANEL];
+        data.par_chunks_mut(pairs * PANEL)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for lane in 0..PANEL {
+                    let n = p * PANEL + lane;
+                    if n >= out_dim {
+                        break;
+                    }
+                    let row = &w[n * in_dim..(n + 1) * in_dim];
+                    for (kk, pair) in row.chunks(2).enumerate() {
+                        let lo = u32::from(pair[0]);
+                        let hi = pair.get(1).map_or(0, |&h| u32::from(h));
+                        panel[kk * PANEL + lane] = lo | (hi << 16);
+                    }
+                }
+            });
+        Ok(Self {
+            out_dim,
+            in_dim,
+            pairs,
+            panels,
+            data,
+        })
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.out_dim, self.in_dim]
+    }
+
+    /// The dense `[out, in]` bf16 weight, rebuilt from the panels.
+    pub fn to_dense(&self) -> candle_core::Result<Tensor> {
+        let mut w = vec![bf16::ZERO; self.out_dim * self.in_dim];
+        for (n, row) in w.chunks_mut(self.in_dim.max(1)).enumerate() {
+            let (p, lane) = (n / PANEL, n % PANEL);
+            for (k, v) in row.iter_mut().enumerate() {
+                let lanes = self.data[(p * self.pairs + k / 2) * PANEL + lane];
+                *v = bf16::from_bits((lanes >> (16 * (k % 2))) as u16);
+            }
+        }
+        Tensor::from_vec(w, (self.out_dim, self.in_dim), &Device::Cpu)
+    }
+
+    /// `x W^T + bias` for `x` of shape `[rows, in]` (any layout; made
+    /// contiguous bf16) and an optional f32 `bias` of `out` values, as a
+    /// `[rows, out]` bf16 tensor.
+    pub fn matmul(&self, x: &Tensor, bias: Option<&[f32]>) -> candle_core::Result<Tensor> {
+        self.matmul_with(x, bias, use_amx())
+    }
+
+    /// [`Self::matmul`] with the kernel chosen by the caller (`amx` only where
+    /// AMX is usable).
+    fn matmul_with(
+        &self,
+        x: &Tensor,
+        bias: Option<&[f32]>,
+        amx: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (rows, in_dim) = x.dims2()?;
+        if in_dim != self.in_dim {
+            candle_core::bail!(
+                "packed matmul: input has {in_dim} features, the weight takes {}",
+                self.in_dim
+            );
+        }
+        if bias.is_some_and(|b| b.len() != self.out_dim) {
+            candle_core::bail!("packed matmul: bias must have {} values", self.out_dim);
+        }
+        if !cpu_has_kernel() {
+            candle_core::bail!("packed matmul: this CPU lacks AVX512-BF16");
+        }
+        // Rows as whole pairs: an odd width gets a zero column, matching the
+        // zero half of the weight's last pair.
+        // Rows padded with zeros to the packed width (and, for AMX, to whole
+        // 32-row blocks), matching the weight's zero padding.
+        let width = 2 * self.pairs;
+        let x = x.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()?;
+        let rows_pad = if amx { rows.div_ceil(32) * 32 } else { rows };
+        let a = if width == in_dim && rows_pad == rows {
+            x
+        } else {
+            let mut a = vec![bf16::ZERO; rows_pad * width];
+            for (dst, src) in a.chunks_mut(width).zip(x.chunks(in_dim.max(1))) {
+                dst[..in_dim].copy_from_slice(src);
+            }
+            a
+        };
+        let mut bias_pad = vec![0f32; self.panels * PANEL];
+        if let Some(b) = bias {
+            bias_pad[..b.len()].copy_from_slice(b);
+        }
+        let mut out = vec![bf16::ZERO; rows * self.out_dim];
+        self.run(&a, rows, &bias_pad, &mut out, amx);
+        Tensor::from_vec(out, (rows, self.out_dim), &Device::Cpu)
+    }
+
+    /// Spreads (row block, panel block) tasks over the pool.
+    fn run(&self, a: &[bf16], rows: usize, bias: &[f32], out: &mut [bf16], amx: bool) {
+        let row_blocks = rows.div_ceil(BLOCK_ROWS);
+        let panel_blocks = self.panels.div_ceil(BLOCK_PANELS);
+        let out_ptr = SendPtr(out.as_mut_ptr().cast::<u16>());
+        (0..row_blocks * panel_blocks)
+            .into_par_iter()
+            .for_each(|t| {
+                let (rb, pb) = (t / panel_blocks, t % panel_blocks);
+                let r0 = rb * BLOCK_ROWS;
+                let r1 = (r0 + BLOCK_ROWS).min(rows);
+                let p0 = pb * BLOCK_PANELS;
+                let p1 = (p0 + BLOCK_PANELS).min(self.panels);
+                if amx {
+                    // SAFETY: AMX is usable (`use_amx`); `a` holds whole 32-row
+                    // blocks of `pairs` pairs; the rest as below.
+                    unsafe {
+                        kernel::amx_block(
+                            a.as_ptr().cast::<u32>(),
+                            self.pairs,
+                            (r0, r1),
+                            &self.data,
+                            (p0, p1),
+                            bias.as_ptr(),
+                            out_ptr.get(),
+                            self.out_dim,
+                        );
+                    }
+                    return;
+                }
+                for p in p0..p1 {
+                    let cols = PANEL.min(self.out_dim - p * PANEL);
+                    let panel = &self.data[p * self.pairs * PANEL..(p + 1) * self.pairs * PANEL];
+                    let mut r = r0;
+                    while r < r1 {
+                        let h = TILE_ROWS.min(r1 - r);
+                        // SAFETY: the CPU has the kernel's features (checked in
+                        // `matmul`); `a` holds `rows` rows of `pairs` pairs, the
+                        // panel `pairs * 32` lanes, `bias` 32 values from `p * 32`;
+                        // tasks write disjoint (row, column) ranges of `out`,
+                        // which has `rows * out_dim` elements.
+                        unsafe {
+                            let out = out_ptr.get().add(r * self.out_dim + p * PANEL);
+                            kernel::tile(
+                                h,
+                                a.as_ptr().cast::<u32>().add(r * self.pairs),
+                                self.pairs,
+                                panel.as_ptr(),
+                                self.pairs,
+                                bias.as_ptr().add(p * PANEL),
+                                out,
+                                self.out_dim,
+                                cols,
+                            );
+                        }
+                        r += h;
+                    }
+                }
+            });
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut u16);
+// SAFETY: only used for disjoint writes inside one `run` call.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut u16 {
+        self.0
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    use super::PANEL;
+
+    /// Whether the CPU has AMX-BF16 and Linux lets this process use the tile
+    /// registers (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked
+    /// here; asking twice is harmless).
+    pub fn amx_usable() -> bool {
+        // CPUID.(7,0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+        let leaf = __cpuid_count(7, 0);
+        if (leaf.edx >> 22) & 1 == 0 || (leaf.edx >> 24) & 1 == 0 || !super::cpu_has_kernel() {
+            return false;
+        }
+        if !cfg!(target_os = "linux") {
+            return false;
+        }
+        const ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let ret: i64;
+        // SAFETY: a Linux system call that only widens this process's
+        // permitted XSAVE features; it touches no memory of ours.
+        unsafe {
+            asm!(
+                "syscall",
+                inlateout("rax") ARCH_PRCTL => ret,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret == 0
+    }
+
+    /// The tile configuration: palette 1, eight tiles of 16 rows x 64 bytes
+    /// (C: 16x16 f32; A: 16 rows x 32 bf16; B: 16 pairs x 16 columns).
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    const fn tile_config() -> TileConfig {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+            t += 1;
+        }
+        TileConfig(c)
+    }
+
+    /// Rows `r0..r1` times panels `p0..p1` with AMX: a 32x32 block in tiles
+    /// 0-3 (f32), A in tiles 4-5, B in tiles 6-7, over the whole depth.
+    ///
+    /// # Safety
+    /// AMX is usable; `a` holds whole 32-row blocks covering `r1` (rounded up)
+    /// of `pairs` u32 pairs each; `data` is the packed weight of `ldo` columns;
+    /// `bias` points at `p1 * 32` f32; `out` at rows of stride `ldo` covering
+    /// `r1 x ldo`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn amx_block(
+        a: *const u32,
+        pairs: usize,
+        (r0, r1): (usize, usize),
+        data: &[u32],
+        (p0, p1): (usize, usize),
+        bias: *const f32,
+        out: *mut u16,
+        ldo: usize,
+    ) {
+        let cfg = tile_config();
+        let mut c = [0f32; 32 * 32];
+        let lda = pairs * 4;
+        unsafe {
+            asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack));
+            for p in p0..p1 {
+                let cols = PANEL.min(ldo - p * PANEL);
+                let panel = data.as_ptr().add(p * pairs * PANEL).cast::<u8>();
+                let (m0, m1) = masks(cols);
+                let bias0 = _mm512_loadu_ps(bias.add(p * PANEL));
+                let bias1 = _mm512_loadu_ps(bias.add(p * PANEL + 16));
+                let mut r = r0;
+                while r < r1 {
+                    let h = 32.min(r1 - r);
+                    let arow = a.add(r * pairs).cast::<u8>();
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack)
+                    );
+                    let mut kk = 0;
+                    while kk < pairs {
+                        let ap = arow.add(kk * 4);
+                        let bp = panel.add(kk * PANEL * 4);
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {lda}*1]",
+                            "tileloadd tmm5, [{a1} + {lda}*1]",
+                            "tileloadd tmm6, [{b0} + {ldb}*1]",
+                            "tileloadd tmm7, [{b1} + {ldb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) ap,
+                            a1 = in(reg) ap.add(16 * lda),
+                            lda = in(reg) lda,
+                            b0 = in(reg) bp,
+                            b1 = in(reg) bp.add(64),
+                            ldb = in(reg) PANEL * 4,
+                            options(nostack)
+                        );
+                        kk += 16;
+                    }
+                    let cp = c.as_mut_ptr();
+                    asm!(
+                        "tilestored [{c0} + {ldc}*1], tmm0",
+                        "tilestored [{c1} + {ldc}*1], tmm1",
+                        "tilestored [{c2} + {ldc}*1], tmm2",
+                        "tilestored [{c3} + {ldc}*1], tmm3",
+                        c0 = in(reg) cp,
+                        c1 = in(reg) cp.add(16),
+                        c2 = in(reg) cp.add(16 * 32),
+                        c3 = in(reg) cp.add(16 * 32 + 16),
+                        ldc = in(reg) 32usize * 4,
+                        options(nostack)
+                    );
+                    for i in 0..h {
+                        let acc0 = _mm512_loadu_ps(c.as_ptr().add(i * 32));
+                        let acc1 = _mm512_loadu_ps(c.as_ptr().add(i * 32 + 16));
+                        let row = out.add((r + i) * ldo + p * PANEL);
+                        store_row(row, acc0, acc1, bias0, bias1, m0, m1);
+                    }
+                    r += h;
+                }
+            }
+            asm!("tilerelease", options(nostack));
+        }
+    }
+
+    /// Store masks of the two 16-column halves of a panel with `cols` columns.
+    fn masks(cols: usize) -> (__mmask16, __mmask16) {
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u16 << cols) - 1
+        };
+        let m1: __mmask16 = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        (m0, m1)
+    }
+
+    /// Adds the bias to one row's 32 f32 sums, rounds them to bf16 and stores
+    /// the columns the masks allow.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn store_row(
+        row: *mut u16,
+        acc0: __m512,
+        acc1: __m512,
+        bias0: __m512,
+        bias1: __m512,
+        m0: __mmask16,
+        m1: __mmask16,
+    ) {
+        unsafe {
+            let y0: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_add_ps(acc0, bias0)));
+            let y1: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_add_ps(acc1, bias1)));
+            _mm256_mask_storeu_epi16(row.cast(), m0, y0);
+            _mm256_mask_storeu_epi16(row.add(16).cast(), m1, y1);
+        }
+    }
+
+    /// Dispatches a tile of `h` (1..=12) rows to the kernel compiled for it,
+    /// so that the accumulators of every height stay in registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F/BW/VL/BF16; `a` points at `h` rows of `lda` u32
+    /// pairs (reading `pairs` of each), `b` at `pairs * 32` lanes, `bias` at 32
+    /// f32, `out` at `h` rows of stride `ldo` with `cols` (<= 32) writable.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(
+        h: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        pairs: usize,
+        bias: *const f32,
+        out: *mut u16,
+        ldo: usize,
+        cols: usize,
+    ) {
+        unsafe {
+            match h {
+                12 => tile_n::<12>(a, lda, b, pairs, bias, out, ldo, cols),
+                11 => tile_n::<11>(a, lda, b, pairs, bias, out, ldo, cols),
+                10 => tile_n::<10>(a, lda, b, pairs, bias, out, ldo, cols),
+                9 => tile_n::<9>(a, lda, b, pairs, bias, out, ldo, cols),
+                8 => tile_n::<8>(a, lda, b, pairs, bias, out, ldo, cols),
+                7 => tile_n::<7>(a, lda, b, pairs, bias, out, ldo, cols),
+                6 => tile_n::<6>(a, lda, b, pairs, bias, out, ldo, cols),
+                5 => tile_n::<5>(a, lda, b, pairs, bias, out, ldo, cols),
+                4 => tile_n::<4>(a, lda, b, pairs, bias, out, ldo, cols),
+                3 => tile_n::<3>(a, lda, b, pairs, bias, out, ldo, cols),
+                2 => tile_n::<2>(a, lda, b, pairs, bias, out, ldo, cols),
+                _ => tile_n::<1>(a, lda, b, pairs, bias, out, ldo, cols),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn tile_n<const H: usize>(
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        pairs: usize,
+        bias: *const f32,
+        out: *mut u16,
+        ldo: usize,
+        cols: usize,
+    ) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; H];
+            let mut bp = b;
+            for kk in 0..pairs {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_epi32(a.add(r * lda + kk).read_unaligned() as i32);
+                    let x: __m512bh = std::mem::transmute(x);
+                    acc[0] = _mm512_dpbf16_ps(acc[0], x, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], x, b1);
+                }
+                bp = bp.add(32);
+            }
+            let bias0 = _mm512_loadu_ps(bias);
+            let bias1 = _mm512_loadu_ps(bias.add(16));
+            let (m0, m1) = masks(cols);
+            for (r, acc) in acc.iter().enumerate() {
+                store_row(out.add(r * ldo), acc[0], acc[1], bias0, bias1, m0, m1);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod kernel {
+    pub fn amx_usable() -> bool {
+        false
+    }
+
+    /// Never called: [`super::available`] is false off x86-64.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn amx_block(
+        _a: *const u32,
+        _pairs: usize,
+        _rows: (usize, usize),
+        _data: &[u32],
+        _panels: (usize, usize),
+        _bias: *const f32,
+        _out: *mut u16,
+        _ldo: usize,
+    ) {
+    }
+
+    /// Never called: [`super::available`] is false off x86-64.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(
+        _h: usize,
+        _a: *const u32,
+        _lda: usize,
+        _b: *const u32,
+        _pairs: usize,
+        _bias: *const f32,
+        _out: *mut u16,
+        _ldo: usize,
+        _cols: usize,
+    ) {
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packed product against an f64 reference of the same bf16 inputs,
+    /// for shapes with partial panels, partial tiles, odd widths and a bias.
+    #[test]
+    fn matches_reference() -> candle_core::Result<()> {
+        if !cpu_has_kernel() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        for &(rows, inp, out, with_bias) in &[
+            (1usize, 2usize, 1usize, false),
+            (5, 7, 33, true),
+            (13, 64, 32, false),
+            (97, 130, 70, true),
+            (200, 257, 100, true),
+        ] {
+            let x = Tensor::randn(0f32, 1., (rows, inp), &dev)?.to_dtype(DType::BF16)?;
+            let w = Tensor::randn(0f32, 1., (out, inp), &dev)?.to_dtype(DType::BF16)?;
+            let bias: Vec<f32> = (0..out).map(|i| i as f32 * 0.25 - 3.0).collect();
+            let packed = PackedBf16::pack(&w)?;
+            assert_eq!(packed.to_dense()?.to_vec2::<bf16>()?, w.to_vec2::<bf16>()?);
+            let mut kernels = vec![false];
+            if use_amx() {
+                kernels.push(true);
+            }
+            for amx in kernels {
+                let y = packed.matmul_with(&x, with_bias.then_some(&bias[..]), amx)?;
+                assert_eq!(y.dims(), &[rows, out]);
+                let y = y.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let xs = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let ws = w.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                for r in 0..rows {
+                    for n in 0..out {
+                        let mut s: f64 = if with_bias { bias[n] as f64 } else { 0.0 };
+                        for k in 0..inp {
+                            s += xs[r][k] as f64 * ws[n][k] as f64;
+                        }
+                        // One bf16 rounding of the f32 sum: half an ulp of bf16
+                        // (2^-8 relative) plus the f32 accumulation's error.
+                        let tol = s.abs() * 2f64.powi(-8) + 1e-4 * (inp as f64).sqrt();
+                        let d = (y[r][n] as f64 - s).abs();
+                        assert!(
+                            d <= tol,
+                            "amx {amx} ({rows},{inp},{out}) [{r},{n}]: {} vs {s}",
+                            y[r][n]
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
