@@ -12,7 +12,8 @@
 //! own [`NC`] pixels and [`KC`] rows of `k` at a time, panels of [`NR`] pixels
 //! straight from the input (zero padding, stride and a fused nearest 2x
 //! upsampling resolved while packing), and an AVX2/FMA micro-kernel multiplies
-//! an `MR x KC` weight panel by a `KC x NR` pixel panel into registers, then
+//! an `MR x KC` weight panel by a `KC x NR` pixel panel into registers (with
+//! AVX-512, two adjacent pixel panels at once: `MR x 2NR` in 12 zmm), then
 //! writes (or accumulates into) the NCHW output rows directly. Threads split the
 //! pixels, so they never write the same element and share only the packed
 //! weights.
@@ -43,6 +44,23 @@ pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the AVX-512 kernel (two pixel panels per call) can run here.
+/// `LUMINA2_NO_AVX512_CONV=1` keeps the AVX2 kernel (for comparisons).
+fn wide_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *WIDE.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && !std::env::var_os("LUMINA2_NO_AVX512_CONV").is_some_and(|v| v == "1")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -246,6 +264,7 @@ impl PackedConv {
     ) {
         let k_len = self.c_in * self.kernel * self.kernel;
         let m_panels = self.c_out.div_ceil(MR);
+        let wide = wide_available();
         let n_panels = (p1 - p0).div_ceil(NR);
         let mut kb = 0;
         while kb < k_len {
@@ -256,13 +275,32 @@ impl PackedConv {
                 let rows = MR.min(self.c_out - mp * MR);
                 let bias = (kb == 0).then(|| &self.bias[mp * MR..(mp + 1) * MR]);
                 let last = kb + kc == k_len;
-                for pi in 0..n_panels {
+                let mut pi = 0;
+                while pi < n_panels {
                     let q0 = p0 + pi * NR;
-                    let cols = NR.min(p1 - q0);
-                    let bp = &buf[pi * kc * NR..(pi + 1) * kc * NR];
                     let c = out.add(mp * MR * n + q0);
                     let r = res.filter(|_| last).map(|r| &r[mp * MR * n + q0..]);
+                    // Two full panels side by side: the AVX-512 kernel.
+                    #[cfg(target_arch = "x86_64")]
+                    if wide && rows == MR && q0 + 2 * NR <= p1 {
+                        let bp = &buf[pi * kc * NR..(pi + 2) * kc * NR];
+                        x86::kernel_wide(
+                            kc,
+                            a.as_ptr(),
+                            bp.as_ptr(),
+                            bp.as_ptr().add(kc * NR),
+                            c,
+                            n,
+                            bias.map(|b| b.as_ptr()),
+                            r.map(|r| r.as_ptr()),
+                        );
+                        pi += 2;
+                        continue;
+                    }
+                    let cols = NR.min(p1 - q0);
+                    let bp = &buf[pi * kc * NR..(pi + 1) * kc * NR];
                     micro_tile(kc, a, bp, c, n, rows, cols, bias, r);
+                    pi += 1;
                 }
             }
             kb += kc;
@@ -553,6 +591,76 @@ mod x86 {
             _mm256_storeu_ps(row.add(8), acc_r[1]);
         }
     }
+
+    /// `C[MR x 2NR] (+)= A[kc x MR]^T [B0 B1]`: the AVX-512 form of
+    /// [`kernel`] over two adjacent pixel panels `b0` and `b1` (pixels
+    /// `q0..q0 + NR` and `q0 + NR..q0 + 2NR`), one zmm each: twelve
+    /// accumulators, two pixel loads and six broadcasts per step.
+    ///
+    /// # Safety
+    /// As [`kernel`], with `b0` and `b1` each holding `kc * NR` f32 and `c`
+    /// (and `res`) rows holding `2 * NR` f32; AVX-512F is available.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel_wide(
+        kc: usize,
+        a: *const f32,
+        b0: *const f32,
+        b1: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        bias: Option<*const f32>,
+        res: Option<*const f32>,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        match bias {
+            Some(bias) => {
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let v = _mm512_set1_ps(*bias.add(r));
+                    *acc_r = [v, v];
+                }
+            }
+            None => {
+                for r in 0..MR {
+                    let row = c.add(r * ldc) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(row);
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(8 * NR - 4));
+                }
+            }
+        }
+        let (mut a, mut b0, mut b1) = (a, b0, b1);
+        for _ in 0..kc {
+            let x0 = _mm512_loadu_ps(b0);
+            let x1 = _mm512_loadu_ps(b1);
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*a.add(r));
+                acc_r[0] = _mm512_fmadd_ps(w, x0, acc_r[0]);
+                acc_r[1] = _mm512_fmadd_ps(w, x1, acc_r[1]);
+            }
+            a = a.add(MR);
+            b0 = b0.add(NR);
+            b1 = b1.add(NR);
+        }
+        if bias.is_none() {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let row = c.add(r * ldc);
+                acc_r[0] = _mm512_add_ps(_mm512_loadu_ps(row), acc_r[0]);
+                acc_r[1] = _mm512_add_ps(_mm512_loadu_ps(row.add(NR)), acc_r[1]);
+            }
+        }
+        if let Some(res) = res {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let row = res.add(r * ldc);
+                acc_r[0] = _mm512_add_ps(acc_r[0], _mm512_loadu_ps(row));
+                acc_r[1] = _mm512_add_ps(acc_r[1], _mm512_loadu_ps(row.add(NR)));
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            let row = c.add(r * ldc);
+            _mm512_storeu_ps(row, acc_r[0]);
+            _mm512_storeu_ps(row.add(NR), acc_r[1]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -581,6 +689,9 @@ mod tests {
             (1, 16, 4, 9, 20, 3, 1, 1, 2, false),
             (2, 300, 5, 3, 4, 1, 1, 0, 1, true),
             (1, 4, 3, 18, 18, 3, 1, 1, 1, false),
+            // Depth 576 > KC: the second block accumulates (no bias), in the
+            // AVX-512 kernel's two-panel tiles too.
+            (1, 64, 12, 8, 16, 3, 1, 1, 1, true),
         ];
         for (b, ci, co, h, w, k, s, p, up, with_res) in cases {
             let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev)?;
