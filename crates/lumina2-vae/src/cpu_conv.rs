@@ -59,7 +59,7 @@ fn wide_available() -> bool {
         static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *WIDE.get_or_init(|| {
             std::arch::is_x86_feature_detected!("avx512f")
-                && !std::env::var_os("LUMINA2_NO_AVX512_CONV").is_some_and(|v| v == "1")
+                && std::env::var_os("LUMINA2_NO_AVX512_CONV").is_none_or(|v| v != "1")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
