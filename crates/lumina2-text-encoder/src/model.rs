@@ -138,7 +138,8 @@ impl Attention {
             s = round_to((s * cap)?, dtype)?;
         }
         let s = round_to(s.broadcast_add(mask)?, dtype)?;
-        let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dtype)?;
+        let p = lumina2_weights::softmax::softmax_last_dim(&s.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)?;
         let out = p.matmul(&v)?;
         let out = out
             .transpose(1, 2)?

@@ -163,7 +163,7 @@ pub fn grouped_attention(
         if let Some(m) = mask {
             scores = scores.broadcast_add(&m.bias)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = lumina2_weights::softmax::softmax_last_dim(&scores)?;
         drop(scores);
         let o = probs.matmul(v)?; // [B, KV, rep*len, d]
         outs.push(o.reshape((b, h, len, d))?);

@@ -22,6 +22,7 @@ pub mod error;
 pub mod folder;
 pub mod packed;
 pub mod profile;
+pub mod softmax;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,0 +1,203 @@
+//! Softmax over the last dimension of an f32 CPU tensor, vectorised with
+//! AVX-512.
+//!
+//! Why: the attention of a 512x512 transformer forward takes about 200 million
+//! exponentials; candle's CPU softmax computes them one at a time with the
+//! scalar `exp`, which took longer than the two attention matmuls together
+//! (0.93 s against 0.85 s in one forward of the benchmark model). Here each
+//! row is three passes of 16 lanes: maximum, `exp(x - max)` with its sum, and
+//! the division.
+//!
+//! The exponential is the usual range reduction `exp(x) = 2^n exp(r)`,
+//! `|r| <= ln2 / 2`, with a degree-6 polynomial for `exp(r)` (relative error
+//! about 2e-7, within two f32 ulps of the correctly rounded value); `-inf`
+//! (masked keys) gives exactly 0, and a row that is all `-inf` gives NaN,
+//! as PyTorch's softmax does.
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+/// `softmax(x)` over the last dimension. f32 CPU tensors on CPUs with
+/// AVX-512F take the vectorised path; anything else candle's.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && avx512()) || x.rank() == 0 {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    let x = x.contiguous()?;
+    let n = x.dims().last().copied().unwrap_or(1).max(1);
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return candle_nn::ops::softmax_last_dim(&x);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return candle_nn::ops::softmax_last_dim(&x);
+    };
+    let src = &cpu.as_slice::<f32>()?[start..end];
+    let mut out = vec![0f32; src.len()];
+    // Rows in groups of about 64 KiB per task.
+    let rows_per_task = (16384 / n).max(1);
+    out.par_chunks_mut(rows_per_task * n)
+        .zip(src.par_chunks(rows_per_task * n))
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
+                // SAFETY: AVX-512F was detected; `d` and `s` have the same length.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    kernel::softmax_row(s, d)
+                };
+            }
+        });
+    drop(storage);
+    Tensor::from_vec(out, x.dims(), x.device())
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod kernel {
+    use std::arch::x86_64::*;
+
+    /// `exp(x)` of 16 lanes; `-inf` and anything below about -103 give 0.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp16(x: __m512) -> __m512 {
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        // ln 2 split so that n * LN2_HI is exact.
+        let ln2_hi = _mm512_set1_ps(0.693_145_75);
+        let ln2_lo = _mm512_set1_ps(1.428_606_8e-6);
+        // Below this exp underflows to 0 anyway; above, it overflows.
+        let lo = _mm512_set1_ps(-103.972_08);
+        let hi = _mm512_set1_ps(88.722_84);
+        let zero_mask = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo);
+        let xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(xc, log2e),
+        );
+        let r = _mm512_fnmadd_ps(n, ln2_hi, xc);
+        let r = _mm512_fnmadd_ps(n, ln2_lo, r);
+        // exp(r) = 1 + r + r^2/2 + ... + r^6/720 (Horner).
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 120.0));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 24.0));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 6.0));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
+        let y = _mm512_scalef_ps(p, n);
+        // NaN inputs stay NaN (the compare above is false for them).
+        let y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), y, x);
+        _mm512_maskz_mov_ps(!zero_mask, y)
+    }
+
+    /// One row: `dst = exp(src - max) / sum`.
+    ///
+    /// # Safety
+    /// AVX-512F is available; `dst.len() == src.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax_row(src: &[f32], dst: &mut [f32]) {
+        let n = src.len();
+        let full = n / 16 * 16;
+        let tail: __mmask16 = ((1u32 << (n - full)) - 1) as __mmask16;
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        unsafe {
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i < full {
+                m = _mm512_max_ps(m, _mm512_loadu_ps(sp.add(i)));
+                i += 16;
+            }
+            let t = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, sp.add(full));
+            m = _mm512_max_ps(m, t);
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+            let mut sum = _mm512_setzero_ps();
+            let mut i = 0;
+            while i < full {
+                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sp.add(i)), max));
+                _mm512_storeu_ps(dp.add(i), e);
+                sum = _mm512_add_ps(sum, e);
+                i += 16;
+            }
+            if tail != 0 {
+                let t = _mm512_maskz_loadu_ps(tail, sp.add(full));
+                let e = _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(t, max)));
+                _mm512_mask_storeu_ps(dp.add(full), tail, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+            let mut i = 0;
+            while i < full {
+                _mm512_storeu_ps(dp.add(i), _mm512_mul_ps(_mm512_loadu_ps(dp.add(i)), inv));
+                i += 16;
+            }
+            if tail != 0 {
+                let t = _mm512_maskz_loadu_ps(tail, dp.add(full));
+                _mm512_mask_storeu_ps(dp.add(full), tail, _mm512_mul_ps(t, inv));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Against an f64 softmax: rows of several lengths (tails), masked keys,
+    /// large and tiny values, an all-masked row.
+    #[test]
+    fn matches_f64() -> candle_core::Result<()> {
+        if !avx512() {
+            return Ok(());
+        }
+        for n in [1usize, 5, 16, 17, 100, 1280] {
+            let mut rows: Vec<Vec<f32>> = Vec::new();
+            let x = Tensor::randn(0f32, 4.0, (6, n), &Device::Cpu)?.to_vec2::<f32>()?;
+            rows.extend(x);
+            let mut masked = rows[0].clone();
+            for (i, v) in masked.iter_mut().enumerate() {
+                if i % 3 == 1 {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            rows.push(masked);
+            rows.push(rows[1].iter().map(|v| v * 30.0).collect());
+            rows.push(vec![f32::NEG_INFINITY; n]);
+            let flat: Vec<f32> = rows.concat();
+            let t = Tensor::from_vec(flat, (rows.len(), n), &Device::Cpu)?;
+            let got = softmax_last_dim(&t)?.to_vec2::<f32>()?;
+            for (row, g) in rows.iter().zip(&got) {
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
+                let s: f64 = e.iter().sum();
+                for (j, (&ej, &gj)) in e.iter().zip(g).enumerate() {
+                    let want = ej / s;
+                    if max == f64::NEG_INFINITY {
+                        assert!(gj.is_nan(), "all-masked row gives NaN");
+                        continue;
+                    }
+                    if row[j] == f32::NEG_INFINITY {
+                        assert_eq!(gj, 0.0);
+                        continue;
+                    }
+                    // The f32 rounding of x - max alone is 2^-24 |x - max|
+                    // relative in exp; the polynomial and the sum add a few ulps.
+                    let tol = want * (6e-7 + 2f64.powi(-24) * (row[j] as f64 - max).abs()) + 1e-30;
+                    assert!(
+                        (gj as f64 - want).abs() <= tol,
+                        "n {n} [{j}]: {gj} vs {want}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
