@@ -21,6 +21,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -108,39 +109,82 @@ impl PackedBf16 {
         if !matches!(weight.device(), Device::Cpu) {
             candle_core::bail!("packed bf16 weights live on the CPU");
         }
-        let w: Vec<u16> = weight
+        let w: Vec<bf16> = weight
             .to_dtype(DType::BF16)?
             .flatten_all()?
-            .to_vec1::<bf16>()?
-            .into_iter()
-            .map(bf16::to_bits)
-            .collect();
+            .to_vec1::<bf16>()?;
+        Ok(Self::from_rows(out_dim, in_dim, |n, row| {
+            for (d, s) in row.iter_mut().zip(&w[n * in_dim..(n + 1) * in_dim]) {
+                *d = s.to_bits();
+            }
+        }))
+    }
+
+    /// Packs a quantised `[out, in]` weight: Q4_0 and Q8_0 blocks are decoded
+    /// straight into the panels (in parallel, no dense copy), each value
+    /// `bf16(f32(d) * q)`, bit for bit what dequantising to f32 and rounding
+    /// gives; other types are dequantised with candle first.
+    pub fn from_quantized(q: &QTensor) -> candle_core::Result<Self> {
+        let (out_dim, in_dim) = q.shape().dims2()?;
+        let (block, bytes) = match q.dtype() {
+            GgmlDType::Q4_0 => (32, 18),
+            GgmlDType::Q8_0 => (32, 34),
+            _ => return Self::pack(&q.dequantize(&Device::Cpu)?),
+        };
+        let data = q.data()?;
+        let row_bytes = in_dim / block * bytes;
+        if in_dim % block != 0 || data.len() != out_dim * row_bytes {
+            return Self::pack(&q.dequantize(&Device::Cpu)?);
+        }
+        let q4 = q.dtype() == GgmlDType::Q4_0;
+        Ok(Self::from_rows(out_dim, in_dim, |n, row| {
+            let src = &data[n * row_bytes..(n + 1) * row_bytes];
+            for (blk, out) in src.chunks_exact(bytes).zip(row.chunks_exact_mut(block)) {
+                let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
+                if q4 {
+                    // Low nibbles are values 0..16, high nibbles 16..32.
+                    for (j, &b) in blk[2..18].iter().enumerate() {
+                        out[j] = bf16::from_f32(d * ((b & 0xf) as i32 - 8) as f32).to_bits();
+                        out[j + 16] = bf16::from_f32(d * ((b >> 4) as i32 - 8) as f32).to_bits();
+                    }
+                } else {
+                    for (o, &b) in out.iter_mut().zip(&blk[2..34]) {
+                        *o = bf16::from_f32(d * (b as i8) as f32).to_bits();
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Builds the panels from a function that writes row `n` (`in_dim` bf16
+    /// bits) into the slice it is given; panels are filled in parallel.
+    fn from_rows(out_dim: usize, in_dim: usize, row_of: impl Fn(usize, &mut [u16]) + Sync) -> Self {
         let pairs = in_dim.div_ceil(32) * 16;
         let panels = out_dim.div_ceil(PANEL);
         let mut data = vec![0u32; panels * pairs * PANEL];
         data.par_chunks_mut(pairs * PANEL)
             .enumerate()
             .for_each(|(p, panel)| {
+                // Rows padded with a zero to whole pairs.
+                let mut row = vec![0u16; 2 * pairs];
                 for lane in 0..PANEL {
                     let n = p * PANEL + lane;
                     if n >= out_dim {
                         break;
                     }
-                    let row = &w[n * in_dim..(n + 1) * in_dim];
-                    for (kk, pair) in row.chunks(2).enumerate() {
-                        let lo = u32::from(pair[0]);
-                        let hi = pair.get(1).map_or(0, |&h| u32::from(h));
-                        panel[kk * PANEL + lane] = lo | (hi << 16);
+                    row_of(n, &mut row[..in_dim]);
+                    for (kk, pair) in row.chunks_exact(2).enumerate() {
+                        panel[kk * PANEL + lane] = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
                     }
                 }
             });
-        Ok(Self {
+        Self {
             out_dim,
             in_dim,
             pairs,
             panels,
             data,
-        })
+        }
     }
 
     /// `[out, in]`.
@@ -584,6 +628,20 @@ mod kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Q4_0 and Q8_0 decoded into the panels equal candle's dequantisation
+    /// rounded to bf16, bit for bit (partial panel included).
+    #[test]
+    fn quantized_packs_as_dequantised() -> candle_core::Result<()> {
+        let w = Tensor::randn(0f32, 1., (70, 96), &Device::Cpu)?;
+        for ty in [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4_1] {
+            let q = QTensor::quantize(&w, ty)?;
+            let direct = PackedBf16::from_quantized(&q)?;
+            let via = PackedBf16::pack(&q.dequantize(&Device::Cpu)?)?;
+            assert_eq!(direct.data, via.data, "{ty:?}");
+        }
+        Ok(())
+    }
 
     /// The packed product against an f64 reference of the same bf16 inputs,
     /// for shapes with partial panels, partial tiles, odd widths and a bias.
