@@ -31,11 +31,13 @@ impl FeedForward {
 
     /// `[..., dim]` -> `[..., dim]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = silu(&self.linear_1.forward(x)?)?;
+        let gate = self.linear_1.forward(x)?;
         let up = self.linear_3.forward(x)?;
+        // SiLU in f32 rounded to the dtype, then the product (one fused pass
+        // for bf16 on CPUs with AVX512-BF16).
         let h = {
             let _span = span(groups::ELEMENTWISE);
-            (gate * up)?
+            lumina2_weights::fused::silu_mul(&gate, &up)?
         };
         self.linear_2.forward(&h)
     }

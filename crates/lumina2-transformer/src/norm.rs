@@ -37,6 +37,13 @@ impl RmsNorm {
             // One fused kernel; in f32 the rounding order does not matter.
             (Some(w), DType::F32) => candle_nn::ops::rms_norm(x, w, self.eps as f32),
             _ => {
+                if dtype == DType::BF16 {
+                    if let Some(y) =
+                        lumina2_weights::fused::rms_norm_bf16(x, self.weight.as_ref(), self.eps)?
+                    {
+                        return Ok(y);
+                    }
+                }
                 let xf = x.to_dtype(DType::F32)?;
                 let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
                 let y = xf.broadcast_mul(&(ms + self.eps)?.sqrt()?.recip()?)?;

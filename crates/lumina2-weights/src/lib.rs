@@ -20,8 +20,10 @@
 
 pub mod error;
 pub mod folder;
+pub mod fused;
 pub mod packed;
 pub mod profile;
+mod simd;
 pub mod softmax;
 
 use std::collections::HashMap;

@@ -66,37 +66,7 @@ fn avx512() -> bool {
 mod kernel {
     use std::arch::x86_64::*;
 
-    /// `exp(x)` of 16 lanes; `-inf` and anything below about -103 give 0.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn exp16(x: __m512) -> __m512 {
-        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-        // ln 2 split so that n * LN2_HI is exact.
-        let ln2_hi = _mm512_set1_ps(0.693_145_75);
-        let ln2_lo = _mm512_set1_ps(1.428_606_8e-6);
-        // Below this exp underflows to 0 anyway; above, it overflows.
-        let lo = _mm512_set1_ps(-103.972_08);
-        let hi = _mm512_set1_ps(88.722_84);
-        let zero_mask = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo);
-        let xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(xc, log2e),
-        );
-        let r = _mm512_fnmadd_ps(n, ln2_hi, xc);
-        let r = _mm512_fnmadd_ps(n, ln2_lo, r);
-        // exp(r) = 1 + r + r^2/2 + ... + r^6/720 (Horner).
-        let mut p = _mm512_set1_ps(1.0 / 720.0);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 120.0));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 24.0));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 6.0));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
-        let y = _mm512_scalef_ps(p, n);
-        // NaN inputs stay NaN (the compare above is false for them).
-        let y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), y, x);
-        _mm512_maskz_mov_ps(!zero_mask, y)
-    }
+    use crate::simd::exp16;
 
     /// One row: `dst = exp(src - max) / sum`.
     ///

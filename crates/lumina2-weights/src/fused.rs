@@ -1,0 +1,245 @@
+//! Fused bf16 element-wise kernels for the hot spots of a bf16 forward.
+//!
+//! candle computes a bf16 op by widening each element to f32 and back, one op
+//! per pass over memory; the feed-forward's `silu(a) * b` and an RMS norm are
+//! four to seven such passes. These kernels do each in one pass with AVX-512,
+//! keeping PyTorch's roundings: every intermediate that PyTorch stores in bf16
+//! is rounded to bf16 here too, so the results are those of the unfused ops
+//! (up to the last bit of `exp` inside SiLU). Other dtypes, devices and CPUs
+//! without AVX512-BF16 fall back to the unfused candle ops.
+
+use candle_core::{DType, Tensor, D};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::simd::has_avx512_bf16;
+
+/// The contiguous bf16 elements of a CPU tensor, or `None`.
+fn bf16_slice(t: &Tensor) -> Option<Vec<bf16>> {
+    if !t.device().is_cpu() || t.dtype() != DType::BF16 {
+        return None;
+    }
+    t.flatten_all().ok()?.to_vec1::<bf16>().ok()
+}
+
+/// `silu(a) * b` for bf16 `a`, `b` of the same shape, as diffusers'
+/// feed-forward computes it: SiLU in f32 rounded to bf16, then the product
+/// rounded to bf16. Other dtypes: `silu` in f32 and a multiply in the dtype.
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let fast = a.dims() == b.dims() && has_avx512_bf16();
+    if let (true, Some(x), Some(y)) = (fast, bf16_slice(a), bf16_slice(b)) {
+        let mut out = vec![bf16::ZERO; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+            .for_each(|(o, (x, y))| {
+                // SAFETY: the CPU has the features; the three slices have the
+                // same length.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::silu_mul(x, y, o)
+                };
+            });
+        return Tensor::from_vec(out, a.dims(), a.device());
+    }
+    let dtype = a.dtype();
+    let s = match dtype {
+        DType::F32 | DType::F64 => candle_nn::ops::silu(a)?,
+        _ => candle_nn::ops::silu(&a.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
+    };
+    s * b
+}
+
+/// RMS norm over the last dimension of a bf16 tensor, as diffusers'
+/// `RMSNorm` for bf16 inputs: `y = bf16(x * rsqrt(mean(x^2) + eps))` in f32,
+/// then `bf16(y * w)` when a bf16 `weight` is given. `None` when the fast path
+/// does not apply (the caller computes it unfused).
+pub fn rms_norm_bf16(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let n = x.dim(D::Minus1)?;
+    if n == 0 || !has_avx512_bf16() {
+        return Ok(None);
+    }
+    let Some(xs) = bf16_slice(x) else {
+        return Ok(None);
+    };
+    let w = match weight {
+        Some(w) if w.dims() != [n] => return Ok(None),
+        Some(w) => match bf16_slice(w) {
+            Some(w) => Some(w),
+            None => return Ok(None),
+        },
+        None => None,
+    };
+    let mut out = vec![bf16::ZERO; xs.len()];
+    let rows_per_task = (1 << 14) / n + 1;
+    out.par_chunks_mut(rows_per_task * n)
+        .zip(xs.par_chunks(rows_per_task * n))
+        .for_each(|(o, x)| {
+            for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+                // SAFETY: the CPU has the features; `x`, `o` (and `w`) have
+                // `n` elements.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::rms_norm_row(x, w.as_deref(), eps as f32, o)
+                };
+            }
+        });
+    Ok(Some(Tensor::from_vec(out, x.dims(), x.device())?))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+
+    use crate::simd::{exp16, round16, widen16};
+
+    /// Loads `len` (<= 16) bf16 at `p` as f32 (missing lanes 0).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load(p: *const bf16, len: usize) -> __m512 {
+        unsafe {
+            if len == 16 {
+                widen16(_mm256_loadu_si256(p.cast()))
+            } else {
+                let m: __mmask16 = ((1u32 << len) - 1) as __mmask16;
+                widen16(_mm256_maskz_loadu_epi16(m, p.cast()))
+            }
+        }
+    }
+
+    /// Rounds 16 f32 to bf16 and stores `len` (<= 16) of them at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn store(p: *mut bf16, v: __m512, len: usize) {
+        let m: __mmask16 = if len == 16 {
+            0xffff
+        } else {
+            ((1u32 << len) - 1) as __mmask16
+        };
+        unsafe { _mm256_mask_storeu_epi16(p.cast(), m, round16(v)) }
+    }
+
+    /// `o = bf16(bf16(x / (1 + exp(-x))) * y)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn silu_mul(x: &[bf16], y: &[bf16], o: &mut [bf16]) {
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < x.len() {
+            let len = 16.min(x.len() - i);
+            unsafe {
+                let a = load(x.as_ptr().add(i), len);
+                let b = load(y.as_ptr().add(i), len);
+                let s = _mm512_div_ps(
+                    a,
+                    _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))),
+                );
+                // SiLU rounded to bf16 before the product, as the unfused ops.
+                let s = widen16(round16(s));
+                store(o.as_mut_ptr().add(i), _mm512_mul_ps(s, b), len);
+            }
+            i += 16;
+        }
+    }
+
+    /// One row of the RMS norm.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn rms_norm_row(x: &[bf16], w: Option<&[bf16]>, eps: f32, o: &mut [bf16]) {
+        let n = x.len();
+        unsafe {
+            let mut acc = _mm512_setzero_ps();
+            let mut i = 0;
+            while i < n {
+                let v = load(x.as_ptr().add(i), 16.min(n - i));
+                acc = _mm512_fmadd_ps(v, v, acc);
+                i += 16;
+            }
+            let ms = _mm512_reduce_add_ps(acc) / n as f32;
+            let r = _mm512_set1_ps(1.0 / (ms + eps).sqrt());
+            let mut i = 0;
+            while i < n {
+                let len = 16.min(n - i);
+                let y = _mm512_mul_ps(load(x.as_ptr().add(i), len), r);
+                let y = match w {
+                    // bf16(y) * w, rounded again: two bf16 ops in PyTorch.
+                    Some(w) => _mm512_mul_ps(widen16(round16(y)), load(w.as_ptr().add(i), len)),
+                    None => y,
+                };
+                store(o.as_mut_ptr().add(i), y, len);
+                i += 16;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn bits(t: &Tensor) -> Vec<u16> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<bf16>()
+            .unwrap()
+            .into_iter()
+            .map(bf16::to_bits)
+            .collect()
+    }
+
+    /// The fused kernels against the unfused candle ops: equal bits, except a
+    /// last-bit difference where SiLU's exp rounds the other way.
+    #[test]
+    fn match_unfused_ops() -> candle_core::Result<()> {
+        if !has_avx512_bf16() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        for shape in [(3usize, 37usize), (2, 2304)] {
+            let a = (Tensor::randn(0f32, 3., shape, &dev)?).to_dtype(DType::BF16)?;
+            let b = Tensor::randn(0f32, 1., shape, &dev)?.to_dtype(DType::BF16)?;
+            let fused = silu_mul(&a, &b)?;
+            let s = candle_nn::ops::silu(&a.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?;
+            let unfused = (s * &b)?;
+            let (f, u) = (bits(&fused), bits(&unfused));
+            let off = f.iter().zip(&u).filter(|(x, y)| x != y).count();
+            let worst = f
+                .iter()
+                .zip(&u)
+                .map(|(x, y)| (*x as i32 - *y as i32).abs())
+                .max()
+                .unwrap_or(0);
+            assert!(
+                worst <= 1 && off * 100 <= f.len(),
+                "silu_mul: {off} differ, worst {worst} ulp"
+            );
+
+            let w = Tensor::randn(0f32, 1., shape.1, &dev)?.to_dtype(DType::BF16)?;
+            for weight in [None, Some(&w)] {
+                let fused = rms_norm_bf16(&a, weight, 1e-5)?.unwrap();
+                let xf = a.to_dtype(DType::F32)?;
+                let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+                let mut y = xf
+                    .broadcast_mul(&(ms + 1e-5)?.sqrt()?.recip()?)?
+                    .to_dtype(DType::BF16)?;
+                if let Some(w) = weight {
+                    y = y.broadcast_mul(w)?;
+                }
+                let (f, u) = (bits(&fused), bits(&y));
+                let worst = f
+                    .iter()
+                    .zip(&u)
+                    .map(|(x, y)| (*x as i32 - *y as i32).abs())
+                    .max()
+                    .unwrap_or(0);
+                // The mean's summation order and 1/sqrt may flip a last bit.
+                assert!(worst <= 1, "rms_norm: worst {worst} ulp");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,73 @@
+//! AVX-512 helpers shared by the vectorised kernels ([`crate::softmax`],
+//! [`crate::fused`]).
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::*;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `exp(x)` of 16 lanes; `-inf` and anything below about -103 give 0.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn exp16(x: __m512) -> __m512 {
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        // ln 2 split so that n * LN2_HI is exact.
+        let ln2_hi = _mm512_set1_ps(0.693_145_75);
+        let ln2_lo = _mm512_set1_ps(1.428_606_8e-6);
+        // Below this exp underflows to 0 anyway; above, it overflows.
+        let lo = _mm512_set1_ps(-103.972_08);
+        let hi = _mm512_set1_ps(88.722_84);
+        let zero_mask = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo);
+        let xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(xc, log2e),
+        );
+        let r = _mm512_fnmadd_ps(n, ln2_hi, xc);
+        let r = _mm512_fnmadd_ps(n, ln2_lo, r);
+        // exp(r) = 1 + r + r^2/2 + ... + r^6/720 (Horner).
+        let mut p = _mm512_set1_ps(1.0 / 720.0);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 120.0));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 24.0));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0 / 6.0));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
+        let y = _mm512_scalef_ps(p, n);
+        // NaN inputs stay NaN (the compare above is false for them).
+        let y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), y, x);
+        _mm512_maskz_mov_ps(!zero_mask, y)
+    }
+
+    /// 16 bf16 values (bits) widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) fn widen16(x: __m256i) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(x)))
+    }
+
+    /// 16 f32 rounded to bf16 (nearest even; NaN stays NaN).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+    pub(crate) fn round16(x: __m512) -> __m256i {
+        // SAFETY: same size, plain bits.
+        unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)) }
+    }
+}
+
+/// Whether the CPU has what the bf16 kernels need (AVX-512F/BW/VL and BF16
+/// conversions).
+pub(crate) fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
