@@ -90,6 +90,46 @@ pub fn rms_norm_bf16(
     Ok(Some(Tensor::from_vec(out, x.dims(), x.device())?))
 }
 
+/// `x * v` (when `y` is `None`) or `x + v * y`, for bf16 `x`, `y` of shape
+/// `[B, S, D]` and `v` of shape `[B, 1, D]` broadcast over `S`, with the
+/// product rounded to bf16 before the sum as the unfused ops round it: the
+/// adaLN scale (`norm(x) * (1 + scale)`) and the gated residual
+/// (`x + tanh(gate) * y`). Other shapes, dtypes or CPUs: candle's ops.
+pub fn mul_bcast(x: &Tensor, v: &Tensor, y: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let unfused = || match y {
+        None => x.broadcast_mul(v),
+        Some(y) => x + y.broadcast_mul(v)?,
+    };
+    let (b, s, d) = match x.dims3() {
+        Ok(dims) => dims,
+        Err(_) => return unfused(),
+    };
+    let shapes_fit = v.dims() == [b, 1, d] && y.is_none_or(|y| y.dims() == x.dims());
+    if !shapes_fit || d == 0 || !has_avx512_bf16() {
+        return unfused();
+    }
+    let (Some(xs), Some(vs)) = (bf16_slice(x), bf16_slice(v)) else {
+        return unfused();
+    };
+    let ys = match y.map(bf16_slice) {
+        Some(None) => return unfused(),
+        Some(Some(ys)) => Some(ys),
+        None => None,
+    };
+    let mut out = vec![bf16::ZERO; xs.len()];
+    out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+        let vrow = &vs[(row / s.max(1)) * d..(row / s.max(1) + 1) * d];
+        let xrow = &xs[row * d..(row + 1) * d];
+        let yrow = ys.as_ref().map(|ys| &ys[row * d..(row + 1) * d]);
+        // SAFETY: the CPU has the features; every row has `d` elements.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::mul_bcast_row(xrow, vrow, yrow, o)
+        };
+    });
+    Tensor::from_vec(out, (b, s, d), x.device())
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -141,6 +181,28 @@ mod x86 {
                 // SiLU rounded to bf16 before the product, as the unfused ops.
                 let s = widen16(round16(s));
                 store(o.as_mut_ptr().add(i), _mm512_mul_ps(s, b), len);
+            }
+            i += 16;
+        }
+    }
+
+    /// `o = x * v`, or `o = x + bf16(v * y)` with `y`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn mul_bcast_row(x: &[bf16], v: &[bf16], y: Option<&[bf16]>, o: &mut [bf16]) {
+        let mut i = 0;
+        while i < x.len() {
+            let len = 16.min(x.len() - i);
+            unsafe {
+                let a = load(x.as_ptr().add(i), len);
+                let g = load(v.as_ptr().add(i), len);
+                let r = match y {
+                    None => _mm512_mul_ps(a, g),
+                    Some(y) => {
+                        let p = widen16(round16(_mm512_mul_ps(g, load(y.as_ptr().add(i), len))));
+                        _mm512_add_ps(a, p)
+                    }
+                };
+                store(o.as_mut_ptr().add(i), r, len);
             }
             i += 16;
         }
@@ -239,6 +301,15 @@ mod tests {
                 // The mean's summation order and 1/sqrt may flip a last bit.
                 assert!(worst <= 1, "rms_norm: worst {worst} ulp");
             }
+
+            // Broadcast scale and gated residual: exactly the unfused ops.
+            let x3 = a.reshape((1, shape.0, shape.1))?;
+            let y3 = b.reshape((1, shape.0, shape.1))?;
+            let v = w.reshape((1, 1, shape.1))?;
+            let scaled = mul_bcast(&x3, &v, None)?;
+            assert_eq!(bits(&scaled), bits(&x3.broadcast_mul(&v)?));
+            let gated = mul_bcast(&x3, &v, Some(&y3))?;
+            assert_eq!(bits(&gated), bits(&(&x3 + y3.broadcast_mul(&v)?)?));
         }
         Ok(())
     }
