@@ -106,10 +106,29 @@ impl Attention {
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
 
+        let scale = 1.0 / (hd as f64).sqrt();
+        if dtype == DType::BF16 && x.device().is_cpu() && lumina2_weights::packed::available() {
+            // bf16 products on the packed kernel, as PyTorch's CPU flash
+            // attention multiplies bf16 blocks: scores summed and scaled in
+            // f32, softmax in f32, probabilities rounded to bf16 for the
+            // weighted sum, which is summed in f32 and rounded once.
+            let v = {
+                let _span = span(groups::COPY);
+                v.transpose(1, 2)?.contiguous()?
+            };
+            let out = {
+                let _span = span(groups::ATTENTION);
+                grouped_attention_packed(&q, &k, &v, mask, self.score_budget, scale as f32)?
+            };
+            let out = {
+                let _span = span(groups::COPY);
+                out.transpose(1, 2)?.reshape((b, s, h * hd))?
+            };
+            return Ok(self.to_out.forward(&out)?);
+        }
         // Scores, softmax and the weighted sum in f32 (PyTorch's CPU attention
         // kernels accumulate in f32 for bf16/f16 inputs too). The scale is folded
         // into the queries.
-        let scale = 1.0 / (hd as f64).sqrt();
         let (q, k, v) = {
             let _span = span(groups::COPY);
             (
@@ -174,4 +193,57 @@ pub fn grouped_attention(
     } else {
         Tensor::cat(&outs, 2)
     }
+}
+
+/// [`grouped_attention`] for bf16 `q`, `k`, `v` on a CPU with bf16
+/// dot-product hardware ([`lumina2_weights::packed`]): per batch item and key
+/// head, the keys and the transposed values are packed once; each query chunk
+/// takes `scale * q k^T` in f32, the key mask, the softmax in f32, and the
+/// probabilities rounded to bf16 times the values (f32 sums, one rounding).
+/// Same shapes as [`grouped_attention`]; the score block of a chunk stays
+/// within `score_budget` bytes.
+pub fn grouped_attention_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&KeyMask>,
+    score_budget: usize,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    use lumina2_weights::packed::PackedBf16;
+    let (b, h, s_q, d) = q.dims4()?;
+    let (_, kv, s_kv, _) = k.dims4()?;
+    let rep = h / kv.max(1);
+    let chunk = (score_budget / (rep * s_kv * 4).max(1)).clamp(1, s_q.max(1));
+    let mut items = Vec::with_capacity(b);
+    for bi in 0..b {
+        let bias = match mask {
+            Some(m) => Some(m.bias.get(bi)?.reshape((1, s_kv))?),
+            None => None,
+        };
+        let mut heads = Vec::with_capacity(kv);
+        for g in 0..kv {
+            let keys = PackedBf16::pack(&k.get(bi)?.get(g)?)?; // [S_kv, d]
+            let values = PackedBf16::pack(&v.get(bi)?.get(g)?.t()?)?; // [d, S_kv]
+            let qg = q.get(bi)?.narrow(0, g * rep, rep)?; // [rep, S_q, d]
+            let mut outs = Vec::with_capacity(s_q.div_ceil(chunk));
+            let mut start = 0;
+            while start < s_q {
+                let len = chunk.min(s_q - start);
+                let qc = qg.narrow(1, start, len)?.reshape((rep * len, d))?;
+                let mut scores = keys.matmul_f32(&qc, scale)?; // [rep*len, S_kv]
+                if let Some(bias) = &bias {
+                    scores = scores.broadcast_add(bias)?;
+                }
+                let probs = lumina2_weights::softmax::softmax_last_dim(&scores)?;
+                drop(scores);
+                let o = values.matmul(&probs.to_dtype(DType::BF16)?, None)?; // [rep*len, d]
+                outs.push(o.reshape((rep, len, d))?);
+                start += len;
+            }
+            heads.push(Tensor::cat(&outs, 1)?);
+        }
+        items.push(Tensor::cat(&heads, 0)?);
+    }
+    Tensor::stack(&items, 0)
 }

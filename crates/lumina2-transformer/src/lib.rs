@@ -51,7 +51,7 @@ pub mod norm;
 pub mod rope;
 pub mod weights;
 
-pub use attention::{grouped_attention, Attention, KeyMask};
+pub use attention::{grouped_attention, grouped_attention_packed, Attention, KeyMask};
 pub use block::{FeedForward, Modulation, ModulationOut, TransformerBlock};
 pub use config::Config;
 pub use embed::{patchify, timestep_features, unpatchify, CaptionEmbedder, TimestepEmbedder};

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use lumina2_transformer::{
-    grouped_attention, patchify, unpatchify, Config, Error, KeyMask, Lumina2Transformer, Position,
-    RopeEmbedder, WeightError, Weights,
+    grouped_attention, grouped_attention_packed, patchify, unpatchify, Config, Error, KeyMask,
+    Lumina2Transformer, Position, RopeEmbedder, WeightError, Weights,
 };
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -68,6 +68,43 @@ fn chunked_grouped_attention_equals_plain_attention() {
     for budget in [1, 2 * 6 * 37 * 4 * 5, usize::MAX / 2] {
         let got = grouped_attention(&q, &k, &v, Some(&mask), budget).unwrap();
         assert!(max_diff(&got, &want) < 1e-5, "budget {budget}");
+    }
+}
+
+/// The bf16 packed attention against plain f32 attention of the same bf16
+/// inputs: within bf16 rounding (the probabilities and the output are rounded
+/// to bf16), for every chunking, with the key mask.
+#[test]
+fn packed_bf16_attention_is_attention() {
+    if !lumina2_transformer::weights::packed::available() {
+        return;
+    }
+    let dev = Device::Cpu;
+    let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    let q = bf(Tensor::randn(0f32, 1., (2, 6, 37, 40), &dev).unwrap());
+    let k = bf(Tensor::randn(0f32, 1., (2, 2, 37, 40), &dev).unwrap());
+    let v = bf(Tensor::randn(0f32, 1., (2, 2, 37, 40), &dev).unwrap());
+    let valid: Vec<Vec<bool>> = [30usize, 37]
+        .iter()
+        .map(|&n| (0..37).map(|j| j < n).collect())
+        .collect();
+    let bias: Vec<f32> = valid
+        .iter()
+        .flatten()
+        .map(|&b| if b { 0.0 } else { f32::NEG_INFINITY })
+        .collect();
+    let bias = Tensor::from_vec(bias, (2, 1, 1, 37), &dev).unwrap();
+    let mask = KeyMask::from_valid(&valid, &dev).unwrap();
+    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let scale = 1.0 / (40f64).sqrt();
+    let want = reference_attention(&(f(&q) * scale).unwrap(), &f(&k), &f(&v), Some(&bias));
+    for budget in [1, 3 * 37 * 4 * 5, usize::MAX / 2] {
+        let got = grouped_attention_packed(&q, &k, &v, Some(&mask), budget, scale as f32).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        // Outputs are averages of N(0, 1) values, |o| < 4: two bf16 roundings
+        // (probabilities, output) are below 2 * 4 * 2^-8.
+        let d = max_diff(&f(&got), &want);
+        assert!(d < 0.035, "budget {budget}: {d}");
     }
 }
 

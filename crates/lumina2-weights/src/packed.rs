@@ -209,7 +209,14 @@ impl PackedBf16 {
     /// contiguous bf16) and an optional f32 `bias` of `out` values, as a
     /// `[rows, out]` bf16 tensor.
     pub fn matmul(&self, x: &Tensor, bias: Option<&[f32]>) -> candle_core::Result<Tensor> {
-        self.matmul_with(x, bias, use_amx())
+        self.matmul_with(x, bias, None, use_amx())
+    }
+
+    /// `scale * x W^T` for bf16 `x` of shape `[rows, in]`, as an f32
+    /// `[rows, out]` tensor: the sums are not rounded to bf16 (attention
+    /// scores, which the softmax takes in f32).
+    pub fn matmul_f32(&self, x: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+        self.matmul_with(x, None, Some(scale), use_amx())
     }
 
     /// [`Self::matmul`] with the kernel chosen by the caller (`amx` only where
@@ -218,6 +225,7 @@ impl PackedBf16 {
         &self,
         x: &Tensor,
         bias: Option<&[f32]>,
+        scale: Option<f32>,
         amx: bool,
     ) -> candle_core::Result<Tensor> {
         let (rows, in_dim) = x.dims2()?;
@@ -253,16 +261,24 @@ impl PackedBf16 {
         if let Some(b) = bias {
             bias_pad[..b.len()].copy_from_slice(b);
         }
-        let mut out = vec![bf16::ZERO; rows * self.out_dim];
-        self.run(&a, rows, &bias_pad, &mut out, amx);
-        Tensor::from_vec(out, (rows, self.out_dim), &Device::Cpu)
+        match scale {
+            None => {
+                let mut out = vec![bf16::ZERO; rows * self.out_dim];
+                self.run(&a, rows, &bias_pad, Out::Bf16(out.as_mut_ptr().cast()), amx);
+                Tensor::from_vec(out, (rows, self.out_dim), &Device::Cpu)
+            }
+            Some(scale) => {
+                let mut out = vec![0f32; rows * self.out_dim];
+                self.run(&a, rows, &bias_pad, Out::F32(out.as_mut_ptr(), scale), amx);
+                Tensor::from_vec(out, (rows, self.out_dim), &Device::Cpu)
+            }
+        }
     }
 
     /// Spreads (row block, panel block) tasks over the pool.
-    fn run(&self, a: &[bf16], rows: usize, bias: &[f32], out: &mut [bf16], amx: bool) {
+    fn run(&self, a: &[bf16], rows: usize, bias: &[f32], out: Out, amx: bool) {
         let row_blocks = rows.div_ceil(BLOCK_ROWS);
         let panel_blocks = self.panels.div_ceil(BLOCK_PANELS);
-        let out_ptr = SendPtr(out.as_mut_ptr().cast::<u16>());
         (0..row_blocks * panel_blocks)
             .into_par_iter()
             .for_each(|t| {
@@ -282,7 +298,7 @@ impl PackedBf16 {
                             &self.data,
                             (p0, p1),
                             bias.as_ptr(),
-                            out_ptr.get(),
+                            out,
                             self.out_dim,
                         );
                     }
@@ -300,7 +316,7 @@ impl PackedBf16 {
                         // tasks write disjoint (row, column) ranges of `out`,
                         // which has `rows * out_dim` elements.
                         unsafe {
-                            let out = out_ptr.get().add(r * self.out_dim + p * PANEL);
+                            let out = out.add(r * self.out_dim + p * PANEL);
                             kernel::tile(
                                 h,
                                 a.as_ptr().cast::<u32>().add(r * self.pairs),
@@ -320,15 +336,30 @@ impl PackedBf16 {
     }
 }
 
-/// A raw output pointer shared by tasks that write disjoint parts of it.
+/// Where a kernel writes: bf16 rows (the bias added, rounded once), or f32
+/// rows multiplied by a scale (no bias). Shared by tasks that write disjoint
+/// parts of it.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut u16);
+enum Out {
+    Bf16(*mut u16),
+    F32(*mut f32, f32),
+}
 // SAFETY: only used for disjoint writes inside one `run` call.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut u16 {
-        self.0
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The same destination `n` elements further.
+    ///
+    /// # Safety
+    /// The result stays inside the output.
+    unsafe fn add(self, n: usize) -> Self {
+        unsafe {
+            match self {
+                Self::Bf16(p) => Self::Bf16(p.add(n)),
+                Self::F32(p, s) => Self::F32(p.add(n), s),
+            }
+        }
     }
 }
 
@@ -405,7 +436,7 @@ mod kernel {
         data: &[u32],
         (p0, p1): (usize, usize),
         bias: *const f32,
-        out: *mut u16,
+        out: super::Out,
         ldo: usize,
     ) {
         let cfg = tile_config();
@@ -500,7 +531,7 @@ mod kernel {
     /// the columns the masks allow.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn store_row(
-        row: *mut u16,
+        row: super::Out,
         acc0: __m512,
         acc1: __m512,
         bias0: __m512,
@@ -509,10 +540,21 @@ mod kernel {
         m1: __mmask16,
     ) {
         unsafe {
-            let y0: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_add_ps(acc0, bias0)));
-            let y1: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_add_ps(acc1, bias1)));
-            _mm256_mask_storeu_epi16(row.cast(), m0, y0);
-            _mm256_mask_storeu_epi16(row.add(16).cast(), m1, y1);
+            match row {
+                super::Out::Bf16(row) => {
+                    let y0: __m256i =
+                        std::mem::transmute(_mm512_cvtneps_pbh(_mm512_add_ps(acc0, bias0)));
+                    let y1: __m256i =
+                        std::mem::transmute(_mm512_cvtneps_pbh(_mm512_add_ps(acc1, bias1)));
+                    _mm256_mask_storeu_epi16(row.cast(), m0, y0);
+                    _mm256_mask_storeu_epi16(row.add(16).cast(), m1, y1);
+                }
+                super::Out::F32(row, scale) => {
+                    let s = _mm512_set1_ps(scale);
+                    _mm512_mask_storeu_ps(row, m0, _mm512_mul_ps(acc0, s));
+                    _mm512_mask_storeu_ps(row.add(16), m1, _mm512_mul_ps(acc1, s));
+                }
+            }
         }
     }
 
@@ -531,7 +573,7 @@ mod kernel {
         b: *const u32,
         pairs: usize,
         bias: *const f32,
-        out: *mut u16,
+        out: super::Out,
         ldo: usize,
         cols: usize,
     ) {
@@ -561,7 +603,7 @@ mod kernel {
         b: *const u32,
         pairs: usize,
         bias: *const f32,
-        out: *mut u16,
+        out: super::Out,
         ldo: usize,
         cols: usize,
     ) {
@@ -604,7 +646,7 @@ mod kernel {
         _data: &[u32],
         _panels: (usize, usize),
         _bias: *const f32,
-        _out: *mut u16,
+        _out: super::Out,
         _ldo: usize,
     ) {
     }
@@ -618,7 +660,7 @@ mod kernel {
         _b: *const u32,
         _pairs: usize,
         _bias: *const f32,
-        _out: *mut u16,
+        _out: super::Out,
         _ldo: usize,
         _cols: usize,
     ) {
@@ -669,7 +711,10 @@ mod tests {
                 kernels.push(true);
             }
             for amx in kernels {
-                let y = packed.matmul_with(&x, with_bias.then_some(&bias[..]), amx)?;
+                let y = packed.matmul_with(&x, with_bias.then_some(&bias[..]), None, amx)?;
+                let yf = packed
+                    .matmul_with(&x, None, Some(0.5), amx)?
+                    .to_vec2::<f32>()?;
                 assert_eq!(y.dims(), &[rows, out]);
                 let y = y.to_dtype(DType::F32)?.to_vec2::<f32>()?;
                 let xs = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -689,6 +734,12 @@ mod tests {
                             "amx {amx} ({rows},{inp},{out}) [{r},{n}]: {} vs {s}",
                             y[r][n]
                         );
+                        // The f32 output: no bias, no rounding to bf16, scaled.
+                        let b = if with_bias { bias[n] as f64 } else { 0.0 };
+                        let f = 0.5 * (s - b);
+                        let ftol = 1e-4 * (inp as f64).sqrt();
+                        let got = yf[r][n] as f64;
+                        assert!((got - f).abs() <= ftol, "f32 out [{r},{n}]: {got} vs {f}");
                     }
                 }
             }
