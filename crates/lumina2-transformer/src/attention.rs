@@ -235,9 +235,9 @@ pub fn grouped_attention_packed(
                 if let Some(bias) = &bias {
                     scores = scores.broadcast_add(bias)?;
                 }
-                let probs = lumina2_weights::softmax::softmax_last_dim(&scores)?;
+                let probs = lumina2_weights::softmax::softmax_last_dim_to_bf16(&scores)?;
                 drop(scores);
-                let o = values.matmul(&probs.to_dtype(DType::BF16)?, None)?; // [rep*len, d]
+                let o = values.matmul(&probs, None)?; // [rep*len, d]
                 outs.push(o.reshape((rep, len, d))?);
                 start += len;
             }

@@ -5,7 +5,9 @@
 //! four to seven such passes. These kernels do each in one pass with AVX-512,
 //! keeping PyTorch's roundings: every intermediate that PyTorch stores in bf16
 //! is rounded to bf16 here too, so the results are those of the unfused ops
-//! (up to the last bit of `exp` inside SiLU). Other dtypes, devices and CPUs
+//! (up to the last bit of `exp` inside SiLU, and subnormal results below
+//! 1.2e-38, which the bf16 conversion instruction flushes to zero, as
+//! PyTorch's AVX512-BF16 conversions do). Other dtypes, devices and CPUs
 //! without AVX512-BF16 fall back to the unfused candle ops.
 
 use candle_core::{DType, Tensor, D};

@@ -51,6 +51,47 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(out, x.dims(), x.device())
 }
 
+/// `softmax(x)` over the last dimension of an f32 tensor, rounded to bf16 in
+/// the same pass (the probabilities of the bf16 attention's weighted sum).
+/// Equal to `softmax_last_dim(x)?.to_dtype(BF16)`, except that values below
+/// bf16's normal range (1.2e-38) become 0, as the conversion instruction does.
+pub fn softmax_last_dim_to_bf16(x: &Tensor) -> candle_core::Result<Tensor> {
+    let fast = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && x.rank() > 0
+        && crate::simd::has_avx512_bf16();
+    if !fast {
+        return softmax_last_dim(x)?.to_dtype(DType::BF16);
+    }
+    let x = x.contiguous()?;
+    let n = x.dims().last().copied().unwrap_or(1).max(1);
+    let src = x.flatten_all()?;
+    let (storage, layout) = src.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return softmax_last_dim(&x)?.to_dtype(DType::BF16);
+    };
+    let src = &cpu.as_slice::<f32>()?[start..end];
+    let mut out = vec![half::bf16::ZERO; src.len()];
+    let rows_per_task = (16384 / n).max(1);
+    out.par_chunks_mut(rows_per_task * n)
+        .zip(src.par_chunks(rows_per_task * n))
+        .for_each(|(dst, src)| {
+            let mut row = vec![0f32; n];
+            for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
+                // SAFETY: AVX-512F/BW/VL/BF16 were detected; lengths match.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    kernel::softmax_row(s, &mut row);
+                    kernel::round_row(&row, d);
+                };
+            }
+        });
+    drop(storage);
+    Tensor::from_vec(out, x.dims(), x.device())
+}
+
 fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -67,6 +108,28 @@ mod kernel {
     use std::arch::x86_64::*;
 
     use crate::simd::exp16;
+
+    /// `dst = bf16(src)`, nearest even.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL/BF16 are available; `dst.len() == src.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn round_row(src: &[f32], dst: &mut [half::bf16]) {
+        let mut i = 0;
+        while i < src.len() {
+            let len = 16.min(src.len() - i);
+            let m: __mmask16 = ((1u32 << len) - 1) as __mmask16;
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(m, src.as_ptr().add(i));
+                _mm256_mask_storeu_epi16(
+                    dst.as_mut_ptr().add(i).cast(),
+                    m,
+                    crate::simd::round16(v),
+                );
+            }
+            i += 16;
+        }
+    }
 
     /// One row: `dst = exp(src - max) / sum`.
     ///
@@ -144,6 +207,22 @@ mod tests {
             let flat: Vec<f32> = rows.concat();
             let t = Tensor::from_vec(flat, (rows.len(), n), &Device::Cpu)?;
             let got = softmax_last_dim(&t)?.to_vec2::<f32>()?;
+            // The bf16 variant is the f32 result rounded.
+            let b16 = softmax_last_dim_to_bf16(&t)?;
+            let via = softmax_last_dim(&t)?.to_dtype(DType::BF16)?;
+            let bits = |t: &Tensor| -> candle_core::Result<Vec<u16>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            // Except that vcvtneps2bf16 flushes subnormal results (below
+            // 1.2e-38) to zero, where candle's conversion keeps them.
+            for (a, b) in bits(&b16)?.into_iter().zip(bits(&via)?) {
+                let subnormal = b & 0x7f80 == 0;
+                assert!(a == b || (subnormal && a & 0x7fff == 0), "{a:#x} vs {b:#x}");
+            }
             for (row, g) in rows.iter().zip(&got) {
                 let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
                 let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
