@@ -241,17 +241,34 @@ impl PackedBf16 {
         if !cpu_has_kernel() {
             candle_core::bail!("packed matmul: this CPU lacks AVX512-BF16");
         }
-        // Rows as whole pairs: an odd width gets a zero column, matching the
-        // zero half of the weight's last pair.
-        // Rows padded with zeros to the packed width (and, for AMX, to whole
-        // 32-row blocks), matching the weight's zero padding.
+        // Rows padded with zeros to the packed width, matching the weight's
+        // zero padding. For AMX, also to whole 32-row blocks, and laid out
+        // tile by tile (16 rows x 32 values, 1 KiB contiguous, in the order
+        // the kernel reads them) so that the inputs stream sequentially.
         let width = 2 * self.pairs;
         let x = x.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()?;
-        let rows_pad = if amx { rows.div_ceil(32) * 32 } else { rows };
-        let a = if width == in_dim && rows_pad == rows {
+        let a = if amx {
+            let mut a = vec![bf16::ZERO; rows.div_ceil(32) * 32 * width];
+            a.par_chunks_mut(16 * width)
+                .enumerate()
+                .for_each(|(rt, tiles)| {
+                    for i in 0..16 {
+                        let r = rt * 16 + i;
+                        if r >= rows {
+                            break;
+                        }
+                        let src = &x[r * in_dim..(r + 1) * in_dim];
+                        for (step, chunk) in src.chunks(32).enumerate() {
+                            let at = step * 512 + i * 32;
+                            tiles[at..at + chunk.len()].copy_from_slice(chunk);
+                        }
+                    }
+                });
+            a
+        } else if width == in_dim {
             x
         } else {
-            let mut a = vec![bf16::ZERO; rows_pad * width];
+            let mut a = vec![bf16::ZERO; rows * width];
             for (dst, src) in a.chunks_mut(width).zip(x.chunks(in_dim.max(1))) {
                 dst[..in_dim].copy_from_slice(src);
             }
@@ -288,8 +305,8 @@ impl PackedBf16 {
                 let p0 = pb * BLOCK_PANELS;
                 let p1 = (p0 + BLOCK_PANELS).min(self.panels);
                 if amx {
-                    // SAFETY: AMX is usable (`use_amx`); `a` holds whole 32-row
-                    // blocks of `pairs` pairs; the rest as below.
+                    // SAFETY: AMX is usable (`use_amx`); `a` holds the tiled
+                    // inputs in whole 32-row blocks; the rest as below.
                     unsafe {
                         kernel::amx_block(
                             a.as_ptr().cast::<u32>(),
@@ -423,8 +440,8 @@ mod kernel {
     /// 0-3 (f32), A in tiles 4-5, B in tiles 6-7, over the whole depth.
     ///
     /// # Safety
-    /// AMX is usable; `a` holds whole 32-row blocks covering `r1` (rounded up)
-    /// of `pairs` u32 pairs each; `data` is the packed weight of `ldo` columns;
+    /// AMX is usable; `a` holds the inputs tiled (see `matmul_with`) in whole
+    /// 32-row blocks covering `r1` (rounded up), `pairs` pairs wide; `data` is the packed weight of `ldo` columns;
     /// `bias` points at `p1 * 32` f32; `out` at rows of stride `ldo` covering
     /// `r1 x ldo`.
     #[allow(clippy::too_many_arguments)]
@@ -441,7 +458,8 @@ mod kernel {
     ) {
         let cfg = tile_config();
         let mut c = [0f32; 32 * 32];
-        let lda = pairs * 4;
+        // `a` is tiled: tile (row tile t, step s) at byte (t * steps + s) * 1024.
+        let steps = pairs / 16;
         unsafe {
             asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack));
             for p in p0..p1 {
@@ -453,7 +471,7 @@ mod kernel {
                 let mut r = r0;
                 while r < r1 {
                     let h = 32.min(r1 - r);
-                    let arow = a.add(r * pairs).cast::<u8>();
+                    let arow = a.cast::<u8>().add((r / 16) * steps * 1024);
                     asm!(
                         "tilezero tmm0",
                         "tilezero tmm1",
@@ -463,7 +481,7 @@ mod kernel {
                     );
                     let mut kk = 0;
                     while kk < pairs {
-                        let ap = arow.add(kk * 4);
+                        let ap = arow.add((kk / 16) * 1024);
                         let bp = panel.add(kk * PANEL * 4);
                         asm!(
                             "tileloadd tmm4, [{a0} + {lda}*1]",
@@ -475,8 +493,8 @@ mod kernel {
                             "tdpbf16ps tmm2, tmm5, tmm6",
                             "tdpbf16ps tmm3, tmm5, tmm7",
                             a0 = in(reg) ap,
-                            a1 = in(reg) ap.add(16 * lda),
-                            lda = in(reg) lda,
+                            a1 = in(reg) ap.add(steps * 1024),
+                            lda = in(reg) 64usize,
                             b0 = in(reg) bp,
                             b1 = in(reg) bp.add(64),
                             ldb = in(reg) PANEL * 4,
