@@ -41,5 +41,22 @@ fn main() -> candle_core::Result<()> {
             flop / pk_s / 1e9
         );
     }
+    // Packing a quantised weight per call (the GGUF bf16 path).
+    let w = Tensor::randn(0f32, 1., (9216, 2304), &dev)?;
+    for ty in [
+        candle_core::quantized::GgmlDType::Q4_0,
+        candle_core::quantized::GgmlDType::Q8_0,
+    ] {
+        let q = candle_core::quantized::QTensor::quantize(&w, ty)?;
+        let direct = time(3, || PackedBf16::from_quantized(&q).map(|_| ()))?;
+        let via = time(3, || {
+            PackedBf16::pack(&q.dequantize(&dev)?.to_dtype(DType::BF16)?).map(|_| ())
+        })?;
+        println!(
+            "pack 9216x2304 {ty:?}: direct {:.1} ms, dequantise + pack {:.1} ms",
+            direct * 1e3,
+            via * 1e3
+        );
+    }
     Ok(())
 }

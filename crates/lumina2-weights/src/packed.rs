@@ -28,6 +28,8 @@ use rayon::prelude::*;
 
 /// Output columns per packed panel (two 16-lane registers).
 pub const PANEL: usize = 32;
+/// Columns per packing step (a multiple of every block size used: 32).
+const SEGMENT: usize = 256;
 /// Rows per register tile.
 const TILE_ROWS: usize = 12;
 /// Rows per parallel task (a multiple of the tile height).
@@ -69,6 +71,17 @@ fn cpu_has_kernel() -> bool {
     {
         false
     }
+}
+
+/// `f32 -> bf16` bits, rounding to nearest even, NaN kept NaN: what
+/// `half::bf16::from_f32` gives, without its per-value branching.
+#[inline]
+fn round_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// Which kernel runs: AMX when the CPU has AMX-BF16 and Linux granted the
@@ -113,8 +126,9 @@ impl PackedBf16 {
             .to_dtype(DType::BF16)?
             .flatten_all()?
             .to_vec1::<bf16>()?;
-        Ok(Self::from_rows(out_dim, in_dim, |n, row| {
-            for (d, s) in row.iter_mut().zip(&w[n * in_dim..(n + 1) * in_dim]) {
+        Ok(Self::from_rows(out_dim, in_dim, |n, k0, out| {
+            let src = &w[n * in_dim + k0..n * in_dim + k0 + out.len()];
+            for (d, s) in out.iter_mut().zip(src) {
                 *d = s.to_bits();
             }
         }))
@@ -137,45 +151,73 @@ impl PackedBf16 {
             return Self::pack(&q.dequantize(&Device::Cpu)?);
         }
         let q4 = q.dtype() == GgmlDType::Q4_0;
-        Ok(Self::from_rows(out_dim, in_dim, |n, row| {
-            let src = &data[n * row_bytes..(n + 1) * row_bytes];
-            for (blk, out) in src.chunks_exact(bytes).zip(row.chunks_exact_mut(block)) {
+        let simd = q4 && crate::simd::has_avx512_bf16();
+        Ok(Self::from_rows(out_dim, in_dim, |n, k0, seg| {
+            let first = n * row_bytes + k0 / block * bytes;
+            let src = &data[first..first + seg.len() / block * bytes];
+            if simd {
+                // SAFETY: AVX-512F/BW/VL/BF16 were detected; `src` holds
+                // `seg.len() / 32` whole Q4_0 blocks.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    kernel::decode_q4_0(src, seg)
+                };
+                return;
+            }
+            for (blk, out) in src.chunks_exact(bytes).zip(seg.chunks_exact_mut(block)) {
                 let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
                 if q4 {
                     // Low nibbles are values 0..16, high nibbles 16..32.
                     for (j, &b) in blk[2..18].iter().enumerate() {
-                        out[j] = bf16::from_f32(d * ((b & 0xf) as i32 - 8) as f32).to_bits();
-                        out[j + 16] = bf16::from_f32(d * ((b >> 4) as i32 - 8) as f32).to_bits();
+                        out[j] = round_bf16(d * ((b & 0xf) as i32 - 8) as f32);
+                        out[j + 16] = round_bf16(d * ((b >> 4) as i32 - 8) as f32);
                     }
                 } else {
                     for (o, &b) in out.iter_mut().zip(&blk[2..34]) {
-                        *o = bf16::from_f32(d * (b as i8) as f32).to_bits();
+                        *o = round_bf16(d * (b as i8) as f32);
                     }
                 }
             }
         }))
     }
 
-    /// Builds the panels from a function that writes row `n` (`in_dim` bf16
-    /// bits) into the slice it is given; panels are filled in parallel.
-    fn from_rows(out_dim: usize, in_dim: usize, row_of: impl Fn(usize, &mut [u16]) + Sync) -> Self {
+    /// Builds the panels from a function that writes the bf16 bits of row `n`,
+    /// columns `k0..k0 + out.len()`, into `out` (`k0` a multiple of
+    /// [`SEGMENT`]). Panels are filled in parallel, a segment of 32 rows at a
+    /// time through a small buffer, so the panel is written sequentially.
+    fn from_rows(
+        out_dim: usize,
+        in_dim: usize,
+        seg_of: impl Fn(usize, usize, &mut [u16]) + Sync,
+    ) -> Self {
         let pairs = in_dim.div_ceil(32) * 16;
         let panels = out_dim.div_ceil(PANEL);
         let mut data = vec![0u32; panels * pairs * PANEL];
         data.par_chunks_mut(pairs * PANEL)
             .enumerate()
             .for_each(|(p, panel)| {
-                // Rows padded with a zero to whole pairs.
-                let mut row = vec![0u16; 2 * pairs];
-                for lane in 0..PANEL {
-                    let n = p * PANEL + lane;
-                    if n >= out_dim {
-                        break;
+                let mut buf = vec![0u16; PANEL * SEGMENT];
+                let mut k0 = 0;
+                while k0 < in_dim {
+                    let len = SEGMENT.min(in_dim - k0);
+                    for lane in 0..PANEL {
+                        let n = p * PANEL + lane;
+                        let row = &mut buf[lane * SEGMENT..(lane + 1) * SEGMENT];
+                        if n < out_dim {
+                            seg_of(n, k0, &mut row[..len]);
+                        }
+                        // An odd last column pairs with a zero.
+                        row[len..].fill(0);
                     }
-                    row_of(n, &mut row[..in_dim]);
-                    for (kk, pair) in row.chunks_exact(2).enumerate() {
-                        panel[kk * PANEL + lane] = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
+                    let base = k0 / 2 * PANEL;
+                    for kk in 0..len.div_ceil(2) {
+                        let dst = &mut panel[base + kk * PANEL..base + (kk + 1) * PANEL];
+                        for (lane, d) in dst.iter_mut().enumerate() {
+                            let at = lane * SEGMENT + 2 * kk;
+                            *d = u32::from(buf[at]) | (u32::from(buf[at + 1]) << 16);
+                        }
                     }
+                    k0 += len;
                 }
             });
         Self {
@@ -528,6 +570,30 @@ mod kernel {
         }
     }
 
+    /// Q4_0 blocks (18 bytes: f16 scale, 16 bytes of nibbles) to bf16 bits,
+    /// `bf16(f32(d) * (q - 8))`, 32 values a block.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL/BF16 are available; `out.len() == src.len() / 18 * 32`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn decode_q4_0(src: &[u8], out: &mut [u16]) {
+        let eight = _mm512_set1_epi32(8);
+        let low = _mm512_set1_epi32(0xf);
+        for (blk, o) in src.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
+            let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
+            let d = _mm512_set1_ps(d);
+            unsafe {
+                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(2).cast()));
+                let lo = _mm512_sub_epi32(_mm512_and_si512(bytes, low), eight);
+                let hi = _mm512_sub_epi32(_mm512_srli_epi32::<4>(bytes), eight);
+                let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d);
+                let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d);
+                _mm256_storeu_si256(o.as_mut_ptr().cast(), crate::simd::round16(lo));
+                _mm256_storeu_si256(o.as_mut_ptr().add(16).cast(), crate::simd::round16(hi));
+            }
+        }
+    }
+
     /// Store masks of the two 16-column halves of a panel with `cols` columns.
     fn masks(cols: usize) -> (__mmask16, __mmask16) {
         let m0: __mmask16 = if cols >= 16 {
@@ -655,6 +721,9 @@ mod kernel {
         false
     }
 
+    /// Never called off x86-64.
+    pub unsafe fn decode_q4_0(_src: &[u8], _out: &mut [u16]) {}
+
     /// Never called: [`super::available`] is false off x86-64.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn amx_block(
@@ -689,11 +758,34 @@ mod kernel {
 mod tests {
     use super::*;
 
+    /// The rounding helper equals half's conversion on every special value and
+    /// a sweep of bit patterns.
+    #[test]
+    fn round_bf16_is_halfs() {
+        let mut vals = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        vals.extend((0..1u32 << 20).map(|i| f32::from_bits(i.wrapping_mul(4099) ^ (i << 12))));
+        for v in vals {
+            if v.is_nan() {
+                assert!(bf16::from_bits(round_bf16(v)).is_nan());
+            } else {
+                assert_eq!(round_bf16(v), bf16::from_f32(v).to_bits(), "{v:e}");
+            }
+        }
+    }
+
     /// Q4_0 and Q8_0 decoded into the panels equal candle's dequantisation
     /// rounded to bf16, bit for bit (partial panel included).
     #[test]
     fn quantized_packs_as_dequantised() -> candle_core::Result<()> {
-        let w = Tensor::randn(0f32, 1., (70, 96), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1., (70, 608), &Device::Cpu)?;
         for ty in [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4_1] {
             let q = QTensor::quantize(&w, ty)?;
             let direct = PackedBf16::from_quantized(&q)?;
