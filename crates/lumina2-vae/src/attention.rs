@@ -75,7 +75,7 @@ impl Attention {
         }
         let (b, c, h, w) = x.dims4()?;
         let n = h * w;
-        let hs = self.group_norm.forward_f32(x)?.to_dtype(self.dtype)?;
+        let hs = crate::layers::cast(&self.group_norm.forward_f32(x)?, self.dtype)?;
         let hs = hs.reshape((b, c, n))?.transpose(1, 2)?.contiguous()?;
         // Projections are stored in the model dtype (as PyTorch does), then
         // attention reads them in f32.
@@ -95,7 +95,7 @@ impl Attention {
             start += len;
         }
         let attn = Tensor::cat(&outs, 1)?;
-        let attn = attn.to_dtype(self.dtype)?;
+        let attn = crate::layers::cast(&attn, self.dtype)?;
         let out = self.to_out.forward(&attn)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + x)?)
