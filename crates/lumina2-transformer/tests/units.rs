@@ -46,12 +46,9 @@ fn candle_nn_softmax(s: &Tensor) -> Tensor {
     e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap()
 }
 
-#[test]
-fn chunked_grouped_attention_equals_plain_attention() {
-    let dev = Device::Cpu;
-    let q = Tensor::randn(0f32, 1., (2, 6, 37, 8), &dev).unwrap();
-    let k = Tensor::randn(0f32, 1., (2, 2, 37, 8), &dev).unwrap();
-    let v = Tensor::randn(0f32, 1., (2, 2, 37, 8), &dev).unwrap();
+/// Two batch items of 37 keys, the first with its last 7 padded: the mask and
+/// the same as an additive `[2, 1, 1, 37]` bias.
+fn padded_keys(dev: &Device) -> (KeyMask, Tensor) {
     let valid: Vec<Vec<bool>> = [30usize, 37]
         .iter()
         .map(|&n| (0..37).map(|j| j < n).collect())
@@ -61,8 +58,17 @@ fn chunked_grouped_attention_equals_plain_attention() {
         .flatten()
         .map(|&b| if b { 0.0 } else { f32::NEG_INFINITY })
         .collect();
-    let bias = Tensor::from_vec(bias, (2, 1, 1, 37), &dev).unwrap();
-    let mask = KeyMask::from_valid(&valid, &dev).unwrap();
+    let bias = Tensor::from_vec(bias, (2, 1, 1, 37), dev).unwrap();
+    (KeyMask::from_valid(&valid, dev).unwrap(), bias)
+}
+
+#[test]
+fn chunked_grouped_attention_equals_plain_attention() {
+    let dev = Device::Cpu;
+    let q = Tensor::randn(0f32, 1., (2, 6, 37, 8), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1., (2, 2, 37, 8), &dev).unwrap();
+    let v = Tensor::randn(0f32, 1., (2, 2, 37, 8), &dev).unwrap();
+    let (mask, bias) = padded_keys(&dev);
     let want = reference_attention(&q, &k, &v, Some(&bias));
     // A budget of one row per chunk, an uneven chunking, and a single chunk.
     for budget in [1, 2 * 6 * 37 * 4 * 5, usize::MAX / 2] {
@@ -84,17 +90,7 @@ fn packed_bf16_attention_is_attention() {
     let q = bf(Tensor::randn(0f32, 1., (2, 6, 37, 40), &dev).unwrap());
     let k = bf(Tensor::randn(0f32, 1., (2, 2, 37, 40), &dev).unwrap());
     let v = bf(Tensor::randn(0f32, 1., (2, 2, 37, 40), &dev).unwrap());
-    let valid: Vec<Vec<bool>> = [30usize, 37]
-        .iter()
-        .map(|&n| (0..37).map(|j| j < n).collect())
-        .collect();
-    let bias: Vec<f32> = valid
-        .iter()
-        .flatten()
-        .map(|&b| if b { 0.0 } else { f32::NEG_INFINITY })
-        .collect();
-    let bias = Tensor::from_vec(bias, (2, 1, 1, 37), &dev).unwrap();
-    let mask = KeyMask::from_valid(&valid, &dev).unwrap();
+    let (mask, bias) = padded_keys(&dev);
     let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
     let scale = 1.0 / (40f64).sqrt();
     let want = reference_attention(&(f(&q) * scale).unwrap(), &f(&k), &f(&v), Some(&bias));

@@ -60,17 +60,7 @@ pub fn set_enabled(on: bool) {
 }
 
 fn cpu_has_kernel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::simd::has_avx512_bf16()
 }
 
 /// `f32 -> bf16` bits, rounding to nearest even, NaN kept NaN: what
