@@ -14,14 +14,21 @@ use candle_core::{DType, Tensor, D};
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::cpu::{map_rows, CpuView};
 use crate::simd::has_avx512_bf16;
 
-/// The contiguous bf16 elements of a CPU tensor, or `None`.
-fn bf16_slice(t: &Tensor) -> Option<Vec<bf16>> {
+/// `t` made contiguous when it is a bf16 CPU tensor (a no-op when it already
+/// is), else `None`: the fast paths take such tensors only.
+fn bf16_cpu(t: &Tensor) -> candle_core::Result<Option<Tensor>> {
     if !t.device().is_cpu() || t.dtype() != DType::BF16 {
-        return None;
+        return Ok(None);
     }
-    t.flatten_all().ok()?.to_vec1::<bf16>().ok()
+    Ok(Some(t.contiguous()?))
+}
+
+/// The elements of a tensor from [`bf16_cpu`], borrowed.
+fn elems<'a>(view: &'a Option<CpuView<'_>>) -> Option<&'a [bf16]> {
+    view.as_ref()?.slice::<bf16>()
 }
 
 /// `silu(a) * b` for bf16 `a`, `b` of the same shape, as diffusers'
@@ -29,7 +36,15 @@ fn bf16_slice(t: &Tensor) -> Option<Vec<bf16>> {
 /// rounded to bf16. Other dtypes: `silu` in f32 and a multiply in the dtype.
 pub fn silu_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let fast = a.dims() == b.dims() && has_avx512_bf16();
-    if let (true, Some(x), Some(y)) = (fast, bf16_slice(a), bf16_slice(b)) {
+    let (ac, bc) = match fast {
+        true => (bf16_cpu(a)?, bf16_cpu(b)?),
+        false => (None, None),
+    };
+    let (va, vb) = (
+        ac.as_ref().and_then(CpuView::of),
+        bc.as_ref().and_then(CpuView::of),
+    );
+    if let (Some(x), Some(y)) = (elems(&va), elems(&vb)) {
         let mut out = vec![bf16::ZERO; x.len()];
         out.par_chunks_mut(1 << 14)
             .zip(x.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
@@ -64,31 +79,30 @@ pub fn rms_norm_bf16(
     if n == 0 || !has_avx512_bf16() {
         return Ok(None);
     }
-    let Some(xs) = bf16_slice(x) else {
+    if weight.is_some_and(|w| w.dims() != [n]) {
+        return Ok(None);
+    }
+    let xc = bf16_cpu(x)?;
+    let wc = weight.map(bf16_cpu).transpose()?.flatten();
+    let (vx, vw) = (
+        xc.as_ref().and_then(CpuView::of),
+        wc.as_ref().and_then(CpuView::of),
+    );
+    let Some(xs) = elems(&vx) else {
         return Ok(None);
     };
-    let w = match weight {
-        Some(w) if w.dims() != [n] => return Ok(None),
-        Some(w) => match bf16_slice(w) {
-            Some(w) => Some(w),
-            None => return Ok(None),
-        },
-        None => None,
+    let w = match (weight, elems(&vw)) {
+        (Some(_), None) => return Ok(None),
+        (_, w) => w,
     };
-    let mut out = vec![bf16::ZERO; xs.len()];
-    let rows_per_task = (1 << 14) / n + 1;
-    out.par_chunks_mut(rows_per_task * n)
-        .zip(xs.par_chunks(rows_per_task * n))
-        .for_each(|(o, x)| {
-            for (o, x) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-                // SAFETY: the CPU has the features; `x`, `o` (and `w`) have
-                // `n` elements.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    x86::rms_norm_row(x, w.as_deref(), eps as f32, o)
-                };
-            }
-        });
+    let out = map_rows(xs, n, |_, x, o: &mut [bf16]| {
+        // SAFETY: the CPU has the features; `x`, `o` (and `w`) have `n`
+        // elements.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::rms_norm_row(x, w, eps as f32, o)
+        };
+    });
     Ok(Some(Tensor::from_vec(out, x.dims(), x.device())?))
 }
 
@@ -110,19 +124,25 @@ pub fn mul_bcast(x: &Tensor, v: &Tensor, y: Option<&Tensor>) -> candle_core::Res
     if !shapes_fit || d == 0 || !has_avx512_bf16() {
         return unfused();
     }
-    let (Some(xs), Some(vs)) = (bf16_slice(x), bf16_slice(v)) else {
+    let (xc, vc) = (bf16_cpu(x)?, bf16_cpu(v)?);
+    let yc = y.map(bf16_cpu).transpose()?.flatten();
+    let (vx, vv) = (
+        xc.as_ref().and_then(CpuView::of),
+        vc.as_ref().and_then(CpuView::of),
+    );
+    let vy = yc.as_ref().and_then(CpuView::of);
+    let (Some(xs), Some(vs)) = (elems(&vx), elems(&vv)) else {
         return unfused();
     };
-    let ys = match y.map(bf16_slice) {
-        Some(None) => return unfused(),
-        Some(Some(ys)) => Some(ys),
-        None => None,
+    let ys = match (y, elems(&vy)) {
+        (Some(_), None) => return unfused(),
+        (_, ys) => ys,
     };
     let mut out = vec![bf16::ZERO; xs.len()];
     out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
         let vrow = &vs[(row / s.max(1)) * d..(row / s.max(1) + 1) * d];
         let xrow = &xs[row * d..(row + 1) * d];
-        let yrow = ys.as_ref().map(|ys| &ys[row * d..(row + 1) * d]);
+        let yrow = ys.map(|ys| &ys[row * d..(row + 1) * d]);
         // SAFETY: the CPU has the features; every row has `d` elements.
         #[cfg(target_arch = "x86_64")]
         unsafe {

@@ -18,6 +18,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod cpu;
 pub mod error;
 pub mod folder;
 pub mod fused;

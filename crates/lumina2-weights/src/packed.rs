@@ -21,10 +21,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::borrow::Cow;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use rayon::prelude::*;
+
+use crate::cpu::CpuView;
 
 /// Output columns per packed panel (two 16-lane registers).
 pub const PANEL: usize = 32;
@@ -278,8 +282,20 @@ impl PackedBf16 {
         // tile by tile (16 rows x 32 values, 1 KiB contiguous, in the order
         // the kernel reads them) so that the inputs stream sequentially.
         let width = 2 * self.pairs;
-        let x = x.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()?;
-        let a = if amx {
+        // Borrowed, not copied: the inputs are copied once, below, only when
+        // they need padding or tiling.
+        let x = x.to_dtype(DType::BF16)?.contiguous()?;
+        let view = CpuView::of(&x);
+        let copied: Vec<bf16>;
+        let x = match view.as_ref().and_then(|v| v.slice::<bf16>()) {
+            Some(x) => x,
+            // Not on the CPU: brought over, as before.
+            None => {
+                copied = x.flatten_all()?.to_vec1::<bf16>()?;
+                &copied
+            }
+        };
+        let a: Cow<[bf16]> = if amx {
             let mut a = vec![bf16::ZERO; rows.div_ceil(32) * 32 * width];
             a.par_chunks_mut(16 * width)
                 .enumerate()
@@ -296,15 +312,15 @@ impl PackedBf16 {
                         }
                     }
                 });
-            a
+            Cow::Owned(a)
         } else if width == in_dim {
-            x
+            Cow::Borrowed(x)
         } else {
             let mut a = vec![bf16::ZERO; rows * width];
             for (dst, src) in a.chunks_mut(width).zip(x.chunks(in_dim.max(1))) {
                 dst[..in_dim].copy_from_slice(src);
             }
-            a
+            Cow::Owned(a)
         };
         let mut bias_pad = vec![0f32; self.panels * PANEL];
         if let Some(b) = bias {

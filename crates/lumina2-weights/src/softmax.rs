@@ -14,8 +14,8 @@
 //! (masked keys) gives exactly 0, and a row that is all `-inf` gives NaN,
 //! as PyTorch's softmax does.
 
+use crate::cpu::{map_rows, CpuView};
 use candle_core::{DType, Tensor};
-use rayon::prelude::*;
 
 /// `softmax(x)` over the last dimension. f32 CPU tensors on CPUs with
 /// AVX-512F take the vectorised path; anything else candle's.
@@ -25,29 +25,18 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     }
     let x = x.contiguous()?;
     let n = x.dims().last().copied().unwrap_or(1).max(1);
-    let (storage, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
+    let view = CpuView::of(&x);
+    let Some(src) = view.as_ref().and_then(|v| v.slice::<f32>()) else {
         return candle_nn::ops::softmax_last_dim(&x);
     };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return candle_nn::ops::softmax_last_dim(&x);
-    };
-    let src = &cpu.as_slice::<f32>()?[start..end];
-    let mut out = vec![0f32; src.len()];
-    // Rows in groups of about 64 KiB per task.
-    let rows_per_task = (16384 / n).max(1);
-    out.par_chunks_mut(rows_per_task * n)
-        .zip(src.par_chunks(rows_per_task * n))
-        .for_each(|(dst, src)| {
-            for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
-                // SAFETY: AVX-512F was detected; `d` and `s` have the same length.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    kernel::softmax_row(s, d)
-                };
-            }
-        });
-    drop(storage);
+    let out = map_rows(src, n, |_, s, d: &mut [f32]| {
+        // SAFETY: AVX-512F was detected; `d` and `s` have the same length.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            kernel::softmax_row(s, d)
+        };
+    });
+    drop(view);
     Tensor::from_vec(out, x.dims(), x.device())
 }
 
@@ -65,30 +54,19 @@ pub fn softmax_last_dim_to_bf16(x: &Tensor) -> candle_core::Result<Tensor> {
     }
     let x = x.contiguous()?;
     let n = x.dims().last().copied().unwrap_or(1).max(1);
-    let src = x.flatten_all()?;
-    let (storage, layout) = src.storage_and_layout();
-    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
+    let view = CpuView::of(&x);
+    let Some(src) = view.as_ref().and_then(|v| v.slice::<f32>()) else {
         return softmax_last_dim(&x)?.to_dtype(DType::BF16);
     };
-    let src = &cpu.as_slice::<f32>()?[start..end];
-    let mut out = vec![half::bf16::ZERO; src.len()];
-    let rows_per_task = (16384 / n).max(1);
-    out.par_chunks_mut(rows_per_task * n)
-        .zip(src.par_chunks(rows_per_task * n))
-        .for_each(|(dst, src)| {
-            let mut row = vec![0f32; n];
-            for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
-                // SAFETY: AVX-512F/BW/VL/BF16 were detected; lengths match.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    kernel::softmax_row(s, &mut row);
-                    kernel::round_row(&row, d);
-                };
-            }
-        });
-    drop(storage);
+    let out = map_rows(src, n, |row, s, d: &mut [half::bf16]| {
+        // SAFETY: AVX-512F/BW/VL/BF16 were detected; lengths match.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            kernel::softmax_row(s, row);
+            kernel::round_row(row, d);
+        };
+    });
+    drop(view);
     Tensor::from_vec(out, x.dims(), x.device())
 }
 
