@@ -39,6 +39,11 @@ enum Cmd {
         /// Write our outputs under this directory (one `ours.safetensors` per case).
         #[arg(long)]
         dump: Option<PathBuf>,
+        /// Run only the transformer cases, with int8 linear layers, and
+        /// report their error against the reference (rel_rms column) instead
+        /// of judging it against the case's tolerance.
+        #[arg(long)]
+        int8: bool,
     },
     /// Time our transformer and PyTorch's side by side (same weights, same inputs).
     Bench {
@@ -63,7 +68,8 @@ enum Cmd {
         /// Square image sizes in pixels, comma separated.
         #[arg(long, value_delimiter = ',', default_value = "512,1024")]
         sizes: Vec<usize>,
-        /// Compute dtypes, comma separated (f32, bf16).
+        /// Compute dtypes, comma separated (f32, bf16; int8: the transformer in
+        /// bf16 with int8 attention and feed-forward layers, against PyTorch bf16).
         #[arg(long, value_delimiter = ',', default_value = "f32")]
         dtypes: Vec<String>,
         /// Timed runs per measurement, after one warm-up.
@@ -142,6 +148,7 @@ fn run() -> Result<bool> {
             regenerate,
             filter,
             dump,
+            int8,
         } => {
             let dir = match cases {
                 Some(d) => d,
@@ -151,6 +158,7 @@ fn run() -> Result<bool> {
                 time_runs: if time { runs.max(3) } else { 0 },
                 filter,
                 dump,
+                int8,
             };
             let (_, failed) = parity::run_dir(&dir, &opts)?;
             Ok(failed == 0)

@@ -177,12 +177,12 @@ pub fn transformer_weights(
 pub(crate) fn load_transformer(
     sources: &PipelineSources,
     cfg: &TransformerConfig,
-    dtype: DType,
+    (dtype, int8): (DType, bool),
     device: &Device,
     warnings: &mut Vec<String>,
 ) -> Result<Lumina2Transformer> {
     let source = transformer_weights(&sources.transformer, &sources.loras, cfg)?;
-    let weights = Weights::new(source, dtype, device);
+    let weights = Weights::new(source, dtype, device).with_int8_linears(int8);
     let model = Lumina2Transformer::new(cfg, &weights)?;
     warn_non_finite("transformer", weights.non_finite_keys(), warnings);
     Ok(model)

@@ -34,7 +34,9 @@ impl Embedding {
     pub(crate) fn load(w: &Weights, name: &str, vocab: usize, hidden: usize) -> Result<Self> {
         match w.linear_weight(name, hidden, vocab)? {
             LinearWeight::Dense(t) => Ok(Self::Dense(t)),
-            packed @ LinearWeight::PackedBf16(_) => Ok(Self::Dense(packed.to_dense(w.device())?)),
+            packed @ (LinearWeight::PackedBf16(_) | LinearWeight::Int8(_)) => Ok(Self::Dense(
+                packed.to_dense(w.device())?.to_dtype(w.dtype())?,
+            )),
             LinearWeight::Quantized(q) => {
                 let ty = q.dtype();
                 let (block, size) = (ty.block_size(), ty.type_size());

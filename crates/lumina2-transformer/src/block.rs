@@ -64,8 +64,12 @@ pub struct ModulationOut {
 }
 
 impl Modulation {
-    /// Loads `linear` (`temb_dim -> 4 * dim`).
+    /// Loads `linear` (`temb_dim -> 4 * dim`). Never quantised to int8
+    /// ([`Weights::with_int8_linears`]): it runs on one row per image, so
+    /// int8 would save nothing, and its outputs scale every activation of
+    /// the block.
     pub fn load(w: &Weights, temb_dim: usize, dim: usize) -> Result<Self> {
+        let w = w.clone().with_int8_linears(false);
         Ok(Self {
             linear: w.linear("linear", temb_dim, 4 * dim, true)?,
         })

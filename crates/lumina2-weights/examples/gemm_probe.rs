@@ -1,7 +1,9 @@
 //! Matmul throughput of the shapes of the Lumina2 transformer's linear layers:
-//! candle's f32 and bf16 matmul against the packed bf16 kernel.
+//! candle's f32 and bf16 matmul against the packed bf16 kernel and the int8
+//! kernel (inputs quantised per call, included in its time).
 //! `cargo run --release -p lumina2-weights --example gemm_probe`
 use candle_core::{DType, Device, Tensor};
+use lumina2_weights::int8::PackedI8;
 use lumina2_weights::packed::PackedBf16;
 use std::time::Instant;
 
@@ -16,8 +18,9 @@ fn time(runs: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_c
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    println!("| m x k x n | candle f32 GFLOP/s | candle bf16 | packed bf16 |");
-    println!("|---|---|---|---|");
+    println!("int8 kernel: {}", lumina2_weights::int8::kernel_name());
+    println!("| m x k x n | candle f32 GFLOP/s | candle bf16 | packed bf16 | int8 (GOP/s) |");
+    println!("|---|---|---|---|---|");
     for &(m, k, n) in &[
         (1280usize, 2304usize, 3840usize),
         (1280, 2304, 2304),
@@ -34,11 +37,14 @@ fn main() -> candle_core::Result<()> {
         let bf_s = time(3, || ab.matmul(&wb.t()?).map(|_| ()))?;
         let p = PackedBf16::pack(&wb)?;
         let pk_s = time(3, || p.matmul(&ab, None).map(|_| ()))?;
+        let q = PackedI8::quantize(&w)?;
+        let i8_s = time(3, || q.matmul(&ab, None).map(|_| ()))?;
         println!(
-            "| {m}x{k}x{n} | {:.0} | {:.0} | {:.0} |",
+            "| {m}x{k}x{n} | {:.0} | {:.0} | {:.0} | {:.0} |",
             flop / f32_s / 1e9,
             flop / bf_s / 1e9,
-            flop / pk_s / 1e9
+            flop / pk_s / 1e9,
+            flop / i8_s / 1e9
         );
     }
     // Packing a quantised weight per call (the GGUF bf16 path).

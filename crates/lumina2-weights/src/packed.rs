@@ -68,7 +68,7 @@ fn cpu_has_kernel() -> bool {
 /// `f32 -> bf16` bits, rounding to nearest even, NaN kept NaN: what
 /// `half::bf16::from_f32` gives, without its per-value branching.
 #[inline]
-fn round_bf16(x: f32) -> u16 {
+pub(crate) fn round_bf16(x: f32) -> u16 {
     let b = x.to_bits();
     if x.is_nan() {
         return ((b >> 16) | 0x40) as u16;
@@ -79,7 +79,7 @@ fn round_bf16(x: f32) -> u16 {
 /// Which kernel runs: AMX when the CPU has AMX-BF16 and Linux granted the
 /// process its tile state (asked once), else AVX512-BF16.
 /// `LUMINA2_NO_AMX=1` forces the AVX512-BF16 kernel.
-fn use_amx() -> bool {
+pub(crate) fn use_amx() -> bool {
     static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AMX.get_or_init(|| {
         if std::env::var_os("LUMINA2_NO_AMX").is_some_and(|v| v == "1") {
@@ -433,6 +433,10 @@ impl Out {
     }
 }
 
+/// The AMX tile configuration, shared with [`crate::int8`].
+#[cfg(target_arch = "x86_64")]
+pub(crate) use kernel::tile_config;
+
 #[cfg(target_arch = "x86_64")]
 mod kernel {
     use std::arch::asm;
@@ -473,11 +477,12 @@ mod kernel {
     }
 
     /// The tile configuration: palette 1, eight tiles of 16 rows x 64 bytes
-    /// (C: 16x16 f32; A: 16 rows x 32 bf16; B: 16 pairs x 16 columns).
+    /// (C: 16x16 f32; A: 16 rows x 32 bf16; B: 16 pairs x 16 columns). The
+    /// int8 kernel ([`crate::int8`]) uses the same shapes (64 int8 a row).
     #[repr(C, align(64))]
-    struct TileConfig([u8; 64]);
+    pub(crate) struct TileConfig(pub(crate) [u8; 64]);
 
-    const fn tile_config() -> TileConfig {
+    pub(crate) const fn tile_config() -> TileConfig {
         let mut c = [0u8; 64];
         c[0] = 1;
         let mut t = 0;

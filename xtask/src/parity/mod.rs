@@ -27,9 +27,12 @@ pub trait Prepared {
 }
 
 /// Loads a case's model and inputs for its component.
-pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
+///
+/// With `int8`, the transformer's linear layers are quantised to int8
+/// (`Weights::with_int8_linears`); other components ignore it.
+pub fn prepare(case: &Case, int8: bool) -> Result<Box<dyn Prepared>> {
     match case.component.as_str() {
-        "transformer" => transformer::prepare(case),
+        "transformer" => transformer::prepare(case, int8),
         "gguf_dequant" => gguf::prepare(case),
         "scheduler" => scheduler::prepare(case),
         "vae_decode" | "vae_encode" => vae::prepare(case),
@@ -55,6 +58,8 @@ pub struct Row {
     pub max_abs: f64,
     /// Max of |rust - expected| / (atol + rtol |expected|).
     pub worst: f64,
+    /// ||rust - expected|| / ||expected||.
+    pub rel_rms: f64,
     /// Whether the row passes.
     pub pass: bool,
     /// Why a row failed without a comparison.
@@ -71,6 +76,7 @@ impl Row {
             shape,
             max_abs: f64::NAN,
             worst: f64::INFINITY,
+            rel_rms: f64::NAN,
             pass: false,
             note,
         }
@@ -105,7 +111,7 @@ pub fn run_case(case: &Case, rel: &str, opts: &RunOptions) -> CaseResult {
 fn run_case_inner(case: &Case, rel: &str, opts: &RunOptions) -> Result<CaseResult> {
     let time_runs = opts.time_runs;
     let expected = case.expected()?;
-    let mut prepared = prepare(case)?;
+    let mut prepared = prepare(case, opts.int8)?;
     let mut outputs = prepared.run()?;
     let mut seconds = None;
     if time_runs > 0 {
@@ -144,7 +150,14 @@ fn run_case_inner(case: &Case, rel: &str, opts: &RunOptions) -> Result<CaseResul
                     shape: format!("{:?}", exp.dims()),
                     max_abs: c.max_abs,
                     worst: c.worst,
-                    pass: c.worst <= 1.0,
+                    rel_rms: c.rel_rms,
+                    // int8 outputs are reported, not judged against the
+                    // case's (f32 / bf16) tolerance; they must be finite.
+                    pass: if opts.int8 {
+                        c.rel_rms.is_finite()
+                    } else {
+                        c.worst <= 1.0
+                    },
                     note: String::new(),
                 },
                 Err(e) => Row::failed(
@@ -170,6 +183,10 @@ pub struct RunOptions {
     pub filter: Option<String>,
     /// Write our outputs to `<dump>/<case path>/ours.safetensors`.
     pub dump: Option<PathBuf>,
+    /// Run only the transformer cases, with int8 linear layers, and report
+    /// their error instead of judging it (a row fails only when the output
+    /// is not finite or the case cannot run).
+    pub int8: bool,
 }
 
 /// Runs every case under `dir` and prints the report. Returns (passed, failed).
@@ -191,6 +208,7 @@ pub fn run_dir(dir: &Path, opts: &RunOptions) -> Result<(usize, usize)> {
             }
         }
         let result = match Case::load(path) {
+            Ok(case) if opts.int8 && case.component != "transformer" => continue,
             Ok(case) => run_case(&case, &rel, opts),
             Err(e) => CaseResult {
                 rows: vec![Row::failed(&rel, "?", "-", "-".into(), format!("{e:#}"))],
@@ -209,6 +227,12 @@ pub fn run_dir(dir: &Path, opts: &RunOptions) -> Result<(usize, usize)> {
             println!("time: {rel} {s:.6}");
         }
         rows.extend(result.rows);
+    }
+    if opts.int8 {
+        println!(
+            "int8 linear layers ({} kernel): errors against the PyTorch reference of each case's dtype",
+            lumina2_weights::int8::kernel_name()
+        );
     }
     println!("{}", format_report(&rows));
     println!("{passed} passed, {failed} failed");
@@ -230,7 +254,7 @@ fn rel_path(root: &Path, p: &Path) -> String {
 
 fn format_row(r: &Row) -> String {
     format!(
-        "{:<44} {:<12} {:<24} {:<20} {:>11} {:>10} {}{}",
+        "{:<44} {:<12} {:<24} {:<20} {:>11} {:>10} {:>10} {}{}",
         r.case,
         r.component,
         r.tensor,
@@ -239,6 +263,11 @@ fn format_row(r: &Row) -> String {
             "-".to_string()
         } else {
             format!("{:.3e}", r.max_abs)
+        },
+        if r.rel_rms.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.3e}", r.rel_rms)
         },
         if r.worst.is_infinite() {
             "inf".to_string()
@@ -257,8 +286,8 @@ fn format_row(r: &Row) -> String {
 /// The report table.
 pub fn format_report(rows: &[Row]) -> String {
     let mut s = format!(
-        "{:<44} {:<12} {:<24} {:<20} {:>11} {:>10} {}\n",
-        "case", "component", "tensor", "shape", "max_abs", "worst", "result"
+        "{:<44} {:<12} {:<24} {:<20} {:>11} {:>10} {:>10} {}\n",
+        "case", "component", "tensor", "shape", "max_abs", "rel_rms", "worst", "result"
     );
     for r in rows {
         s.push_str(&format_row(r));

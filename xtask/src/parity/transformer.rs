@@ -17,7 +17,7 @@ struct TransformerCase {
     inputs: BTreeMap<String, Tensor>,
 }
 
-pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
+pub fn prepare(case: &Case, int8: bool) -> Result<Box<dyn Prepared>> {
     let model_path = case.model()?;
     let dev = Device::Cpu;
     let (cfg, source): (Config, Arc<dyn WeightSource>) = if model_path.is_dir() {
@@ -43,7 +43,8 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
     } else {
         Arc::new(lumina2_loader::LoraSource::open(source, &cfg, &loras)?)
     };
-    let model = Lumina2Transformer::new(&cfg, &Weights::new(source, case.dtype, &dev))?;
+    let weights = Weights::new(source, case.dtype, &dev).with_int8_linears(int8);
+    let model = Lumina2Transformer::new(&cfg, &weights)?;
     Ok(Box::new(TransformerCase {
         model,
         inputs: case.inputs()?,

@@ -170,9 +170,10 @@ impl WeightSource for LoraSource {
         Ok(match self.inner.linear(key)? {
             LinearWeight::Dense(w) => LinearWeight::Dense(self.merged(key, w)?),
             q @ LinearWeight::Quantized(_) => q,
-            // Sources do not hand out packed weights today; one that did
-            // would be unpacked, merged, and repacked by `Linear::new`.
-            p @ LinearWeight::PackedBf16(_) => {
+            // Sources do not hand out packed or int8 weights today; one that
+            // did would be unpacked, merged, and repacked by `Linear::new`
+            // (or requantised by `Weights::linear`).
+            p @ (LinearWeight::PackedBf16(_) | LinearWeight::Int8(_)) => {
                 LinearWeight::Dense(self.merged(key, p.to_dense(&candle_core::Device::Cpu)?)?)
             }
         })

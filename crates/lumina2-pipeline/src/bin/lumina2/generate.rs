@@ -136,6 +136,11 @@ pub struct GenerateArgs {
     /// Compute dtype.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DtypeArg,
+    /// Quantise the transformer's attention and feed-forward layers to int8
+    /// (faster on CPUs with AMX or AVX512-VNNI; about 1% relative error on
+    /// each denoising step's output). Best with `--dtype bf16`.
+    #[arg(long)]
+    int8: bool,
     /// Device: cpu, cuda[:N] or metal[:N] (GPU builds only).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -412,6 +417,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         .dtype(dtype)
         .device(device)
         .vae_tiling(args.vae_tiling)
+        .int8_transformer(args.int8)
         .build()?;
     let (width, height) = usage(pipe.resolve_size(&opts).map_err(Into::into))?;
     if !args.no_memory_check {
