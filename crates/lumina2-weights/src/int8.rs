@@ -163,48 +163,53 @@ impl PackedI8 {
     /// through f32). Fails when a row holds NaN or infinity.
     pub fn quantize(weight: &Tensor) -> candle_core::Result<Self> {
         let (out_dim, in_dim) = weight.dims2()?;
-        let w: Vec<f32> = weight
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        let w = weight.to_device(&Device::Cpu)?;
+        let w = match w.dtype() {
+            DType::BF16 | DType::F32 => w.contiguous()?,
+            _ => w.to_dtype(DType::F32)?.contiguous()?,
+        };
+        let view = CpuView::of(&w);
+        let (wb, wf) = match &view {
+            Some(v) => (v.slice::<bf16>(), v.slice::<f32>()),
+            None => (None, None),
+        };
+        if wb.is_none() && wf.is_none() {
+            candle_core::bail!("int8 quantisation: the weight is not readable from the CPU");
+        }
         let quads = in_dim.div_ceil(64) * 16;
         let panels = out_dim.div_ceil(PANEL);
+        // Rows quantised in parallel into `quads` lanes each (zero-padded),
+        // then transposed lane by lane into the panels.
+        let mut rows = vec![0u32; out_dim * quads];
         let mut scales = vec![0f32; panels * PANEL];
-        let mut q = vec![0i8; out_dim * in_dim];
-        if in_dim > 0 {
-            q.par_chunks_mut(in_dim)
-                .zip(w.par_chunks(in_dim))
-                .zip(scales.par_iter_mut())
-                .for_each(|((q, w), s)| *s = quantize_row(w.iter().copied(), q));
+        let mut col_sums = vec![0i32; panels * PANEL];
+        if quads > 0 {
+            rows.par_chunks_mut(quads)
+                .zip(scales.par_iter_mut().zip(col_sums.par_iter_mut()))
+                .enumerate()
+                .for_each(|(n, (q, (s, sum)))| {
+                    let q: &mut [i8] = bytemuck::cast_slice_mut(q);
+                    let row = match (wb, wf) {
+                        (Some(w), _) => Row::Bf16(&w[n * in_dim..(n + 1) * in_dim]),
+                        (_, Some(w)) => Row::F32(&w[n * in_dim..(n + 1) * in_dim]),
+                        _ => Row::F32(&[]),
+                    };
+                    *s = quantize_input(row, &mut q[..in_dim]);
+                    *sum = q.iter().map(|&v| i32::from(v)).sum();
+                });
         }
         if let Some(n) = scales.iter().position(|s| s.is_nan()) {
             candle_core::bail!("int8 quantisation: row {n} of the weight holds NaN or infinity");
-        }
-        let mut col_sums = vec![0i32; panels * PANEL];
-        for (n, sum) in col_sums.iter_mut().enumerate().take(out_dim) {
-            *sum = q[n * in_dim..(n + 1) * in_dim]
-                .iter()
-                .map(|&v| i32::from(v))
-                .sum();
         }
         let mut data = Aligned::<u32>::zeroed(panels * quads * PANEL);
         if quads > 0 {
             data.par_chunks_mut(quads * PANEL)
                 .enumerate()
                 .for_each(|(p, panel)| {
-                    for lane in 0..PANEL {
+                    for lane in 0..PANEL.min(out_dim - p * PANEL) {
                         let n = p * PANEL + lane;
-                        if n >= out_dim {
-                            break;
-                        }
-                        let row = &q[n * in_dim..(n + 1) * in_dim];
-                        for (kk, quad) in row.chunks(4).enumerate() {
-                            let mut b = [0u8; 4];
-                            for (d, &s) in b.iter_mut().zip(quad) {
-                                *d = s as u8;
-                            }
-                            panel[kk * PANEL + lane] = u32::from_le_bytes(b);
+                        for (kk, &quad) in rows[n * quads..(n + 1) * quads].iter().enumerate() {
+                            panel[kk * PANEL + lane] = quad;
                         }
                     }
                 });

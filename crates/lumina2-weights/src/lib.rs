@@ -35,6 +35,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 pub use error::{Error, Result};
 pub use folder::{ComponentFolder, FolderError, ShardIndex};
@@ -438,7 +439,6 @@ impl WeightSource for SafetensorsSource {
         self.index.contains_key(key)
     }
     fn tensor(&self, key: &str) -> Result<Tensor> {
-        use std::io::{Read, Seek, SeekFrom};
         let e = self.index.get(key).ok_or_else(|| Error::MissingWeight {
             key: key.to_string(),
             source_name: self.names.clone(),
@@ -452,19 +452,35 @@ impl WeightSource for SafetensorsSource {
             source_name: path.display().to_string(),
             reason,
         };
-        let mut buf = vec![0u8; e.len];
-        {
-            let mut f = file.lock().map_err(|_| err("file lock poisoned".into()))?;
-            f.seek(SeekFrom::Start(e.start))
-                .map_err(|x| err(x.to_string()))?;
-            f.read_exact(&mut buf).map_err(|x| err(x.to_string()))?;
-        }
-        Ok(Tensor::from_raw_buffer(
-            &buf,
-            e.dtype,
-            &e.shape,
-            &Device::Cpu,
-        )?)
+        // Read straight into a buffer of the element type (no second copy),
+        // large tensors in parallel pieces.
+        let f = file.lock().map_err(|_| err("file lock poisoned".into()))?;
+        let read = |buf: &mut [u8]| read_at(&f, e.start, buf).map_err(|x| err(x.to_string()));
+        let n = e.shape.iter().product::<usize>();
+        let shape = e.shape.as_slice();
+        let t = match e.dtype {
+            DType::F32 => {
+                let mut v = vec![0f32; n];
+                read(bytemuck::cast_slice_mut(&mut v))?;
+                Tensor::from_vec(v, shape, &Device::Cpu)?
+            }
+            DType::BF16 => {
+                let mut v = vec![half::bf16::ZERO; n];
+                read(bytemuck::cast_slice_mut(&mut v))?;
+                Tensor::from_vec(v, shape, &Device::Cpu)?
+            }
+            DType::F16 => {
+                let mut v = vec![half::f16::ZERO; n];
+                read(bytemuck::cast_slice_mut(&mut v))?;
+                Tensor::from_vec(v, shape, &Device::Cpu)?
+            }
+            _ => {
+                let mut buf = vec![0u8; e.len];
+                read(&mut buf)?;
+                Tensor::from_raw_buffer(&buf, e.dtype, shape, &Device::Cpu)?
+            }
+        };
+        Ok(t)
     }
     fn name(&self) -> String {
         self.names.clone()
@@ -473,6 +489,27 @@ impl WeightSource for SafetensorsSource {
         let mut k: Vec<String> = self.index.keys().cloned().collect();
         k.sort();
         k
+    }
+}
+
+/// Fills `buf` from `file` at byte `offset`: positioned reads (no shared
+/// cursor), pieces of 64 MiB in parallel for large buffers (a single thread
+/// copies from the page cache at well under the memory bandwidth).
+fn read_at(file: &std::fs::File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    const PIECE: usize = 64 << 20;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        buf.par_chunks_mut(PIECE)
+            .enumerate()
+            .try_for_each(|(i, chunk)| file.read_exact_at(chunk, offset + (i * PIECE) as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(buf)
     }
 }
 
@@ -657,7 +694,7 @@ impl Weights {
         let t = self.source.tensor(&key)?;
         self.check_shape(&key, t.dims(), shape)?;
         self.scan(&key, &t)?;
-        Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
+        Ok(cpu::cast(&t.to_device(&self.device)?, self.dtype)?)
     }
 
     /// A dense tensor of the given shape in `dtype` (not the compute dtype), on the compute device.
@@ -667,7 +704,7 @@ impl Weights {
         let t = self.source.tensor(&key)?;
         self.check_shape(&key, t.dims(), shape)?;
         self.scan(&key, &t)?;
-        Ok(t.to_device(&self.device)?.to_dtype(dtype)?)
+        Ok(cpu::cast(&t.to_device(&self.device)?, dtype)?)
     }
 
     /// The `[out_dim, in_dim]` weight `name.weight` as the source hands it
@@ -681,7 +718,7 @@ impl Weights {
             LinearWeight::Dense(t) => {
                 self.check_shape(&wkey, t.dims(), &[out_dim, in_dim])?;
                 self.scan(&wkey, &t)?;
-                LinearWeight::Dense(t.to_device(&self.device)?.to_dtype(self.dtype)?)
+                LinearWeight::Dense(cpu::cast(&t.to_device(&self.device)?, self.dtype)?)
             }
             LinearWeight::Quantized(q) => {
                 self.check_shape(&wkey, q.shape().dims(), &[out_dim, in_dim])?;

@@ -114,15 +114,19 @@ impl PackedBf16 {
         if !matches!(weight.device(), Device::Cpu) {
             candle_core::bail!("packed bf16 weights live on the CPU");
         }
-        let w: Vec<bf16> = weight
-            .to_dtype(DType::BF16)?
-            .flatten_all()?
-            .to_vec1::<bf16>()?;
+        let w = crate::cpu::cast(weight, DType::BF16)?.contiguous()?;
+        let view = CpuView::of(&w);
+        let copied: Vec<bf16>;
+        let w = match view.as_ref().and_then(|v| v.slice::<bf16>()) {
+            Some(w) => w,
+            None => {
+                copied = w.flatten_all()?.to_vec1::<bf16>()?;
+                &copied
+            }
+        };
         Ok(Self::from_rows(out_dim, in_dim, |n, k0, out| {
             let src = &w[n * in_dim + k0..n * in_dim + k0 + out.len()];
-            for (d, s) in out.iter_mut().zip(src) {
-                *d = s.to_bits();
-            }
+            out.copy_from_slice(bytemuck::cast_slice(src));
         }))
     }
 
