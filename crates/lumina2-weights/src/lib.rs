@@ -20,6 +20,7 @@
 
 mod cpu;
 pub mod error;
+pub mod flash;
 pub mod folder;
 pub mod fused;
 pub mod int8;

@@ -234,6 +234,16 @@ impl PackedBf16 {
         [self.out_dim, self.in_dim]
     }
 
+    /// Pairs per panel (`ceil(in / 32) * 16`).
+    pub(crate) fn pairs(&self) -> usize {
+        self.pairs
+    }
+
+    /// The panels, `ceil(out / 32) * pairs * 32` lanes from a 64-byte boundary.
+    pub(crate) fn data(&self) -> &[u32] {
+        &self.data
+    }
+
     /// The dense `[out, in]` bf16 weight, rebuilt from the panels.
     pub fn to_dense(&self) -> candle_core::Result<Tensor> {
         let mut w = vec![bf16::ZERO; self.out_dim * self.in_dim];
