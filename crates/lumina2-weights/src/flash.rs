@@ -25,6 +25,8 @@ use crate::packed::PackedBf16;
 const QB: usize = 32;
 /// Keys per online-softmax step (four 32-key tiles).
 const KB: usize = 128;
+/// 32-key tiles per step.
+const KSUB: usize = KB / 32;
 
 /// Softmax attention of bf16 `q` `[B, H, S_q, d]` over `k`, `v` `[B, KV,
 /// S_kv, d]` (`H` a multiple of `KV`: query head `i` reads key head
@@ -150,7 +152,7 @@ struct Scratch {
     q: Aligned<bf16>,
     /// Scores of the current key block, `QB x KB` f32.
     s: Aligned<f32>,
-    /// Probabilities as A tiles: (row tile `t`, 32-key step `j`) at `(t * 4 + j) * 512`.
+    /// Probabilities as A tiles: (row tile `t`, 32-key step `j`) at `(t * KSUB + j) * 512`.
     p: Aligned<bf16>,
     /// Output sums, `QB x dp` f32 (`dp`: d padded to 32).
     o: Aligned<f32>,
@@ -164,7 +166,7 @@ impl Scratch {
         Self {
             q: Aligned::zeroed(2 * steps * 512),
             s: Aligned::zeroed(QB * KB),
-            p: Aligned::zeroed(2 * (KB / 32) * 512),
+            p: Aligned::zeroed(2 * KSUB * 512),
             o: Aligned::zeroed(QB * steps * 32),
             m: [0.0; QB],
             l: [0.0; QB],
@@ -179,7 +181,7 @@ mod kernel {
 
     use half::bf16;
 
-    use super::{Scratch, KB, QB};
+    use super::{Scratch, KB, KSUB, QB};
     use crate::packed::PackedBf16;
 
     /// `C[0..4] = 0`, then for each of `steps` depth steps the 2x2 tile
@@ -336,7 +338,7 @@ mod kernel {
                     if m_new == f32::NEG_INFINITY {
                         // Nothing to attend to yet (or ever): p = 0.
                         for j in 0..nsub {
-                            let p = sc.p.as_mut_ptr().add((t * 4 + j) * 512 + r * 32);
+                            let p = sc.p.as_mut_ptr().add((t * KSUB + j) * 512 + r * 32);
                             std::ptr::write_bytes(p, 0, 32);
                         }
                         continue;
@@ -349,7 +351,7 @@ mod kernel {
                         let e = crate::simd::exp16(_mm512_sub_ps(_mm512_loadu_ps(row.add(c)), vm));
                         vsum = _mm512_add_ps(vsum, e);
                         let (j, h) = (c / 32, c % 32);
-                        let p = sc.p.as_mut_ptr().add((t * 4 + j) * 512 + r * 32 + h);
+                        let p = sc.p.as_mut_ptr().add((t * KSUB + j) * 512 + r * 32 + h);
                         _mm256_storeu_si256(p.cast(), crate::simd::round16(e));
                         c += 16;
                     }
@@ -372,7 +374,7 @@ mod kernel {
                     let o = sc.o.as_mut_ptr().add(pd * 32);
                     c_tiles(o, dp, true);
                     let panel = vdata.add(pd * vpairs * 128 + (kb / 2) * 128);
-                    product(pa, pa.add(4 * 1024), 1024, panel, 16 * 128, nsub);
+                    product(pa, pa.add(KSUB * 1024), 1024, panel, 16 * 128, nsub);
                     c_tiles(o, dp, false);
                 }
                 kb += nk;
