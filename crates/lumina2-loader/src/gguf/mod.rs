@@ -184,7 +184,36 @@ impl GgufFile {
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>, GgufError> {
         let t = self.tensor_info(name)?;
         let data = self.data_of(t)?;
-        dequantize(t.ggml_type, data, t.n_elements as usize).map_err(|e| self.dequant_err(t, e))
+        let v = dequantize(t.ggml_type, data, t.n_elements as usize)
+            .map_err(|e| self.dequant_err(t, e));
+        self.release(data);
+        v
+    }
+
+    /// Drops the pages of `data` (a slice of the memory map, already copied
+    /// out) from this process's resident memory. The file's pages stay in the
+    /// page cache; without this, a model loaded from a mapped GGUF counted
+    /// every tensor twice in its peak RSS (the mapped bytes and the copy).
+    fn release(&self, data: &[u8]) {
+        #[cfg(unix)]
+        if let Bytes::Mmap(m) = &self.bytes {
+            const PAGE: usize = 4096;
+            let Some(offset) = (data.as_ptr() as usize).checked_sub(m.as_ptr() as usize) else {
+                return;
+            };
+            // Whole pages inside the range only: neighbours may still be read.
+            let start = offset.div_ceil(PAGE) * PAGE;
+            let end = (offset + data.len()) / PAGE * PAGE;
+            if end > start && end <= m.len() {
+                // SAFETY: a read-only shared file mapping: after MADV_DONTNEED
+                // its pages read back from the file, unchanged (the file must
+                // not change while open, as for the map itself). An error
+                // (e.g. larger pages) only leaves the pages resident.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                };
+            }
+        }
     }
 
     fn dequant_err(&self, t: &TensorInfo, e: DequantError) -> GgufError {
@@ -228,7 +257,8 @@ impl GgufFile {
                 what: "a candle QTensor".into(),
             });
         };
-        let data = self.data_of(t)?;
+        let raw = self.data_of(t)?;
+        let data = raw;
         // candle reinterprets the bytes as its block structs and asserts on
         // mismatches: make sure they cannot happen.
         if ct.block_size() != t.ggml_type.block_size()
@@ -258,7 +288,9 @@ impl GgufFile {
             words = w;
             bytes_of(&words).get(..data.len()).unwrap_or_default()
         };
-        self.qtensor_from(t, ct, data, device)
+        let q = self.qtensor_from(t, ct, data, device);
+        self.release(raw);
+        q
     }
 
     fn qtensor_from(
