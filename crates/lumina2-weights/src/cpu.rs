@@ -80,6 +80,24 @@ impl<T: Copy + Default> Aligned<T> {
     }
 }
 
+impl<T> Aligned<T> {
+    /// A buffer of `len` elements, made from `old` when it holds enough
+    /// (contents left as they were: the caller overwrites every element),
+    /// else a new zeroed one.
+    pub(crate) fn reuse_unzeroed(old: Option<Self>, len: usize) -> Self
+    where
+        T: Copy + Default,
+    {
+        match old {
+            Some(mut a) if a.buf.len() - a.off >= len => {
+                a.len = len;
+                a
+            }
+            _ => Self::zeroed(len),
+        }
+    }
+}
+
 impl<T> std::ops::Deref for Aligned<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {

@@ -858,7 +858,7 @@ impl Linear {
             // Packing costs about one pass over the weight: worth it once a
             // few rows share it.
             LinearWeight::Quantized(q) if fast && rows >= 16 && packed::available() => {
-                packed::PackedBf16::from_quantized(q)?.matmul(&x2, self.bias_f32.as_deref())?
+                packed::PackedBf16::matmul_quantized(q, &x2, self.bias_f32.as_deref())?
             }
             w => {
                 let w = w.to_dense(x.device())?.to_dtype(x.dtype())?;
