@@ -39,6 +39,10 @@ impl FeedForward {
             let _span = span(groups::ELEMENTWISE);
             lumina2_weights::fused::silu_mul(&gate, &up)?
         };
+        // The two [tokens, inner] inputs of the product are dead: freed
+        // before the last matmul, not after it (the forward's peak memory is
+        // here: 47 MB less at 512x512 in bf16).
+        drop((gate, up));
         self.linear_2.forward(&h)
     }
 }

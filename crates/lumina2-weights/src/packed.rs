@@ -154,11 +154,98 @@ impl PackedBf16 {
         x: &Tensor,
         bias: Option<&[f32]>,
     ) -> candle_core::Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(y) = Self::matmul_q4_0_streamed(q, x, bias)? {
+            return Ok(y);
+        }
         let buf = SCRATCH.with(|s| s.borrow_mut().take());
         let packed = Self::from_quantized_in(q, buf)?;
         let y = packed.matmul(x, bias);
         SCRATCH.with(|s| *s.borrow_mut() = Some(packed.data));
         y
+    }
+
+    /// Q4_0 weights on AMX: each task decodes a few panels into its own
+    /// small buffer (at most about 1.2 MB, so it stays in L2) and multiplies
+    /// every input row by them, so the weight is never unpacked whole. `None`
+    /// where this path does not apply (other types, no AMX, shapes that are
+    /// not whole blocks).
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_q4_0_streamed(
+        q: &QTensor,
+        x: &Tensor,
+        bias: Option<&[f32]>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if q.dtype() != GgmlDType::Q4_0 || !x.device().is_cpu() || !use_amx() {
+            return Ok(None);
+        }
+        let (out_dim, in_dim) = q.shape().dims2()?;
+        let (rows, x_in) = x.dims2()?;
+        let data = q.data()?;
+        let row_bytes = in_dim / 32 * 18;
+        if x_in != in_dim
+            || in_dim % 32 != 0
+            || data.len() != out_dim * row_bytes
+            || bias.is_some_and(|b| b.len() != out_dim)
+        {
+            return Ok(None);
+        }
+        let pairs = in_dim / 2;
+        let panels = out_dim.div_ceil(PANEL);
+        let x = x.to_dtype(DType::BF16)?.contiguous()?;
+        let view = CpuView::of(&x);
+        let Some(xs) = view.as_ref().and_then(|v| v.slice::<bf16>()) else {
+            return Ok(None);
+        };
+        let a = tile_inputs(xs, rows, in_dim, 2 * pairs);
+        let mut bias_pad = vec![0f32; panels * PANEL];
+        if let Some(b) = bias {
+            bias_pad[..b.len()].copy_from_slice(b);
+        }
+        let mut out = vec![bf16::ZERO; rows * out_dim];
+        let dst = Out::Bf16(out.as_mut_ptr().cast());
+        let per_task = (1_200_000 / (pairs * PANEL * 4).max(1)).clamp(1, BLOCK_PANELS);
+        (0..panels.div_ceil(per_task))
+            .into_par_iter()
+            .for_each_init(
+                || Aligned::<u32>::zeroed(per_task * pairs * PANEL),
+                |buf, t| {
+                    let (p0, p1) = (t * per_task, ((t + 1) * per_task).min(panels));
+                    for p in p0..p1 {
+                        let n = PANEL.min(out_dim - p * PANEL);
+                        let src = &data[p * PANEL * row_bytes..(p * PANEL + n) * row_bytes];
+                        let panel =
+                            &mut buf[(p - p0) * pairs * PANEL..(p - p0 + 1) * pairs * PANEL];
+                        // SAFETY: AVX-512F/BW/VL/BF16 come with AMX here; `src`
+                        // holds `n` rows of whole blocks, `panel` `pairs * 32` lanes.
+                        unsafe { kernel::pack_q4_0_panel(src, row_bytes, n, panel) };
+                    }
+                    // Row blocks inside the task, so that a block of inputs stays
+                    // in cache across the task's panels.
+                    let mut r0 = 0;
+                    while r0 < rows {
+                        let r1 = (r0 + BLOCK_ROWS).min(rows);
+                        // SAFETY: AMX is usable; `a` is tiled in whole 32-row
+                        // blocks; `buf` holds panels `p0..p1`; tasks write
+                        // disjoint columns of `out` (`rows x out_dim`).
+                        unsafe {
+                            kernel::amx_block(
+                                a.as_ptr().cast::<u32>(),
+                                pairs,
+                                (r0, r1),
+                                (buf, p0),
+                                (p0, p1),
+                                bias_pad.as_ptr(),
+                                dst,
+                                out_dim,
+                            )
+                        };
+                        r0 = r1;
+                    }
+                },
+            );
+        drop(view);
+        Ok(Some(Tensor::from_vec(out, (rows, out_dim), &Device::Cpu)?))
     }
 
     fn from_quantized_in(q: &QTensor, buf: Option<Aligned<u32>>) -> candle_core::Result<Self> {
@@ -367,23 +454,7 @@ impl PackedBf16 {
         };
         let (tiled, padded);
         let a: &[bf16] = if amx {
-            let mut a = Aligned::<bf16>::zeroed(rows.div_ceil(32) * 32 * width);
-            a.par_chunks_mut(16 * width)
-                .enumerate()
-                .for_each(|(rt, tiles)| {
-                    for i in 0..16 {
-                        let r = rt * 16 + i;
-                        if r >= rows {
-                            break;
-                        }
-                        let src = &x[r * in_dim..(r + 1) * in_dim];
-                        for (step, chunk) in src.chunks(32).enumerate() {
-                            let at = step * 512 + i * 32;
-                            tiles[at..at + chunk.len()].copy_from_slice(chunk);
-                        }
-                    }
-                });
-            tiled = a;
+            tiled = tile_inputs(x, rows, in_dim, width);
             &tiled
         } else if width == in_dim {
             x
@@ -433,7 +504,7 @@ impl PackedBf16 {
                             a.as_ptr().cast::<u32>(),
                             self.pairs,
                             (r0, r1),
-                            &self.data,
+                            (&self.data, 0),
                             (p0, p1),
                             bias.as_ptr(),
                             out,
@@ -472,6 +543,29 @@ impl PackedBf16 {
                 }
             });
     }
+}
+
+/// `rows` rows of `in_dim` bf16 laid out as AMX A tiles: zero-padded to
+/// `width` columns and whole 32-row blocks, tile (row tile `t`, step `s`) of
+/// 16 rows x 32 values at element `(t * width / 32 + s) * 512`.
+fn tile_inputs(x: &[bf16], rows: usize, in_dim: usize, width: usize) -> Aligned<bf16> {
+    let mut a = Aligned::<bf16>::zeroed(rows.div_ceil(32) * 32 * width);
+    a.par_chunks_mut(16 * width)
+        .enumerate()
+        .for_each(|(rt, tiles)| {
+            for i in 0..16 {
+                let r = rt * 16 + i;
+                if r >= rows {
+                    break;
+                }
+                let src = &x[r * in_dim..(r + 1) * in_dim];
+                for (step, chunk) in src.chunks(32).enumerate() {
+                    let at = step * 512 + i * 32;
+                    tiles[at..at + chunk.len()].copy_from_slice(chunk);
+                }
+            }
+        });
+    a
 }
 
 /// Where a kernel writes: bf16 rows (the bias added, rounded once), or f32
@@ -567,7 +661,9 @@ mod kernel {
     ///
     /// # Safety
     /// AMX is usable; `a` holds the inputs tiled (see `matmul_with`) in whole
-    /// 32-row blocks covering `r1` (rounded up), `pairs` pairs wide; `data` is the packed weight of `ldo` columns;
+    /// 32-row blocks covering `r1` (rounded up), `pairs` pairs wide; `data`
+    /// holds the panels of the packed weight (`ldo` columns) from panel
+    /// `first` on, covering `p0..p1`;
     /// `bias` points at `p1 * 32` f32; `out` at rows of stride `ldo` covering
     /// `r1 x ldo`.
     #[allow(clippy::too_many_arguments)]
@@ -576,7 +672,7 @@ mod kernel {
         a: *const u32,
         pairs: usize,
         (r0, r1): (usize, usize),
-        data: &[u32],
+        (data, first): (&[u32], usize),
         (p0, p1): (usize, usize),
         bias: *const f32,
         out: super::Out,
@@ -590,7 +686,7 @@ mod kernel {
             asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack));
             for p in p0..p1 {
                 let cols = PANEL.min(ldo - p * PANEL);
-                let panel = data.as_ptr().add(p * pairs * PANEL).cast::<u8>();
+                let panel = data.as_ptr().add((p - first) * pairs * PANEL).cast::<u8>();
                 let (m0, m1) = masks(cols);
                 let bias0 = _mm512_loadu_ps(bias.add(p * PANEL));
                 let bias1 = _mm512_loadu_ps(bias.add(p * PANEL + 16));
@@ -911,7 +1007,7 @@ mod kernel {
         _a: *const u32,
         _pairs: usize,
         _rows: (usize, usize),
-        _data: &[u32],
+        _data: (&[u32], usize),
         _panels: (usize, usize),
         _bias: *const f32,
         _out: super::Out,
@@ -1000,6 +1096,17 @@ mod tests {
         bits(PackedBf16::matmul_quantized(&big, &xb, None)?)?;
         let reused = bits(PackedBf16::matmul_quantized(&small, &xs, None)?)?;
         assert_eq!(fresh, reused);
+        // Several tasks and row blocks (on AMX the panels are decoded per
+        // task), a partial last panel, a bias: the same bits as packing first.
+        let w = QTensor::quantize(
+            &Tensor::randn(0f32, 1., (1000, 4096), &dev)?,
+            GgmlDType::Q4_0,
+        )?;
+        let x = Tensor::randn(0f32, 1., (200, 4096), &dev)?.to_dtype(DType::BF16)?;
+        let bias: Vec<f32> = (0..1000).map(|i| i as f32 * 0.01).collect();
+        let packed = bits(PackedBf16::from_quantized(&w)?.matmul(&x, Some(&bias))?)?;
+        let streamed = bits(PackedBf16::matmul_quantized(&w, &x, Some(&bias))?)?;
+        assert_eq!(packed, streamed);
         Ok(())
     }
 
