@@ -73,17 +73,23 @@ fn generate_fixture_case(out: &Path, extra: &[&str]) -> Output {
     lumina2(&args)
 }
 
-/// Asserts that a PNG holds diffusers' `output_type="np"` image of the
-/// `seed_cfg` case, rounded as its PIL output is (off by one at most where
-/// the float error meets a .5).
-fn assert_fixture_pixels(png: &[u8]) {
+/// diffusers' `output_type="np"` image of the `seed_cfg` case, `[H, W, 3]`
+/// values in 0..1, flattened.
+fn fixture_reference() -> Vec<f32> {
     let expected = candle_core::safetensors::load(
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/pipeline/seed_cfg/expected.safetensors"),
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let reference: Vec<f32> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
+    expected["image"].flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Asserts that a PNG holds diffusers' `output_type="np"` image of the
+/// `seed_cfg` case, rounded as its PIL output is (off by one at most where
+/// the float error meets a .5).
+fn assert_fixture_pixels(png: &[u8]) {
+    let reference = fixture_reference();
     let img = image::load_from_memory(png).unwrap().to_rgb8();
     assert_eq!((img.width(), img.height()), (48, 32));
     let worst = img
@@ -452,13 +458,7 @@ fn int8_transformer_gives_nearly_the_same_image() {
     let out = dir.join("fox.png");
     let r = generate_fixture_case(&out, &["--int8"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let expected = candle_core::safetensors::load(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/pipeline/seed_cfg/expected.safetensors"),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap();
-    let reference: Vec<f32> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
+    let reference = fixture_reference();
     let img = image::load_from_memory(&std::fs::read(&out).unwrap())
         .unwrap()
         .to_rgb8();

@@ -183,73 +183,8 @@ mod kernel {
 
     use super::{Scratch, KB, KSUB, QB};
     use crate::packed::PackedBf16;
-
-    /// `C[0..4] = 0`, then for each of `steps` depth steps the 2x2 tile
-    /// product of A tiles at `a0`/`a1` (+1 KiB a step) and B tiles at `b`
-    /// (+`b_step` bytes a step, the two column halves 64 bytes apart, rows
-    /// 128 bytes apart); accumulates into what the C tiles hold.
-    #[inline(always)]
-    unsafe fn product(
-        a0: *const u8,
-        a1: *const u8,
-        a_step: usize,
-        b: *const u8,
-        b_step: usize,
-        steps: usize,
-    ) {
-        for s in 0..steps {
-            unsafe {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {lda}*1]",
-                    "tileloadd tmm5, [{a1} + {lda}*1]",
-                    "tileloadd tmm6, [{b0} + {ldb}*1]",
-                    "tileloadd tmm7, [{b1} + {ldb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0.add(s * a_step),
-                    a1 = in(reg) a1.add(s * a_step),
-                    lda = in(reg) 64usize,
-                    b0 = in(reg) b.add(s * b_step),
-                    b1 = in(reg) b.add(s * b_step + 64),
-                    ldb = in(reg) 128usize,
-                    options(nostack)
-                );
-            }
-        }
-    }
-
-    /// Loads (`load`) or stores the four C tiles from/to the f32 block at
-    /// `c` (rows `ld` floats apart): tiles 0/1 rows 0-15 columns 0-15/16-31,
-    /// tiles 2/3 rows 16-31.
-    #[inline(always)]
-    unsafe fn c_tiles(c: *mut f32, ld: usize, load: bool) {
-        unsafe {
-            let (c0, c1, c2, c3) = (c, c.add(16), c.add(16 * ld), c.add(16 * ld + 16));
-            if load {
-                asm!(
-                    "tileloadd tmm0, [{c0} + {ldc}*1]",
-                    "tileloadd tmm1, [{c1} + {ldc}*1]",
-                    "tileloadd tmm2, [{c2} + {ldc}*1]",
-                    "tileloadd tmm3, [{c3} + {ldc}*1]",
-                    c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-                    ldc = in(reg) ld * 4,
-                    options(nostack)
-                );
-            } else {
-                asm!(
-                    "tilestored [{c0} + {ldc}*1], tmm0",
-                    "tilestored [{c1} + {ldc}*1], tmm1",
-                    "tilestored [{c2} + {ldc}*1], tmm2",
-                    "tilestored [{c3} + {ldc}*1], tmm3",
-                    c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-                    ldc = in(reg) ld * 4,
-                    options(nostack)
-                );
-            }
-        }
-    }
+    use crate::packed::{bf16_steps as product, c_tiles, zero_c};
+    use crate::simd::mask16;
 
     /// One block of `n` (<= 32) query rows `q` (`n x d`, contiguous) against
     /// all keys; writes `n` rows of `d` bf16 at `out`.
@@ -301,13 +236,7 @@ mod kernel {
                 // 1. Scores of the 32 queries against 32-key sub-blocks.
                 for j in 0..nsub {
                     let panel = kdata.add((kb / 32 + j) * kpairs * 128);
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack)
-                    );
+                    zero_c();
                     product(qa, qa.add(steps * 1024), 1024, panel, 16 * 128, steps);
                     c_tiles(sc.s.as_mut_ptr().add(j * 32), KB, false);
                 }
@@ -393,16 +322,6 @@ mod kernel {
                     c += 16;
                 }
             }
-        }
-    }
-
-    /// The first `min(n, 16)` lanes.
-    #[inline(always)]
-    fn mask16(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            (1u16 << n) - 1
         }
     }
 }

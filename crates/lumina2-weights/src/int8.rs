@@ -539,19 +539,7 @@ mod kernel {
         epi: &Epilogue,
         out: Out,
     ) {
-        let cols = PANEL.min(epi.ldo - p * PANEL);
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            (1u16 << cols) - 1
-        };
-        let m1: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols > 16 {
-            (1u16 << (cols - 16)) - 1
-        } else {
-            0
-        };
+        let (m0, m1) = crate::simd::masks32(PANEL.min(epi.ldo - p * PANEL));
         unsafe {
             let sx = _mm512_set1_ps(epi.sx[r]);
             let n = p * PANEL;
@@ -600,13 +588,7 @@ mod kernel {
                 while r < r1 {
                     let h = 32.min(r1 - r);
                     let arow = a.as_ptr().cast::<u8>().add((r / 16) * steps * 1024);
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack)
-                    );
+                    crate::packed::zero_c();
                     for s in 0..steps {
                         let ap = arow.add(s * 1024);
                         let bp = panel.add(s * 16 * PANEL * 4);
@@ -639,19 +621,8 @@ mod kernel {
                             options(nostack)
                         );
                     }
-                    let cp = c.as_mut_ptr();
-                    asm!(
-                        "tilestored [{c0} + {ldc}*1], tmm0",
-                        "tilestored [{c1} + {ldc}*1], tmm1",
-                        "tilestored [{c2} + {ldc}*1], tmm2",
-                        "tilestored [{c3} + {ldc}*1], tmm3",
-                        c0 = in(reg) cp,
-                        c1 = in(reg) cp.add(16),
-                        c2 = in(reg) cp.add(16 * 32),
-                        c3 = in(reg) cp.add(16 * 32 + 16),
-                        ldc = in(reg) 32usize * 4,
-                        options(nostack)
-                    );
+                    // int32 sums: the same 4-byte lanes as f32.
+                    crate::packed::c_tiles(c.as_mut_ptr().cast(), 32, false);
                     for i in 0..h {
                         let acc0 = _mm512_loadu_si512(c.as_ptr().add(i * 32).cast());
                         let acc1 = _mm512_loadu_si512(c.as_ptr().add(i * 32 + 16).cast());

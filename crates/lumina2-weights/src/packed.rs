@@ -597,7 +597,7 @@ impl Out {
 
 /// The AMX tile configuration, shared with [`crate::int8`].
 #[cfg(target_arch = "x86_64")]
-pub(crate) use kernel::tile_config;
+pub(crate) use kernel::{bf16_steps, c_tiles, tile_config, zero_c};
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
@@ -656,6 +656,98 @@ mod kernel {
         TileConfig(c)
     }
 
+    /// `steps` depth steps of the 2x2 tile product: A tiles at `a0`/`a1`
+    /// (rows 64 bytes apart; `+a_step` bytes a step), B tiles at `b` (the two
+    /// 16-column halves of a panel, 64 bytes apart, rows 128 bytes apart;
+    /// `+b_step` bytes a step), accumulated into tiles 0-3 (tiles 4-7 are
+    /// overwritten). Shared with [`crate::flash`].
+    ///
+    /// # Safety
+    /// AMX-BF16 is usable with [`tile_config`] loaded; the tiles read are in
+    /// bounds.
+    #[inline(always)]
+    pub(crate) unsafe fn bf16_steps(
+        a0: *const u8,
+        a1: *const u8,
+        a_step: usize,
+        b: *const u8,
+        b_step: usize,
+        steps: usize,
+    ) {
+        for s in 0..steps {
+            unsafe {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                    "tileloadd tmm5, [{a1} + {lda}*1]",
+                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                    "tileloadd tmm7, [{b1} + {ldb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0.add(s * a_step),
+                    a1 = in(reg) a1.add(s * a_step),
+                    lda = in(reg) 64usize,
+                    b0 = in(reg) b.add(s * b_step),
+                    b1 = in(reg) b.add(s * b_step + 64),
+                    ldb = in(reg) PANEL * 4,
+                    options(nostack)
+                );
+            }
+        }
+    }
+
+    /// Zeroes tiles 0-3 (the 32x32 sums).
+    ///
+    /// # Safety
+    /// AMX is usable with [`tile_config`] loaded.
+    #[inline(always)]
+    pub(crate) unsafe fn zero_c() {
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack)
+            )
+        };
+    }
+
+    /// Loads (`load`) or stores tiles 0-3 from/to the 32x32 f32 (or int32)
+    /// block at `c`, rows `ld` values apart: tiles 0/1 rows 0-15, columns
+    /// 0-15/16-31; tiles 2/3 rows 16-31.
+    ///
+    /// # Safety
+    /// AMX is usable with [`tile_config`] loaded; the block is in bounds.
+    #[inline(always)]
+    pub(crate) unsafe fn c_tiles(c: *mut f32, ld: usize, load: bool) {
+        unsafe {
+            let (c0, c1, c2, c3) = (c, c.add(16), c.add(16 * ld), c.add(16 * ld + 16));
+            if load {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {ldc}*1]",
+                    "tileloadd tmm1, [{c1} + {ldc}*1]",
+                    "tileloadd tmm2, [{c2} + {ldc}*1]",
+                    "tileloadd tmm3, [{c3} + {ldc}*1]",
+                    c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+                    ldc = in(reg) ld * 4,
+                    options(nostack)
+                );
+            } else {
+                asm!(
+                    "tilestored [{c0} + {ldc}*1], tmm0",
+                    "tilestored [{c1} + {ldc}*1], tmm1",
+                    "tilestored [{c2} + {ldc}*1], tmm2",
+                    "tilestored [{c3} + {ldc}*1], tmm3",
+                    c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
+                    ldc = in(reg) ld * 4,
+                    options(nostack)
+                );
+            }
+        }
+    }
+
     /// Rows `r0..r1` times panels `p0..p1` with AMX: a 32x32 block in tiles
     /// 0-3 (f32), A in tiles 4-5, B in tiles 6-7, over the whole depth.
     ///
@@ -687,20 +779,14 @@ mod kernel {
             for p in p0..p1 {
                 let cols = PANEL.min(ldo - p * PANEL);
                 let panel = data.as_ptr().add((p - first) * pairs * PANEL).cast::<u8>();
-                let (m0, m1) = masks(cols);
+                let (m0, m1) = crate::simd::masks32(cols);
                 let bias0 = _mm512_loadu_ps(bias.add(p * PANEL));
                 let bias1 = _mm512_loadu_ps(bias.add(p * PANEL + 16));
                 let mut r = r0;
                 while r < r1 {
                     let h = 32.min(r1 - r);
                     let arow = a.cast::<u8>().add((r / 16) * steps * 1024);
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack)
-                    );
+                    zero_c();
                     let mut kk = 0;
                     while kk < pairs {
                         let ap = arow.add((kk / 16) * 1024);
@@ -719,38 +805,10 @@ mod kernel {
                                 _mm_prefetch::<_MM_HINT_T0>(bp.add(2048 + 64 * l).cast());
                             }
                         }
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {lda}*1]",
-                            "tileloadd tmm5, [{a1} + {lda}*1]",
-                            "tileloadd tmm6, [{b0} + {ldb}*1]",
-                            "tileloadd tmm7, [{b1} + {ldb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) ap,
-                            a1 = in(reg) ap.add(steps * 1024),
-                            lda = in(reg) 64usize,
-                            b0 = in(reg) bp,
-                            b1 = in(reg) bp.add(64),
-                            ldb = in(reg) PANEL * 4,
-                            options(nostack)
-                        );
+                        bf16_steps(ap, ap.add(steps * 1024), 0, bp, 0, 1);
                         kk += 16;
                     }
-                    let cp = c.as_mut_ptr();
-                    asm!(
-                        "tilestored [{c0} + {ldc}*1], tmm0",
-                        "tilestored [{c1} + {ldc}*1], tmm1",
-                        "tilestored [{c2} + {ldc}*1], tmm2",
-                        "tilestored [{c3} + {ldc}*1], tmm3",
-                        c0 = in(reg) cp,
-                        c1 = in(reg) cp.add(16),
-                        c2 = in(reg) cp.add(16 * 32),
-                        c3 = in(reg) cp.add(16 * 32 + 16),
-                        ldc = in(reg) 32usize * 4,
-                        options(nostack)
-                    );
+                    c_tiles(c.as_mut_ptr(), 32, false);
                     for i in 0..h {
                         let acc0 = _mm512_loadu_ps(c.as_ptr().add(i * 32));
                         let acc1 = _mm512_loadu_ps(c.as_ptr().add(i * 32 + 16));
@@ -871,23 +929,6 @@ mod kernel {
         }
     }
 
-    /// Store masks of the two 16-column halves of a panel with `cols` columns.
-    fn masks(cols: usize) -> (__mmask16, __mmask16) {
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            (1u16 << cols) - 1
-        };
-        let m1: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols > 16 {
-            (1u16 << (cols - 16)) - 1
-        } else {
-            0
-        };
-        (m0, m1)
-    }
-
     /// Adds the bias to one row's 32 f32 sums, rounds them to bf16 and stores
     /// the columns the masks allow.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
@@ -984,7 +1025,7 @@ mod kernel {
             }
             let bias0 = _mm512_loadu_ps(bias);
             let bias1 = _mm512_loadu_ps(bias.add(16));
-            let (m0, m1) = masks(cols);
+            let (m0, m1) = crate::simd::masks32(cols);
             for (r, acc) in acc.iter().enumerate() {
                 store_row(out.add(r * ldo), acc[0], acc[1], bias0, bias1, m0, m1);
             }

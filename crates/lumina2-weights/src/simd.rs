@@ -8,6 +8,23 @@ pub(crate) use x86::*;
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// The first `min(n, 16)` lanes.
+    #[inline(always)]
+    pub(crate) fn mask16(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    /// The masks of the two 16-lane halves of a 32-wide row with `n` valid
+    /// values.
+    #[inline(always)]
+    pub(crate) fn masks32(n: usize) -> (__mmask16, __mmask16) {
+        (mask16(n), mask16(n.saturating_sub(16)))
+    }
+
     /// `exp(x)` of 16 lanes; `-inf` and anything below about -103 give 0.
     #[inline]
     #[target_feature(enable = "avx512f")]
