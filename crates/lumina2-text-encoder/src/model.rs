@@ -169,6 +169,14 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
+        if self.act == Activation::GeluTanh && dtype == DType::BF16 {
+            // One pass, the same two roundings as below.
+            let h = lumina2_weights::fused::gelu_tanh_mul(
+                &self.gate.forward(x)?,
+                &self.up.forward(x)?,
+            )?;
+            return Ok(self.down.forward(&h)?);
+        }
         // The activation in float32, rounded once, as PyTorch does for bf16/f16.
         let g = self.gate.forward(x)?.to_dtype(DType::F32)?;
         let g = match self.act {

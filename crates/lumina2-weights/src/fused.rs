@@ -35,6 +35,23 @@ fn elems<'a>(view: &'a Option<CpuView<'_>>) -> Option<&'a [bf16]> {
 /// feed-forward computes it: SiLU in f32 rounded to bf16, then the product
 /// rounded to bf16. Other dtypes: `silu` in f32 and a multiply in the dtype.
 pub fn silu_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    act_mul::<false>(a, b)
+}
+
+/// `gelu_tanh(a) * b` (PyTorch's `gelu(approximate="tanh")`, Gemma-2's MLP)
+/// for bf16 `a`, `b` of the same shape: the activation in f32 rounded to
+/// bf16, then the product rounded to bf16, as transformers computes it.
+/// Evaluated as PyTorch writes it, `0.5 a (1 + tanh(u))` with `u =
+/// sqrt(2/pi) (a + 0.044715 a^3)`, `tanh(u) = 1 - 2 / (exp(2u) + 1)` (a few
+/// f32 ulps from PyTorch's tanh, so a bf16 result can differ in its last
+/// bit; very negative `a` saturate to 0 as in PyTorch). Other dtypes:
+/// candle's `gelu` in f32 and a multiply in the dtype.
+pub fn gelu_tanh_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    act_mul::<true>(a, b)
+}
+
+/// [`silu_mul`] (`GELU = false`) or [`gelu_tanh_mul`].
+fn act_mul<const GELU: bool>(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let fast = a.dims() == b.dims() && has_avx512_bf16();
     let (ac, bc) = match fast {
         true => (bf16_cpu(a)?, bf16_cpu(b)?),
@@ -53,15 +70,19 @@ pub fn silu_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
                 // same length.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    x86::silu_mul(x, y, o)
+                    x86::act_mul::<GELU>(x, y, o)
                 };
             });
         return Tensor::from_vec(out, a.dims(), a.device());
     }
     let dtype = a.dtype();
+    let act = |t: &Tensor| match GELU {
+        true => t.gelu(),
+        false => candle_nn::ops::silu(t),
+    };
     let s = match dtype {
-        DType::F32 | DType::F64 => candle_nn::ops::silu(a)?,
-        _ => candle_nn::ops::silu(&a.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
+        DType::F32 | DType::F64 => act(a)?,
+        _ => act(&a.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
     };
     s * b
 }
@@ -188,19 +209,36 @@ mod x86 {
 
     /// `o = bf16(bf16(x / (1 + exp(-x))) * y)`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn silu_mul(x: &[bf16], y: &[bf16], o: &mut [bf16]) {
+    pub unsafe fn act_mul<const GELU: bool>(x: &[bf16], y: &[bf16], o: &mut [bf16]) {
         let one = _mm512_set1_ps(1.0);
+        // sqrt(2 / pi) and the cubic coefficient of the tanh approximation.
+        let beta = _mm512_set1_ps(0.797_884_6);
+        let kappa = _mm512_set1_ps(0.044_715);
+        let (half, two) = (_mm512_set1_ps(0.5), _mm512_set1_ps(2.0));
         let mut i = 0;
         while i < x.len() {
             let len = 16.min(x.len() - i);
             unsafe {
                 let a = load(x.as_ptr().add(i), len);
                 let b = load(y.as_ptr().add(i), len);
-                let s = _mm512_div_ps(
-                    a,
-                    _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))),
-                );
-                // SiLU rounded to bf16 before the product, as the unfused ops.
+                let s = match GELU {
+                    // a / (1 + exp(-a))
+                    false => _mm512_div_ps(
+                        a,
+                        _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), a))),
+                    ),
+                    // PyTorch's 0.5 a (1 + tanh(u)), tanh(u) = 1 - 2 / (exp(2u) + 1):
+                    // the same saturation to exactly 0 for very negative a.
+                    true => {
+                        let cube = _mm512_mul_ps(_mm512_mul_ps(a, a), a);
+                        let u = _mm512_mul_ps(beta, _mm512_add_ps(a, _mm512_mul_ps(kappa, cube)));
+                        let e = exp16(_mm512_add_ps(u, u));
+                        let t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)));
+                        _mm512_mul_ps(_mm512_mul_ps(half, a), _mm512_add_ps(one, t))
+                    }
+                };
+                // The activation rounded to bf16 before the product, as the
+                // unfused ops.
                 let s = widen16(round16(s));
                 store(o.as_mut_ptr().add(i), _mm512_mul_ps(s, b), len);
             }
@@ -301,6 +339,32 @@ mod tests {
                 worst <= 1 && off * 100 <= f.len(),
                 "silu_mul: {off} differ, worst {worst} ulp"
             );
+
+            // GELU (tanh): against PyTorch's f32 arithmetic, 0.5 a (1 +
+            // tanh(u)) with a correctly rounded tanh, rounded as the unfused
+            // ops round. Our tanh is a few f32 ulps off, and 1 + tanh(u)
+            // cancels for negative a (in PyTorch too): the bound is that
+            // absolute error, |a b| 2^-21, plus the two bf16 roundings.
+            let mut av = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            av[..4].copy_from_slice(&[-20.0, 20.0, 0.0, -0.0]);
+            let a2 = Tensor::from_vec(av, shape, &dev)?.to_dtype(DType::BF16)?;
+            let fused = gelu_tanh_mul(&a2, &b)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?;
+            let fused = fused.to_vec1::<f32>()?;
+            let bv = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let av = a2.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            for ((&x, &y), &got) in av.iter().zip(&bv).zip(&fused) {
+                let u = 0.797_884_6f32 * (x + 0.044_715f32 * (x * x * x));
+                let t = (u as f64).tanh() as f32;
+                let g = bf16::from_f32(0.5 * x * (1.0 + t)).to_f32();
+                let want = bf16::from_f32(g * y).to_f32();
+                let tol = 2f32.powi(-7) * want.abs() + (x * y).abs() * 2f32.powi(-21);
+                assert!(
+                    (got - want).abs() <= tol,
+                    "gelu_tanh_mul({x}, {y}): {got} vs {want}"
+                );
+            }
 
             let w = Tensor::randn(0f32, 1., shape.1, &dev)?.to_dtype(DType::BF16)?;
             for weight in [None, Some(&w)] {
