@@ -122,7 +122,7 @@ impl<T> std::fmt::Debug for Aligned<T> {
 /// a time through `half`, on one thread: 1.2 s of a 2.75 GB checkpoint's
 /// load). Same bits: bf16 -> f32 is exact, f32 -> bf16 rounds to nearest even
 /// with NaN kept NaN, as `half` does.
-pub(crate) fn cast(x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+pub fn cast(x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
     const CHUNK: usize = 1 << 16;
     if x.dtype() == dtype {
         return Ok(x.clone());

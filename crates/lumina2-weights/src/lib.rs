@@ -38,6 +38,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+pub use cpu::cast;
 pub use error::{Error, Result};
 pub use folder::{ComponentFolder, FolderError, ShardIndex};
 
