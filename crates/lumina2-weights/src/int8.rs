@@ -259,15 +259,7 @@ impl PackedI8 {
         kernel: Kernel,
     ) -> candle_core::Result<Tensor> {
         let (rows, in_dim) = x.dims2()?;
-        if in_dim != self.in_dim {
-            candle_core::bail!(
-                "int8 matmul: input has {in_dim} features, the weight takes {}",
-                self.in_dim
-            );
-        }
-        if bias.is_some_and(|b| b.len() != self.out_dim) {
-            candle_core::bail!("int8 matmul: bias must have {} values", self.out_dim);
-        }
+        crate::packed::check_operands("int8", in_dim, bias, self.dims())?;
         let x = x.to_device(&Device::Cpu)?;
         let bf16_in = x.dtype() == DType::BF16;
         let x = if bf16_in {

@@ -19,6 +19,7 @@
 //! [`available`] says whether this CPU can run it (runtime detection); where it
 //! cannot, [`crate::Linear`] keeps the dense weight and candle's matmul.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -121,14 +122,7 @@ impl PackedBf16 {
         }
         let w = crate::cpu::cast(weight, DType::BF16)?.contiguous()?;
         let view = CpuView::of(&w);
-        let copied: Vec<bf16>;
-        let w = match view.as_ref().and_then(|v| v.slice::<bf16>()) {
-            Some(w) => w,
-            None => {
-                copied = w.flatten_all()?.to_vec1::<bf16>()?;
-                &copied
-            }
-        };
+        let w = bf16_elems(&view, &w)?;
         Ok(Self::from_rows(out_dim, in_dim, |n, k0, out| {
             let src = &w[n * in_dim + k0..n * in_dim + k0 + out.len()];
             out.copy_from_slice(bytemuck::cast_slice(src));
@@ -422,15 +416,7 @@ impl PackedBf16 {
         amx: bool,
     ) -> candle_core::Result<Tensor> {
         let (rows, in_dim) = x.dims2()?;
-        if in_dim != self.in_dim {
-            candle_core::bail!(
-                "packed matmul: input has {in_dim} features, the weight takes {}",
-                self.in_dim
-            );
-        }
-        if bias.is_some_and(|b| b.len() != self.out_dim) {
-            candle_core::bail!("packed matmul: bias must have {} values", self.out_dim);
-        }
+        check_operands("packed", in_dim, bias, [self.out_dim, self.in_dim])?;
         if !cpu_has_kernel() {
             candle_core::bail!("packed matmul: this CPU lacks AVX512-BF16");
         }
@@ -443,15 +429,7 @@ impl PackedBf16 {
         // they need padding or tiling.
         let x = x.to_dtype(DType::BF16)?.contiguous()?;
         let view = CpuView::of(&x);
-        let copied: Vec<bf16>;
-        let x = match view.as_ref().and_then(|v| v.slice::<bf16>()) {
-            Some(x) => x,
-            // Not on the CPU: brought over, as before.
-            None => {
-                copied = x.flatten_all()?.to_vec1::<bf16>()?;
-                &copied
-            }
-        };
+        let x = &*bf16_elems(&view, &x)?;
         let (tiled, padded);
         let a: &[bf16] = if amx {
             tiled = tile_inputs(x, rows, in_dim, width);
@@ -543,6 +521,37 @@ impl PackedBf16 {
                 }
             });
     }
+}
+
+/// The elements of the contiguous bf16 tensor `t`: borrowed from `view`
+/// (its CPU storage), else copied (a tensor on another device).
+fn bf16_elems<'a>(
+    view: &'a Option<CpuView<'_>>,
+    t: &Tensor,
+) -> candle_core::Result<Cow<'a, [bf16]>> {
+    match view.as_ref().and_then(|v| v.slice::<bf16>()) {
+        Some(x) => Ok(Cow::Borrowed(x)),
+        None => Ok(Cow::Owned(t.flatten_all()?.to_vec1::<bf16>()?)),
+    }
+}
+
+/// Checks a matmul's input width and bias length against an `[out, in]`
+/// weight (`what` names the kernel in the error).
+pub(crate) fn check_operands(
+    what: &str,
+    in_dim: usize,
+    bias: Option<&[f32]>,
+    [out_dim, weight_in]: [usize; 2],
+) -> candle_core::Result<()> {
+    if in_dim != weight_in {
+        candle_core::bail!(
+            "{what} matmul: input has {in_dim} features, the weight takes {weight_in}"
+        );
+    }
+    if bias.is_some_and(|b| b.len() != out_dim) {
+        candle_core::bail!("{what} matmul: bias must have {out_dim} values");
+    }
+    Ok(())
 }
 
 /// `rows` rows of `in_dim` bf16 laid out as AMX A tiles: zero-padded to
