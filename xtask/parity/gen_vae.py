@@ -102,13 +102,6 @@ def generate(out_dir, only_tiny=False):
         (x,) = inputs.values()
         ref32 = run(model, component, x, torch.float32, tiling)
         for dtype_name, dtype in DTYPES.items():
-            if real and dtype_name == "bf16":
-                # PyTorch's CPU bf16 convolutions at 512 channels took ~20 minutes for
-                # these two cases on a 2-core machine: too much for every CI run. The
-                # tiny bf16 cases cover the bf16 numerics; run the real ones by hand
-                # with LUMINA2_VAE_REAL_BF16=1.
-                if os.environ.get("LUMINA2_VAE_REAL_BF16") != "1":
-                    continue
             case_dir = os.path.join(out_dir, component, f"{name}_{dtype_name}")
             case_model = os.path.join(case_dir, "model")
             if model_dir is None:

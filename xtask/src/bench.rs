@@ -605,11 +605,12 @@ fn bench_vae(opts: &BenchOptions, python: &Path, rows: &mut Vec<BenchRow>) -> Re
     }
     for &size in &opts.sizes {
         for (kind, what) in vae_kinds(size) {
-            // f32: the dtype the VAE computes in on the CPU (bf16 weights are
-            // widened for the convolutions, as PyTorch's CPU kernels do).
             let inputs = dir.join(format!("inputs_{size}.safetensors"));
-            let (ours, torch) = measure(opts, python, &kind, &dir.join("model"), &inputs, "f32")?;
-            add_row(rows, what, size, "f32", (ours, torch));
+            for dtype in opts.dtypes.iter().filter(|d| *d != "int8") {
+                let (ours, torch) =
+                    measure(opts, python, &kind, &dir.join("model"), &inputs, dtype)?;
+                add_row(rows, what.clone(), size, dtype, (ours, torch));
+            }
         }
     }
     Ok(())

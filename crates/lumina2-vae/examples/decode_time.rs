@@ -1,9 +1,10 @@
-//! Times f32 decodes of random latents:
-//! `decode_time MODEL_DIR [LATENT_SIZE] [tiled | tile=SAMPLE_TILE] [--runs N] [--profile]`
+//! Times decodes of random latents:
+//! `decode_time MODEL_DIR [LATENT_SIZE] [tiled | tile=SAMPLE_TILE] [--runs N] [--profile] [--dtype f32|bf16|f16]`
 //! (MODEL_DIR: a diffusers VAE folder; LATENT_SIZE defaults to 64, a 512x512
 //! image; `tiled`: diffusers' default tiling; `tile=512`: tiles of 512 pixels
 //! (64 latents); `--runs N`: N timed decodes after one warm-up (default: one
-//! decode, no warm-up); `--profile`: time per op group of the last decode).
+//! decode, no warm-up); `--profile`: time per op group of the last decode;
+//! `--dtype`: the model dtype, f32 by default).
 
 use std::time::Instant;
 
@@ -13,18 +14,27 @@ use lumina2_vae::{profile, AutoencoderKL, AutoencoderKLConfig, Tiling, VarBuilde
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage =
-        "usage: decode_time MODEL_DIR [LATENT_SIZE] [tiled | tile=N] [--runs N] [--profile]";
+        "usage: decode_time MODEL_DIR [LATENT_SIZE] [tiled | tile=N] [--runs N] [--profile] [--dtype f32|bf16|f16]";
     let dir = std::path::PathBuf::from(args.first().ok_or(usage)?);
     let mut size = 64;
     let mut runs = 0;
     let mut tiling = None;
     let mut prof = false;
+    let mut dtype = DType::F32;
     let mut rest = args[1..].iter();
     while let Some(a) = rest.next() {
         match a.as_str() {
             "tiled" => tiling = Some(None),
             "--profile" => prof = true,
             "--runs" => runs = rest.next().ok_or(usage)?.parse()?,
+            "--dtype" => {
+                dtype = match rest.next().map(String::as_str) {
+                    Some("f32") => DType::F32,
+                    Some("bf16") => DType::BF16,
+                    Some("f16") => DType::F16,
+                    _ => return Err(usage.into()),
+                }
+            }
             s if s.starts_with("tile=") => tiling = Some(Some(s[5..].parse::<usize>()?)),
             s => size = s.parse()?,
         }
@@ -33,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = AutoencoderKLConfig::from_file(&dir)?;
     let weights =
         candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev)?;
-    let mut vae = AutoencoderKL::new(&cfg, &VarBuilder::from_tensors(weights, DType::F32, &dev))?;
+    let mut vae = AutoencoderKL::new(&cfg, &VarBuilder::from_tensors(weights, dtype, &dev))?;
     match tiling {
         Some(None) => vae.enable_tiling(),
         Some(Some(sample_tile)) => vae.set_tiling(Some(Tiling {
@@ -43,7 +53,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })),
         None => {}
     }
-    let z = Tensor::randn(0f32, 1f32, (1, cfg.latent_channels, size, size), &dev)?;
+    let z =
+        Tensor::randn(0f32, 1f32, (1, cfg.latent_channels, size, size), &dev)?.to_dtype(dtype)?;
     let mut times = Vec::new();
     for k in 0..=runs {
         profile::reset();

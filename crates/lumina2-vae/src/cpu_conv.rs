@@ -68,30 +68,9 @@ fn wide_available() -> bool {
     }
 }
 
-/// How the input is read: stride, zero padding, and a nearest upsampling by
-/// `upsample` applied before the convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Geometry {
-    pub stride: usize,
-    /// Zero rows above and zero columns left of the (upsampled) input.
-    pub pad: (usize, usize),
-    pub upsample: usize,
-    /// Output height and width; `None`: the same padding below and right,
-    /// `(n * upsample + 2 pad - kernel) / stride + 1`.
-    pub out: Option<(usize, usize)>,
-}
-
-impl Geometry {
-    /// `padding` on every side (`nn.Conv2d`'s), no upsampling.
-    pub(crate) fn symmetric(stride: usize, padding: usize) -> Self {
-        Self {
-            stride,
-            pad: (padding, padding),
-            upsample: 1,
-            out: None,
-        }
-    }
-}
+/// How the input is read (stride, padding, upsampling): the same description
+/// as the AMX bf16 kernel's.
+pub(crate) use lumina2_weights::conv::Geometry;
 
 /// A convolution's weights packed for the micro-kernel.
 #[derive(Debug, Clone)]
@@ -170,18 +149,6 @@ impl PackedConv {
         self.c_out
     }
 
-    /// Output height and width for an `h x w` input, if positive.
-    pub(crate) fn out_size(&self, h: usize, w: usize, g: Geometry) -> Option<(usize, usize)> {
-        if let Some((ho, wo)) = g.out {
-            return (ho > 0 && wo > 0).then_some((ho, wo));
-        }
-        let out = |n: usize, pad: usize| {
-            let v = n * g.upsample + 2 * pad;
-            (g.stride > 0 && v >= self.kernel).then(|| (v - self.kernel) / g.stride + 1)
-        };
-        Some((out(h, g.pad.0)?, out(w, g.pad.1)?))
-    }
-
     /// Convolves `x` ([b, c_in, h, w] contiguous f32) into [b, c_out, ho, wo],
     /// plus `residual` (same shape as the output) when given: the resnets'
     /// skip connection, added while the output tile is still in registers.
@@ -197,7 +164,7 @@ impl PackedConv {
         if !available() || g.upsample == 0 || x.len() != b * self.c_in * h * w {
             return None;
         }
-        let (ho, wo) = self.out_size(h, w, g)?;
+        let (ho, wo) = g.out_size((h, w), self.kernel)?;
         let n = ho * wo;
         if residual.is_some_and(|r| r.len() != b * self.c_out * n) {
             return None;

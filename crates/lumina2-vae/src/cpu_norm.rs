@@ -29,6 +29,38 @@ pub(crate) struct NormShape {
     pub groups: usize,
 }
 
+/// An element the norm reads or writes: f32, or bf16 (widened exactly on
+/// load, rounded to nearest even on store, as PyTorch stores a bf16 result).
+pub(crate) trait Elem: Copy + Send + Sync {
+    const ZERO: Self;
+    fn get(self) -> f32;
+    fn put(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for half::bf16 {
+    const ZERO: Self = half::bf16::ZERO;
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        half::bf16::from_bits((round_bf16(v).to_bits() >> 16) as u16)
+    }
+}
+
 /// Values whose statistics are taken in f32 before merging in f64 (16 KiB: L1).
 const BLOCK: usize = 4096;
 
@@ -36,15 +68,15 @@ const BLOCK: usize = 4096;
 /// rounds the norm's output to the model dtype (identity for f32), as
 /// PyTorch stores it before the activation reads it. `None` when the sizes
 /// do not fit (the caller falls back to candle).
-pub(crate) fn group_norm_act<R>(
-    x: &[f32],
+pub(crate) fn group_norm_act<I: Elem, O: Elem, R>(
+    x: &[I],
     s: NormShape,
     eps: f64,
     weight: &[f32],
     bias: &[f32],
     act: FusedAct,
     round: R,
-) -> Option<Vec<f32>>
+) -> Option<Vec<O>>
 where
     R: Fn(f32) -> f32 + Sync,
 {
@@ -65,7 +97,7 @@ where
     }
     let cg = channels / groups;
     let len = cg * hw;
-    let mut out = vec![0f32; x.len()];
+    let mut out = vec![O::ZERO; x.len()];
     x.par_chunks(len)
         .zip(out.par_chunks_mut(len))
         .enumerate()
@@ -86,7 +118,7 @@ where
 /// `BLOCK` values gets its own mean and centred sum of squares in f32 (the
 /// second pass over the block hits the L1 cache), and the blocks are merged
 /// in f64 (Chan et al.'s pairwise update).
-fn moments(xs: &[f32]) -> (f64, f64) {
+fn moments<I: Elem>(xs: &[I]) -> (f64, f64) {
     let (mut n, mut mean, mut m2) = (0f64, 0f64, 0f64);
     for b in xs.chunks(BLOCK) {
         let nb = b.len() as f64;
@@ -102,7 +134,7 @@ fn moments(xs: &[f32]) -> (f64, f64) {
 }
 
 /// Sum of `b` (or of `(b - m)^2` with `Some(m)`) in 16 f32 lanes.
-fn dispatch_sum(b: &[f32], centre: Option<f32>) -> f32 {
+fn dispatch_sum<I: Elem>(b: &[I], centre: Option<f32>) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu_conv::available() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -113,12 +145,12 @@ fn dispatch_sum(b: &[f32], centre: Option<f32>) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_avx2(b: &[f32], centre: Option<f32>) -> f32 {
+unsafe fn sum_avx2<I: Elem>(b: &[I], centre: Option<f32>) -> f32 {
     sum_lanes(b, centre)
 }
 
 #[inline(always)]
-fn sum_lanes(b: &[f32], centre: Option<f32>) -> f32 {
+fn sum_lanes<I: Elem>(b: &[I], centre: Option<f32>) -> f32 {
     let mut acc = [0f32; 16];
     let chunks = b.chunks_exact(16);
     let tail = chunks.remainder();
@@ -127,31 +159,31 @@ fn sum_lanes(b: &[f32], centre: Option<f32>) -> f32 {
         None => {
             for ch in chunks {
                 for (a, &v) in acc.iter_mut().zip(ch) {
-                    *a += v;
+                    *a += v.get();
                 }
             }
             for &v in tail {
-                t += v;
+                t += v.get();
             }
         }
         Some(m) => {
             for ch in chunks {
                 for (a, &v) in acc.iter_mut().zip(ch) {
-                    let d = v - m;
+                    let d = v.get() - m;
                     *a += d * d;
                 }
             }
             for &v in tail {
-                t += (v - m) * (v - m);
+                t += (v.get() - m) * (v.get() - m);
             }
         }
     }
     acc.iter().sum::<f32>() + t
 }
 
-fn apply<R: Fn(f32) -> f32>(
-    x: &[f32],
-    o: &mut [f32],
+fn apply<I: Elem, O: Elem, R: Fn(f32) -> f32>(
+    x: &[I],
+    o: &mut [O],
     scale: f32,
     shift: f32,
     act: FusedAct,
@@ -167,9 +199,9 @@ fn apply<R: Fn(f32) -> f32>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn apply_avx2<R: Fn(f32) -> f32>(
-    x: &[f32],
-    o: &mut [f32],
+unsafe fn apply_avx2<I: Elem, O: Elem, R: Fn(f32) -> f32>(
+    x: &[I],
+    o: &mut [O],
     scale: f32,
     shift: f32,
     act: FusedAct,
@@ -179,9 +211,9 @@ unsafe fn apply_avx2<R: Fn(f32) -> f32>(
 }
 
 #[inline(always)]
-fn apply_generic<R: Fn(f32) -> f32>(
-    x: &[f32],
-    o: &mut [f32],
+fn apply_generic<I: Elem, O: Elem, R: Fn(f32) -> f32>(
+    x: &[I],
+    o: &mut [O],
     scale: f32,
     shift: f32,
     act: FusedAct,
@@ -189,9 +221,25 @@ fn apply_generic<R: Fn(f32) -> f32>(
 ) {
     let it = o.iter_mut().zip(x);
     match act {
-        FusedAct::None => it.for_each(|(o, &v)| *o = round(v * scale + shift)),
-        FusedAct::Relu => it.for_each(|(o, &v)| *o = round(v * scale + shift).max(0.0)),
-        FusedAct::Silu => it.for_each(|(o, &v)| *o = silu(round(v * scale + shift))),
+        FusedAct::None => it.for_each(|(o, &v)| *o = O::put(round(v.get() * scale + shift))),
+        FusedAct::Relu => {
+            it.for_each(|(o, &v)| *o = O::put(round(v.get() * scale + shift).max(0.0)))
+        }
+        FusedAct::Silu => it.for_each(|(o, &v)| *o = O::put(silu(round(v.get() * scale + shift)))),
+    }
+}
+
+/// `x` rounded to bf16 (nearest even) and widened back, NaN kept NaN: what
+/// `half::bf16::from_f32(x).to_f32()` gives, written without branches so
+/// that the normalisation loop vectorises (through `half` it ran per value).
+#[inline(always)]
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    let r = f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000);
+    if x.is_nan() {
+        x
+    } else {
+        r
     }
 }
 
@@ -233,6 +281,31 @@ pub(crate) fn exp(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    /// The branch-free rounding is `half`'s, special values included.
+    #[test]
+    fn round_bf16_is_half() {
+        let mut v: Vec<f32> = (0..200_000u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
+            .collect();
+        v.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN,
+            1e-40,
+        ]);
+        for x in v {
+            let want = half::bf16::from_f32(x).to_f32();
+            let got = super::round_bf16(x);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{x:e}: {got:e} vs {want:e}"
+            );
+        }
+    }
+
     use super::*;
 
     /// The vectorisable `exp` against the standard library's over SiLU's range.
@@ -267,7 +340,7 @@ mod tests {
             groups: g,
         };
         let got = group_norm_act(&x, shape, 1e-6, &w, &bi, FusedAct::Silu, |v| v);
-        let got = got.unwrap_or_default();
+        let got: Vec<f32> = got.unwrap_or_default();
         assert_eq!(got.len(), x.len());
         let len = c / g * hw;
         for (gi, xs) in x.chunks(len).enumerate() {

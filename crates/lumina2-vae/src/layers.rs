@@ -9,11 +9,12 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor, D};
+use candle_core::{DType, Device, Storage, Tensor, D};
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
-use crate::cpu_conv::{self, Geometry, PackedConv};
+use lumina2_weights::conv::{self as amx_conv, ConvBf16, Geometry};
+
+use crate::cpu_conv::{self, PackedConv};
 use crate::cpu_norm::{self, FusedAct, NormShape};
 use crate::cpu_upconv::UpsampleConv;
 use crate::error::{input_err, Result, VaeError};
@@ -65,64 +66,11 @@ pub(crate) fn round_through(x: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 /// `x.to_dtype(dtype)`, with the f32 <-> bf16 conversions of contiguous CPU
-/// tensors done in parallel with bit operations (candle converts one value at
-/// a time through `half`, which made a bf16 decode 1.6x slower than f32 on
-/// conversions alone). Same results: bf16 -> f32 is exact, f32 -> bf16 rounds
-/// to nearest even as `half` does.
+/// tensors done in parallel ([`lumina2_weights::cast`]: candle converts one
+/// value at a time, which made a bf16 decode 1.6x slower than f32 on
+/// conversions alone). Same results as candle's.
 pub(crate) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
-    const CHUNK: usize = 1 << 16;
-    match (x.dtype(), dtype) {
-        (from, to) if from == to => return Ok(x.clone()),
-        (DType::F32, DType::BF16) => {
-            let v = with_cpu_f32(x, |s| {
-                let mut o = vec![half::bf16::ZERO; s.len()];
-                o.par_chunks_mut(CHUNK)
-                    .zip(s.par_chunks(CHUNK))
-                    .for_each(|(o, s)| {
-                        for (o, &v) in o.iter_mut().zip(s) {
-                            *o = half::bf16::from_bits(round_bf16(v));
-                        }
-                    });
-                o
-            })?;
-            if let Some(v) = v {
-                return Ok(Tensor::from_vec(v, x.dims(), x.device())?);
-            }
-        }
-        (DType::BF16, DType::F32) => {
-            let (storage, layout) = x.storage_and_layout();
-            if let (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) =
-                (&*storage, layout.contiguous_offsets())
-            {
-                if let Some(s) = v.get(a..b) {
-                    let mut o = vec![0f32; s.len()];
-                    o.par_chunks_mut(CHUNK)
-                        .zip(s.par_chunks(CHUNK))
-                        .for_each(|(o, s)| {
-                            for (o, v) in o.iter_mut().zip(s) {
-                                *o = f32::from_bits(u32::from(v.to_bits()) << 16);
-                            }
-                        });
-                    return Ok(Tensor::from_vec(o, x.dims(), x.device())?);
-                }
-            }
-        }
-        _ => {}
-    }
-    Ok(x.to_dtype(dtype)?)
-}
-
-/// `f32 -> bf16` bits, nearest even, NaN kept NaN (as `half::bf16::from_f32`),
-/// written so that it vectorises.
-#[inline]
-fn round_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    let r = ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-    if x.is_nan() {
-        ((b >> 16) | 0x40) as u16
-    } else {
-        r
-    }
+    Ok(lumina2_weights::cast(x, dtype)?)
 }
 
 /// A 2D convolution with bias (`nn.Conv2d`).
@@ -135,12 +83,15 @@ pub(crate) struct Conv2d {
     dtype: DType,
 }
 
-/// Where the convolution runs: our packed CPU kernel (f32 on x86-64 with
-/// AVX2/FMA, see `cpu_conv`), its four-phase form for an `Upsample2D`
-/// convolution (`cpu_upconv`, used only upsampled), or candle's `conv2d`
+/// Where the convolution runs: the AMX bf16 kernel for a bf16 model on a CPU
+/// with AMX ([`lumina2_weights::conv`]; an `Upsample2D` convolution reads the
+/// upsampled input through it); our packed f32 CPU kernel (x86-64 with
+/// AVX2/FMA, see `cpu_conv`) and its four-phase form for an `Upsample2D`
+/// convolution (`cpu_upconv`, used only upsampled); or candle's `conv2d`
 /// (other devices and CPUs).
 #[derive(Debug, Clone)]
 enum ConvKind {
+    Bf16(Arc<ConvBf16>),
     Packed(Arc<PackedConv>),
     Upsampler(Arc<UpsampleConv>),
     Candle { weight: Tensor, bias: Tensor },
@@ -176,8 +127,22 @@ impl Conv2d {
     ) -> Result<Self> {
         let dtype = vb.dtype();
         let cdt = compute_dtype(dtype, vb.device());
-        let weight = get(vb, &[c_out, c_in, kernel, kernel], "weight")?.to_dtype(cdt)?;
+        let weight = get(vb, &[c_out, c_in, kernel, kernel], "weight")?;
         let bias = get(vb, &[c_out], "bias")?.to_dtype(cdt)?;
+        if vb.device().is_cpu() && dtype == DType::BF16 && amx_conv::available() {
+            let w = weight.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?;
+            let b = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            if let Some(c) = ConvBf16::new(&w, &b, c_out, c_in, kernel) {
+                return Ok(Self {
+                    kind: ConvKind::Bf16(Arc::new(c)),
+                    kernel,
+                    stride,
+                    padding,
+                    dtype,
+                });
+            }
+        }
+        let weight = weight.to_dtype(cdt)?;
         let fast = vb.device().is_cpu() && cdt == DType::F32 && cpu_conv::available();
         let kind = if fast {
             let w = weight.flatten_all()?.to_vec1::<f32>()?;
@@ -227,7 +192,7 @@ impl Conv2d {
         }
         let y = self.run(x, 1, None)?;
         let _s = span(Op::Residual);
-        Ok((residual + y)?)
+        Ok(lumina2_weights::fused::add(residual, &y)?)
     }
 
     fn run(&self, x: &Tensor, upsample: usize, residual: Option<&Tensor>) -> Result<Tensor> {
@@ -237,6 +202,10 @@ impl Conv2d {
             Op::Conv3x3
         });
         let y = match &self.kind {
+            ConvKind::Bf16(c) => match residual {
+                Some(r) => lumina2_weights::fused::add(r, &self.run_bf16(c, x, upsample)?)?,
+                None => self.run_bf16(c, x, upsample)?,
+            },
             ConvKind::Packed(p) => self.run_packed(p, x, upsample, residual)?,
             ConvKind::Upsampler(u) if upsample == 2 && residual.is_none() => {
                 self.run_upsampler(u, x)?
@@ -311,6 +280,35 @@ impl Conv2d {
 }
 
 impl Conv2d {
+    /// The AMX bf16 kernel: bf16 in, bf16 out (bias added in f32, rounded
+    /// once), reading the input upsampled by `upsample`.
+    fn run_bf16(&self, c: &ConvBf16, x: &Tensor, upsample: usize) -> Result<Tensor> {
+        let (b, ch, h, w) = x.dims4()?;
+        if ch != c.c_in() {
+            return Err(input_err(
+                "convolution input",
+                format!("{ch} channels, the weights expect {}", c.c_in()),
+            ));
+        }
+        let g = Geometry {
+            upsample,
+            ..Geometry::symmetric(self.stride, self.padding)
+        };
+        let x = cast(&x.contiguous()?, DType::BF16)?;
+        let out = with_cpu::<half::bf16, _>(&x, |xs| c.forward(xs, b, (h, w), g))?
+            .ok_or_else(|| input_err("convolution input", "not on the CPU, as the weights"))?;
+        match out {
+            Some((y, ho, wo)) => Ok(Tensor::from_vec(y, (b, c.c_out(), ho, wo), x.device())?),
+            None => Err(input_err(
+                "convolution input",
+                format!(
+                    "{h}x{w} (upsampled {upsample}x) is too small for a {0}x{0} kernel with padding {1}",
+                    self.kernel, self.padding
+                ),
+            )),
+        }
+    }
+
     fn run_upsampler(&self, u: &UpsampleConv, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != u.c_in() {
@@ -333,9 +331,20 @@ impl Conv2d {
 
 /// Runs `f` on the data of a contiguous f32 CPU tensor (`None` otherwise).
 pub(crate) fn with_cpu_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<Option<T>> {
+    with_cpu::<f32, T>(x, f)
+}
+
+/// Runs `f` on the data of a contiguous CPU tensor of dtype `E` (`None`
+/// otherwise).
+pub(crate) fn with_cpu<E: candle_core::WithDType, T>(
+    x: &Tensor,
+    f: impl FnOnce(&[E]) -> T,
+) -> Result<Option<T>> {
     let (storage, layout) = x.storage_and_layout();
     Ok(match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => v.get(a..b).map(f),
+        (Storage::Cpu(cpu), Some((a, b))) => {
+            cpu.as_slice::<E>().ok().and_then(|v| v.get(a..b)).map(f)
+        }
         _ => None,
     })
 }
@@ -412,7 +421,6 @@ impl GroupNorm {
             return Ok(None);
         }
         let (b, c, h, w) = x.dims4()?;
-        let x = cast(&x.contiguous()?, DType::F32)?;
         let shape = NormShape {
             batch: b,
             channels: c,
@@ -420,25 +428,45 @@ impl GroupNorm {
             groups: self.groups,
         };
         let (wv, bv, eps) = (&self.weight_v, &self.bias_v, self.eps);
+        let dev = x.device().clone();
+        fn tensor<E: candle_core::WithDType>(
+            y: Option<Option<Vec<E>>>,
+            dims: (usize, usize, usize, usize),
+            dev: &Device,
+        ) -> Result<Option<Tensor>> {
+            Ok(match y.flatten() {
+                Some(y) => Some(Tensor::from_vec(y, dims, dev)?),
+                None => None,
+            })
+        }
+        // bf16 in and out: read and written as bf16, computed in f32.
+        if dtype == DType::BF16 {
+            let x = cast(&x.contiguous()?, DType::BF16)?;
+            let y = with_cpu::<half::bf16, _>(&x, |xs| {
+                cpu_norm::group_norm_act::<_, half::bf16, _>(
+                    xs,
+                    shape,
+                    eps,
+                    wv,
+                    bv,
+                    act,
+                    cpu_norm::round_bf16,
+                )
+            })?;
+            return tensor(y, (b, c, h, w), &dev);
+        }
+        let x = cast(&x.contiguous()?, DType::F32)?;
         let y = match dtype {
-            DType::BF16 => with_cpu_f32(&x, |xs| {
-                cpu_norm::group_norm_act(xs, shape, eps, wv, bv, act, |v| {
-                    half::bf16::from_f32(v).to_f32()
-                })
-            })?,
             DType::F16 => with_cpu_f32(&x, |xs| {
-                cpu_norm::group_norm_act(xs, shape, eps, wv, bv, act, |v| {
+                cpu_norm::group_norm_act::<_, f32, _>(xs, shape, eps, wv, bv, act, |v| {
                     half::f16::from_f32(v).to_f32()
                 })
             })?,
             _ => with_cpu_f32(&x, |xs| {
-                cpu_norm::group_norm_act(xs, shape, eps, wv, bv, act, |v| v)
+                cpu_norm::group_norm_act::<_, f32, _>(xs, shape, eps, wv, bv, act, |v| v)
             })?,
         };
-        Ok(match y.flatten() {
-            Some(y) => Some(Tensor::from_vec(y, (b, c, h, w), x.device())?),
-            None => None,
-        })
+        tensor(y, (b, c, h, w), &dev)
     }
 
     /// Normalises `x` [b, c, h, w]; the output is f32.
@@ -532,37 +560,4 @@ pub(crate) fn norm_act(
     };
     let _s = span(Op::Activation);
     cast(&act.apply(&y)?, dtype)
-}
-
-#[cfg(test)]
-mod cast_tests {
-    use super::*;
-
-    /// The fast f32 <-> bf16 casts give candle's results bit for bit,
-    /// special values included.
-    #[test]
-    fn cast_is_to_dtype() -> candle_core::Result<()> {
-        let mut v: Vec<f32> = (0..200_000u32)
-            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
-            .filter(|v| !v.is_nan())
-            .collect();
-        v.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, 1e-40]);
-        let n = v.len();
-        let x = Tensor::from_vec(v, n, &Device::Cpu)?;
-        let bits = |t: &Tensor| -> candle_core::Result<Vec<u16>> {
-            Ok(t.to_vec1::<half::bf16>()?
-                .iter()
-                .map(|b| b.to_bits())
-                .collect())
-        };
-        let ours = cast(&x, DType::BF16).map_err(candle_core::Error::wrap)?;
-        let theirs = x.to_dtype(DType::BF16)?;
-        assert_eq!(bits(&ours)?, bits(&theirs)?);
-        let back = cast(&ours, DType::F32).map_err(candle_core::Error::wrap)?;
-        assert_eq!(
-            back.to_vec1::<f32>()?,
-            theirs.to_dtype(DType::F32)?.to_vec1::<f32>()?
-        );
-        Ok(())
-    }
 }

@@ -50,6 +50,36 @@ pub fn gelu_tanh_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     act_mul::<true>(a, b)
 }
 
+/// `a + b` for tensors of the same shape. bf16 CPU tensors: in parallel, each
+/// sum in f32 rounded once to bf16 (PyTorch's bf16 `add`; candle's runs on one
+/// thread). Other dtypes and devices: candle's `a + b`.
+pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let fast = a.dims() == b.dims() && has_avx512_bf16();
+    let (ac, bc) = match fast {
+        true => (bf16_cpu(a)?, bf16_cpu(b)?),
+        false => (None, None),
+    };
+    let (va, vb) = (
+        ac.as_ref().and_then(CpuView::of),
+        bc.as_ref().and_then(CpuView::of),
+    );
+    if let (Some(x), Some(y)) = (elems(&va), elems(&vb)) {
+        let mut out = vec![bf16::ZERO; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+            .for_each(|(o, (x, y))| {
+                // SAFETY: the CPU has the features; the three slices have the
+                // same length.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    x86::add(x, y, o)
+                };
+            });
+        return Tensor::from_vec(out, a.dims(), a.device());
+    }
+    a + b
+}
+
 /// [`silu_mul`] (`GELU = false`) or [`gelu_tanh_mul`].
 fn act_mul<const GELU: bool>(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let fast = a.dims() == b.dims() && has_avx512_bf16();
@@ -205,6 +235,20 @@ mod x86 {
             ((1u32 << len) - 1) as __mmask16
         };
         unsafe { _mm256_mask_storeu_epi16(p.cast(), m, round16(v)) }
+    }
+
+    /// `o = bf16(x + y)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn add(x: &[bf16], y: &[bf16], o: &mut [bf16]) {
+        let mut i = 0;
+        while i < x.len() {
+            let len = 16.min(x.len() - i);
+            unsafe {
+                let s = _mm512_add_ps(load(x.as_ptr().add(i), len), load(y.as_ptr().add(i), len));
+                store(o.as_mut_ptr().add(i), s, len);
+            }
+            i += len;
+        }
     }
 
     /// `o = bf16(bf16(x / (1 + exp(-x))) * y)`.

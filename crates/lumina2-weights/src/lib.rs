@@ -18,6 +18,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod conv;
 mod cpu;
 pub mod error;
 pub mod flash;

@@ -557,7 +557,7 @@ pub(crate) fn check_operands(
 /// `rows` rows of `in_dim` bf16 laid out as AMX A tiles: zero-padded to
 /// `width` columns and whole 32-row blocks, tile (row tile `t`, step `s`) of
 /// 16 rows x 32 values at element `(t * width / 32 + s) * 512`.
-fn tile_inputs(x: &[bf16], rows: usize, in_dim: usize, width: usize) -> Aligned<bf16> {
+pub(crate) fn tile_inputs(x: &[bf16], rows: usize, in_dim: usize, width: usize) -> Aligned<bf16> {
     let mut a = Aligned::<bf16>::zeroed(rows.div_ceil(32) * 32 * width);
     a.par_chunks_mut(16 * width)
         .enumerate()
@@ -581,7 +581,7 @@ fn tile_inputs(x: &[bf16], rows: usize, in_dim: usize, width: usize) -> Aligned<
 /// rows multiplied by a scale (no bias). Shared by tasks that write disjoint
 /// parts of it.
 #[derive(Clone, Copy)]
-enum Out {
+pub(crate) enum Out {
     Bf16(*mut u16),
     F32(*mut f32, f32),
 }
@@ -604,9 +604,10 @@ impl Out {
     }
 }
 
-/// The AMX tile configuration, shared with [`crate::int8`].
+/// The AMX tile configuration and steps, shared with [`crate::int8`],
+/// [`crate::flash`] and [`crate::conv`].
 #[cfg(target_arch = "x86_64")]
-pub(crate) use kernel::{bf16_steps, c_tiles, tile_config, zero_c};
+pub(crate) use kernel::{bf16_steps, c_tiles, store_row, tile_config, zero_c};
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
@@ -941,7 +942,7 @@ mod kernel {
     /// Adds the bias to one row's 32 f32 sums, rounds them to bf16 and stores
     /// the columns the masks allow.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn store_row(
+    pub(crate) unsafe fn store_row(
         row: super::Out,
         acc0: __m512,
         acc1: __m512,
