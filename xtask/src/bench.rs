@@ -185,7 +185,7 @@ pub fn worker(
         "transformer_gguf" => worker_transformer_gguf(model, inputs, dtype, runs, profile),
         "pipeline" => worker_pipeline(model, inputs, dtype, runs),
         k if k.starts_with("dequant:") => worker_dequant(model, &k["dequant:".len()..], runs),
-        "text_encoder" => worker_text_encoder(model, inputs, dtype, runs),
+        "text_encoder" => worker_text_encoder(model, inputs, dtype, runs, profile),
         "vae_decode" => worker_vae(model, inputs, dtype, runs, VaeTiles::Off),
         "vae_decode_tiled" => worker_vae(model, inputs, dtype, runs, VaeTiles::Defaults),
         k if k.starts_with("vae_decode_tile") => {
@@ -198,7 +198,13 @@ pub fn worker(
     }
 }
 
-fn worker_text_encoder(model: &Path, inputs: &Path, dtype: &str, runs: usize) -> Result<Timing> {
+fn worker_text_encoder(
+    model: &Path,
+    inputs: &Path,
+    dtype: &str,
+    runs: usize,
+    profile: bool,
+) -> Result<Timing> {
     use lumina2_text_encoder::{Gemma2Config, Gemma2Encoder, Weights};
     let dev = Device::Cpu;
     let t0 = Instant::now();
@@ -214,11 +220,16 @@ fn worker_text_encoder(model: &Path, inputs: &Path, dtype: &str, runs: usize) ->
     let mask = i
         .get("attention_mask")
         .ok_or_else(|| anyhow!("no attention_mask"))?;
-    let times = time_runs(runs, || {
+    let forward = || -> Result<()> {
         enc.forward(ids, Some(mask))?;
         Ok(())
-    })?;
-    Ok(timing(load_s, times))
+    };
+    let times = time_runs(runs, forward)?;
+    let mut t = timing(load_s, times);
+    if profile {
+        t.stages = profile_once(forward, "other (embedding, masks, RoPE tables)")?;
+    }
+    Ok(t)
 }
 
 /// Tiling of a VAE benchmark (the same on both sides).
@@ -318,29 +329,33 @@ fn time_transformer_forward(
     let times = time_runs(runs, forward)?;
     let mut t = timing(load_s, times);
     if profile {
-        // One more forward with the per-group accounting on (not timed above).
-        use lumina2_weights::profile;
-        profile::reset();
-        profile::enable(true);
-        let t0 = Instant::now();
-        forward()?;
-        let total = t0.elapsed().as_secs_f64();
-        profile::enable(false);
-        let groups = profile::report();
-        let covered: f64 = groups.iter().map(|g| g.1).sum();
-        t.stages = groups
-            .into_iter()
-            .map(|(g, s, _)| (g.to_string(), s))
-            .chain([
-                (
-                    "other (embedders, patchify, concatenation)".into(),
-                    total - covered,
-                ),
-                ("total of the profiled forward".into(), total),
-            ])
-            .collect();
+        t.stages = profile_once(forward, "other (embedders, patchify, concatenation)")?;
     }
     Ok(t)
+}
+
+/// One more run of `forward` with the per-group accounting of
+/// `lumina2_weights::profile` on (not among the timed runs): seconds per op
+/// group, the rest of the run as `other`, and the run's total.
+fn profile_once(forward: impl Fn() -> Result<()>, other: &str) -> Result<Vec<(String, f64)>> {
+    use lumina2_weights::profile;
+    profile::reset();
+    profile::enable(true);
+    let t0 = Instant::now();
+    let run = forward();
+    let total = t0.elapsed().as_secs_f64();
+    profile::enable(false);
+    run?;
+    let groups = profile::report();
+    let covered: f64 = groups.iter().map(|g| g.1).sum();
+    Ok(groups
+        .into_iter()
+        .map(|(g, s, _)| (g.to_string(), s))
+        .chain([
+            (other.to_string(), total - covered),
+            ("total of the profiled forward".into(), total),
+        ])
+        .collect())
 }
 
 fn worker_transformer(

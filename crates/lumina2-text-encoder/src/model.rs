@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
+use lumina2_weights::profile::{groups, span};
 
 use crate::config::{Activation, Gemma2Config, LayerType};
 use crate::embedding::Embedding;
@@ -48,6 +49,7 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _span = span(groups::NORM);
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -70,15 +72,10 @@ struct Attention {
     softcap: Option<f64>,
 }
 
-fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
-}
-
+/// `x * cos + rotate_half(x) * sin`, rounded after each op in a half dtype
+/// as PyTorch computes it (one fused pass on the CPU).
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
+    Ok(lumina2_weights::fused::rope_rotate_half(x, cos, sin)?)
 }
 
 impl Attention {
@@ -126,8 +123,11 @@ impl Attention {
         let q = split(self.q.forward(x)?, self.heads)?;
         let k = split(self.k.forward(x)?, self.kv_heads)?;
         let v = split(self.v.forward(x)?, self.kv_heads)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let (q, k) = {
+            let _span = span(groups::ROPE);
+            (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?)
+        };
+        let _span = span(groups::ATTENTION);
         let k = self.repeat_kv(k)?.contiguous()?;
         let v = self.repeat_kv(v)?.contiguous()?;
         let scores = q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)?;
@@ -144,6 +144,7 @@ impl Attention {
         let out = out
             .transpose(1, 2)?
             .reshape((b, l, self.heads * self.head_dim))?;
+        drop(_span);
         Ok(self.o.forward(&out)?)
     }
 }
@@ -169,12 +170,14 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        if self.act == Activation::GeluTanh && dtype == DType::BF16 {
-            // One pass, the same two roundings as below.
-            let h = lumina2_weights::fused::gelu_tanh_mul(
-                &self.gate.forward(x)?,
-                &self.up.forward(x)?,
-            )?;
+        if self.act == Activation::GeluTanh {
+            // One parallel pass for bf16 and f32 (the same two roundings as
+            // below); other dtypes fall back to candle's ops.
+            let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+            let h = {
+                let _span = span(groups::ELEMENTWISE);
+                lumina2_weights::fused::gelu_tanh_mul(&g, &u)?
+            };
             return Ok(self.down.forward(&h)?);
         }
         // The activation in float32, rounded once, as PyTorch does for bf16/f16.
@@ -220,12 +223,18 @@ impl DecoderLayer {
         let h = self.input_layernorm.forward(x)?;
         let h = self.self_attn.forward(&h, cos, sin, mask)?;
         let h = self.post_attention_layernorm.forward(&h)?;
-        let x = (x + h)?;
+        let x = residual(x, &h)?;
         let h = self.pre_feedforward_layernorm.forward(&x)?;
         let h = self.mlp.forward(&h)?;
         let h = self.post_feedforward_layernorm.forward(&h)?;
-        Ok((x + h)?)
+        residual(&x, &h)
     }
+}
+
+/// `x + h`, rounded once in a half dtype (PyTorch's `add`).
+fn residual(x: &Tensor, h: &Tensor) -> Result<Tensor> {
+    let _span = span(groups::ELEMENTWISE);
+    Ok(lumina2_weights::fused::add(x, h)?)
 }
 
 /// Gemma-2 as Lumina-Image 2.0's text encoder.

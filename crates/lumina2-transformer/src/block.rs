@@ -33,8 +33,8 @@ impl FeedForward {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate = self.linear_1.forward(x)?;
         let up = self.linear_3.forward(x)?;
-        // SiLU in f32 rounded to the dtype, then the product (one fused pass
-        // for bf16 on CPUs with AVX512-BF16).
+        // SiLU in f32 rounded to the dtype, then the product (one parallel
+        // pass for bf16 and f32 on CPUs with AVX512-BF16).
         let h = {
             let _span = span(groups::ELEMENTWISE);
             lumina2_weights::fused::silu_mul(&gate, &up)?

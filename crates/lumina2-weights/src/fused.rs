@@ -33,7 +33,8 @@ fn elems<'a>(view: &'a Option<CpuView<'_>>) -> Option<&'a [bf16]> {
 
 /// `silu(a) * b` for bf16 `a`, `b` of the same shape, as diffusers'
 /// feed-forward computes it: SiLU in f32 rounded to bf16, then the product
-/// rounded to bf16. Other dtypes: `silu` in f32 and a multiply in the dtype.
+/// rounded to bf16. f32 tensors: the same in one parallel pass, unrounded.
+/// Other dtypes: `silu` in f32 and a multiply in the dtype.
 pub fn silu_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     act_mul::<false>(a, b)
 }
@@ -44,66 +45,135 @@ pub fn silu_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// Evaluated as PyTorch writes it, `0.5 a (1 + tanh(u))` with `u =
 /// sqrt(2/pi) (a + 0.044715 a^3)`, `tanh(u) = 1 - 2 / (exp(2u) + 1)` (a few
 /// f32 ulps from PyTorch's tanh, so a bf16 result can differ in its last
-/// bit; very negative `a` saturate to 0 as in PyTorch). Other dtypes:
-/// candle's `gelu` in f32 and a multiply in the dtype.
+/// bit; very negative `a` saturate to 0 as in PyTorch). f32 tensors: the same
+/// in one parallel pass, unrounded. Other dtypes: candle's `gelu` in f32 and
+/// a multiply in the dtype.
 pub fn gelu_tanh_mul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     act_mul::<true>(a, b)
 }
 
-/// `a + b` for tensors of the same shape. bf16 CPU tensors: in parallel, each
-/// sum in f32 rounded once to bf16 (PyTorch's bf16 `add`; candle's runs on one
-/// thread). Other dtypes and devices: candle's `a + b`.
+/// `a + b` for tensors of the same shape. bf16 and f32 CPU tensors: in
+/// parallel (candle's runs on one thread), in bf16 each sum in f32 rounded
+/// once (PyTorch's bf16 `add`). Other dtypes and devices: candle's `a + b`.
 pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let fast = a.dims() == b.dims() && has_avx512_bf16();
-    let (ac, bc) = match fast {
-        true => (bf16_cpu(a)?, bf16_cpu(b)?),
-        false => (None, None),
-    };
-    let (va, vb) = (
-        ac.as_ref().and_then(CpuView::of),
-        bc.as_ref().and_then(CpuView::of),
-    );
-    if let (Some(x), Some(y)) = (elems(&va), elems(&vb)) {
-        let mut out = vec![bf16::ZERO; x.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
-            .for_each(|(o, (x, y))| {
-                // SAFETY: the CPU has the features; the three slices have the
-                // same length.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    x86::add(x, y, o)
-                };
-            });
-        return Tensor::from_vec(out, a.dims(), a.device());
+    if a.dims() == b.dims() && has_avx512_bf16() && a.device().is_cpu() && a.dtype() == b.dtype() {
+        #[cfg(target_arch = "x86_64")]
+        match a.dtype() {
+            // SAFETY (both): the features were checked; `map2` passes
+            // slices of one length.
+            DType::BF16 => return map2::<bf16>(a, b, |x, y, o| unsafe { x86::add(x, y, o) }),
+            DType::F32 => return map2::<f32>(a, b, |x, y, o| unsafe { x86::add(x, y, o) }),
+            _ => {}
+        }
     }
     a + b
 }
 
+/// Rotary embedding in the "rotate half" form (Gemma's, transformers'
+/// `apply_rotary_pos_emb`): `x * cos + rotate_half(x) * sin` for `x`
+/// `[..., L, D]` and `cos`, `sin` `[L, D]`, with `rotate_half(x) = cat(-x2,
+/// x1)` over the two halves of the last dimension. bf16 and f32 CPU tensors:
+/// one parallel pass, in bf16 with PyTorch's three roundings (each product,
+/// then the sum). Other dtypes and devices: the same ops in candle.
+pub fn rope_rotate_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (l, d) = cos.dims2()?;
+    let fast = x.rank() >= 2
+        && x.dims()[x.rank() - 2..] == [l, d]
+        && sin.dims() == cos.dims()
+        && d % 2 == 0
+        && has_avx512_bf16()
+        && x.device().is_cpu()
+        && x.dtype() == cos.dtype()
+        && x.dtype() == sin.dtype();
+    if fast {
+        #[cfg(target_arch = "x86_64")]
+        match x.dtype() {
+            DType::BF16 => return rope_fast::<bf16>(x, cos, sin),
+            DType::F32 => return rope_fast::<f32>(x, cos, sin),
+            _ => {}
+        }
+    }
+    let half = d / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+#[cfg(target_arch = "x86_64")]
+fn rope_fast<E>(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor>
+where
+    E: candle_core::WithDType + Lanes,
+{
+    let (l, d) = cos.dims2()?;
+    let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let views = (CpuView::of(&x), CpuView::of(&cos), CpuView::of(&sin));
+    let (Some(xs), Some(cs), Some(ss)) = (
+        views.0.as_ref().and_then(|v| v.slice::<E>()),
+        views.1.as_ref().and_then(|v| v.slice::<E>()),
+        views.2.as_ref().and_then(|v| v.slice::<E>()),
+    ) else {
+        return Err(candle_core::Error::Msg(
+            "rope: tensors not on the CPU".into(),
+        ));
+    };
+    let mut out = vec![E::zero(); xs.len()];
+    out.par_chunks_mut(l * d)
+        .zip(xs.par_chunks(l * d))
+        .for_each(|(o, x)| {
+            for (p, (o, x)) in o.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate() {
+                let (c, s) = (&cs[p * d..(p + 1) * d], &ss[p * d..(p + 1) * d]);
+                // SAFETY: `rope_rotate_half` checked the features; every
+                // slice has `d` elements.
+                unsafe { x86::rope_row(x, c, s, o) };
+            }
+        });
+    Tensor::from_vec(out, x.dims(), x.device())
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// `f` over chunks of two CPU tensors of the same shape and dtype `E`, in
+/// parallel, into a new tensor.
+fn map2<E>(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(&[E], &[E], &mut [E]) + Sync,
+) -> candle_core::Result<Tensor>
+where
+    E: candle_core::WithDType,
+{
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (va, vb) = (CpuView::of(&a), CpuView::of(&b));
+    let (Some(x), Some(y)) = (
+        va.as_ref().and_then(|v| v.slice::<E>()),
+        vb.as_ref().and_then(|v| v.slice::<E>()),
+    ) else {
+        return Err(candle_core::Error::Msg(
+            "fused element-wise op: tensors not on the CPU".into(),
+        ));
+    };
+    let mut out = vec![E::zero(); x.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+        .for_each(|(o, (x, y))| f(x, y, o));
+    Tensor::from_vec(out, a.dims(), a.device())
+}
+
 /// [`silu_mul`] (`GELU = false`) or [`gelu_tanh_mul`].
 fn act_mul<const GELU: bool>(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let fast = a.dims() == b.dims() && has_avx512_bf16();
-    let (ac, bc) = match fast {
-        true => (bf16_cpu(a)?, bf16_cpu(b)?),
-        false => (None, None),
-    };
-    let (va, vb) = (
-        ac.as_ref().and_then(CpuView::of),
-        bc.as_ref().and_then(CpuView::of),
-    );
-    if let (Some(x), Some(y)) = (elems(&va), elems(&vb)) {
-        let mut out = vec![bf16::ZERO; x.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
-            .for_each(|(o, (x, y))| {
-                // SAFETY: the CPU has the features; the three slices have the
-                // same length.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    x86::act_mul::<GELU>(x, y, o)
-                };
-            });
-        return Tensor::from_vec(out, a.dims(), a.device());
+    if a.dims() == b.dims() && has_avx512_bf16() && a.device().is_cpu() && a.dtype() == b.dtype() {
+        #[cfg(target_arch = "x86_64")]
+        match a.dtype() {
+            // SAFETY (both): the features were checked; `map2` passes
+            // slices of one length.
+            DType::BF16 => {
+                return map2::<bf16>(a, b, |x, y, o| unsafe { x86::act_mul::<_, GELU>(x, y, o) })
+            }
+            DType::F32 => {
+                return map2::<f32>(a, b, |x, y, o| unsafe { x86::act_mul::<_, GELU>(x, y, o) })
+            }
+            _ => {}
+        }
     }
     let dtype = a.dtype();
     let act = |t: &Tensor| match GELU {
@@ -115,6 +185,29 @@ fn act_mul<const GELU: bool>(a: &Tensor, b: &Tensor) -> candle_core::Result<Tens
         _ => act(&a.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
     };
     s * b
+}
+
+/// Element types of the fused kernels: how 16 lanes are loaded, stored and
+/// rounded as the element type stores them.
+pub(crate) trait Lanes: Copy {
+    /// Loads `len <= 16` elements as f32.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL/BF16 are available; `len` elements are readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self, len: usize) -> std::arch::x86_64::__m512;
+    /// Stores the first `len <= 16` lanes, rounded to the element type.
+    ///
+    /// # Safety
+    /// As [`Lanes::load16`], `len` elements writable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn store16(p: *mut Self, v: std::arch::x86_64::__m512, len: usize);
+    /// `v` rounded to the element type and widened back (identity for f32).
+    ///
+    /// # Safety
+    /// As [`Lanes::load16`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn round(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512;
 }
 
 /// RMS norm over the last dimension of a bf16 tensor, as diffusers'
@@ -237,23 +330,83 @@ mod x86 {
         unsafe { _mm256_mask_storeu_epi16(p.cast(), m, round16(v)) }
     }
 
-    /// `o = bf16(x + y)`.
+    /// One row of [`super::rope_rotate_half`]: with `h = d / 2`,
+    /// `o[i] = E(E(x[i] c[i]) - E(x[i + h] s[i]))` and
+    /// `o[i + h] = E(E(x[i + h] c[i + h]) + E(x[i] s[i + h]))` for `i < h`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn add(x: &[bf16], y: &[bf16], o: &mut [bf16]) {
+    pub unsafe fn rope_row<E: super::Lanes>(x: &[E], c: &[E], s: &[E], o: &mut [E]) {
+        let h = x.len() / 2;
         let mut i = 0;
-        while i < x.len() {
-            let len = 16.min(x.len() - i);
+        while i < h {
+            let len = 16.min(h - i);
             unsafe {
-                let s = _mm512_add_ps(load(x.as_ptr().add(i), len), load(y.as_ptr().add(i), len));
-                store(o.as_mut_ptr().add(i), s, len);
+                let ld = |v: &[E], at: usize| E::load16(v.as_ptr().add(at), len);
+                let (a, b) = (ld(x, i), ld(x, i + h));
+                let lo = _mm512_sub_ps(
+                    E::round(_mm512_mul_ps(a, ld(c, i))),
+                    E::round(_mm512_mul_ps(b, ld(s, i))),
+                );
+                let hi = _mm512_add_ps(
+                    E::round(_mm512_mul_ps(b, ld(c, i + h))),
+                    E::round(_mm512_mul_ps(a, ld(s, i + h))),
+                );
+                E::store16(o.as_mut_ptr().add(i), lo, len);
+                E::store16(o.as_mut_ptr().add(i + h), hi, len);
             }
             i += len;
         }
     }
 
-    /// `o = bf16(bf16(x / (1 + exp(-x))) * y)`.
+    /// `o = E(x + y)`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn act_mul<const GELU: bool>(x: &[bf16], y: &[bf16], o: &mut [bf16]) {
+    pub unsafe fn add<E: super::Lanes>(x: &[E], y: &[E], o: &mut [E]) {
+        let mut i = 0;
+        while i < x.len() {
+            let len = 16.min(x.len() - i);
+            unsafe {
+                let s = _mm512_add_ps(
+                    E::load16(x.as_ptr().add(i), len),
+                    E::load16(y.as_ptr().add(i), len),
+                );
+                E::store16(o.as_mut_ptr().add(i), s, len);
+            }
+            i += len;
+        }
+    }
+
+    impl super::Lanes for bf16 {
+        #[inline]
+        unsafe fn load16(p: *const Self, len: usize) -> __m512 {
+            unsafe { load(p, len) }
+        }
+        #[inline]
+        unsafe fn store16(p: *mut Self, v: __m512, len: usize) {
+            unsafe { store(p, v, len) }
+        }
+        #[inline]
+        unsafe fn round(v: __m512) -> __m512 {
+            unsafe { widen16(round16(v)) }
+        }
+    }
+
+    impl super::Lanes for f32 {
+        #[inline]
+        unsafe fn load16(p: *const Self, len: usize) -> __m512 {
+            unsafe { _mm512_maskz_loadu_ps(crate::simd::mask16(len), p) }
+        }
+        #[inline]
+        unsafe fn store16(p: *mut Self, v: __m512, len: usize) {
+            unsafe { _mm512_mask_storeu_ps(p, crate::simd::mask16(len), v) }
+        }
+        #[inline]
+        unsafe fn round(v: __m512) -> __m512 {
+            v
+        }
+    }
+
+    /// `o = E(E(act(x)) * y)`: SiLU `x / (1 + exp(-x))` or GELU (tanh).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn act_mul<E: super::Lanes, const GELU: bool>(x: &[E], y: &[E], o: &mut [E]) {
         let one = _mm512_set1_ps(1.0);
         // sqrt(2 / pi) and the cubic coefficient of the tanh approximation.
         let beta = _mm512_set1_ps(0.797_884_6);
@@ -263,8 +416,8 @@ mod x86 {
         while i < x.len() {
             let len = 16.min(x.len() - i);
             unsafe {
-                let a = load(x.as_ptr().add(i), len);
-                let b = load(y.as_ptr().add(i), len);
+                let a = E::load16(x.as_ptr().add(i), len);
+                let b = E::load16(y.as_ptr().add(i), len);
                 let s = match GELU {
                     // a / (1 + exp(-a))
                     false => _mm512_div_ps(
@@ -281,10 +434,10 @@ mod x86 {
                         _mm512_mul_ps(_mm512_mul_ps(half, a), _mm512_add_ps(one, t))
                     }
                 };
-                // The activation rounded to bf16 before the product, as the
-                // unfused ops.
-                let s = widen16(round16(s));
-                store(o.as_mut_ptr().add(i), _mm512_mul_ps(s, b), len);
+                // The activation rounded (in bf16) before the product, as
+                // the unfused ops.
+                let s = E::round(s);
+                E::store16(o.as_mut_ptr().add(i), _mm512_mul_ps(s, b), len);
             }
             i += 16;
         }
@@ -440,6 +593,67 @@ mod tests {
             assert_eq!(bits(&scaled), bits(&x3.broadcast_mul(&v)?));
             let gated = mul_bcast(&x3, &v, Some(&y3))?;
             assert_eq!(bits(&gated), bits(&(&x3 + y3.broadcast_mul(&v)?)?));
+
+            // The rotary embedding: the unfused candle ops' bits, bf16 and f32.
+            let (l, d) = (shape.0, 64);
+            let x4 = Tensor::randn(0f32, 2., (2, 3, l, d), &dev)?;
+            let cs = Tensor::randn(0f32, 1., (l, d), &dev)?;
+            let sn = Tensor::randn(0f32, 1., (l, d), &dev)?;
+            for dt in [DType::BF16, DType::F32] {
+                let (x4, cs, sn) = (x4.to_dtype(dt)?, cs.to_dtype(dt)?, sn.to_dtype(dt)?);
+                let fused = rope_rotate_half(&x4, &cs, &sn)?;
+                let x1 = x4.narrow(D::Minus1, 0, d / 2)?;
+                let x2 = x4.narrow(D::Minus1, d / 2, d / 2)?;
+                let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+                let unfused = (x4.broadcast_mul(&cs)? + rot.broadcast_mul(&sn)?)?;
+                let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                assert_eq!(f32s(&fused)?, f32s(&unfused)?, "rope {dt:?}");
+            }
+
+            // The parallel add: candle's bits, bf16 and f32.
+            assert_eq!(bits(&add(&a, &b)?), bits(&(&a + &b)?));
+            let (af, bf) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+            let sum = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(sum(add(&af, &bf)?)?, sum((&af + &bf)?)?);
+        }
+        Ok(())
+    }
+
+    /// The f32 activations against f64 evaluations of the same formulas:
+    /// within a few f32 ulps of the result (our exp is a few ulps off libm's;
+    /// for GELU, 1 + tanh(u) cancels for negative a, in PyTorch too, hence the
+    /// absolute term).
+    #[test]
+    fn f32_activations_match_f64() -> candle_core::Result<()> {
+        if !has_avx512_bf16() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let mut av = Tensor::randn(0f32, 4., 3 * 1000 + 7, &dev)?.to_vec1::<f32>()?;
+        av[..6].copy_from_slice(&[-100.0, 100.0, 0.0, -0.0, -20.0, 20.0]);
+        let n = av.len();
+        let a = Tensor::from_vec(av.clone(), n, &dev)?;
+        let bv = Tensor::randn(0f32, 1., n, &dev)?.to_vec1::<f32>()?;
+        let b = Tensor::from_vec(bv.clone(), n, &dev)?;
+        let silu = silu_mul(&a, &b)?.to_vec1::<f32>()?;
+        let gelu = gelu_tanh_mul(&a, &b)?.to_vec1::<f32>()?;
+        for i in 0..n {
+            let (x, y) = (av[i] as f64, bv[i] as f64);
+            let want = x / (1.0 + (-x).exp()) * y;
+            let tol = 8.0 * f32::EPSILON as f64 * want.abs() + 1e-37;
+            assert!(
+                (silu[i] as f64 - want).abs() <= tol,
+                "silu_mul({x}, {y}): {} vs {want}",
+                silu[i]
+            );
+            let u = 0.797_884_6f64 * (x + 0.044_715 * x * x * x);
+            let want = 0.5 * x * (1.0 + u.tanh()) * y;
+            let tol = 8.0 * f32::EPSILON as f64 * (want.abs() + (x * y).abs());
+            assert!(
+                (gelu[i] as f64 - want).abs() <= tol,
+                "gelu_tanh_mul({x}, {y}): {} vs {want}",
+                gelu[i]
+            );
         }
         Ok(())
     }
