@@ -39,6 +39,9 @@ const TILE_ROWS: usize = 12;
 const BLOCK_ROWS: usize = 8 * TILE_ROWS;
 /// Panels per parallel task.
 const BLOCK_PANELS: usize = 8;
+/// Input pairs per depth chunk of the AMX kernel (2304 inputs: the text
+/// encoder's and the transformer's width, which run in one chunk).
+const CHUNK_PAIRS: usize = 1152;
 
 static DISABLED: AtomicBool = AtomicBool::new(false);
 
@@ -614,7 +617,7 @@ mod kernel {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    use super::PANEL;
+    use super::{CHUNK_PAIRS, PANEL};
 
     /// Whether the CPU has AMX-BF16 and Linux lets this process use the tile
     /// registers (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked
@@ -784,48 +787,81 @@ mod kernel {
         let mut c = [0f32; 32 * 32];
         // `a` is tiled: tile (row tile t, step s) at byte (t * steps + s) * 1024.
         let steps = pairs / 16;
+        // Deep inputs in chunks: over the whole depth, a 32-row block of
+        // inputs and a panel are 576 KiB each at 9216 inputs and the task's
+        // blocks no longer fit L2 (the feed-forward's last layer ran at half
+        // the speed of the others). Between chunks the sums wait in `acc`.
+        let chunks = if pairs > 2 * CHUNK_PAIRS {
+            pairs.div_ceil(CHUNK_PAIRS)
+        } else {
+            1
+        };
+        let chunk = pairs.div_ceil(chunks).div_ceil(16) * 16;
+        let ld = (p1 - p0) * PANEL;
+        let mut acc = crate::cpu::Aligned::<f32>::zeroed(match chunks {
+            1 => 0,
+            _ => (r1 - r0).div_ceil(32) * 32 * ld,
+        });
         unsafe {
             asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack));
-            for p in p0..p1 {
-                let cols = PANEL.min(ldo - p * PANEL);
-                let panel = data.as_ptr().add((p - first) * pairs * PANEL).cast::<u8>();
-                let (m0, m1) = crate::simd::masks32(cols);
-                let bias0 = _mm512_loadu_ps(bias.add(p * PANEL));
-                let bias1 = _mm512_loadu_ps(bias.add(p * PANEL + 16));
-                let mut r = r0;
-                while r < r1 {
-                    let h = 32.min(r1 - r);
-                    let arow = a.cast::<u8>().add((r / 16) * steps * 1024);
-                    zero_c();
-                    let mut kk = 0;
-                    while kk < pairs {
-                        let ap = arow.add((kk / 16) * 1024);
-                        let bp = panel.add(kk * PANEL * 4);
-                        // The next step's tiles, into L1: a tile load that
-                        // misses L1 stalls the multiplies that wait on it
-                        // (1.1-1.5x on this project's machine).
-                        if kk + 16 < pairs {
-                            for l in 0..16 {
-                                _mm_prefetch::<_MM_HINT_T0>(ap.add(1024 + 64 * l).cast());
-                                _mm_prefetch::<_MM_HINT_T0>(
-                                    ap.add(steps * 1024 + 1024 + 64 * l).cast(),
-                                );
-                            }
-                            for l in 0..32 {
-                                _mm_prefetch::<_MM_HINT_T0>(bp.add(2048 + 64 * l).cast());
-                            }
+            for ci in 0..chunks {
+                let (k0, k1) = (ci * chunk, ((ci + 1) * chunk).min(pairs));
+                if k0 >= k1 {
+                    break;
+                }
+                for p in p0..p1 {
+                    let cols = PANEL.min(ldo - p * PANEL);
+                    let panel = data.as_ptr().add((p - first) * pairs * PANEL).cast::<u8>();
+                    let (m0, m1) = crate::simd::masks32(cols);
+                    let bias0 = _mm512_loadu_ps(bias.add(p * PANEL));
+                    let bias1 = _mm512_loadu_ps(bias.add(p * PANEL + 16));
+                    let mut r = r0;
+                    while r < r1 {
+                        let h = 32.min(r1 - r);
+                        let arow = a.cast::<u8>().add((r / 16) * steps * 1024);
+                        // This block's sums between chunks (`r - r0` is a
+                        // multiple of 32).
+                        let saved = acc.as_mut_ptr().add((r - r0) * ld + (p - p0) * PANEL);
+                        if k0 == 0 {
+                            zero_c();
+                        } else {
+                            c_tiles(saved, ld, true);
                         }
-                        bf16_steps(ap, ap.add(steps * 1024), 0, bp, 0, 1);
-                        kk += 16;
+                        let mut kk = k0;
+                        while kk < k1 {
+                            let ap = arow.add((kk / 16) * 1024);
+                            let bp = panel.add(kk * PANEL * 4);
+                            // The next step's tiles, into L1: a tile load that
+                            // misses L1 stalls the multiplies that wait on it
+                            // (1.1-1.5x on this project's machine).
+                            if kk + 16 < k1 {
+                                for l in 0..16 {
+                                    _mm_prefetch::<_MM_HINT_T0>(ap.add(1024 + 64 * l).cast());
+                                    _mm_prefetch::<_MM_HINT_T0>(
+                                        ap.add(steps * 1024 + 1024 + 64 * l).cast(),
+                                    );
+                                }
+                                for l in 0..32 {
+                                    _mm_prefetch::<_MM_HINT_T0>(bp.add(2048 + 64 * l).cast());
+                                }
+                            }
+                            bf16_steps(ap, ap.add(steps * 1024), 0, bp, 0, 1);
+                            kk += 16;
+                        }
+                        if k1 < pairs {
+                            c_tiles(saved, ld, false);
+                            r += h;
+                            continue;
+                        }
+                        c_tiles(c.as_mut_ptr(), 32, false);
+                        for i in 0..h {
+                            let acc0 = _mm512_loadu_ps(c.as_ptr().add(i * 32));
+                            let acc1 = _mm512_loadu_ps(c.as_ptr().add(i * 32 + 16));
+                            let row = out.add((r + i) * ldo + p * PANEL);
+                            store_row(row, acc0, acc1, bias0, bias1, m0, m1);
+                        }
+                        r += h;
                     }
-                    c_tiles(c.as_mut_ptr(), 32, false);
-                    for i in 0..h {
-                        let acc0 = _mm512_loadu_ps(c.as_ptr().add(i * 32));
-                        let acc1 = _mm512_loadu_ps(c.as_ptr().add(i * 32 + 16));
-                        let row = out.add((r + i) * ldo + p * PANEL);
-                        store_row(row, acc0, acc1, bias0, bias1, m0, m1);
-                    }
-                    r += h;
                 }
             }
             asm!("tilerelease", options(nostack));
@@ -1162,7 +1198,8 @@ mod tests {
     }
 
     /// The packed product against an f64 reference of the same bf16 inputs,
-    /// for shapes with partial panels, partial tiles, odd widths and a bias.
+    /// for shapes with partial panels, partial tiles, odd widths, a bias and
+    /// a depth split into chunks.
     #[test]
     fn matches_reference() -> candle_core::Result<()> {
         if !cpu_has_kernel() {
@@ -1176,6 +1213,9 @@ mod tests {
             (13, 64, 32, false),
             (97, 130, 70, true),
             (200, 257, 100, true),
+            // Deep enough for the AMX kernel's depth chunks (three, uneven),
+            // with a second task's rows.
+            (130, 5000, 40, true),
         ] {
             let x = Tensor::randn(0f32, 1., (rows, inp), &dev)?.to_dtype(DType::BF16)?;
             let w = Tensor::randn(0f32, 1., (out, inp), &dev)?.to_dtype(DType::BF16)?;
