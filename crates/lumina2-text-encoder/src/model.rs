@@ -172,12 +172,11 @@ impl Mlp {
         let dtype = x.dtype();
         if self.act == Activation::GeluTanh {
             // One parallel pass for bf16 and f32 (the same two roundings as
-            // below); other dtypes fall back to candle's ops.
-            let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
-            let h = {
-                let _span = span(groups::ELEMENTWISE);
-                lumina2_weights::fused::gelu_tanh_mul(&g, &u)?
-            };
+            // below; GGUF weights on AMX without the two intermediates);
+            // other dtypes fall back to candle's ops.
+            let h = self
+                .gate
+                .gated(&self.up, x, lumina2_weights::GateAct::GeluTanh)?;
             return Ok(self.down.forward(&h)?);
         }
         // The activation in float32, rounded once, as PyTorch does for bf16/f16.

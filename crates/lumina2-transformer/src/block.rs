@@ -9,7 +9,7 @@ use crate::error::{invalid_input, Result};
 use crate::norm::{silu, RmsNorm};
 use crate::rope::Rope;
 use crate::weights::profile::{groups, span};
-use crate::weights::{Linear, Weights};
+use crate::weights::{GateAct, Linear, Weights};
 
 /// diffusers' `LuminaFeedForward`: `linear_2(silu(linear_1(x)) * linear_3(x))`.
 #[derive(Debug, Clone)]
@@ -31,18 +31,11 @@ impl FeedForward {
 
     /// `[..., dim]` -> `[..., dim]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.linear_1.forward(x)?;
-        let up = self.linear_3.forward(x)?;
-        // SiLU in f32 rounded to the dtype, then the product (one parallel
-        // pass for bf16 and f32 on CPUs with AVX512-BF16).
-        let h = {
-            let _span = span(groups::ELEMENTWISE);
-            lumina2_weights::fused::silu_mul(&gate, &up)?
-        };
-        // The two [tokens, inner] inputs of the product are dead: freed
-        // before the last matmul, not after it (the forward's peak memory is
-        // here: 47 MB less at 512x512 in bf16).
-        drop((gate, up));
+        // SiLU in f32 rounded to the dtype, then the product; for GGUF
+        // weights on AMX without the two [tokens, inner] intermediates (the
+        // forward's peak memory is here). Otherwise both are freed before
+        // the last matmul, not after it.
+        let h = self.linear_1.gated(&self.linear_3, x, GateAct::Silu)?;
         self.linear_2.forward(&h)
     }
 }

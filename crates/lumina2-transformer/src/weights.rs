@@ -6,6 +6,6 @@
 //! compute dtype; [`Linear`] serves dense and quantised weights alike.
 
 pub use lumina2_weights::{
-    packed, profile, Linear, LinearWeight, SafetensorsSource, VarBuilderSource, WeightSource,
-    Weights,
+    packed, profile, GateAct, Linear, LinearWeight, SafetensorsSource, VarBuilderSource,
+    WeightSource, Weights,
 };

@@ -99,6 +99,15 @@ impl LinearWeight {
     }
 }
 
+/// The activation of a gated feed-forward ([`Linear::gated`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateAct {
+    /// `x * sigmoid(x)` (Lumina2's feed-forward).
+    Silu,
+    /// PyTorch's `gelu(approximate="tanh")` (Gemma-2's MLP).
+    GeluTanh,
+}
+
 /// A low-rank adapter (LoRA) of a linear layer, kept factored: it adds
 /// `scale * B A` to the `[out, in]` weight, `A` (`down`) being `[rank, in]`
 /// and `B` (`up`) `[out, rank]`.
@@ -834,6 +843,39 @@ impl Linear {
     /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// `act(self(x)) * up(x)`: a gated feed-forward's two input layers
+    /// (SiLU for Lumina2's, GELU-tanh for Gemma-2's), rounded as the unfused
+    /// ops are ([`fused::silu_mul`], [`fused::gelu_tanh_mul`]). When both
+    /// weights are Q4_0 (GGUF) without bias or adapters and the input is bf16
+    /// on a CPU with AMX, the two products and the activation are computed
+    /// panel by panel, without the two `[.., out]` intermediates (the
+    /// transformer's peak memory at 512x512: 47 MB less).
+    pub fn gated(&self, up: &Linear, x: &Tensor, act: GateAct) -> candle_core::Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        if let (LinearWeight::Quantized(g), LinearWeight::Quantized(u)) = (&self.weight, &up.weight)
+        {
+            let plain = |l: &Linear| l.bias.is_none() && l.adapters.is_empty();
+            if plain(self) && plain(up) && x.dtype() == DType::BF16 && x.rank() >= 1 {
+                let _span = profile::span(profile::groups::LINEAR);
+                let dims = x.dims();
+                let in_dim = dims[dims.len() - 1];
+                let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
+                let gelu = act == GateAct::GeluTanh;
+                if let Some(y) = packed::PackedBf16::gated_q4_0_streamed(g, u, &x2, gelu)? {
+                    let mut out_dims = dims.to_vec();
+                    out_dims[dims.len() - 1] = y.dim(1)?;
+                    return y.reshape(out_dims);
+                }
+            }
+        }
+        let (g, u) = (self.forward(x)?, up.forward(x)?);
+        let _span = profile::span(profile::groups::ELEMENTWISE);
+        match act {
+            GateAct::Silu => fused::silu_mul(&g, &u),
+            GateAct::GeluTanh => fused::gelu_tanh_mul(&g, &u),
+        }
     }
 
     /// Applies the layer to `x` of shape `[..., in]`.

@@ -1,0 +1,67 @@
+//! `Linear::gated` against the unfused form (two linear layers, then the
+//! fused activation-times-gate): the same bits, for Q4_0 weights (the
+//! panel-by-panel AMX path where the CPU has it) and for dense ones.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use lumina2_weights::{conv, fused, profile, GateAct, Linear, LinearWeight};
+
+fn bits(t: &Tensor) -> candle_core::Result<Vec<u16>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<half::bf16>()?
+        .into_iter()
+        .map(|v| v.to_bits())
+        .collect())
+}
+
+#[test]
+fn gated_equals_unfused() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    // (rows, in, out): a partial last panel and row block; an input deep
+    // enough for the kernel's depth chunks.
+    for (rows, inp, out) in [(5usize, 64usize, 40usize), (130, 4992, 70)] {
+        let x = Tensor::randn(0f32, 1., (1, rows, inp), &dev)?.to_dtype(DType::BF16)?;
+        let wg = Tensor::randn(0f32, 0.05, (out, inp), &dev)?;
+        let wu = Tensor::randn(0f32, 0.05, (out, inp), &dev)?;
+        let layers = |quantized: bool| -> candle_core::Result<(Linear, Linear)> {
+            let make = |w: &Tensor| -> candle_core::Result<Linear> {
+                let weight = match quantized {
+                    true => LinearWeight::Quantized(std::sync::Arc::new(QTensor::quantize(
+                        w,
+                        GgmlDType::Q4_0,
+                    )?)),
+                    false => LinearWeight::Dense(w.to_dtype(DType::BF16)?),
+                };
+                Linear::new(weight, None)
+            };
+            Ok((make(&wg)?, make(&wu)?))
+        };
+        for quantized in [true, false] {
+            let (g, u) = layers(quantized)?;
+            for act in [GateAct::Silu, GateAct::GeluTanh] {
+                profile::reset();
+                profile::enable(true);
+                let fused_out = g.gated(&u, &x, act)?;
+                profile::enable(false);
+                // With AMX, Q4_0 takes the panel-by-panel path: no separate
+                // element-wise pass (the unfused form has one).
+                let separate = profile::report()
+                    .iter()
+                    .any(|(group, _, _)| *group == profile::groups::ELEMENTWISE);
+                assert_eq!(separate, !(quantized && conv::available()), "{quantized} {act:?}");
+                let (gy, uy) = (g.forward(&x)?, u.forward(&x)?);
+                let unfused = match act {
+                    GateAct::Silu => fused::silu_mul(&gy, &uy)?,
+                    GateAct::GeluTanh => fused::gelu_tanh_mul(&gy, &uy)?,
+                };
+                assert_eq!(fused_out.dims(), &[1, rows, out]);
+                assert_eq!(
+                    bits(&fused_out)?,
+                    bits(&unfused)?,
+                    "{rows}x{inp}x{out} quantized {quantized} {act:?}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
