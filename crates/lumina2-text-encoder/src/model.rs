@@ -111,6 +111,80 @@ impl Attention {
             .reshape((b, kv * rep, l, hd))?)
     }
 
+    /// Eager attention op by op (transformers' `eager_attention_forward`),
+    /// rounding after each op in a half dtype: `q` `[B, H, L, d]`, `k`, `v`
+    /// `[B, KV, L, d]` -> `[B, H, L, d]`.
+    fn attend(&self, q: &Tensor, k: Tensor, v: Tensor, mask: &Tensor) -> Result<Tensor> {
+        let dtype = q.dtype();
+        let k = self.repeat_kv(k)?.contiguous()?;
+        let v = self.repeat_kv(v)?.contiguous()?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)?;
+        let mut s = round_to((scores * self.scaling)?, dtype)?;
+        if let Some(cap) = self.softcap {
+            s = round_to((s / cap)?, dtype)?;
+            s = round_to(s.tanh()?, dtype)?;
+            s = round_to((s * cap)?, dtype)?;
+        }
+        let s = round_to(s.broadcast_add(mask)?, dtype)?;
+        let p = lumina2_weights::softmax::softmax_last_dim(&s.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)?;
+        Ok(p.matmul(&v)?)
+    }
+
+    /// [`Self::attend`] for bf16 on a CPU with the packed bf16 kernel, the
+    /// same roundings: per batch item and key head, the keys and transposed
+    /// values packed once, `q k^T` rounded to bf16 for the query heads that
+    /// share them (no repeated keys), the scaling, soft cap, mask and
+    /// softmax in one pass per row
+    /// ([`lumina2_weights::softmax::softcapped_softmax_bf16`]), the weighted
+    /// sum rounded once. `None` where that pass does not apply.
+    fn attend_bf16(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        use lumina2_weights::packed::PackedBf16;
+        let (b, h, l, hd) = q.dims4()?;
+        let rep = h / self.kv_heads.max(1);
+        let mut values = Vec::with_capacity(b * self.kv_heads);
+        let mut scores = Vec::with_capacity(b);
+        for bi in 0..b {
+            let mut heads = Vec::with_capacity(self.kv_heads);
+            for g in 0..self.kv_heads {
+                let keys = PackedBf16::pack(&k.get(bi)?.get(g)?)?; // [L, d]
+                values.push(PackedBf16::pack(&v.get(bi)?.get(g)?.t()?.contiguous()?)?); // [d, L]
+                let qg = q.get(bi)?.narrow(0, g * rep, rep)?.reshape((rep * l, hd))?;
+                heads.push(keys.matmul(&qg, None)?.reshape((rep, l, l))?);
+            }
+            scores.push(Tensor::cat(&heads, 0)?);
+        }
+        let scores = Tensor::stack(&scores, 0)?;
+        let cap = self.softcap.map(|c| c as f32);
+        let Some(p) = lumina2_weights::softmax::softcapped_softmax_bf16(
+            &scores,
+            self.scaling as f32,
+            cap,
+            mask,
+        )?
+        else {
+            return Ok(None);
+        };
+        drop(scores);
+        let mut items = Vec::with_capacity(b);
+        for bi in 0..b {
+            let mut heads = Vec::with_capacity(self.kv_heads);
+            for g in 0..self.kv_heads {
+                let pg = p.get(bi)?.narrow(0, g * rep, rep)?.reshape((rep * l, l))?;
+                let o = values[bi * self.kv_heads + g].matmul(&pg, None)?;
+                heads.push(o.reshape((rep, l, hd))?);
+            }
+            items.push(Tensor::cat(&heads, 0)?);
+        }
+        Ok(Some(Tensor::stack(&items, 0)?))
+    }
+
     /// `mask`: additive float32 `[B, 1, L, L]`.
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
@@ -128,19 +202,16 @@ impl Attention {
             (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?)
         };
         let _span = span(groups::ATTENTION);
-        let k = self.repeat_kv(k)?.contiguous()?;
-        let v = self.repeat_kv(v)?.contiguous()?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)?;
-        let mut s = round_to((scores * self.scaling)?, dtype)?;
-        if let Some(cap) = self.softcap {
-            s = round_to((s / cap)?, dtype)?;
-            s = round_to(s.tanh()?, dtype)?;
-            s = round_to((s * cap)?, dtype)?;
-        }
-        let s = round_to(s.broadcast_add(mask)?, dtype)?;
-        let p = lumina2_weights::softmax::softmax_last_dim(&s.to_dtype(DType::F32)?)?
-            .to_dtype(dtype)?;
-        let out = p.matmul(&v)?;
+        let fast =
+            dtype == DType::BF16 && x.device().is_cpu() && lumina2_weights::packed::available();
+        let fused = match fast {
+            true => self.attend_bf16(&q, &k, &v, mask)?,
+            false => None,
+        };
+        let out = match fused {
+            Some(out) => out,
+            None => self.attend(&q, k, v, mask)?,
+        };
         let out = out
             .transpose(1, 2)?
             .reshape((b, l, self.heads * self.head_dim))?;

@@ -16,6 +16,7 @@
 
 use crate::cpu::{map_rows, CpuView};
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 /// `softmax(x)` over the last dimension. f32 CPU tensors on CPUs with
 /// AVX-512F take the vectorised path; anything else candle's.
@@ -70,6 +71,65 @@ pub fn softmax_last_dim_to_bf16(x: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(out, x.dims(), x.device())
 }
 
+/// Gemma-2's eager attention weights in bf16, one pass per row:
+/// `p = bf16(softmax_f32(t))` with `t = bf16(bf16(s * scaling)` then, with a
+/// soft cap `c`, `t = bf16(c * bf16(tanh(bf16(t / c))))`, then
+/// `t = bf16(t + mask)`: every intermediate rounded to bf16 as transformers
+/// computes it on bf16 tensors (tanh within a few f32 ulps of PyTorch's).
+/// `scores`: `[B, H, L, S]` bf16 (the bf16 products `q k^T`), `mask`:
+/// additive f32 `[B, 1, L, S]`. `None` where the fast path does not apply
+/// (other dtypes or shapes, no AVX512-BF16): the caller computes it op by op.
+pub fn softcapped_softmax_bf16(
+    scores: &Tensor,
+    scaling: f32,
+    cap: Option<f32>,
+    mask: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    let Ok((b, h, l, s)) = scores.dims4() else {
+        return Ok(None);
+    };
+    let fast = scores.device().is_cpu()
+        && scores.dtype() == DType::BF16
+        && mask.dtype() == DType::F32
+        && mask.dims() == [b, 1, l, s]
+        && s > 0
+        && crate::simd::has_avx512_bf16();
+    if !fast {
+        return Ok(None);
+    }
+    let (scores, mask) = (scores.contiguous()?, mask.contiguous()?);
+    let (vs, vm) = (CpuView::of(&scores), CpuView::of(&mask));
+    let (Some(src), Some(bias)) = (
+        vs.as_ref().and_then(|v| v.slice::<half::bf16>()),
+        vm.as_ref().and_then(|v| v.slice::<f32>()),
+    ) else {
+        return Ok(None);
+    };
+    let mut out = vec![half::bf16::ZERO; src.len()];
+    out.par_chunks_mut(s)
+        .zip(src.par_chunks(s))
+        .enumerate()
+        .for_each_init(
+            || (vec![0f32; s], vec![0f32; s]),
+            |(t, p), (i, (d, x))| {
+                let (bi, li) = (i / (h * l), i % l);
+                let m = &bias[(bi * l + li) * s..(bi * l + li + 1) * s];
+                // SAFETY: AVX-512F/BW/VL/BF16 were detected; every slice has
+                // `s` elements.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    kernel::softcap_row(x, m, scaling, cap, t);
+                    kernel::softmax_row(t, p);
+                    kernel::round_row(p, d);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (t, p, d, x, m);
+            },
+        );
+    drop((vs, vm));
+    Ok(Some(Tensor::from_vec(out, (b, h, l, s), scores.device())?))
+}
+
 fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -86,6 +146,45 @@ mod kernel {
     use std::arch::x86_64::*;
 
     use crate::simd::exp16;
+
+    /// The rounded chain of [`super::softcapped_softmax_bf16`] before the
+    /// softmax, into `t` (f32 holding bf16 values).
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VL/BF16 are available; the slices have one length.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn softcap_row(
+        x: &[half::bf16],
+        mask: &[f32],
+        scaling: f32,
+        cap: Option<f32>,
+        t: &mut [f32],
+    ) {
+        use crate::simd::{round16, tanh16, widen16};
+        let r = |v: __m512| widen16(round16(v));
+        let sc = _mm512_set1_ps(scaling);
+        let mut i = 0;
+        while i < x.len() {
+            let len = 16.min(x.len() - i);
+            let m: __mmask16 = ((1u32 << len) - 1) as __mmask16;
+            unsafe {
+                let s = widen16(_mm256_maskz_loadu_epi16(m, x.as_ptr().add(i).cast()));
+                let mut v = r(_mm512_mul_ps(s, sc));
+                if let Some(c) = cap {
+                    let c = _mm512_set1_ps(c);
+                    v = r(_mm512_div_ps(v, c));
+                    v = r(tanh16(v));
+                    v = r(_mm512_mul_ps(v, c));
+                }
+                v = r(_mm512_add_ps(
+                    v,
+                    _mm512_maskz_loadu_ps(m, mask.as_ptr().add(i)),
+                ));
+                _mm512_mask_storeu_ps(t.as_mut_ptr().add(i), m, v);
+            }
+            i += 16;
+        }
+    }
 
     /// `dst = bf16(src)`, nearest even.
     ///
@@ -161,6 +260,110 @@ mod kernel {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// `tanh16` against f64's tanh: a few f32 ulps (relative), across the
+    /// Taylor/exp switch, tiny, large and special values.
+    #[test]
+    fn tanh_is_accurate() {
+        if !crate::simd::has_avx512_bf16() {
+            return;
+        }
+        let mut xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 1e-3).collect();
+        xs.extend([
+            0.3, -0.3, 0.29999998, 1e-30, -1e-30, 0.0, -0.0, 20.0, -20.0, 1e4,
+        ]);
+        xs.extend([f32::INFINITY, f32::NEG_INFINITY]);
+        for chunk in xs.chunks(16) {
+            let mut buf = [0f32; 16];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512F was detected; 16 lanes in and out.
+            let got: [f32; 16] = unsafe {
+                use std::arch::x86_64::*;
+                std::mem::transmute::<__m512, [f32; 16]>(crate::simd::tanh16(_mm512_loadu_ps(
+                    buf.as_ptr(),
+                )))
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let got = buf;
+            for (&x, &g) in chunk.iter().zip(&got) {
+                let want = (x as f64).tanh();
+                let err = (g as f64 - want).abs() / want.abs().max(f64::MIN_POSITIVE);
+                assert!(
+                    err <= 4.0 * f32::EPSILON as f64,
+                    "tanh({x}) = {g}, want {want}"
+                );
+            }
+        }
+        let mut nan = [f32::NAN; 16];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        unsafe {
+            use std::arch::x86_64::*;
+            nan = std::mem::transmute::<__m512, [f32; 16]>(crate::simd::tanh16(_mm512_loadu_ps(
+                nan.as_ptr(),
+            )));
+        }
+        assert!(nan.iter().all(|v| v.is_nan()));
+    }
+
+    /// The fused Gemma-2 chain against the same ops one by one in candle
+    /// (bf16 tensors, f32 opmath): equal except a last-bit difference where
+    /// the two tanh round to different bf16 values, in few elements.
+    #[test]
+    fn softcapped_softmax_matches_ops() -> candle_core::Result<()> {
+        if !crate::simd::has_avx512_bf16() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let (b, h, l, s) = (2usize, 3usize, 7usize, 37usize);
+        let scores = (Tensor::randn(0f32, 30., (b, h, l, s), &dev)?).to_dtype(DType::BF16)?;
+        // Causal with the dtype's minimum, one padded key in item 1.
+        let minv = f32::from_bits(0xFF7F_0000);
+        let mut m = vec![0f32; b * l * s];
+        for bi in 0..b {
+            for q in 0..l {
+                for k in 0..s {
+                    if k > q + 30 || (bi == 1 && k == 3) {
+                        m[(bi * l + q) * s + k] = minv;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (b, 1, l, s), &dev)?;
+        let r = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        for (scaling, cap) in [(0.0625f32, Some(50f32)), (0.0625, None)] {
+            let got = softcapped_softmax_bf16(&scores, scaling, cap, &mask)?.unwrap();
+            let mut t = r((scores.to_dtype(DType::F32)? * scaling as f64)?)?;
+            if let Some(c) = cap {
+                t = r((t / c as f64)?)?;
+                t = r(t.tanh()?)?;
+                t = r((t * c as f64)?)?;
+            }
+            let t = r(t.broadcast_add(&mask)?)?;
+            let want = softmax_last_dim(&t)?.to_dtype(DType::BF16)?;
+            let bits = |t: &Tensor| -> candle_core::Result<Vec<i32>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .map(|v| v.to_bits() as i32)
+                    .collect())
+            };
+            let (g, w) = (bits(&got)?, bits(&want)?);
+            let off = g.iter().zip(&w).filter(|(a, b)| a != b).count();
+            let worst = g
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (a - b).abs())
+                .max()
+                .unwrap_or(0);
+            assert!(
+                worst <= 1 && off * 50 <= g.len(),
+                "cap {cap:?}: {off} differ, worst {worst}"
+            );
+        }
+        Ok(())
+    }
 
     /// Against an f64 softmax: rows of several lengths (tails), masked keys,
     /// large and tiny values, an all-masked row.

@@ -48,7 +48,11 @@ fn gated_equals_unfused() -> candle_core::Result<()> {
                 let separate = profile::report()
                     .iter()
                     .any(|(group, _, _)| *group == profile::groups::ELEMENTWISE);
-                assert_eq!(separate, !(quantized && conv::available()), "{quantized} {act:?}");
+                assert_eq!(
+                    separate,
+                    !(quantized && conv::available()),
+                    "{quantized} {act:?}"
+                );
                 let (gy, uy) = (g.forward(&x)?, u.forward(&x)?);
                 let unfused = match act {
                     GateAct::Silu => fused::silu_mul(&gy, &uy)?,
