@@ -21,6 +21,8 @@ use rayon::prelude::*;
 use crate::cpu::{Aligned, CpuView};
 use crate::packed::PackedBf16;
 
+pub use crate::flash_f32::attention_f32;
+
 /// Queries per block (two AMX row tiles).
 const QB: usize = 32;
 /// Keys per online-softmax step (four 32-key tiles).

@@ -22,6 +22,7 @@ pub mod conv;
 mod cpu;
 pub mod error;
 pub mod flash;
+mod flash_f32;
 pub mod folder;
 pub mod fused;
 pub mod int8;
