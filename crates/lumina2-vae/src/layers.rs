@@ -241,17 +241,8 @@ impl Conv2d {
         upsample: usize,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        if c != p.c_in() {
-            return Err(input_err(
-                "convolution input",
-                format!("{c} channels, the weights expect {}", p.c_in()),
-            ));
-        }
-        let g = Geometry {
-            upsample,
-            ..Geometry::symmetric(self.stride, self.padding)
-        };
+        let (b, h, w) = input_dims(x, p.c_in())?;
+        let g = self.geometry(upsample);
         let x = cast(&x.contiguous()?, DType::F32)?;
         let res = residual
             .map(|r| cast(&r.contiguous()?, DType::F32))
@@ -267,56 +258,52 @@ impl Conv2d {
         .ok_or_else(|| input_err("convolution input", "not on the CPU, as the weights"))?;
         match out {
             Some((y, ho, wo)) => Ok(Tensor::from_vec(y, (b, p.c_out(), ho, wo), x.device())?),
-            None => Err(input_err(
-                "convolution input",
-                format!(
-                    "{h}x{w} (upsampled {upsample}x) is too small for a {0}x{0} kernel with padding {1}, \
-                     or the residual's shape is not the output's",
-                    self.kernel, self.padding
-                ),
+            None => Err(self.too_small(
+                (h, w, upsample),
+                ", or the residual's shape is not the output's",
             )),
         }
     }
 }
 
 impl Conv2d {
+    /// How the CPU kernels read the input: the layer's stride and padding,
+    /// after a nearest upsampling by `upsample`.
+    fn geometry(&self, upsample: usize) -> Geometry {
+        Geometry {
+            upsample,
+            ..Geometry::symmetric(self.stride, self.padding)
+        }
+    }
+
+    /// The error for an `h x w` input (upsampled `upsample` times) that
+    /// gives no output pixel; `more` adds another possible cause.
+    fn too_small(&self, (h, w, upsample): (usize, usize, usize), more: &str) -> VaeError {
+        input_err(
+            "convolution input",
+            format!(
+                "{h}x{w} (upsampled {upsample}x) is too small for a {0}x{0} kernel with padding {1}{more}",
+                self.kernel, self.padding
+            ),
+        )
+    }
+
     /// The AMX bf16 kernel: bf16 in, bf16 out (bias added in f32, rounded
     /// once), reading the input upsampled by `upsample`.
     fn run_bf16(&self, c: &ConvBf16, x: &Tensor, upsample: usize) -> Result<Tensor> {
-        let (b, ch, h, w) = x.dims4()?;
-        if ch != c.c_in() {
-            return Err(input_err(
-                "convolution input",
-                format!("{ch} channels, the weights expect {}", c.c_in()),
-            ));
-        }
-        let g = Geometry {
-            upsample,
-            ..Geometry::symmetric(self.stride, self.padding)
-        };
+        let (b, h, w) = input_dims(x, c.c_in())?;
+        let g = self.geometry(upsample);
         let x = cast(&x.contiguous()?, DType::BF16)?;
         let out = with_cpu::<half::bf16, _>(&x, |xs| c.forward(xs, b, (h, w), g))?
             .ok_or_else(|| input_err("convolution input", "not on the CPU, as the weights"))?;
         match out {
             Some((y, ho, wo)) => Ok(Tensor::from_vec(y, (b, c.c_out(), ho, wo), x.device())?),
-            None => Err(input_err(
-                "convolution input",
-                format!(
-                    "{h}x{w} (upsampled {upsample}x) is too small for a {0}x{0} kernel with padding {1}",
-                    self.kernel, self.padding
-                ),
-            )),
+            None => Err(self.too_small((h, w, upsample), "")),
         }
     }
 
     fn run_upsampler(&self, u: &UpsampleConv, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        if c != u.c_in() {
-            return Err(input_err(
-                "convolution input",
-                format!("{c} channels, the weights expect {}", u.c_in()),
-            ));
-        }
+        let (b, h, w) = input_dims(x, u.c_in())?;
         let x = cast(&x.contiguous()?, DType::F32)?;
         let y = with_cpu_f32(&x, |xs| u.forward(xs, b, (h, w)))?
             .ok_or_else(|| input_err("convolution input", "not on the CPU, as the weights"))?
@@ -327,6 +314,19 @@ impl Conv2d {
             x.device(),
         )?)
     }
+}
+
+/// Batch, height and width of a convolution's `[b, c, h, w]` input, checked
+/// against the `c_in` channels of its weights.
+fn input_dims(x: &Tensor, c_in: usize) -> Result<(usize, usize, usize)> {
+    let (b, c, h, w) = x.dims4()?;
+    if c != c_in {
+        return Err(input_err(
+            "convolution input",
+            format!("{c} channels, the weights expect {c_in}"),
+        ));
+    }
+    Ok((b, h, w))
 }
 
 /// Runs `f` on the data of a contiguous f32 CPU tensor (`None` otherwise).

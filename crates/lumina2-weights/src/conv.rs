@@ -274,7 +274,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{ConvBf16, Source, PANEL};
-    use crate::packed::{bf16_steps, c_tiles, store_row, tile_config, zero_c, Out};
+    use crate::packed::{bf16_steps, c_tiles, prefetch_next, store_row, tile_config, zero_c, Out};
 
     /// How a panel's vectors are read from an input row.
     #[derive(Clone, Copy)]
@@ -507,19 +507,7 @@ mod x86 {
                     for st in 0..steps {
                         // The next step's tiles into L1 (see `packed::amx_block`).
                         if st + 1 < steps {
-                            for l in 0..16 {
-                                _mm_prefetch::<_MM_HINT_T0>(
-                                    a0.add((st + 1) * 1024 + 64 * l).cast(),
-                                );
-                                _mm_prefetch::<_MM_HINT_T0>(
-                                    a1.add((st + 1) * 1024 + 64 * l).cast(),
-                                );
-                            }
-                            for l in 0..32 {
-                                _mm_prefetch::<_MM_HINT_T0>(
-                                    bp.add((st + 1) * 2048 + 64 * l).cast(),
-                                );
-                            }
+                            prefetch_next(a0.add(st * 1024), steps * 1024, bp.add(st * 2048));
                         }
                         bf16_steps(
                             a0.add(st * 1024),

@@ -23,6 +23,64 @@ use crate::packed::PackedBf16;
 
 pub use crate::flash_f32::attention_f32;
 
+/// The sizes of an attention call.
+pub(crate) struct Operands {
+    pub(crate) b: usize,
+    pub(crate) h: usize,
+    pub(crate) s_q: usize,
+    pub(crate) d: usize,
+    pub(crate) kv: usize,
+    pub(crate) s_kv: usize,
+}
+
+/// Checks `q` `[B, H, S_q, d]`, `k`, `v` `[B, KV, S_kv, d]` (all of
+/// `dtype`, `H` a multiple of `KV`, `d > 0`) and the optional key bias
+/// (`B * S_kv` values), which it returns as f32.
+pub(crate) fn operands(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_bias: Option<&Tensor>,
+    dtype: DType,
+) -> candle_core::Result<(Operands, Option<Vec<f32>>)> {
+    let (b, h, s_q, d) = q.dims4()?;
+    let (bk, kv, s_kv, dk) = k.dims4()?;
+    if bk != b || dk != d || v.dims() != k.dims() || kv == 0 || h % kv != 0 || d == 0 {
+        candle_core::bail!(
+            "flash attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if q.dtype() != dtype || k.dtype() != dtype || v.dtype() != dtype {
+        candle_core::bail!("flash attention: q, k and v must be {dtype:?}");
+    }
+    let bias = match key_bias {
+        Some(t) => {
+            if t.elem_count() != b * s_kv {
+                candle_core::bail!(
+                    "flash attention: key bias {:?}, expected [{b}, {s_kv}]",
+                    t.dims()
+                );
+            }
+            Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        }
+        None => None,
+    };
+    Ok((
+        Operands {
+            b,
+            h,
+            s_q,
+            d,
+            kv,
+            s_kv,
+        },
+        bias,
+    ))
+}
+
 /// Queries per block (two AMX row tiles).
 const QB: usize = 32;
 /// Keys per online-softmax step (four 32-key tiles).
@@ -48,32 +106,18 @@ pub fn attention_bf16(
     if !crate::packed::available() || !crate::packed::use_amx() || !q.device().is_cpu() {
         return Ok(None);
     }
-    let (b, h, s_q, d) = q.dims4()?;
-    let (bk, kv, s_kv, dk) = k.dims4()?;
-    if bk != b || dk != d || v.dims() != k.dims() || kv == 0 || h % kv != 0 {
-        candle_core::bail!(
-            "flash attention: q {:?}, k {:?}, v {:?} do not fit",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    if q.dtype() != DType::BF16 || k.dtype() != DType::BF16 || v.dtype() != DType::BF16 {
-        candle_core::bail!("flash attention: q, k and v must be bf16");
-    }
+    let (
+        Operands {
+            b,
+            h,
+            s_q,
+            d,
+            kv,
+            s_kv,
+        },
+        bias,
+    ) = operands(q, k, v, key_bias, DType::BF16)?;
     let rep = h / kv;
-    let bias: Option<Vec<f32>> = match key_bias {
-        Some(t) => {
-            if t.elem_count() != b * s_kv {
-                candle_core::bail!(
-                    "flash attention: key bias {:?}, expected [{b}, {s_kv}]",
-                    t.dims()
-                );
-            }
-            Some(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
-        }
-        None => None,
-    };
     let q = q.contiguous()?;
     let view = CpuView::of(&q);
     let Some(qs) = view.as_ref().and_then(|v| v.slice::<bf16>()) else {
@@ -356,83 +400,121 @@ mod kernel {
 mod tests {
     use super::*;
 
-    /// Against an f64 softmax attention of the same bf16 inputs: partial
-    /// query blocks, partial key blocks and tiles, head sizes that are not
-    /// multiples of 32, grouped heads, a key mask, an all-masked item.
+    /// The attention of [`attention_bf16`] and [`attention_f32`] in f64 from
+    /// the inputs' values (`[B, H, S_q, d]`, `[B, KV, S_kv, d]`, flattened),
+    /// for the tests: the `[B, H, S_q, d]` output, flattened.
+    fn f64_attention(
+        qs: &[f32],
+        ks: &[f32],
+        vs: &[f32],
+        bias: Option<&[f32]>,
+        (b, h, kv, s_q, s_kv, d): (usize, usize, usize, usize, usize, usize),
+        scale: f32,
+    ) -> Vec<f64> {
+        let mut out = Vec::with_capacity(b * h * s_q * d);
+        for bi in 0..b {
+            for hi in 0..h {
+                let g = hi / (h / kv);
+                let kv_row = |t: &[f32], j: usize| -> Vec<f64> {
+                    t[((bi * kv + g) * s_kv + j) * d..][..d]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect()
+                };
+                for i in 0..s_q {
+                    let qrow = &qs[((bi * h + hi) * s_q + i) * d..][..d];
+                    let scores: Vec<f64> = (0..s_kv)
+                        .map(|j| {
+                            let dot: f64 = qrow
+                                .iter()
+                                .zip(kv_row(ks, j))
+                                .map(|(a, c)| *a as f64 * c)
+                                .sum();
+                            dot * scale as f64 + bias.map_or(0.0, |bv| bv[bi * s_kv + j] as f64)
+                        })
+                        .collect();
+                    let m = scores.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                    let e: Vec<f64> = scores.iter().map(|&x| (x - m).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    let mut o = vec![0f64; d];
+                    for (j, ej) in e.iter().enumerate() {
+                        for (oc, vc) in o.iter_mut().zip(kv_row(vs, j)) {
+                            *oc += ej * vc;
+                        }
+                    }
+                    out.extend(o.iter().map(|x| x / sum));
+                }
+            }
+        }
+        out
+    }
+
+    /// The fused kernel of `dtype`: bf16 on AMX, f32 on AVX-512 (`None`
+    /// where it does not run).
+    fn fused(
+        dtype: DType,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        bias: Option<&Tensor>,
+        scale: f32,
+    ) -> candle_core::Result<Option<Tensor>> {
+        match dtype {
+            DType::BF16 => attention_bf16(q, k, v, bias, scale),
+            _ => attention_f32(q, k, v, bias, scale),
+        }
+    }
+
+    /// Both kernels against an f64 softmax attention of the same inputs:
+    /// partial query blocks, partial key blocks and tiles (and f32 key
+    /// panels), head sizes that are not multiples of 32 (or 12), grouped
+    /// heads, a key mask.
     #[test]
     fn matches_f64_attention() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        for &(b, h, kv, s_q, s_kv, d, masked) in &[
-            (1usize, 2usize, 1usize, 5usize, 7usize, 16usize, false),
-            (2, 6, 2, 37, 150, 40, true),
-            (1, 3, 1, 70, 300, 96, false),
-            (1, 2, 2, 33, 129, 96, true),
-        ] {
-            let q = Tensor::randn(0f32, 1., (b, h, s_q, d), &dev)?.to_dtype(DType::BF16)?;
-            let k = Tensor::randn(0f32, 1., (b, kv, s_kv, d), &dev)?.to_dtype(DType::BF16)?;
-            let v = Tensor::randn(0f32, 1., (b, kv, s_kv, d), &dev)?.to_dtype(DType::BF16)?;
-            let bias: Vec<f32> = (0..b * s_kv)
-                .map(|i| {
-                    if masked && i % 5 == 2 {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            let bias_t = Tensor::from_vec(bias.clone(), (b, s_kv), &dev)?;
-            let scale = 1.0 / (d as f32).sqrt();
-            let Some(out) = attention_bf16(&q, &k, &v, masked.then_some(&bias_t), scale)? else {
-                eprintln!("skipped: no AMX");
-                return Ok(());
-            };
-            assert_eq!(out.dims(), &[b, h, s_q, d]);
-            let out = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let f = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-                t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
-            };
-            let (qs, ks, vs) = (f(&q)?, f(&k)?, f(&v)?);
-            let vmax = vs.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
-            for bi in 0..b {
-                for hi in 0..h {
-                    let g = hi / (h / kv);
-                    for i in 0..s_q {
-                        let qrow = &qs[((bi * h + hi) * s_q + i) * d..][..d];
-                        let scores: Vec<f64> = (0..s_kv)
-                            .map(|j| {
-                                let krow = &ks[((bi * kv + g) * s_kv + j) * d..][..d];
-                                let dot: f64 = qrow
-                                    .iter()
-                                    .zip(krow)
-                                    .map(|(a, c)| *a as f64 * *c as f64)
-                                    .sum();
-                                dot * scale as f64
-                                    + if masked {
-                                        bias[bi * s_kv + j] as f64
-                                    } else {
-                                        0.0
-                                    }
-                            })
-                            .collect();
-                        let m = scores.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
-                        let e: Vec<f64> = scores.iter().map(|&x| (x - m).exp()).collect();
-                        let sum: f64 = e.iter().sum();
-                        for c in 0..d {
-                            let want: f64 = (0..s_kv)
-                                .map(|j| e[j] * vs[((bi * kv + g) * s_kv + j) * d + c] as f64)
-                                .sum::<f64>()
-                                / sum;
-                            let got = out[((bi * h + hi) * s_q + i) * d + c] as f64;
-                            // Probabilities rounded to bf16 (2^-9 relative
-                            // each, so at most 2^-9 max|v| in the sum) and
-                            // the output rounded once (2^-9 relative).
-                            let tol = 2f64.powi(-9) * (vmax + want.abs()) + 1e-5;
-                            assert!(
-                                (got - want).abs() <= tol,
-                                "({b},{h},{kv},{s_q},{s_kv},{d}) [{bi},{hi},{i},{c}]: {got} vs {want}"
-                            );
-                        }
-                    }
+        for dtype in [DType::BF16, DType::F32] {
+            for &(b, h, kv, s_q, s_kv, d, masked) in &[
+                (1usize, 2usize, 1usize, 5usize, 7usize, 16usize, false),
+                (2, 6, 2, 37, 150, 40, true),
+                (1, 3, 1, 70, 301, 96, false),
+                (1, 2, 2, 33, 129, 96, true),
+            ] {
+                let q = Tensor::randn(0f32, 1., (b, h, s_q, d), &dev)?.to_dtype(dtype)?;
+                let k = Tensor::randn(0f32, 1., (b, kv, s_kv, d), &dev)?.to_dtype(dtype)?;
+                let v = Tensor::randn(0f32, 1., (b, kv, s_kv, d), &dev)?.to_dtype(dtype)?;
+                let bias: Vec<f32> = (0..b * s_kv)
+                    .map(|i| match masked && i % 5 == 2 {
+                        true => f32::NEG_INFINITY,
+                        false => 0.0,
+                    })
+                    .collect();
+                let bias_t = Tensor::from_vec(bias.clone(), (b, s_kv), &dev)?;
+                let scale = 1.0 / (d as f32).sqrt();
+                let Some(out) = fused(dtype, (&q, &k, &v), masked.then_some(&bias_t), scale)?
+                else {
+                    eprintln!("skipped: no fused {dtype:?} kernel on this CPU");
+                    break;
+                };
+                assert_eq!(out.dims(), &[b, h, s_q, d]);
+                let f = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+                };
+                let (out, qs, ks, vs) = (f(&out)?, f(&q)?, f(&k)?, f(&v)?);
+                let vmax = vs.iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+                let bias = masked.then_some(&bias[..]);
+                let dims = (b, h, kv, s_q, s_kv, d);
+                let want = f64_attention(&qs, &ks, &vs, bias, dims, scale);
+                for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    let tol = match dtype {
+                        // Probabilities rounded to bf16 (2^-9 relative each,
+                        // so at most 2^-9 max|v| in the sum) and the output
+                        // rounded once (2^-9 relative).
+                        DType::BF16 => 2f64.powi(-9) * (vmax + want.abs()) + 1e-5,
+                        // f32 scores, exp and sums: about 1e-6 of the values.
+                        _ => 1e-5 * (vmax + want.abs()),
+                    };
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{dtype:?} ({b},{h},{kv},{s_q},{s_kv},{d}) element {i}: {got} vs {want}"
+                    );
                 }
             }
         }
@@ -443,12 +525,14 @@ mod tests {
     #[test]
     fn all_masked_gives_nan() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1., (1, 1, 3, 32), &dev)?.to_dtype(DType::BF16)?;
-        let k = Tensor::randn(0f32, 1., (1, 1, 5, 32), &dev)?.to_dtype(DType::BF16)?;
-        let bias = Tensor::full(f32::NEG_INFINITY, (1, 5), &dev)?;
-        if let Some(out) = attention_bf16(&q, &k, &k, Some(&bias), 0.2)? {
-            let v = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            assert!(v.iter().all(|x| x.is_nan()));
+        for dtype in [DType::BF16, DType::F32] {
+            let q = Tensor::randn(0f32, 1., (1, 1, 3, 32), &dev)?.to_dtype(dtype)?;
+            let k = Tensor::randn(0f32, 1., (1, 1, 5, 32), &dev)?.to_dtype(dtype)?;
+            let bias = Tensor::full(f32::NEG_INFINITY, (1, 5), &dev)?;
+            if let Some(out) = fused(dtype, (&q, &k, &k), Some(&bias), 0.2)? {
+                let v = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                assert!(v.iter().all(|x| x.is_nan()), "{dtype:?}");
+            }
         }
         Ok(())
     }

@@ -585,15 +585,7 @@ mod kernel {
                         let ap = arow.add(s * 1024);
                         let bp = panel.add(s * 16 * PANEL * 4);
                         if s + 1 < steps {
-                            for l in 0..16 {
-                                _mm_prefetch::<_MM_HINT_T0>(ap.add(1024 + 64 * l).cast());
-                                _mm_prefetch::<_MM_HINT_T0>(
-                                    ap.add(steps * 1024 + 1024 + 64 * l).cast(),
-                                );
-                            }
-                            for l in 0..32 {
-                                _mm_prefetch::<_MM_HINT_T0>(bp.add(2048 + 64 * l).cast());
-                            }
+                            crate::packed::prefetch_next(ap, steps * 1024, bp);
                         }
                         asm!(
                             "tileloadd tmm4, [{a0} + {lda}*1]",

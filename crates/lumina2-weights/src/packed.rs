@@ -189,12 +189,9 @@ impl PackedBf16 {
         }
         let pairs = in_dim / 2;
         let panels = out_dim.div_ceil(PANEL);
-        let x = x.to_dtype(DType::BF16)?.contiguous()?;
-        let view = CpuView::of(&x);
-        let Some(xs) = view.as_ref().and_then(|v| v.slice::<bf16>()) else {
+        let Some(a) = tiled_cpu_input(x, rows, in_dim)? else {
             return Ok(None);
         };
-        let a = tile_inputs(xs, rows, in_dim, 2 * pairs);
         let mut bias_pad = vec![0f32; panels * PANEL];
         if let Some(b) = bias {
             bias_pad[..b.len()].copy_from_slice(b);
@@ -240,7 +237,6 @@ impl PackedBf16 {
                     }
                 },
             );
-        drop(view);
         Ok(Some(Tensor::from_vec(out, (rows, out_dim), &Device::Cpu)?))
     }
 
@@ -278,12 +274,9 @@ impl PackedBf16 {
         }
         let pairs = in_dim / 2;
         let panels = out_dim.div_ceil(PANEL);
-        let x = x.to_dtype(DType::BF16)?.contiguous()?;
-        let view = CpuView::of(&x);
-        let Some(xs) = view.as_ref().and_then(|v| v.slice::<bf16>()) else {
+        let Some(a) = tiled_cpu_input(x, rows, in_dim)? else {
             return Ok(None);
         };
-        let a = tile_inputs(xs, rows, in_dim, 2 * pairs);
         let zero_bias = vec![0f32; panels * PANEL];
         let mut out = vec![bf16::ZERO; rows * out_dim];
         let dst = OutRows(out.as_mut_ptr());
@@ -368,7 +361,6 @@ impl PackedBf16 {
                     }
                 },
             );
-        drop(view);
         Ok(Some(Tensor::from_vec(out, (rows, out_dim), &Device::Cpu)?))
     }
 
@@ -683,6 +675,21 @@ pub(crate) fn check_operands(
     Ok(())
 }
 
+/// The CPU tensor `x` (`[rows, in_dim]`, `in_dim` a multiple of 32) in bf16,
+/// tiled for AMX ([`tile_inputs`]); `None` if it is not on the CPU.
+fn tiled_cpu_input(
+    x: &Tensor,
+    rows: usize,
+    in_dim: usize,
+) -> candle_core::Result<Option<Aligned<bf16>>> {
+    let x = x.to_dtype(DType::BF16)?.contiguous()?;
+    let view = CpuView::of(&x);
+    Ok(view
+        .as_ref()
+        .and_then(|v| v.slice::<bf16>())
+        .map(|xs| tile_inputs(xs, rows, in_dim, in_dim)))
+}
+
 /// `rows` rows of `in_dim` bf16 laid out as AMX A tiles: zero-padded to
 /// `width` columns and whole 32-row blocks, tile (row tile `t`, step `s`) of
 /// 16 rows x 32 values at element `(t * width / 32 + s) * 512`.
@@ -777,7 +784,7 @@ impl Dest {
 /// The AMX tile configuration and steps, shared with [`crate::int8`],
 /// [`crate::flash`] and [`crate::conv`].
 #[cfg(target_arch = "x86_64")]
-pub(crate) use kernel::{bf16_steps, c_tiles, store_row, tile_config, zero_c};
+pub(crate) use kernel::{bf16_steps, c_tiles, prefetch_next, store_row, tile_config, zero_c};
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
@@ -874,6 +881,23 @@ mod kernel {
                     options(nostack)
                 );
             }
+        }
+    }
+
+    /// Prefetches into L1 the tiles of the next depth step of a 2x2 tile
+    /// product: the two A tiles after `ap` and after `ap + a_rows` (the
+    /// second row tile), the two B tiles after `bp` (2 KiB).
+    ///
+    /// # Safety
+    /// None beyond pointer arithmetic: prefetches do not fault.
+    #[inline(always)]
+    pub(crate) unsafe fn prefetch_next(ap: *const u8, a_rows: usize, bp: *const u8) {
+        for l in 0..16 {
+            _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(1024 + 64 * l).cast());
+            _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(a_rows + 1024 + 64 * l).cast());
+        }
+        for l in 0..32 {
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(2048 + 64 * l).cast());
         }
     }
 
@@ -1001,15 +1025,7 @@ mod kernel {
                             // misses L1 stalls the multiplies that wait on it
                             // (1.1-1.5x on this project's machine).
                             if kk + 16 < k1 {
-                                for l in 0..16 {
-                                    _mm_prefetch::<_MM_HINT_T0>(ap.add(1024 + 64 * l).cast());
-                                    _mm_prefetch::<_MM_HINT_T0>(
-                                        ap.add(steps * 1024 + 1024 + 64 * l).cast(),
-                                    );
-                                }
-                                for l in 0..32 {
-                                    _mm_prefetch::<_MM_HINT_T0>(bp.add(2048 + 64 * l).cast());
-                                }
+                                prefetch_next(ap, steps * 1024, bp);
                             }
                             bf16_steps(ap, ap.add(steps * 1024), 0, bp, 0, 1);
                             kk += 16;
