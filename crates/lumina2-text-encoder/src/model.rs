@@ -245,10 +245,8 @@ impl Mlp {
             // One parallel pass for bf16 and f32 (the same two roundings as
             // below; GGUF weights on AMX without the two intermediates);
             // other dtypes fall back to candle's ops.
-            let h = self
-                .gate
-                .gated(&self.up, x, lumina2_weights::GateAct::GeluTanh)?;
-            return Ok(self.down.forward(&h)?);
+            let act = lumina2_weights::GateAct::GeluTanh;
+            return Ok(self.gate.feed_forward(&self.up, &self.down, x, act)?);
         }
         // The activation in float32, rounded once, as PyTorch does for bf16/f16.
         let g = self.gate.forward(x)?.to_dtype(DType::F32)?;

@@ -31,12 +31,12 @@ impl FeedForward {
 
     /// `[..., dim]` -> `[..., dim]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // SiLU in f32 rounded to the dtype, then the product; for GGUF
-        // weights on AMX without the two [tokens, inner] intermediates (the
-        // forward's peak memory is here). Otherwise both are freed before
-        // the last matmul, not after it.
-        let h = self.linear_1.gated(&self.linear_3, x, GateAct::Silu)?;
-        self.linear_2.forward(&h)
+        // SiLU in f32 rounded to the dtype, then the product, then the last
+        // layer; for GGUF weights on AMX without the two [tokens, inner]
+        // intermediates, the product written once, in the layout the last
+        // matmul reads (the forward's peak memory is here).
+        self.linear_1
+            .feed_forward(&self.linear_3, &self.linear_2, x, GateAct::Silu)
     }
 }
 

@@ -864,10 +864,12 @@ impl Linear {
                 let in_dim = dims[dims.len() - 1];
                 let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
                 let gelu = act == GateAct::GeluTanh;
-                if let Some(y) = packed::PackedBf16::gated_q4_0_streamed(g, u, &x2, gelu)? {
+                if let Some(packed::Gated::Rows(y)) =
+                    packed::PackedBf16::gated_q4_0_streamed(g, u, &x2, gelu, false)?
+                {
                     let mut out_dims = dims.to_vec();
-                    out_dims[dims.len() - 1] = y.dim(1)?;
-                    return y.reshape(out_dims);
+                    out_dims[dims.len() - 1] = g.shape().dims2()?.0;
+                    return Tensor::from_vec(y, out_dims, x.device());
                 }
             }
         }
@@ -877,6 +879,47 @@ impl Linear {
             GateAct::Silu => fused::silu_mul(&g, &u),
             GateAct::GeluTanh => fused::gelu_tanh_mul(&g, &u),
         }
+    }
+
+    /// A gated feed-forward: `down(act(self(x)) * up(x))` ([`Self::gated`],
+    /// then `down`). When the three weights are Q4_0 (GGUF) without
+    /// adapters (`self` and `up` without bias), the input bf16 and the CPU
+    /// has AMX, the gated product goes straight into the layout that the
+    /// last matmul reads (it exists once, not twice).
+    pub fn feed_forward(
+        &self,
+        up: &Linear,
+        down: &Linear,
+        x: &Tensor,
+        act: GateAct,
+    ) -> candle_core::Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        if let (
+            LinearWeight::Quantized(g),
+            LinearWeight::Quantized(u),
+            LinearWeight::Quantized(d),
+        ) = (&self.weight, &up.weight, &down.weight)
+        {
+            let plain = |l: &Linear| l.bias.is_none() && l.adapters.is_empty();
+            if plain(self) && plain(up) && down.adapters.is_empty() && x.dtype() == DType::BF16 {
+                let _span = profile::span(profile::groups::LINEAR);
+                let dims = x.dims();
+                let in_dim = dims.last().copied().unwrap_or(0);
+                let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
+                let gelu = act == GateAct::GeluTanh;
+                let bias = down.bias_f32.as_deref();
+                if let Some(y) = packed::PackedBf16::feed_forward_q4_0((g, u, d), &x2, gelu, bias)?
+                {
+                    let mut out_dims = dims.to_vec();
+                    if let Some(last) = out_dims.last_mut() {
+                        *last = y.dim(1)?;
+                    }
+                    return y.reshape(out_dims);
+                }
+            }
+        }
+        let h = self.gated(up, x, act)?;
+        down.forward(&h)
     }
 
     /// Applies the layer to `x` of shape `[..., in]`.

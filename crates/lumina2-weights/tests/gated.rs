@@ -1,6 +1,7 @@
 //! `Linear::gated` against the unfused form (two linear layers, then the
-//! fused activation-times-gate): the same bits, for Q4_0 weights (the
-//! panel-by-panel AMX path where the CPU has it) and for dense ones.
+//! fused activation-times-gate), and `Linear::feed_forward` against that
+//! followed by the last layer: the same bits, for Q4_0 weights (the
+//! panel-by-panel AMX paths where the CPU has them) and for dense ones.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -19,11 +20,21 @@ fn gated_equals_unfused() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     // (rows, in, out): a partial last panel and row block; an input deep
     // enough for the kernel's depth chunks.
-    for (rows, inp, out) in [(5usize, 64usize, 40usize), (130, 4992, 70)] {
+    // A Q4_0 last layer needs its input width (out) a multiple of 32: the
+    // feed-forward is checked on those shapes only, with 16 rows or more
+    // (below, `Linear::forward` dequantises for candle's matmul instead,
+    // which rounds differently).
+    for (rows, inp, out) in [
+        (5usize, 64usize, 40usize),
+        (130, 4992, 70),
+        (7, 64, 96),
+        (100, 4992, 160),
+    ] {
         let x = Tensor::randn(0f32, 1., (1, rows, inp), &dev)?.to_dtype(DType::BF16)?;
         let wg = Tensor::randn(0f32, 0.05, (out, inp), &dev)?;
         let wu = Tensor::randn(0f32, 0.05, (out, inp), &dev)?;
-        let layers = |quantized: bool| -> candle_core::Result<(Linear, Linear)> {
+        let wd = Tensor::randn(0f32, 0.05, (inp, out.div_ceil(32) * 32), &dev)?;
+        let layers = |quantized: bool| -> candle_core::Result<(Linear, Linear, Linear)> {
             let make = |w: &Tensor| -> candle_core::Result<Linear> {
                 let weight = match quantized {
                     true => LinearWeight::Quantized(std::sync::Arc::new(QTensor::quantize(
@@ -34,10 +45,10 @@ fn gated_equals_unfused() -> candle_core::Result<()> {
                 };
                 Linear::new(weight, None)
             };
-            Ok((make(&wg)?, make(&wu)?))
+            Ok((make(&wg)?, make(&wu)?, make(&wd)?))
         };
         for quantized in [true, false] {
-            let (g, u) = layers(quantized)?;
+            let (g, u, d) = layers(quantized)?;
             for act in [GateAct::Silu, GateAct::GeluTanh] {
                 profile::reset();
                 profile::enable(true);
@@ -63,6 +74,28 @@ fn gated_equals_unfused() -> candle_core::Result<()> {
                     bits(&fused_out)?,
                     bits(&unfused)?,
                     "{rows}x{inp}x{out} quantized {quantized} {act:?}"
+                );
+                if out % 32 != 0 {
+                    continue;
+                }
+                profile::reset();
+                profile::enable(true);
+                let ffn = g.feed_forward(&u, &d, &x, act)?;
+                profile::enable(false);
+                // With AMX, Q4_0 runs as one call (the gated product handed
+                // over as tiles), otherwise as three layers.
+                let calls: u64 = profile::report()
+                    .iter()
+                    .filter(|(group, _, _)| *group == profile::groups::LINEAR)
+                    .map(|r| r.2)
+                    .sum();
+                let one = quantized && conv::available();
+                assert_eq!(calls, if one { 1 } else { 3 }, "{quantized} {act:?}");
+                assert_eq!(ffn.dims(), &[1, rows, inp]);
+                assert_eq!(
+                    bits(&ffn)?,
+                    bits(&d.forward(&unfused)?)?,
+                    "feed-forward {rows}x{inp}x{out} quantized {quantized} {act:?}"
                 );
             }
         }
