@@ -100,6 +100,21 @@ impl LinearWeight {
     }
 }
 
+/// `x` `[..., in]` as a matrix of rows `[n, in]`.
+fn as_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    let in_dim = x.dims().last().copied().unwrap_or(0);
+    x.reshape((x.elem_count() / in_dim.max(1), in_dim))
+}
+
+/// `y` `[n, out]` with `x`'s leading dimensions: `[..., out]`.
+fn like_input(y: Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = y.dim(1)?;
+    }
+    y.reshape(dims)
+}
+
 /// The activation of a gated feed-forward ([`Linear::gated`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GateAct {
@@ -857,19 +872,15 @@ impl Linear {
         #[cfg(target_arch = "x86_64")]
         if let (LinearWeight::Quantized(g), LinearWeight::Quantized(u)) = (&self.weight, &up.weight)
         {
-            let plain = |l: &Linear| l.bias.is_none() && l.adapters.is_empty();
-            if plain(self) && plain(up) && x.dtype() == DType::BF16 && x.rank() >= 1 {
+            if self.plain() && up.plain() && x.dtype() == DType::BF16 {
                 let _span = profile::span(profile::groups::LINEAR);
-                let dims = x.dims();
-                let in_dim = dims[dims.len() - 1];
-                let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
                 let gelu = act == GateAct::GeluTanh;
+                let x2 = as_rows(x)?;
                 if let Some(packed::Gated::Rows(y)) =
                     packed::PackedBf16::gated_q4_0_streamed(g, u, &x2, gelu, false)?
                 {
-                    let mut out_dims = dims.to_vec();
-                    out_dims[dims.len() - 1] = g.shape().dims2()?.0;
-                    return Tensor::from_vec(y, out_dims, x.device());
+                    let out = g.shape().dims2()?.0;
+                    return like_input(Tensor::from_vec(y, (x2.dim(0)?, out), x.device())?, x);
                 }
             }
         }
@@ -900,21 +911,14 @@ impl Linear {
             LinearWeight::Quantized(d),
         ) = (&self.weight, &up.weight, &down.weight)
         {
-            let plain = |l: &Linear| l.bias.is_none() && l.adapters.is_empty();
-            if plain(self) && plain(up) && down.adapters.is_empty() && x.dtype() == DType::BF16 {
+            if self.plain() && up.plain() && down.adapters.is_empty() && x.dtype() == DType::BF16 {
                 let _span = profile::span(profile::groups::LINEAR);
-                let dims = x.dims();
-                let in_dim = dims.last().copied().unwrap_or(0);
-                let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
                 let gelu = act == GateAct::GeluTanh;
                 let bias = down.bias_f32.as_deref();
+                let x2 = as_rows(x)?;
                 if let Some(y) = packed::PackedBf16::feed_forward_q4_0((g, u, d), &x2, gelu, bias)?
                 {
-                    let mut out_dims = dims.to_vec();
-                    if let Some(last) = out_dims.last_mut() {
-                        *last = y.dim(1)?;
-                    }
-                    return y.reshape(out_dims);
+                    return like_input(y, x);
                 }
             }
         }
@@ -929,11 +933,8 @@ impl Linear {
     /// everything else through candle's matmul.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let _span = profile::span(profile::groups::LINEAR);
-        let dims = x.dims();
-        let in_dim = dims.last().copied().unwrap_or(0);
-        let rows = x.elem_count() / in_dim.max(1);
-        let x2 = x.reshape((rows, in_dim))?;
-        let out_dim = self.weight.dims().first().copied().unwrap_or(0);
+        let x2 = as_rows(x)?;
+        let rows = x2.dim(0)?;
         let fast = x.device().is_cpu() && x.dtype() == DType::BF16;
         let mut y = match &self.weight {
             LinearWeight::PackedBf16(p) if x.device().is_cpu() => p
@@ -960,10 +961,13 @@ impl Linear {
         for a in &self.adapters {
             y = (y + a.forward_rows(&x2)?)?;
         }
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = out_dim;
-        }
-        y.reshape(out_dims)
+        like_input(y, x)
+    }
+
+    /// No bias and no adapters: the weight alone, as the one-pass GGUF
+    /// feed-forward kernels take it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn plain(&self) -> bool {
+        self.bias.is_none() && self.adapters.is_empty()
     }
 }
