@@ -24,6 +24,7 @@ pub mod error;
 pub mod flash;
 mod flash_f32;
 pub mod folder;
+pub mod fs;
 pub mod fused;
 pub mod int8;
 pub mod packed;
