@@ -277,17 +277,14 @@ fn worker_vae(
     runs: usize,
     tiles: VaeTiles,
 ) -> Result<Timing> {
-    use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, Tiling, VarBuilder};
+    use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, Tiling, Weights};
     let dev = Device::Cpu;
     let t0 = Instant::now();
     let cfg = AutoencoderKLConfig::from_file(model)?;
     let files = lumina2_loader::ComponentFolder::open(model)?;
-    // SAFETY: read-only map of files nothing else writes during the benchmark.
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(files.safetensors_files(), parse_dtype(dtype)?, &dev)?
-    };
-    let mut vae = AutoencoderKL::new(&cfg, &vb)?;
-    drop(vb);
+    let weights = Weights::from_safetensors(files.safetensors_files(), parse_dtype(dtype)?, &dev)?;
+    let mut vae = AutoencoderKL::new(&cfg, &weights)?;
+    drop(weights);
     match tiles {
         VaeTiles::Off => {}
         VaeTiles::Defaults => vae.enable_tiling(),

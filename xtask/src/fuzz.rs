@@ -193,6 +193,12 @@ pub fn targets() -> Vec<Target> {
             seeds: &["tokenizer.json"],
             run: tokenizer,
         },
+        Target {
+            name: "config_numbers",
+            file_name: "config.json",
+            seeds: &["config.json"],
+            run: crate::fuzz_configs::config_numbers,
+        },
     ]
 }
 

@@ -5,5 +5,6 @@
 
 pub mod bench;
 pub mod fuzz;
+pub mod fuzz_configs;
 pub mod parity;
 pub mod pyenv;

@@ -45,6 +45,9 @@ impl WeightSource for GgufFile {
     fn name(&self) -> String {
         self.path().display().to_string()
     }
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.tensor_info(key).ok().map(|t| t.shape())
+    }
 }
 
 /// Rows `start..start + len` of a quantised `[out, in]` matrix, still quantised

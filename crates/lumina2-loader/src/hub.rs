@@ -103,9 +103,12 @@ impl HubEnv {
                 .or_else(|| var("HUGGING_FACE_HUB_TOKEN"))
                 .and_then(|t| clean_token(&t))
                 .or_else(|| {
-                    std::fs::read_to_string(&token_path)
-                        .ok()
-                        .and_then(|t| clean_token(&t))
+                    lumina2_weights::fs::read_to_string_bounded(
+                        &token_path,
+                        lumina2_weights::fs::MAX_REF_BYTES,
+                    )
+                    .ok()
+                    .and_then(|t| clean_token(&t))
                 })
         };
         Self {
@@ -382,7 +385,10 @@ impl HubRepo {
             self.revision.clone()
         } else {
             let ref_path = repo.join("refs").join(&self.revision);
-            match std::fs::read_to_string(&ref_path) {
+            match lumina2_weights::fs::read_to_string_bounded(
+                &ref_path,
+                lumina2_weights::fs::MAX_REF_BYTES,
+            ) {
                 // Python writes the hash alone; a stray newline is tolerated.
                 Ok(s) => s.trim().to_string(),
                 Err(_) => return Err(self.revision_not_cached(ref_path)),
@@ -410,8 +416,10 @@ impl HubRepo {
         check_relative("file name", file)?;
         let (_, snapshot) = self.cached_snapshot()?;
         let path = snapshot.join(file);
-        // `exists` follows the symlink: a dangling one (blob removed) is not cached.
-        if path.exists() {
+        // The check follows the symlink: a dangling one (blob removed) is not
+        // cached, and anything but a regular file (a FIFO would hang the
+        // reader) is not a cached file either.
+        if lumina2_weights::fs::is_regular_file(&path) {
             Ok(path)
         } else {
             Err(Error::NotCached {
@@ -547,7 +555,7 @@ impl Fetch<'_> {
         match self {
             Self::Cache { snapshot, .. } => {
                 let path = snapshot.join(file);
-                Ok(path.exists().then_some(path))
+                Ok(lumina2_weights::fs::is_regular_file(&path).then_some(path))
             }
             Self::Online {
                 client,

@@ -233,6 +233,18 @@ impl WeightSource for OriginalTransformer {
     fn name(&self) -> String {
         self.name.clone()
     }
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        let o = self.map.get(key)?;
+        let mut shape = self.inner.shape(&o.key)?;
+        // A part of a fused `qkv`: its rows, when the whole holds them (else
+        // the whole's shape, which the caller then refuses).
+        if let (Some((start, len)), Some(rows)) = (o.rows, shape.first_mut()) {
+            if start.checked_add(len).is_some_and(|end| end <= *rows) {
+                *rows = len;
+            }
+        }
+        Some(shape)
+    }
     fn keys(&self) -> Vec<String> {
         let mut k: Vec<String> = self.map.keys().cloned().collect();
         k.sort();

@@ -120,7 +120,8 @@ impl ModelIndex {
     /// Reads `path` and checks the pipeline class and every component's
     /// library and class (no other file is looked at).
     pub(crate) fn read(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read(path).map_err(|source| Error::Io {
+        let text = lumina2_weights::fs::read_bounded(path, lumina2_weights::fs::MAX_CONFIG_BYTES)
+            .map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;

@@ -331,3 +331,68 @@ fn a_missing_shard_or_revision_in_the_cache_is_named() {
         .unwrap_err();
     assert!(matches!(e, Error::RevisionNotCached { .. }), "{e}");
 }
+
+/// Replaces `rel` in the cached snapshot (a symlink into `blobs/`) with
+/// `make(path)`: a FIFO, or a link to a device.
+fn replace_in_snapshot(d: &TempDir, rel: &str, make: impl Fn(&Path)) -> PathBuf {
+    let repo = HubRepo::with_env(DEFAULT_REPO_ID, &offline_env(&d.0));
+    let pointer = repo
+        .repo_cache_dir()
+        .join("snapshots")
+        .join(COMMIT)
+        .join(rel);
+    let _ = fs::remove_file(&pointer);
+    make(&pointer);
+    pointer
+}
+
+fn mkfifo(path: &Path) {
+    let ok = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// A cache whose files are not files: a FIFO shard index (a reader would
+/// block on it forever), `refs/main` and `model_index.json` linked to
+/// `/dev/zero` (endless). Each is refused at once, naming the file; the
+/// test finishing at all shows nothing blocked.
+#[test]
+fn files_in_the_cache_that_are_not_files_are_refused_without_blocking() {
+    // A FIFO index: not a cached file, so the shards it would name are not
+    // looked for, and the component's files are reported missing.
+    let (d, files) = pipeline_cache();
+    let index = files
+        .iter()
+        .find(|f| f.starts_with("transformer/") && f.ends_with(".index.json"))
+        .expect("the sharded layout has a transformer index")
+        .clone();
+    replace_in_snapshot(&d, &index, mkfifo);
+    let repo = HubRepo::with_env(DEFAULT_REPO_ID, &offline_env(&d.0));
+    let e = repo.download_pipeline(false).unwrap_err();
+    assert!(matches!(e, Error::NotCached { .. }), "{e}");
+
+    // model_index.json -> /dev/zero.
+    let (d, _) = pipeline_cache();
+    replace_in_snapshot(&d, "model_index.json", |p| {
+        std::os::unix::fs::symlink("/dev/zero", p).unwrap()
+    });
+    let repo = HubRepo::with_env(DEFAULT_REPO_ID, &offline_env(&d.0));
+    let e = repo.download_pipeline(false).unwrap_err();
+    assert!(e.to_string().contains("model_index.json"), "{e}");
+
+    // refs/main -> /dev/zero: the revision cannot be resolved.
+    let (d, _) = pipeline_cache();
+    let repo = HubRepo::with_env(DEFAULT_REPO_ID, &offline_env(&d.0));
+    let refs = repo.repo_cache_dir().join("refs/main");
+    fs::remove_file(&refs).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &refs).unwrap();
+    let e = repo.download_pipeline(false).unwrap_err();
+    assert!(matches!(e, Error::RevisionNotCached { .. }), "{e}");
+    // A FIFO ref likewise.
+    fs::remove_file(&refs).unwrap();
+    mkfifo(&refs);
+    let e = repo.download_pipeline(false).unwrap_err();
+    assert!(matches!(e, Error::RevisionNotCached { .. }), "{e}");
+}

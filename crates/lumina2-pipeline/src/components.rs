@@ -3,7 +3,6 @@
 //! The pipeline asks the loader for weights and builds the models; nothing of
 //! the model math lives here.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,9 +10,9 @@ use candle_core::{DType, Device};
 use lumina2_scheduler::SchedulerConfig;
 use lumina2_text_encoder::{Gemma2Config, Gemma2Encoder, GemmaTokenizer, PromptEncoder};
 use lumina2_transformer::{Config as TransformerConfig, Lumina2Transformer, WeightSource, Weights};
-use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, VarBuilder};
+use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Where the transformer's weights come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -195,23 +194,12 @@ pub(crate) fn load_vae(
     device: &Device,
     warnings: &mut Vec<String>,
 ) -> Result<AutoencoderKL> {
+    // The same sharded-folder reader as every other component: shards
+    // checked against their index, a key in two shards refused, only the
+    // tensors the config names read, each after its declared shape.
     let folder = lumina2_loader::ComponentFolder::open(dir)?;
-    let mut tensors = HashMap::new();
-    for f in folder.safetensors_files() {
-        let t = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| Error::File {
-            path: f.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        tensors.extend(t);
-    }
-    let mut bad = Vec::new();
-    for (k, t) in &tensors {
-        if lumina2_weights::holds_non_finite(t)? {
-            bad.push(k.clone());
-        }
-    }
-    bad.sort();
-    warn_non_finite("VAE", bad, warnings);
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    Ok(AutoencoderKL::new(cfg, &vb)?)
+    let weights = Weights::from_safetensors(folder.safetensors_files(), dtype, device)?;
+    let vae = AutoencoderKL::new(cfg, &weights)?;
+    warn_non_finite("VAE", weights.non_finite_keys(), warnings);
+    Ok(vae)
 }

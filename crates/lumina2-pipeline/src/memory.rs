@@ -50,22 +50,31 @@ pub fn transformer_bytes(
     height: usize,
     caption_len: usize,
 ) -> u64 {
-    let tokens = (width / 16) as u64 * (height / 16) as u64 + caption_len as u64;
+    let tokens = ((width / 16) as u64)
+        .saturating_mul((height / 16) as u64)
+        .saturating_add(caption_len as u64);
     let d = cfg.hidden_size as u64;
     let ffn = cfg.ffn_inner_dim() as u64;
     // Residual stream, normed copies, q/k/v/out and the two FFN branches, in
     // f32 where diffusers upcasts; attention scores are chunked (64 MiB).
-    let per_token = (10 * d + 3 * ffn) * 4;
-    weights_bytes + batch as u64 * tokens * per_token + (64 << 20)
+    // Saturating: the estimate must refuse absurd requests, not overflow on them.
+    let per_token = d
+        .saturating_mul(10)
+        .saturating_add(ffn.saturating_mul(3))
+        .saturating_mul(4);
+    weights_bytes
+        .saturating_add(
+            (batch as u64)
+                .saturating_mul(tokens)
+                .saturating_mul(per_token),
+        )
+        .saturating_add(64 << 20)
 }
 
 /// The transformer's parameters times the dtype size.
 pub fn transformer_weight_bytes(cfg: &TransformerConfig, dtype: DType) -> u64 {
-    let params: u64 = lumina2_transformer::weight_shapes(cfg)
-        .iter()
-        .map(|(_, s)| s.iter().map(|&v| v as u64).product::<u64>())
-        .sum();
-    params * dtype_bytes(dtype)
+    // From the config's numbers: no per-layer list is built.
+    cfg.parameter_count().saturating_mul(dtype_bytes(dtype))
 }
 
 /// The VAE decoder's weights and activations for `batch` images.
@@ -81,12 +90,16 @@ pub fn vae_decode_bytes(
         let t = Tiling::from_config(cfg).sample_tile as u64;
         (t * t).min(width as u64 * height as u64)
     } else {
-        width as u64 * height as u64
+        (width as u64).saturating_mul(height as u64)
     };
     let ch = cfg.block_out_channels.first().copied().unwrap_or(128) as u64;
     // The last up block at full resolution: input, output, a residual and the
     // 3x3 convolution's unfolded input (9 channels per channel), in f32.
-    weights_bytes + batch as u64 * pixels * ch * 4 * (3 + 9)
+    let activations = (batch as u64)
+        .saturating_mul(pixels)
+        .saturating_mul(ch)
+        .saturating_mul(4 * (3 + 9));
+    weights_bytes.saturating_add(activations)
 }
 
 /// Total size of the regular files in `dir` (or of `dir` itself when it is a file).

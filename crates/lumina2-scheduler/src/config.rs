@@ -6,6 +6,18 @@ use serde::Deserialize;
 
 use crate::error::{ensure_finite, Result, SchedulerError};
 
+/// Largest `num_train_timesteps` accepted: every real flow-matching model
+/// uses 1000, and the scheduler holds one sigma per training timestep.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
+/// Largest number of inference steps a schedule may have (real runs use
+/// 4 to 250; a schedule is a few vectors of this length).
+pub const MAX_INFERENCE_STEPS: usize = 100_000;
+
+/// Largest `base_image_seq_len` / `max_image_seq_len` accepted (real: 256 and
+/// 4096; 2^24 tokens is a 65536x65536 image at 16 px per token).
+pub const MAX_IMAGE_SEQ_LEN: usize = 1 << 24;
+
 /// How `mu` shifts the sigmas when dynamic shifting is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,7 +111,11 @@ impl SchedulerConfig {
         } else {
             path.to_path_buf()
         };
-        let text = std::fs::read_to_string(&file).map_err(|source| SchedulerError::Io {
+        let text = lumina2_weights::fs::read_to_string_bounded(
+            &file,
+            lumina2_weights::fs::MAX_CONFIG_BYTES,
+        )
+        .map_err(|source| SchedulerError::Io {
             path: file.display().to_string(),
             source,
         })?;
@@ -111,6 +127,23 @@ impl SchedulerConfig {
         let bad = |m: String| Err(SchedulerError::InvalidConfig(m));
         if self.num_train_timesteps == 0 {
             return bad("`num_train_timesteps` must be at least 1".into());
+        }
+        // The training schedule is built whole (one sigma per timestep).
+        if self.num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+            return bad(format!(
+                "`num_train_timesteps` {} is over the limit of {MAX_TRAIN_TIMESTEPS}",
+                self.num_train_timesteps
+            ));
+        }
+        for (name, v) in [
+            ("`base_image_seq_len`", self.base_image_seq_len),
+            ("`max_image_seq_len`", self.max_image_seq_len),
+        ] {
+            if v > MAX_IMAGE_SEQ_LEN {
+                return bad(format!(
+                    "{name} {v} is over the limit of {MAX_IMAGE_SEQ_LEN}"
+                ));
+            }
         }
         ensure_finite("`shift`", self.shift)?;
         if self.shift <= 0.0 {

@@ -320,6 +320,12 @@ impl FlowMatchEulerDiscreteScheduler {
         if n == 0 {
             return bad("the schedule needs at least one step");
         }
+        if n > crate::MAX_INFERENCE_STEPS {
+            return Err(SchedulerError::InvalidTimesteps(format!(
+                "{n} steps are over the limit of {}",
+                crate::MAX_INFERENCE_STEPS
+            )));
+        }
         for (what, list) in [("sigma", &req.sigmas), ("timestep", &req.timesteps)] {
             for v in list.iter().flatten() {
                 ensure_finite(what, *v)?;

@@ -26,7 +26,9 @@ mod flow_match;
 pub mod numpy;
 mod solver;
 
-pub use config::{SchedulerConfig, TimeShiftType};
+pub use config::{
+    SchedulerConfig, TimeShiftType, MAX_IMAGE_SEQ_LEN, MAX_INFERENCE_STEPS, MAX_TRAIN_TIMESTEPS,
+};
 pub use error::{Result, SchedulerError};
 pub use flow_match::{FlowMatchEulerDiscreteScheduler, TimestepRequest};
 pub use solver::{EulerSolver, Evaluation, MidpointSolver, Solver, SolverKind};

@@ -72,6 +72,10 @@ fn config_rejects_bad_values() {
         r#"{"shift_terminal": 1.0}"#,
         r#"{"num_train_timesteps": -5}"#,
         r#"not json"#,
+        // Sizes that would build absurd schedules: refused by the limits.
+        r#"{"num_train_timesteps": 100000000000}"#,
+        r#"{"num_train_timesteps": 1000001}"#,
+        r#"{"max_image_seq_len": 18446744073709551615}"#,
     ] {
         assert!(
             SchedulerConfig::from_json_str(bad).is_err(),
@@ -86,6 +90,13 @@ fn config_rejects_bad_values() {
         FlowMatchEulerDiscreteScheduler::new(cfg),
         Err(SchedulerError::NonFinite { .. })
     ));
+    // Built in code rather than parsed: the constructor checks it too.
+    let huge = SchedulerConfig {
+        num_train_timesteps: 100_000_000_000,
+        ..SchedulerConfig::default()
+    };
+    let err = FlowMatchEulerDiscreteScheduler::new(huge).unwrap_err();
+    assert!(err.to_string().contains("1000000"), "{err}");
     let missing = SchedulerConfig::from_file("/nonexistent/scheduler");
     assert!(matches!(missing, Err(SchedulerError::Io { .. })));
 }

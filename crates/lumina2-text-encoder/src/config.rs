@@ -173,6 +173,10 @@ impl Default for Gemma2Config {
     }
 }
 
+/// Largest number of weights a config may describe: 2^38, 100x the largest
+/// Gemma-2 (27B).
+pub const MAX_PARAMETERS: u64 = 1 << 38;
+
 impl Gemma2Config {
     /// Parses a `config.json` text.
     pub fn from_json(text: &str) -> Result<Self> {
@@ -185,7 +189,11 @@ impl Gemma2Config {
         if path.is_dir() {
             path = path.join("config.json");
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        let text = lumina2_weights::fs::read_to_string_bounded(
+            &path,
+            lumina2_weights::fs::MAX_CONFIG_BYTES,
+        )
+        .map_err(|source| Error::Io {
             path: path.clone(),
             source,
         })?;
@@ -224,10 +232,33 @@ impl Gemma2Config {
             ("num_attention_heads", self.num_attention_heads, 1 << 12),
             ("num_key_value_heads", self.num_key_value_heads, 1 << 12),
             ("head_dim", self.head_dim(), 1 << 16),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("vocab_size", self.vocab_size, 1 << 22),
         ] {
             if v > max {
-                return bad(format!("{name} {v} is absurd (at most {max})"));
+                return bad(format!("{name} {v} is over the limit of {max}"));
             }
+        }
+        // The weights, from the numbers alone: the embedding, then per layer
+        // q, k, v, o and the gated MLP (norms are negligible).
+        let n = |x: usize| x as u64;
+        let (h, hd) = (n(self.hidden_size), n(self.head_dim()));
+        let attn = n(self.num_attention_heads)
+            .saturating_add(n(self.num_key_value_heads))
+            .saturating_mul(2)
+            .saturating_mul(hd)
+            .saturating_mul(h);
+        let mlp = h
+            .saturating_mul(n(self.intermediate_size))
+            .saturating_mul(3);
+        let params = n(self.vocab_size)
+            .saturating_mul(h)
+            .saturating_add(n(self.num_hidden_layers).saturating_mul(attn.saturating_add(mlp)));
+        if params > MAX_PARAMETERS {
+            return bad(format!(
+                "the config describes about {params} weights, over the limit of {MAX_PARAMETERS}"
+            ));
         }
         let hd = self.head_dim();
         if hd == 0 || !hd.is_multiple_of(2) {
@@ -390,5 +421,26 @@ mod tests {
         )
         .is_err());
         assert!(Gemma2Config::from_json(r#"{"num_key_value_heads": 3}"#).is_err());
+    }
+
+    #[test]
+    fn absurd_numbers_are_refused_with_the_limit() {
+        for (json, culprit) in [
+            (r#"{"num_hidden_layers": 100000000}"#, "num_hidden_layers"),
+            (r#"{"hidden_size": 4611686018427387904}"#, "hidden_size"),
+            (
+                r#"{"intermediate_size": 4611686018427387904}"#,
+                "intermediate_size",
+            ),
+            (r#"{"vocab_size": 4611686018427387904}"#, "vocab_size"),
+            (r#"{"head_dim": 4611686018427387904}"#, "head_dim"),
+            (
+                r#"{"num_hidden_layers": 4096, "intermediate_size": 1048576, "hidden_size": 65536, "head_dim": 256}"#,
+                "weights",
+            ),
+        ] {
+            let e = Gemma2Config::from_json(json).unwrap_err().to_string();
+            assert!(e.contains(culprit) && e.contains("limit"), "{json}: {e}");
+        }
     }
 }

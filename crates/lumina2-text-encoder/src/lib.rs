@@ -36,7 +36,7 @@ mod model;
 mod prompt;
 mod weights;
 
-pub use config::{Activation, Gemma2Config, LayerType, Rope};
+pub use config::{Activation, Gemma2Config, LayerType, Rope, MAX_PARAMETERS};
 pub use error::{Error, Result};
 /// Errors of weight loading (inside [`Error::Weight`]).
 pub use lumina2_weights::Error as WeightError;

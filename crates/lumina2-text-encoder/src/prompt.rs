@@ -126,13 +126,15 @@ fn tok_err(origin: &str, e: impl std::fmt::Display) -> Error {
 fn configured_pad_token(dir: &Path) -> Result<Option<String>> {
     for name in ["tokenizer_config.json", "special_tokens_map.json"] {
         let p = dir.join(name);
-        if !p.is_file() {
+        if !p.exists() {
             continue;
         }
-        let text = std::fs::read_to_string(&p).map_err(|source| Error::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let text =
+            lumina2_weights::fs::read_to_string_bounded(&p, lumina2_weights::fs::MAX_CONFIG_BYTES)
+                .map_err(|source| Error::Io {
+                    path: p.clone(),
+                    source,
+                })?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|source| Error::Json {
                 origin: p.display().to_string(),
@@ -161,10 +163,11 @@ impl GemmaTokenizer {
             path = path.join("tokenizer.json");
         }
         let origin = path.display().to_string();
-        if !path.is_file() {
-            return Err(tok_err(&origin, "no such file"));
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| tok_err(&origin, e))?;
+        let text = lumina2_weights::fs::read_to_string_bounded(
+            &path,
+            lumina2_weights::fs::MAX_TOKENIZER_BYTES,
+        )
+        .map_err(|e| tok_err(&origin, e))?;
         // The tokenizers crate panics (an `expect` in its decoder and
         // normalizer deserialisers) on some malformed files, a truncated one
         // among them: check the JSON syntax first, and turn any panic left

@@ -6,6 +6,33 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// Upper bounds on a config's numbers, far above any real model (Lumina-Image
+/// 2.0 has 26 layers, 24 heads, width 2304) and far below what would make
+/// sizes overflow or allocations absurd. [`Config::validate`] names the limit
+/// a config breaks.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits;
+
+impl Limits {
+    /// `num_layers` and `num_refiner_layers`.
+    pub const LAYERS: usize = 1024;
+    /// `num_attention_heads` and `num_kv_heads`.
+    pub const HEADS: usize = 1024;
+    /// `hidden_size` and `cap_feat_dim`.
+    pub const WIDTH: usize = 1 << 16;
+    /// The feed-forward's inner width (and `multiple_of`).
+    pub const FFN_WIDTH: usize = 1 << 20;
+    /// `in_channels` and `out_channels`.
+    pub const CHANNELS: usize = 4096;
+    /// `patch_size`.
+    pub const PATCH: usize = 64;
+    /// `sample_size`.
+    pub const SAMPLE_SIZE: usize = 1 << 16;
+    /// Total weights ([`Config::parameter_count`]): 2^38, 100x the largest
+    /// open diffusion transformers.
+    pub const PARAMETERS: u64 = 1 << 38;
+}
+
 /// Configuration of [`crate::Lumina2Transformer`], field for field the arguments of
 /// diffusers' `Lumina2Transformer2DModel.__init__`, with the same defaults.
 ///
@@ -88,7 +115,11 @@ impl Config {
         if path.is_dir() {
             path = path.join("config.json");
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::ConfigIo {
+        let text = lumina2_weights::fs::read_to_string_bounded(
+            &path,
+            lumina2_weights::fs::MAX_CONFIG_BYTES,
+        )
+        .map_err(|source| Error::ConfigIo {
             path: path.clone(),
             source,
         })?;
@@ -100,9 +131,37 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Checks that the dimensions are consistent, as the model construction needs.
+    /// Checks that the dimensions are consistent, as the model construction
+    /// needs, and that every count and width is within [`Limits`]: a config
+    /// comes from a file, and nothing is sized from it before this passes.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidConfig(m));
+        let limits = [
+            ("num_layers", self.num_layers, Limits::LAYERS),
+            (
+                "num_refiner_layers",
+                self.num_refiner_layers,
+                Limits::LAYERS,
+            ),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                Limits::HEADS,
+            ),
+            ("num_kv_heads", self.num_kv_heads, Limits::HEADS),
+            ("hidden_size", self.hidden_size, Limits::WIDTH),
+            ("cap_feat_dim", self.cap_feat_dim, Limits::WIDTH),
+            ("in_channels", self.in_channels, Limits::CHANNELS),
+            ("out_channels", self.out_channels(), Limits::CHANNELS),
+            ("patch_size", self.patch_size, Limits::PATCH),
+            ("multiple_of", self.multiple_of, Limits::FFN_WIDTH),
+            ("sample_size", self.sample_size, Limits::SAMPLE_SIZE),
+        ];
+        for (name, value, max) in limits {
+            if value > max {
+                return bad(format!("{name} {value} is over the limit of {max}"));
+            }
+        }
         if self.patch_size == 0 || self.in_channels == 0 || self.hidden_size == 0 {
             return bad("patch_size, in_channels and hidden_size must be positive".into());
         }
@@ -131,6 +190,22 @@ impl Config {
             if !(m.is_finite() && m > 0.0) {
                 return bad(format!("ffn_dim_multiplier {m} must be a positive number"));
             }
+            // The product is computed in f64 before it is truncated to a
+            // width: bound it there, so no huge float saturates to usize::MAX.
+            let inner = m * (4 * self.hidden_size) as f64;
+            if inner > Limits::FFN_WIDTH as f64 {
+                return bad(format!(
+                    "ffn_dim_multiplier {m} makes a feed-forward width of {inner:.0}, over the limit of {}",
+                    Limits::FFN_WIDTH
+                ));
+            }
+        }
+        if self.ffn_inner_dim() > Limits::FFN_WIDTH {
+            return bad(format!(
+                "the feed-forward width {} is over the limit of {}",
+                self.ffn_inner_dim(),
+                Limits::FFN_WIDTH
+            ));
         }
         if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
             return bad(format!(
@@ -150,10 +225,13 @@ impl Config {
                 self.axes_dim_rope
             ));
         }
-        let rope_dim: usize = self.axes_dim_rope.iter().sum();
-        if rope_dim != self.head_dim() {
+        let rope_dim = self
+            .axes_dim_rope
+            .iter()
+            .try_fold(0usize, |a, &d| a.checked_add(d));
+        if rope_dim != Some(self.head_dim()) {
             return bad(format!(
-                "axes_dim_rope {:?} sums to {rope_dim}, but the head dimension is {}",
+                "axes_dim_rope {:?} does not sum to the head dimension {}",
                 self.axes_dim_rope,
                 self.head_dim()
             ));
@@ -177,10 +255,59 @@ impl Config {
                 self.axes_lens, self.axes_dim_rope
             ));
         }
-        if self.ffn_inner_dim() > 1 << 24 || self.hidden_size > 1 << 20 {
-            return bad("hidden_size or feed-forward width is absurdly large".into());
+        let params = self.parameter_count();
+        if params > Limits::PARAMETERS {
+            return bad(format!(
+                "the config describes {params} parameters, over the limit of {}",
+                Limits::PARAMETERS
+            ));
         }
         Ok(())
+    }
+
+    /// The number of weights the model loads for this config: the sum over
+    /// [`crate::weight_shapes`], computed from the config's numbers alone
+    /// (no per-layer list is built, so an absurd layer count costs nothing
+    /// before [`Config::validate`] refuses it). Saturates at `u64::MAX`.
+    pub fn parameter_count(&self) -> u64 {
+        let n = |x: usize| x as u64;
+        let (h, t, hd, ff) = (
+            n(self.hidden_size),
+            n(self.temb_dim()),
+            n(self.head_dim()),
+            n(self.ffn_inner_dim()),
+        );
+        let kv = n(self.num_kv_heads).saturating_mul(hd);
+        let p2 = n(self.patch_size).saturating_mul(n(self.patch_size));
+        let cap = n(self.cap_feat_dim);
+        let out = p2.saturating_mul(n(self.out_channels()));
+        let sum = |terms: &[u64]| terms.iter().fold(0u64, |a, &b| a.saturating_add(b));
+        let mul = |a: u64, b: u64| a.saturating_mul(b);
+        let freq = n(crate::embed::FREQUENCY_EMBEDDING_SIZE);
+        let embedders = sum(&[
+            mul(h, mul(p2, n(self.in_channels))) + h,
+            mul(t, freq) + t,
+            mul(t, t) + t,
+            cap,
+            mul(h, cap) + h,
+        ]);
+        // to_q, to_k, to_v, to_out, the two qk norms, the SwiGLU and four norms.
+        let block = sum(&[
+            mul(2, mul(h, h)),
+            mul(2, mul(kv, h)),
+            mul(2, hd),
+            mul(3, mul(ff, h)),
+            mul(3, h),
+        ]);
+        // adaLN: its linear, its bias and the modulated norm.
+        let modulation = sum(&[mul(mul(4, h), t), mul(4, h), h]);
+        let unmodulated = mul(n(self.num_refiner_layers), block.saturating_add(h));
+        let modulated = mul(
+            n(self.num_refiner_layers).saturating_add(n(self.num_layers)),
+            block.saturating_add(modulation),
+        );
+        let final_layer = sum(&[mul(h, t), h, mul(out, h), out]);
+        sum(&[embedders, unmodulated, modulated, final_layer])
     }
 
     /// Latent channels out.
@@ -200,14 +327,17 @@ impl Config {
 
     /// Inner width of the SwiGLU feed-forward, computed as diffusers' `LuminaFeedForward`:
     /// `4 * hidden_size`, times `ffn_dim_multiplier` (truncated), rounded up to `multiple_of`.
+    ///
+    /// Saturates instead of overflowing on a config [`Config::validate`]
+    /// would refuse.
     pub fn ffn_inner_dim(&self) -> usize {
-        let mut inner = 4 * self.hidden_size;
+        let mut inner = self.hidden_size.saturating_mul(4);
         if let Some(m) = self.ffn_dim_multiplier {
-            // Python's int() truncates toward zero.
+            // Python's int() truncates toward zero (`as` saturates).
             inner = (m * inner as f64).trunc() as usize;
         }
         let m = self.multiple_of.max(1);
-        m * inner.div_ceil(m)
+        m.saturating_mul(inner.div_ceil(m))
     }
 }
 
@@ -246,6 +376,32 @@ mod tests {
     }
 
     #[test]
+    fn parameter_count_is_the_sum_of_the_weight_shapes() {
+        for cfg in [
+            Config::default(),
+            Config {
+                hidden_size: 48,
+                num_attention_heads: 2,
+                num_kv_heads: 1,
+                axes_dim_rope: vec![8, 8, 8],
+                multiple_of: 16,
+                ffn_dim_multiplier: Some(1.3),
+                num_layers: 3,
+                num_refiner_layers: 1,
+                cap_feat_dim: 40,
+                out_channels: Some(8),
+                ..Config::default()
+            },
+        ] {
+            let listed: u64 = crate::weight_shapes(&cfg)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>() as u64)
+                .sum();
+            assert_eq!(cfg.parameter_count(), listed);
+        }
+    }
+
+    #[test]
     fn defaults_match_diffusers() {
         let cfg = Config::from_json_str("{}").unwrap();
         assert_eq!(cfg, Config::default());
@@ -278,6 +434,21 @@ mod tests {
             r#"{"multiple_of": 0}"#,
             r#"{"patch_size": 0}"#,
             r#"{"hidden_size": "big"}"#,
+            // Counts and widths over the limits, and derived sizes that
+            // would overflow.
+            r#"{"num_layers": 100000000}"#,
+            r#"{"num_refiner_layers": 1000000}"#,
+            r#"{"num_attention_heads": 4096, "num_kv_heads": 4096, "hidden_size": 4096}"#,
+            r#"{"hidden_size": 1152921504606846976}"#,
+            r#"{"ffn_dim_multiplier": 1e308}"#,
+            r#"{"ffn_dim_multiplier": 1e5}"#,
+            r#"{"in_channels": 4611686018427387904}"#,
+            r#"{"out_channels": 4611686018427387904}"#,
+            r#"{"patch_size": 4294967296}"#,
+            r#"{"cap_feat_dim": 4611686018427387904}"#,
+            r#"{"multiple_of": 4611686018427387904}"#,
+            r#"{"axes_dim_rope": [9223372036854775808, 9223372036854775808, 96]}"#,
+            r#"{"num_layers": 1024, "hidden_size": 65472, "num_attention_heads": 682, "num_kv_heads": 682, "axes_dim_rope": [32, 32, 32]}"#,
         ] {
             assert!(Config::from_json_str(json).is_err(), "{json} was accepted");
         }

@@ -53,7 +53,7 @@ pub mod weights;
 
 pub use attention::{grouped_attention, grouped_attention_packed, Attention, KeyMask};
 pub use block::{FeedForward, Modulation, ModulationOut, TransformerBlock};
-pub use config::Config;
+pub use config::{Config, Limits};
 pub use embed::{patchify, timestep_features, unpatchify, CaptionEmbedder, TimestepEmbedder};
 pub use error::{Error, Result};
 /// Errors of weight loading (inside [`Error::Weight`]).

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use lumina2_vae::{profile, AutoencoderKL, AutoencoderKLConfig, Tiling, VarBuilder};
+use lumina2_vae::{profile, AutoencoderKL, AutoencoderKLConfig, Tiling, Weights};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,9 +41,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let dev = Device::Cpu;
     let cfg = AutoencoderKLConfig::from_file(&dir)?;
-    let weights =
-        candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev)?;
-    let mut vae = AutoencoderKL::new(&cfg, &VarBuilder::from_tensors(weights, dtype, &dev))?;
+    let weights = Weights::from_safetensors(
+        &[dir.join("diffusion_pytorch_model.safetensors")],
+        dtype,
+        &dev,
+    )?;
+    let mut vae = AutoencoderKL::new(&cfg, &weights)?;
     match tiling {
         Some(None) => vae.enable_tiling(),
         Some(Some(sample_tile)) => vae.set_tiling(Some(Tiling {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
-use candle_nn::VarBuilder;
+use lumina2_weights::Weights;
 
 use crate::cpu_attention::{LinearWeights, PackedAttention};
 use crate::cpu_conv;
@@ -31,7 +31,7 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
-    pub(crate) fn load(vb: &VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+    pub(crate) fn load(vb: &Weights, channels: usize, groups: usize, eps: f64) -> Result<Self> {
         let packed = if vb.device().is_cpu() && vb.dtype() == DType::F32 && cpu_conv::available() {
             let lin = |name: &str| -> Result<LinearWeights> {
                 let v = vb.pp(name);

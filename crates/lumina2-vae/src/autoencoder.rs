@@ -2,7 +2,7 @@
 //! the diagonal Gaussian posterior, the latent transform and tiling.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use lumina2_weights::Weights;
 
 use crate::config::AutoencoderKLConfig;
 use crate::decoder::Decoder;
@@ -81,7 +81,7 @@ impl AutoencoderKL {
     /// Loads the model from diffusers' weight keys (`encoder.*`, `decoder.*`,
     /// `quant_conv.*`, `post_quant_conv.*`) at `vb`'s root, in `vb`'s dtype and
     /// device. Every shape is checked against `config`.
-    pub fn new(config: &AutoencoderKLConfig, vb: &VarBuilder) -> Result<Self> {
+    pub fn new(config: &AutoencoderKLConfig, vb: &Weights) -> Result<Self> {
         config.validate()?;
         let l = config.latent_channels;
         Ok(Self {

@@ -2,7 +2,7 @@
 //! `UpDecoderBlock2D` and `UNetMidBlock2D`.
 
 use candle_core::Tensor;
-use candle_nn::VarBuilder;
+use lumina2_weights::Weights;
 
 use crate::attention::Attention;
 use crate::error::Result;
@@ -21,7 +21,7 @@ pub(crate) struct BlockParams {
 
 /// `resnets.0..n`: the first maps `c_in` to `c_out`, the others keep `c_out`.
 fn load_resnets(
-    vb: &VarBuilder,
+    vb: &Weights,
     c_in: usize,
     c_out: usize,
     num_layers: usize,
@@ -45,7 +45,7 @@ pub(crate) struct DownEncoderBlock2D {
 
 impl DownEncoderBlock2D {
     pub(crate) fn load(
-        vb: &VarBuilder,
+        vb: &Weights,
         c_in: usize,
         c_out: usize,
         num_layers: usize,
@@ -94,7 +94,7 @@ pub(crate) struct UpDecoderBlock2D {
 
 impl UpDecoderBlock2D {
     pub(crate) fn load(
-        vb: &VarBuilder,
+        vb: &Weights,
         c_in: usize,
         c_out: usize,
         num_layers: usize,
@@ -135,7 +135,7 @@ pub(crate) struct UNetMidBlock2D {
 
 impl UNetMidBlock2D {
     pub(crate) fn load(
-        vb: &VarBuilder,
+        vb: &Weights,
         channels: usize,
         add_attention: bool,
         p: BlockParams,

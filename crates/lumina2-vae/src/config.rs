@@ -6,6 +6,28 @@ use serde::{Deserialize, Deserializer};
 
 use crate::error::{Result, VaeError};
 
+/// Upper bounds on a VAE config's numbers, far above any real VAE (the Flux
+/// VAE: 4 levels of at most 512 channels, 2 layers per block, 16 latent
+/// channels) and far below what would overflow sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits;
+
+impl Limits {
+    /// Resolution levels (`block_out_channels.len()`): the downsampling
+    /// factor is `2^(levels - 1)`.
+    pub const LEVELS: usize = 8;
+    /// Channels of a level, latent channels and norm groups.
+    pub const CHANNELS: usize = 16384;
+    /// Image channels in and out.
+    pub const IMAGE_CHANNELS: usize = 64;
+    /// Residual blocks per level.
+    pub const LAYERS_PER_BLOCK: usize = 64;
+    /// `sample_size` (the tile size).
+    pub const SAMPLE_SIZE: usize = 1 << 16;
+    /// Weights of the 3x3 convolutions, estimated from the config: 2^34.
+    pub const PARAMETERS: u64 = 1 << 34;
+}
+
 /// The configuration of an `AutoencoderKL`, as diffusers writes it in
 /// `config.json`. Missing keys take diffusers' defaults; unknown keys are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -125,19 +147,51 @@ impl AutoencoderKLConfig {
         } else {
             p.to_path_buf()
         };
-        let text = std::fs::read_to_string(&file).map_err(|source| VaeError::ConfigIo {
+        let text = lumina2_weights::fs::read_to_string_bounded(
+            &file,
+            lumina2_weights::fs::MAX_CONFIG_BYTES,
+        )
+        .map_err(|source| VaeError::ConfigIo {
             path: file.clone(),
             source,
         })?;
         Self::from_json(&text)
     }
 
-    /// Checks what the modules rely on.
+    /// Checks what the modules rely on, and that every count and width is
+    /// within [`Limits`] (nothing is sized from a config before this passes).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(VaeError::Config(m));
         let n = self.block_out_channels.len();
         if n == 0 {
             return bad("block_out_channels is empty".into());
+        }
+        if n > Limits::LEVELS {
+            return bad(format!(
+                "{n} resolution levels (block_out_channels) are over the limit of {}",
+                Limits::LEVELS
+            ));
+        }
+        let counts = [
+            ("in_channels", self.in_channels, Limits::IMAGE_CHANNELS),
+            ("out_channels", self.out_channels, Limits::IMAGE_CHANNELS),
+            ("latent_channels", self.latent_channels, Limits::CHANNELS),
+            (
+                "layers_per_block",
+                self.layers_per_block,
+                Limits::LAYERS_PER_BLOCK,
+            ),
+            ("norm_num_groups", self.norm_num_groups, Limits::CHANNELS),
+            ("sample_size", self.sample_size, Limits::SAMPLE_SIZE),
+        ];
+        let widths = self
+            .block_out_channels
+            .iter()
+            .map(|&c| ("block_out_channels", c, Limits::CHANNELS));
+        for (name, value, max) in counts.into_iter().chain(widths) {
+            if value > max {
+                return bad(format!("{name} {value} is over the limit of {max}"));
+            }
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return bad(format!(
@@ -179,6 +233,25 @@ impl AutoencoderKLConfig {
         crate::layers::Activation::parse(&self.act_fn)?;
         if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
             return bad(format!("scaling_factor {}", self.scaling_factor));
+        }
+        if let Some(s) = self.shift_factor.filter(|s| !s.is_finite()) {
+            return bad(format!("shift_factor {s} is not a finite number"));
+        }
+        // The 3x3 convolutions dominate: two per residual block, a decoder
+        // level has one block more than an encoder level.
+        let convs = |c: usize| (c as u64).pow(2).saturating_mul(9 * 2);
+        let params = self
+            .block_out_channels
+            .iter()
+            .map(|&c| convs(c).saturating_mul(2 * self.layers_per_block as u64 + 1))
+            .fold(0u64, u64::saturating_add);
+        if params > Limits::PARAMETERS {
+            return bad(format!(
+                "block_out_channels {:?} with layers_per_block {} make about {params} convolution weights, over the limit of {}",
+                self.block_out_channels,
+                self.layers_per_block,
+                Limits::PARAMETERS
+            ));
         }
         Ok(())
     }

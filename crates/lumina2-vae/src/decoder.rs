@@ -1,7 +1,7 @@
 //! diffusers' VAE `Decoder` (group norm variant).
 
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
+use lumina2_weights::Weights;
 
 use crate::blocks::{BlockParams, UNetMidBlock2D, UpDecoderBlock2D, EPS};
 use crate::config::AutoencoderKLConfig;
@@ -21,7 +21,7 @@ pub struct Decoder {
 
 impl Decoder {
     /// Loads the weights under `vb` (usually the `decoder` prefix).
-    pub fn new(cfg: &AutoencoderKLConfig, vb: &VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &AutoencoderKLConfig, vb: &Weights) -> Result<Self> {
         cfg.validate()?;
         let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let p = BlockParams {

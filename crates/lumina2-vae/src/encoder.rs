@@ -1,7 +1,7 @@
 //! diffusers' VAE `Encoder` (with `double_z`: it outputs mean and log-variance).
 
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
+use lumina2_weights::Weights;
 
 use crate::blocks::{BlockParams, DownEncoderBlock2D, UNetMidBlock2D, EPS};
 use crate::config::AutoencoderKLConfig;
@@ -21,7 +21,7 @@ pub struct Encoder {
 
 impl Encoder {
     /// Loads the weights under `vb` (usually the `encoder` prefix).
-    pub fn new(cfg: &AutoencoderKLConfig, vb: &VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &AutoencoderKLConfig, vb: &Weights) -> Result<Self> {
         cfg.validate()?;
         let ch = &cfg.block_out_channels;
         let p = BlockParams {

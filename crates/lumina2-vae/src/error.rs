@@ -5,30 +5,11 @@ use std::path::PathBuf;
 /// Everything that can go wrong when building or running the autoencoder.
 #[derive(Debug, thiserror::Error)]
 pub enum VaeError {
-    /// A weight the configuration requires is absent.
-    #[error("weight `{key}` is missing")]
-    MissingWeight {
-        /// Full tensor key, e.g. `decoder.conv_in.weight`.
-        key: String,
-    },
-    /// A weight has another shape than the configuration implies.
-    #[error("weight `{key}` has shape {found:?}, expected {expected:?}")]
-    WeightShape {
-        /// Full tensor key.
-        key: String,
-        /// Shape the configuration implies.
-        expected: Vec<usize>,
-        /// Shape found in the weights.
-        found: Vec<usize>,
-    },
-    /// The weight source failed to produce a tensor.
-    #[error("loading weight `{key}`: {source}")]
-    WeightLoad {
-        /// Full tensor key.
-        key: String,
-        /// The underlying candle error.
-        source: candle_core::Error,
-    },
+    /// A weight is missing, has another shape than the configuration
+    /// implies, or cannot be read (the error names the key, the file and
+    /// the shapes).
+    #[error(transparent)]
+    Weight(#[from] lumina2_weights::Error),
     /// The configuration is inconsistent or uses something not implemented.
     #[error("invalid VAE config: {0}")]
     Config(String),

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Storage, Tensor, D};
-use candle_nn::VarBuilder;
+use lumina2_weights::Weights;
 
 use lumina2_weights::conv::{self as amx_conv, ConvBf16, Geometry};
 
@@ -20,30 +20,11 @@ use crate::cpu_upconv::UpsampleConv;
 use crate::error::{input_err, Result, VaeError};
 use crate::profile::{span, Op};
 
-/// Loads `name` under `vb`'s prefix with exactly `shape`, with typed errors.
-pub(crate) fn get(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor> {
-    let key = if vb.prefix().is_empty() {
-        name.to_string()
-    } else {
-        format!("{}.{name}", vb.prefix())
-    };
-    if !vb.contains_tensor(name) {
-        return Err(VaeError::MissingWeight { key });
-    }
-    let t = vb
-        .get_unchecked(name)
-        .map_err(|source| VaeError::WeightLoad {
-            key: key.clone(),
-            source,
-        })?;
-    if t.dims() != shape {
-        return Err(VaeError::WeightShape {
-            key,
-            expected: shape.to_vec(),
-            found: t.dims().to_vec(),
-        });
-    }
-    Ok(t)
+/// Loads `name` under `vb`'s prefix with exactly `shape`, in the model's
+/// dtype: the shape the file declares is compared before anything is read,
+/// and errors name the key and the file.
+pub(crate) fn get(vb: &Weights, shape: &[usize], name: &str) -> Result<Tensor> {
+    Ok(vb.get(name, shape)?)
 }
 
 /// The dtype matmul-like work runs in: f32 on the CPU for half dtypes.
@@ -100,7 +81,7 @@ enum ConvKind {
 impl Conv2d {
     /// Loads `weight` [out, in, k, k] and `bias` [out].
     pub(crate) fn load(
-        vb: &VarBuilder,
+        vb: &Weights,
         c_in: usize,
         c_out: usize,
         kernel: usize,
@@ -112,12 +93,12 @@ impl Conv2d {
 
     /// Loads the 3x3 convolution of an `Upsample2D`: on the CPU path it only
     /// serves [`Self::forward_upsampled`].
-    pub(crate) fn load_upsampler(vb: &VarBuilder, channels: usize) -> Result<Self> {
+    pub(crate) fn load_upsampler(vb: &Weights, channels: usize) -> Result<Self> {
         Self::load_as(vb, channels, channels, 3, 1, 1, true)
     }
 
     fn load_as(
-        vb: &VarBuilder,
+        vb: &Weights,
         c_in: usize,
         c_out: usize,
         kernel: usize,
@@ -359,7 +340,7 @@ pub(crate) struct Linear {
 
 impl Linear {
     /// Loads `weight` [out, in] and `bias` [out].
-    pub(crate) fn load(vb: &VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
+    pub(crate) fn load(vb: &Weights, c_in: usize, c_out: usize) -> Result<Self> {
         let dtype = vb.dtype();
         let cdt = compute_dtype(dtype, vb.device());
         let weight_t = get(vb, &[c_out, c_in], "weight")?
@@ -400,7 +381,7 @@ pub(crate) struct GroupNorm {
 
 impl GroupNorm {
     /// Loads `weight` [c] and `bias` [c].
-    pub(crate) fn load(vb: &VarBuilder, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+    pub(crate) fn load(vb: &Weights, channels: usize, groups: usize, eps: f64) -> Result<Self> {
         let weight = get(vb, &[channels], "weight")?.to_dtype(DType::F32)?;
         let bias = get(vb, &[channels], "bias")?.to_dtype(DType::F32)?;
         Ok(Self {

@@ -9,7 +9,11 @@
 //! - [`image::to_rgb_images`]: 8-bit RGB exactly as `VaeImageProcessor`.
 //! - Tiled decoding and encoding ([`AutoencoderKL::enable_tiling`]).
 //!
-//! Weights come through candle's [`candle_nn::VarBuilder`] with diffusers' keys.
+//! Weights come through the project's weight interface ([`Weights`], from
+//! `lumina2-weights`) with diffusers' keys: any [`lumina2_weights::WeightSource`]
+//! (safetensors files, tensors in memory, a loader's converted layouts). Only
+//! the tensors the config names are read, each after its declared shape is
+//! checked.
 #![warn(missing_docs)]
 // Library code returns errors on bad input; it never unwraps (tests may).
 #![cfg_attr(
@@ -35,11 +39,11 @@ mod resnet;
 pub mod tiling;
 
 pub use autoencoder::{AutoencoderKL, DiagonalGaussian};
-pub use config::AutoencoderKLConfig;
+pub use config::{AutoencoderKLConfig, Limits};
 pub use decoder::Decoder;
 pub use encoder::Encoder;
 pub use error::{Result, VaeError};
 pub use tiling::Tiling;
 
-/// candle's weight builder, re-exported so callers need no direct candle-nn dependency.
-pub use candle_nn::VarBuilder;
+/// The weight handle the constructors take, re-exported for convenience.
+pub use lumina2_weights::Weights;

@@ -1,7 +1,7 @@
 //! diffusers' `ResnetBlock2D` without time embedding (as the VAE uses it).
 
 use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
+use lumina2_weights::Weights;
 
 use crate::error::Result;
 use crate::layers::{norm_act, Activation, Conv2d, GroupNorm};
@@ -21,7 +21,7 @@ pub(crate) struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     pub(crate) fn load(
-        vb: &VarBuilder,
+        vb: &Weights,
         c_in: usize,
         c_out: usize,
         groups: usize,

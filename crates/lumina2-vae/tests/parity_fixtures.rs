@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, VarBuilder};
+use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, Weights};
 
 fn find(dir: &Path, out: &mut Vec<PathBuf>) {
     if dir.join("case.json").is_file() {
@@ -56,8 +56,7 @@ fn run_case(dir: &Path) -> Vec<(String, f64, f64)> {
     let weights =
         candle_core::safetensors::load(model_dir.join("diffusion_pytorch_model.safetensors"), &dev)
             .unwrap();
-    let mut vae =
-        AutoencoderKL::new(&cfg, &VarBuilder::from_tensors(weights, dtype, &dev)).unwrap();
+    let mut vae = AutoencoderKL::new(&cfg, &Weights::from_tensors(weights, dtype, &dev)).unwrap();
     if case["args"]["tiling"].as_bool() == Some(true) {
         vae.enable_tiling();
     }

@@ -39,7 +39,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::DType;
-use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, VaeError, VarBuilder};
+use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, VaeError, Weights};
+use lumina2_weights::Error as WeightError;
 
 const LUMINA_VAE_CONFIG: &str = r#"{
   "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0.dev0",
@@ -68,6 +69,41 @@ fn flux_config_parses_with_unknown_keys_and_defaults() {
     ));
 }
 
+#[test]
+fn absurd_config_numbers_are_refused_with_the_limit() {
+    let seventy = format!(
+        r#"{{"block_out_channels": [{c}], "down_block_types": [{d}], "up_block_types": [{u}]}}"#,
+        c = vec!["32"; 70].join(","),
+        d = vec!["\"DownEncoderBlock2D\""; 70].join(","),
+        u = vec!["\"UpDecoderBlock2D\""; 70].join(","),
+    );
+    for (json, culprit) in [
+        (seventy.as_str(), "resolution levels"),
+        (r#"{"in_channels": 4611686018427387904}"#, "in_channels"),
+        (
+            r#"{"latent_channels": 4611686018427387904}"#,
+            "latent_channels",
+        ),
+        (r#"{"layers_per_block": 100000000}"#, "layers_per_block"),
+        (
+            r#"{"block_out_channels": [4294967296]}"#,
+            "block_out_channels",
+        ),
+        (r#"{"sample_size": 18446744073709551615}"#, "sample_size"),
+        (
+            r#"{"block_out_channels": [16384], "layers_per_block": 64}"#,
+            "convolution weights",
+        ),
+    ] {
+        match AutoencoderKLConfig::from_json(json) {
+            Err(VaeError::Config(m)) => {
+                assert!(m.contains(culprit) && m.contains("limit"), "{json}: {m}")
+            }
+            other => panic!("{json}: {other:?}"),
+        }
+    }
+}
+
 fn tiny() -> (AutoencoderKLConfig, HashMap<String, Tensor>) {
     let dir =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vae_decode/tiny_f32/model");
@@ -87,22 +123,23 @@ fn weight_errors_name_the_key_and_shapes() {
     let orig = w.remove(key).unwrap();
     let err = AutoencoderKL::new(
         &cfg,
-        &VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+        &Weights::from_tensors(w.clone(), DType::F32, &Device::Cpu),
     )
     .unwrap_err();
     assert!(
-        matches!(&err, VaeError::MissingWeight { key: k } if k == key),
+        matches!(&err, VaeError::Weight(WeightError::MissingWeight { key: k, .. }) if k == key),
         "{err}"
     );
     w.insert(key.to_string(), orig.reshape((8, 32)).unwrap());
-    let err = AutoencoderKL::new(&cfg, &VarBuilder::from_tensors(w, DType::F32, &Device::Cpu))
-        .unwrap_err();
+    let err =
+        AutoencoderKL::new(&cfg, &Weights::from_tensors(w, DType::F32, &Device::Cpu)).unwrap_err();
     match err {
-        VaeError::WeightShape {
+        VaeError::Weight(WeightError::WeightShape {
             key: k,
             expected,
             found,
-        } => {
+            ..
+        }) => {
             assert_eq!(
                 (k.as_str(), expected, found),
                 (key, vec![16, 16], vec![8, 32])
@@ -112,11 +149,108 @@ fn weight_errors_name_the_key_and_shapes() {
     }
 }
 
+/// A VAE file whose tensors are declared far larger than the config needs
+/// (a sparse file: the bytes are "there" but cost no disk), or that holds a
+/// huge tensor the model does not use: the shapes are compared from the
+/// header, nothing of the huge tensors is read.
+#[test]
+fn declared_shapes_are_checked_before_reading_and_unused_tensors_never_read() {
+    let (cfg, w) = tiny();
+    let dir = std::env::temp_dir().join(format!("lumina2-vae-sparse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // 2^31 f32 values: 8 GiB declared.
+    let huge: usize = 1 << 31;
+    for (case, replaced) in [("wrong_shape", true), ("unused", false)] {
+        let mut entries: Vec<(String, String, Vec<usize>, usize)> = w
+            .iter()
+            .filter(|(k, _)| !(replaced && k.as_str() == "decoder.conv_in.weight"))
+            .map(|(k, t)| {
+                (
+                    k.clone(),
+                    "F32".to_string(),
+                    t.dims().to_vec(),
+                    t.elem_count() * 4,
+                )
+            })
+            .collect();
+        let big_key = if replaced {
+            "decoder.conv_in.weight"
+        } else {
+            "decoder.not_a_module.weight"
+        };
+        entries.push((big_key.to_string(), "F32".into(), vec![huge], huge * 4));
+        entries.sort();
+        let mut header = serde_json::Map::new();
+        let mut offset = 0usize;
+        for (k, dt, shape, len) in &entries {
+            header.insert(
+                k.clone(),
+                serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": [offset, offset + len]}),
+            );
+            offset += len;
+        }
+        let header = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
+        let path = dir.join(format!("{case}.safetensors"));
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::File::create(&path).unwrap();
+            f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+            f.write_all(&header).unwrap();
+            let data_start = 8 + header.len() as u64;
+            let mut at = 0u64;
+            for (k, _, _, len) in &entries {
+                if let Some(t) = w.get(k).filter(|_| k != big_key) {
+                    let bytes: Vec<u8> = t
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect();
+                    f.seek(SeekFrom::Start(data_start + at)).unwrap();
+                    f.write_all(&bytes).unwrap();
+                }
+                at += *len as u64;
+            }
+            // The huge tensor's bytes are a hole.
+            f.set_len(data_start + at).unwrap();
+        }
+        let weights = Weights::from_safetensors(&[&path], DType::F32, &Device::Cpu).unwrap();
+        let result = AutoencoderKL::new(&cfg, &weights);
+        if replaced {
+            match result {
+                Err(VaeError::Weight(WeightError::WeightShape {
+                    key,
+                    found,
+                    source_name,
+                    ..
+                })) => {
+                    assert_eq!(
+                        (key.as_str(), found),
+                        ("decoder.conv_in.weight", vec![huge])
+                    );
+                    assert!(
+                        source_name.contains("wrong_shape.safetensors"),
+                        "{source_name}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        } else {
+            assert!(result.is_ok(), "{:?}", result.err());
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_inputs_are_errors_not_panics() {
     let (cfg, w) = tiny();
     let dev = Device::Cpu;
-    let vae = AutoencoderKL::new(&cfg, &VarBuilder::from_tensors(w, DType::F32, &dev)).unwrap();
+    let vae = AutoencoderKL::new(&cfg, &Weights::from_tensors(w, DType::F32, &dev)).unwrap();
     let bad = [
         Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap(), // 3 latent channels, not 4
         Tensor::zeros((4, 4, 4), DType::F32, &dev).unwrap(),    // rank 3
@@ -170,7 +304,7 @@ fn latent_transform_is_the_pipelines() {
         .unwrap(),
     )
     .unwrap();
-    let vae = AutoencoderKL::new(&cfg, &VarBuilder::from_tensors(w, DType::F32, &dev)).unwrap();
+    let vae = AutoencoderKL::new(&cfg, &Weights::from_tensors(w, DType::F32, &dev)).unwrap();
     let vals = [-2.0f32, -0.3, 0.0, 0.7, 1.9];
     let x = Tensor::new(&vals, &dev).unwrap();
     let u = vae.unscale_latents(&x).unwrap().to_vec1::<f32>().unwrap();

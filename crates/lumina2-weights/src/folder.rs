@@ -142,9 +142,11 @@ impl ShardIndex {
     /// Reads and validates an index file.
     pub fn read(path: impl AsRef<Path>) -> Result<Self, FolderError> {
         let path = path.as_ref();
-        let text = std::fs::read(path).map_err(|source| FolderError::Io {
-            path: path.to_path_buf(),
-            source,
+        let text = crate::fs::read_bounded(path, crate::fs::MAX_INDEX_BYTES).map_err(|source| {
+            FolderError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
         Self::parse(path, &text)
     }

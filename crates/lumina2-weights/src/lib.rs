@@ -220,6 +220,15 @@ pub trait WeightSource: Send + Sync {
     }
     /// A short description for error messages (usually the file names).
     fn name(&self) -> String;
+    /// The shape of `key` as the source declares it (a file's header),
+    /// without reading the tensor; `None` where the source cannot tell
+    /// before reading. [`Weights`] compares it with the shape the model
+    /// expects before anything is read, so a tensor a file declares far
+    /// larger than the model needs is refused, never read.
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        let _ = key;
+        None
+    }
     /// Every key the source holds, when it can list them (loaders use this to
     /// report all missing and unexpected keys at once); empty otherwise.
     fn keys(&self) -> Vec<String> {
@@ -266,6 +275,9 @@ impl WeightSource for HashMap<String, Tensor> {
     }
     fn name(&self) -> String {
         "in-memory tensors".into()
+    }
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.get(key).map(|t| t.dims().to_vec())
     }
     fn keys(&self) -> Vec<String> {
         let mut k: Vec<String> = HashMap::keys(self).cloned().collect();
@@ -323,6 +335,28 @@ impl<'de> serde::Deserialize<'de> for HeaderEntries {
     }
 }
 
+/// Checks that no two tensors of file `fi` share a byte (the format forbids
+/// it, and the `safetensors` crate refuses it); `Err` names the two keys.
+fn check_no_overlap(
+    index: &HashMap<String, StEntry>,
+    fi: usize,
+) -> std::result::Result<(), (String, String)> {
+    let mut spans: Vec<(u64, u64, &str)> = index
+        .iter()
+        .filter(|(_, e)| e.file == fi && e.len > 0)
+        .map(|(k, e)| (e.start, e.start + e.len as u64, k.as_str()))
+        .collect();
+    spans.sort_unstable();
+    for w in spans.windows(2) {
+        if let [(_, end, a), (start, _, b)] = w {
+            if start < end {
+                return Err((b.to_string(), a.to_string()));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Largest safetensors header accepted (the format's own limit is 100 MB).
 const MAX_HEADER: u64 = 100 << 20;
 
@@ -359,7 +393,7 @@ impl SafetensorsSource {
                 source_name: p.display().to_string(),
                 reason,
             };
-            let mut f = std::fs::File::open(p).map_err(|e| bad("", e.to_string()))?;
+            let mut f = fs::open_regular(p).map_err(|e| bad("", e.to_string()))?;
             let file_len = f.metadata().map_err(|e| bad("", e.to_string()))?.len();
             let mut n = [0u8; 8];
             std::io::Read::read_exact(&mut f, &mut n)
@@ -442,6 +476,12 @@ impl SafetensorsSource {
                     return Err(bad(&key, "the key appears twice".into()));
                 }
             }
+            check_no_overlap(&index, fi).map_err(|(a, b)| {
+                bad(
+                    &a,
+                    format!("its bytes overlap those of `{b}` (the format forbids it)"),
+                )
+            })?;
             files.push((p.to_path_buf(), std::sync::Mutex::new(f)));
         }
         Ok(Self {
@@ -513,6 +553,9 @@ impl WeightSource for SafetensorsSource {
     }
     fn name(&self) -> String {
         self.names.clone()
+    }
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.index.get(key).map(|e| e.shape.clone())
     }
     fn keys(&self) -> Vec<String> {
         let mut k: Vec<String> = self.index.keys().cloned().collect();
@@ -716,10 +759,20 @@ impl Weights {
         Ok(())
     }
 
+    /// [`Weights::require`], and the shape the source declares compared
+    /// with `expected` before anything is read.
+    fn require_shape(&self, key: &str, expected: &[usize]) -> Result<()> {
+        self.require(key)?;
+        match self.source.shape(key) {
+            Some(declared) => self.check_shape(key, &declared, expected),
+            None => Ok(()),
+        }
+    }
+
     /// A dense tensor of the given shape, in the compute dtype, on the compute device.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let key = self.key(name);
-        self.require(&key)?;
+        self.require_shape(&key, shape)?;
         let t = self.source.tensor(&key)?;
         self.check_shape(&key, t.dims(), shape)?;
         self.scan(&key, &t)?;
@@ -729,7 +782,7 @@ impl Weights {
     /// A dense tensor of the given shape in `dtype` (not the compute dtype), on the compute device.
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let key = self.key(name);
-        self.require(&key)?;
+        self.require_shape(&key, shape)?;
         let t = self.source.tensor(&key)?;
         self.check_shape(&key, t.dims(), shape)?;
         self.scan(&key, &t)?;
@@ -742,7 +795,7 @@ impl Weights {
     /// embeddings.
     pub fn linear_weight(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearWeight> {
         let wkey = self.key(&format!("{name}.weight"));
-        self.require(&wkey)?;
+        self.require_shape(&wkey, &[out_dim, in_dim])?;
         let weight = match self.source.linear(&wkey)? {
             LinearWeight::Dense(t) => {
                 self.check_shape(&wkey, t.dims(), &[out_dim, in_dim])?;
@@ -873,7 +926,9 @@ impl Linear {
         #[cfg(target_arch = "x86_64")]
         if let (LinearWeight::Quantized(g), LinearWeight::Quantized(u)) = (&self.weight, &up.weight)
         {
-            if self.plain() && up.plain() && x.dtype() == DType::BF16 {
+            // The one-pass kernels need AMX; elsewhere no span is opened for
+            // them, so that the profile counts only the layers that run.
+            if self.plain() && up.plain() && x.dtype() == DType::BF16 && packed::use_amx() {
                 let _span = profile::span(profile::groups::LINEAR);
                 let gelu = act == GateAct::GeluTanh;
                 let x2 = as_rows(x)?;
@@ -912,7 +967,12 @@ impl Linear {
             LinearWeight::Quantized(d),
         ) = (&self.weight, &up.weight, &down.weight)
         {
-            if self.plain() && up.plain() && down.adapters.is_empty() && x.dtype() == DType::BF16 {
+            if self.plain()
+                && up.plain()
+                && down.adapters.is_empty()
+                && x.dtype() == DType::BF16
+                && packed::use_amx()
+            {
                 let _span = profile::span(profile::groups::LINEAR);
                 let gelu = act == GateAct::GeluTanh;
                 let bias = down.bias_f32.as_deref();

@@ -5,11 +5,11 @@
 //! larger than a tile (`sample_size`, or `sample_size / 2^(levels-1)` latents)
 //! are decoded or encoded tile by tile.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, VarBuilder};
+use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, Weights};
 
 use super::case::{input, Case};
 use super::Prepared;
@@ -32,14 +32,8 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
         .with_context(|| format!("opening {}", model_path.display()))?;
     let config_dir = case.model_config.as_deref().unwrap_or(model_path);
     let cfg = AutoencoderKLConfig::from_file(config_dir)?;
-    let mut tensors = HashMap::new();
-    for f in folder.safetensors_files() {
-        let t = candle_core::safetensors::load(f, &dev)
-            .with_context(|| format!("reading {}", f.display()))?;
-        tensors.extend(t);
-    }
-    let vb = VarBuilder::from_tensors(tensors, case.dtype, &dev);
-    let mut model = AutoencoderKL::new(&cfg, &vb)?;
+    let weights = Weights::from_safetensors(folder.safetensors_files(), case.dtype, &dev)?;
+    let mut model = AutoencoderKL::new(&cfg, &weights)?;
     if tiling {
         model.enable_tiling();
     }
