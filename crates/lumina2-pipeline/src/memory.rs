@@ -50,13 +50,26 @@ pub fn transformer_bytes(
     height: usize,
     caption_len: usize,
 ) -> u64 {
-    let tokens = (width / 16) as u64 * (height / 16) as u64 + caption_len as u64;
+    // Saturating: an absurd request must come out as a huge estimate (and be
+    // refused), never wrap around to a small one.
+    let tokens = ((width / 16) as u64)
+        .saturating_mul((height / 16) as u64)
+        .saturating_add(caption_len as u64);
     let d = cfg.hidden_size as u64;
     let ffn = cfg.ffn_inner_dim() as u64;
     // Residual stream, normed copies, q/k/v/out and the two FFN branches, in
     // f32 where diffusers upcasts; attention scores are chunked (64 MiB).
-    let per_token = (10 * d + 3 * ffn) * 4;
-    weights_bytes + batch as u64 * tokens * per_token + (64 << 20)
+    let per_token = d
+        .saturating_mul(10)
+        .saturating_add(ffn.saturating_mul(3))
+        .saturating_mul(4);
+    weights_bytes
+        .saturating_add(
+            (batch as u64)
+                .saturating_mul(tokens)
+                .saturating_mul(per_token),
+        )
+        .saturating_add(64 << 20)
 }
 
 /// The transformer's parameters times the dtype size.
@@ -77,16 +90,22 @@ pub fn vae_decode_bytes(
     height: usize,
     tiled: bool,
 ) -> u64 {
+    let full = (width as u64).saturating_mul(height as u64);
     let pixels = if tiled {
         let t = Tiling::from_config(cfg).sample_tile as u64;
-        (t * t).min(width as u64 * height as u64)
+        t.saturating_mul(t).min(full)
     } else {
-        width as u64 * height as u64
+        full
     };
     let ch = cfg.block_out_channels.first().copied().unwrap_or(128) as u64;
     // The last up block at full resolution: input, output, a residual and the
     // 3x3 convolution's unfolded input (9 channels per channel), in f32.
-    weights_bytes + batch as u64 * pixels * ch * 4 * (3 + 9)
+    weights_bytes.saturating_add(
+        (batch as u64)
+            .saturating_mul(pixels)
+            .saturating_mul(ch)
+            .saturating_mul(4 * (3 + 9)),
+    )
 }
 
 /// Total size of the regular files in `dir` (or of `dir` itself when it is a file).
@@ -104,7 +123,7 @@ pub fn files_bytes(dir: &Path) -> u64 {
                 })
                 .filter_map(|e| e.metadata().ok())
                 .map(|m| m.len())
-                .sum()
+                .fold(0u64, u64::saturating_add)
         })
         .unwrap_or(0)
 }
@@ -112,8 +131,12 @@ pub fn files_bytes(dir: &Path) -> u64 {
 /// Memory this process may still use: `MemAvailable` of `/proc/meminfo`
 /// (Linux), `None` where unknown.
 pub fn available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let text = lumina2_weights::fs::read_to_string_bounded(
+        Path::new("/proc/meminfo"),
+        lumina2_weights::fs::MAX_CONFIG_BYTES,
+    )
+    .ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    Some(kb.saturating_mul(1024))
 }
