@@ -421,3 +421,68 @@ pub fn check_size(name: &'static str, v: usize) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(o: &GenerateOptions) -> String {
+        o.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn counts_are_bounded_and_their_product_cannot_overflow() {
+        let mut o = GenerateOptions::with_prompts(vec!["a".into(), "b".into()]);
+        o.num_images_per_prompt = usize::MAX;
+        assert!(o.batch_size().is_err());
+        assert!(reason(&o).contains("more than 256"), "{}", reason(&o));
+        o.num_images_per_prompt = 128;
+        o.validate().unwrap();
+        assert_eq!(o.batch_size().unwrap(), MAX_BATCH_SIZE);
+        o.num_images_per_prompt = 129;
+        assert!(reason(&o).contains("makes 258 images"), "{}", reason(&o));
+        let o = GenerateOptions::with_prompts(vec!["a".into(); MAX_BATCH_SIZE + 1]);
+        assert!(reason(&o).contains("more than 256"), "{}", reason(&o));
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_with_the_limit() {
+        let check = |f: &dyn Fn(&mut GenerateOptions), needle: &str| {
+            let mut o = GenerateOptions::new("x");
+            f(&mut o);
+            let r = reason(&o);
+            assert!(r.contains(needle), "{r}");
+        };
+        check(&|o| o.guidance_scale = f64::NAN, "NaN is not in [0, 100]");
+        check(&|o| o.guidance_scale = 1e300, "1e300 is not in [0, 100]");
+        check(&|o| o.guidance_scale = -0.5, "-0.5 is not in [0, 100]");
+        check(&|o| o.cfg_trunc_ratio = 1.5, "1.5 is not in [0, 1]");
+        check(
+            &|o| o.cfg_trunc_ratio = f64::INFINITY,
+            "inf is not in [0, 1]",
+        );
+        check(
+            &|o| o.num_inference_steps = MAX_STEPS + 1,
+            "more than 10000",
+        );
+        check(
+            &|o| o.sigmas = Some(vec![1.0, -0.1]),
+            "-0.1 is not in [0, 1]",
+        );
+        check(
+            &|o| o.sigmas = Some(vec![0.5; MAX_STEPS + 1]),
+            "10001 values",
+        );
+        check(&|o| o.width = Some(MAX_SIDE + 16), "larger than 16384");
+        check(&|o| o.max_sequence_length = 513, "not in [1, 512]");
+        check(
+            &|o| o.system_prompt = SystemPrompt::Text("s".repeat(MAX_PROMPT_BYTES + 1)),
+            "more than 1048576",
+        );
+        let mut o = GenerateOptions::new("x");
+        o.guidance_scale = MAX_GUIDANCE_SCALE;
+        o.cfg_trunc_ratio = 0.0;
+        o.sigmas = Some(vec![1.0, 0.0]);
+        o.validate().unwrap();
+    }
+}

@@ -115,7 +115,10 @@ fn numeric_options_are_bounded_before_anything_is_loaded() {
             vec!["--guidance-scale", "1e300"],
             "--guidance-scale: 1e300 is not in [0, 100]",
         ),
-        (vec!["--guidance-scale", "-1"], "--guidance-scale"),
+        (
+            vec!["--guidance-scale=-1"],
+            "--guidance-scale: -1 is not in [0, 100]",
+        ),
         (vec!["--guidance-scale", "inf"], "--guidance-scale"),
         (
             vec!["--cfg-trunc-ratio", "2"],
@@ -155,7 +158,7 @@ fn numeric_options_are_bounded_before_anything_is_loaded() {
             vec!["--steps", "99999999999999999999999"],
             "--num-inference-steps",
         ),
-        (vec!["--threads", "-1"], "--threads"),
+        (vec!["--threads=-1"], "invalid value '-1' for '--threads"),
     ];
     for (extra, needle) in cases {
         let mut args = vec![
