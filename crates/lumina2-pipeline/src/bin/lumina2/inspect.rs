@@ -152,11 +152,15 @@ fn describe(path: &Path, format: &str, entries: &[Entry], extra: &[(String, Stri
     let mut dtypes: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
     let mut params: u64 = 0;
     for e in entries {
-        let n: u64 = e.shape.iter().map(|&d| d as u64).product();
-        params += n;
+        // Saturating: shapes a file states are counted, never trusted to fit.
+        let n = e
+            .shape
+            .iter()
+            .fold(1u64, |acc, &d| acc.saturating_mul(d as u64));
+        params = params.saturating_add(n);
         let slot = dtypes.entry(e.dtype.as_str()).or_default();
         slot.0 += 1;
-        slot.1 += n;
+        slot.1 = slot.1.saturating_add(n);
     }
     println!("parameters: {params} ({:.3} B)", params as f64 / 1e9);
     println!("storage types:");

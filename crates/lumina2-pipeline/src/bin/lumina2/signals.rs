@@ -79,16 +79,22 @@ pub fn check(when: impl FnOnce() -> String) -> Result<()> {
 
 /// What the handler does with each signal.
 fn on_signal(signal: i32) {
+    use std::io::Write;
+    // Not `eprintln!`, which panics when stderr is gone (a closed terminal):
+    // the handler must go on to stop or quit.
+    let mut err = std::io::stderr();
     if RECEIVED
         .compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst)
         .is_ok()
     {
-        eprintln!(
+        let _ = writeln!(
+            err,
             "\nlumina2: {}: stopping after this step, writing nothing (again to quit now)",
             name(signal)
         );
     } else {
-        eprintln!(
+        let _ = writeln!(
+            err,
             "\nlumina2: {} again: quitting now, writing nothing more",
             name(signal)
         );
