@@ -50,6 +50,8 @@ pub fn transformer_bytes(
     height: usize,
     caption_len: usize,
 ) -> u64 {
+    // Saturating: an absurd request must come out as a huge estimate (and be
+    // refused), never wrap around to a small one.
     let tokens = ((width / 16) as u64)
         .saturating_mul((height / 16) as u64)
         .saturating_add(caption_len as u64);
@@ -57,7 +59,6 @@ pub fn transformer_bytes(
     let ffn = cfg.ffn_inner_dim() as u64;
     // Residual stream, normed copies, q/k/v/out and the two FFN branches, in
     // f32 where diffusers upcasts; attention scores are chunked (64 MiB).
-    // Saturating: the estimate must refuse absurd requests, not overflow on them.
     let per_token = d
         .saturating_mul(10)
         .saturating_add(ffn.saturating_mul(3))
@@ -86,20 +87,22 @@ pub fn vae_decode_bytes(
     height: usize,
     tiled: bool,
 ) -> u64 {
+    let full = (width as u64).saturating_mul(height as u64);
     let pixels = if tiled {
         let t = Tiling::from_config(cfg).sample_tile as u64;
-        (t * t).min(width as u64 * height as u64)
+        t.saturating_mul(t).min(full)
     } else {
-        (width as u64).saturating_mul(height as u64)
+        full
     };
     let ch = cfg.block_out_channels.first().copied().unwrap_or(128) as u64;
     // The last up block at full resolution: input, output, a residual and the
     // 3x3 convolution's unfolded input (9 channels per channel), in f32.
-    let activations = (batch as u64)
-        .saturating_mul(pixels)
-        .saturating_mul(ch)
-        .saturating_mul(4 * (3 + 9));
-    weights_bytes.saturating_add(activations)
+    weights_bytes.saturating_add(
+        (batch as u64)
+            .saturating_mul(pixels)
+            .saturating_mul(ch)
+            .saturating_mul(4 * (3 + 9)),
+    )
 }
 
 /// Total size of the regular files in `dir` (or of `dir` itself when it is a file).
@@ -117,7 +120,7 @@ pub fn files_bytes(dir: &Path) -> u64 {
                 })
                 .filter_map(|e| e.metadata().ok())
                 .map(|m| m.len())
-                .sum()
+                .fold(0u64, u64::saturating_add)
         })
         .unwrap_or(0)
 }
@@ -125,8 +128,12 @@ pub fn files_bytes(dir: &Path) -> u64 {
 /// Memory this process may still use: `MemAvailable` of `/proc/meminfo`
 /// (Linux), `None` where unknown.
 pub fn available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let text = lumina2_weights::fs::read_to_string_bounded(
+        Path::new("/proc/meminfo"),
+        lumina2_weights::fs::MAX_CONFIG_BYTES,
+    )
+    .ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    Some(kb.saturating_mul(1024))
 }

@@ -14,6 +14,30 @@ pub const MAX_SEQUENCE_LENGTH: usize = 512;
 /// Width and height must be multiples of this (VAE factor 8 times patch 2).
 pub const SIZE_MULTIPLE: usize = 16;
 
+/// The largest image side. At 16384 pixels one image's latent sequence is a
+/// million tokens and its RGB output 3 GiB of f32: past it the memory check
+/// would refuse every machine anyway.
+pub const MAX_SIDE: usize = 16384;
+
+/// The most images one run makes (prompts times `num_images_per_prompt`).
+/// The images share one batch through every stage; their seeds, prompts and
+/// file names are listed before anything is loaded, so the count is bounded
+/// before those lists are made. A larger set is several runs.
+pub const MAX_BATCH_SIZE: usize = 256;
+
+/// The most denoising steps, and the longest custom sigma list. Schedules
+/// use 4 to 100 steps; the bound keeps the schedule's lists small.
+pub const MAX_STEPS: usize = 10_000;
+
+/// The largest classifier-free guidance scale (ComfyUI's bound too); usual
+/// values are 3 to 15, and past a few dozen the latents overflow.
+pub const MAX_GUIDANCE_SCALE: f64 = 100.0;
+
+/// The longest prompt, negative prompt or system prompt, in bytes. A prompt
+/// is tokenised whole before it is cut to `max_sequence_length` (at most 512)
+/// tokens, so more text only costs time.
+pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+
 /// What conditions the image.
 #[derive(Debug, Clone)]
 pub enum Conditioning {
@@ -164,9 +188,21 @@ impl GenerateOptions {
         }
     }
 
-    /// The number of images the run makes.
+    /// The number of images the run makes (an error when the product
+    /// overflows; [`Self::validate`] bounds it by [`MAX_BATCH_SIZE`]).
     pub fn batch_size(&self) -> Result<usize> {
-        Ok(self.prompt_batch()? * self.num_images_per_prompt)
+        let prompts = self.prompt_batch()?;
+        prompts
+            .checked_mul(self.num_images_per_prompt)
+            .ok_or_else(|| {
+                invalid(
+                    "num_images_per_prompt",
+                    format!(
+                        "{} images for each of {prompts} prompts is more than {MAX_BATCH_SIZE} images",
+                        self.num_images_per_prompt
+                    ),
+                )
+            })
     }
 
     /// Checks every option that can be checked without the models.
@@ -179,6 +215,7 @@ impl GenerateOptions {
                 if prompts.is_empty() {
                     return Err(invalid("prompt", "no prompt given"));
                 }
+                check_prompt_lengths("prompt", prompts)?;
                 if let Some(n) = negative_prompts {
                     if n.len() != 1 && n.len() != prompts.len() {
                         return Err(invalid(
@@ -186,6 +223,7 @@ impl GenerateOptions {
                             format!("{} negative prompts for {} prompts", n.len(), prompts.len()),
                         ));
                     }
+                    check_prompt_lengths("negative_prompt", n)?;
                 }
             }
             Conditioning::Embeddings(e) => {
@@ -237,31 +275,60 @@ impl GenerateOptions {
                 check_size(name, v)?;
             }
         }
+        if let SystemPrompt::Text(t) = &self.system_prompt {
+            check_prompt_lengths("system_prompt", std::slice::from_ref(t))?;
+        }
         if self.num_inference_steps == 0 && self.sigmas.is_none() {
             return Err(invalid("num_inference_steps", "must be at least 1"));
         }
-        if self.num_inference_steps > 10_000 {
+        if self.num_inference_steps > MAX_STEPS {
             return Err(invalid(
                 "num_inference_steps",
-                format!("{} is absurd (at most 10000)", self.num_inference_steps),
+                format!("{} is more than {MAX_STEPS}", self.num_inference_steps),
             ));
         }
         if let Some(s) = &self.sigmas {
             if s.is_empty() {
                 return Err(invalid("sigmas", "empty list"));
             }
-            if let Some(bad) = s.iter().find(|v| !v.is_finite()) {
-                return Err(invalid("sigmas", format!("{bad} is not finite")));
+            if s.len() > MAX_STEPS {
+                return Err(invalid(
+                    "sigmas",
+                    format!("{} values, more than {MAX_STEPS} steps", s.len()),
+                ));
+            }
+            // Flow-matching sigmas are the noise fraction of the sample.
+            if let Some(bad) = s.iter().find(|v| !(0.0..=1.0).contains(*v)) {
+                return Err(invalid("sigmas", format!("{} is not in [0, 1]", num(*bad))));
             }
         }
-        if !self.guidance_scale.is_finite() {
-            return Err(invalid("guidance_scale", "must be finite"));
+        if !(0.0..=MAX_GUIDANCE_SCALE).contains(&self.guidance_scale) {
+            return Err(invalid(
+                "guidance_scale",
+                format!(
+                    "{} is not in [0, {MAX_GUIDANCE_SCALE}] (guidance runs above 1)",
+                    num(self.guidance_scale)
+                ),
+            ));
         }
-        if !self.cfg_trunc_ratio.is_finite() {
-            return Err(invalid("cfg_trunc_ratio", "must be finite"));
+        // Both semantics compare it with a fraction of the run in [0, 1].
+        if !(0.0..=1.0).contains(&self.cfg_trunc_ratio) {
+            return Err(invalid(
+                "cfg_trunc_ratio",
+                format!("{} is not in [0, 1]", num(self.cfg_trunc_ratio)),
+            ));
         }
         if self.num_images_per_prompt == 0 {
             return Err(invalid("num_images_per_prompt", "must be at least 1"));
+        }
+        if self.num_images_per_prompt > MAX_BATCH_SIZE {
+            return Err(invalid(
+                "num_images_per_prompt",
+                format!(
+                    "{} is more than {MAX_BATCH_SIZE} images",
+                    self.num_images_per_prompt
+                ),
+            ));
         }
         if self.max_sequence_length == 0 || self.max_sequence_length > MAX_SEQUENCE_LENGTH {
             return Err(invalid(
@@ -273,6 +340,16 @@ impl GenerateOptions {
             ));
         }
         let batch = self.batch_size()?;
+        if batch > MAX_BATCH_SIZE {
+            return Err(invalid(
+                "num_images_per_prompt",
+                format!(
+                    "{} images for each of {} prompts makes {batch} images, more than {MAX_BATCH_SIZE}",
+                    self.num_images_per_prompt,
+                    self.prompt_batch()?
+                ),
+            ));
+        }
         match &self.noise {
             Noise::Seeds(s) if s.len() != batch => Err(invalid(
                 "generator",
@@ -285,6 +362,32 @@ impl GenerateOptions {
             _ => Ok(()),
         }
     }
+}
+
+/// A number for a message: short even when huge (`1e300`, not 301 digits).
+fn num(v: f64) -> String {
+    if v != 0.0 && !(1e-6..1e16).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
+}
+
+fn check_prompt_lengths(name: &'static str, prompts: &[String]) -> Result<()> {
+    if let Some((i, p)) = prompts
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.len() > MAX_PROMPT_BYTES)
+    {
+        return Err(invalid(
+            name,
+            format!(
+                "{name} {i} has {} bytes, more than {MAX_PROMPT_BYTES}",
+                p.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_mask(name: &'static str, mask: &Tensor, embeds: &[usize]) -> Result<()> {
@@ -302,7 +405,7 @@ fn check_mask(name: &'static str, mask: &Tensor, embeds: &[usize]) -> Result<()>
     Ok(())
 }
 
-/// Checks an image side: positive, a multiple of 16, not absurd.
+/// Checks an image side: positive, a multiple of 16, at most [`MAX_SIDE`].
 pub fn check_size(name: &'static str, v: usize) -> Result<()> {
     if v == 0 || !v.is_multiple_of(SIZE_MULTIPLE) {
         return Err(invalid(
@@ -310,8 +413,6 @@ pub fn check_size(name: &'static str, v: usize) -> Result<()> {
             format!("{v} is not a positive multiple of {SIZE_MULTIPLE}"),
         ));
     }
-    // Past this the latent sequence alone no longer fits any machine's memory.
-    const MAX_SIDE: usize = 16384;
     if v > MAX_SIDE {
         return Err(invalid(
             name,
@@ -319,4 +420,69 @@ pub fn check_size(name: &'static str, v: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(o: &GenerateOptions) -> String {
+        o.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn counts_are_bounded_and_their_product_cannot_overflow() {
+        let mut o = GenerateOptions::with_prompts(vec!["a".into(), "b".into()]);
+        o.num_images_per_prompt = usize::MAX;
+        assert!(o.batch_size().is_err());
+        assert!(reason(&o).contains("more than 256"), "{}", reason(&o));
+        o.num_images_per_prompt = 128;
+        o.validate().unwrap();
+        assert_eq!(o.batch_size().unwrap(), MAX_BATCH_SIZE);
+        o.num_images_per_prompt = 129;
+        assert!(reason(&o).contains("makes 258 images"), "{}", reason(&o));
+        let o = GenerateOptions::with_prompts(vec!["a".into(); MAX_BATCH_SIZE + 1]);
+        assert!(reason(&o).contains("more than 256"), "{}", reason(&o));
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_with_the_limit() {
+        let check = |f: &dyn Fn(&mut GenerateOptions), needle: &str| {
+            let mut o = GenerateOptions::new("x");
+            f(&mut o);
+            let r = reason(&o);
+            assert!(r.contains(needle), "{r}");
+        };
+        check(&|o| o.guidance_scale = f64::NAN, "NaN is not in [0, 100]");
+        check(&|o| o.guidance_scale = 1e300, "1e300 is not in [0, 100]");
+        check(&|o| o.guidance_scale = -0.5, "-0.5 is not in [0, 100]");
+        check(&|o| o.cfg_trunc_ratio = 1.5, "1.5 is not in [0, 1]");
+        check(
+            &|o| o.cfg_trunc_ratio = f64::INFINITY,
+            "inf is not in [0, 1]",
+        );
+        check(
+            &|o| o.num_inference_steps = MAX_STEPS + 1,
+            "more than 10000",
+        );
+        check(
+            &|o| o.sigmas = Some(vec![1.0, -0.1]),
+            "-0.1 is not in [0, 1]",
+        );
+        check(
+            &|o| o.sigmas = Some(vec![0.5; MAX_STEPS + 1]),
+            "10001 values",
+        );
+        check(&|o| o.width = Some(MAX_SIDE + 16), "larger than 16384");
+        check(&|o| o.max_sequence_length = 513, "not in [1, 512]");
+        check(
+            &|o| o.system_prompt = SystemPrompt::Text("s".repeat(MAX_PROMPT_BYTES + 1)),
+            "more than 1048576",
+        );
+        let mut o = GenerateOptions::new("x");
+        o.guidance_scale = MAX_GUIDANCE_SCALE;
+        o.cfg_trunc_ratio = 0.0;
+        o.sigmas = Some(vec![1.0, 0.0]);
+        o.validate().unwrap();
+    }
 }

@@ -229,7 +229,7 @@ impl Lumina2Pipeline {
 
     /// The default image side: `sample_size * 8`, as diffusers.
     pub fn default_size(&self) -> usize {
-        self.transformer_config.sample_size * 8
+        self.transformer_config.sample_size.saturating_mul(8)
     }
 
     /// The image size a request resolves to (width, height).
@@ -563,6 +563,9 @@ impl Lumina2Pipeline {
 
     /// Estimates the memory of each stage of a request (see [`crate::memory`]).
     pub fn estimate_memory(&self, opts: &GenerateOptions) -> Result<MemoryEstimate> {
+        // The batch, sizes and sequence length are bounded before they are
+        // multiplied into byte counts.
+        opts.validate()?;
         let (w, h) = self.resolve_size(opts)?;
         let batch = opts.batch_size()?;
         let cfg = &self.transformer_config;
@@ -584,7 +587,11 @@ impl Lumina2Pipeline {
             // bf16 files.
             te_files.saturating_mul(memory::dtype_bytes(self.dtype)) / 2
         };
-        let encode = te_weights + (batch as u64) * (opts.max_sequence_length as u64) * (64 << 10);
+        let encode = te_weights.saturating_add(
+            (batch as u64)
+                .saturating_mul(opts.max_sequence_length as u64)
+                .saturating_mul(64 << 10),
+        );
         let decode = match opts.output {
             OutputKind::Latents => 0,
             OutputKind::Images => memory::vae_decode_bytes(

@@ -167,12 +167,15 @@ fn bad_options_fail_before_loading_and_write_nothing() {
         (vec!["--width", "0"], "multiple of 16"),
         (vec!["--height", "100000"], "larger than"),
         (vec!["--steps", "0"], "at least 1"),
-        (vec!["--max-sequence-length", "513"], "max_sequence_length"),
+        (
+            vec!["--max-sequence-length", "513"],
+            "--max-sequence-length",
+        ),
         (
             vec!["--num-images-per-prompt", "0"],
-            "num_images_per_prompt",
+            "--num-images-per-prompt",
         ),
-        (vec!["--guidance-scale", "NaN"], "guidance_scale"),
+        (vec!["--guidance-scale", "NaN"], "--guidance-scale"),
         (
             vec!["--negative-prompt", "a", "--negative-prompt", "b"],
             "negative",

@@ -1,8 +1,7 @@
 //! `lumina2 generate`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -11,11 +10,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lumina2_pipeline::candle_core::{DType, Device};
 use lumina2_pipeline::{
     Conditioning, Control, Error as PipelineError, Event, GenerateOptions, GuidanceMode, LoraSpec,
-    Lumina2Pipeline, Noise, OutputKind, PipelineSources, SolverKind, SystemPrompt,
+    Lumina2Pipeline, Noise, OutputKind, PipelineSources, SolverKind, Stage, SystemPrompt,
     TransformerSource,
 };
 
 use crate::output;
+use crate::signals;
 
 /// The default model: the Hub repo of Lumina-Image 2.0 in diffusers' layout.
 const DEFAULT_MODEL: &str = "Alpha-VLLM/Lumina-Image-2.0";
@@ -52,19 +52,19 @@ pub struct GenerateArgs {
     /// Negative prompt: one for all prompts, or one per prompt (default "").
     #[arg(short, long)]
     negative_prompt: Vec<String>,
-    /// Image width in pixels, a multiple of 16 (default: the model's sample_size * 8).
+    /// Image width in pixels, a multiple of 16, at most 16384 (default: the model's sample_size * 8).
     #[arg(long)]
     width: Option<usize>,
-    /// Image height in pixels, a multiple of 16 (default: the model's sample_size * 8).
+    /// Image height in pixels, a multiple of 16, at most 16384 (default: the model's sample_size * 8).
     #[arg(long)]
     height: Option<usize>,
-    /// Denoising steps.
+    /// Denoising steps (1 to 10000).
     #[arg(long, visible_alias = "steps", default_value_t = 30)]
     num_inference_steps: usize,
-    /// Classifier-free guidance scale (guidance only above 1).
+    /// Classifier-free guidance scale, 0 to 100 (guidance only above 1).
     #[arg(long, default_value_t = 4.0)]
     guidance_scale: f64,
-    /// Fraction of the run with guidance (see --guidance-mode).
+    /// Fraction of the run with guidance, 0 to 1 (see --guidance-mode).
     #[arg(long, default_value_t = 1.0)]
     cfg_trunc_ratio: f64,
     /// Do not renormalise the guided prediction.
@@ -79,21 +79,25 @@ pub struct GenerateArgs {
     /// Text tokens per prompt (at most 512).
     #[arg(long, default_value_t = 256)]
     max_sequence_length: usize,
-    /// Images per prompt.
+    /// Images per prompt (at most 256 images in all: prompts x images).
     #[arg(long, default_value_t = 1)]
     num_images_per_prompt: usize,
     /// Seed of image 0; image i uses seed + i, drawn as
     /// torch.Generator("cpu").manual_seed(seed + i) does (random when absent).
     #[arg(long)]
     seed: Option<u64>,
-    /// Custom sigmas, comma-separated (diffusers' `sigmas`; overrides the step count).
+    /// Custom sigmas, comma-separated, each in [0, 1], at most 10000 (diffusers'
+    /// `sigmas`; overrides the step count).
     #[arg(long, value_delimiter = ',')]
     sigmas: Option<Vec<f64>>,
     /// Output path; `{seed}` and `{index}` are replaced. Several images without
-    /// a placeholder get `_{index}` before the extension.
+    /// a placeholder get `_{index}` before the extension. Must be a new path or
+    /// a regular file (replaced); a device, FIFO, socket, folder or symbolic
+    /// link there is refused.
     #[arg(short, long, default_value = "lumina2_{seed}.png")]
     output: String,
-    /// Also write the final latents (before the VAE) to this .safetensors file.
+    /// Also write the final latents (before the VAE) to this .safetensors file
+    /// (a new path or a regular file, as -o).
     #[arg(long)]
     output_latents: Option<PathBuf>,
     /// Write only the latents (no VAE decode, no image); needs --output-latents.
@@ -129,7 +133,7 @@ pub struct GenerateArgs {
     /// scheduler_config.json, instead of the model's.
     #[arg(long)]
     scheduler_config: Option<PathBuf>,
-    /// LoRA file with an optional scale, FILE[:SCALE]; repeatable.
+    /// LoRA file with an optional scale (-100 to 100, default 1), FILE[:SCALE]; repeatable.
     #[arg(long)]
     lora: Vec<String>,
 
@@ -144,7 +148,7 @@ pub struct GenerateArgs {
     /// Device: cpu, cuda[:N] or metal[:N] (GPU builds only).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Worker threads (default: RAYON_NUM_THREADS, else all cores).
+    /// Worker threads, at most 4 per core (default: RAYON_NUM_THREADS, else all cores).
     #[arg(long)]
     threads: Option<usize>,
     /// ODE solver.
@@ -161,25 +165,25 @@ pub struct GenerateArgs {
     no_memory_check: bool,
 }
 
-/// A run stopped by Ctrl-C; the text says after which step.
-#[derive(Debug)]
-pub struct Interrupted(pub String);
+/// The largest LoRA scale magnitude: trained for 1, used between -2 and 2;
+/// far past that the merged weights overflow.
+const MAX_LORA_SCALE: f64 = 100.0;
 
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "interrupted{}", self.0)
-    }
-}
+/// Threads allowed per core the process may use: more only adds contention
+/// to CPU-bound kernels; a little oversubscription is left for whoever
+/// measures otherwise.
+const THREADS_PER_CORE: usize = 4;
 
-impl std::error::Error for Interrupted {}
+/// The thread limit where the core count is unknown.
+const MAX_THREADS_UNKNOWN_CORES: usize = 256;
 
 fn parse_lora(s: &str) -> Result<LoraSpec> {
     // FILE:SCALE, where FILE may itself hold ':' (take the last one only when
     // what follows parses as a number).
     if let Some((file, scale)) = s.rsplit_once(':') {
         if let Ok(v) = scale.parse::<f64>() {
-            if !v.is_finite() {
-                bail!("--lora {s}: the scale must be finite");
+            if !(-MAX_LORA_SCALE..=MAX_LORA_SCALE).contains(&v) {
+                bail!("--lora {s}: the scale is not in [-{MAX_LORA_SCALE}, {MAX_LORA_SCALE}]");
             }
             return Ok(LoraSpec {
                 path: PathBuf::from(file),
@@ -214,10 +218,43 @@ fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
+/// The most worker threads: [`THREADS_PER_CORE`] per core this process may
+/// use, and the text that explains it.
+fn thread_limit() -> (usize, String) {
+    match std::thread::available_parallelism() {
+        Ok(n) => (
+            n.get().saturating_mul(THREADS_PER_CORE),
+            format!("{THREADS_PER_CORE} x the {n} cores this process may use"),
+        ),
+        Err(_) => (
+            MAX_THREADS_UNKNOWN_CORES,
+            "the limit where the core count is unknown".to_string(),
+        ),
+    }
+}
+
+/// Checks the thread count (`--threads`, else `RAYON_NUM_THREADS`, which
+/// rayon and candle read) against [`thread_limit`] before any thread is
+/// started, then sizes the thread pool.
 fn set_threads(threads: Option<usize>) -> Result<()> {
-    let Some(n) = threads else { return Ok(()) };
+    let (limit, why) = thread_limit();
+    let Some(n) = threads else {
+        // rayon ignores a value that is not a number; a number is its thread count.
+        if let Some(v) = std::env::var_os("RAYON_NUM_THREADS") {
+            let text = v.to_string_lossy();
+            if let Ok(n) = text.trim().parse::<u128>() {
+                if n > limit as u128 {
+                    bail!("RAYON_NUM_THREADS={text}: at most {limit} ({why})");
+                }
+            }
+        }
+        return Ok(());
+    };
     if n == 0 {
-        bail!("--threads must be at least 1");
+        bail!("--threads 0: at least 1");
+    }
+    if n > limit {
+        bail!("--threads {n}: at most {limit} ({why})");
     }
     // candle's CPU kernels read RAYON_NUM_THREADS; rayon's global pool is built
     // on first use, before any model code runs.
@@ -230,7 +267,11 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 }
 
 /// Resolves `--model` (a folder or a Hub repo) and the component overrides.
-fn sources(args: &GenerateArgs, quiet: bool) -> Result<(PipelineSources, String)> {
+fn sources(
+    args: &GenerateArgs,
+    loras: Vec<LoraSpec>,
+    quiet: bool,
+) -> Result<(PipelineSources, String)> {
     let model_path = Path::new(&args.model);
     let folder_sources = if model_path.is_dir() {
         PipelineSources::from_pipeline_folder(model_path)
@@ -271,11 +312,7 @@ fn sources(args: &GenerateArgs, quiet: bool) -> Result<(PipelineSources, String)
     if let Some(p) = &args.scheduler_config {
         s.scheduler_config = Some(p.clone());
     }
-    s.loras = args
-        .lora
-        .iter()
-        .map(|l| parse_lora(l))
-        .collect::<Result<_>>()?;
+    s.loras = loras;
     let model_name = match &args.transformer {
         Some(t) => t.display().to_string(),
         None => args.model.clone(),
@@ -324,16 +361,49 @@ fn options(args: &GenerateArgs, seed: u64) -> Result<GenerateOptions> {
         GuidanceArg::Diffusers => GuidanceMode::Diffusers,
         GuidanceArg::Original => GuidanceMode::Original,
     };
-    let batch = o.batch_size()?;
+    // The counts are bounded before the per-image seed list is made.
+    o.noise = Noise::Seed(seed);
+    o.validate().map_err(cli_option)?;
+    let batch = o.batch_size().map_err(cli_option)?;
     let seeds = (0..batch as u64)
         .map(|i| {
             seed.checked_add(i)
-                .with_context(|| format!("--seed {seed} + {i} overflows"))
+                .with_context(|| format!("--seed {seed}: seed + {i} overflows"))
         })
         .collect::<Result<Vec<_>>>()?;
     o.noise = Noise::Seeds(seeds);
-    o.validate()?;
+    o.validate().map_err(cli_option)?;
     Ok(o)
+}
+
+/// An invalid option of the library, named as the command line spells it
+/// (`num_images_per_prompt` -> `--num-images-per-prompt`).
+fn cli_option(e: PipelineError) -> anyhow::Error {
+    match e {
+        PipelineError::InvalidOption { option, reason } => {
+            anyhow::anyhow!("--{}: {reason}", option.replace('_', "-"))
+        }
+        other => other.into(),
+    }
+}
+
+/// The seed of each image (the options hold one per image).
+fn seeds_of(opts: &GenerateOptions) -> &[u64] {
+    match &opts.noise {
+        Noise::Seeds(s) => s,
+        _ => &[],
+    }
+}
+
+/// Test-only: `LUMINA2_TEST_DECODE_DELAY_MS` makes the run wait this long
+/// (at most a minute) when decoding starts, so that the tests can signal a
+/// run that is decoding. Not an option: nothing else should set it.
+fn test_decode_delay() -> Option<Duration> {
+    let ms: u64 = std::env::var("LUMINA2_TEST_DECODE_DELAY_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms.min(60_000)))
 }
 
 fn random_seed() -> u64 {
@@ -367,19 +437,28 @@ fn usage<T>(r: Result<T>) -> Result<T> {
 }
 
 pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
-    usage(set_threads(args.threads))?;
     let seed = args.seed.unwrap_or_else(random_seed);
-    // Options are checked before anything is loaded or downloaded.
+    // Options are checked before anything is loaded, downloaded or sized by
+    // them: the thread count before the pool is built, the image count
+    // before the file names are listed.
     let opts = usage(options(&args, seed))?;
-    let count = opts.batch_size()?;
+    let loras = usage(args.lora.iter().map(|l| parse_lora(l)).collect())?;
+    usage(set_threads(args.threads))?;
+    let seeds = seeds_of(&opts).to_vec();
+    let count = seeds.len();
     let outputs: Vec<PathBuf> = if args.latents_only {
         Vec::new()
     } else {
-        (0..count)
-            .map(|i| output::output_path(&args.output, Some(seed + i as u64), i, count))
+        seeds
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| output::output_path(&args.output, Some(s), i, count))
             .collect()
     };
     for p in outputs.iter().chain(args.output_latents.iter()) {
+        for stale in output::remove_stale_temps(p) {
+            tracing::info!("removed {}, left by a run that was killed", stale.display());
+        }
         output::check_writable(p)?;
     }
     let device = usage(parse_device(&args.device))?;
@@ -388,25 +467,20 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         DtypeArg::Bf16 => DType::BF16,
         DtypeArg::F16 => DType::F16,
     };
+    let decode_delay = test_decode_delay();
 
-    // Ctrl-C: the first stops the run after the current step (nothing is
-    // written); a second exits at once (still nothing written: files only
-    // appear by rename once complete).
-    let interrupted = Arc::new(AtomicBool::new(false));
+    // SIGINT/SIGTERM/SIGHUP: the first stops the run at the next step, or
+    // before the first file once decoding started (nothing is written); a
+    // second quits at once, removing the temporary files.
+    signals::install()?;
+
+    let (sources, model_name) = sources(&args, loras, quiet)?;
+    signals::check(|| " before loading; no image was written".into())?;
+    if let Some(bad) = sources
+        .loras
+        .iter()
+        .find(|l| !lumina2_weights::fs::is_regular_file(&l.path))
     {
-        let flag = interrupted.clone();
-        ctrlc::set_handler(move || {
-            if flag.swap(true, Ordering::SeqCst) {
-                eprintln!("\nlumina2: interrupted; no image was written");
-                std::process::exit(i32::from(crate::EXIT_INTERRUPTED));
-            }
-            eprintln!("\nlumina2: stopping after this step (Ctrl-C again to quit now)");
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
-
-    let (sources, model_name) = sources(&args, quiet)?;
-    if let Some(bad) = sources.loras.iter().find(|l| !l.path.is_file()) {
         return Err(Usage(anyhow::anyhow!(
             "--lora {}: no such file",
             bad.path.display()
@@ -419,13 +493,11 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         .vae_tiling(args.vae_tiling)
         .int8_transformer(args.int8)
         .build()?;
-    let (width, height) = usage(pipe.resolve_size(&opts).map_err(Into::into))?;
+    let (width, height) = usage(pipe.resolve_size(&opts).map_err(cli_option))?;
     if !args.no_memory_check {
         pipe.check_memory(&opts)?;
     }
-    if interrupted.load(Ordering::SeqCst) {
-        return Err(Interrupted(" before denoising".into()).into());
-    }
+    signals::check(|| " before denoising; no image was written".into())?;
 
     let bar = if quiet {
         ProgressBar::hidden()
@@ -444,7 +516,12 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     let steps_done = AtomicUsize::new(0);
     let mut observer = |e: Event<'_>| -> Control {
         match e {
-            Event::StageStarted(stage) => tracing::info!("{} ...", stage.name()),
+            Event::StageStarted(stage) => {
+                tracing::info!("{} ...", stage.name());
+                if let (Stage::Decode, Some(d)) = (stage, decode_delay) {
+                    std::thread::sleep(d);
+                }
+            }
             Event::StageFinished(stage, d) => {
                 tracing::info!("{} done in {:.2} s", stage.name(), d.as_secs_f64());
             }
@@ -473,7 +550,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
                 );
             }
         }
-        if interrupted.load(Ordering::SeqCst) {
+        if signals::received().is_some() {
             Control::Stop
         } else {
             Control::Continue
@@ -484,10 +561,13 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     let out = match result {
         Ok(out) => out,
         Err(PipelineError::Stopped { step, steps }) => {
-            return Err(Interrupted(format!(" after step {step} of {steps}")).into())
+            signals::check(|| format!(" after step {step} of {steps}; no image was written"))?;
+            bail!("stopped after step {step} of {steps}");
         }
         Err(e) => return Err(e.into()),
     };
+    // A signal while decoding: the images are dropped, not written.
+    signals::check(|| " after decoding; no image was written".into())?;
     for w in &out.warnings {
         tracing::warn!("{w}");
     }
@@ -507,18 +587,18 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     if !args.latents_only {
         let images = out.rgb_images()?;
         let prompts_per_image = prompt_of_each_image(&opts);
-        for (i, (img, path)) in images.iter().zip(&outputs).enumerate() {
+        for (i, ((img, path), &image_seed)) in images.iter().zip(&outputs).zip(&seeds).enumerate() {
             let meta = metadata(
                 &args,
                 &opts,
                 &model_name,
-                seed + i as u64,
+                image_seed,
                 width,
                 height,
                 &prompts_per_image,
                 i,
             );
-            output::write_png(path, img, &meta)?;
+            output::write_png(path, img, &meta).map_err(|e| written_so_far(e, &outputs[..i]))?;
             if !quiet {
                 eprintln!("wrote {}", path.display());
             }
@@ -545,6 +625,20 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An interruption between two images says which were written before it.
+fn written_so_far(e: anyhow::Error, written: &[PathBuf]) -> anyhow::Error {
+    match e.downcast::<signals::Interrupted>() {
+        Ok(mut i) => {
+            i.when.push_str(&match written.len() {
+                0 => "; no image was written".to_string(),
+                n => format!("; the {n} image(s) before it were written"),
+            });
+            i.into()
+        }
+        Err(e) => e,
+    }
 }
 
 fn mean(d: &[Duration]) -> Option<Duration> {

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use lumina2_loader::gguf::{GgufFile, MetadataValue};
 use lumina2_loader::{detect_layout, original::original_key_to_diffusers, PthFile};
+use lumina2_weights::fs::{open_regular, read_to_string_bounded, MAX_CONFIG_BYTES};
 
 /// Arguments of `lumina2 inspect`.
 #[derive(Args)]
@@ -151,11 +152,15 @@ fn describe(path: &Path, format: &str, entries: &[Entry], extra: &[(String, Stri
     let mut dtypes: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
     let mut params: u64 = 0;
     for e in entries {
-        let n: u64 = e.shape.iter().map(|&d| d as u64).product();
-        params += n;
+        // Saturating: shapes a file states are counted, never trusted to fit.
+        let n = e
+            .shape
+            .iter()
+            .fold(1u64, |acc, &d| acc.saturating_mul(d as u64));
+        params = params.saturating_add(n);
         let slot = dtypes.entry(e.dtype.as_str()).or_default();
         slot.0 += 1;
-        slot.1 += n;
+        slot.1 = slot.1.saturating_add(n);
     }
     println!("parameters: {params} ({:.3} B)", params as f64 / 1e9);
     println!("storage types:");
@@ -176,10 +181,32 @@ fn describe(path: &Path, format: &str, entries: &[Entry], extra: &[(String, Stri
     }
 }
 
+/// The top-level keys of a folder's `config.json`, none when the folder has
+/// no such entry. One that is there must be a regular file (links followed)
+/// of at most [`MAX_CONFIG_BYTES`] holding a JSON object.
+fn config_lines(path: &Path) -> Result<Lines> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        _ => {}
+    }
+    let text = read_to_string_bounded(path, MAX_CONFIG_BYTES)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let serde_json::Value::Object(m) = value else {
+        bail!("{}: not a JSON object", path.display());
+    };
+    Ok(m.into_iter()
+        .map(|(k, v)| (format!("config.{k}"), v.to_string()))
+        .collect())
+}
+
 pub fn run(args: &InspectArgs) -> Result<()> {
     let path = &args.file;
     if path.is_dir() {
-        if path.join("model_index.json").is_file() {
+        let index = path.join("model_index.json");
+        if std::fs::symlink_metadata(&index).is_ok() {
+            open_regular(&index).with_context(|| format!("cannot read {}", index.display()))?;
             let folder = lumina2_loader::PipelineFolder::open(path)?;
             println!("diffusers pipeline folder: {}", path.display());
             println!("{folder:#?}");
@@ -190,16 +217,13 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         for f in folder.safetensors_files() {
             entries.extend(safetensors_entries(f)?);
         }
-        let cfg = std::fs::read_to_string(path.join("config.json")).unwrap_or_default();
-        let mut extra = Vec::new();
-        if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(&cfg) {
-            for (k, v) in m {
-                extra.push((format!("config.{k}"), v.to_string()));
-            }
-        }
+        let extra = config_lines(&path.join("config.json"))?;
         describe(path, "component folder (safetensors)", &entries, &extra);
         return Ok(());
     }
+    // A FIFO or device named like a checkpoint is refused here, whatever
+    // the format's reader would do with it.
+    open_regular(path).with_context(|| format!("cannot read {}", path.display()))?;
     let ext = path
         .extension()
         .and_then(|e| e.to_str())

@@ -9,13 +9,11 @@
 mod generate;
 mod inspect;
 mod output;
+mod signals;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
-/// Exit status of a run stopped by Ctrl-C (128 + SIGINT, the shell's convention).
-const EXIT_INTERRUPTED: u8 = 130;
 
 /// Exit status of an impossible request (clap uses it for its usage errors);
 /// 1 is a failure while running (missing or corrupt files, ...).
@@ -86,9 +84,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(generate::Interrupted(step)) = e.downcast_ref::<generate::Interrupted>() {
-                eprintln!("lumina2: interrupted{step}; no image was written");
-                return ExitCode::from(EXIT_INTERRUPTED);
+            // 128 + the signal, as a shell reports a process the signal killed.
+            if let Some(i) = e.downcast_ref::<signals::Interrupted>() {
+                eprintln!("lumina2: {i}");
+                return ExitCode::from(i.exit_status());
             }
             eprintln!("lumina2: error: {}", error_chain(&e));
             let invalid_option = matches!(
