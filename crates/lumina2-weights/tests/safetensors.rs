@@ -82,3 +82,95 @@ fn safetensors_source_reads_shards_and_refuses_broken_headers() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A safetensors file from explicit header entries `(key, dtype, shape,
+/// [start, end])` and `data_len` bytes of data (zeros, or a hole).
+fn write_raw(path: &std::path::Path, entries: &[(&str, &str, Vec<u64>, [u64; 2])], data_len: u64) {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    for (k, dt, shape, offs) in entries {
+        header.insert(
+            k.to_string(),
+            serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": offs}),
+        );
+    }
+    let h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(&h).unwrap();
+    f.set_len(8 + h.len() as u64 + data_len).unwrap();
+}
+
+/// Tensors whose bytes overlap (the format forbids it; a forged file could
+/// make one tensor's bytes serve as another's) and a key present in two
+/// shards are refused, naming the keys and the file.
+#[test]
+fn overlapping_tensors_and_keys_in_two_shards_are_refused() {
+    let dir = std::env::temp_dir().join(format!("lumina2-st-overlap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("overlap.safetensors");
+    write_raw(
+        &p,
+        &[
+            ("a", "F32", vec![4], [0, 16]),
+            ("b", "F32", vec![4], [8, 24]),
+        ],
+        24,
+    );
+    let e = SafetensorsSource::open(&[&p]).err().expect("overlap refused").to_string();
+    assert!(e.contains("overlap") && e.contains("overlap.safetensors"), "{e}");
+    assert!(e.contains("`a`") || e.contains("`b`"), "{e}");
+    // Adjacent, and zero-sized tensors anywhere, are fine.
+    write_raw(
+        &p,
+        &[
+            ("a", "F32", vec![4], [0, 16]),
+            ("b", "F32", vec![2], [16, 24]),
+            ("e", "F32", vec![0], [8, 8]),
+        ],
+        24,
+    );
+    assert!(SafetensorsSource::open(&[&p]).is_ok());
+
+    let (s1, s2) = (dir.join("s1.safetensors"), dir.join("s2.safetensors"));
+    write_raw(&s1, &[("w", "F32", vec![2], [0, 8])], 8);
+    write_raw(&s2, &[("w", "F32", vec![2], [0, 8])], 8);
+    let e = SafetensorsSource::open(&[&s1, &s2]).err().expect("duplicate refused");
+    assert!(matches!(&e, Error::WeightLoad { key, .. } if key == "w"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A tensor declared far larger than the model expects (8 GiB in a sparse
+/// file) is refused from its header: `Weights::get` compares shapes before
+/// reading, so the test finishes at once and allocates nothing of that size.
+#[test]
+fn declared_shapes_are_compared_before_reading() {
+    let dir = std::env::temp_dir().join(format!("lumina2-st-sparse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("sparse.safetensors");
+    let n: u64 = 1 << 31;
+    write_raw(&p, &[("w", "F32", vec![n], [0, 4 * n])], 4 * n);
+    let w = lumina2_weights::Weights::from_safetensors(
+        &[&p],
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    match w.get("w", &[16, 16]) {
+        Err(Error::WeightShape {
+            key,
+            expected,
+            found,
+            source_name,
+        }) => {
+            assert_eq!((key.as_str(), expected, found), ("w", vec![16, 16], vec![n as usize]));
+            assert!(source_name.contains("sparse.safetensors"));
+        }
+        other => panic!("{other:?}"),
+    }
+    match w.linear_weight("x", 16, 16) {
+        Err(Error::MissingWeight { key, .. }) => assert_eq!(key, "x.weight"),
+        other => panic!("{other:?}"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
