@@ -694,3 +694,112 @@ fn a_signal_while_decoding_writes_nothing() {
     assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Copies the tiny pipeline folder (files only, one level of components).
+fn copy_pipeline(to: &Path) {
+    for entry in std::fs::read_dir(pipeline_dir()).unwrap() {
+        let from = entry.unwrap().path();
+        let dest = to.join(from.file_name().unwrap());
+        if from.is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            for f in std::fs::read_dir(&from).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, dest.join(f.file_name().unwrap())).unwrap();
+            }
+        } else {
+            std::fs::copy(&from, &dest).unwrap();
+        }
+    }
+}
+
+/// Sets `key` to the raw JSON `value` in `file` (a component's config).
+fn set_config_number(file: &Path, key: &str, value: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v[key] = serde_json::Value::String("\u{1}".into());
+    let text = serde_json::to_string(&v)
+        .unwrap()
+        .replace("\"\\u0001\"", value);
+    std::fs::write(file, text).unwrap();
+}
+
+/// A pipeline folder whose component configs ask for absurd sizes (10^8
+/// transformer layers, 10^11 training timesteps, a feed-forward multiplier
+/// of 1e308, 2^62 VAE channels): each run is refused at once, naming the
+/// file's field and the limit, before anything is allocated for it (the
+/// memory estimate used to build a list of every layer's weights).
+#[test]
+fn absurd_component_configs_are_refused_with_the_limit() {
+    let cases = [
+        (
+            "transformer/config.json",
+            "num_layers",
+            "100000000",
+            "num_layers",
+        ),
+        (
+            "transformer/config.json",
+            "ffn_dim_multiplier",
+            "1e308",
+            "ffn_dim_multiplier",
+        ),
+        (
+            "transformer/config.json",
+            "in_channels",
+            "4611686018427387904",
+            "in_channels",
+        ),
+        (
+            "scheduler/scheduler_config.json",
+            "num_train_timesteps",
+            "100000000000",
+            "num_train_timesteps",
+        ),
+        (
+            "vae/config.json",
+            "latent_channels",
+            "4611686018427387904",
+            "latent_channels",
+        ),
+        (
+            "text_encoder/config.json",
+            "num_hidden_layers",
+            "100000000",
+            "num_hidden_layers",
+        ),
+    ];
+    for (file, key, value, culprit) in cases {
+        let dir = tmp_dir("absurd-config");
+        copy_pipeline(&dir);
+        set_config_number(&dir.join(file), key, value);
+        let out_png = dir.join("out.png");
+        let o = run(
+            command(&[
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt",
+                "a fox",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--steps",
+                "1",
+                "-o",
+                out_png.to_str().unwrap(),
+            ])
+            .env("HF_HUB_OFFLINE", "1"),
+            Duration::from_secs(60),
+            file,
+        );
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{file} {key}: {e}");
+        assert!(
+            e.contains(culprit) && e.contains("limit"),
+            "{file} {key}: {e}"
+        );
+        assert!(!out_png.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -117,8 +117,14 @@ fn overlapping_tensors_and_keys_in_two_shards_are_refused() {
         ],
         24,
     );
-    let e = SafetensorsSource::open(&[&p]).err().expect("overlap refused").to_string();
-    assert!(e.contains("overlap") && e.contains("overlap.safetensors"), "{e}");
+    let e = SafetensorsSource::open(&[&p])
+        .err()
+        .expect("overlap refused")
+        .to_string();
+    assert!(
+        e.contains("overlap") && e.contains("overlap.safetensors"),
+        "{e}"
+    );
     assert!(e.contains("`a`") || e.contains("`b`"), "{e}");
     // Adjacent, and zero-sized tensors anywhere, are fine.
     write_raw(
@@ -135,8 +141,13 @@ fn overlapping_tensors_and_keys_in_two_shards_are_refused() {
     let (s1, s2) = (dir.join("s1.safetensors"), dir.join("s2.safetensors"));
     write_raw(&s1, &[("w", "F32", vec![2], [0, 8])], 8);
     write_raw(&s2, &[("w", "F32", vec![2], [0, 8])], 8);
-    let e = SafetensorsSource::open(&[&s1, &s2]).err().expect("duplicate refused");
-    assert!(matches!(&e, Error::WeightLoad { key, .. } if key == "w"), "{e}");
+    let e = SafetensorsSource::open(&[&s1, &s2])
+        .err()
+        .expect("duplicate refused");
+    assert!(
+        matches!(&e, Error::WeightLoad { key, .. } if key == "w"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -150,12 +161,9 @@ fn declared_shapes_are_compared_before_reading() {
     let p = dir.join("sparse.safetensors");
     let n: u64 = 1 << 31;
     write_raw(&p, &[("w", "F32", vec![n], [0, 4 * n])], 4 * n);
-    let w = lumina2_weights::Weights::from_safetensors(
-        &[&p],
-        candle_core::DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let w =
+        lumina2_weights::Weights::from_safetensors(&[&p], candle_core::DType::F32, &Device::Cpu)
+            .unwrap();
     match w.get("w", &[16, 16]) {
         Err(Error::WeightShape {
             key,
@@ -163,7 +171,10 @@ fn declared_shapes_are_compared_before_reading() {
             found,
             source_name,
         }) => {
-            assert_eq!((key.as_str(), expected, found), ("w", vec![16, 16], vec![n as usize]));
+            assert_eq!(
+                (key.as_str(), expected, found),
+                ("w", vec![16, 16], vec![n as usize])
+            );
             assert!(source_name.contains("sparse.safetensors"));
         }
         other => panic!("{other:?}"),
