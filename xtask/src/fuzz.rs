@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod pth_mutate;
+
 /// The largest single allocation made since the last reset, recorded by
 /// [`CountingAlloc`] when it is the global allocator (the xtask binary) and
 /// [`COUNTING`] is on.
@@ -192,6 +194,20 @@ pub fn targets() -> Vec<Target> {
             file_name: "tokenizer.json",
             seeds: &["tokenizer.json"],
             run: tokenizer,
+        },
+        // `.pth`: the pickle interpreter and the zip archive, with
+        // structure-aware mutations (pth_mutate.rs).
+        Target {
+            name: "pickle",
+            file_name: "data.pkl",
+            seeds: &[".pkl"],
+            run: pth_mutate::pickle,
+        },
+        Target {
+            name: "pth_zip",
+            file_name: "f.pth",
+            seeds: &[".pth"],
+            run: pth_mutate::pth_zip,
         },
     ]
 }
