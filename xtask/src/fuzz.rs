@@ -395,7 +395,8 @@ pub fn fuzz(root: &Path, opts: &FuzzOptions) -> Result<Vec<Report>> {
         let dir = work.join(target.name);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(target.file_name);
-        let mut rng = Rng(opts.seed ^ (target.name.len() as u64 * 0x9E37_79B9_7F4A_7C15) | 1);
+        let mut rng =
+            Rng(opts.seed ^ (target.name.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut r = Report {
             target: target.name,
             seeds: seeds.len(),

@@ -83,7 +83,11 @@ pub fn pth_zip(path: &Path) {
 fn op_len(p: &[u8], i: usize) -> Option<usize> {
     let uint = |at: usize, n: usize| -> Option<usize> {
         let b = p.get(at..at + n)?;
-        Some(b.iter().rev().fold(0usize, |a, &x| (a << 8) | usize::from(x)))
+        Some(
+            b.iter()
+                .rev()
+                .fold(0usize, |a, &x| (a << 8) | usize::from(x)),
+        )
     };
     let n = match *p.get(i)? {
         0x80 | b'K' | b'q' | b'h' => 2,
@@ -191,7 +195,8 @@ fn mutate_pickle(rng: &mut Rng, p: &[u8]) -> Vec<u8> {
             let b = (a + 1 + rng.below(8)).min(starts.len());
             let from = starts[a];
             let to = starts.get(b).copied().unwrap_or(p.len());
-            let times = 1 + rng.below([2, 16, 1000, 100_000][rng.below(4)]);
+            let most = [2, 16, 1000, 100_000][rng.below(4)];
+            let times = 1 + rng.below(most);
             let chunk = &p[from..to];
             if chunk.len().saturating_mul(times) <= 4 << 20 {
                 let rep: Vec<u8> = chunk.repeat(times);
@@ -201,7 +206,8 @@ fn mutate_pickle(rng: &mut Rng, p: &[u8]) -> Vec<u8> {
         3 => {
             // Deep nesting: TUPLE1s, nested lists, or a memo doubling chain.
             let at = pick(rng);
-            let n = 1 + rng.below([40, 1000, 2_000_000][rng.below(3)]);
+            let most = [40, 1000, 2_000_000][rng.below(3)];
+            let n = 1 + rng.below(most);
             let bomb: Vec<u8> = match rng.below(3) {
                 0 => std::iter::once(b'N')
                     .chain(std::iter::repeat_n(0x85, n))
@@ -230,7 +236,8 @@ fn mutate_pickle(rng: &mut Rng, p: &[u8]) -> Vec<u8> {
                 .map(|w| w[0])
                 .collect();
             if let Some(&at) = reduces.get(rng.below(reduces.len().max(1))) {
-                let s: &[u8] = [&b")"[..], b"\x85", b"\x86", b"\x87", b"0)", b"N\x86"][rng.below(6)];
+                let s: &[u8] =
+                    [&b")"[..], b"\x85", b"\x86", b"\x87", b"0)", b"N\x86"][rng.below(6)];
                 v.splice(at..at + len_at(at), s.iter().copied());
             }
         }
@@ -432,8 +439,8 @@ fn mutate_zip(rng: &mut Rng, p: &[u8]) -> Vec<u8> {
                 }
                 _ => {
                     if let Some(e) = pick(rng, &eocd) {
-                        let (at, w) = [(8usize, 2usize), (10, 2), (12, 4), (16, 4), (20, 2)]
-                            [rng.below(5)];
+                        let (at, w) =
+                            [(8usize, 2usize), (10, 2), (12, 4), (16, 4), (20, 2)][rng.below(5)];
                         let val = size_value(rng, get(&v, e + at, w));
                         put(&mut v, e + at, w, val);
                     }
