@@ -11,7 +11,6 @@ mod pickle;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -20,7 +19,7 @@ use lumina2_weights::fs::open_regular;
 
 use crate::folder::Error;
 pub use crate::pickle_guard::StorageType;
-pub use archive::MAX_DIRECTORY_BYTES;
+pub use archive::{MAX_DEFLATE_RATIO, MAX_DIRECTORY_BYTES};
 pub use pickle::{
     parse_state_dict, PickleError, StateDict, TensorView, MAX_DEPTH, MAX_MARKS, MAX_MEMO,
     MAX_OBJECTS, MAX_RANK, MAX_REFERENCES, MAX_STACK,
@@ -84,7 +83,8 @@ impl PthFile {
             if e.len > max {
                 return Err(bad(format!("{name} is {} bytes, more than {max}", e.len)));
             }
-            read_range(file, e.data_start, e.len).map_err(|e| bad(format!("{name}: {e}")))
+            e.read(file, 0, e.len)
+                .map_err(|e| bad(format!("{name}: {e}")))
         };
         let byteorder = format!("{prefix}byteorder");
         if dir.names().any(|n| n == byteorder) {
@@ -196,14 +196,16 @@ impl PthFile {
             Vec::new()
         } else {
             let mut file = open_regular(&self.path).map_err(io_error(&self.path))?;
-            let start = t.entry.data_start + v.offset * esz;
+            let start = v.offset * esz;
             if v.is_contiguous() {
-                read_range(&mut file, start, numel * esz)
+                t.entry.read(&mut file, start, numel * esz)
             } else {
-                read_range(&mut file, start, (end - v.offset) * esz).and_then(|span| {
-                    gather(&span, v, esz as usize)
-                        .ok_or_else(|| std::io::ErrorKind::UnexpectedEof.into())
-                })
+                t.entry
+                    .read(&mut file, start, (end - v.offset) * esz)
+                    .and_then(|span| {
+                        gather(&span, v, esz as usize)
+                            .ok_or_else(|| "the view runs past the bytes read".to_string())
+                    })
             }
             .map_err(|e| bad(format!("storage `{}`: {e}", v.storage_key)))?
         };
@@ -214,15 +216,6 @@ impl PthFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// `len` bytes at `at`; the caller has checked they are inside the file.
-fn read_range(file: &mut File, at: u64, len: u64) -> std::io::Result<Vec<u8>> {
-    let n = usize::try_from(len).map_err(|_| std::io::ErrorKind::OutOfMemory)?;
-    let mut buf = vec![0u8; n];
-    file.seek(SeekFrom::Start(at))?;
-    file.read_exact(&mut buf)?;
-    Ok(buf)
 }
 
 /// The elements of a strided view, in row-major order. `span` holds the

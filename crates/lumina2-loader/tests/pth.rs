@@ -125,10 +125,11 @@ fn malformed(e: PickleError) -> String {
 
 struct ZipEntry {
     name: String,
+    /// The bytes in the archive (compressed when `method` is 8).
     data: Vec<u8>,
     method: u16,
     /// The size the central directory (and the local header, saturated)
-    /// claims, when it lies.
+    /// claims, when it lies; for a deflated entry, the uncompressed size.
     declared: Option<u64>,
 }
 
@@ -141,25 +142,39 @@ fn entry(name: &str, data: &[u8]) -> ZipEntry {
     }
 }
 
+fn deflated(name: &str, data: &[u8], declared: u64) -> ZipEntry {
+    ZipEntry {
+        name: name.to_string(),
+        data: miniz_oxide::deflate::compress_to_vec(data, 6),
+        method: 8,
+        declared: Some(declared),
+    }
+}
+
 fn zip(entries: &[ZipEntry]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut central = Vec::new();
     for e in entries {
         let offset = out.len() as u32;
         let size = e.declared.unwrap_or(e.data.len() as u64);
-        let (size32, extra) = if size >= 0xffff_ffff {
+        let csize = if e.method == 8 {
+            e.data.len() as u64
+        } else {
+            size
+        };
+        let (size32, csize32, extra) = if size >= 0xffff_ffff {
             let mut x = vec![1, 0, 16, 0];
             x.extend(size.to_le_bytes());
-            x.extend(size.to_le_bytes());
-            (0xffff_ffffu32, x)
+            x.extend(csize.to_le_bytes());
+            (0xffff_ffffu32, 0xffff_ffffu32, x)
         } else {
-            (size as u32, Vec::new())
+            (size as u32, csize as u32, Vec::new())
         };
         out.extend(0x0403_4b50u32.to_le_bytes());
         out.extend([45, 0, 0, 0]);
         out.extend(e.method.to_le_bytes());
         out.extend([0; 8]); // time, date, crc
-        out.extend(size32.to_le_bytes());
+        out.extend(csize32.to_le_bytes());
         out.extend(size32.to_le_bytes());
         out.extend((e.name.len() as u16).to_le_bytes());
         out.extend((extra.len() as u16).to_le_bytes());
@@ -171,7 +186,7 @@ fn zip(entries: &[ZipEntry]) -> Vec<u8> {
         central.extend([45, 0, 45, 0, 0, 0]);
         central.extend(e.method.to_le_bytes());
         central.extend([0; 8]);
-        central.extend(size32.to_le_bytes());
+        central.extend(csize32.to_le_bytes());
         central.extend(size32.to_le_bytes());
         central.extend((e.name.len() as u16).to_le_bytes());
         central.extend((extra.len() as u16).to_le_bytes());
@@ -224,7 +239,14 @@ fn pth_error(name: &str, bytes: &[u8]) -> String {
 
 #[test]
 fn torch_save_views_shared_storages_and_strides_match_torch_load() {
-    let f = PthFile::open(fixture("views.pth")).unwrap();
+    // torch.save's own archive, and the same re-zipped with deflate.
+    for file in ["views.pth", "views_deflated.pth"] {
+        views_match_torch_load(file);
+    }
+}
+
+fn views_match_torch_load(file: &str) {
+    let f = PthFile::open(fixture(file)).unwrap();
     let expected =
         candle_core::safetensors::load(fixture("expected.safetensors"), &Device::Cpu).unwrap();
     let mut keys: Vec<String> = expected.keys().cloned().collect();
@@ -233,10 +255,10 @@ fn torch_save_views_shared_storages_and_strides_match_torch_load() {
     for k in &keys {
         let got = f.tensor(k).unwrap();
         let want = &expected[k];
-        assert_eq!(got.dims(), want.dims(), "{k}");
-        assert_eq!(got.dtype(), want.dtype(), "{k}");
+        assert_eq!(got.dims(), want.dims(), "{file}: {k}");
+        assert_eq!(got.dtype(), want.dtype(), "{file}: {k}");
         // Bit for bit.
-        assert_eq!(raw(&got), raw(want), "{k}");
+        assert_eq!(raw(&got), raw(want), "{file}: {k}");
     }
     // The views the generator wrote really are views (the case this guards).
     let k = f.view("k").unwrap();
@@ -463,15 +485,56 @@ fn a_broadcast_view_is_bounded() {
 }
 
 #[test]
-fn compressed_and_inconsistent_entries_are_errors() {
-    let p = one(f32_tensor(&[1], &[1], 0, 1));
-    let deflated = ZipEntry {
-        method: 8,
-        ..entry("archive/data/0", &[0u8; 4])
+fn deflated_entries_read_within_the_ratio_and_the_real_stream() {
+    let data: Vec<u8> = (0..6u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let p = one(f32_tensor(&[2, 2], &[1, 3], 1, 6));
+    let f = PthFile::open(temp(
+        "deflated.pth",
+        &pth(&p, vec![deflated("archive/data/0", &data, 24)]),
+    ))
+    .unwrap();
+    assert_eq!(
+        f.tensor("w").unwrap().to_vec2::<f32>().unwrap(),
+        vec![vec![1.0, 4.0], vec![2.0, 5.0]]
+    );
+    // A claim beyond deflate's ratio is refused when the file is opened.
+    let e = pth_error(
+        "ratio.pth",
+        &pth(&p, vec![deflated("archive/data/0", &data, 1 << 40)]),
+    );
+    assert!(e.contains("more than deflate's maximum ratio 1032"), "{e}");
+    // A claim within the ratio that the stream does not keep: the tensor
+    // read fails once the stream ends, having allocated what it produced.
+    // (Incompressible bytes, so that the claim is within the ratio.)
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..1 << 16)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let big = one(f32_tensor(&[1 << 20], &[1], 0, 1 << 20));
+    let f = PthFile::open(temp(
+        "liar.pth",
+        &pth(&big, vec![deflated("archive/data/0", &noise, 4 << 20)]),
+    ))
+    .unwrap();
+    let e = f.tensor("w").unwrap_err().to_string();
+    assert!(e.contains("holds 65536 bytes, 4194304 are needed"), "{e}");
+    // Other compression methods are named.
+    let bzip2 = ZipEntry {
+        method: 12,
+        ..entry("archive/data/0", &data)
     };
-    let e = pth_error("deflate.pth", &pth(&p, vec![deflated]));
-    assert!(e.contains("compressed (zip method 8)"), "{e}");
+    let e = pth_error("bzip2.pth", &pth(&p, vec![bzip2]));
+    assert!(e.contains("zip compression method 12"), "{e}");
+}
 
+#[test]
+fn inconsistent_and_truncated_archives_are_errors() {
+    let p = one(f32_tensor(&[1], &[1], 0, 1));
     // The local header names another file than the central directory.
     let mut bytes = pth(&p, vec![entry("archive/data/0", &[0u8; 4])]);
     let at = bytes

@@ -1,12 +1,14 @@
 //! The few zip structures a `torch.save` archive uses, read with every size
 //! checked against the bytes really present.
 //!
-//! torch.save writes a zip64 archive of stored (uncompressed) entries. A zip
+//! torch.save writes a zip64 archive of stored (uncompressed) entries;
+//! `torch.load` also reads deflated ones (a re-zipped checkpoint). A zip
 //! header's sizes are claims: here an entry's data range must lie inside the
 //! file, before the central directory, and its local header must agree with
-//! the central one, before anything trusts it. Compressed entries are a typed
-//! error (torch never writes them), so nothing is ever inflated by a ratio
-//! the file chooses.
+//! the central one, before anything trusts it. A deflated entry may claim at
+//! most [`MAX_DEFLATE_RATIO`] times its compressed bytes, and is inflated
+//! only as far as a reader asks, into a buffer that grows with the bytes
+//! really produced.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -14,20 +16,31 @@ use std::io::{Read, Seek, SeekFrom};
 /// Largest central directory read (about 100 000 entries).
 pub const MAX_DIRECTORY_BYTES: u64 = 16 << 20;
 
+/// Deflate's largest possible expansion (a 258-byte match in under 2 bits).
+pub const MAX_DEFLATE_RATIO: u64 = 1032;
+
+const STORED: u16 = 0;
+const DEFLATED: u16 = 8;
+
 const EOCD: u32 = 0x0605_4b50;
 const EOCD64_LOCATOR: u32 = 0x0706_4b50;
 const EOCD64: u32 = 0x0606_4b50;
 const CENTRAL: u32 = 0x0201_4b50;
 const LOCAL: u32 = 0x0403_4b50;
 
-/// One stored entry, located and checked.
+/// One entry, located and checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     /// Where its bytes start in the file.
     pub data_start: u64,
-    /// Its length: the bytes really present (inside the file, before the
-    /// central directory).
+    /// Its bytes in the file (inside the file, before the central directory).
+    pub stored_len: u64,
+    /// Its uncompressed length: `stored_len` for a stored entry; for a
+    /// deflated one the header's claim, at most [`MAX_DEFLATE_RATIO`] times
+    /// `stored_len`, proven only when read.
     pub len: u64,
+    /// Whether its bytes are deflated.
+    pub deflated: bool,
 }
 
 /// The central directory: entry names to their header facts.
@@ -195,17 +208,25 @@ impl Directory {
         if c.flags & 1 != 0 {
             return Err(format!("entry `{name}` is encrypted"));
         }
-        if c.method != 0 {
-            return Err(format!(
-                "entry `{name}` is compressed (zip method {}); torch.save stores entries uncompressed, re-save the checkpoint with torch.save",
-                c.method
-            ));
-        }
-        if c.compressed != c.uncompressed {
-            return Err(format!(
-                "stored entry `{name}` declares {} bytes compressed and {} uncompressed",
-                c.compressed, c.uncompressed
-            ));
+        match c.method {
+            STORED if c.compressed != c.uncompressed => {
+                return Err(format!(
+                    "stored entry `{name}` declares {} bytes compressed and {} uncompressed",
+                    c.compressed, c.uncompressed
+                ))
+            }
+            DEFLATED if c.uncompressed > c.compressed.saturating_mul(MAX_DEFLATE_RATIO) => {
+                return Err(format!(
+                    "deflated entry `{name}` declares {} bytes from {} compressed, more than deflate's maximum ratio {MAX_DEFLATE_RATIO}",
+                    c.uncompressed, c.compressed
+                ))
+            }
+            STORED | DEFLATED => {}
+            m => {
+                return Err(format!(
+                    "entry `{name}` uses zip compression method {m}; torch.save stores entries uncompressed, torch.load also reads deflated ones"
+                ))
+            }
         }
         if c.local_offset
             .checked_add(30)
@@ -261,9 +282,75 @@ impl Directory {
         }
         Ok(Entry {
             data_start,
-            len: c.compressed,
+            stored_len: c.compressed,
+            len: c.uncompressed,
+            deflated: c.method == DEFLATED,
         })
     }
+}
+
+impl Entry {
+    /// `len` bytes of the entry's uncompressed content from `skip` on, which
+    /// must lie within [`Entry::len`].
+    pub fn read<R: Read + Seek>(&self, r: &mut R, skip: u64, len: u64) -> Result<Vec<u8>, String> {
+        let end = skip
+            .checked_add(len)
+            .filter(|&e| e <= self.len)
+            .ok_or_else(|| format!("bytes {skip}+{len} are outside the entry's {}", self.len))?;
+        if !self.deflated {
+            let n = usize::try_from(len).map_err(|_| format!("{len} bytes overflow"))?;
+            return read_at(r, self.data_start + skip, n);
+        }
+        r.seek(SeekFrom::Start(self.data_start))
+            .map_err(|e| e.to_string())?;
+        inflate_range(&mut r.take(self.stored_len), skip, end)
+    }
+}
+
+/// Inflates a raw deflate stream and keeps its bytes `skip..end`. The output
+/// grows with what the stream really produces.
+fn inflate_range<R: Read>(input: &mut R, skip: u64, end: u64) -> Result<Vec<u8>, String> {
+    use miniz_oxide::inflate::stream::{inflate, InflateState};
+    use miniz_oxide::{DataFormat, MZError, MZFlush, MZStatus};
+    const CHUNK: usize = 64 << 10;
+    let mut state = InflateState::new_boxed(DataFormat::Raw);
+    let mut inbuf = vec![0u8; CHUNK];
+    let mut chunk = vec![0u8; CHUNK];
+    let (mut lo, mut hi, mut eof) = (0usize, 0usize, false);
+    let mut out = Vec::new();
+    let mut produced = 0u64;
+    while produced < end {
+        if lo == hi && !eof {
+            hi = input.read(&mut inbuf).map_err(|e| e.to_string())?;
+            lo = 0;
+            eof = hi == 0;
+        }
+        let r = inflate(&mut state, &inbuf[lo..hi], &mut chunk, MZFlush::None);
+        lo += r.bytes_consumed;
+        let written = r.bytes_written as u64;
+        // Keep the part of this chunk that falls in skip..end.
+        let (a, b) = (produced.max(skip), (produced + written).min(end));
+        if a < b {
+            out.extend_from_slice(&chunk[(a - produced) as usize..(b - produced) as usize]);
+        }
+        produced += written;
+        let stuck = r.bytes_consumed == 0 && r.bytes_written == 0 && eof;
+        match r.status {
+            Ok(MZStatus::StreamEnd) if produced < end => {
+                return Err(format!(
+                    "the deflated entry holds {produced} bytes, {end} are needed"
+                ))
+            }
+            Ok(_) | Err(MZError::Buf) if !stuck => {}
+            Ok(_) | Err(MZError::Buf) => {
+                return Err(format!(
+                    "the deflate stream ends after {produced} bytes, {end} are needed"
+                ))
+            }
+            Err(e) => return Err(format!("bad deflate data after {produced} bytes: {e:?}")),
+        }
+    }
+    Ok(out)
 }
 
 /// Replaces the saturated 32-bit fields by their zip64 extra-field values
