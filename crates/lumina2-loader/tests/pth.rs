@@ -239,8 +239,9 @@ fn pth_error(name: &str, bytes: &[u8]) -> String {
 
 #[test]
 fn torch_save_views_shared_storages_and_strides_match_torch_load() {
-    // torch.save's own archive, and the same re-zipped with deflate.
-    for file in ["views.pth", "views_deflated.pth"] {
+    // torch.save's own archive, with pickle protocols 2 and 5, and the same
+    // re-zipped with deflate.
+    for file in ["views.pth", "views_protocol5.pth", "views_deflated.pth"] {
         views_match_torch_load(file);
     }
 }
