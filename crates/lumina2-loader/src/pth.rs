@@ -1,7 +1,7 @@
 //! PyTorch `torch.save` zip checkpoints (`.pth`), read without executing
 //! pickle code.
 //!
-//! The archive's directory is read by [`archive`], its `data.pkl` by our
+//! The archive's directory is read by `archive`, its `data.pkl` by our
 //! bounded interpreter ([`parse_state_dict`]); a tensor is a strided view of
 //! a storage entry, checked to fit the bytes the entry really holds, and read
 //! into a contiguous buffer on demand.

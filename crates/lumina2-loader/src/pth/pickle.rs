@@ -6,7 +6,7 @@
 //! bytes cost. Nothing recurses; every growth (objects, references held by
 //! containers, stack, marks, memo, nesting) has a limit, and every length is
 //! bounded by the bytes that remain. Callables are the few globals of
-//! [`crate::pickle_guard`], each checked for its exact argument count and
+//! `pickle_guard`, each checked for its exact argument count and
 //! types when `REDUCE` meets it, so the result is a dict of name -> tensor
 //! view whose every field has been checked.
 
