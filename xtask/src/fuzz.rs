@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod pth_mutate;
+
 /// The largest single allocation made since the last reset, recorded by
 /// [`CountingAlloc`] when it is the global allocator (the xtask binary) and
 /// [`COUNTING`] is on.
@@ -198,6 +200,20 @@ pub fn targets() -> Vec<Target> {
             file_name: "config.json",
             seeds: &["config.json"],
             run: crate::fuzz_configs::config_numbers,
+        },
+        // `.pth`: the pickle interpreter and the zip archive, with
+        // structure-aware mutations (pth_mutate.rs).
+        Target {
+            name: "pickle",
+            file_name: "data.pkl",
+            seeds: &[".pkl"],
+            run: pth_mutate::pickle,
+        },
+        Target {
+            name: "pth_zip",
+            file_name: "f.pth",
+            seeds: &[".pth"],
+            run: pth_mutate::pth_zip,
         },
     ]
 }
@@ -385,7 +401,8 @@ pub fn fuzz(root: &Path, opts: &FuzzOptions) -> Result<Vec<Report>> {
         let dir = work.join(target.name);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(target.file_name);
-        let mut rng = Rng(opts.seed ^ (target.name.len() as u64 * 0x9E37_79B9_7F4A_7C15) | 1);
+        let mut rng =
+            Rng(opts.seed ^ (target.name.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut r = Report {
             target: target.name,
             seeds: seeds.len(),

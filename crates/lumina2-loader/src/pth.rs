@@ -1,155 +1,215 @@
-//! PyTorch `torch.save` zip checkpoints (`.pth`), read without executing pickle code.
+//! PyTorch `torch.save` zip checkpoints (`.pth`), read without executing
+//! pickle code.
+//!
+//! The archive's directory is read by `archive`, its `data.pkl` by our
+//! bounded interpreter ([`parse_state_dict`]); a tensor is a strided view of
+//! a storage entry, checked to fit the bytes the entry really holds, and read
+//! into a contiguous buffer on demand.
+
+mod archive;
+mod pickle;
 
 use std::collections::HashMap;
-use std::io::{BufReader, Cursor, Read};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::pickle::{Object, Stack, TensorInfo};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use lumina2_transformer::WeightSource;
+use lumina2_weights::fs::open_regular;
 
 use crate::folder::Error;
-use crate::pickle_guard::check_globals;
+pub use crate::pickle_guard::StorageType;
+pub use archive::{MAX_DEFLATE_RATIO, MAX_DIRECTORY_BYTES};
+pub use pickle::{
+    parse_state_dict, PickleError, StateDict, TensorView, MAX_DEPTH, MAX_MARKS, MAX_MEMO,
+    MAX_OBJECTS, MAX_RANK, MAX_REFERENCES, MAX_STACK,
+};
 
-/// Largest `data.pkl` we read (a state dict's pickle is a few MB at most).
-const MAX_PICKLE_BYTES: u64 = 256 << 20;
+/// Largest `data.pkl` we read (a state dict's pickle is about 150 bytes per
+/// tensor).
+pub const MAX_PICKLE_BYTES: u64 = 64 << 20;
+
+/// A tensor may be larger than its storage entry only by broadcasting (a
+/// stride-0 view of a few values); it may then materialise at most this many
+/// bytes.
+pub const MAX_BROADCAST_BYTES: u64 = 64 << 20;
 
 /// A `torch.save` archive holding a flat state dict.
 pub struct PthFile {
     path: PathBuf,
-    infos: HashMap<String, TensorInfo>,
+    tensors: HashMap<String, Located>,
+}
+
+/// A tensor and where its storage's bytes are.
+struct Located {
+    view: TensorView,
+    dims: Vec<usize>,
+    entry: archive::Entry,
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl PthFile {
-    /// Reads the archive's pickle (refusing any global beyond tensor rebuilding
-    /// and storage types) and its tensor table. Tensor data is read on demand.
+    /// Reads the archive's directory and pickle (refusing any global beyond
+    /// tensor rebuilding and storage types) and checks every tensor against
+    /// its storage entry. Tensor data is read on demand.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref().to_path_buf();
         let bad = |reason: String| Error::Pth {
             path: path.clone(),
             reason,
         };
-        let file = std::fs::File::open(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let mut zip = zip::ZipArchive::new(BufReader::new(file))
+        let mut file = open_regular(&path).map_err(io_error(&path))?;
+        let file_len = file.metadata().map_err(io_error(&path))?.len();
+        let dir = archive::Directory::read(&mut file, file_len)
             .map_err(|e| bad(format!("not a torch.save zip archive: {e}")))?;
-        let pkl: Vec<String> = zip
-            .file_names()
-            .map(str::to_string)
-            .filter(|n| n == "data.pkl" || n.ends_with("/data.pkl"))
+        let pkl: Vec<&str> = dir
+            .names()
+            .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
             .collect();
         let pkl_name = match pkl.as_slice() {
-            [one] => one.clone(),
+            [one] => one.to_string(),
             [] => return Err(bad("no data.pkl in the archive".into())),
             _ => return Err(bad(format!("several pickles in the archive: {pkl:?}"))),
         };
-        let mut entry = zip
-            .by_name(&pkl_name)
-            .map_err(|e| bad(format!("{pkl_name}: {e}")))?;
-        if entry.size() > MAX_PICKLE_BYTES {
-            return Err(bad(format!(
-                "{pkl_name} is {} bytes, too large for a state dict",
-                entry.size()
-            )));
-        }
-        let mut data = Vec::new();
-        entry
-            .by_ref()
-            .take(MAX_PICKLE_BYTES)
-            .read_to_end(&mut data)
-            .map_err(|e| bad(format!("{pkl_name}: {e}")))?;
-        drop(entry);
-        check_globals(&data).map_err(|reason| Error::UnsafePickle {
-            path: path.clone(),
-            reason,
-        })?;
-        let mut stack = Stack::empty();
-        stack
-            .read_loop(&mut Cursor::new(&data))
-            .map_err(|e| bad(format!("{pkl_name}: {e}")))?;
-        let obj = stack
-            .finalize()
-            .map_err(|e| bad(format!("{pkl_name}: {e}")))?;
-        let dir = PathBuf::from(pkl_name.trim_end_matches(".pkl"));
-        let Object::Dict(items) = obj else {
-            return Err(bad(
-                "the pickle is not a state dict (a dict of tensors)".into()
-            ));
+        let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
+        let read_entry = |file: &mut File, name: &str, max: u64| -> Result<Vec<u8>, Error> {
+            let e = dir.entry(file, name).map_err(&bad)?;
+            if e.len > max {
+                return Err(bad(format!("{name} is {} bytes, more than {max}", e.len)));
+            }
+            e.read(file, 0, e.len)
+                .map_err(|e| bad(format!("{name}: {e}")))
         };
-        let mut infos = HashMap::new();
-        for (k, v) in items {
-            let Object::Unicode(name) = k.clone() else {
-                return Err(bad(format!("a state-dict key is not a string: {k:?}")));
-            };
-            let info = v
-                .into_tensor_info(k, &dir)
-                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?
-                .ok_or_else(|| bad(format!("`{name}` is not a tensor")))?;
-            if infos.insert(name.clone(), info).is_some() {
-                return Err(bad(format!("duplicate key `{name}`")));
+        let byteorder = format!("{prefix}byteorder");
+        if dir.names().any(|n| n == byteorder) {
+            let order = read_entry(&mut file, &byteorder, 16)?;
+            if order != b"little" {
+                return Err(bad(format!(
+                    "byte order `{}`; only little-endian checkpoints are read",
+                    String::from_utf8_lossy(&order)
+                )));
             }
         }
-        Ok(Self { path, infos })
+        let data = read_entry(&mut file, &pkl_name, MAX_PICKLE_BYTES)?;
+        let state = parse_state_dict(&data).map_err(|e| match e {
+            PickleError::Global { .. } => Error::UnsafePickle {
+                path: path.clone(),
+                reason: format!("{pkl_name}: {e}"),
+            },
+            other => bad(format!("{pkl_name}: {other}")),
+        })?;
+        let mut storages: HashMap<String, archive::Entry> = HashMap::new();
+        let mut tensors = HashMap::new();
+        for (name, view) in state.tensors {
+            let bad_tensor = |reason: String| bad(format!("tensor `{name}`: {reason}"));
+            let entry = match storages.get(&view.storage_key) {
+                Some(e) => *e,
+                None => {
+                    let e = dir
+                        .entry(&mut file, &format!("{prefix}data/{}", view.storage_key))
+                        .map_err(&bad_tensor)?;
+                    storages.insert(view.storage_key.clone(), e);
+                    e
+                }
+            };
+            let esz = view.storage_type.elem_size();
+            // The pickle's view fits the storage's declared length; the
+            // declared length must fit the bytes the entry really holds.
+            let declared = view.storage_numel.checked_mul(esz);
+            if declared.is_none_or(|d| d > entry.len) {
+                return Err(bad_tensor(format!(
+                    "storage `{}` holds {} bytes, its {} {} elements need {}",
+                    view.storage_key,
+                    entry.len,
+                    view.storage_numel,
+                    view.storage_type.name(),
+                    declared.map_or("more than 2^64".to_string(), |d| d.to_string())
+                )));
+            }
+            let out = view.numel().and_then(|n| n.checked_mul(esz));
+            if out.is_none_or(|o| o > entry.len.max(MAX_BROADCAST_BYTES)) {
+                return Err(bad_tensor(format!(
+                    "a view of shape {:?} would expand storage `{}` of {} bytes to more than {} bytes",
+                    view.size,
+                    view.storage_key,
+                    entry.len,
+                    entry.len.max(MAX_BROADCAST_BYTES)
+                )));
+            }
+            let dims = view
+                .size
+                .iter()
+                .map(|&d| usize::try_from(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| bad_tensor(format!("shape {:?} overflows", view.size)))?;
+            tensors.insert(name, Located { view, dims, entry });
+        }
+        Ok(Self { path, tensors })
     }
 
     /// The state-dict keys.
     pub fn keys(&self) -> Vec<String> {
-        let mut k: Vec<String> = self.infos.keys().cloned().collect();
+        let mut k: Vec<String> = self.tensors.keys().cloned().collect();
         k.sort();
         k
     }
 
     /// The shape of a tensor, from the pickle.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.infos.get(name).map(|i| i.layout.dims().to_vec())
+        self.tensors.get(name).map(|t| t.dims.clone())
     }
 
-    /// Reads one tensor. Its claimed size is checked against its storage entry
-    /// before anything is allocated.
+    /// The strided view a tensor is, from the pickle.
+    pub fn view(&self, name: &str) -> Option<&TensorView> {
+        self.tensors.get(name).map(|t| &t.view)
+    }
+
+    /// Reads one tensor as a contiguous CPU tensor. Only the storage bytes the
+    /// view reaches are read; `open` checked they are in the file.
     pub fn tensor(&self, name: &str) -> Result<Tensor, Error> {
         let bad = |reason: String| Error::Pth {
             path: self.path.clone(),
             reason: format!("tensor `{name}`: {reason}"),
         };
-        let info = self
-            .infos
+        let t = self
+            .tensors
             .get(name)
             .ok_or_else(|| bad("not in the checkpoint".into()))?;
-        if !info.layout.is_contiguous() {
-            return Err(bad(format!(
-                "non-contiguous storage layout {:?}",
-                info.layout
-            )));
-        }
-        let elems = info.layout.shape().elem_count();
-        let bytes = elems
-            .checked_mul(info.dtype.size_in_bytes())
-            .and_then(|b| b.checked_add(info.layout.start_offset() * info.dtype.size_in_bytes()))
-            .ok_or_else(|| bad("size overflows".into()))?;
-        let file = std::fs::File::open(&self.path).map_err(|source| Error::Io {
-            path: self.path.clone(),
-            source,
+        let v = &t.view;
+        let dtype: DType = v.storage_type.dtype().ok_or_else(|| {
+            bad(format!(
+                "torch.{} has no matching candle dtype",
+                v.storage_type.name()
+            ))
         })?;
-        let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| bad(e.to_string()))?;
-        let mut entry = zip
-            .by_name(&info.path)
-            .map_err(|e| bad(format!("storage {}: {e}", info.path)))?;
-        if (entry.size() as usize) < bytes {
-            return Err(bad(format!(
-                "storage {} holds {} bytes, the tensor needs {bytes}",
-                info.path,
-                entry.size()
-            )));
-        }
-        let skip = (info.layout.start_offset() * info.dtype.size_in_bytes()) as u64;
-        std::io::copy(&mut entry.by_ref().take(skip), &mut std::io::sink())
-            .map_err(|e| bad(e.to_string()))?;
-        let mut raw = vec![0u8; elems * info.dtype.size_in_bytes()];
-        entry.read_exact(&mut raw).map_err(|e| bad(e.to_string()))?;
-        Tensor::from_raw_buffer(&raw, info.dtype, info.layout.dims(), &Device::Cpu)
-            .map_err(|e| bad(e.to_string()))
+        let esz = v.storage_type.elem_size();
+        // `open` checked that these products fit the storage entry.
+        let numel = v.numel().unwrap_or(0);
+        let end = v.storage_end().unwrap_or(0);
+        let raw = if numel == 0 {
+            Vec::new()
+        } else {
+            let mut file = open_regular(&self.path).map_err(io_error(&self.path))?;
+            let start = v.offset * esz;
+            if v.is_contiguous() {
+                t.entry.read(&mut file, start, numel * esz)
+            } else {
+                t.entry
+                    .read(&mut file, start, (end - v.offset) * esz)
+                    .and_then(|span| {
+                        gather(&span, v, esz as usize)
+                            .ok_or_else(|| "the view runs past the bytes read".to_string())
+                    })
+            }
+            .map_err(|e| bad(format!("storage `{}`: {e}", v.storage_key)))?
+        };
+        Tensor::from_raw_buffer(&raw, dtype, &t.dims, &Device::Cpu).map_err(|e| bad(e.to_string()))
     }
 
     /// The file.
@@ -158,9 +218,36 @@ impl PthFile {
     }
 }
 
+/// The elements of a strided view, in row-major order. `span` holds the
+/// storage from the view's first element to its last (`None` if it does not).
+fn gather(span: &[u8], v: &TensorView, esz: usize) -> Option<Vec<u8>> {
+    let numel = v.numel().unwrap_or(0) as usize;
+    let mut out = Vec::with_capacity(numel * esz);
+    let mut index = vec![0u64; v.size.len()];
+    // Element position relative to the view's offset. An odometer over the
+    // index: each step adds a stride, a carry takes back a whole dimension.
+    // Wrapping arithmetic: a stride of a size-1 dimension may be any value,
+    // and is added then taken back before any element is read.
+    let mut at = 0u64;
+    for _ in 0..numel {
+        let b = usize::try_from(at).ok()?.checked_mul(esz)?;
+        out.extend_from_slice(span.get(b..b.checked_add(esz)?)?);
+        for d in (0..index.len()).rev() {
+            index[d] += 1;
+            at = at.wrapping_add(v.stride[d]);
+            if index[d] < v.size[d] {
+                break;
+            }
+            at = at.wrapping_sub(v.stride[d].wrapping_mul(v.size[d]));
+            index[d] = 0;
+        }
+    }
+    Some(out)
+}
+
 impl WeightSource for PthFile {
     fn contains(&self, key: &str) -> bool {
-        self.infos.contains_key(key)
+        self.tensors.contains_key(key)
     }
     fn tensor(&self, key: &str) -> lumina2_weights::Result<Tensor> {
         PthFile::tensor(self, key).map_err(|e| lumina2_weights::Error::WeightLoad {
