@@ -97,7 +97,8 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
         /// Only these targets, comma separated (gguf, safetensors, pth, lora,
-        /// shard_index, configs, model_index, tokenizer, config_numbers).
+        /// shard_index, configs, model_index, tokenizer, config_numbers, pickle,
+        /// pth_zip, kohya_names).
         #[arg(long, value_delimiter = ',')]
         targets: Vec<String>,
         /// Random seed of the mutations.

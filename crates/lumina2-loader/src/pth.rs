@@ -262,4 +262,7 @@ impl WeightSource for PthFile {
     fn name(&self) -> String {
         self.path.display().to_string()
     }
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        PthFile::shape(self, key)
+    }
 }
