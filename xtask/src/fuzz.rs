@@ -138,6 +138,135 @@ fn tokenizer(path: &Path) {
     }
 }
 
+/// `kohya_names`: LoRA module names, one per line of the input, each also in
+/// variants (its kohya spelling, `_`/`.` flipped at places the input picks,
+/// repeated into a long name), resolved for a tiny and the 2B config; then
+/// the names as the keys of a LoRA file whose factor shapes the input picks
+/// (huge ones included, their data a sparse hole), applied to the tiny model.
+/// Checks, besides no panic and (the hang limit) linear time per name: a
+/// dotted name and its kohya spelling reach the same weights.
+fn kohya_names(path: &Path) {
+    use lumina2_loader::lora::{LoraFile, LoraSource, ModuleNames};
+    use lumina2_transformer::Config;
+    use std::sync::OnceLock;
+    /// The fixtures' tiny model and `Alpha-VLLM/Lumina-Image-2.0`'s transformer/config.json.
+    const CONFIGS: [&str; 2] = [
+        r#"{"axes_dim_rope": [2, 2, 4], "axes_lens": [32, 16, 16], "cap_feat_dim": 24,
+            "hidden_size": 32, "in_channels": 4, "multiple_of": 16, "num_attention_heads": 4,
+            "num_kv_heads": 2, "num_layers": 2, "num_refiner_layers": 1, "sample_size": 8}"#,
+        r#"{"axes_dim_rope": [32, 32, 32], "axes_lens": [300, 512, 512], "cap_feat_dim": 2304,
+            "ffn_dim_multiplier": null, "hidden_size": 2304, "in_channels": 16, "multiple_of": 256,
+            "norm_eps": 1e-05, "num_attention_heads": 24, "num_kv_heads": 8, "num_layers": 26,
+            "num_refiner_layers": 2, "out_channels": null, "patch_size": 2, "sample_size": 128,
+            "scaling_factor": 1.0}"#,
+    ];
+    static MODELS: OnceLock<Vec<(Config, ModuleNames)>> = OnceLock::new();
+    let models = MODELS.get_or_init(|| {
+        CONFIGS
+            .iter()
+            .filter_map(|j| Config::from_json_str(j).ok())
+            .map(|c| {
+                let names = ModuleNames::new(&c);
+                (c, names)
+            })
+            .collect()
+    });
+    assert_eq!(models.len(), 2, "the kohya_names configs do not parse");
+    let Ok(bytes) = std::fs::read(path) else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    // The variants' choices, from the input (FNV-1a as it goes).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut names: Vec<String> = Vec::new();
+    for line in text.lines().take(256) {
+        for b in line.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        let plain = [
+            "transformer.",
+            "base_model.model.",
+            "model.diffusion_model.",
+            "diffusion_model.",
+            "lora_unet_",
+        ]
+        .iter()
+        .find_map(|p| line.strip_prefix(p))
+        .unwrap_or(line);
+        let kohya = format!("lora_unet_{}", plain.replace('.', "_"));
+        let flipped: String = kohya
+            .chars()
+            .enumerate()
+            .map(|(i, c)| match c {
+                '_' if (h >> (i % 64)) & 1 == 1 => '.',
+                '.' if (h >> (i % 64)) & 1 == 1 => '_',
+                c => c,
+            })
+            .collect();
+        let long = format!("{kohya}{}", "_".repeat(1 + (h % 4096) as usize));
+        for (_, m) in models {
+            let dotted = m.resolve(line);
+            let spelt = m.resolve(&kohya);
+            let _ = m.resolve(&flipped);
+            let _ = m.resolve(&long);
+            // (An ambiguous spelling is an error, never another weight.)
+            if let (Ok(keys), Ok(spelt)) = (&dotted, &spelt) {
+                if !keys.is_empty() && !line.starts_with("lora_unet_") {
+                    assert_eq!(
+                        spelt, keys,
+                        "`{line}` and its kohya spelling `{kohya}` reach different weights"
+                    );
+                }
+            }
+        }
+        names.extend([line.to_string(), kohya, flipped]);
+    }
+    // The names as a LoRA file: shapes from the input, data never written
+    // (a sparse file of at most 1 TiB).
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (i, n) in names.iter().enumerate() {
+        if header.contains_key(&format!("{n}.alpha")) {
+            continue;
+        }
+        h = h.rotate_left(7) ^ i as u64;
+        let mut dims = [1usize, 2, 16, 24, 32, 64, 128, 256, 1 << 30][(h % 9) as usize];
+        let mut rank = [1usize, 2, 4, 1 << 24][((h >> 8) % 4) as usize];
+        if offset + 8 * (dims * rank) as u64 > 1 << 40 {
+            (dims, rank) = (1, 1);
+        }
+        for (suffix, shape) in [
+            (".lora_down.weight", vec![rank, dims]),
+            (".lora_up.weight", vec![dims, rank]),
+            (".alpha", vec![]),
+        ] {
+            let len = 4 * shape.iter().product::<usize>() as u64;
+            header.insert(
+                format!("{n}{suffix}"),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}),
+            );
+            offset += len;
+        }
+    }
+    let Ok(header) = serde_json::to_vec(&header) else {
+        return;
+    };
+    let file = path.with_extension("safetensors");
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    let written = std::fs::write(&file, &out)
+        .and_then(|()| std::fs::OpenOptions::new().write(true).open(&file))
+        .and_then(|f| f.set_len(out.len() as u64 + offset));
+    if written.is_err() {
+        return;
+    }
+    if let (Ok(lora), Some((cfg, _))) = (LoraFile::open(&file), models.first()) {
+        let base: std::sync::Arc<dyn lumina2_weights::WeightSource> =
+            std::sync::Arc::new(std::collections::HashMap::<String, candle_core::Tensor>::new());
+        let _ = LoraSource::new(base, cfg, &[(lora, 1.0)]);
+    }
+}
+
 /// Every target.
 pub fn targets() -> Vec<Target> {
     vec![
@@ -192,6 +321,12 @@ pub fn targets() -> Vec<Target> {
             file_name: "tokenizer.json",
             seeds: &["tokenizer.json"],
             run: tokenizer,
+        },
+        Target {
+            name: "kohya_names",
+            file_name: "names.txt",
+            seeds: &["kohya_names.txt"],
+            run: kohya_names,
         },
     ]
 }

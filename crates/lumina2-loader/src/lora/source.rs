@@ -45,12 +45,12 @@ impl LoraSource {
         let resolver = Resolver::new(cfg);
         // Every module matched and checked from the headers first: nothing
         // is read for a LoRA that does not fit.
-        let mut matched: Vec<(&LoraFile, f64, Vec<(&LoraModule, Target)>)> = Vec::new();
-        for (lora, scale) in loras {
-            matched.push((lora, *scale, match_modules(&resolver, lora)?));
-        }
+        let matched = loras
+            .iter()
+            .map(|(lora, _)| match_modules(&resolver, lora))
+            .collect::<Result<Vec<_>, Error>>()?;
         let mut adapters: HashMap<String, Vec<LoraAdapter>> = HashMap::new();
-        for (lora, scale, modules) in matched {
+        for ((lora, scale), modules) in loras.iter().zip(matched) {
             let path = lora.path();
             for (m, target) in modules {
                 let (down, up) = lora.read_factors(m)?;
