@@ -106,7 +106,10 @@ fn pth(path: &Path) {
 }
 
 fn lora(path: &Path) {
-    let _ = lumina2_loader::LoraFile::open(path);
+    // Opening reads the header only; applying reads the matched factors.
+    if let Ok(l) = lumina2_loader::LoraFile::open(path) {
+        apply_to_tiny_model(l);
+    }
 }
 
 fn shard_index(path: &Path) {
@@ -146,32 +149,8 @@ fn tokenizer(path: &Path) {
 /// Checks, besides no panic and (the hang limit) linear time per name: a
 /// dotted name and its kohya spelling reach the same weights.
 fn kohya_names(path: &Path) {
-    use lumina2_loader::lora::{LoraFile, LoraSource, ModuleNames};
-    use lumina2_transformer::Config;
-    use std::sync::OnceLock;
-    /// The fixtures' tiny model and `Alpha-VLLM/Lumina-Image-2.0`'s transformer/config.json.
-    const CONFIGS: [&str; 2] = [
-        r#"{"axes_dim_rope": [2, 2, 4], "axes_lens": [32, 16, 16], "cap_feat_dim": 24,
-            "hidden_size": 32, "in_channels": 4, "multiple_of": 16, "num_attention_heads": 4,
-            "num_kv_heads": 2, "num_layers": 2, "num_refiner_layers": 1, "sample_size": 8}"#,
-        r#"{"axes_dim_rope": [32, 32, 32], "axes_lens": [300, 512, 512], "cap_feat_dim": 2304,
-            "ffn_dim_multiplier": null, "hidden_size": 2304, "in_channels": 16, "multiple_of": 256,
-            "norm_eps": 1e-05, "num_attention_heads": 24, "num_kv_heads": 8, "num_layers": 26,
-            "num_refiner_layers": 2, "out_channels": null, "patch_size": 2, "sample_size": 128,
-            "scaling_factor": 1.0}"#,
-    ];
-    static MODELS: OnceLock<Vec<(Config, ModuleNames)>> = OnceLock::new();
-    let models = MODELS.get_or_init(|| {
-        CONFIGS
-            .iter()
-            .filter_map(|j| Config::from_json_str(j).ok())
-            .map(|c| {
-                let names = ModuleNames::new(&c);
-                (c, names)
-            })
-            .collect()
-    });
-    assert_eq!(models.len(), 2, "the kohya_names configs do not parse");
+    use lumina2_loader::lora::LoraFile;
+    let models = lora_models();
     let Ok(bytes) = std::fs::read(path) else {
         return;
     };
@@ -260,10 +239,51 @@ fn kohya_names(path: &Path) {
     if written.is_err() {
         return;
     }
-    if let (Ok(lora), Some((cfg, _))) = (LoraFile::open(&file), models.first()) {
+    if let Ok(lora) = LoraFile::open(&file) {
+        apply_to_tiny_model(lora);
+    }
+}
+
+/// The fixtures' tiny model and `Alpha-VLLM/Lumina-Image-2.0`'s
+/// transformer/config.json, with their module names.
+fn lora_models() -> &'static [(
+    lumina2_transformer::Config,
+    lumina2_loader::lora::ModuleNames,
+)] {
+    use lumina2_loader::lora::ModuleNames;
+    use lumina2_transformer::Config;
+    use std::sync::OnceLock;
+    const CONFIGS: [&str; 2] = [
+        r#"{"axes_dim_rope": [2, 2, 4], "axes_lens": [32, 16, 16], "cap_feat_dim": 24,
+            "hidden_size": 32, "in_channels": 4, "multiple_of": 16, "num_attention_heads": 4,
+            "num_kv_heads": 2, "num_layers": 2, "num_refiner_layers": 1, "sample_size": 8}"#,
+        r#"{"axes_dim_rope": [32, 32, 32], "axes_lens": [300, 512, 512], "cap_feat_dim": 2304,
+            "ffn_dim_multiplier": null, "hidden_size": 2304, "in_channels": 16, "multiple_of": 256,
+            "norm_eps": 1e-05, "num_attention_heads": 24, "num_kv_heads": 8, "num_layers": 26,
+            "num_refiner_layers": 2, "out_channels": null, "patch_size": 2, "sample_size": 128,
+            "scaling_factor": 1.0}"#,
+    ];
+    static MODELS: OnceLock<Vec<(Config, ModuleNames)>> = OnceLock::new();
+    let models = MODELS.get_or_init(|| {
+        CONFIGS
+            .iter()
+            .filter_map(|j| Config::from_json_str(j).ok())
+            .map(|c| {
+                let names = ModuleNames::new(&c);
+                (c, names)
+            })
+            .collect()
+    });
+    assert_eq!(models.len(), 2, "the LoRA fuzz configs do not parse");
+    models
+}
+
+/// Applies a LoRA to the tiny model (no base weights: only the LoRA is read).
+fn apply_to_tiny_model(lora: lumina2_loader::LoraFile) {
+    if let Some((cfg, _)) = lora_models().first() {
         let base: std::sync::Arc<dyn lumina2_weights::WeightSource> =
             std::sync::Arc::new(std::collections::HashMap::<String, candle_core::Tensor>::new());
-        let _ = LoraSource::new(base, cfg, &[(lora, 1.0)]);
+        let _ = lumina2_loader::LoraSource::new(base, cfg, &[(lora, 1.0)]);
     }
 }
 

@@ -315,5 +315,17 @@ mod tests {
         }
         let long = format!("lora_unet_{}", "_".repeat(1 << 20));
         assert_eq!(r.resolve(&long), Ok(None));
+        // A module whose name has 40 separators is found (a search over the
+        // readings had to give up on such names).
+        let mut r = r;
+        let name = (0..41)
+            .map(|i| format!("m{i}"))
+            .collect::<Vec<_>>()
+            .join(".");
+        let target = Target::Single("layers.0.attn.to_q.weight".into());
+        r.add_kohya(name.clone(), target.clone());
+        let kohya = format!("lora_unet_{}", name.replace('.', "_"));
+        assert_eq!(kohya.matches('_').count(), 42);
+        assert_eq!(r.resolve(&kohya), Ok(Some(target)));
     }
 }
