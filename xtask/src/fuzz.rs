@@ -158,6 +158,7 @@ fn kohya_names(path: &Path) {
     // The variants' choices, from the input (FNV-1a as it goes).
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut names: Vec<String> = Vec::new();
+    let mut adapted = std::collections::HashSet::new();
     for line in text.lines().take(256) {
         for b in line.bytes() {
             h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
@@ -198,7 +199,15 @@ fn kohya_names(path: &Path) {
                 }
             }
         }
-        names.extend([line.to_string(), kohya, flipped]);
+        // One name per weight in the file (two on one weight are refused
+        // before anything is read), unknown names all kept.
+        for n in [line.to_string(), kohya, flipped] {
+            let keys = models[0].1.resolve(&n).unwrap_or_default();
+            if keys.iter().all(|k| !adapted.contains(k)) {
+                adapted.extend(keys);
+                names.push(n);
+            }
+        }
     }
     // The names as a LoRA file: shapes from the input, data never written
     // (a sparse file of at most 1 TiB).

@@ -611,3 +611,35 @@ fn a_used_factor_of_the_wrong_shape_is_refused_before_it_is_read() {
     );
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn two_modules_of_one_lora_on_one_weight_are_an_error() {
+    // The diffusers and the kohya name of `to_k`, or a fused qkv and `to_k`:
+    // a file could list a module under any number of spellings, each read.
+    for (other, rows) in [
+        ("lora_unet_layers_0_attn_to_k", 16),
+        ("diffusion_model.layers.0.attention.qkv", 64),
+    ] {
+        let factors = [
+            (
+                "transformer.layers.0.attn.to_k.lora_A.weight".to_string(),
+                zeros(&[2, 32]),
+            ),
+            (
+                "transformer.layers.0.attn.to_k.lora_B.weight".to_string(),
+                zeros(&[16, 2]),
+            ),
+            (format!("{other}.lora_down.weight"), zeros(&[2, 32])),
+            (format!("{other}.lora_up.weight"), zeros(&[rows, 2])),
+        ];
+        let t = factors
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let Err(Error::Unsupported { reason, .. }) = apply(lora_from(t, None).unwrap()) else {
+            panic!("two modules on one weight were accepted")
+        };
+        assert!(reason.contains("layers.0.attn.to_k.weight"), "{reason}");
+        assert!(reason.contains(other), "{reason}");
+    }
+}

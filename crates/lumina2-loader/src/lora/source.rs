@@ -125,7 +125,8 @@ impl LoraSource {
 }
 
 /// The target of every module of `lora`, its factors' shapes checked against
-/// it, from the header alone. Every key that names no weight is reported at once.
+/// it, from the header alone; no two modules on one weight. Every key that
+/// names no weight is reported at once.
 fn match_modules<'a>(
     resolver: &Resolver,
     lora: &'a LoraFile,
@@ -133,6 +134,9 @@ fn match_modules<'a>(
     let path = lora.path();
     let mut unknown: Vec<String> = lora.unrecognised_keys().to_vec();
     let mut matched = Vec::new();
+    // The module adapting each weight: one per weight, so that the factors
+    // read stay within twice the model's size, whatever the file lists.
+    let mut adapted: HashMap<String, &str> = HashMap::new();
     for m in lora.modules() {
         let target = resolver
             .resolve(m.name())
@@ -159,6 +163,18 @@ fn match_modules<'a>(
                     m.name()
                 ),
             });
+        }
+        let keys: &[String] = match &target {
+            Target::Single(k) => std::slice::from_ref(k),
+            Target::Qkv(k) => k,
+        };
+        for k in keys {
+            if let Some(other) = adapted.insert(k.clone(), m.name()) {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    reason: format!("LoRA modules `{other}` and `{}` both adapt `{k}`", m.name()),
+                });
+            }
         }
         matched.push((m, target));
     }
