@@ -108,7 +108,10 @@ fn pth(path: &Path) {
 }
 
 fn lora(path: &Path) {
-    let _ = lumina2_loader::LoraFile::open(path);
+    // Opening reads the header only; applying reads the matched factors.
+    if let Ok(l) = lumina2_loader::LoraFile::open(path) {
+        apply_to_tiny_model(l);
+    }
 }
 
 fn shard_index(path: &Path) {
@@ -137,6 +140,161 @@ fn model_index(path: &Path) {
 fn tokenizer(path: &Path) {
     if let Ok(t) = lumina2_text_encoder::GemmaTokenizer::from_file(path) {
         let _ = t.encode_padded(&["a red fox <0x41> \u{0}\u{feff}".to_string()], 16);
+    }
+}
+
+/// `kohya_names`: LoRA module names, one per line of the input, each also in
+/// variants (its kohya spelling, `_`/`.` flipped at places the input picks,
+/// repeated into a long name), resolved for a tiny and the 2B config; then
+/// the names as the keys of a LoRA file whose factor shapes the input picks
+/// (huge ones included, their data a sparse hole), applied to the tiny model.
+/// Checks, besides no panic and (the hang limit) linear time per name: a
+/// dotted name and its kohya spelling reach the same weights.
+fn kohya_names(path: &Path) {
+    use lumina2_loader::lora::LoraFile;
+    let models = lora_models();
+    let Ok(bytes) = std::fs::read(path) else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    // The variants' choices, from the input (FNV-1a as it goes).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut names: Vec<String> = Vec::new();
+    let mut adapted = std::collections::HashSet::new();
+    for line in text.lines().take(256) {
+        for b in line.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        let plain = [
+            "transformer.",
+            "base_model.model.",
+            "model.diffusion_model.",
+            "diffusion_model.",
+            "lora_unet_",
+        ]
+        .iter()
+        .find_map(|p| line.strip_prefix(p))
+        .unwrap_or(line);
+        let kohya = format!("lora_unet_{}", plain.replace('.', "_"));
+        let flipped: String = kohya
+            .chars()
+            .enumerate()
+            .map(|(i, c)| match c {
+                '_' if (h >> (i % 64)) & 1 == 1 => '.',
+                '.' if (h >> (i % 64)) & 1 == 1 => '_',
+                c => c,
+            })
+            .collect();
+        let long = format!("{kohya}{}", "_".repeat(1 + (h % 4096) as usize));
+        for (_, m) in models {
+            let dotted = m.resolve(line);
+            let spelt = m.resolve(&kohya);
+            let _ = m.resolve(&flipped);
+            let _ = m.resolve(&long);
+            // (An ambiguous spelling is an error, never another weight.)
+            if let (Ok(keys), Ok(spelt)) = (&dotted, &spelt) {
+                if !keys.is_empty() && !line.starts_with("lora_unet_") {
+                    assert_eq!(
+                        spelt, keys,
+                        "`{line}` and its kohya spelling `{kohya}` reach different weights"
+                    );
+                }
+            }
+        }
+        // One name per weight in the file (two on one weight are refused
+        // before anything is read), unknown names all kept.
+        for n in [line.to_string(), kohya, flipped] {
+            let keys = models[0].1.resolve(&n).unwrap_or_default();
+            if keys.iter().all(|k| !adapted.contains(k)) {
+                adapted.extend(keys);
+                names.push(n);
+            }
+        }
+    }
+    // The names as a LoRA file: shapes from the input, data never written
+    // (a sparse file of at most 1 TiB).
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (i, n) in names.iter().enumerate() {
+        if header.contains_key(&format!("{n}.alpha")) {
+            continue;
+        }
+        h = h.rotate_left(7) ^ i as u64;
+        let mut dims = [1usize, 2, 16, 24, 32, 64, 128, 256, 1 << 30][(h % 9) as usize];
+        let mut rank = [1usize, 2, 4, 1 << 24][((h >> 8) % 4) as usize];
+        if offset + 8 * (dims * rank) as u64 > 1 << 40 {
+            (dims, rank) = (1, 1);
+        }
+        for (suffix, shape) in [
+            (".lora_down.weight", vec![rank, dims]),
+            (".lora_up.weight", vec![dims, rank]),
+            (".alpha", vec![]),
+        ] {
+            let len = 4 * shape.iter().product::<usize>() as u64;
+            header.insert(
+                format!("{n}{suffix}"),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}),
+            );
+            offset += len;
+        }
+    }
+    let Ok(header) = serde_json::to_vec(&header) else {
+        return;
+    };
+    let file = path.with_extension("safetensors");
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    let written = std::fs::write(&file, &out)
+        .and_then(|()| std::fs::OpenOptions::new().write(true).open(&file))
+        .and_then(|f| f.set_len(out.len() as u64 + offset));
+    if written.is_err() {
+        return;
+    }
+    if let Ok(lora) = LoraFile::open(&file) {
+        apply_to_tiny_model(lora);
+    }
+}
+
+/// The fixtures' tiny model and `Alpha-VLLM/Lumina-Image-2.0`'s
+/// transformer/config.json, with their module names.
+fn lora_models() -> &'static [(
+    lumina2_transformer::Config,
+    lumina2_loader::lora::ModuleNames,
+)] {
+    use lumina2_loader::lora::ModuleNames;
+    use lumina2_transformer::Config;
+    use std::sync::OnceLock;
+    const CONFIGS: [&str; 2] = [
+        r#"{"axes_dim_rope": [2, 2, 4], "axes_lens": [32, 16, 16], "cap_feat_dim": 24,
+            "hidden_size": 32, "in_channels": 4, "multiple_of": 16, "num_attention_heads": 4,
+            "num_kv_heads": 2, "num_layers": 2, "num_refiner_layers": 1, "sample_size": 8}"#,
+        r#"{"axes_dim_rope": [32, 32, 32], "axes_lens": [300, 512, 512], "cap_feat_dim": 2304,
+            "ffn_dim_multiplier": null, "hidden_size": 2304, "in_channels": 16, "multiple_of": 256,
+            "norm_eps": 1e-05, "num_attention_heads": 24, "num_kv_heads": 8, "num_layers": 26,
+            "num_refiner_layers": 2, "out_channels": null, "patch_size": 2, "sample_size": 128,
+            "scaling_factor": 1.0}"#,
+    ];
+    static MODELS: OnceLock<Vec<(Config, ModuleNames)>> = OnceLock::new();
+    let models = MODELS.get_or_init(|| {
+        CONFIGS
+            .iter()
+            .filter_map(|j| Config::from_json_str(j).ok())
+            .map(|c| {
+                let names = ModuleNames::new(&c);
+                (c, names)
+            })
+            .collect()
+    });
+    assert_eq!(models.len(), 2, "the LoRA fuzz configs do not parse");
+    models
+}
+
+/// Applies a LoRA to the tiny model (no base weights: only the LoRA is read).
+fn apply_to_tiny_model(lora: lumina2_loader::LoraFile) {
+    if let Some((cfg, _)) = lora_models().first() {
+        let base: std::sync::Arc<dyn lumina2_weights::WeightSource> =
+            std::sync::Arc::new(std::collections::HashMap::<String, candle_core::Tensor>::new());
+        let _ = lumina2_loader::LoraSource::new(base, cfg, &[(lora, 1.0)]);
     }
 }
 
@@ -214,6 +372,12 @@ pub fn targets() -> Vec<Target> {
             file_name: "f.pth",
             seeds: &[".pth"],
             run: pth_mutate::pth_zip,
+        },
+        Target {
+            name: "kohya_names",
+            file_name: "names.txt",
+            seeds: &["kohya_names.txt"],
+            run: kohya_names,
         },
     ]
 }

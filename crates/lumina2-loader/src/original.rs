@@ -311,3 +311,90 @@ fn not_lumina(path: &Path) -> Error {
         reason: "not a Lumina2 transformer checkpoint (no caption embedder key in diffusers, original or ComfyUI layout)".into(),
     }
 }
+
+/// The keys of an original-layout checkpoint of the model `cfg` describes
+/// (without the ComfyUI prefix and without `norm_final.weight`, which the
+/// model does not use). Mapped through [`original_key_to_diffusers`], with each
+/// `qkv` split into `to_q`, `to_k` and `to_v`, they are exactly the keys of
+/// [`weight_shapes`] (a test checks it), so original module names can be
+/// listed for any config without a file.
+pub(crate) fn original_weight_keys(cfg: &Config) -> Vec<String> {
+    let mut k: Vec<String> = Vec::new();
+    let linear = |k: &mut Vec<String>, m: &str| {
+        k.push(format!("{m}.weight"));
+        k.push(format!("{m}.bias"));
+    };
+    linear(&mut k, "x_embedder");
+    linear(&mut k, "t_embedder.mlp.0");
+    linear(&mut k, "t_embedder.mlp.2");
+    k.push("cap_embedder.0.weight".into());
+    linear(&mut k, "cap_embedder.1");
+    let stacks = [
+        ("context_refiner", cfg.num_refiner_layers, false),
+        ("noise_refiner", cfg.num_refiner_layers, true),
+        ("layers", cfg.num_layers, true),
+    ];
+    for (stack, n, modulated) in stacks {
+        for i in 0..n {
+            let b = format!("{stack}.{i}");
+            for w in [
+                "attention.qkv",
+                "attention.out",
+                "attention.q_norm",
+                "attention.k_norm",
+                "feed_forward.w1",
+                "feed_forward.w2",
+                "feed_forward.w3",
+                "attention_norm1",
+                "attention_norm2",
+                "ffn_norm1",
+                "ffn_norm2",
+            ] {
+                k.push(format!("{b}.{w}.weight"));
+            }
+            if modulated {
+                linear(&mut k, &format!("{b}.adaLN_modulation.1"));
+            }
+        }
+    }
+    linear(&mut k, "final_layer.linear");
+    linear(&mut k, "final_layer.adaLN_modulation.1");
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_keys_map_onto_exactly_the_diffusers_keys() {
+        let tiny = Config {
+            hidden_size: 32,
+            num_layers: 3,
+            num_refiner_layers: 2,
+            num_attention_heads: 4,
+            num_kv_heads: 2,
+            axes_dim_rope: vec![4, 2, 2],
+            ..Config::default()
+        };
+        for cfg in [Config::default(), tiny] {
+            let mut mapped: Vec<String> = original_weight_keys(&cfg)
+                .iter()
+                .map(|k| original_key_to_diffusers(k))
+                .flat_map(|d| {
+                    if d.contains("qkv") {
+                        ["to_q", "to_k", "to_v"]
+                            .map(|p| d.replace("qkv", p))
+                            .to_vec()
+                    } else {
+                        vec![d]
+                    }
+                })
+                .collect();
+            mapped.sort();
+            let mut want: Vec<String> = weight_shapes(&cfg).into_iter().map(|(k, _)| k).collect();
+            want.sort();
+            assert_eq!(mapped, want);
+        }
+    }
+}

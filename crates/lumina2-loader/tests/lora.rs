@@ -169,7 +169,7 @@ fn lora_from(tensors: Vec<(&str, Tensor)>, meta: Option<&str>) -> Result<LoraFil
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-    LoraFile::from_source(&map, meta, Path::new("test-lora.safetensors"))
+    LoraFile::from_tensors(map, meta, Path::new("test-lora.safetensors"))
 }
 
 fn zeros(shape: &[usize]) -> Tensor {
@@ -339,11 +339,10 @@ fn alpha_comes_from_the_key_the_adapter_config_or_the_rank() {
             .iter()
             .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
-        lora_from(t, meta)
-            .unwrap()
-            .modules()
+        let lora = lora_from(t, meta).unwrap();
+        lora.modules()
             .iter()
-            .map(|m| m.factor())
+            .map(|m| lora.factor(m).unwrap())
             .collect()
     };
     // No alpha anywhere: alpha = r.
@@ -424,4 +423,223 @@ fn loras_stack_on_a_lora_source() {
             .len(),
         2
     );
+}
+
+#[test]
+fn kohya_names_with_many_underscores_resolve_in_one_lookup() {
+    // The case: 1000 modules of 14 underscores, each read 2^14 ways
+    // with `_` or `.` at each underscore by a search over the readings (14 s
+    // in all), and 10 of 40 (2^40 readings: a search would never end). A
+    // lookup of the spelling is immediate.
+    let names: Vec<String> = (0..1000)
+        .map(|i| format!("lora_unet_{i}{}", "_layers_0".repeat(7)))
+        .chain((0..10).map(|i| format!("lora_unet_{i}{}", "_layers_0".repeat(20))))
+        .collect();
+    assert_eq!(names[0].matches('_').count() - 2, 14);
+    assert_eq!(names[1000].matches('_').count() - 2, 40);
+    let mut t = Vec::new();
+    for n in &names {
+        t.push((format!("{n}.lora_down.weight"), zeros(&[1, 1])));
+        t.push((format!("{n}.lora_up.weight"), zeros(&[1, 1])));
+    }
+    // And one real module, spelt with its underscores.
+    t.push((
+        "lora_unet_layers_1_feed_forward_w3.lora_down.weight".into(),
+        zeros(&[1, 32]),
+    ));
+    t.push((
+        "lora_unet_layers_1_feed_forward_w3.lora_up.weight".into(),
+        zeros(&[128, 1]),
+    ));
+    let t = t.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let Err(Error::KeyMismatch { unexpected, .. }) = apply(lora_from(t, None).unwrap()) else {
+        panic!("unknown kohya modules were accepted")
+    };
+    assert_eq!(unexpected.len(), 2 * names.len());
+    assert!(unexpected.iter().all(|k| !k.contains("feed_forward")));
+}
+
+/// A safetensors file of F32 tensors; those given no data are left as a hole
+/// at the end of the file (sparse: they cost no disk). Returns the file and
+/// the length it has without the holes.
+fn sparse_safetensors(name: &str, tensors: &[(&str, &[usize], bool)]) -> (PathBuf, u64) {
+    let path = std::env::temp_dir().join(format!("lumina2-lora-{}-{name}", std::process::id()));
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    let mut ordered: Vec<_> = tensors.iter().filter(|t| t.2).collect();
+    ordered.extend(tensors.iter().filter(|t| !t.2));
+    for (key, shape, _) in &ordered {
+        let len = 4 * shape.iter().product::<usize>() as u64;
+        header.insert(
+            key.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    for (_, shape, data) in &ordered {
+        if *data {
+            let n = shape.iter().product::<usize>();
+            bytes.extend((0..n).flat_map(|i| (i as f32 * 0.01).to_le_bytes()));
+        }
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(8 + header.len() as u64 + offset).unwrap();
+    (path, bytes.len() as u64)
+}
+
+/// Cuts the holes off `path`: any read of a tensor in them now fails.
+fn cut_holes(path: &Path, len: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_len(len).unwrap();
+}
+
+const GIB_OF_F32: usize = 1 << 28;
+
+#[test]
+fn tensors_the_model_does_not_use_are_never_read() {
+    let to_q = "transformer.layers.0.attn.to_q";
+    let (a, b) = (
+        format!("{to_q}.lora_A.weight"),
+        format!("{to_q}.lora_B.weight"),
+    );
+    let huge: &[usize] = &[4 * GIB_OF_F32];
+    let unknown_a = "transformer.layers.9.attn.to_q.lora_A.weight";
+    let unknown_b = "transformer.layers.9.attn.to_q.lora_B.weight";
+    let (path, len) = sparse_safetensors(
+        "unused.safetensors",
+        &[
+            (&a, &[2, 32], true),
+            (&b, &[32, 2], true),
+            // 4 GiB each, declared but never written (a sparse file).
+            (
+                "transformer.layers.0.attn.to_q.lora_magnitude_vector",
+                huge,
+                false,
+            ),
+            (unknown_a, &[2, 2 * GIB_OF_F32], false),
+            (unknown_b, &[32, 2], true),
+        ],
+    );
+    let lora = LoraFile::open(&path).unwrap();
+    assert_eq!(lora.modules().len(), 2);
+    // Reading them would fail now: what follows comes from the header alone.
+    cut_holes(&path, len);
+    let _ = std::fs::remove_file(&path);
+    let Err(Error::KeyMismatch { unexpected, .. }) = apply(lora) else {
+        panic!("unknown tensors were accepted")
+    };
+    assert_eq!(
+        unexpected,
+        [
+            "transformer.layers.0.attn.to_q.lora_magnitude_vector",
+            unknown_a,
+            unknown_b
+        ]
+    );
+
+    // The used module alone loads, the rest of the file untouched.
+    let (path, len) = sparse_safetensors(
+        "used.safetensors",
+        &[(&a, &[2, 32], true), (&b, &[32, 2], true)],
+    );
+    let lora = LoraFile::open(&path).unwrap();
+    cut_holes(&path, len);
+    let _ = std::fs::remove_file(&path);
+    let src = apply(lora).unwrap();
+    assert_eq!(src.adapted_keys(), ["layers.0.attn.to_q.weight"]);
+}
+
+#[test]
+fn a_used_factor_of_the_wrong_shape_is_refused_before_it_is_read() {
+    let to_q = "transformer.layers.0.attn.to_q";
+    let (a, b) = (
+        format!("{to_q}.lora_A.weight"),
+        format!("{to_q}.lora_B.weight"),
+    );
+    // A 4 GiB `A` for a [32, 32] weight.
+    let (path, len) = sparse_safetensors(
+        "wide.safetensors",
+        &[(&a, &[2, 2 * GIB_OF_F32], false), (&b, &[32, 2], true)],
+    );
+    let lora = LoraFile::open(&path).unwrap();
+    cut_holes(&path, len);
+    let _ = std::fs::remove_file(&path);
+    let Err(Error::Shape {
+        key,
+        expected,
+        found,
+        ..
+    }) = apply(lora)
+    else {
+        panic!("a misfit factor was accepted")
+    };
+    assert_eq!(key, a);
+    assert_eq!((expected, found), (vec![2, 32], vec![2, 2 * GIB_OF_F32]));
+
+    // A rank beyond the weight's smaller side (32): 2 GiB per factor.
+    let r = GIB_OF_F32 / 64;
+    let (path, len) = sparse_safetensors(
+        "rank.safetensors",
+        &[(&a, &[r, 32], false), (&b, &[32, r], false)],
+    );
+    let lora = LoraFile::open(&path).unwrap();
+    cut_holes(&path, len);
+    let _ = std::fs::remove_file(&path);
+    let Err(Error::Unsupported { reason, .. }) = apply(lora) else {
+        panic!("an absurd rank was accepted")
+    };
+    assert!(reason.contains(&format!("rank {r}")), "{reason}");
+    assert!(reason.contains("at most 32"), "{reason}");
+
+    // An alpha must be one number, checked before it is read.
+    let (path, _) = sparse_safetensors(
+        "alpha.safetensors",
+        &[
+            (&a, &[2, 32], true),
+            (&b, &[32, 2], true),
+            ("transformer.layers.0.attn.to_q.alpha", &[GIB_OF_F32], false),
+        ],
+    );
+    let r = LoraFile::open(&path);
+    assert!(
+        matches!(&r, Err(Error::Shape { key, .. }) if key == "transformer.layers.0.attn.to_q.alpha"),
+        "{r:?}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn two_modules_of_one_lora_on_one_weight_are_an_error() {
+    // The diffusers and the kohya name of `to_k`, or a fused qkv and `to_k`:
+    // a file could list a module under any number of spellings, each read.
+    for (other, rows) in [
+        ("lora_unet_layers_0_attn_to_k", 16),
+        ("diffusion_model.layers.0.attention.qkv", 64),
+    ] {
+        let factors = [
+            (
+                "transformer.layers.0.attn.to_k.lora_A.weight".to_string(),
+                zeros(&[2, 32]),
+            ),
+            (
+                "transformer.layers.0.attn.to_k.lora_B.weight".to_string(),
+                zeros(&[16, 2]),
+            ),
+            (format!("{other}.lora_down.weight"), zeros(&[2, 32])),
+            (format!("{other}.lora_up.weight"), zeros(&[rows, 2])),
+        ];
+        let t = factors
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let Err(Error::Unsupported { reason, .. }) = apply(lora_from(t, None).unwrap()) else {
+            panic!("two modules on one weight were accepted")
+        };
+        assert!(reason.contains("layers.0.attn.to_k.weight"), "{reason}");
+        assert!(reason.contains(other), "{reason}");
+    }
 }

@@ -1,7 +1,10 @@
-//! Reading a LoRA file: its pairs of factors, their ranks and alphas.
+//! Reading a LoRA file: its pairs of factors, their shapes, ranks and alphas
+//! from the header; the factors' data only when asked for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use lumina2_weights::{SafetensorsSource, WeightSource};
@@ -18,15 +21,63 @@ const ADAPTER_METADATA_KEY: &str = "lora_adapter_metadata";
 /// does not set it (as PEFT would).
 const PEFT_DEFAULT_ALPHA: f64 = 8.0;
 
-/// One adapted module of a LoRA file: `B A`, scaled by `factor` at strength 1.
+/// Where a LoRA's tensors are: their shapes known without reading them (a
+/// file's header or pickle), their data read on demand, so that tensors the
+/// model has no use for are never read.
+enum Store {
+    Safetensors(SafetensorsSource),
+    Pth(PthFile),
+    Memory(HashMap<String, Tensor>),
+}
+
+impl Store {
+    fn keys(&self) -> Vec<String> {
+        match self {
+            Store::Safetensors(s) => s.keys(),
+            Store::Pth(p) => p.keys(),
+            Store::Memory(m) => WeightSource::keys(m),
+        }
+    }
+
+    /// The shape of `key`, read from the header only.
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        match self {
+            Store::Safetensors(s) => s.tensor_info(key).map(|(_, s)| s.to_vec()),
+            Store::Pth(p) => p.shape(key),
+            Store::Memory(m) => m.get(key).map(|t| t.dims().to_vec()),
+        }
+    }
+
+    fn read(&self, key: &str) -> Result<Tensor, String> {
+        match self {
+            Store::Safetensors(s) => s.tensor(key).map_err(|e| e.to_string()),
+            Store::Pth(p) => p.tensor(key).map_err(|e| e.to_string()),
+            Store::Memory(m) => m.tensor(key).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Where a module's `alpha` comes from.
+#[derive(Debug, Clone)]
+enum Alpha {
+    /// Its `.alpha` tensor (a single number, checked from the header).
+    Key(String),
+    /// The adapter config's, or the rank.
+    Value(f64),
+}
+
+/// One adapted module of a LoRA file, as its header describes it: `B A`,
+/// `A` being `[rank, in]` and `B` `[out, rank]`.
 #[derive(Debug, Clone)]
 pub struct LoraModule {
     name: String,
     down_key: String,
     up_key: String,
-    down: Tensor,
-    up: Tensor,
-    factor: f64,
+    rank: usize,
+    in_features: usize,
+    out_features: usize,
+    alpha: Alpha,
+    rslora: bool,
 }
 
 impl LoraModule {
@@ -36,11 +87,15 @@ impl LoraModule {
     }
     /// The rank `r`.
     pub fn rank(&self) -> usize {
-        self.down.dims().first().copied().unwrap_or(0)
+        self.rank
     }
-    /// `alpha / r` (`alpha / sqrt(r)` for rsLoRA): what multiplies `B A` at strength 1.
-    pub fn factor(&self) -> f64 {
-        self.factor
+    /// The shape of `A`, `[r, in]`.
+    pub fn down_shape(&self) -> [usize; 2] {
+        [self.rank, self.in_features]
+    }
+    /// The shape of `B`, `[out, r]`.
+    pub fn up_shape(&self) -> [usize; 2] {
+        [self.out_features, self.rank]
     }
     /// The file key of `A` (`lora_A` / `lora_down`).
     pub fn down_key(&self) -> &str {
@@ -50,27 +105,40 @@ impl LoraModule {
     pub fn up_key(&self) -> &str {
         &self.up_key
     }
-    /// `A`, `[r, in]`, in the file's dtype.
-    pub fn down(&self) -> &Tensor {
-        &self.down
-    }
-    /// `B`, `[out, r]`, in the file's dtype.
-    pub fn up(&self) -> &Tensor {
-        &self.up
+    /// The file key of its `alpha`, when it has one.
+    pub fn alpha_key(&self) -> Option<&str> {
+        match &self.alpha {
+            Alpha::Key(k) => Some(k),
+            Alpha::Value(_) => None,
+        }
     }
 }
 
-/// A LoRA file read into memory (LoRA files are small next to the model):
-/// every module with its factors and its `alpha / r`.
+/// A LoRA file, its header read: every module with its factors' keys and
+/// shapes. Tensor data is read only for the modules a model uses
+/// ([`LoraFile::factor`], [`LoraFile::read_factors`], called by
+/// [`super::LoraSource::new`] once every module has been matched and checked),
+/// so a tensor the model does not use costs nothing, however large it claims to be.
 ///
 /// Any naming the loader knows is accepted (see [`super`]); keys of no known
 /// convention are kept aside and reported, with the keys that name no weight
 /// of the model, when the LoRA is applied ([`super::LoraSource::new`]).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoraFile {
     path: PathBuf,
+    store: Arc<Store>,
     modules: Vec<LoraModule>,
     unrecognised: Vec<String>,
+}
+
+impl fmt::Debug for LoraFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoraFile")
+            .field("path", &self.path)
+            .field("modules", &self.modules)
+            .field("unrecognised", &self.unrecognised)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The parts of PEFT's `LoraConfig` that change the scale.
@@ -83,9 +151,10 @@ struct AdapterConfig {
 }
 
 impl LoraFile {
-    /// Reads a LoRA file: `.safetensors` (with diffusers/PEFT adapter metadata,
-    /// when present), or a `torch.save` file (`.pt`, `.pth`, `.bin`, read without
-    /// executing pickle code).
+    /// Opens a LoRA file and reads its header: `.safetensors` (with
+    /// diffusers/PEFT adapter metadata, when present), or a `torch.save` file
+    /// (`.pt`, `.pth`, `.bin`, read without executing pickle code). No tensor
+    /// data is read here.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
         let ext = path
@@ -100,9 +169,9 @@ impl LoraFile {
                     reason: e.to_string(),
                 })?;
                 let meta = st.metadata().get(ADAPTER_METADATA_KEY).cloned();
-                Self::from_source(&st, meta.as_deref(), path)
+                Self::new(Store::Safetensors(st), meta.as_deref(), path)
             }
-            "pt" | "pth" | "bin" => Self::from_source(&PthFile::open(path)?, None, path),
+            "pt" | "pth" | "bin" => Self::new(Store::Pth(PthFile::open(path)?), None, path),
             _ => Err(Error::Unsupported {
                 path: path.to_path_buf(),
                 reason: format!(
@@ -112,14 +181,19 @@ impl LoraFile {
         }
     }
 
-    /// A LoRA from any weight source holding its tensors; `adapter_config` is
-    /// PEFT's `LoraConfig` as JSON (diffusers stores it in the safetensors
-    /// metadata under `lora_adapter_metadata`). `path` names it in errors.
-    pub fn from_source(
-        source: &dyn WeightSource,
+    /// A LoRA from tensors in memory; `adapter_config` is PEFT's `LoraConfig`
+    /// as JSON (diffusers stores it in the safetensors metadata under
+    /// `lora_adapter_metadata`). `path` names it in errors.
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
         adapter_config: Option<&str>,
         path: &Path,
     ) -> Result<Self, Error> {
+        Self::new(Store::Memory(tensors), adapter_config, path)
+    }
+
+    /// Pairs the factors of every module from the shapes alone.
+    fn new(store: Store, adapter_config: Option<&str>, path: &Path) -> Result<Self, Error> {
         let config = match adapter_config {
             Some(j) => parse_adapter_config(j, path)?,
             None => None,
@@ -128,24 +202,22 @@ impl LoraFile {
             path: path.to_path_buf(),
             reason,
         };
-        let read = |key: &str| {
-            source
-                .tensor(key)
-                .map_err(|e| unsupported(format!("cannot read `{key}`: {e}")))
-        };
         #[derive(Default)]
         struct Parts {
-            down: Option<(String, Tensor)>,
-            up: Option<(String, Tensor)>,
-            alpha: Option<(String, f64)>,
+            down: Option<(String, [usize; 2])>,
+            up: Option<(String, [usize; 2])>,
+            alpha: Option<String>,
         }
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
         let mut unrecognised = Vec::new();
-        for key in source.keys() {
+        for key in store.keys() {
             let Some((module, part)) = split_key(&key) else {
                 unrecognised.push(key);
                 continue;
             };
+            let shape = store
+                .shape(&key)
+                .ok_or_else(|| unsupported(format!("`{key}` has no shape")))?;
             let entry = parts.entry(module.to_string()).or_default();
             let twice = || {
                 unsupported(format!(
@@ -154,15 +226,14 @@ impl LoraFile {
             };
             match part {
                 Part::Down | Part::Up => {
-                    let t = read(&key)?;
-                    if t.rank() != 2 {
+                    let [a, b] = shape[..] else {
                         return Err(Error::Shape {
                             path: path.to_path_buf(),
                             key,
                             expected: vec![0, 0],
-                            found: t.dims().to_vec(),
+                            found: shape,
                         });
-                    }
+                    };
                     let slot = if part == Part::Down {
                         &mut entry.down
                     } else {
@@ -171,84 +242,74 @@ impl LoraFile {
                     if slot.is_some() {
                         return Err(twice());
                     }
-                    *slot = Some((key.clone(), t));
+                    *slot = Some((key.clone(), [a, b]));
                 }
                 Part::Alpha => {
-                    let t = read(&key)?;
-                    let v = t
-                        .to_dtype(DType::F64)
-                        .and_then(|t| t.flatten_all())
-                        .and_then(|t| t.to_vec1::<f64>())
-                        .map_err(|e| unsupported(format!("cannot read `{key}`: {e}")))?;
-                    let [alpha] = v[..] else {
+                    // One number, whatever its shape (`[]` or `[1]`).
+                    if shape.iter().product::<usize>() != 1 {
                         return Err(Error::Shape {
                             path: path.to_path_buf(),
                             key,
                             expected: vec![],
-                            found: t.dims().to_vec(),
+                            found: shape,
                         });
-                    };
+                    }
                     if entry.alpha.is_some() {
                         return Err(twice());
                     }
-                    entry.alpha = Some((key.clone(), alpha));
+                    entry.alpha = Some(key.clone());
                 }
             }
         }
         let mut modules = Vec::with_capacity(parts.len());
         for (name, p) in parts {
-            let (down_key, down, up_key, up) = match (p.down, p.up) {
-                (Some((dk, d)), Some((uk, u))) => (dk, d, uk, u),
-                (Some((k, _)), None) | (None, Some((k, _))) => {
-                    return Err(unsupported(format!(
-                        "`{k}` has no partner: a LoRA module needs both `lora_A`/`lora_down` and `lora_B`/`lora_up`"
-                    )))
-                }
-                (None, None) => {
-                    let k = p.alpha.map(|(k, _)| k).unwrap_or_default();
-                    return Err(unsupported(format!("`{k}` belongs to no LoRA factors")));
-                }
-            };
-            // Both are matrices (checked when read).
-            let (rank, _) = down.dims2().map_err(|e| unsupported(e.to_string()))?;
-            let (out, up_rank) = up.dims2().map_err(|e| unsupported(e.to_string()))?;
+            let ((down_key, [rank, in_features]), (up_key, [out_features, up_rank])) =
+                match (p.down, p.up) {
+                    (Some(d), Some(u)) => (d, u),
+                    (Some((k, _)), None) | (None, Some((k, _))) => {
+                        return Err(unsupported(format!(
+                            "`{k}` has no partner: a LoRA module needs both `lora_A`/`lora_down` and `lora_B`/`lora_up`"
+                        )))
+                    }
+                    (None, None) => {
+                        let k = p.alpha.unwrap_or_default();
+                        return Err(unsupported(format!("`{k}` belongs to no LoRA factors")));
+                    }
+                };
             if rank != up_rank {
                 return Err(Error::Shape {
                     path: path.to_path_buf(),
                     key: up_key,
-                    expected: vec![out, rank],
-                    found: vec![out, up_rank],
+                    expected: vec![out_features, rank],
+                    found: vec![out_features, up_rank],
                 });
             }
             if rank == 0 {
                 return Err(unsupported(format!("`{down_key}` has rank 0")));
             }
-            let alpha = p
-                .alpha
-                .map(|(_, a)| a)
-                .or_else(|| {
+            let alpha = match p.alpha {
+                Some(k) => Alpha::Key(k),
+                None => Alpha::Value(
                     config
                         .as_ref()
                         .map(|c| c.alpha_for(peft_module_name(&name)))
-                })
-                .unwrap_or(rank as f64);
-            let rslora = config.as_ref().is_some_and(|c| c.use_rslora);
-            let divisor = if rslora {
-                (rank as f64).sqrt()
-            } else {
-                rank as f64
+                        .unwrap_or(rank as f64),
+                ),
             };
             modules.push(LoraModule {
                 name,
                 down_key,
                 up_key,
-                down,
-                up,
-                factor: alpha / divisor,
+                rank,
+                in_features,
+                out_features,
+                alpha,
+                rslora: config.as_ref().is_some_and(|c| c.use_rslora),
             });
         }
         Ok(Self {
             path: path.to_path_buf(),
+            store: Arc::new(store),
             modules,
             unrecognised,
         })
@@ -267,6 +328,58 @@ impl LoraFile {
     /// Keys of no LoRA convention the loader knows (an error when applied).
     pub fn unrecognised_keys(&self) -> &[String] {
         &self.unrecognised
+    }
+
+    /// `alpha / r` of a module (`alpha / sqrt(r)` for rsLoRA): what multiplies
+    /// `B A` at strength 1. Reads its `.alpha` tensor when it has one.
+    pub fn factor(&self, module: &LoraModule) -> Result<f64, Error> {
+        let alpha = match &module.alpha {
+            Alpha::Value(a) => *a,
+            Alpha::Key(key) => {
+                let bad = |reason: String| Error::Unsupported {
+                    path: self.path.clone(),
+                    reason: format!("cannot read `{key}`: {reason}"),
+                };
+                let v = self
+                    .store
+                    .read(key)
+                    .map_err(bad)?
+                    .to_dtype(DType::F64)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f64>())
+                    .map_err(|e| bad(e.to_string()))?;
+                match v[..] {
+                    [a] if a.is_finite() => a,
+                    [a] => return Err(bad(format!("alpha {a} is not a finite number"))),
+                    _ => return Err(bad(format!("{} values, expected one", v.len()))),
+                }
+            }
+        };
+        let rank = module.rank as f64;
+        Ok(alpha / if module.rslora { rank.sqrt() } else { rank })
+    }
+
+    /// Reads a module's `A` (`[r, in]`) and `B` (`[out, r]`), in the file's dtype.
+    pub fn read_factors(&self, module: &LoraModule) -> Result<(Tensor, Tensor), Error> {
+        let read = |key: &str, shape: [usize; 2]| {
+            let t = self.store.read(key).map_err(|e| Error::Unsupported {
+                path: self.path.clone(),
+                reason: format!("cannot read `{key}`: {e}"),
+            })?;
+            if t.dims() != shape {
+                return Err(Error::Shape {
+                    path: self.path.clone(),
+                    key: key.to_string(),
+                    expected: shape.to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            Ok(t)
+        };
+        Ok((
+            read(&module.down_key, module.down_shape())?,
+            read(&module.up_key, module.up_shape())?,
+        ))
     }
 }
 

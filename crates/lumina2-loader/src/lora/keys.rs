@@ -9,14 +9,16 @@
 //!   `lora_unet_layers_0_attention_qkv.lora_down.weight`, the module name with
 //!   every `.` turned into `_`.
 //!
-//! Original names go through the same mapping as original checkpoints
-//! ([`original_key_to_diffusers`]), so both always agree.
+//! The names recognised are the model's own modules, listed once per config
+//! in both namings; original names go through the mapping of original
+//! checkpoints ([`original_key_to_diffusers`]), so both always agree. Every
+//! name is one hash lookup, a kohya name by its spelling.
 
 use std::collections::HashMap;
 
 use lumina2_transformer::{weight_shapes, Config};
 
-use crate::original::original_key_to_diffusers;
+use crate::original::{original_key_to_diffusers, original_weight_keys};
 
 /// Which factor of a module a LoRA tensor is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,9 +59,10 @@ const PREFIXES: [&str; 4] = [
 /// kohya's prefix: the rest is a module name with `_` for `.`.
 const KOHYA_PREFIX: &str = "lora_unet_";
 
-/// kohya names with more underscores than this are not searched (each
-/// underscore doubles the candidate module names).
-const MAX_KOHYA_UNDERSCORES: usize = 14;
+/// How kohya spells a module name: every `.` as `_`.
+fn kohya_spelling(name: &str) -> String {
+    name.replace('.', "_")
+}
 
 /// The PEFT module name of a LoRA module (its name inside the transformer):
 /// the file's name without the `transformer.` or `base_model.model.` prefix.
@@ -84,19 +87,75 @@ pub(crate) enum Target {
 pub(crate) struct Resolver {
     /// `[out, in]` of every linear (2-D) weight of the model, by diffusers key.
     linear: HashMap<String, [usize; 2]>,
+    /// Every linear module of the model, in diffusers' and in original names.
+    modules: HashMap<String, Target>,
+    /// The same modules by their kohya spelling: the names with that
+    /// spelling, one per distinct target (several: the spelling is ambiguous).
+    kohya: HashMap<String, Vec<(String, Target)>>,
 }
 
 impl Resolver {
-    /// The linear weights of the model `cfg` describes.
+    /// The linear modules of the model `cfg` describes.
     pub(crate) fn new(cfg: &Config) -> Self {
-        let linear = weight_shapes(cfg)
+        let linear: HashMap<String, [usize; 2]> = weight_shapes(cfg)
             .into_iter()
             .filter_map(|(k, s)| match s[..] {
                 [o, i] => Some((k, [o, i])),
                 _ => None,
             })
             .collect();
-        Self { linear }
+        let mut modules: HashMap<String, Target> = linear
+            .keys()
+            .filter_map(|k| {
+                Some((
+                    k.strip_suffix(".weight")?.to_string(),
+                    Target::Single(k.clone()),
+                ))
+            })
+            .collect();
+        // Original names through the mapping of original checkpoints, listed
+        // for the config (diffusers' name wins where both name a module).
+        for key in original_weight_keys(cfg) {
+            let Some(name) = key.strip_suffix(".weight") else {
+                continue;
+            };
+            let d = original_key_to_diffusers(&key);
+            let target = if d.contains("qkv") {
+                let parts = ["to_q", "to_k", "to_v"].map(|p| d.replace("qkv", p));
+                parts
+                    .iter()
+                    .all(|k| linear.contains_key(k))
+                    .then_some(Target::Qkv(parts))
+            } else {
+                linear.contains_key(&d).then_some(Target::Single(d))
+            };
+            if let Some(t) = target {
+                modules.entry(name.to_string()).or_insert(t);
+            }
+        }
+        let mut this = Self {
+            linear,
+            modules: HashMap::new(),
+            kohya: HashMap::new(),
+        };
+        // kohya names are the module names of the model the LoRA was trained
+        // on, diffusers' or the original ones: spelling each of them once
+        // makes a kohya name one lookup, instead of a search over the
+        // readings of its underscores (2^n for n underscores).
+        for (name, target) in &modules {
+            this.add_kohya(name.clone(), target.clone());
+        }
+        this.modules = modules;
+        this
+    }
+
+    /// Records `name` (a dotted module name naming `target`) under its kohya spelling.
+    fn add_kohya(&mut self, name: String, target: Target) {
+        let readings = self.kohya.entry(kohya_spelling(&name)).or_default();
+        if !readings.iter().any(|(_, t)| *t == target) {
+            readings.push((name, target));
+            readings.sort_by(|a, b| a.0.cmp(&b.0));
+        }
     }
 
     /// `[out, in]` of the whole target (for a fused `qkv`: the rows of q, k and v together).
@@ -126,7 +185,7 @@ impl Resolver {
 
     /// The target of a LoRA module name (as in the file, prefix included).
     /// `Err` carries why a kohya name is ambiguous; `Ok(None)`: no weight of
-    /// the model.
+    /// the model. One lookup, linear in the length of the name.
     pub(crate) fn resolve(&self, module: &str) -> Result<Option<Target>, String> {
         if let Some(rest) = module.strip_prefix(KOHYA_PREFIX) {
             return self.resolve_kohya(rest);
@@ -135,61 +194,138 @@ impl Resolver {
             .iter()
             .find_map(|p| module.strip_prefix(p))
             .unwrap_or(module);
-        Ok(self.resolve_dotted(name))
+        Ok(self.modules.get(name).cloned())
     }
 
-    /// A dotted module name, diffusers' first, else original.
-    fn resolve_dotted(&self, name: &str) -> Option<Target> {
-        let key = format!("{name}.weight");
-        if self.linear.contains_key(&key) {
-            return Some(Target::Single(key));
-        }
-        let d = original_key_to_diffusers(&key);
-        if d.contains("qkv") {
-            let parts = ["to_q", "to_k", "to_v"].map(|p| d.replace("qkv", p));
-            return parts
-                .iter()
-                .all(|k| self.linear.contains_key(k))
-                .then_some(Target::Qkv(parts));
-        }
-        self.linear.contains_key(&d).then_some(Target::Single(d))
-    }
-
-    /// A kohya name: every `_` may stand for a `.`; the one reading that names
-    /// a weight of the model is it.
+    /// A kohya name: the module of the model with that spelling (a `.` in the
+    /// name is read as a `_`, so that either spelling of a separator works).
     fn resolve_kohya(&self, rest: &str) -> Result<Option<Target>, String> {
-        let underscores: Vec<usize> = rest.match_indices('_').map(|(i, _)| i).collect();
-        if underscores.len() > MAX_KOHYA_UNDERSCORES {
-            return Ok(None);
-        }
-        let mut found: Vec<(String, Target)> = Vec::new();
-        for mask in 0u32..(1u32 << underscores.len()) {
-            let mut name = rest.as_bytes().to_vec();
-            for (bit, &pos) in underscores.iter().enumerate() {
-                if mask & (1 << bit) != 0 {
-                    if let Some(b) = name.get_mut(pos) {
-                        *b = b'.';
-                    }
-                }
-            }
-            let name = String::from_utf8_lossy(&name).into_owned();
-            if let Some(t) = self.resolve_dotted(&name) {
-                if !found.iter().any(|(_, f)| *f == t) {
-                    found.push((name, t));
-                }
-            }
-        }
-        match found.len() {
-            0 => Ok(None),
-            1 => Ok(found.pop().map(|(_, t)| t)),
-            _ => Err(format!(
+        match self.kohya.get(&kohya_spelling(rest)).map(Vec::as_slice) {
+            None | Some([]) => Ok(None),
+            Some([(_, t)]) => Ok(Some(t.clone())),
+            Some(readings) => Err(format!(
                 "ambiguous kohya name: it reads as {}",
-                found
+                readings
                     .iter()
                     .map(|(n, _)| format!("`{n}`"))
                     .collect::<Vec<_>>()
                     .join(" and ")
             )),
         }
+    }
+}
+
+/// LoRA module names resolved for one config, as [`super::LoraSource`] does
+/// it; public for the fuzzer (`cargo xtask fuzz`), not an API.
+#[doc(hidden)]
+pub struct ModuleNames(Resolver);
+
+impl ModuleNames {
+    /// The module names of the model `cfg` describes.
+    pub fn new(cfg: &Config) -> Self {
+        Self(Resolver::new(cfg))
+    }
+
+    /// The diffusers keys of the weights a module name (prefix included)
+    /// changes: empty for none, `Err` for an ambiguous kohya name.
+    pub fn resolve(&self, module: &str) -> Result<Vec<String>, String> {
+        Ok(match self.0.resolve(module)? {
+            None => Vec::new(),
+            Some(Target::Single(k)) => vec![k],
+            Some(Target::Qkv(k)) => k.to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Config {
+        Config {
+            hidden_size: 32,
+            num_layers: 2,
+            num_refiner_layers: 1,
+            num_attention_heads: 4,
+            num_kv_heads: 2,
+            axes_dim_rope: vec![4, 2, 2],
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn every_module_resolves_in_every_spelling() {
+        for cfg in [tiny(), Config::default()] {
+            let r = Resolver::new(&cfg);
+            for (name, t) in &r.modules {
+                for spelled in [
+                    format!("transformer.{name}"),
+                    format!("diffusion_model.{name}"),
+                    format!("lora_unet_{}", kohya_spelling(name)),
+                    format!("lora_unet_{name}"),
+                ] {
+                    assert_eq!(r.resolve(&spelled), Ok(Some(t.clone())), "{spelled}");
+                }
+            }
+            // Both namings of every module. diffusers: 4 embedder and 2 output
+            // linears, 7 per block, 1 more per modulated block. Original,
+            // besides `x_embedder` (the same in both): `t_embedder.mlp.0/2`,
+            // `cap_embedder.1`, `final_layer.linear/adaLN_modulation.1`;
+            // `qkv`, `out`, `w1..w3` per block; `adaLN_modulation.1` per
+            // modulated block.
+            let blocks = cfg.num_layers + 2 * cfg.num_refiner_layers;
+            let modulated = cfg.num_layers + cfg.num_refiner_layers;
+            assert_eq!(r.linear.len(), 6 + 7 * blocks + modulated);
+            assert_eq!(r.modules.len(), r.linear.len() + 5 + 5 * blocks + modulated);
+            // Every linear weight is reached by some kohya name.
+            let reached: std::collections::HashSet<String> = r
+                .kohya
+                .values()
+                .flatten()
+                .flat_map(|(_, t)| match t {
+                    Target::Single(k) => vec![k.clone()],
+                    Target::Qkv(ks) => ks.to_vec(),
+                })
+                .collect();
+            assert_eq!(reached.len(), r.linear.len());
+        }
+    }
+
+    #[test]
+    fn two_modules_with_one_kohya_spelling_are_ambiguous() {
+        let mut r = Resolver::new(&tiny());
+        r.add_kohya("a.b_c".into(), Target::Single("x.weight".into()));
+        r.add_kohya("a_b.c".into(), Target::Single("y.weight".into()));
+        // The same target twice is one reading.
+        r.add_kohya("a_b_c".into(), Target::Single("y.weight".into()));
+        assert_eq!(
+            r.resolve("lora_unet_a_b_c"),
+            Err("ambiguous kohya name: it reads as `a.b_c` and `a_b.c`".into())
+        );
+    }
+
+    #[test]
+    fn names_with_many_underscores_resolve_in_one_lookup() {
+        // 2^40 readings each: a search over them would never end.
+        let r = Resolver::new(&Config::default());
+        for i in 0..1000 {
+            let name = format!("lora_unet_{i}{}", "_layers_0".repeat(20));
+            assert_eq!(name.matches('_').count(), 42);
+            assert_eq!(r.resolve(&name), Ok(None));
+        }
+        let long = format!("lora_unet_{}", "_".repeat(1 << 20));
+        assert_eq!(r.resolve(&long), Ok(None));
+        // A module whose name has 40 separators is found (a search over the
+        // readings had to give up on such names).
+        let mut r = r;
+        let name = (0..41)
+            .map(|i| format!("m{i}"))
+            .collect::<Vec<_>>()
+            .join(".");
+        let target = Target::Single("layers.0.attn.to_q.weight".into());
+        r.add_kohya(name.clone(), target.clone());
+        let kohya = format!("lora_unet_{}", name.replace('.', "_"));
+        assert_eq!(kohya.matches('_').count(), 42);
+        assert_eq!(r.resolve(&kohya), Ok(Some(target)));
     }
 }

@@ -13,7 +13,12 @@
 //!   (fused `attention.qkv`, `feed_forward.w1..w3`, `adaLN_modulation.1`, ...),
 //!   mapped as original checkpoints are; a `qkv` module is split over `to_q`,
 //!   `to_k` and `to_v` with the sizes of the config;
-//! - kohya: `lora_unet_<original or diffusers module, `.` as `_`>.lora_down.weight`.
+//! - kohya: `lora_unet_<original or diffusers module, `.` as `_`>.lora_down.weight`,
+//!   looked up among the spellings of the model's own modules.
+//!
+//! A file's header is read first; the factors of a module are read only once
+//! it is matched to a weight of the model and its shapes fit, so a tensor the
+//! model does not use is never read.
 //!
 //! [`LoraSource`] wraps the [`WeightSource`](lumina2_transformer::WeightSource)
 //! of any checkpoint: dense weights come merged, quantised (GGUF) weights stay
@@ -46,5 +51,7 @@ mod keys;
 mod source;
 
 pub use file::{LoraFile, LoraModule};
+#[doc(hidden)]
+pub use keys::ModuleNames;
 pub use lumina2_weights::LoraAdapter;
 pub use source::LoraSource;

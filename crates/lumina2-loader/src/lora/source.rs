@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use lumina2_transformer::{Config, LinearWeight, WeightSource};
 use lumina2_weights::LoraAdapter;
 
-use super::file::LoraFile;
+use super::file::{LoraFile, LoraModule};
 use super::keys::{Resolver, Target};
 use crate::folder::Error;
 
@@ -32,74 +32,51 @@ impl LoraSource {
     /// Every module of every LoRA must map onto a linear weight of the model
     /// (else [`Error::KeyMismatch`] lists all those that do not) and fit its
     /// shape (else [`Error::Shape`] names the LoRA key, the expected and the
-    /// found shape). A fused original `qkv` module is split: its `A` is shared
-    /// by `to_q`, `to_k` and `to_v`, the rows of its `B` are cut with the sizes
-    /// of those weights.
+    /// found shape), its rank no larger than the weight's smaller side (a
+    /// larger one is no low-rank update). All of this is checked on the
+    /// files' headers before any factor is read. A fused original `qkv`
+    /// module is split: its `A` is shared by `to_q`, `to_k` and `to_v`, the
+    /// rows of its `B` are cut with the sizes of those weights.
     pub fn new(
         inner: Arc<dyn WeightSource>,
         cfg: &Config,
         loras: &[(LoraFile, f64)],
     ) -> Result<Self, Error> {
         let resolver = Resolver::new(cfg);
+        // Every module matched and checked from the headers first: nothing
+        // is read for a LoRA that does not fit.
+        let matched = loras
+            .iter()
+            .map(|(lora, _)| match_modules(&resolver, lora))
+            .collect::<Result<Vec<_>, Error>>()?;
         let mut adapters: HashMap<String, Vec<LoraAdapter>> = HashMap::new();
-        for (lora, scale) in loras {
+        for ((lora, scale), modules) in loras.iter().zip(matched) {
             let path = lora.path();
-            let mut unknown: Vec<String> = lora.unrecognised_keys().to_vec();
-            for m in lora.modules() {
-                let target = resolver
-                    .resolve(m.name())
-                    .map_err(|reason| Error::Unsupported {
-                        path: path.to_path_buf(),
-                        reason: format!("LoRA module `{}`: {reason}", m.name()),
-                    })?;
-                let Some(target) = target else {
-                    unknown.push(m.down_key().to_string());
-                    unknown.push(m.up_key().to_string());
-                    continue;
-                };
-                let Some([out, inp]) = resolver.dims(&target) else {
-                    unknown.push(m.down_key().to_string());
-                    unknown.push(m.up_key().to_string());
-                    continue;
-                };
-                let rank = m.rank();
-                check_dims(path, m.down_key(), m.down(), [rank, inp])?;
-                check_dims(path, m.up_key(), m.up(), [out, rank])?;
-                let s = scale * m.factor();
+            for (m, target) in modules {
+                let (down, up) = lora.read_factors(m)?;
+                let s = scale * lora.factor(m)?;
                 let new = |up: Tensor| {
-                    LoraAdapter::new(m.down().clone(), up, s).map_err(|e| Error::Unsupported {
+                    LoraAdapter::new(down.clone(), up, s).map_err(|e| Error::Unsupported {
                         path: path.to_path_buf(),
                         reason: format!("LoRA module `{}`: {e}", m.name()),
                     })
                 };
                 match target {
-                    Target::Single(key) => {
-                        adapters.entry(key).or_default().push(new(m.up().clone())?)
-                    }
+                    Target::Single(key) => adapters.entry(key).or_default().push(new(up)?),
                     Target::Qkv(keys) => {
                         let mut start = 0;
                         for key in keys {
                             let rows = resolver.weight_dims(&key).map_or(0, |[o, _]| o);
-                            let up =
-                                m.up()
-                                    .narrow(0, start, rows)
-                                    .map_err(|e| Error::Unsupported {
-                                        path: path.to_path_buf(),
-                                        reason: format!("`{}`: {e}", m.up_key()),
-                                    })?;
-                            adapters.entry(key).or_default().push(new(up)?);
+                            let part =
+                                up.narrow(0, start, rows).map_err(|e| Error::Unsupported {
+                                    path: path.to_path_buf(),
+                                    reason: format!("`{}`: {e}", m.up_key()),
+                                })?;
+                            adapters.entry(key).or_default().push(new(part)?);
                             start += rows;
                         }
                     }
                 }
-            }
-            if !unknown.is_empty() {
-                unknown.sort();
-                return Err(Error::KeyMismatch {
-                    path: path.to_path_buf(),
-                    missing: Vec::new(),
-                    unexpected: unknown,
-                });
             }
         }
         Ok(Self { inner, adapters })
@@ -147,13 +124,83 @@ impl LoraSource {
     }
 }
 
-fn check_dims(path: &Path, key: &str, t: &Tensor, expected: [usize; 2]) -> Result<(), Error> {
-    if t.dims() != expected {
+/// The target of every module of `lora`, its factors' shapes checked against
+/// it, from the header alone; no two modules on one weight. Every key that
+/// names no weight is reported at once.
+fn match_modules<'a>(
+    resolver: &Resolver,
+    lora: &'a LoraFile,
+) -> Result<Vec<(&'a LoraModule, Target)>, Error> {
+    let path = lora.path();
+    let mut unknown: Vec<String> = lora.unrecognised_keys().to_vec();
+    let mut matched = Vec::new();
+    // The module adapting each weight: one per weight, so that the factors
+    // read stay within twice the model's size, whatever the file lists.
+    let mut adapted: HashMap<String, &str> = HashMap::new();
+    for m in lora.modules() {
+        let target = resolver
+            .resolve(m.name())
+            .map_err(|reason| Error::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!("LoRA module `{}`: {reason}", m.name()),
+            })?;
+        let Some((target, [out, inp])) = target.and_then(|t| resolver.dims(&t).map(|d| (t, d)))
+        else {
+            unknown.push(m.down_key().to_string());
+            unknown.push(m.up_key().to_string());
+            continue;
+        };
+        let rank = m.rank();
+        check_dims(path, m.down_key(), m.down_shape(), [rank, inp])?;
+        check_dims(path, m.up_key(), m.up_shape(), [out, rank])?;
+        let max_rank = out.min(inp);
+        if rank > max_rank {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "LoRA module `{}` has rank {rank}, more than its weight's smaller side \
+                     ({out} x {inp}: at most {max_rank})",
+                    m.name()
+                ),
+            });
+        }
+        let keys: &[String] = match &target {
+            Target::Single(k) => std::slice::from_ref(k),
+            Target::Qkv(k) => k,
+        };
+        for k in keys {
+            if let Some(other) = adapted.insert(k.clone(), m.name()) {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    reason: format!("LoRA modules `{other}` and `{}` both adapt `{k}`", m.name()),
+                });
+            }
+        }
+        matched.push((m, target));
+    }
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(Error::KeyMismatch {
+            path: path.to_path_buf(),
+            missing: Vec::new(),
+            unexpected: unknown,
+        });
+    }
+    Ok(matched)
+}
+
+fn check_dims(
+    path: &Path,
+    key: &str,
+    found: [usize; 2],
+    expected: [usize; 2],
+) -> Result<(), Error> {
+    if found != expected {
         return Err(Error::Shape {
             path: path.to_path_buf(),
             key: key.to_string(),
             expected: expected.to_vec(),
-            found: t.dims().to_vec(),
+            found: found.to_vec(),
         });
     }
     Ok(())
@@ -186,6 +233,10 @@ impl WeightSource for LoraSource {
     }
     fn name(&self) -> String {
         self.inner.name()
+    }
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        // Merging a LoRA keeps the base weight's shape.
+        self.inner.shape(key)
     }
     fn keys(&self) -> Vec<String> {
         self.inner.keys()
