@@ -1,5 +1,5 @@
 """Helpers shared by the case generators: writing cases in the format of
-shared/parity-cases.md and deterministic random weights."""
+docs/parity-cases.md and deterministic random weights."""
 
 import json
 import os

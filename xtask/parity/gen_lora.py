@@ -1,4 +1,4 @@
-"""LoRA cases: `transformer` cases with `args.lora` (shared/parity-cases.md).
+"""LoRA cases: `transformer` cases with `args.lora` (docs/parity-cases.md).
 
 A tiny random Lumina2 transformer (diffusers folder, bf16 storage) with random
 LoRAs in the formats the loader reads:

@@ -1,4 +1,4 @@
-"""Writes the project's parity cases (format: shared/parity-cases.md).
+"""Writes the project's parity cases (format: docs/parity-cases.md).
 
     python xtask/parity/generate.py --out DIR [--only-tiny] [--components transformer,...]
 

@@ -2,25 +2,19 @@
 //! tests/fixtures/README.md), checked without Python: every tensor dequantised
 //! by our kernels must equal gguf-py's `dequantize` bit for bit.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use lumina2_loader::gguf::{GgmlType, GgufFile, MetadataArray, MetadataValue};
+use lumina2_parity::{find_cases, Case};
 
-fn cases() -> Vec<PathBuf> {
+fn cases() -> Vec<Case> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf_dequant");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+    find_cases(&root)
         .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("case.json").is_file())
-        .collect();
-    v.sort();
-    v
-}
-
-fn expected(case: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(case.join("expected.safetensors"), &Device::Cpu).unwrap()
+        .iter()
+        .map(|dir| Case::load(dir).unwrap())
+        .collect()
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -33,13 +27,11 @@ fn fixtures_dequantize_bit_exact() {
     assert_eq!(cases.len(), 2, "{cases:?}");
     let mut types = std::collections::BTreeSet::new();
     for case in cases {
-        let case_json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap())
-                .unwrap();
-        assert_eq!(case_json["component"], "gguf_dequant");
-        assert_eq!(case_json["tolerance"]["atol"], 0.0);
-        let f = GgufFile::open(case.join(case_json["model"].as_str().unwrap())).unwrap();
-        let exp = expected(&case);
+        assert_eq!(case.component, "gguf_dequant");
+        assert_eq!(case.tolerance.atol, 0.0);
+        let f = GgufFile::open(case.model().unwrap()).unwrap();
+        // Stricter than the case's zero tolerance: the bits must match.
+        let exp = case.expected().unwrap();
         assert_eq!(exp.len(), f.tensor_infos().len());
         for t in f.tensor_infos() {
             let e = &exp[&t.name];
@@ -137,7 +129,10 @@ fn qtensors_keep_the_bytes_and_shape() {
             .join("tests/fixtures/gguf_dequant/all_types/model.gguf"),
     )
     .unwrap();
-    let exp = expected(f.path().parent().unwrap());
+    let exp = Case::load(f.path().parent().unwrap())
+        .unwrap()
+        .expected()
+        .unwrap();
     for t in f.tensor_infos() {
         let q = f.qtensor(&t.name, &Device::Cpu).unwrap();
         assert_eq!(q.shape().dims(), t.shape().as_slice());

@@ -1,7 +1,8 @@
 //! # lumina2-pipeline
 //!
 //! Lumina-Image 2.0 text-to-image on candle: diffusers' `Lumina2Pipeline`
-//! wired from the lumina2-rs model crates, and the `lumina2` command.
+//! wired from the lumina2-rs model crates, as a library (the `lumina2` command
+//! is the `lumina2-cli` crate).
 //!
 //! - [`Lumina2Pipeline`] is built from a diffusers pipeline folder, a Hub repo
 //!   (through `lumina2-loader`), or component files the caller brings

@@ -1,72 +1,29 @@
 //! Runs the committed PyTorch fixtures (tests/fixtures) without Python.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use lumina2_parity::{find_cases, input, Case};
 use lumina2_text_encoder::{Gemma2Encoder, PromptEncoder, PromptOptions, SystemPrompt};
 
-fn cases(component: &str) -> Vec<PathBuf> {
+fn cases(component: &str) -> Vec<Case> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(component);
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
-        .expect("fixtures folder")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.join("case.json").is_file())
-        .collect();
-    v.sort();
-    v
-}
-
-struct Case {
-    json: serde_json::Value,
-    dtype: DType,
-    atol: f64,
-    rtol: f64,
-    model: PathBuf,
-    expected: HashMap<String, Tensor>,
-}
-
-fn load(dir: &Path) -> Case {
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let dtype = match json["dtype"].as_str().unwrap_or("f32") {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
-    };
-    Case {
-        dtype,
-        atol: json["tolerance"]["atol"].as_f64().unwrap(),
-        rtol: json["tolerance"]["rtol"].as_f64().unwrap(),
-        model: dir.join(json["model"].as_str().unwrap()),
-        expected: candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
-            .unwrap(),
-        json,
-    }
+    find_cases(&root)
+        .unwrap()
+        .iter()
+        .map(|dir| Case::load(dir).unwrap())
+        .collect()
 }
 
 /// (max |ours - expected|, max |ours - expected| / (atol + rtol |expected|)).
-fn compare(ours: &Tensor, exp: &Tensor, atol: f64, rtol: f64, what: &str) -> (f64, f64) {
-    assert_eq!(ours.dims(), exp.dims(), "{what}");
-    let v = |t: &Tensor| {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-    };
-    let (a, e) = (v(ours), v(exp));
-    let (mut max_abs, mut worst) = (0f64, 0f64);
-    for (x, y) in a.iter().zip(&e) {
-        let d = (x - y).abs();
-        assert!(d.is_finite(), "{what}: non-finite output");
-        max_abs = max_abs.max(d);
-        worst = worst.max(d / (atol + rtol * y.abs()));
-    }
-    (max_abs, worst)
+fn compare(ours: &Tensor, exp: &Tensor, case: &Case, what: &str) -> (f64, f64) {
+    let tol = case.tolerance;
+    let c = lumina2_parity::compare(ours, exp, tol.atol, tol.rtol)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(c.max_abs.is_finite(), "{what}: non-finite output");
+    (c.max_abs, c.worst)
 }
 
 #[test]
@@ -74,20 +31,22 @@ fn text_encoder_fixtures_match_pytorch() {
     let cases = cases("text_encoder");
     assert!(cases.len() >= 4, "fixtures missing: {cases:?}");
     let mut failures = Vec::new();
-    for dir in &cases {
-        let c = load(dir);
-        let model = Gemma2Encoder::from_folder(&c.model, c.dtype, &Device::Cpu).unwrap();
-        let inputs =
-            candle_core::safetensors::load(dir.join("inputs.safetensors"), &Device::Cpu).unwrap();
+    for c in &cases {
+        let dir = &c.dir;
+        let model = Gemma2Encoder::from_folder(c.model().unwrap(), c.dtype, &Device::Cpu).unwrap();
+        let inputs = c.inputs().unwrap();
         let out = model
-            .forward(&inputs["input_ids"], Some(&inputs["attention_mask"]))
+            .forward(
+                input(&inputs, "input_ids").unwrap(),
+                Some(input(&inputs, "attention_mask").unwrap()),
+            )
             .unwrap();
         assert_eq!(out.dtype(), c.dtype);
+        let expected = c.expected().unwrap();
         let (max_abs, worst) = compare(
             &out,
-            &c.expected["hidden_states"],
-            c.atol,
-            c.rtol,
+            &expected["hidden_states"],
+            c,
             &dir.display().to_string(),
         );
         eprintln!("{}: max_abs {max_abs:.3e} worst {worst:.4}", dir.display());
@@ -111,9 +70,10 @@ fn prompt_encoding_fixtures_match_diffusers() {
     let cases = cases("prompt_encoding");
     assert!(cases.len() >= 4, "fixtures missing: {cases:?}");
     let mut failures = Vec::new();
-    for dir in &cases {
-        let c = load(dir);
-        let a = &c.json["args"];
+    for c in &cases {
+        let dir = &c.dir;
+        let a = &serde_json::Value::Object(c.args.clone());
+        let expected = c.expected().unwrap();
         let opts = PromptOptions {
             system_prompt: match a["system_prompt"].as_str() {
                 Some(s) => SystemPrompt::Text(s.to_string()),
@@ -125,7 +85,8 @@ fn prompt_encoding_fixtures_match_diffusers() {
             num_images_per_prompt: a["num_images_per_prompt"].as_u64().unwrap() as usize,
             max_sequence_length: a["max_sequence_length"].as_u64().unwrap() as usize,
         };
-        let enc = PromptEncoder::from_pipeline_folder(&c.model, c.dtype, &Device::Cpu).unwrap();
+        let enc =
+            PromptEncoder::from_pipeline_folder(c.model().unwrap(), c.dtype, &Device::Cpu).unwrap();
         let out = enc.encode(&strings(&a["prompt"]), &opts).unwrap();
         let mut ours = vec![
             ("prompt_embeds", out.prompt_embeds.clone()),
@@ -143,9 +104,9 @@ fn prompt_encoding_fixtures_match_diffusers() {
         } else {
             assert!(out.negative_prompt_embeds.is_none());
         }
-        assert_eq!(ours.len(), c.expected.len(), "{}", dir.display());
+        assert_eq!(ours.len(), expected.len(), "{}", dir.display());
         for (name, t) in ours {
-            let exp = &c.expected[name];
+            let exp = &expected[name];
             let what = format!("{} {name}", dir.display());
             if name.ends_with("mask") {
                 // Masks are exact.
@@ -157,7 +118,7 @@ fn prompt_encoding_fixtures_match_diffusers() {
                 );
                 continue;
             }
-            let (max_abs, worst) = compare(&t, exp, c.atol, c.rtol, &what);
+            let (max_abs, worst) = compare(&t, exp, c, &what);
             eprintln!("{what}: max_abs {max_abs:.3e} worst {worst:.4}");
             if worst > 1.0 {
                 failures.push(what);

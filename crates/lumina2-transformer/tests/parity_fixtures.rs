@@ -1,96 +1,73 @@
 //! Runs the committed PyTorch fixtures (tests/fixtures) through the model.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
+use lumina2_parity::{compare, find_cases, input, Case, Comparison};
 use lumina2_transformer::{Config, Lumina2Transformer, Weights};
 
-fn cases() -> Vec<PathBuf> {
+fn cases() -> Vec<Case> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/transformer");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
-        .expect("fixtures folder")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.join("case.json").is_file())
-        .collect();
-    v.sort();
-    v
+    find_cases(&root)
+        .unwrap()
+        .iter()
+        .map(|dir| Case::load(dir).unwrap())
+        .collect()
 }
 
-/// Runs one case: (max abs error, worst error over the tolerance, relative
-/// RMS error ||ours - expected|| / ||expected||).
-fn run_case(dir: &Path, int8: bool) -> (f64, f64, f64) {
-    let case: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let dtype = match case["dtype"].as_str().unwrap_or("f32") {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
-    };
-    let atol = case["tolerance"]["atol"].as_f64().unwrap();
-    let rtol = case["tolerance"]["rtol"].as_f64().unwrap();
-    let model_dir = dir.join(case["model"].as_str().unwrap());
+/// Runs one case through the model and compares `sample` with PyTorch's.
+fn run_case(case: &Case, int8: bool) -> Comparison {
+    let model_dir = case.model().unwrap();
     let dev = Device::Cpu;
-    let cfg = Config::from_file(&model_dir).unwrap();
+    let cfg = Config::from_file(model_dir).unwrap();
     let weights = Weights::from_safetensors(
         &[model_dir.join("diffusion_pytorch_model.safetensors")],
-        dtype,
+        case.dtype,
         &dev,
     )
     .unwrap()
     .with_int8_linears(int8);
     let model = Lumina2Transformer::new(&cfg, &weights).unwrap();
-    let inputs: HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("inputs.safetensors"), &dev).unwrap();
-    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &dev).unwrap();
+    let inputs = case.inputs().unwrap();
     let out = model
         .forward(
-            &inputs["hidden_states"],
-            &inputs["timestep"],
-            &inputs["encoder_hidden_states"],
-            &inputs["encoder_attention_mask"],
+            input(&inputs, "hidden_states").unwrap(),
+            input(&inputs, "timestep").unwrap(),
+            input(&inputs, "encoder_hidden_states").unwrap(),
+            input(&inputs, "encoder_attention_mask").unwrap(),
         )
         .unwrap();
-    let exp = &expected["sample"];
-    assert_eq!(out.dims(), exp.dims(), "{}", dir.display());
-    let ours = out
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let refs = exp
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let mut worst = 0f64;
-    let mut max_abs = 0f64;
-    let (mut diff2, mut ref2) = (0f64, 0f64);
-    for (a, e) in ours.iter().zip(&refs) {
-        let d = (a - e).abs();
-        assert!(d.is_finite(), "{}: non-finite output", dir.display());
-        max_abs = max_abs.max(d);
-        worst = worst.max(d / (atol + rtol * e.abs()));
-        diff2 += d * d;
-        ref2 += e * e;
-    }
-    (max_abs, worst, (diff2 / ref2).sqrt())
+    let expected = case.expected().unwrap();
+    let c = compare(
+        &out,
+        &expected["sample"],
+        case.tolerance.atol,
+        case.tolerance.rtol,
+    )
+    .unwrap();
+    assert!(
+        c.max_abs.is_finite(),
+        "{}: non-finite output",
+        case.dir.display()
+    );
+    c
 }
 
 #[test]
 fn pytorch_fixtures_match() {
     let cases = cases();
-    assert!(cases.len() >= 6, "fixtures missing: {cases:?}");
+    assert!(cases.len() >= 6, "fixtures missing: {}", cases.len());
     let mut failures = Vec::new();
-    for dir in &cases {
-        let (max_abs, worst, _) = run_case(dir, false);
-        eprintln!("{}: max_abs {max_abs:.3e} worst {worst:.4}", dir.display());
-        if worst > 1.0 {
-            failures.push(dir.display().to_string());
+    for case in &cases {
+        let c = run_case(case, false);
+        eprintln!(
+            "{}: max_abs {:.3e} worst {:.4}",
+            case.dir.display(),
+            c.max_abs,
+            c.worst
+        );
+        if !c.passes() {
+            failures.push(case.dir.display().to_string());
         }
     }
     assert!(failures.is_empty(), "cases over tolerance: {failures:?}");
@@ -102,27 +79,28 @@ fn pytorch_fixtures_match() {
 /// every case), and the quantisation does take effect.
 #[test]
 fn int8_linears_stay_close() {
-    let cases: Vec<PathBuf> = cases()
+    let cases: Vec<Case> = cases()
         .into_iter()
-        .filter(|p| p.to_string_lossy().ends_with("_f32"))
+        .filter(|c| c.dir.to_string_lossy().ends_with("_f32"))
         .collect();
-    assert!(cases.len() >= 3, "f32 fixtures missing: {cases:?}");
-    for dir in &cases {
-        let (_, _, exact) = run_case(dir, false);
-        let (max_abs, _, rel) = run_case(dir, true);
+    assert!(cases.len() >= 3, "f32 fixtures missing: {}", cases.len());
+    for case in &cases {
+        let exact = run_case(case, false).rel_rms;
+        let c = run_case(case, true);
+        let (max_abs, rel) = (c.max_abs, c.rel_rms);
         eprintln!(
             "{} int8: max_abs {max_abs:.3e}, relative RMS {rel:.3e} (f32: {exact:.3e})",
-            dir.display()
+            case.dir.display()
         );
         assert!(
             rel < 0.02,
             "{}: int8 relative RMS error {rel}",
-            dir.display()
+            case.dir.display()
         );
         assert!(
             rel > 100.0 * exact,
             "{}: int8 made no difference",
-            dir.display()
+            case.dir.display()
         );
     }
 }

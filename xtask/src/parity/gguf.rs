@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lumina2_loader::gguf::GgufFile;
 
-use super::case::Case;
+use super::Case;
 use super::Prepared;
 
 struct GgufCase {

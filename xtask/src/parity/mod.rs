@@ -1,8 +1,7 @@
-//! The parity runner: finds cases in the format of `shared/parity-cases.md`,
-//! runs our implementation on each and compares with the PyTorch outputs.
+//! The parity runner: finds cases in the format of `docs/parity-cases.md`
+//! (read by `lumina2-parity`), runs our implementation on each and compares
+//! with the PyTorch outputs.
 
-mod case;
-mod compare;
 mod gguf;
 mod pipeline;
 mod scheduler;
@@ -17,8 +16,9 @@ use std::time::Instant;
 use anyhow::{anyhow, Result};
 use candle_core::Tensor;
 
-pub use case::{find_cases, Case};
-pub use compare::{compare, Comparison};
+pub use lumina2_parity::{
+    compare, find_cases, format_report, format_row, input, Case, Comparison, Row,
+};
 
 /// A case loaded and ready to run (model loading is not timed).
 pub trait Prepared {
@@ -40,46 +40,6 @@ pub fn prepare(case: &Case, int8: bool) -> Result<Box<dyn Prepared>> {
         "prompt_encoding" => text_encoder::prepare_prompt_encoding(case),
         "pipeline" => pipeline::prepare(case),
         other => Err(anyhow!("unknown component `{other}`")),
-    }
-}
-
-/// One row of the report.
-#[derive(Debug, Clone)]
-pub struct Row {
-    /// Case path relative to the cases directory.
-    pub case: String,
-    /// The component.
-    pub component: String,
-    /// Expected tensor name (or `-` when the case could not run).
-    pub tensor: String,
-    /// Shape of the expected tensor.
-    pub shape: String,
-    /// Max absolute error.
-    pub max_abs: f64,
-    /// Max of |rust - expected| / (atol + rtol |expected|).
-    pub worst: f64,
-    /// ||rust - expected|| / ||expected||.
-    pub rel_rms: f64,
-    /// Whether the row passes.
-    pub pass: bool,
-    /// Why a row failed without a comparison.
-    pub note: String,
-}
-
-impl Row {
-    /// A failed row that did not get to a comparison.
-    fn failed(case: &str, component: &str, tensor: &str, shape: String, note: String) -> Self {
-        Self {
-            case: case.to_string(),
-            component: component.to_string(),
-            tensor: tensor.to_string(),
-            shape,
-            max_abs: f64::NAN,
-            worst: f64::INFINITY,
-            rel_rms: f64::NAN,
-            pass: false,
-            note,
-        }
     }
 }
 
@@ -143,23 +103,15 @@ fn run_case_inner(case: &Case, rel: &str, opts: &RunOptions) -> Result<CaseResul
                 "our implementation produced no such output".into(),
             ),
             Some(ours) => match compare(ours, exp, case.tolerance.atol, case.tolerance.rtol) {
-                Ok(c) => Row {
-                    case: rel.to_string(),
-                    component: case.component.clone(),
-                    tensor: name.clone(),
-                    shape: format!("{:?}", exp.dims()),
-                    max_abs: c.max_abs,
-                    worst: c.worst,
-                    rel_rms: c.rel_rms,
+                Ok(c) => {
+                    let mut row = Row::compared(rel, &case.component, name, exp.dims(), &c);
                     // int8 outputs are reported, not judged against the
                     // case's (f32 / bf16) tolerance; they must be finite.
-                    pass: if opts.int8 {
-                        c.rel_rms.is_finite()
-                    } else {
-                        c.worst <= 1.0
-                    },
-                    note: String::new(),
-                },
+                    if opts.int8 {
+                        row.pass = c.rel_rms.is_finite();
+                    }
+                    row
+                }
                 Err(e) => Row::failed(
                     rel,
                     &case.component,
@@ -250,48 +202,4 @@ fn rel_path(root: &Path, p: &Path) -> String {
     } else {
         s
     }
-}
-
-fn format_row(r: &Row) -> String {
-    format!(
-        "{:<44} {:<12} {:<24} {:<20} {:>11} {:>10} {:>10} {}{}",
-        r.case,
-        r.component,
-        r.tensor,
-        r.shape,
-        if r.max_abs.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{:.3e}", r.max_abs)
-        },
-        if r.rel_rms.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{:.3e}", r.rel_rms)
-        },
-        if r.worst.is_infinite() {
-            "inf".to_string()
-        } else {
-            format!("{:.4}", r.worst)
-        },
-        if r.pass { "pass" } else { "FAIL" },
-        if r.note.is_empty() {
-            String::new()
-        } else {
-            format!("  ({})", r.note)
-        }
-    )
-}
-
-/// The report table.
-pub fn format_report(rows: &[Row]) -> String {
-    let mut s = format!(
-        "{:<44} {:<12} {:<24} {:<20} {:>11} {:>10} {:>10} {}\n",
-        "case", "component", "tensor", "shape", "max_abs", "rel_rms", "worst", "result"
-    );
-    for r in rows {
-        s.push_str(&format_row(r));
-        s.push('\n');
-    }
-    s
 }

@@ -8,8 +8,8 @@ use lumina2_pipeline::{
     Conditioning, GenerateOptions, Lumina2Pipeline, Noise, PipelineSources, SystemPrompt,
 };
 
-use super::case::Case;
 use super::text_encoder::strings;
+use super::Case;
 use super::Prepared;
 
 struct PipelineCase {

@@ -7,8 +7,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use lumina2_scheduler::{FlowMatchEulerDiscreteScheduler, TimestepRequest};
 
-use super::case::{input, Case};
 use super::Prepared;
+use super::{input, Case};
 
 struct SchedulerCase {
     scheduler: FlowMatchEulerDiscreteScheduler,

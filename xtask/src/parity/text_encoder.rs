@@ -6,8 +6,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use lumina2_text_encoder::{Gemma2Encoder, PromptEncoder, PromptOptions, SystemPrompt};
 
-use super::case::{input, Case};
 use super::Prepared;
+use super::{input, Case};
 
 struct TextEncoderCase {
     model: Gemma2Encoder,

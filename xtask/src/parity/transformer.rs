@@ -9,8 +9,8 @@ use candle_core::{Device, Tensor};
 use lumina2_transformer::weights::SafetensorsSource;
 use lumina2_transformer::{Config, Lumina2Transformer, WeightSource, Weights};
 
-use super::case::{input, Case};
 use super::Prepared;
+use super::{input, Case};
 
 struct TransformerCase {
     model: Lumina2Transformer,
@@ -69,9 +69,9 @@ fn loras(case: &Case) -> Result<Vec<(PathBuf, f64)>> {
                 .get("scale")
                 .and_then(|s| s.as_f64())
                 .with_context(|| format!("`lora` entry {item} has no number `scale`"))?;
-            let full = case.dir.join(path);
+            let full = case.path("args.lora.path", path)?;
             if !full.is_file() {
-                bail!("LoRA file `{path}` does not exist in the case");
+                bail!("LoRA file `{path}` is not a file in the case");
             }
             Ok((full, scale))
         })

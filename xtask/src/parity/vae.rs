@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig, Weights};
 
-use super::case::{input, Case};
 use super::Prepared;
+use super::{input, Case};
 
 struct VaeCase {
     model: AutoencoderKL,

@@ -209,13 +209,32 @@ fn parse_device(s: &str) -> Result<Device> {
     match kind {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Device::new_cuda(ordinal).with_context(|| {
-            format!("--device {s}: CUDA is not available (build with --features cuda)")
+            if cfg!(feature = "cuda") {
+                format!("--device {s}: CUDA device {ordinal} could not be opened")
+            } else {
+                format!(
+                    "--device {s}: this lumina2 was built without CUDA (`{}`)",
+                    install("cuda")
+                )
+            }
         }),
         "metal" => Device::new_metal(ordinal).with_context(|| {
-            format!("--device {s}: Metal is not available (build with --features metal)")
+            if cfg!(feature = "metal") {
+                format!("--device {s}: Metal device {ordinal} could not be opened")
+            } else {
+                format!(
+                    "--device {s}: this lumina2 was built without Metal (`{}`)",
+                    install("metal")
+                )
+            }
         }),
         other => bail!("--device: unknown device `{other}` (cpu, cuda[:N], metal[:N])"),
     }
+}
+
+/// The command that builds `lumina2` with a backend `feature`.
+fn install(feature: &str) -> String {
+    format!("cargo install --path crates/lumina2-cli --features {feature}")
 }
 
 /// The most worker threads: [`THREADS_PER_CORE`] per core this process may

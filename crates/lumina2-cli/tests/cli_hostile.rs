@@ -10,7 +10,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 fn pipeline_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline/seed_cfg/pipeline")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lumina2-pipeline/tests/fixtures/pipeline/seed_cfg/pipeline")
 }
 
 fn tmp_dir(name: &str) -> PathBuf {

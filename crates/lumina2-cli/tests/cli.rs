@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn pipeline_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline/seed_cfg/pipeline")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lumina2-pipeline/tests/fixtures/pipeline/seed_cfg/pipeline")
 }
 
 fn tmp_dir(name: &str) -> PathBuf {
@@ -78,7 +79,7 @@ fn generate_fixture_case(out: &Path, extra: &[&str]) -> Output {
 fn fixture_reference() -> Vec<f32> {
     let expected = candle_core::safetensors::load(
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/pipeline/seed_cfg/expected.safetensors"),
+            .join("../lumina2-pipeline/tests/fixtures/pipeline/seed_cfg/expected.safetensors"),
         &candle_core::Device::Cpu,
     )
     .unwrap();
@@ -127,13 +128,14 @@ fn generates_the_diffusers_image_with_metadata() {
 }
 
 /// The same generation with the text encoder given as a llama.cpp-style GGUF
-/// file (`tests/fixtures/text_encoder.gguf`: the tiny pipeline's Gemma-2 in
+/// file (`lumina2-pipeline/tests/fixtures/text_encoder.gguf`: the tiny pipeline's Gemma-2 in
 /// F16, written by xtask/parity/gen_text_encoder_gguf.py): the same image.
 #[test]
 fn a_gguf_text_encoder_gives_the_same_image() {
     let dir = tmp_dir("gguf-te");
     let out = dir.join("fox.png");
-    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text_encoder.gguf");
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lumina2-pipeline/tests/fixtures/text_encoder.gguf");
     let r = generate_fixture_case(&out, &["--text-encoder", gguf.to_str().unwrap()]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_fixture_pixels(&std::fs::read(&out).unwrap());
@@ -162,7 +164,7 @@ fn bad_options_fail_before_loading_and_write_nothing() {
     let m = model.to_str().unwrap();
     let out = dir.join("x.png");
     let o = out.to_str().unwrap();
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    let mut cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--width", "40"], "multiple of 16"),
         (vec!["--width", "0"], "multiple of 16"),
         (vec!["--height", "100000"], "larger than"),
@@ -194,6 +196,19 @@ fn bad_options_fail_before_loading_and_write_nothing() {
             "MiB",
         ),
     ];
+    // A backend left out of the build names the command that builds it in.
+    if !cfg!(feature = "cuda") {
+        cases.push((
+            vec!["--device", "cuda"],
+            "cargo install --path crates/lumina2-cli --features cuda",
+        ));
+    }
+    if !cfg!(feature = "metal") {
+        cases.push((
+            vec!["--device", "metal:1"],
+            "cargo install --path crates/lumina2-cli --features metal",
+        ));
+    }
     for (extra, needle) in cases {
         let mut args = vec!["generate", "--model", m, "--prompt", "x", "-o", o, "-q"];
         args.extend(extra.iter().copied());
