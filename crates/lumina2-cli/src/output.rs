@@ -98,44 +98,16 @@ fn check_target(path: &Path) -> Result<()> {
     }
     let kind = if meta.file_type().is_symlink() {
         match std::fs::metadata(path) {
-            Ok(target) => format!("a symbolic link to {}", kind_of(&target.file_type())),
+            Ok(target) => format!("a symbolic link to {}", lumina2_weights::fs::kind_of(&target.file_type())),
             Err(_) => "a symbolic link to nothing".to_string(),
         }
     } else {
-        kind_of(&meta.file_type()).to_string()
+        lumina2_weights::fs::kind_of(&meta.file_type()).to_string()
     };
     bail!(
         "output {} is {kind}; an output must be a new path or a regular file (which is replaced)",
         path.display()
     )
-}
-
-fn kind_of(t: &std::fs::FileType) -> &'static str {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if t.is_fifo() {
-            return "a FIFO";
-        }
-        if t.is_socket() {
-            return "a socket";
-        }
-        if t.is_char_device() {
-            return "a character device";
-        }
-        if t.is_block_device() {
-            return "a block device";
-        }
-    }
-    if t.is_dir() {
-        "a folder"
-    } else if t.is_file() {
-        "a regular file"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else {
-        "not a regular file"
-    }
 }
 
 fn parent_dir(path: &Path) -> PathBuf {

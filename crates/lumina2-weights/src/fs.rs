@@ -100,7 +100,8 @@ fn too_large(len: u64, max: u64) -> io::Error {
     )
 }
 
-fn kind_of(t: &std::fs::FileType) -> &'static str {
+/// What a file is, in words, for error messages ("a FIFO", "a folder", ...).
+pub fn kind_of(t: &std::fs::FileType) -> &'static str {
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt;
@@ -118,9 +119,13 @@ fn kind_of(t: &std::fs::FileType) -> &'static str {
         }
     }
     if t.is_dir() {
-        "a directory"
+        "a folder"
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_symlink() {
+        "a symbolic link"
     } else {
-        "not a file"
+        "not a regular file"
     }
 }
 
@@ -139,7 +144,7 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("limit of 7 bytes"), "{e}");
         let e = read_bounded(&dir, 100).unwrap_err();
-        assert!(e.to_string().contains("directory"), "{e}");
+        assert!(e.to_string().contains("folder"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
