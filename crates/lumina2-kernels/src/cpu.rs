@@ -1,5 +1,5 @@
 //! Borrowing the elements of a CPU tensor without copying them, for the
-//! kernels of [`crate::softmax`], [`crate::fused`] and [`crate::packed`].
+//! kernels of [`crate::attention::softmax`], [`crate::elementwise::fused`] and [`crate::gemm::packed`].
 
 use candle_core::{DType, Storage, Tensor, WithDType};
 use rayon::prelude::*;
@@ -137,7 +137,7 @@ pub fn cast(x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
                     .zip(s.par_chunks(CHUNK))
                     .for_each(|(o, s)| {
                         for (o, &v) in o.iter_mut().zip(s) {
-                            *o = half::bf16::from_bits(crate::packed::round_bf16(v));
+                            *o = half::bf16::from_bits(crate::gemm::packed::round_bf16(v));
                         }
                     });
                 return Tensor::from_vec(o, x.dims(), x.device());

@@ -5,7 +5,7 @@
 //! tile (32), channel counts that are not multiples of 32, two batch items.
 
 use half::bf16;
-use lumina2_weights::conv::{available, ConvBf16, Geometry};
+use lumina2_kernels::conv::bf16::{available, ConvBf16, Geometry};
 
 /// A deterministic pseudo-random bf16 in about [-scale, scale].
 fn values(n: usize, seed: u64, scale: f32) -> Vec<bf16> {

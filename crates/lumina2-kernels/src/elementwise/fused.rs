@@ -296,7 +296,7 @@ pub fn mul_bcast(x: &Tensor, v: &Tensor, y: Option<&Tensor>) -> candle_core::Res
     Tensor::from_vec(out, (b, s, d), x.device())
 }
 
-/// The activation-times-gate kernel on slices, for [`crate::packed`]'s
+/// The activation-times-gate kernel on slices, for [`crate::gemm::packed`]'s
 /// gated feed-forward.
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::act_mul as act_mul_slices;

@@ -131,14 +131,7 @@ pub fn softcapped_softmax_bf16(
 }
 
 fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::caps().avx512f
 }
 
 #[cfg(target_arch = "x86_64")]

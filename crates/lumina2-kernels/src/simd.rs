@@ -1,5 +1,5 @@
-//! AVX-512 helpers shared by the vectorised kernels ([`crate::softmax`],
-//! [`crate::fused`]).
+//! AVX-512 helpers shared by the vectorised kernels ([`crate::attention::softmax`],
+//! [`crate::elementwise::fused`]).
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::*;
@@ -107,15 +107,5 @@ mod x86 {
 /// Whether the CPU has what the bf16 kernels need (AVX-512F/BW/VL and BF16
 /// conversions).
 pub(crate) fn has_avx512_bf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::caps().avx512_bf16
 }
