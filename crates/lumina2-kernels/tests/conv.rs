@@ -72,6 +72,7 @@ fn reference(
 
 #[test]
 fn matches_f64_reference() {
+    lumina2_kernels::report_paths("matches_f64_reference");
     if !available() {
         eprintln!("AMX not usable here: nothing to test");
         return;
@@ -127,6 +128,7 @@ fn matches_f64_reference() {
 
 #[test]
 fn rejects_sizes_that_do_not_fit() {
+    lumina2_kernels::report_paths("rejects_sizes_that_do_not_fit");
     let wt = values(2 * 3 * 9, 1, 1.0);
     assert!(ConvBf16::new(&wt, &[0.0; 2], 2, 3, 3).is_some());
     assert!(ConvBf16::new(&wt, &[0.0; 3], 2, 3, 3).is_none());

@@ -470,6 +470,7 @@ mod tests {
     /// heads, a key mask.
     #[test]
     fn matches_f64_attention() -> candle_core::Result<()> {
+        crate::report_paths("matches_f64_attention");
         let dev = Device::Cpu;
         for dtype in [DType::BF16, DType::F32] {
             for &(b, h, kv, s_q, s_kv, d, masked) in &[
@@ -525,6 +526,7 @@ mod tests {
     /// A row with every key masked gives NaN (as PyTorch), not garbage.
     #[test]
     fn all_masked_gives_nan() -> candle_core::Result<()> {
+        crate::report_paths("all_masked_gives_nan");
         let dev = Device::Cpu;
         for dtype in [DType::BF16, DType::F32] {
             let q = Tensor::randn(0f32, 1., (1, 1, 3, 32), &dev)?.to_dtype(dtype)?;

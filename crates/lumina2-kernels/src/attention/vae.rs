@@ -170,6 +170,7 @@ mod tests {
     /// Against a direct f64 computation of `x + W_o softmax(..) v + b_o`.
     #[test]
     fn matches_f64_reference() {
+        crate::report_paths("matches_f64_reference");
         if !crate::conv::f32::available() {
             return;
         }

@@ -624,6 +624,7 @@ mod tests {
     /// multiple of `NR` and panels across rows, `K` larger than `KC`, stride 2.
     #[test]
     fn matches_candle_conv2d() -> candle_core::Result<()> {
+        crate::report_paths("matches_candle_conv2d");
         if !available() {
             return Ok(());
         }
@@ -688,10 +689,11 @@ mod tests {
     }
 
     /// Throughput of the kernel on the decoder's layer shapes (not a check):
-    /// `cargo test --release -p lumina2-vae --lib conv_speed -- --ignored --nocapture`.
+    /// `cargo test --release -p lumina2-kernels --lib conv_speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn conv_speed() {
+        crate::report_paths("conv_speed");
         // The micro-kernel alone on L1-resident panels: this core's ceiling.
         let (a, b) = (vec![0.5f32; KC * MR], vec![0.25f32; KC * NR]);
         let mut c = vec![0f32; MR * NR];

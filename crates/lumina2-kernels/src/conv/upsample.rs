@@ -104,6 +104,7 @@ mod tests {
     /// Against candle's nearest upsampling then `conv2d`, odd sizes included.
     #[test]
     fn matches_upsample_then_conv() -> candle_core::Result<()> {
+        crate::report_paths("matches_upsample_then_conv");
         if !crate::conv::f32::available() {
             return Ok(());
         }

@@ -701,6 +701,7 @@ mod tests {
     /// row blocks, widths that are not multiples of 64, bias, bf16 inputs.
     #[test]
     fn kernels_match_the_integer_reference() -> candle_core::Result<()> {
+        crate::report_paths("kernels_match_the_integer_reference");
         let dev = Device::Cpu;
         for &(rows, inp, out, with_bias, bf) in &[
             (1usize, 3usize, 1usize, false, false),
@@ -755,6 +756,7 @@ mod tests {
     /// element off by at most half a step of its row's scale).
     #[test]
     fn close_to_f32() -> candle_core::Result<()> {
+        crate::report_paths("close_to_f32");
         let dev = Device::Cpu;
         let (rows, inp, out) = (64, 512, 96);
         let x = Tensor::randn(0f32, 1., (rows, inp), &dev)?;
@@ -784,6 +786,7 @@ mod tests {
     /// non-finite weights are refused; a wrong width is an error.
     #[test]
     fn edge_cases() -> candle_core::Result<()> {
+        crate::report_paths("edge_cases");
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1., (3, 8), &dev)?;
         let p = PackedI8::quantize(&w)?;

@@ -1348,6 +1348,7 @@ mod tests {
     /// a sweep of bit patterns.
     #[test]
     fn round_bf16_is_halfs() {
+        crate::report_paths("round_bf16_is_halfs");
         let mut vals = vec![
             0.0f32,
             -0.0,
@@ -1371,6 +1372,7 @@ mod tests {
     /// rounded to bf16, bit for bit (partial panel included).
     #[test]
     fn quantized_packs_as_dequantised() -> candle_core::Result<()> {
+        crate::report_paths("quantized_packs_as_dequantised");
         let w = Tensor::randn(0f32, 1., (70, 608), &Device::Cpu)?;
         for ty in [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4_1] {
             let q = QTensor::quantize(&w, ty)?;
@@ -1386,6 +1388,7 @@ mod tests {
     /// exactly as a freshly packed one.
     #[test]
     fn reused_buffer_packs_as_fresh() -> candle_core::Result<()> {
+        crate::report_paths("reused_buffer_packs_as_fresh");
         if !crate::simd::has_avx512_bf16() {
             return Ok(());
         }
@@ -1424,6 +1427,7 @@ mod tests {
     /// a depth split into chunks.
     #[test]
     fn matches_reference() -> candle_core::Result<()> {
+        crate::report_paths("matches_reference");
         if !crate::simd::has_avx512_bf16() {
             eprintln!("skipped: no AVX512-BF16 on this CPU");
             return Ok(());

@@ -291,6 +291,7 @@ mod tests {
     /// The branch-free rounding is `half`'s, special values included.
     #[test]
     fn round_bf16_is_half() {
+        crate::report_paths("round_bf16_is_half");
         let mut v: Vec<f32> = (0..200_000u32)
             .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
             .collect();
@@ -318,6 +319,7 @@ mod tests {
     /// The vectorisable `exp` against the standard library's over SiLU's range.
     #[test]
     fn exp_is_within_a_few_ulp() {
+        crate::report_paths("exp_is_within_a_few_ulp");
         let mut worst = 0f32;
         let mut x = -87.0f32;
         while x < 88.0 {
@@ -334,6 +336,7 @@ mod tests {
     /// Group norm + SiLU against a direct f64 computation.
     #[test]
     fn group_norm_silu_matches_f64_reference() {
+        crate::report_paths("group_norm_silu_matches_f64_reference");
         let (b, c, hw, g) = (2, 6, 37, 3);
         let x: Vec<f32> = (0..b * c * hw)
             .map(|i| ((i * 7919 % 1000) as f32 / 100.0 - 5.0) * (1.0 + (i % 3) as f32))
