@@ -12,6 +12,7 @@
 //! - [`norm`]: group norm fused with its activation.
 //! - [`elementwise`]: fused bf16 element-wise ops (gates, RoPE, adds).
 //! - [`cast`]: parallel dtype conversions; [`profile`]: per-op-group timing.
+//! - [`ops`]: whether an op runs on a kernel here or on candle.
 //!
 //! Which path runs is decided by one probe, [`caps`], computed once; its
 //! environment switches are listed there and in the crate README. Every
@@ -34,6 +35,7 @@ mod cpu;
 pub mod elementwise;
 pub mod gemm;
 pub mod norm;
+pub mod ops;
 pub mod profile;
 mod simd;
 

@@ -10,7 +10,7 @@ use crate::error::{input_err, Result};
 use crate::layers::{get, with_cpu_f32, GroupNorm, Linear};
 use crate::profile::{span, Op};
 use lumina2_kernels::attention::vae::{LinearWeights, PackedAttention};
-use lumina2_kernels::conv::f32 as cpu_conv;
+use lumina2_kernels::ops;
 
 /// Queries per chunk: bounds the score matrix to `QUERY_CHUNK x tokens` f32.
 const QUERY_CHUNK: usize = 1024;
@@ -32,7 +32,7 @@ pub(crate) struct Attention {
 
 impl Attention {
     pub(crate) fn load(vb: &Weights, channels: usize, groups: usize, eps: f64) -> Result<Self> {
-        let packed = if vb.device().is_cpu() && vb.dtype() == DType::F32 && cpu_conv::available() {
+        let packed = if ops::vae_attention_f32(vb.device(), vb.dtype()) {
             let lin = |name: &str| -> Result<LinearWeights> {
                 let v = vb.pp(name);
                 Ok(LinearWeights {

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Storage, Tensor, D};
 use lumina2_weights::Weights;
 
-use lumina2_kernels::conv::bf16::{self as amx_conv, ConvBf16, Geometry};
+use lumina2_kernels::conv::bf16::{ConvBf16, Geometry};
 
 use crate::error::{input_err, Result, VaeError};
 use crate::profile::{span, Op};
-use lumina2_kernels::conv::f32::{self as cpu_conv, PackedConv};
+use lumina2_kernels::conv::f32::PackedConv;
 use lumina2_kernels::conv::upsample::UpsampleConv;
 use lumina2_kernels::norm::group::{self as cpu_norm, FusedAct, NormShape};
+use lumina2_kernels::ops;
 
 /// Loads `name` under `vb`'s prefix with exactly `shape`, in the model's
 /// dtype: the shape the file declares is compared before anything is read,
@@ -110,7 +111,7 @@ impl Conv2d {
         let cdt = compute_dtype(dtype, vb.device());
         let weight = get(vb, &[c_out, c_in, kernel, kernel], "weight")?;
         let bias = get(vb, &[c_out], "bias")?.to_dtype(cdt)?;
-        if vb.device().is_cpu() && dtype == DType::BF16 && amx_conv::available() {
+        if ops::conv2d_bf16(vb.device(), dtype) {
             let w = weight.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?;
             let b = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             if let Some(c) = ConvBf16::new(&w, &b, c_out, c_in, kernel) {
@@ -124,7 +125,7 @@ impl Conv2d {
             }
         }
         let weight = weight.to_dtype(cdt)?;
-        let fast = vb.device().is_cpu() && cdt == DType::F32 && cpu_conv::available();
+        let fast = ops::conv2d_f32(vb.device(), cdt);
         let kind = if fast {
             let w = weight.flatten_all()?.to_vec1::<f32>()?;
             let b = bias.to_vec1::<f32>()?;
