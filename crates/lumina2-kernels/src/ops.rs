@@ -1,6 +1,7 @@
 //! Where an op runs: one of this crate's kernels or candle's op. The model
 //! crates ask here instead of combining device, dtype and CPU features
-//! themselves (so far: the VAE's convolutions and attention).
+//! themselves (so far: the VAE's convolutions and attention, the bf16
+//! attention of the transformer and the text encoder).
 
 use candle_core::{DType, Device};
 
@@ -21,4 +22,11 @@ pub fn conv2d_f32(device: &Device, dtype: DType) -> bool {
 /// [`crate::attention::vae`]; otherwise candle's ops.
 pub fn vae_attention_f32(device: &Device, dtype: DType) -> bool {
     conv2d_f32(device, dtype)
+}
+
+/// Whether a bf16 attention on `device` multiplies on the packed bf16 kernel
+/// ([`crate::gemm::packed`], and [`crate::attention::flash`] where AMX is
+/// usable); otherwise candle's matmul.
+pub fn attention_bf16_packed(device: &Device, dtype: DType) -> bool {
+    dtype == DType::BF16 && device.is_cpu() && crate::gemm::packed::available()
 }

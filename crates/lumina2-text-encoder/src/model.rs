@@ -204,9 +204,7 @@ impl Attention {
             (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?)
         };
         let _span = span(groups::ATTENTION);
-        let fast = dtype == DType::BF16
-            && x.device().is_cpu()
-            && lumina2_kernels::gemm::packed::available();
+        let fast = lumina2_kernels::ops::attention_bf16_packed(x.device(), dtype);
         let fused = match fast {
             true => self.attend_bf16(&q, &k, &v, mask)?,
             false => None,

@@ -115,8 +115,7 @@ impl Attention {
         let k = rope.apply(&k)?;
 
         let scale = 1.0 / (hd as f64).sqrt();
-        if dtype == DType::BF16 && x.device().is_cpu() && lumina2_kernels::gemm::packed::available()
-        {
+        if lumina2_kernels::ops::attention_bf16_packed(x.device(), dtype) {
             // bf16 products on the packed kernel, as PyTorch's CPU flash
             // attention multiplies bf16 blocks: scores summed and scaled in
             // f32, softmax in f32, probabilities rounded to bf16 for the
