@@ -332,10 +332,10 @@ fn time_transformer_forward(
 }
 
 /// One more run of `forward` with the per-group accounting of
-/// `lumina2_weights::profile` on (not among the timed runs): seconds per op
+/// `lumina2_kernels::profile` on (not among the timed runs): seconds per op
 /// group, the rest of the run as `other`, and the run's total.
 fn profile_once(forward: impl Fn() -> Result<()>, other: &str) -> Result<Vec<(String, f64)>> {
-    use lumina2_weights::profile;
+    use lumina2_kernels::profile;
     profile::reset();
     profile::enable(true);
     let t0 = Instant::now();

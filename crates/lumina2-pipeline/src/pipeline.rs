@@ -100,7 +100,7 @@ impl PipelineBuilder {
     }
 
     /// Quantise the transformer's attention and feed-forward linears to int8
-    /// as they load (`lumina2_weights::int8`; the embedders, modulation and
+    /// as they load (`lumina2_kernels::gemm::int8`; the embedders, modulation and
     /// output layer keep the compute dtype). Faster on CPUs with AMX or
     /// AVX512-VNNI, less exact: about 1% relative error on the transformer's
     /// output in the parity cases (`cargo xtask parity --int8`).

@@ -94,21 +94,13 @@ impl NormalKernel {
     }
 }
 
-/// Whether torch's CPU detection (cpuinfo) would pick its AVX2 or AVX-512 level.
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+/// Whether torch's CPU detection (cpuinfo) would pick its AVX2 or AVX-512
+/// level: the CPU's own features, whatever switches our kernels run under
+/// (never off x86-64).
 fn cpu_runs_avx2_kernel() -> bool {
-    let fma = std::arch::is_x86_feature_detected!("fma");
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
-    let avx512 = std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512dq");
-    fma && (avx2 || avx512)
-}
-
-/// Whether torch's CPU detection would pick its AVX2 level: never off x86.
-#[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
-fn cpu_runs_avx2_kernel() -> bool {
-    false
+    let cpu = lumina2_kernels::caps().cpu;
+    let avx512 = cpu.avx512vl && cpu.avx512bw && cpu.avx512dq;
+    cpu.fma && (cpu.avx2 || avx512)
 }
 
 /// A CPU `torch.Generator` after `manual_seed(seed)`.

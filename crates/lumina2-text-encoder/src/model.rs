@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use lumina2_weights::profile::{groups, span};
+use lumina2_kernels::profile::{groups, span};
 
 use crate::config::{Activation, Gemma2Config, LayerType};
 use crate::embedding::Embedding;
@@ -75,7 +75,9 @@ struct Attention {
 /// `x * cos + rotate_half(x) * sin`, rounded after each op in a half dtype
 /// as PyTorch computes it (one fused pass on the CPU).
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(lumina2_weights::fused::rope_rotate_half(x, cos, sin)?)
+    Ok(lumina2_kernels::elementwise::fused::rope_rotate_half(
+        x, cos, sin,
+    )?)
 }
 
 impl Attention {
@@ -126,7 +128,7 @@ impl Attention {
             s = round_to((s * cap)?, dtype)?;
         }
         let s = round_to(s.broadcast_add(mask)?, dtype)?;
-        let p = lumina2_weights::softmax::softmax_last_dim(&s.to_dtype(DType::F32)?)?
+        let p = lumina2_kernels::attention::softmax::softmax_last_dim(&s.to_dtype(DType::F32)?)?
             .to_dtype(dtype)?;
         Ok(p.matmul(&v)?)
     }
@@ -136,7 +138,7 @@ impl Attention {
     /// values packed once, `q k^T` rounded to bf16 for the query heads that
     /// share them (no repeated keys), the scaling, soft cap, mask and
     /// softmax in one pass per row
-    /// ([`lumina2_weights::softmax::softcapped_softmax_bf16`]), the weighted
+    /// ([`lumina2_kernels::attention::softmax::softcapped_softmax_bf16`]), the weighted
     /// sum rounded once. `None` where that pass does not apply.
     fn attend_bf16(
         &self,
@@ -145,7 +147,7 @@ impl Attention {
         v: &Tensor,
         mask: &Tensor,
     ) -> Result<Option<Tensor>> {
-        use lumina2_weights::packed::PackedBf16;
+        use lumina2_kernels::gemm::packed::PackedBf16;
         let (b, h, l, hd) = q.dims4()?;
         let rep = h / self.kv_heads.max(1);
         let mut values = Vec::with_capacity(b * self.kv_heads);
@@ -162,7 +164,7 @@ impl Attention {
         }
         let scores = Tensor::stack(&scores, 0)?;
         let cap = self.softcap.map(|c| c as f32);
-        let Some(p) = lumina2_weights::softmax::softcapped_softmax_bf16(
+        let Some(p) = lumina2_kernels::attention::softmax::softcapped_softmax_bf16(
             &scores,
             self.scaling as f32,
             cap,
@@ -202,8 +204,7 @@ impl Attention {
             (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?)
         };
         let _span = span(groups::ATTENTION);
-        let fast =
-            dtype == DType::BF16 && x.device().is_cpu() && lumina2_weights::packed::available();
+        let fast = lumina2_kernels::ops::attention_bf16_packed(x.device(), dtype);
         let fused = match fast {
             true => self.attend_bf16(&q, &k, &v, mask)?,
             false => None,
@@ -302,7 +303,7 @@ impl DecoderLayer {
 /// `x + h`, rounded once in a half dtype (PyTorch's `add`).
 fn residual(x: &Tensor, h: &Tensor) -> Result<Tensor> {
     let _span = span(groups::ELEMENTWISE);
-    Ok(lumina2_weights::fused::add(x, h)?)
+    Ok(lumina2_kernels::elementwise::fused::add(x, h)?)
 }
 
 /// Gemma-2 as Lumina-Image 2.0's text encoder.

@@ -5,8 +5,8 @@
 //! (`flash::attention_f32`, AVX-512). Best of 3 after a warm-up.
 //! `cargo run --release -p lumina2-transformer --example attention_probe`
 use candle_core::{DType, Device, Tensor};
+use lumina2_kernels::attention::flash;
 use lumina2_transformer::{grouped_attention, grouped_attention_packed, KeyMask};
-use lumina2_weights::flash;
 use std::time::Instant;
 
 /// Best of 3 timed runs after a warm-up; NaN when `f` says the path does
@@ -28,7 +28,7 @@ fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     let budget = lumina2_transformer::attention::PACKED_SCORE_BUDGET;
     for dtype in [DType::BF16, DType::F32] {
-        if dtype == DType::BF16 && !lumina2_weights::packed::available() {
+        if dtype == DType::BF16 && !lumina2_kernels::gemm::packed::available() {
             println!("no packed bf16 kernel on this CPU");
             continue;
         }

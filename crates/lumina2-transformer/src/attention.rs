@@ -5,8 +5,8 @@ use candle_core::{DType, Tensor};
 use crate::error::Result;
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
-use crate::weights::profile::{groups, span};
 use crate::weights::{Linear, Weights};
+use lumina2_kernels::profile::{groups, span};
 
 /// Upper bound, in bytes, of the f32 score block one query chunk may allocate.
 /// Attention memory is bounded by `B * heads * chunk * S_kv * 4` bytes, not by
@@ -115,7 +115,7 @@ impl Attention {
         let k = rope.apply(&k)?;
 
         let scale = 1.0 / (hd as f64).sqrt();
-        if dtype == DType::BF16 && x.device().is_cpu() && lumina2_weights::packed::available() {
+        if lumina2_kernels::ops::attention_bf16_packed(x.device(), dtype) {
             // bf16 products on the packed kernel, as PyTorch's CPU flash
             // attention multiplies bf16 blocks: scores summed and scaled in
             // f32, softmax in f32, probabilities rounded to bf16 for the
@@ -133,7 +133,7 @@ impl Attention {
                     Some(m) => Some(m.bias.reshape((b, ()))?),
                     None => None,
                 };
-                match lumina2_weights::flash::attention_bf16(
+                match lumina2_kernels::attention::flash::attention_bf16(
                     &q,
                     &k,
                     &v,
@@ -173,7 +173,13 @@ impl Attention {
                 Some(m) => Some(m.bias.reshape((b, ()))?),
                 None => None,
             };
-            match lumina2_weights::flash::attention_f32(&q, &k, &v, bias.as_ref(), scale as f32)? {
+            match lumina2_kernels::attention::flash::attention_f32(
+                &q,
+                &k,
+                &v,
+                bias.as_ref(),
+                scale as f32,
+            )? {
                 Some(out) => out,
                 None => grouped_attention(&(q * scale)?, &k, &v, mask, self.score_budget)?,
             }
@@ -219,7 +225,7 @@ pub fn grouped_attention(
         if let Some(m) = mask {
             scores = scores.broadcast_add(&m.bias)?;
         }
-        let probs = lumina2_weights::softmax::softmax_last_dim(&scores)?;
+        let probs = lumina2_kernels::attention::softmax::softmax_last_dim(&scores)?;
         drop(scores);
         let o = probs.matmul(v)?; // [B, KV, rep*len, d]
         outs.push(o.reshape((b, h, len, d))?);
@@ -233,7 +239,7 @@ pub fn grouped_attention(
 }
 
 /// [`grouped_attention`] for bf16 `q`, `k`, `v` on a CPU with bf16
-/// dot-product hardware ([`lumina2_weights::packed`]): per batch item and key
+/// dot-product hardware ([`lumina2_kernels::gemm::packed`]): per batch item and key
 /// head, the keys and the transposed values are packed once; each query chunk
 /// takes `scale * q k^T` in f32, the key mask, the softmax in f32, and the
 /// probabilities rounded to bf16 times the values (f32 sums, one rounding).
@@ -247,7 +253,7 @@ pub fn grouped_attention_packed(
     score_budget: usize,
     scale: f32,
 ) -> candle_core::Result<Tensor> {
-    use lumina2_weights::packed::PackedBf16;
+    use lumina2_kernels::gemm::packed::PackedBf16;
     let (b, h, s_q, d) = q.dims4()?;
     let (_, kv, s_kv, _) = k.dims4()?;
     let rep = h / kv.max(1);
@@ -272,7 +278,7 @@ pub fn grouped_attention_packed(
                 if let Some(bias) = &bias {
                     scores = scores.broadcast_add(bias)?;
                 }
-                let probs = lumina2_weights::softmax::softmax_last_dim_to_bf16(&scores)?;
+                let probs = lumina2_kernels::attention::softmax::softmax_last_dim_to_bf16(&scores)?;
                 drop(scores);
                 let o = values.matmul(&probs, None)?; // [rep*len, d]
                 outs.push(o.reshape((rep, len, d))?);

@@ -8,8 +8,8 @@ use crate::config::Config;
 use crate::error::{invalid_input, Result};
 use crate::norm::{silu, RmsNorm};
 use crate::rope::Rope;
-use crate::weights::profile::{groups, span};
 use crate::weights::{GateAct, Linear, Weights};
+use lumina2_kernels::profile::{groups, span};
 
 /// diffusers' `LuminaFeedForward`: `linear_2(silu(linear_1(x)) * linear_3(x))`.
 #[derive(Debug, Clone)]
@@ -89,14 +89,14 @@ impl Modulation {
 /// for bf16 on CPUs with AVX512-BF16).
 fn scale(x: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     let _span = span(groups::ELEMENTWISE);
-    lumina2_weights::fused::mul_bcast(x, &(scale + 1.0)?, None)
+    lumina2_kernels::elementwise::fused::mul_bcast(x, &(scale + 1.0)?, None)
 }
 
 /// The gated residual `x + tanh(gate) * y`, `gate` broadcast over the
 /// sequence (one fused pass for bf16 on CPUs with AVX512-BF16).
 fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
     let _span = span(groups::ELEMENTWISE);
-    lumina2_weights::fused::mul_bcast(x, &gate.tanh()?, Some(y))
+    lumina2_kernels::elementwise::fused::mul_bcast(x, &gate.tanh()?, Some(y))
 }
 
 /// The residual addition `x + y`.

@@ -3,8 +3,8 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
-use crate::weights::profile::{groups, span};
 use crate::weights::{Linear, Weights};
+use lumina2_kernels::profile::{groups, span};
 
 /// diffusers' `RMSNorm`: the mean square is taken in f32, the normalised value
 /// is cast back to the compute dtype and only then multiplied by the weight
@@ -38,9 +38,11 @@ impl RmsNorm {
             (Some(w), DType::F32) => candle_nn::ops::rms_norm(x, w, self.eps as f32),
             _ => {
                 if dtype == DType::BF16 {
-                    if let Some(y) =
-                        lumina2_weights::fused::rms_norm_bf16(x, self.weight.as_ref(), self.eps)?
-                    {
+                    if let Some(y) = lumina2_kernels::elementwise::fused::rms_norm_bf16(
+                        x,
+                        self.weight.as_ref(),
+                        self.eps,
+                    )? {
                         return Ok(y);
                     }
                 }

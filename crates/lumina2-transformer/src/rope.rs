@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{invalid_input, Result};
-use crate::weights::profile::{groups, span};
+use lumina2_kernels::profile::{groups, span};
 
 /// Per-position rotation factors for a batch: `cos` and `sin` of shape `[B, S, head_dim/2]`.
 #[derive(Debug, Clone)]
@@ -28,8 +28,8 @@ impl Rope {
         let dtype = x.dtype();
         // The casts in parallel (candle's are one thread: at 1024x1024 they
         // were most of RoPE's time in a bf16 forward); same bits.
-        let xf = lumina2_weights::cast(&x.contiguous()?, DType::F32)?;
-        lumina2_weights::cast(
+        let xf = lumina2_kernels::cast(&x.contiguous()?, DType::F32)?;
+        lumina2_kernels::cast(
             &candle_nn::rotary_emb::rope_i(&xf, &self.cos, &self.sin)?,
             dtype,
         )

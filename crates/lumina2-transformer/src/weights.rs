@@ -6,6 +6,5 @@
 //! compute dtype; [`Linear`] serves dense and quantised weights alike.
 
 pub use lumina2_weights::{
-    packed, profile, GateAct, Linear, LinearWeight, SafetensorsSource, VarBuilderSource,
-    WeightSource, Weights,
+    GateAct, Linear, LinearWeight, SafetensorsSource, VarBuilderSource, WeightSource, Weights,
 };

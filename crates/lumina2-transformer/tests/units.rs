@@ -82,7 +82,7 @@ fn chunked_grouped_attention_equals_plain_attention() {
 /// to bf16), for every chunking, with the key mask.
 #[test]
 fn packed_bf16_attention_is_attention() {
-    if !lumina2_transformer::weights::packed::available() {
+    if !lumina2_kernels::gemm::packed::available() {
         return;
     }
     let dev = Device::Cpu;

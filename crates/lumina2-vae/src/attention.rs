@@ -6,11 +6,11 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor, D};
 use lumina2_weights::Weights;
 
-use crate::cpu_attention::{LinearWeights, PackedAttention};
-use crate::cpu_conv;
 use crate::error::{input_err, Result};
 use crate::layers::{get, with_cpu_f32, GroupNorm, Linear};
 use crate::profile::{span, Op};
+use lumina2_kernels::attention::vae::{LinearWeights, PackedAttention};
+use lumina2_kernels::ops;
 
 /// Queries per chunk: bounds the score matrix to `QUERY_CHUNK x tokens` f32.
 const QUERY_CHUNK: usize = 1024;
@@ -24,7 +24,7 @@ pub(crate) struct Attention {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
-    /// The f32 CPU path (`cpu_attention`), when available.
+    /// The f32 CPU path (`lumina2_kernels::attention::vae`), when available.
     packed: Option<Arc<PackedAttention>>,
     channels: usize,
     dtype: DType,
@@ -32,7 +32,7 @@ pub(crate) struct Attention {
 
 impl Attention {
     pub(crate) fn load(vb: &Weights, channels: usize, groups: usize, eps: f64) -> Result<Self> {
-        let packed = if vb.device().is_cpu() && vb.dtype() == DType::F32 && cpu_conv::available() {
+        let packed = if ops::vae_attention_f32(vb.device(), vb.dtype()) {
             let lin = |name: &str| -> Result<LinearWeights> {
                 let v = vb.pp(name);
                 Ok(LinearWeights {
@@ -101,7 +101,7 @@ impl Attention {
         Ok((out + x)?)
     }
 
-    /// The f32 CPU path (see `cpu_attention`).
+    /// The f32 CPU path (see `lumina2_kernels::attention::vae`).
     fn forward_packed(&self, p: &PackedAttention, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != self.channels {

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Storage, Tensor, D};
 use lumina2_weights::Weights;
 
-use lumina2_weights::conv::{self as amx_conv, ConvBf16, Geometry};
+use lumina2_kernels::conv::bf16::{ConvBf16, Geometry};
 
-use crate::cpu_conv::{self, PackedConv};
-use crate::cpu_norm::{self, FusedAct, NormShape};
-use crate::cpu_upconv::UpsampleConv;
 use crate::error::{input_err, Result, VaeError};
 use crate::profile::{span, Op};
+use lumina2_kernels::conv::f32::PackedConv;
+use lumina2_kernels::conv::upsample::UpsampleConv;
+use lumina2_kernels::norm::group::{self as cpu_norm, FusedAct, NormShape};
+use lumina2_kernels::ops;
 
 /// Loads `name` under `vb`'s prefix with exactly `shape`, in the model's
 /// dtype: the shape the file declares is compared before anything is read,
@@ -47,11 +48,11 @@ pub(crate) fn round_through(x: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 /// `x.to_dtype(dtype)`, with the f32 <-> bf16 conversions of contiguous CPU
-/// tensors done in parallel ([`lumina2_weights::cast`]: candle converts one
+/// tensors done in parallel ([`lumina2_kernels::cast`]: candle converts one
 /// value at a time, which made a bf16 decode 1.6x slower than f32 on
 /// conversions alone). Same results as candle's.
 pub(crate) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
-    Ok(lumina2_weights::cast(x, dtype)?)
+    Ok(lumina2_kernels::cast(x, dtype)?)
 }
 
 /// A 2D convolution with bias (`nn.Conv2d`).
@@ -65,10 +66,10 @@ pub(crate) struct Conv2d {
 }
 
 /// Where the convolution runs: the AMX bf16 kernel for a bf16 model on a CPU
-/// with AMX ([`lumina2_weights::conv`]; an `Upsample2D` convolution reads the
+/// with AMX ([`lumina2_kernels::conv::bf16`]; an `Upsample2D` convolution reads the
 /// upsampled input through it); our packed f32 CPU kernel (x86-64 with
-/// AVX2/FMA, see `cpu_conv`) and its four-phase form for an `Upsample2D`
-/// convolution (`cpu_upconv`, used only upsampled); or candle's `conv2d`
+/// AVX2/FMA, see `lumina2_kernels::conv::f32`) and its four-phase form for an `Upsample2D`
+/// convolution (`lumina2_kernels::conv::upsample`, used only upsampled); or candle's `conv2d`
 /// (other devices and CPUs).
 #[derive(Debug, Clone)]
 enum ConvKind {
@@ -110,7 +111,7 @@ impl Conv2d {
         let cdt = compute_dtype(dtype, vb.device());
         let weight = get(vb, &[c_out, c_in, kernel, kernel], "weight")?;
         let bias = get(vb, &[c_out], "bias")?.to_dtype(cdt)?;
-        if vb.device().is_cpu() && dtype == DType::BF16 && amx_conv::available() {
+        if ops::conv2d_bf16(vb.device(), dtype) {
             let w = weight.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?;
             let b = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             if let Some(c) = ConvBf16::new(&w, &b, c_out, c_in, kernel) {
@@ -124,7 +125,7 @@ impl Conv2d {
             }
         }
         let weight = weight.to_dtype(cdt)?;
-        let fast = vb.device().is_cpu() && cdt == DType::F32 && cpu_conv::available();
+        let fast = ops::conv2d_f32(vb.device(), cdt);
         let kind = if fast {
             let w = weight.flatten_all()?.to_vec1::<f32>()?;
             let b = bias.to_vec1::<f32>()?;
@@ -173,7 +174,7 @@ impl Conv2d {
         }
         let y = self.run(x, 1, None)?;
         let _s = span(Op::Residual);
-        Ok(lumina2_weights::fused::add(residual, &y)?)
+        Ok(lumina2_kernels::elementwise::fused::add(residual, &y)?)
     }
 
     fn run(&self, x: &Tensor, upsample: usize, residual: Option<&Tensor>) -> Result<Tensor> {
@@ -184,7 +185,9 @@ impl Conv2d {
         });
         let y = match &self.kind {
             ConvKind::Bf16(c) => match residual {
-                Some(r) => lumina2_weights::fused::add(r, &self.run_bf16(c, x, upsample)?)?,
+                Some(r) => {
+                    lumina2_kernels::elementwise::fused::add(r, &self.run_bf16(c, x, upsample)?)?
+                }
                 None => self.run_bf16(c, x, upsample)?,
             },
             ConvKind::Packed(p) => self.run_packed(p, x, upsample, residual)?,

@@ -18,19 +18,9 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-pub mod conv;
-mod cpu;
 pub mod error;
-pub mod flash;
-mod flash_f32;
 pub mod folder;
 pub mod fs;
-pub mod fused;
-pub mod int8;
-pub mod packed;
-pub mod profile;
-mod simd;
-pub mod softmax;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,9 +29,11 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use lumina2_kernels::elementwise::fused;
+use lumina2_kernels::gemm::{int8, packed};
+use lumina2_kernels::{cast, profile};
 use rayon::prelude::*;
 
-pub use cpu::cast;
 pub use error::{Error, Result};
 pub use folder::{ComponentFolder, FolderError, ShardIndex};
 
@@ -776,7 +768,7 @@ impl Weights {
         let t = self.source.tensor(&key)?;
         self.check_shape(&key, t.dims(), shape)?;
         self.scan(&key, &t)?;
-        Ok(cpu::cast(&t.to_device(&self.device)?, self.dtype)?)
+        Ok(cast(&t.to_device(&self.device)?, self.dtype)?)
     }
 
     /// A dense tensor of the given shape in `dtype` (not the compute dtype), on the compute device.
@@ -786,7 +778,7 @@ impl Weights {
         let t = self.source.tensor(&key)?;
         self.check_shape(&key, t.dims(), shape)?;
         self.scan(&key, &t)?;
-        Ok(cpu::cast(&t.to_device(&self.device)?, dtype)?)
+        Ok(cast(&t.to_device(&self.device)?, dtype)?)
     }
 
     /// The `[out_dim, in_dim]` weight `name.weight` as the source hands it
@@ -800,7 +792,7 @@ impl Weights {
             LinearWeight::Dense(t) => {
                 self.check_shape(&wkey, t.dims(), &[out_dim, in_dim])?;
                 self.scan(&wkey, &t)?;
-                LinearWeight::Dense(cpu::cast(&t.to_device(&self.device)?, self.dtype)?)
+                LinearWeight::Dense(cast(&t.to_device(&self.device)?, self.dtype)?)
             }
             LinearWeight::Quantized(q) => {
                 self.check_shape(&wkey, q.shape().dims(), &[out_dim, in_dim])?;
@@ -932,9 +924,7 @@ impl Linear {
                 let _span = profile::span(profile::groups::LINEAR);
                 let gelu = act == GateAct::GeluTanh;
                 let x2 = as_rows(x)?;
-                if let Some(packed::Gated::Rows(y)) =
-                    packed::PackedBf16::gated_q4_0_streamed(g, u, &x2, gelu, false)?
-                {
+                if let Some(y) = packed::PackedBf16::gated_q4_0_rows(g, u, &x2, gelu)? {
                     let out = g.shape().dims2()?.0;
                     return like_input(Tensor::from_vec(y, (x2.dim(0)?, out), x.device())?, x);
                 }

@@ -5,7 +5,10 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use lumina2_weights::{conv, fused, profile, GateAct, Linear, LinearWeight};
+use lumina2_kernels::conv::bf16 as conv;
+use lumina2_kernels::elementwise::fused;
+use lumina2_kernels::profile;
+use lumina2_weights::{GateAct, Linear, LinearWeight};
 
 fn bits(t: &Tensor) -> candle_core::Result<Vec<u16>> {
     Ok(t.flatten_all()?

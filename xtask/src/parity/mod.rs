@@ -183,7 +183,7 @@ pub fn run_dir(dir: &Path, opts: &RunOptions) -> Result<(usize, usize)> {
     if opts.int8 {
         println!(
             "int8 linear layers ({} kernel): errors against the PyTorch reference of each case's dtype",
-            lumina2_weights::int8::kernel_name()
+            lumina2_kernels::gemm::int8::kernel_name()
         );
     }
     println!("{}", format_report(&rows));

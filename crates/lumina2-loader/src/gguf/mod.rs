@@ -307,11 +307,9 @@ impl GgufFile {
 }
 
 fn bytes_of(words: &[u64]) -> &[u8] {
-    // SAFETY: u64 has no padding and any byte pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 8) }
+    bytemuck::cast_slice(words)
 }
 
 pub(crate) fn bytes_of_mut(words: &mut [u64]) -> &mut [u8] {
-    // SAFETY: as above; the borrow of `words` is exclusive.
-    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) }
+    bytemuck::cast_slice_mut(words)
 }

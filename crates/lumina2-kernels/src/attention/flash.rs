@@ -19,9 +19,9 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::{Aligned, CpuView};
-use crate::packed::PackedBf16;
+use crate::gemm::packed::PackedBf16;
 
-pub use crate::flash_f32::attention_f32;
+pub use crate::attention::flash_f32::attention_f32;
 
 /// The sizes of an attention call.
 pub(crate) struct Operands {
@@ -103,7 +103,8 @@ pub fn attention_bf16(
     key_bias: Option<&Tensor>,
     scale: f32,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !crate::packed::available() || !crate::packed::use_amx() || !q.device().is_cpu() {
+    if !crate::gemm::packed::available() || !crate::gemm::packed::use_amx() || !q.device().is_cpu()
+    {
         return Ok(None);
     }
     let (
@@ -228,8 +229,8 @@ mod kernel {
     use half::bf16;
 
     use super::{Scratch, KB, KSUB, QB};
-    use crate::packed::PackedBf16;
-    use crate::packed::{bf16_steps as product, c_tiles, zero_c};
+    use crate::gemm::packed::PackedBf16;
+    use crate::gemm::packed::{bf16_steps as product, c_tiles, zero_c};
     use crate::simd::mask16;
 
     /// One block of `n` (<= 32) query rows `q` (`n x d`, contiguous) against
@@ -267,7 +268,7 @@ mod kernel {
         sc.o.fill(0.0);
         sc.m = [f32::NEG_INFINITY; QB];
         sc.l = [0.0; QB];
-        let cfg = crate::packed::tile_config();
+        let cfg = crate::gemm::packed::tile_config();
         let (kpairs, vpairs) = (keys.pairs(), values.pairs());
         let kdata = keys.data().as_ptr().cast::<u8>();
         let vdata = values.data().as_ptr().cast::<u8>();
@@ -377,7 +378,7 @@ mod kernel {
     use half::bf16;
 
     use super::Scratch;
-    use crate::packed::PackedBf16;
+    use crate::gemm::packed::PackedBf16;
 
     /// Never called: AMX is never usable off x86-64.
     #[allow(clippy::too_many_arguments)]
@@ -469,6 +470,7 @@ mod tests {
     /// heads, a key mask.
     #[test]
     fn matches_f64_attention() -> candle_core::Result<()> {
+        crate::report_paths("matches_f64_attention");
         let dev = Device::Cpu;
         for dtype in [DType::BF16, DType::F32] {
             for &(b, h, kv, s_q, s_kv, d, masked) in &[
@@ -524,6 +526,7 @@ mod tests {
     /// A row with every key masked gives NaN (as PyTorch), not garbage.
     #[test]
     fn all_masked_gives_nan() -> candle_core::Result<()> {
+        crate::report_paths("all_masked_gives_nan");
         let dev = Device::Cpu;
         for dtype in [DType::BF16, DType::F32] {
             let q = Tensor::randn(0f32, 1., (1, 1, 3, 32), &dev)?.to_dtype(dtype)?;

@@ -131,14 +131,7 @@ pub fn softcapped_softmax_bf16(
 }
 
 fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::caps().avx512f
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -265,6 +258,7 @@ mod tests {
     /// Taylor/exp switch, tiny, large and special values.
     #[test]
     fn tanh_is_accurate() {
+        crate::report_paths("tanh_is_accurate");
         if !crate::simd::has_avx512_bf16() {
             return;
         }
@@ -312,6 +306,7 @@ mod tests {
     /// the two tanh round to different bf16 values, in few elements.
     #[test]
     fn softcapped_softmax_matches_ops() -> candle_core::Result<()> {
+        crate::report_paths("softcapped_softmax_matches_ops");
         if !crate::simd::has_avx512_bf16() {
             return Ok(());
         }
@@ -369,6 +364,7 @@ mod tests {
     /// large and tiny values, an all-masked row.
     #[test]
     fn matches_f64() -> candle_core::Result<()> {
+        crate::report_paths("matches_f64");
         if !avx512() {
             return Ok(());
         }

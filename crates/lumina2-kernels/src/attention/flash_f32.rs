@@ -24,7 +24,7 @@
 //! scaled, masked, `exp(s - running max)`, the output divided by the running
 //! sum at the end), with the scale folded into the queries and other block
 //! sizes: results differ in the last bits. Tested with the bf16 kernel, in
-//! [`crate::flash`], against the same f64 attention.
+//! [`crate::attention::flash`], against the same f64 attention.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -41,14 +41,7 @@ const KP: usize = 4;
 
 /// Whether [`attention_f32`] runs here: AVX-512F and FMA.
 fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::caps().avx512f_fma
 }
 
 /// Softmax attention of f32 `q` `[B, H, S_q, d]` over `k`, `v` `[B, KV,
@@ -70,7 +63,7 @@ pub fn attention_f32(
         return Ok(None);
     }
     let (
-        crate::flash::Operands {
+        crate::attention::flash::Operands {
             b,
             h,
             s_q,
@@ -79,7 +72,7 @@ pub fn attention_f32(
             s_kv,
         },
         bias,
-    ) = crate::flash::operands(q, k, v, key_bias, DType::F32)?;
+    ) = crate::attention::flash::operands(q, k, v, key_bias, DType::F32)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let views = (CpuView::of(&q), CpuView::of(&k), CpuView::of(&v));
     let (Some(qs), Some(ks), Some(vs)) = (

@@ -296,7 +296,7 @@ pub fn mul_bcast(x: &Tensor, v: &Tensor, y: Option<&Tensor>) -> candle_core::Res
     Tensor::from_vec(out, (b, s, d), x.device())
 }
 
-/// The activation-times-gate kernel on slices, for [`crate::packed`]'s
+/// The activation-times-gate kernel on slices, for [`crate::gemm::packed`]'s
 /// gated feed-forward.
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::act_mul as act_mul_slices;
@@ -519,6 +519,7 @@ mod tests {
     /// last-bit difference where SiLU's exp rounds the other way.
     #[test]
     fn match_unfused_ops() -> candle_core::Result<()> {
+        crate::report_paths("match_unfused_ops");
         if !has_avx512_bf16() {
             return Ok(());
         }
@@ -630,6 +631,7 @@ mod tests {
     /// absolute term).
     #[test]
     fn f32_activations_match_f64() -> candle_core::Result<()> {
+        crate::report_paths("f32_activations_match_f64");
         if !has_avx512_bf16() {
             return Ok(());
         }

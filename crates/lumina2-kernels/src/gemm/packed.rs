@@ -17,7 +17,7 @@
 //! - tiles are spread over rayon's pool (so `RAYON_NUM_THREADS` applies).
 //!
 //! [`available`] says whether this CPU can run it (runtime detection); where it
-//! cannot, [`crate::Linear`] keeps the dense weight and candle's matmul.
+//! cannot, `lumina2_weights::Linear` keeps the dense weight and candle's matmul.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,10 +57,7 @@ pub fn available() -> bool {
     if DISABLED.load(Ordering::Relaxed) {
         return false;
     }
-    if std::env::var_os("LUMINA2_NO_PACKED_BF16").is_some_and(|v| v == "1") {
-        return false;
-    }
-    cpu_has_kernel()
+    crate::caps().packed_bf16
 }
 
 /// Turns packing of bf16 linear weights on or off for layers built from now on
@@ -68,10 +65,6 @@ pub fn available() -> bool {
 /// their form.
 pub fn set_enabled(on: bool) {
     DISABLED.store(!on, Ordering::Relaxed);
-}
-
-fn cpu_has_kernel() -> bool {
-    crate::simd::has_avx512_bf16()
 }
 
 /// `f32 -> bf16` bits, rounding to nearest even, NaN kept NaN: what
@@ -88,14 +81,8 @@ pub(crate) fn round_bf16(x: f32) -> u16 {
 /// Which kernel runs: AMX when the CPU has AMX-BF16 and Linux granted the
 /// process its tile state (asked once), else AVX512-BF16.
 /// `LUMINA2_NO_AMX=1` forces the AVX512-BF16 kernel.
-pub(crate) fn use_amx() -> bool {
-    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AMX.get_or_init(|| {
-        if std::env::var_os("LUMINA2_NO_AMX").is_some_and(|v| v == "1") {
-            return false;
-        }
-        kernel::amx_usable()
-    })
+pub fn use_amx() -> bool {
+    crate::caps().amx_bf16
 }
 
 /// An `[out, in]` bf16 weight in the panel layout of the kernels.
@@ -257,6 +244,21 @@ impl PackedBf16 {
         Ok(Some(Tensor::from_vec(out, (rows, out_dim), &Device::Cpu)?))
     }
 
+    /// [`Self::gated_q4_0_streamed`] as rows: `act(x g^T) * (x u^T)`, bf16
+    /// `[rows, out]`, or `None` where that path does not apply.
+    #[cfg(target_arch = "x86_64")]
+    pub fn gated_q4_0_rows(
+        g: &QTensor,
+        u: &QTensor,
+        x: &Tensor,
+        gelu: bool,
+    ) -> candle_core::Result<Option<Vec<bf16>>> {
+        Ok(match Self::gated_q4_0_streamed(g, u, x, gelu, false)? {
+            Some(Gated::Rows(y)) => Some(y),
+            _ => None,
+        })
+    }
+
     /// `act(x G^T) * (x U^T)` for two Q4_0 weights `G`, `U` of the same
     /// shape without bias (a gated feed-forward: `gelu` picks GELU-tanh,
     /// else SiLU), on AMX: each task decodes the same panels of both
@@ -392,10 +394,10 @@ impl PackedBf16 {
                                     let (gs, us) = (&bg[j..j + n], &bu[j..j + n]);
                                     match gelu {
                                         true => {
-                                            crate::fused::act_mul_slices::<bf16, true>(gs, us, o)
+                                            crate::elementwise::fused::act_mul_slices::<bf16, true>(gs, us, o)
                                         }
                                         false => {
-                                            crate::fused::act_mul_slices::<bf16, false>(gs, us, o)
+                                            crate::elementwise::fused::act_mul_slices::<bf16, false>(gs, us, o)
                                         }
                                     }
                                     c += n;
@@ -416,7 +418,7 @@ impl PackedBf16 {
     /// less at the transformer's peak at 512x512). `None` where this path
     /// does not apply.
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn feed_forward_q4_0(
+    pub fn feed_forward_q4_0(
         (g, u, d): (&QTensor, &QTensor, &QTensor),
         x: &Tensor,
         gelu: bool,
@@ -608,7 +610,7 @@ impl PackedBf16 {
     ) -> candle_core::Result<Tensor> {
         let (rows, in_dim) = x.dims2()?;
         check_operands("packed", in_dim, bias, [self.out_dim, self.in_dim])?;
-        if !cpu_has_kernel() {
+        if !crate::simd::has_avx512_bf16() {
             candle_core::bail!("packed matmul: this CPU lacks AVX512-BF16");
         }
         // Rows padded with zeros to the packed width, matching the weight's
@@ -857,8 +859,8 @@ impl Dest {
     }
 }
 
-/// The AMX tile configuration and steps, shared with [`crate::int8`],
-/// [`crate::flash`] and [`crate::conv`].
+/// The AMX tile configuration and steps, shared with [`crate::gemm::int8`],
+/// [`crate::attention::flash`] and [`crate::conv::bf16`].
 #[cfg(target_arch = "x86_64")]
 pub(crate) use kernel::{bf16_steps, c_tiles, prefetch_next, store_row, tile_config, zero_c};
 
@@ -869,41 +871,9 @@ mod kernel {
 
     use super::{CHUNK_PAIRS, PANEL};
 
-    /// Whether the CPU has AMX-BF16 and Linux lets this process use the tile
-    /// registers (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked
-    /// here; asking twice is harmless).
-    pub fn amx_usable() -> bool {
-        // CPUID.(7,0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-        let leaf = __cpuid_count(7, 0);
-        if (leaf.edx >> 22) & 1 == 0 || (leaf.edx >> 24) & 1 == 0 || !super::cpu_has_kernel() {
-            return false;
-        }
-        if !cfg!(target_os = "linux") {
-            return false;
-        }
-        const ARCH_PRCTL: i64 = 158;
-        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
-        const XFEATURE_XTILEDATA: i64 = 18;
-        let ret: i64;
-        // SAFETY: a Linux system call that only widens this process's
-        // permitted XSAVE features; it touches no memory of ours.
-        unsafe {
-            asm!(
-                "syscall",
-                inlateout("rax") ARCH_PRCTL => ret,
-                in("rdi") ARCH_REQ_XCOMP_PERM,
-                in("rsi") XFEATURE_XTILEDATA,
-                lateout("rcx") _,
-                lateout("r11") _,
-                options(nostack),
-            );
-        }
-        ret == 0
-    }
-
     /// The tile configuration: palette 1, eight tiles of 16 rows x 64 bytes
     /// (C: 16x16 f32; A: 16 rows x 32 bf16; B: 16 pairs x 16 columns). The
-    /// int8 kernel ([`crate::int8`]) uses the same shapes (64 int8 a row).
+    /// int8 kernel ([`crate::gemm::int8`]) uses the same shapes (64 int8 a row).
     #[repr(C, align(64))]
     pub(crate) struct TileConfig(pub(crate) [u8; 64]);
 
@@ -923,7 +893,7 @@ mod kernel {
     /// (rows 64 bytes apart; `+a_step` bytes a step), B tiles at `b` (the two
     /// 16-column halves of a panel, 64 bytes apart, rows 128 bytes apart;
     /// `+b_step` bytes a step), accumulated into tiles 0-3 (tiles 4-7 are
-    /// overwritten). Shared with [`crate::flash`].
+    /// overwritten). Shared with [`crate::attention::flash`].
     ///
     /// # Safety
     /// AMX-BF16 is usable with [`tile_config`] loaded; the tiles read are in
@@ -1338,10 +1308,6 @@ mod kernel {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
-    pub fn amx_usable() -> bool {
-        false
-    }
-
     /// Never called off x86-64.
     pub unsafe fn decode_q4_0(_src: &[u8], _out: &mut [u16]) {}
 
@@ -1382,6 +1348,7 @@ mod tests {
     /// a sweep of bit patterns.
     #[test]
     fn round_bf16_is_halfs() {
+        crate::report_paths("round_bf16_is_halfs");
         let mut vals = vec![
             0.0f32,
             -0.0,
@@ -1405,6 +1372,7 @@ mod tests {
     /// rounded to bf16, bit for bit (partial panel included).
     #[test]
     fn quantized_packs_as_dequantised() -> candle_core::Result<()> {
+        crate::report_paths("quantized_packs_as_dequantised");
         let w = Tensor::randn(0f32, 1., (70, 608), &Device::Cpu)?;
         for ty in [GgmlDType::Q4_0, GgmlDType::Q8_0, GgmlDType::Q4_1] {
             let q = QTensor::quantize(&w, ty)?;
@@ -1420,7 +1388,8 @@ mod tests {
     /// exactly as a freshly packed one.
     #[test]
     fn reused_buffer_packs_as_fresh() -> candle_core::Result<()> {
-        if !cpu_has_kernel() {
+        crate::report_paths("reused_buffer_packs_as_fresh");
+        if !crate::simd::has_avx512_bf16() {
             return Ok(());
         }
         let dev = Device::Cpu;
@@ -1458,7 +1427,8 @@ mod tests {
     /// a depth split into chunks.
     #[test]
     fn matches_reference() -> candle_core::Result<()> {
-        if !cpu_has_kernel() {
+        crate::report_paths("matches_reference");
+        if !crate::simd::has_avx512_bf16() {
             eprintln!("skipped: no AVX512-BF16 on this CPU");
             return Ok(());
         }

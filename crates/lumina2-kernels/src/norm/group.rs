@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 /// Activation fused into the normalisation pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FusedAct {
+pub enum FusedAct {
     /// No activation.
     None,
     /// `x * sigmoid(x)`.
@@ -22,18 +22,25 @@ pub(crate) enum FusedAct {
 
 /// Sizes of one group norm over a [b, c, hw] tensor.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct NormShape {
+pub struct NormShape {
+    /// Batch items `b`.
     pub batch: usize,
+    /// Channels `c`, a multiple of `groups`.
     pub channels: usize,
+    /// Pixels per channel `hw`.
     pub hw: usize,
+    /// Groups the channels are split into.
     pub groups: usize,
 }
 
 /// An element the norm reads or writes: f32, or bf16 (widened exactly on
 /// load, rounded to nearest even on store, as PyTorch stores a bf16 result).
-pub(crate) trait Elem: Copy + Send + Sync {
+pub trait Elem: Copy + Send + Sync {
+    /// Zero.
     const ZERO: Self;
+    /// The value as f32 (exact).
     fn get(self) -> f32;
+    /// `v` stored in this type (rounded to nearest even for bf16).
     fn put(v: f32) -> Self;
 }
 
@@ -68,7 +75,7 @@ const BLOCK: usize = 4096;
 /// rounds the norm's output to the model dtype (identity for f32), as
 /// PyTorch stores it before the activation reads it. `None` when the sizes
 /// do not fit (the caller falls back to candle).
-pub(crate) fn group_norm_act<I: Elem, O: Elem, R>(
+pub fn group_norm_act<I: Elem, O: Elem, R>(
     x: &[I],
     s: NormShape,
     eps: f64,
@@ -136,7 +143,7 @@ fn moments<I: Elem>(xs: &[I]) -> (f64, f64) {
 /// Sum of `b` (or of `(b - m)^2` with `Some(m)`) in 16 f32 lanes.
 fn dispatch_sum<I: Elem>(b: &[I], centre: Option<f32>) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu_conv::available() {
+    if crate::conv::f32::available() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { sum_avx2(b, centre) };
     }
@@ -190,7 +197,7 @@ fn apply<I: Elem, O: Elem, R: Fn(f32) -> f32>(
     round: &R,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu_conv::available() {
+    if crate::conv::f32::available() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { apply_avx2(x, o, scale, shift, act, round) };
     }
@@ -233,7 +240,7 @@ fn apply_generic<I: Elem, O: Elem, R: Fn(f32) -> f32>(
 /// `half::bf16::from_f32(x).to_f32()` gives, written without branches so
 /// that the normalisation loop vectorises (through `half` it ran per value).
 #[inline(always)]
-pub(crate) fn round_bf16(x: f32) -> f32 {
+pub fn round_bf16(x: f32) -> f32 {
     let b = x.to_bits();
     let r = f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000);
     if x.is_nan() {
@@ -245,7 +252,7 @@ pub(crate) fn round_bf16(x: f32) -> f32 {
 
 /// `x / (1 + exp(-x))`.
 #[inline(always)]
-pub(crate) fn silu(x: f32) -> f32 {
+pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
@@ -255,7 +262,7 @@ pub(crate) fn silu(x: f32) -> f32 {
 /// range whose result is a normal float (below it the result is ~0, above inf
 /// is not needed by SiLU).
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -284,6 +291,7 @@ mod tests {
     /// The branch-free rounding is `half`'s, special values included.
     #[test]
     fn round_bf16_is_half() {
+        crate::report_paths("round_bf16_is_half");
         let mut v: Vec<f32> = (0..200_000u32)
             .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
             .collect();
@@ -311,6 +319,7 @@ mod tests {
     /// The vectorisable `exp` against the standard library's over SiLU's range.
     #[test]
     fn exp_is_within_a_few_ulp() {
+        crate::report_paths("exp_is_within_a_few_ulp");
         let mut worst = 0f32;
         let mut x = -87.0f32;
         while x < 88.0 {
@@ -327,6 +336,7 @@ mod tests {
     /// Group norm + SiLU against a direct f64 computation.
     #[test]
     fn group_norm_silu_matches_f64_reference() {
+        crate::report_paths("group_norm_silu_matches_f64_reference");
         let (b, c, hw, g) = (2, 6, 37, 3);
         let x: Vec<f32> = (0..b * c * hw)
             .map(|i| ((i * 7919 % 1000) as f32 / 100.0 - 5.0) * (1.0 + (i % 3) as f32))

@@ -5,7 +5,7 @@
 //! tile (32), channel counts that are not multiples of 32, two batch items.
 
 use half::bf16;
-use lumina2_weights::conv::{available, ConvBf16, Geometry};
+use lumina2_kernels::conv::bf16::{available, ConvBf16, Geometry};
 
 /// A deterministic pseudo-random bf16 in about [-scale, scale].
 fn values(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
@@ -72,6 +72,7 @@ fn reference(
 
 #[test]
 fn matches_f64_reference() {
+    lumina2_kernels::report_paths("matches_f64_reference");
     if !available() {
         eprintln!("AMX not usable here: nothing to test");
         return;
@@ -127,6 +128,7 @@ fn matches_f64_reference() {
 
 #[test]
 fn rejects_sizes_that_do_not_fit() {
+    lumina2_kernels::report_paths("rejects_sizes_that_do_not_fit");
     let wt = values(2 * 3 * 9, 1, 1.0);
     assert!(ConvBf16::new(&wt, &[0.0; 2], 2, 3, 3).is_some());
     assert!(ConvBf16::new(&wt, &[0.0; 3], 2, 3, 3).is_none());

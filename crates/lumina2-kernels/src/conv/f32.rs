@@ -24,9 +24,9 @@
 use rayon::prelude::*;
 
 /// Output channels per weight panel (rows of the micro-kernel).
-pub(crate) const MR: usize = 6;
+pub const MR: usize = 6;
 /// Pixels per packed pixel panel (columns of the micro-kernel: two AVX registers).
-pub(crate) const NR: usize = 16;
+pub const NR: usize = 16;
 /// Rows of `k` per block: the `MR x KC` weight panel (12 KiB) stays in L1
 /// while the task's pixel panels (`NR x KC`, 32 KiB each) stream from L2.
 /// Measured on the decoder's layers (single core, CPU time): 512 beat 256 by
@@ -40,41 +40,23 @@ const NC: usize = 256;
 const LINE: usize = 24;
 
 /// Whether this CPU can run the fast path.
-pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+pub fn available() -> bool {
+    crate::caps().avx2_fma
 }
 
 /// Whether the AVX-512 kernel (two pixel panels per call) can run here.
 /// `LUMINA2_NO_AVX512_CONV=1` keeps the AVX2 kernel (for comparisons).
 fn wide_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *WIDE.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::env::var_os("LUMINA2_NO_AVX512_CONV").is_none_or(|v| v != "1")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::caps().avx512_conv
 }
 
 /// How the input is read (stride, padding, upsampling): the same description
 /// as the AMX bf16 kernel's.
-pub(crate) use lumina2_weights::conv::Geometry;
+pub use crate::conv::bf16::Geometry;
 
 /// A convolution's weights packed for the micro-kernel.
 #[derive(Debug, Clone)]
-pub(crate) struct PackedConv {
+pub struct PackedConv {
     c_out: usize,
     c_in: usize,
     kernel: usize,
@@ -86,7 +68,7 @@ pub(crate) struct PackedConv {
 
 impl PackedConv {
     /// Packs `weight` ([c_out, c_in, k, k] in PyTorch's order, flattened) and `bias`.
-    pub(crate) fn new(
+    pub fn new(
         weight: &[f32],
         bias: &[f32],
         c_out: usize,
@@ -119,7 +101,7 @@ impl PackedConv {
 
     /// A 1x1 convolution without bias whose weight matrix is the transpose
     /// of `at` ([c_in, c_out] row-major): packs `at` without transposing it.
-    pub(crate) fn from_transposed(at: &[f32], c_out: usize, c_in: usize) -> Option<Self> {
+    pub fn from_transposed(at: &[f32], c_out: usize, c_in: usize) -> Option<Self> {
         if at.len() != c_out * c_in || at.is_empty() {
             return None;
         }
@@ -140,12 +122,12 @@ impl PackedConv {
     }
 
     /// Input channels.
-    pub(crate) fn c_in(&self) -> usize {
+    pub fn c_in(&self) -> usize {
         self.c_in
     }
 
     /// Output channels.
-    pub(crate) fn c_out(&self) -> usize {
+    pub fn c_out(&self) -> usize {
         self.c_out
     }
 
@@ -153,7 +135,7 @@ impl PackedConv {
     /// plus `residual` (same shape as the output) when given: the resnets'
     /// skip connection, added while the output tile is still in registers.
     /// Returns `None` when the sizes do not fit together.
-    pub(crate) fn forward(
+    pub fn forward(
         &self,
         x: &[f32],
         b: usize,
@@ -642,6 +624,7 @@ mod tests {
     /// multiple of `NR` and panels across rows, `K` larger than `KC`, stride 2.
     #[test]
     fn matches_candle_conv2d() -> candle_core::Result<()> {
+        crate::report_paths("matches_candle_conv2d");
         if !available() {
             return Ok(());
         }
@@ -706,10 +689,11 @@ mod tests {
     }
 
     /// Throughput of the kernel on the decoder's layer shapes (not a check):
-    /// `cargo test --release -p lumina2-vae --lib conv_speed -- --ignored --nocapture`.
+    /// `cargo test --release -p lumina2-kernels --lib conv_speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn conv_speed() {
+        crate::report_paths("conv_speed");
         // The micro-kernel alone on L1-resident panels: this core's ceiling.
         let (a, b) = (vec![0.5f32; KC * MR], vec![0.25f32; KC * NR]);
         let mut c = vec![0f32; MR * NR];

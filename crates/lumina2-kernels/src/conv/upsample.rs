@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_conv::{Geometry, PackedConv};
+use crate::conv::f32::{Geometry, PackedConv};
 
 /// The kernel rows (or columns) of a 3x3 kernel merged into tap `a` of a
 /// phase: phase 0 reads source offsets (-1, 0), phase 1 (0, +1).
@@ -19,7 +19,7 @@ const MERGED: [[&[usize]; 2]; 2] = [[&[0], &[1, 2]], [&[0, 1], &[2]]];
 
 /// The four phase convolutions of one `Upsample2D` convolution.
 #[derive(Debug, Clone)]
-pub(crate) struct UpsampleConv {
+pub struct UpsampleConv {
     /// Phase `2 * py + px` produces output pixels `(2y + py, 2x + px)`.
     phases: [PackedConv; 4],
     c_in: usize,
@@ -29,7 +29,7 @@ pub(crate) struct UpsampleConv {
 impl UpsampleConv {
     /// From the 3x3 convolution's `weight` ([c_out, c_in, 3, 3] flattened) and
     /// `bias`; `None` when the sizes do not fit.
-    pub(crate) fn new(weight: &[f32], bias: &[f32], c_out: usize, c_in: usize) -> Option<Self> {
+    pub fn new(weight: &[f32], bias: &[f32], c_out: usize, c_in: usize) -> Option<Self> {
         if weight.len() != c_out * c_in * 9 {
             return None;
         }
@@ -56,18 +56,18 @@ impl UpsampleConv {
     }
 
     /// Input channels.
-    pub(crate) fn c_in(&self) -> usize {
+    pub fn c_in(&self) -> usize {
         self.c_in
     }
 
     /// Output channels.
-    pub(crate) fn c_out(&self) -> usize {
+    pub fn c_out(&self) -> usize {
         self.c_out
     }
 
     /// `conv(upsample(x))` for `x` [b, c_in, h, w] contiguous f32: [b, c_out,
     /// 2h, 2w]. `None` when the sizes do not fit.
-    pub(crate) fn forward(&self, x: &[f32], b: usize, (h, w): (usize, usize)) -> Option<Vec<f32>> {
+    pub fn forward(&self, x: &[f32], b: usize, (h, w): (usize, usize)) -> Option<Vec<f32>> {
         let hw = h * w;
         let mut out = vec![0f32; b * self.c_out * 4 * hw];
         for (i, conv) in self.phases.iter().enumerate() {
@@ -104,7 +104,8 @@ mod tests {
     /// Against candle's nearest upsampling then `conv2d`, odd sizes included.
     #[test]
     fn matches_upsample_then_conv() -> candle_core::Result<()> {
-        if !crate::cpu_conv::available() {
+        crate::report_paths("matches_upsample_then_conv");
+        if !crate::conv::f32::available() {
             return Ok(());
         }
         let dev = Device::Cpu;

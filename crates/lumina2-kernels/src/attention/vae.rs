@@ -1,5 +1,5 @@
 //! The CPU f32 path of the middle block's attention, on the convolution
-//! kernel of `cpu_conv` and without leaving the NCHW layout.
+//! kernel of [`crate::conv::f32`] and without leaving the NCHW layout.
 //!
 //! Why: candle's path transposes to [tokens, channels], runs the gemm crate
 //! and a scalar softmax; at 1024x1024 (16384 tokens) that was 1.5x PyTorch's
@@ -17,8 +17,8 @@
 //!   [n, chunk]; dividing `O`'s columns by the sums normalises afterwards;
 //! - `to_out` is a 1x1 convolution whose store adds the residual `x`.
 
-use crate::cpu_conv::{Geometry, PackedConv};
-use crate::cpu_norm::exp;
+use crate::conv::f32::{Geometry, PackedConv};
+use crate::norm::group::exp;
 
 /// Queries per chunk: bounds the score block to `n x QUERY_CHUNK` f32.
 const QUERY_CHUNK: usize = 1024;
@@ -34,7 +34,7 @@ const ONE_BY_ONE: Geometry = Geometry {
 
 /// The four projections packed for the convolution kernel.
 #[derive(Debug, Clone)]
-pub(crate) struct PackedAttention {
+pub struct PackedAttention {
     q: PackedConv,
     k: PackedConv,
     v: PackedConv,
@@ -43,15 +43,17 @@ pub(crate) struct PackedAttention {
 }
 
 /// A linear layer's `weight` [out, in] and `bias` [out], row-major.
-pub(crate) struct LinearWeights {
+pub struct LinearWeights {
+    /// `[out, in]`, row-major.
     pub weight: Vec<f32>,
+    /// `[out]`.
     pub bias: Vec<f32>,
 }
 
 impl PackedAttention {
     /// Packs `to_q`, `to_k`, `to_v`, `to_out` ([c, c] weights); `None` when
     /// the kernel is not available or the sizes do not fit.
-    pub(crate) fn new(
+    pub fn new(
         q: &LinearWeights,
         k: &LinearWeights,
         v: &LinearWeights,
@@ -70,7 +72,7 @@ impl PackedAttention {
 
     /// `x + to_out(attention(hs))` for `hs` (group-normed `x`) and `x`, both
     /// [b, c, n] contiguous f32. `None` when the sizes do not fit.
-    pub(crate) fn forward(&self, hs: &[f32], x: &[f32], b: usize, n: usize) -> Option<Vec<f32>> {
+    pub fn forward(&self, hs: &[f32], x: &[f32], b: usize, n: usize) -> Option<Vec<f32>> {
         let c = self.channels;
         if n == 0 || hs.len() != b * c * n || x.len() != b * c * n {
             return None;
@@ -122,7 +124,7 @@ impl PackedAttention {
 /// returns `1 / sum` per column (sums of `SUM_BLOCK` rows in f32, then f64).
 fn softmax_columns(s: &mut [f32], len: usize, scale: f32) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu_conv::available() {
+    if crate::conv::f32::available() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { softmax_columns_avx2(s, len, scale) };
     }
@@ -168,7 +170,8 @@ mod tests {
     /// Against a direct f64 computation of `x + W_o softmax(..) v + b_o`.
     #[test]
     fn matches_f64_reference() {
-        if !crate::cpu_conv::available() {
+        crate::report_paths("matches_f64_reference");
+        if !crate::conv::f32::available() {
             return;
         }
         let (c, n) = (8, 37);

@@ -7,10 +7,10 @@
 //!   input row `r` as `q_x = round(x / s_x)` likewise; then
 //!   `y[r, n] = (sum_k q_x q_w) * s_w[n] * s_x[r] + b[n]`.
 //! - Kernels, chosen at run time: AMX-INT8 tiles (`tdpbssd`) where the CPU
-//!   and the OS allow them (as [`crate::packed`]: `LUMINA2_NO_AMX=1` turns
+//!   and the OS allow them (as [`crate::gemm::packed`]: `LUMINA2_NO_AMX=1` turns
 //!   them off), else AVX512-VNNI (`vpdpbusd`), else plain Rust. The int32
 //!   sums are exact, so all three give the same bits.
-//! - The weight is packed like [`crate::packed::PackedBf16`]'s, four input
+//! - The weight is packed like [`crate::gemm::packed::PackedBf16`]'s, four input
 //!   elements a 32-bit lane instead of two: panels of 32 output columns, the
 //!   operand layout of `vpdpbusd` and, row by row, of an AMX B tile. It takes
 //!   a quarter of the f32 weight's memory (plus one f32 scale per row).
@@ -47,7 +47,7 @@ enum Kernel {
 fn best_kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if crate::packed::use_amx() && (std::arch::x86_64::__cpuid_count(7, 0).edx >> 25) & 1 == 1 {
+        if crate::caps().amx_int8 {
             return Kernel::Amx;
         }
         if has_vnni() {
@@ -58,17 +58,7 @@ fn best_kernel() -> Kernel {
 }
 
 fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::caps().avx512_vnni
 }
 
 /// The name of the kernel [`PackedI8::matmul`] uses on this CPU: `"amx"`,
@@ -125,15 +115,7 @@ fn quantize_input(row: Row, out: &mut [i8]) -> f32 {
 }
 
 fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::caps().avx512bw
 }
 
 /// An `[out, in]` weight quantised to int8 per output row, in the panel
@@ -259,7 +241,7 @@ impl PackedI8 {
         kernel: Kernel,
     ) -> candle_core::Result<Tensor> {
         let (rows, in_dim) = x.dims2()?;
-        crate::packed::check_operands("int8", in_dim, bias, self.dims())?;
+        crate::gemm::packed::check_operands("int8", in_dim, bias, self.dims())?;
         let x = x.to_device(&Device::Cpu)?;
         let bf16_in = x.dtype() == DType::BF16;
         let x = if bf16_in {
@@ -427,7 +409,9 @@ fn scalar_block(
                 unsafe {
                     match out {
                         Out::F32(o) => *o.add(r * epi.ldo + n) = y,
-                        Out::Bf16(o) => *o.add(r * epi.ldo + n) = crate::packed::round_bf16(y),
+                        Out::Bf16(o) => {
+                            *o.add(r * epi.ldo + n) = crate::gemm::packed::round_bf16(y)
+                        }
                     }
                 }
             }
@@ -505,7 +489,7 @@ mod kernel {
     }
 
     /// 16 f32 to bf16 bits, rounding to nearest even with NaN kept NaN, in
-    /// integer operations: [`crate::packed::round_bf16`] lane by lane (no
+    /// integer operations: [`crate::gemm::packed::round_bf16`] lane by lane (no
     /// AVX512-BF16 needed, and subnormals kept as the scalar kernel does).
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -569,7 +553,7 @@ mod kernel {
         epi: &Epilogue,
         out: Out,
     ) {
-        let cfg = crate::packed::tile_config();
+        let cfg = crate::gemm::packed::tile_config();
         let mut c = [0i32; 32 * 32];
         let steps = quads / 16;
         unsafe {
@@ -580,12 +564,12 @@ mod kernel {
                 while r < r1 {
                     let h = 32.min(r1 - r);
                     let arow = a.as_ptr().cast::<u8>().add((r / 16) * steps * 1024);
-                    crate::packed::zero_c();
+                    crate::gemm::packed::zero_c();
                     for s in 0..steps {
                         let ap = arow.add(s * 1024);
                         let bp = panel.add(s * 16 * PANEL * 4);
                         if s + 1 < steps {
-                            crate::packed::prefetch_next(ap, steps * 1024, bp);
+                            crate::gemm::packed::prefetch_next(ap, steps * 1024, bp);
                         }
                         asm!(
                             "tileloadd tmm4, [{a0} + {lda}*1]",
@@ -606,7 +590,7 @@ mod kernel {
                         );
                     }
                     // int32 sums: the same 4-byte lanes as f32.
-                    crate::packed::c_tiles(c.as_mut_ptr().cast(), 32, false);
+                    crate::gemm::packed::c_tiles(c.as_mut_ptr().cast(), 32, false);
                     for i in 0..h {
                         let acc0 = _mm512_loadu_si512(c.as_ptr().add(i * 32).cast());
                         let acc1 = _mm512_loadu_si512(c.as_ptr().add(i * 32 + 16).cast());
@@ -717,6 +701,7 @@ mod tests {
     /// row blocks, widths that are not multiples of 64, bias, bf16 inputs.
     #[test]
     fn kernels_match_the_integer_reference() -> candle_core::Result<()> {
+        crate::report_paths("kernels_match_the_integer_reference");
         let dev = Device::Cpu;
         for &(rows, inp, out, with_bias, bf) in &[
             (1usize, 3usize, 1usize, false, false),
@@ -752,7 +737,7 @@ mod tests {
                         let b = if with_bias { bias[n] } else { 0.0 };
                         let mut want = (sum as f32 * qw[n].1).mul_add(qx[r].1, b);
                         if bf {
-                            want = bf16::from_bits(crate::packed::round_bf16(want)).to_f32();
+                            want = bf16::from_bits(crate::gemm::packed::round_bf16(want)).to_f32();
                         }
                         assert_eq!(
                             y[r][n].to_bits(),
@@ -771,6 +756,7 @@ mod tests {
     /// element off by at most half a step of its row's scale).
     #[test]
     fn close_to_f32() -> candle_core::Result<()> {
+        crate::report_paths("close_to_f32");
         let dev = Device::Cpu;
         let (rows, inp, out) = (64, 512, 96);
         let x = Tensor::randn(0f32, 1., (rows, inp), &dev)?;
@@ -800,6 +786,7 @@ mod tests {
     /// non-finite weights are refused; a wrong width is an error.
     #[test]
     fn edge_cases() -> candle_core::Result<()> {
+        crate::report_paths("edge_cases");
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1., (3, 8), &dev)?;
         let p = PackedI8::quantize(&w)?;

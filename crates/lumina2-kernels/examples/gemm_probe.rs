@@ -1,10 +1,10 @@
 //! Matmul throughput of the shapes of the Lumina2 transformer's linear layers:
 //! candle's f32 and bf16 matmul against the packed bf16 kernel and the int8
 //! kernel (inputs quantised per call, included in its time).
-//! `cargo run --release -p lumina2-weights --example gemm_probe`
+//! `cargo run --release -p lumina2-kernels --example gemm_probe`
 use candle_core::{DType, Device, Tensor};
-use lumina2_weights::int8::PackedI8;
-use lumina2_weights::packed::PackedBf16;
+use lumina2_kernels::gemm::int8::PackedI8;
+use lumina2_kernels::gemm::packed::PackedBf16;
 use std::time::Instant;
 
 fn time(runs: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
@@ -18,7 +18,10 @@ fn time(runs: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_c
 
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    println!("int8 kernel: {}", lumina2_weights::int8::kernel_name());
+    println!(
+        "int8 kernel: {}",
+        lumina2_kernels::gemm::int8::kernel_name()
+    );
     println!("| m x k x n | candle f32 GFLOP/s | candle bf16 | packed bf16 | int8 (GOP/s) |");
     println!("|---|---|---|---|---|");
     for &(m, k, n) in &[

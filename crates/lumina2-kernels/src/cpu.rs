@@ -1,5 +1,5 @@
 //! Borrowing the elements of a CPU tensor without copying them, for the
-//! kernels of [`crate::softmax`], [`crate::fused`] and [`crate::packed`].
+//! kernels of [`crate::attention::softmax`], [`crate::elementwise::fused`] and [`crate::gemm::packed`].
 
 use candle_core::{DType, Storage, Tensor, WithDType};
 use rayon::prelude::*;
@@ -137,7 +137,7 @@ pub fn cast(x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
                     .zip(s.par_chunks(CHUNK))
                     .for_each(|(o, s)| {
                         for (o, &v) in o.iter_mut().zip(s) {
-                            *o = half::bf16::from_bits(crate::packed::round_bf16(v));
+                            *o = half::bf16::from_bits(crate::gemm::packed::round_bf16(v));
                         }
                     });
                 return Tensor::from_vec(o, x.dims(), x.device());
@@ -167,6 +167,7 @@ mod tests {
     /// asked length.
     #[test]
     fn aligned_buffers_start_on_a_line() {
+        crate::report_paths("aligned_buffers_start_on_a_line");
         for len in [0usize, 1, 3, 64, 1000, 1 << 20] {
             let a = Aligned::<u16>::zeroed(len);
             assert_eq!(a.len(), len);
@@ -183,6 +184,7 @@ mod tests {
     /// values included, and leave other pairs to candle.
     #[test]
     fn cast_is_to_dtype() -> candle_core::Result<()> {
+        crate::report_paths("cast_is_to_dtype");
         use candle_core::{DType, Device, Tensor};
         let mut v: Vec<f32> = (0..200_000u32)
             .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))

@@ -14,19 +14,19 @@
 //! pixels: masked loads along the input row (zero padding from the masks), a
 //! lane permutation for a nearest 2x upsampling (diffusers' `Upsample2D`),
 //! a per-lane gather for other strides. Then every 32 output channels multiply
-//! the task's panels with the 2x2 tile step of [`crate::packed`] over the
+//! the task's panels with the 2x2 tile step of [`crate::gemm::packed`] over the
 //! whole depth, and the sums get the bias in f32 and are rounded once to bf16:
 //! oneDNN's arithmetic (exact bf16 products, f32 sums, one rounding), with the
 //! sums taken in another order.
 //!
-//! Runs where [`available`] (AMX usable, see [`crate::packed`]); elsewhere
+//! Runs where [`available`] (AMX usable, see [`crate::gemm::packed`]); elsewhere
 //! [`ConvBf16::forward`] returns `None` and the caller keeps its own path.
 
 use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::Aligned;
-use crate::packed::{self, PANEL};
+use crate::gemm::packed::{self, PANEL};
 
 /// How the input is read: stride, zero padding, and a nearest upsampling by
 /// `upsample` applied before the convolution.
@@ -69,7 +69,7 @@ impl Geometry {
 }
 
 /// Whether [`ConvBf16::forward`] can run on this CPU: AMX-BF16 usable (see
-/// [`crate::packed`]; `LUMINA2_NO_AMX=1` turns it off).
+/// [`crate::gemm::packed`]; `LUMINA2_NO_AMX=1` turns it off).
 pub fn available() -> bool {
     cfg!(target_arch = "x86_64") && packed::use_amx()
 }
@@ -274,7 +274,9 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{ConvBf16, Source, PANEL};
-    use crate::packed::{bf16_steps, c_tiles, prefetch_next, store_row, tile_config, zero_c, Out};
+    use crate::gemm::packed::{
+        bf16_steps, c_tiles, prefetch_next, store_row, tile_config, zero_c, Out,
+    };
 
     /// How a panel's vectors are read from an input row.
     #[derive(Clone, Copy)]

@@ -1,0 +1,5 @@
+//! 2-D convolutions of the VAE.
+
+pub mod bf16;
+pub mod f32;
+pub mod upsample;

@@ -1,0 +1,3 @@
+//! Element-wise ops fused into one pass.
+
+pub mod fused;

@@ -1,0 +1,4 @@
+//! Matrix multiplies of linear layers.
+
+pub mod int8;
+pub mod packed;
