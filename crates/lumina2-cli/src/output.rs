@@ -98,7 +98,10 @@ fn check_target(path: &Path) -> Result<()> {
     }
     let kind = if meta.file_type().is_symlink() {
         match std::fs::metadata(path) {
-            Ok(target) => format!("a symbolic link to {}", lumina2_weights::fs::kind_of(&target.file_type())),
+            Ok(target) => format!(
+                "a symbolic link to {}",
+                lumina2_weights::fs::kind_of(&target.file_type())
+            ),
             Err(_) => "a symbolic link to nothing".to_string(),
         }
     } else {
