@@ -300,7 +300,7 @@ fn inspect_refuses_a_config_that_is_not_a_file() {
         (
             "dir",
             Box::new(|p: &Path| std::fs::create_dir(p).unwrap()),
-            "directory",
+            "a folder",
         ),
         (
             "dangling",
