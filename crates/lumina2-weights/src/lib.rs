@@ -327,22 +327,18 @@ impl<'de> serde::Deserialize<'de> for HeaderEntries {
     }
 }
 
-/// Checks that no two tensors of file `fi` share a byte (the format forbids
-/// it, and the `safetensors` crate refuses it); `Err` names the two keys.
+/// Checks that no two of a file's tensors, given as `(start, end, key)`
+/// byte spans, share a byte (the format forbids it, and the `safetensors`
+/// crate refuses it); `Err` names the two keys.
 fn check_no_overlap(
-    index: &HashMap<String, StEntry>,
-    fi: usize,
+    mut spans: Vec<(u64, u64, String)>,
 ) -> std::result::Result<(), (String, String)> {
-    let mut spans: Vec<(u64, u64, &str)> = index
-        .iter()
-        .filter(|(_, e)| e.file == fi && e.len > 0)
-        .map(|(k, e)| (e.start, e.start + e.len as u64, k.as_str()))
-        .collect();
+    spans.retain(|(start, end, _)| end > start);
     spans.sort_unstable();
     for w in spans.windows(2) {
         if let [(_, end, a), (start, _, b)] = w {
             if start < end {
-                return Err((b.to_string(), a.to_string()));
+                return Err((b.clone(), a.clone()));
             }
         }
     }
@@ -404,6 +400,7 @@ impl SafetensorsSource {
                 .map_err(|e| bad("", format!("invalid header: {e}")))?;
             let data_start = 8 + n;
             let mut seen = std::collections::HashSet::new();
+            let mut spans = Vec::new();
             for (key, v) in json {
                 // JSON objects may repeat a key; serde_json's map would keep the
                 // last silently, which hides a corrupt or forged header.
@@ -464,11 +461,12 @@ impl SafetensorsSource {
                     start: data_start + s0,
                     len: need,
                 };
+                spans.push((entry.start, entry.start + need as u64, key.clone()));
                 if index.insert(key.clone(), entry).is_some() {
                     return Err(bad(&key, "the key appears twice".into()));
                 }
             }
-            check_no_overlap(&index, fi).map_err(|(a, b)| {
+            check_no_overlap(spans).map_err(|(a, b)| {
                 bad(
                     &a,
                     format!("its bytes overlap those of `{b}` (the format forbids it)"),
