@@ -162,25 +162,34 @@ impl Case {
     }
 }
 
+/// Opens `path` if it is a regular file, through the project's one opener
+/// for user files (non-blocking open, type checked on the opened file, so a
+/// FIFO cannot hang the run).
+fn open_regular(path: &Path) -> Result<std::fs::File> {
+    lumina2_weights::fs::open_regular(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::InvalidInput {
+            Error::NotRegularFile {
+                path: path.to_path_buf(),
+            }
+        } else {
+            Error::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
 /// Reads `case.json` as a bounded regular file.
 fn read_case_json(path: &Path) -> Result<String> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    // Checked before opening: opening a FIFO would block.
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if !meta.is_file() {
-        return Err(Error::NotRegularFile {
-            path: path.to_path_buf(),
-        });
-    }
     let mut text = String::new();
-    std::fs::File::open(path)
-        .map_err(io)?
+    open_regular(path)?
         .take(MAX_CASE_JSON_BYTES + 1)
         .read_to_string(&mut text)
-        .map_err(io)?;
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if text.len() as u64 > MAX_CASE_JSON_BYTES {
         return Err(Error::TooLarge {
             path: path.to_path_buf(),
@@ -192,15 +201,7 @@ fn read_case_json(path: &Path) -> Result<String> {
 }
 
 fn load_tensors(p: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let meta = std::fs::metadata(p).map_err(|source| Error::Io {
-        path: p.to_path_buf(),
-        source,
-    })?;
-    if !meta.is_file() {
-        return Err(Error::NotRegularFile {
-            path: p.to_path_buf(),
-        });
-    }
+    open_regular(p)?;
     let map = candle_core::safetensors::load(p, &Device::Cpu).map_err(|source| Error::Tensor {
         path: p.to_path_buf(),
         source,
@@ -301,5 +302,28 @@ mod tests {
         assert!(err.contains("tolerance.atol"), "{err}");
         let dir = case_dir("big", &" ".repeat(MAX_CASE_JSON_BYTES as usize + 1));
         assert!(matches!(Case::load(&dir), Err(Error::TooLarge { .. })));
+    }
+
+    /// A `case.json` that is a FIFO or a folder is refused at once (the
+    /// test finishing shows the open did not block).
+    #[cfg(unix)]
+    #[test]
+    fn a_case_json_that_is_not_a_file_is_refused_without_blocking() {
+        let dir = case_dir("fifo", "{}");
+        let json = dir.join("case.json");
+        std::fs::remove_file(&json).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&json).status();
+        assert!(made.is_ok_and(|s| s.success()));
+        assert!(matches!(
+            Case::load(&dir),
+            Err(Error::NotRegularFile { .. })
+        ));
+        std::fs::remove_file(&json).unwrap();
+        std::fs::create_dir(&json).unwrap();
+        assert!(matches!(
+            Case::load(&dir),
+            Err(Error::NotRegularFile { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
