@@ -481,6 +481,13 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         output::check_writable(p)?;
     }
     let device = usage(parse_device(&args.device))?;
+    if args.int8 && !device.is_cpu() {
+        return Err(Usage(anyhow::anyhow!(
+            "--int8 runs on the CPU only, not with --device {}: on a GPU use --dtype bf16 or a GGUF transformer",
+            args.device
+        ))
+        .into());
+    }
     let dtype = match args.dtype {
         DtypeArg::F32 => DType::F32,
         DtypeArg::Bf16 => DType::BF16,

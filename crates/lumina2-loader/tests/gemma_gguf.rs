@@ -4,19 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use lumina2_loader::gguf::GgufFile;
 use lumina2_loader::{Gemma2Gguf, GemmaGgufError};
+use lumina2_parity::{compare, Case};
 use lumina2_weights::{LinearWeight, WeightSource};
 
 fn case(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/text_encoder_gguf")
         .join(name)
-}
-
-fn load(path: &Path) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -80,28 +77,18 @@ fn linears_stay_quantised_and_norms_lose_the_plus_one() {
 #[test]
 fn hidden_states_match_transformers_reading_the_same_file() {
     for name in ["tiny_q4_0", "tiny_q8_0_f16"] {
-        let dir = case(name);
-        let enc = Gemma2Gguf::open(dir.join("model.gguf"))
+        let case = Case::load(&case(name)).unwrap();
+        let enc = Gemma2Gguf::open(case.model().unwrap())
             .unwrap()
             .penultimate_encoder(DType::F32, &Device::Cpu)
             .unwrap();
-        let inputs = load(&dir.join("inputs.safetensors"));
-        let expected = &load(&dir.join("expected.safetensors"))["hidden_states"];
+        let inputs = case.inputs().unwrap();
         let out = enc
             .forward(&inputs["input_ids"], Some(&inputs["attention_mask"]))
             .unwrap();
-        let err = (out - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        // The case's tolerance (atol 1e-5 + rtol 1e-4 on values of order 1).
-        assert!(err < 2e-4, "{name}: max |error| {err}");
+        let expected = &case.expected().unwrap()["hidden_states"];
+        let c = compare(&out, expected, case.tolerance.atol, case.tolerance.rtol).unwrap();
+        assert!(c.passes(), "{name}: {c:?}");
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use lumina2_loader::lora::{LoraFile, LoraSource};
 use lumina2_loader::{open_transformer_file, ComponentFolder, Error};
+use lumina2_parity::{compare, Case, Comparison};
 use lumina2_transformer::{Config, LinearWeight, Lumina2Transformer, WeightSource, Weights};
 
 fn fixture(name: &str) -> PathBuf {
@@ -31,33 +32,32 @@ fn base(case: &Path) -> (Config, Arc<dyn WeightSource>) {
     }
 }
 
-/// The `args.lora` list of a case.
-fn loras(case: &Path) -> Vec<(PathBuf, f64)> {
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap()).unwrap();
-    json["args"]["lora"]
+/// The `args.lora` list of a case, each path resolved inside the case.
+fn loras(dir: &Path) -> Vec<(PathBuf, f64)> {
+    let case = Case::load(dir).unwrap();
+    case.args["lora"]
         .as_array()
         .unwrap()
         .iter()
         .map(|l| {
             (
-                case.join(l["path"].as_str().unwrap()),
+                case.path("args.lora.path", l["path"].as_str().unwrap())
+                    .unwrap(),
                 l["scale"].as_f64().unwrap(),
             )
         })
         .collect()
 }
 
-/// Max |ours - PyTorch| of a case's output, computed in f32.
-fn max_error(case: &Path) -> f32 {
-    let (cfg, src) = base(case);
-    let src = LoraSource::open(src, &cfg, &loras(case)).unwrap();
+/// A case's output against PyTorch's, with the case's tolerance.
+fn run(dir: &Path) -> Comparison {
+    let case = Case::load(dir).unwrap();
+    let (cfg, src) = base(dir);
+    let src = LoraSource::open(src, &cfg, &loras(dir)).unwrap();
     let model =
         Lumina2Transformer::new(&cfg, &Weights::new(Arc::new(src), DType::F32, &Device::Cpu))
             .unwrap();
-    let i = candle_core::safetensors::load(case.join("inputs.safetensors"), &Device::Cpu).unwrap();
-    let e =
-        candle_core::safetensors::load(case.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let i = case.inputs().unwrap();
     let out = model
         .forward(
             &i["hidden_states"],
@@ -66,21 +66,13 @@ fn max_error(case: &Path) -> f32 {
             &i["encoder_attention_mask"],
         )
         .unwrap();
-    (out - &e["sample"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    let e = case.expected().unwrap();
+    compare(&out, &e["sample"], case.tolerance.atol, case.tolerance.rtol).unwrap()
 }
 
 #[test]
 fn every_format_matches_pytorch() {
-    // The fixtures' f32 tolerance is atol 1e-5 on outputs of order 1; each
+    // The cases' f32 tolerance is atol 1e-5 on outputs of order 1; each
     // LoRA moves the output by 1.7 to 4.3 (provenance.json), so a LoRA
     // dropped or misapplied anywhere fails by far.
     for case in [
@@ -90,8 +82,8 @@ fn every_format_matches_pytorch() {
         "kohya_f32",
         "gguf_q4_0_f32",
     ] {
-        let err = max_error(&fixture(case));
-        assert!(err < 1e-5, "{case}: max error {err}");
+        let c = run(&fixture(case));
+        assert!(c.passes(), "{case}: {c:?}");
     }
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use lumina2_loader::{detect_layout, open_transformer_file, Error, PthFile, TransformerLayout};
+use lumina2_parity::{compare, Case, Comparison};
 use lumina2_transformer::{Config, Lumina2Transformer, WeightSource, Weights};
 
 fn fixture(name: &str) -> PathBuf {
@@ -13,14 +14,15 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn run(case: &Path, file: &str) -> f32 {
-    let cfg = Config::from_file(case.join("config")).unwrap();
-    let src = open_transformer_file(&case.join(file), &cfg).unwrap();
+/// A case through the loader: the model file and config the case names,
+/// compared with the case's tolerance.
+fn run(dir: &Path) -> Comparison {
+    let case = Case::load(dir).unwrap();
+    let cfg = Config::from_file(case.model_config.as_ref().unwrap()).unwrap();
+    let src = open_transformer_file(case.model().unwrap(), &cfg).unwrap();
     let model =
         Lumina2Transformer::new(&cfg, &Weights::new(src, DType::F32, &Device::Cpu)).unwrap();
-    let i = candle_core::safetensors::load(case.join("inputs.safetensors"), &Device::Cpu).unwrap();
-    let e =
-        candle_core::safetensors::load(case.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let i = case.inputs().unwrap();
     let out = model
         .forward(
             &i["hidden_states"],
@@ -29,24 +31,16 @@ fn run(case: &Path, file: &str) -> f32 {
             &i["encoder_attention_mask"],
         )
         .unwrap();
-    (out - &e["sample"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    let e = case.expected().unwrap();
+    compare(&out, &e["sample"], case.tolerance.atol, case.tolerance.rtol).unwrap()
 }
 
 #[test]
 fn original_pth_and_comfyui_files_match_pytorch() {
-    // The fixtures' f32 tolerance is atol 1e-5 on values of order 1.
-    assert!(run(&fixture("tiny_pth_f32"), "consolidated.00-of-01.pth") < 1e-5);
-    assert!(run(&fixture("tiny_comfyui_f32"), "lumina2_comfyui.safetensors") < 1e-5);
-    assert!(run(&fixture("tiny_gguf_q4_0_f32"), "lumina2-q4_0.gguf") < 1e-5);
+    for name in ["tiny_pth_f32", "tiny_comfyui_f32", "tiny_gguf_q4_0_f32"] {
+        let c = run(&fixture(name));
+        assert!(c.passes(), "{name}: {c:?}");
+    }
 }
 
 #[test]

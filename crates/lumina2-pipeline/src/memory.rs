@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 use lumina2_transformer::Config as TransformerConfig;
 use lumina2_vae::{AutoencoderKLConfig, Tiling};
 
@@ -125,9 +125,21 @@ pub fn files_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Memory this process may still use: `MemAvailable` of `/proc/meminfo`
-/// (Linux), `None` where unknown.
-pub fn available_bytes() -> Option<u64> {
+/// Memory the run may still use on `device`: on the CPU, `MemAvailable` of
+/// `/proc/meminfo` (Linux); on a CUDA GPU, the device's free memory (the
+/// weights and activations live there); `None` where unknown (Metal, which
+/// shares the system's memory but does not report it through candle, and
+/// other systems), in which case the check passes.
+pub fn available_bytes(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => system_available_bytes(),
+        Device::Cuda(_) => cuda_free_bytes(device),
+        Device::Metal(_) => None,
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo`.
+fn system_available_bytes() -> Option<u64> {
     let text = lumina2_weights::fs::read_to_string_bounded(
         Path::new("/proc/meminfo"),
         lumina2_weights::fs::MAX_CONFIG_BYTES,
@@ -136,4 +148,18 @@ pub fn available_bytes() -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb.saturating_mul(1024))
+}
+
+/// The free memory of a CUDA device, as its driver reports it.
+#[cfg(feature = "cuda")]
+fn cuda_free_bytes(device: &Device) -> Option<u64> {
+    let cuda = device.as_cuda_device().ok()?;
+    let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    u64::try_from(free).ok()
+}
+
+/// Without the `cuda` feature no CUDA device can exist.
+#[cfg(not(feature = "cuda"))]
+fn cuda_free_bytes(_device: &Device) -> Option<u64> {
+    None
 }

@@ -117,6 +117,18 @@ impl PipelineBuilder {
                 format!("{:?} is not a compute dtype (f32, bf16, f16)", self.dtype),
             ));
         }
+        if self.int8_transformer && !self.device.is_cpu() {
+            // The int8 kernels are CPU code (AMX-INT8, AVX512-VNNI, plain
+            // Rust); on a GPU they would copy every activation to the host
+            // and back at each layer.
+            return Err(invalid(
+                "int8",
+                format!(
+                    "int8 linears run on the CPU only, not on {}; on a GPU use bf16, f16 or a GGUF transformer",
+                    device_name(&self.device)
+                ),
+            ));
+        }
         let transformer_config =
             TransformerConfig::from_file(self.sources.transformer.config_path())?;
         let vae_config = AutoencoderKLConfig::from_file(&self.sources.vae)?;
@@ -611,11 +623,12 @@ impl Lumina2Pipeline {
     }
 
     /// Refuses a request whose estimated peak exceeds the memory available
-    /// now ([`Error::OutOfMemory`] with the estimate); passes where the
-    /// available memory is unknown.
+    /// now on the pipeline's device ([`Error::OutOfMemory`] with the
+    /// estimate; [`memory::available_bytes`]); passes where the available
+    /// memory is unknown.
     pub fn check_memory(&self, opts: &GenerateOptions) -> Result<()> {
         let est = self.estimate_memory(opts)?;
-        let Some(avail) = memory::available_bytes() else {
+        let Some(avail) = memory::available_bytes(&self.device) else {
             return Ok(());
         };
         let peak = est.peak(self.keep_resident);
@@ -630,8 +643,9 @@ impl Lumina2Pipeline {
             };
             return Err(Error::OutOfMemory {
                 what: format!(
-                    "{} image(s) of {w}x{h} ({stage} is the largest stage)",
-                    opts.batch_size()?
+                    "{} image(s) of {w}x{h} on {} ({stage} is the largest stage)",
+                    opts.batch_size()?,
+                    device_name(&self.device)
                 ),
                 needed_mib: peak >> 20,
                 available_mib: avail >> 20,
@@ -671,4 +685,13 @@ fn repeat(t: &Tensor, n: usize) -> Result<Tensor> {
 fn count_non_finite(t: &Tensor) -> Result<usize> {
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(v.iter().filter(|x| !x.is_finite()).count())
+}
+
+/// `cpu`, `cuda:N` or `metal:N`, as the CLI's `--device` spells it.
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use lumina2_kernels::elementwise::fused;
@@ -91,6 +91,18 @@ impl LinearWeight {
             _ => Ok(self),
         }
     }
+}
+
+/// `q` on `device`: its blocks are copied there once, when the layer loads,
+/// so that on a GPU the weight stays quantised in device memory and is
+/// dequantised there when used (candle's CUDA/Metal dequantisation kernels),
+/// never copied from the host per call. Unchanged when already there.
+fn quantized_on(q: Arc<QTensor>, device: &Device) -> candle_core::Result<Arc<QTensor>> {
+    if q.device().same_device(device) {
+        return Ok(q);
+    }
+    let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+    Ok(Arc::new(QTensor::new(storage, q.shape().clone())?))
 }
 
 /// `x` `[..., in]` as a matrix of rows `[n, in]`.
@@ -794,7 +806,7 @@ impl Weights {
             }
             LinearWeight::Quantized(q) => {
                 self.check_shape(&wkey, q.shape().dims(), &[out_dim, in_dim])?;
-                LinearWeight::Quantized(q)
+                LinearWeight::Quantized(quantized_on(q, &self.device)?)
             }
             LinearWeight::PackedBf16(p) => {
                 self.check_shape(&wkey, &p.dims(), &[out_dim, in_dim])?;
