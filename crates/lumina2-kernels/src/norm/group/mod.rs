@@ -145,14 +145,8 @@ fn dispatch_sum<I: Elem>(b: &[I], centre: Option<f32>) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::conv::f32::available() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { sum_avx2(b, centre) };
+        return unsafe { avx2::sum_avx2(b, centre) };
     }
-    sum_lanes(b, centre)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn sum_avx2<I: Elem>(b: &[I], centre: Option<f32>) -> f32 {
     sum_lanes(b, centre)
 }
 
@@ -199,21 +193,8 @@ fn apply<I: Elem, O: Elem, R: Fn(f32) -> f32>(
     #[cfg(target_arch = "x86_64")]
     if crate::conv::f32::available() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { apply_avx2(x, o, scale, shift, act, round) };
+        return unsafe { avx2::apply_avx2(x, o, scale, shift, act, round) };
     }
-    apply_generic(x, o, scale, shift, act, round)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn apply_avx2<I: Elem, O: Elem, R: Fn(f32) -> f32>(
-    x: &[I],
-    o: &mut [O],
-    scale: f32,
-    shift: f32,
-    act: FusedAct,
-    round: &R,
-) {
     apply_generic(x, o, scale, shift, act, round)
 }
 
@@ -285,6 +266,9 @@ pub fn exp(x: f32) -> f32 {
     let bits = (t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23;
     er * f32::from_bits(bits)
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 #[cfg(test)]
 mod tests {

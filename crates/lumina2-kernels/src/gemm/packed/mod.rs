@@ -216,7 +216,7 @@ impl PackedBf16 {
                             &mut buf[(p - p0) * pairs * PANEL..(p - p0 + 1) * pairs * PANEL];
                         // SAFETY: AVX-512F/BW/VL/BF16 come with AMX here; `src`
                         // holds `n` rows of whole blocks, `panel` `pairs * 32` lanes.
-                        unsafe { kernel::pack_q4_0_panel(src, row_bytes, n, panel) };
+                        unsafe { avx512::pack_q4_0_panel(src, row_bytes, n, panel) };
                     }
                     // Row blocks inside the task, so that a block of inputs stays
                     // in cache across the task's panels.
@@ -227,7 +227,7 @@ impl PackedBf16 {
                         // blocks; `buf` holds panels `p0..p1`; tasks write
                         // disjoint columns of `out` (`rows x out_dim`).
                         unsafe {
-                            kernel::amx_block(
+                            amx::amx_block(
                                 a.as_ptr().cast::<u32>(),
                                 pairs,
                                 (r0, r1),
@@ -332,13 +332,13 @@ impl PackedBf16 {
                         let bytes = p * PANEL * row_bytes..(p * PANEL + n) * row_bytes;
                         // SAFETY: as in `matmul_q4_0_streamed`.
                         unsafe {
-                            kernel::pack_q4_0_panel(
+                            avx512::pack_q4_0_panel(
                                 &gd[bytes.clone()],
                                 row_bytes,
                                 n,
                                 &mut wg[at..at + len],
                             );
-                            kernel::pack_q4_0_panel(
+                            avx512::pack_q4_0_panel(
                                 &ud[bytes],
                                 row_bytes,
                                 n,
@@ -365,7 +365,7 @@ impl PackedBf16 {
                         // writes only its own columns of `out`.
                         unsafe {
                             for (wt, b) in [(&*wg, &mut *bg), (&*wu, &mut *bu)] {
-                                kernel::amx_block(
+                                amx::amx_block(
                                     a.as_ptr().cast::<u32>(),
                                     pairs,
                                     (r0, r1),
@@ -466,7 +466,7 @@ impl PackedBf16 {
                     // SAFETY: AVX-512F/BW/VL/BF16 were detected; `src` holds
                     // `rows` rows of `in_dim / 32` blocks, `panel` `pairs * 32`
                     // lanes.
-                    unsafe { kernel::pack_q4_0_panel(src, row_bytes, rows, panel) };
+                    unsafe { avx512::pack_q4_0_panel(src, row_bytes, rows, panel) };
                 });
             return Ok(Self {
                 out_dim,
@@ -484,7 +484,7 @@ impl PackedBf16 {
                 // `seg.len() / 32` whole Q4_0 blocks.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    kernel::decode_q4_0(src, seg)
+                    avx512::decode_q4_0(src, seg)
                 };
                 return;
             }
@@ -671,7 +671,7 @@ impl PackedBf16 {
                     // SAFETY: AMX is usable (`use_amx`); `a` holds the tiled
                     // inputs in whole 32-row blocks; the rest as below.
                     unsafe {
-                        kernel::amx_block(
+                        amx::amx_block(
                             a.as_ptr().cast::<u32>(),
                             self.pairs,
                             (r0, r1),
@@ -696,7 +696,7 @@ impl PackedBf16 {
                         // which has `rows * out_dim` elements.
                         unsafe {
                             let out = out.add(r * self.out_dim + p * PANEL);
-                            kernel::tile(
+                            avx512::tile(
                                 h,
                                 a.as_ptr().cast::<u32>().add(r * self.pairs),
                                 self.pairs,
@@ -862,456 +862,18 @@ impl Dest {
 /// The AMX tile configuration and steps, shared with [`crate::gemm::int8`],
 /// [`crate::attention::flash`] and [`crate::conv::bf16`].
 #[cfg(target_arch = "x86_64")]
-pub(crate) use kernel::{bf16_steps, c_tiles, prefetch_next, store_row, tile_config, zero_c};
+pub(crate) use amx::{bf16_steps, c_tiles, prefetch_next, tile_config, zero_c};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::store_row;
 
 #[cfg(target_arch = "x86_64")]
-mod kernel {
-    use std::arch::asm;
-    use std::arch::x86_64::*;
+mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
-    use super::{CHUNK_PAIRS, PANEL};
-
-    /// The tile configuration: palette 1, eight tiles of 16 rows x 64 bytes
-    /// (C: 16x16 f32; A: 16 rows x 32 bf16; B: 16 pairs x 16 columns). The
-    /// int8 kernel ([`crate::gemm::int8`]) uses the same shapes (64 int8 a row).
-    #[repr(C, align(64))]
-    pub(crate) struct TileConfig(pub(crate) [u8; 64]);
-
-    pub(crate) const fn tile_config() -> TileConfig {
-        let mut c = [0u8; 64];
-        c[0] = 1;
-        let mut t = 0;
-        while t < 8 {
-            c[16 + 2 * t] = 64;
-            c[48 + t] = 16;
-            t += 1;
-        }
-        TileConfig(c)
-    }
-
-    /// `steps` depth steps of the 2x2 tile product: A tiles at `a0`/`a1`
-    /// (rows 64 bytes apart; `+a_step` bytes a step), B tiles at `b` (the two
-    /// 16-column halves of a panel, 64 bytes apart, rows 128 bytes apart;
-    /// `+b_step` bytes a step), accumulated into tiles 0-3 (tiles 4-7 are
-    /// overwritten). Shared with [`crate::attention::flash`].
-    ///
-    /// # Safety
-    /// AMX-BF16 is usable with [`tile_config`] loaded; the tiles read are in
-    /// bounds.
-    #[inline(always)]
-    pub(crate) unsafe fn bf16_steps(
-        a0: *const u8,
-        a1: *const u8,
-        a_step: usize,
-        b: *const u8,
-        b_step: usize,
-        steps: usize,
-    ) {
-        for s in 0..steps {
-            unsafe {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {lda}*1]",
-                    "tileloadd tmm5, [{a1} + {lda}*1]",
-                    "tileloadd tmm6, [{b0} + {ldb}*1]",
-                    "tileloadd tmm7, [{b1} + {ldb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0.add(s * a_step),
-                    a1 = in(reg) a1.add(s * a_step),
-                    lda = in(reg) 64usize,
-                    b0 = in(reg) b.add(s * b_step),
-                    b1 = in(reg) b.add(s * b_step + 64),
-                    ldb = in(reg) PANEL * 4,
-                    options(nostack)
-                );
-            }
-        }
-    }
-
-    /// Prefetches into L1 the tiles of the next depth step of a 2x2 tile
-    /// product: the two A tiles after `ap` and after `ap + a_rows` (the
-    /// second row tile), the two B tiles after `bp` (2 KiB).
-    ///
-    /// # Safety
-    /// None beyond pointer arithmetic: prefetches do not fault.
-    #[inline(always)]
-    pub(crate) unsafe fn prefetch_next(ap: *const u8, a_rows: usize, bp: *const u8) {
-        for l in 0..16 {
-            _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(1024 + 64 * l).cast());
-            _mm_prefetch::<_MM_HINT_T0>(ap.wrapping_add(a_rows + 1024 + 64 * l).cast());
-        }
-        for l in 0..32 {
-            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(2048 + 64 * l).cast());
-        }
-    }
-
-    /// Zeroes tiles 0-3 (the 32x32 sums).
-    ///
-    /// # Safety
-    /// AMX is usable with [`tile_config`] loaded.
-    #[inline(always)]
-    pub(crate) unsafe fn zero_c() {
-        unsafe {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack)
-            )
-        };
-    }
-
-    /// Loads (`load`) or stores tiles 0-3 from/to the 32x32 f32 (or int32)
-    /// block at `c`, rows `ld` values apart: tiles 0/1 rows 0-15, columns
-    /// 0-15/16-31; tiles 2/3 rows 16-31.
-    ///
-    /// # Safety
-    /// AMX is usable with [`tile_config`] loaded; the block is in bounds.
-    #[inline(always)]
-    pub(crate) unsafe fn c_tiles(c: *mut f32, ld: usize, load: bool) {
-        unsafe {
-            let (c0, c1, c2, c3) = (c, c.add(16), c.add(16 * ld), c.add(16 * ld + 16));
-            if load {
-                asm!(
-                    "tileloadd tmm0, [{c0} + {ldc}*1]",
-                    "tileloadd tmm1, [{c1} + {ldc}*1]",
-                    "tileloadd tmm2, [{c2} + {ldc}*1]",
-                    "tileloadd tmm3, [{c3} + {ldc}*1]",
-                    c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-                    ldc = in(reg) ld * 4,
-                    options(nostack)
-                );
-            } else {
-                asm!(
-                    "tilestored [{c0} + {ldc}*1], tmm0",
-                    "tilestored [{c1} + {ldc}*1], tmm1",
-                    "tilestored [{c2} + {ldc}*1], tmm2",
-                    "tilestored [{c3} + {ldc}*1], tmm3",
-                    c0 = in(reg) c0, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3,
-                    ldc = in(reg) ld * 4,
-                    options(nostack)
-                );
-            }
-        }
-    }
-
-    /// Rows `r0..r1` times panels `p0..p1` with AMX: a 32x32 block in tiles
-    /// 0-3 (f32), A in tiles 4-5, B in tiles 6-7, over the whole depth.
-    ///
-    /// # Safety
-    /// AMX is usable; `a` holds the inputs tiled (see `matmul_with`) in whole
-    /// 32-row blocks covering `r1` (rounded up), `pairs` pairs wide; `data`
-    /// holds the panels of the packed weight (`ldo` columns) from panel
-    /// `first` on, covering `p0..p1`;
-    /// `bias` points at `p1 * 32` f32; `dest` covers rows `r0..r1` and the
-    /// columns of panels `p0..p1`.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn amx_block(
-        a: *const u32,
-        pairs: usize,
-        (r0, r1): (usize, usize),
-        (data, first): (&[u32], usize),
-        (p0, p1): (usize, usize),
-        bias: *const f32,
-        dest: super::Dest,
-    ) {
-        let cfg = tile_config();
-        let mut c = [0f32; 32 * 32];
-        // `a` is tiled: tile (row tile t, step s) at byte (t * steps + s) * 1024.
-        let steps = pairs / 16;
-        // Deep inputs in chunks: over the whole depth, a 32-row block of
-        // inputs and a panel are 576 KiB each at 9216 inputs and the task's
-        // blocks no longer fit L2 (the feed-forward's last layer ran at half
-        // the speed of the others). Between chunks the sums wait in `acc`.
-        let chunks = if pairs > 2 * CHUNK_PAIRS {
-            pairs.div_ceil(CHUNK_PAIRS)
-        } else {
-            1
-        };
-        let chunk = pairs.div_ceil(chunks).div_ceil(16) * 16;
-        let ld = (p1 - p0) * PANEL;
-        let mut acc = crate::cpu::Aligned::<f32>::zeroed(match chunks {
-            1 => 0,
-            _ => (r1 - r0).div_ceil(32) * 32 * ld,
-        });
-        unsafe {
-            asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack));
-            for ci in 0..chunks {
-                let (k0, k1) = (ci * chunk, ((ci + 1) * chunk).min(pairs));
-                if k0 >= k1 {
-                    break;
-                }
-                for p in p0..p1 {
-                    let cols = PANEL.min(dest.cols - p * PANEL);
-                    let panel = data.as_ptr().add((p - first) * pairs * PANEL).cast::<u8>();
-                    let (m0, m1) = crate::simd::masks32(cols);
-                    let bias0 = _mm512_loadu_ps(bias.add(p * PANEL));
-                    let bias1 = _mm512_loadu_ps(bias.add(p * PANEL + 16));
-                    let mut r = r0;
-                    while r < r1 {
-                        let h = 32.min(r1 - r);
-                        let arow = a.cast::<u8>().add((r / 16) * steps * 1024);
-                        // This block's sums between chunks (`r - r0` is a
-                        // multiple of 32).
-                        let saved = acc.as_mut_ptr().add((r - r0) * ld + (p - p0) * PANEL);
-                        if k0 == 0 {
-                            zero_c();
-                        } else {
-                            c_tiles(saved, ld, true);
-                        }
-                        let mut kk = k0;
-                        while kk < k1 {
-                            let ap = arow.add((kk / 16) * 1024);
-                            let bp = panel.add(kk * PANEL * 4);
-                            // The next step's tiles, into L1: a tile load that
-                            // misses L1 stalls the multiplies that wait on it
-                            // (1.1-1.5x on this project's machine).
-                            if kk + 16 < k1 {
-                                prefetch_next(ap, steps * 1024, bp);
-                            }
-                            bf16_steps(ap, ap.add(steps * 1024), 0, bp, 0, 1);
-                            kk += 16;
-                        }
-                        if k1 < pairs {
-                            c_tiles(saved, ld, false);
-                            r += h;
-                            continue;
-                        }
-                        c_tiles(c.as_mut_ptr(), 32, false);
-                        for i in 0..h {
-                            let acc0 = _mm512_loadu_ps(c.as_ptr().add(i * 32));
-                            let acc1 = _mm512_loadu_ps(c.as_ptr().add(i * 32 + 16));
-                            store_row(dest.at(r + i, p * PANEL), acc0, acc1, bias0, bias1, m0, m1);
-                        }
-                        r += h;
-                    }
-                }
-            }
-            asm!("tilerelease", options(nostack));
-        }
-    }
-
-    /// Q4_0 blocks (18 bytes: f16 scale, 16 bytes of nibbles) to bf16 bits,
-    /// `bf16(f32(d) * (q - 8))`, 32 values a block.
-    ///
-    /// # Safety
-    /// AVX-512F/BW/VL/BF16 are available; `out.len() == src.len() / 18 * 32`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn decode_q4_0(src: &[u8], out: &mut [u16]) {
-        let eight = _mm512_set1_epi32(8);
-        let low = _mm512_set1_epi32(0xf);
-        for (blk, o) in src.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
-            let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
-            let d = _mm512_set1_ps(d);
-            unsafe {
-                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(2).cast()));
-                let lo = _mm512_sub_epi32(_mm512_and_si512(bytes, low), eight);
-                let hi = _mm512_sub_epi32(_mm512_srli_epi32::<4>(bytes), eight);
-                let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d);
-                let hi = _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d);
-                _mm256_storeu_si256(o.as_mut_ptr().cast(), crate::simd::round16(lo));
-                _mm256_storeu_si256(o.as_mut_ptr().add(16).cast(), crate::simd::round16(hi));
-            }
-        }
-    }
-
-    /// One Q4_0 block (18 bytes) as 32 bf16, `bf16(f32(d) * (q - 8))`, in a
-    /// register: u32 lane `i` holds values `2i` (low half) and `2i + 1`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn q4_0_pairs(blk: &[u8]) -> __m512i {
-        let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
-        let d = _mm512_set1_ps(d);
-        unsafe {
-            let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.as_ptr().add(2).cast()));
-            let eight = _mm512_set1_epi32(8);
-            let lo = _mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xf)), eight);
-            let hi = _mm512_sub_epi32(_mm512_srli_epi32::<4>(bytes), eight);
-            let lo = crate::simd::round16(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
-            let hi = crate::simd::round16(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-        }
-    }
-
-    /// Transposes a 16 x 16 matrix of u32 held as 16 rows.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
-        let z = _mm512_setzero_si512();
-        let mut t = [z; 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        // u[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i+4.
-        let mut u = [z; 16];
-        for i in 0..4 {
-            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-        }
-        let mut out = [z; 16];
-        for j in 0..4 {
-            let even_a = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
-            let even_b = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
-            let odd_a = _mm512_shuffle_i32x4::<0xdd>(u[j], u[4 + j]);
-            let odd_b = _mm512_shuffle_i32x4::<0xdd>(u[8 + j], u[12 + j]);
-            out[j] = _mm512_shuffle_i32x4::<0x88>(even_a, even_b);
-            out[8 + j] = _mm512_shuffle_i32x4::<0xdd>(even_a, even_b);
-            out[4 + j] = _mm512_shuffle_i32x4::<0x88>(odd_a, odd_b);
-            out[12 + j] = _mm512_shuffle_i32x4::<0xdd>(odd_a, odd_b);
-        }
-        out
-    }
-
-    /// Packs `rows` (<= 32) rows of Q4_0 blocks (`row_bytes` each) into one
-    /// panel: per block column, each row decoded to 16 pairs in a register,
-    /// the two 16-row halves transposed so that pair `i` of all rows is one
-    /// store. Rows past `rows` are written as zeros (every lane of `panel` is
-    /// written).
-    ///
-    /// # Safety
-    /// AVX-512F/BW/VL/BF16 are available; `src` holds `rows * row_bytes`
-    /// bytes of whole blocks; `panel` has `row_bytes / 18 * 16 * 32` lanes.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn pack_q4_0_panel(src: &[u8], row_bytes: usize, rows: usize, panel: &mut [u32]) {
-        let blocks = row_bytes / 18;
-        let z = _mm512_setzero_si512();
-        for b in 0..blocks {
-            for half in 0..2 {
-                let mut r = [z; 16];
-                for (i, reg) in r.iter_mut().enumerate() {
-                    let n = half * 16 + i;
-                    if n < rows {
-                        let at = n * row_bytes + b * 18;
-                        *reg = unsafe { q4_0_pairs(&src[at..at + 18]) };
-                    }
-                }
-                // (Rows past `rows` are zero registers: padding written too.)
-                let cols = transpose16(r);
-                for (i, c) in cols.iter().enumerate() {
-                    let at = (b * 16 + i) * PANEL + half * 16;
-                    unsafe { _mm512_storeu_si512(panel[at..at + 16].as_mut_ptr().cast(), *c) };
-                }
-            }
-        }
-    }
-
-    /// Adds the bias to one row's 32 f32 sums, rounds them to bf16 and stores
-    /// the columns the masks allow.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(crate) unsafe fn store_row(
-        row: super::Out,
-        acc0: __m512,
-        acc1: __m512,
-        bias0: __m512,
-        bias1: __m512,
-        m0: __mmask16,
-        m1: __mmask16,
-    ) {
-        unsafe {
-            match row {
-                super::Out::Bf16(row) => {
-                    let y0: __m256i =
-                        std::mem::transmute(_mm512_cvtneps_pbh(_mm512_add_ps(acc0, bias0)));
-                    let y1: __m256i =
-                        std::mem::transmute(_mm512_cvtneps_pbh(_mm512_add_ps(acc1, bias1)));
-                    _mm256_mask_storeu_epi16(row.cast(), m0, y0);
-                    _mm256_mask_storeu_epi16(row.add(16).cast(), m1, y1);
-                }
-                super::Out::F32(row, scale) => {
-                    let s = _mm512_set1_ps(scale);
-                    _mm512_mask_storeu_ps(row, m0, _mm512_mul_ps(acc0, s));
-                    _mm512_mask_storeu_ps(row.add(16), m1, _mm512_mul_ps(acc1, s));
-                }
-            }
-        }
-    }
-
-    /// Dispatches a tile of `h` (1..=12) rows to the kernel compiled for it,
-    /// so that the accumulators of every height stay in registers.
-    ///
-    /// # Safety
-    /// The CPU has AVX512F/BW/VL/BF16; `a` points at `h` rows of `lda` u32
-    /// pairs (reading `pairs` of each), `b` at `pairs * 32` lanes, `bias` at 32
-    /// f32, `out` at `h` rows of stride `ldo` with `cols` (<= 32) writable.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(
-        h: usize,
-        a: *const u32,
-        lda: usize,
-        b: *const u32,
-        pairs: usize,
-        bias: *const f32,
-        out: super::Out,
-        ldo: usize,
-        cols: usize,
-    ) {
-        unsafe {
-            match h {
-                12 => tile_n::<12>(a, lda, b, pairs, bias, out, ldo, cols),
-                11 => tile_n::<11>(a, lda, b, pairs, bias, out, ldo, cols),
-                10 => tile_n::<10>(a, lda, b, pairs, bias, out, ldo, cols),
-                9 => tile_n::<9>(a, lda, b, pairs, bias, out, ldo, cols),
-                8 => tile_n::<8>(a, lda, b, pairs, bias, out, ldo, cols),
-                7 => tile_n::<7>(a, lda, b, pairs, bias, out, ldo, cols),
-                6 => tile_n::<6>(a, lda, b, pairs, bias, out, ldo, cols),
-                5 => tile_n::<5>(a, lda, b, pairs, bias, out, ldo, cols),
-                4 => tile_n::<4>(a, lda, b, pairs, bias, out, ldo, cols),
-                3 => tile_n::<3>(a, lda, b, pairs, bias, out, ldo, cols),
-                2 => tile_n::<2>(a, lda, b, pairs, bias, out, ldo, cols),
-                _ => tile_n::<1>(a, lda, b, pairs, bias, out, ldo, cols),
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn tile_n<const H: usize>(
-        a: *const u32,
-        lda: usize,
-        b: *const u32,
-        pairs: usize,
-        bias: *const f32,
-        out: super::Out,
-        ldo: usize,
-        cols: usize,
-    ) {
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 2]; H];
-            let mut bp = b;
-            for kk in 0..pairs {
-                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.cast()));
-                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16).cast()));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let x = _mm512_set1_epi32(a.add(r * lda + kk).read_unaligned() as i32);
-                    let x: __m512bh = std::mem::transmute(x);
-                    acc[0] = _mm512_dpbf16_ps(acc[0], x, b0);
-                    acc[1] = _mm512_dpbf16_ps(acc[1], x, b1);
-                }
-                bp = bp.add(32);
-            }
-            let bias0 = _mm512_loadu_ps(bias);
-            let bias1 = _mm512_loadu_ps(bias.add(16));
-            let (m0, m1) = crate::simd::masks32(cols);
-            for (r, acc) in acc.iter().enumerate() {
-                store_row(out.add(r * ldo), acc[0], acc[1], bias0, bias1, m0, m1);
-            }
-        }
-    }
-}
-
+/// Never called off x86-64: [`available`] and [`use_amx`] are false there.
 #[cfg(not(target_arch = "x86_64"))]
-mod kernel {
-    /// Never called off x86-64.
-    pub unsafe fn decode_q4_0(_src: &[u8], _out: &mut [u16]) {}
-
-    /// Never called: [`super::available`] is false off x86-64.
+mod amx {
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn amx_block(
         _a: *const u32,
@@ -1323,21 +885,12 @@ mod kernel {
         _dest: super::Dest,
     ) {
     }
+}
 
-    /// Never called: [`super::available`] is false off x86-64.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(
-        _h: usize,
-        _a: *const u32,
-        _lda: usize,
-        _b: *const u32,
-        _pairs: usize,
-        _bias: *const f32,
-        _out: super::Out,
-        _ldo: usize,
-        _cols: usize,
-    ) {
-    }
+/// Never called off x86-64: the SIMD Q4_0 decoding needs AVX512-BF16.
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    pub unsafe fn decode_q4_0(_src: &[u8], _out: &mut [u16]) {}
 }
 
 #[cfg(test)]

@@ -233,7 +233,7 @@ impl PackedConv {
                     #[cfg(target_arch = "x86_64")]
                     if wide && rows == MR && q0 + 2 * NR <= p1 {
                         let bp = &buf[pi * kc * NR..(pi + 2) * kc * NR];
-                        x86::kernel_wide(
+                        avx512::kernel_wide(
                             kc,
                             a.as_ptr(),
                             bp.as_ptr(),
@@ -421,7 +421,7 @@ unsafe fn micro_tile(
     {
         if rows == MR && cols == NR {
             let res = res.map(|r| r.as_ptr());
-            x86::kernel(
+            avx2::kernel(
                 kc,
                 a.as_ptr(),
                 b.as_ptr(),
@@ -438,7 +438,7 @@ unsafe fn micro_tile(
                 std::ptr::copy_nonoverlapping(c.add(r * ldc), tmp.as_mut_ptr().add(r * NR), cols);
             }
         }
-        x86::kernel(
+        avx2::kernel(
             kc,
             a.as_ptr(),
             b.as_ptr(),
@@ -466,151 +466,9 @@ unsafe fn micro_tile(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::{MR, NR};
-
-    /// `C[MR x NR] (+)= A[kc x MR]^T B[kc x NR]`: twelve accumulators, two
-    /// pixel vectors and one broadcast weight per step, all in registers; when
-    /// accumulating, the block's sum is added to `C` at the end.
-    ///
-    /// # Safety
-    /// `a` holds `kc * MR` f32, `b` `kc * NR`, `c` `MR` rows of stride `ldc`
-    /// with `NR` writable f32 each (read too when `bias` is `None`; `bias`
-    /// holds `MR` f32; `res`, when given, `MR` rows of stride `ldc` with `NR`
-    /// readable f32 each); AVX2 and FMA are available.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel(
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        bias: Option<*const f32>,
-        res: Option<*const f32>,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-        match bias {
-            Some(bias) => {
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let v = _mm256_broadcast_ss(&*bias.add(r));
-                    *acc_r = [v, v];
-                }
-            }
-            None => {
-                // The partial sums are added at the end: ask for them now so
-                // that they arrive (typically from L3) while the loop runs.
-                for r in 0..MR {
-                    let row = c.add(r * ldc) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(row);
-                    _mm_prefetch::<_MM_HINT_T0>(row.add(4 * NR - 4));
-                }
-            }
-        }
-        let (mut a, mut b) = (a, b);
-        for _ in 0..kc {
-            let b0 = _mm256_loadu_ps(b);
-            let b1 = _mm256_loadu_ps(b.add(8));
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let w = _mm256_broadcast_ss(&*a.add(r));
-                acc_r[0] = _mm256_fmadd_ps(w, b0, acc_r[0]);
-                acc_r[1] = _mm256_fmadd_ps(w, b1, acc_r[1]);
-            }
-            a = a.add(MR);
-            b = b.add(NR);
-        }
-        if bias.is_none() {
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let row = c.add(r * ldc);
-                acc_r[0] = _mm256_add_ps(_mm256_loadu_ps(row), acc_r[0]);
-                acc_r[1] = _mm256_add_ps(_mm256_loadu_ps(row.add(8)), acc_r[1]);
-            }
-        }
-        if let Some(res) = res {
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let row = res.add(r * ldc);
-                acc_r[0] = _mm256_add_ps(acc_r[0], _mm256_loadu_ps(row));
-                acc_r[1] = _mm256_add_ps(acc_r[1], _mm256_loadu_ps(row.add(8)));
-            }
-        }
-        for (r, acc_r) in acc.iter().enumerate() {
-            let row = c.add(r * ldc);
-            _mm256_storeu_ps(row, acc_r[0]);
-            _mm256_storeu_ps(row.add(8), acc_r[1]);
-        }
-    }
-
-    /// `C[MR x 2NR] (+)= A[kc x MR]^T [B0 B1]`: the AVX-512 form of
-    /// [`kernel`] over two adjacent pixel panels `b0` and `b1` (pixels
-    /// `q0..q0 + NR` and `q0 + NR..q0 + 2NR`), one zmm each: twelve
-    /// accumulators, two pixel loads and six broadcasts per step.
-    ///
-    /// # Safety
-    /// As [`kernel`], with `b0` and `b1` each holding `kc * NR` f32 and `c`
-    /// (and `res`) rows holding `2 * NR` f32; AVX-512F is available.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel_wide(
-        kc: usize,
-        a: *const f32,
-        b0: *const f32,
-        b1: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        bias: Option<*const f32>,
-        res: Option<*const f32>,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        match bias {
-            Some(bias) => {
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let v = _mm512_set1_ps(*bias.add(r));
-                    *acc_r = [v, v];
-                }
-            }
-            None => {
-                for r in 0..MR {
-                    let row = c.add(r * ldc) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(row);
-                    _mm_prefetch::<_MM_HINT_T0>(row.add(8 * NR - 4));
-                }
-            }
-        }
-        let (mut a, mut b0, mut b1) = (a, b0, b1);
-        for _ in 0..kc {
-            let x0 = _mm512_loadu_ps(b0);
-            let x1 = _mm512_loadu_ps(b1);
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let w = _mm512_set1_ps(*a.add(r));
-                acc_r[0] = _mm512_fmadd_ps(w, x0, acc_r[0]);
-                acc_r[1] = _mm512_fmadd_ps(w, x1, acc_r[1]);
-            }
-            a = a.add(MR);
-            b0 = b0.add(NR);
-            b1 = b1.add(NR);
-        }
-        if bias.is_none() {
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let row = c.add(r * ldc);
-                acc_r[0] = _mm512_add_ps(_mm512_loadu_ps(row), acc_r[0]);
-                acc_r[1] = _mm512_add_ps(_mm512_loadu_ps(row.add(NR)), acc_r[1]);
-            }
-        }
-        if let Some(res) = res {
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let row = res.add(r * ldc);
-                acc_r[0] = _mm512_add_ps(acc_r[0], _mm512_loadu_ps(row));
-                acc_r[1] = _mm512_add_ps(acc_r[1], _mm512_loadu_ps(row.add(NR)));
-            }
-        }
-        for (r, acc_r) in acc.iter().enumerate() {
-            let row = c.add(r * ldc);
-            _mm512_storeu_ps(row, acc_r[0]);
-            _mm512_storeu_ps(row.add(NR), acc_r[1]);
-        }
-    }
-}
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(test)]
 mod tests {

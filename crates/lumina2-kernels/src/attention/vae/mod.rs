@@ -126,14 +126,8 @@ fn softmax_columns(s: &mut [f32], len: usize, scale: f32) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if crate::conv::f32::available() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { softmax_columns_avx2(s, len, scale) };
+        return unsafe { avx2::softmax_columns_avx2(s, len, scale) };
     }
-    softmax_columns_generic(s, len, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_columns_avx2(s: &mut [f32], len: usize, scale: f32) -> Vec<f32> {
     softmax_columns_generic(s, len, scale)
 }
 
@@ -162,6 +156,9 @@ fn softmax_columns_generic(s: &mut [f32], len: usize, scale: f32) -> Vec<f32> {
     }
     total.iter().map(|&t| (1.0 / t) as f32).collect()
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 #[cfg(test)]
 mod tests {

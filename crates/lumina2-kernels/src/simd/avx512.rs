@@ -1,4 +1,4 @@
-//! The x86-64 (AVX-512) forms of the helpers.
+//! The AVX-512 helpers: lane masks, `exp`, `tanh`, bf16 widening and rounding of 16 lanes.
 
 use std::arch::x86_64::*;
 
