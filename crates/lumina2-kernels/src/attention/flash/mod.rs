@@ -223,6 +223,9 @@ impl Scratch {
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+mod portable;
+
+pub use portable::attention as attention_portable;
 
 #[cfg(not(target_arch = "x86_64"))]
 mod amx {
@@ -302,17 +305,35 @@ mod tests {
     }
 
     /// The fused kernel of `dtype`: bf16 on AMX, f32 on AVX-512 (`None`
-    /// where it does not run).
+    /// where it does not run); with `portable`, the plain-Rust form, which
+    /// runs everywhere.
     fn fused(
         dtype: DType,
+        portable: bool,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         bias: Option<&Tensor>,
         scale: f32,
     ) -> candle_core::Result<Option<Tensor>> {
+        if portable {
+            return attention_portable(q, k, v, bias, scale).map(Some);
+        }
         match dtype {
             DType::BF16 => attention_bf16(q, k, v, bias, scale),
             _ => attention_f32(q, k, v, bias, scale),
         }
+    }
+
+    /// The paths of `dtype` the tests run: portable always, the fused
+    /// kernel where it runs (checked by calling it).
+    fn paths(dtype: DType) -> candle_core::Result<Vec<bool>> {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 1, 1, 32), dtype, &dev)?;
+        if fused(dtype, false, (&x, &x, &x), None, 1.0)?.is_some() {
+            eprintln!("flash attention {dtype:?}: portable and fused x86 paths");
+            return Ok(vec![true, false]);
+        }
+        eprintln!("flash attention {dtype:?}: portable path only");
+        Ok(vec![true])
     }
 
     /// Both kernels against an f64 softmax attention of the same inputs:
@@ -323,7 +344,12 @@ mod tests {
     fn matches_f64_attention() -> candle_core::Result<()> {
         crate::report_paths("matches_f64_attention");
         let dev = Device::Cpu;
-        for dtype in [DType::BF16, DType::F32] {
+        for (dtype, portable) in [DType::BF16, DType::F32].into_iter().flat_map(|dt| {
+            paths(dt)
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |p| (dt, p))
+        }) {
             for &(b, h, kv, s_q, s_kv, d, masked) in &[
                 (1usize, 2usize, 1usize, 5usize, 7usize, 16usize, false),
                 (2, 6, 2, 37, 150, 40, true),
@@ -341,7 +367,13 @@ mod tests {
                     .collect();
                 let bias_t = Tensor::from_vec(bias.clone(), (b, s_kv), &dev)?;
                 let scale = 1.0 / (d as f32).sqrt();
-                let Some(out) = fused(dtype, (&q, &k, &v), masked.then_some(&bias_t), scale)?
+                let Some(out) = fused(
+                    dtype,
+                    portable,
+                    (&q, &k, &v),
+                    masked.then_some(&bias_t),
+                    scale,
+                )?
                 else {
                     eprintln!("skipped: no fused {dtype:?} kernel on this CPU");
                     break;
@@ -366,7 +398,7 @@ mod tests {
                     };
                     assert!(
                         (got as f64 - want).abs() <= tol,
-                        "{dtype:?} ({b},{h},{kv},{s_q},{s_kv},{d}) element {i}: {got} vs {want}"
+                        "{dtype:?} portable {portable} ({b},{h},{kv},{s_q},{s_kv},{d}) element {i}: {got} vs {want}"
                     );
                 }
             }
@@ -383,9 +415,14 @@ mod tests {
             let q = Tensor::randn(0f32, 1., (1, 1, 3, 32), &dev)?.to_dtype(dtype)?;
             let k = Tensor::randn(0f32, 1., (1, 1, 5, 32), &dev)?.to_dtype(dtype)?;
             let bias = Tensor::full(f32::NEG_INFINITY, (1, 5), &dev)?;
-            if let Some(out) = fused(dtype, (&q, &k, &k), Some(&bias), 0.2)? {
-                let v = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                assert!(v.iter().all(|x| x.is_nan()), "{dtype:?}");
+            for portable in paths(dtype)? {
+                if let Some(out) = fused(dtype, portable, (&q, &k, &k), Some(&bias), 0.2)? {
+                    let v = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    assert!(
+                        v.iter().all(|x| x.is_nan()),
+                        "{dtype:?} portable {portable}"
+                    );
+                }
             }
         }
         Ok(())

@@ -204,6 +204,21 @@ impl ConvBf16 {
             );
         Some((out, ho, wo))
     }
+
+    /// [`Self::forward`] in plain Rust, on every CPU: the same arithmetic
+    /// (f32 sums of the exact bf16 products, the bias in f32, one rounding
+    /// to bf16), slowly. The reference path the tests compare everywhere;
+    /// production uses [`crate::ops::conv2d_bf16`] to choose. `None` when
+    /// the sizes do not fit together.
+    pub fn forward_portable(
+        &self,
+        x: &[bf16],
+        batch: usize,
+        (h, w): (usize, usize),
+        g: Geometry,
+    ) -> Option<(Vec<bf16>, usize, usize)> {
+        portable::forward(self, x, batch, (h, w), g)
+    }
 }
 
 impl ConvBf16 {
@@ -270,3 +285,4 @@ impl Source<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+mod portable;

@@ -85,6 +85,28 @@ pub fn use_amx() -> bool {
     crate::caps().amx_bf16
 }
 
+/// Which kernel multiplies a packed weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// AMX tiles (`amx.rs`), 32x32 blocks.
+    Amx,
+    /// AVX512-BF16 register tiles (`avx512.rs`), 12 rows a tile.
+    Avx512,
+    /// Plain Rust (`portable.rs`), the same tiles.
+    Portable,
+}
+
+/// The fastest kernel this process may use.
+fn best_kernel() -> Kernel {
+    if use_amx() {
+        Kernel::Amx
+    } else if crate::simd::has_avx512_bf16() {
+        Kernel::Avx512
+    } else {
+        Kernel::Portable
+    }
+}
+
 /// An `[out, in]` bf16 weight in the panel layout of the kernels.
 ///
 /// Element `(n, k)` lives in panel `n / 32`, pair `k / 2`, lane `n % 32`, half
@@ -589,30 +611,28 @@ impl PackedBf16 {
     /// contiguous bf16) and an optional f32 `bias` of `out` values, as a
     /// `[rows, out]` bf16 tensor.
     pub fn matmul(&self, x: &Tensor, bias: Option<&[f32]>) -> candle_core::Result<Tensor> {
-        self.matmul_with(x, bias, None, use_amx())
+        self.matmul_with(x, bias, None, best_kernel())
     }
 
     /// `scale * x W^T` for bf16 `x` of shape `[rows, in]`, as an f32
     /// `[rows, out]` tensor: the sums are not rounded to bf16 (attention
     /// scores, which the softmax takes in f32).
     pub fn matmul_f32(&self, x: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
-        self.matmul_with(x, None, Some(scale), use_amx())
+        self.matmul_with(x, None, Some(scale), best_kernel())
     }
 
-    /// [`Self::matmul`] with the kernel chosen by the caller (`amx` only where
-    /// AMX is usable).
+    /// [`Self::matmul`] with the kernel chosen by the caller (AMX and
+    /// AVX512-BF16 only where [`crate::caps`] allows them).
     fn matmul_with(
         &self,
         x: &Tensor,
         bias: Option<&[f32]>,
         scale: Option<f32>,
-        amx: bool,
+        kernel: Kernel,
     ) -> candle_core::Result<Tensor> {
         let (rows, in_dim) = x.dims2()?;
         check_operands("packed", in_dim, bias, [self.out_dim, self.in_dim])?;
-        if !crate::simd::has_avx512_bf16() {
-            candle_core::bail!("packed matmul: this CPU lacks AVX512-BF16");
-        }
+        let amx = kernel == Kernel::Amx;
         // Rows padded with zeros to the packed width, matching the weight's
         // zero padding. For AMX, also to whole 32-row blocks, and laid out
         // tile by tile (16 rows x 32 values, 1 KiB contiguous, in the order
@@ -644,19 +664,31 @@ impl PackedBf16 {
         match scale {
             None => {
                 let mut out = vec![bf16::ZERO; rows * self.out_dim];
-                self.run(a, rows, &bias_pad, Out::Bf16(out.as_mut_ptr().cast()), amx);
+                self.run(
+                    a,
+                    rows,
+                    &bias_pad,
+                    Out::Bf16(out.as_mut_ptr().cast()),
+                    kernel,
+                );
                 Tensor::from_vec(out, (rows, self.out_dim), &Device::Cpu)
             }
             Some(scale) => {
                 let mut out = vec![0f32; rows * self.out_dim];
-                self.run(a, rows, &bias_pad, Out::F32(out.as_mut_ptr(), scale), amx);
+                self.run(
+                    a,
+                    rows,
+                    &bias_pad,
+                    Out::F32(out.as_mut_ptr(), scale),
+                    kernel,
+                );
                 Tensor::from_vec(out, (rows, self.out_dim), &Device::Cpu)
             }
         }
     }
 
     /// Spreads (row block, panel block) tasks over the pool.
-    fn run(&self, a: &[bf16], rows: usize, bias: &[f32], out: Out, amx: bool) {
+    fn run(&self, a: &[bf16], rows: usize, bias: &[f32], out: Out, kernel: Kernel) {
         let row_blocks = rows.div_ceil(BLOCK_ROWS);
         let panel_blocks = self.panels.div_ceil(BLOCK_PANELS);
         (0..row_blocks * panel_blocks)
@@ -667,7 +699,7 @@ impl PackedBf16 {
                 let r1 = (r0 + BLOCK_ROWS).min(rows);
                 let p0 = pb * BLOCK_PANELS;
                 let p1 = (p0 + BLOCK_PANELS).min(self.panels);
-                if amx {
+                if kernel == Kernel::Amx {
                     // SAFETY: AMX is usable (`use_amx`); `a` holds the tiled
                     // inputs in whole 32-row blocks; the rest as below.
                     unsafe {
@@ -689,14 +721,20 @@ impl PackedBf16 {
                     let mut r = r0;
                     while r < r1 {
                         let h = TILE_ROWS.min(r1 - r);
-                        // SAFETY: the CPU has the kernel's features (checked in
-                        // `matmul`); `a` holds `rows` rows of `pairs` pairs, the
-                        // panel `pairs * 32` lanes, `bias` 32 values from `p * 32`;
-                        // tasks write disjoint (row, column) ranges of `out`,
-                        // which has `rows * out_dim` elements.
+                        // SAFETY: the CPU has the kernel's features (`kernel` is
+                        // AVX512-BF16 only where `caps` allows it); `a` holds
+                        // `rows` rows of `pairs` pairs, the panel `pairs * 32`
+                        // lanes, `bias` 32 values from `p * 32`; tasks write
+                        // disjoint (row, column) ranges of `out`, which has
+                        // `rows * out_dim` elements.
                         unsafe {
                             let out = out.add(r * self.out_dim + p * PANEL);
-                            avx512::tile(
+                            let tile = match kernel {
+                                #[cfg(target_arch = "x86_64")]
+                                Kernel::Avx512 => avx512::tile,
+                                _ => portable::tile,
+                            };
+                            tile(
                                 h,
                                 a.as_ptr().cast::<u32>().add(r * self.pairs),
                                 self.pairs,
@@ -870,6 +908,7 @@ pub(crate) use avx512::store_row;
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod portable;
 
 /// Never called off x86-64: [`available`] and [`use_amx`] are false there.
 #[cfg(not(target_arch = "x86_64"))]
@@ -896,6 +935,19 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernels this machine runs: the portable one always, AVX512-BF16
+    /// and AMX where [`crate::caps`] allows them.
+    fn kernels() -> Vec<Kernel> {
+        let mut k = vec![Kernel::Portable];
+        if crate::simd::has_avx512_bf16() {
+            k.push(Kernel::Avx512);
+        }
+        if use_amx() {
+            k.push(Kernel::Amx);
+        }
+        k
+    }
 
     /// The rounding helper equals half's conversion on every special value and
     /// a sweep of bit patterns.
@@ -942,9 +994,10 @@ mod tests {
     #[test]
     fn reused_buffer_packs_as_fresh() -> candle_core::Result<()> {
         crate::report_paths("reused_buffer_packs_as_fresh");
-        if !crate::simd::has_avx512_bf16() {
-            return Ok(());
-        }
+        eprintln!(
+            "reused_buffer_packs_as_fresh: packed kernel {:?}",
+            best_kernel()
+        );
         let dev = Device::Cpu;
         let big = QTensor::quantize(&Tensor::randn(0f32, 1., (96, 256), &dev)?, GgmlDType::Q4_0)?;
         let small = QTensor::quantize(&Tensor::randn(0f32, 1., (40, 64), &dev)?, GgmlDType::Q4_0)?;
@@ -981,10 +1034,7 @@ mod tests {
     #[test]
     fn matches_reference() -> candle_core::Result<()> {
         crate::report_paths("matches_reference");
-        if !crate::simd::has_avx512_bf16() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
-            return Ok(());
-        }
+        eprintln!("matches_reference: packed kernels {:?}", kernels());
         let dev = Device::Cpu;
         for &(rows, inp, out, with_bias) in &[
             (1usize, 2usize, 1usize, false),
@@ -1001,14 +1051,10 @@ mod tests {
             let bias: Vec<f32> = (0..out).map(|i| i as f32 * 0.25 - 3.0).collect();
             let packed = PackedBf16::pack(&w)?;
             assert_eq!(packed.to_dense()?.to_vec2::<bf16>()?, w.to_vec2::<bf16>()?);
-            let mut kernels = vec![false];
-            if use_amx() {
-                kernels.push(true);
-            }
-            for amx in kernels {
-                let y = packed.matmul_with(&x, with_bias.then_some(&bias[..]), None, amx)?;
+            for kernel in kernels() {
+                let y = packed.matmul_with(&x, with_bias.then_some(&bias[..]), None, kernel)?;
                 let yf = packed
-                    .matmul_with(&x, None, Some(0.5), amx)?
+                    .matmul_with(&x, None, Some(0.5), kernel)?
                     .to_vec2::<f32>()?;
                 assert_eq!(y.dims(), &[rows, out]);
                 let y = y.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -1026,7 +1072,7 @@ mod tests {
                         let d = (y[r][n] as f64 - s).abs();
                         assert!(
                             d <= tol,
-                            "amx {amx} ({rows},{inp},{out}) [{r},{n}]: {} vs {s}",
+                            "{kernel:?} ({rows},{inp},{out}) [{r},{n}]: {} vs {s}",
                             y[r][n]
                         );
                         // The f32 output: no bias, no rounding to bf16, scaled.

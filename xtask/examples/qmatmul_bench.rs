@@ -2,10 +2,10 @@
 //! `QMatMul`, which quantises the activations to Q8 and uses integer dot
 //! products) or dequantise the layer and run the f32 matmul (what
 //! `lumina2_weights::Linear` does), against the dense f32 matmul (the floor).
-//! Ignored by default; the numbers are for the loader README:
+//! The numbers are for the loader README:
 //!
 //! ```sh
-//! cargo test -p lumina2-loader --release --test qmatmul_bench -- --ignored --nocapture
+//! cargo run -p xtask --release --example qmatmul_bench
 //! ```
 //!
 //! Shapes: the transformer's and Gemma-2's hidden width (2304) into 2304 and
@@ -30,9 +30,7 @@ fn median_ms(mut f: impl FnMut()) -> f64 {
     t[1]
 }
 
-#[test]
-#[ignore]
-fn quantised_vs_dequantised_matmul() {
+fn main() {
     let dev = Device::Cpu;
     println!("threads: {}", rayon::current_num_threads());
     println!(

@@ -1,5 +1,5 @@
-//! Times decodes of random latents:
-//! `decode_time MODEL_DIR [LATENT_SIZE] [tiled | tile=SAMPLE_TILE] [--runs N] [--profile] [--dtype f32|bf16|f16]`
+//! Times VAE decodes of random latents:
+//! `cargo run -p xtask --release --example decode_time -- MODEL_DIR [LATENT_SIZE] [tiled | tile=SAMPLE_TILE] [--runs N] [--profile] [--dtype f32|bf16|f16]`
 //! (MODEL_DIR: a diffusers VAE folder; LATENT_SIZE defaults to 64, a 512x512
 //! image; `tiled`: diffusers' default tiling; `tile=512`: tiles of 512 pixels
 //! (64 latents); `--runs N`: N timed decodes after one warm-up (default: one

@@ -1,7 +1,7 @@
-//! Dequantisation throughput (ignored by default; the numbers are for the README):
+//! Dequantisation throughput (the numbers are for the loader README):
 //!
 //! ```sh
-//! cargo test -p lumina2-loader --release --test gguf_bench -- --ignored --nocapture
+//! cargo run -p xtask --release --example gguf_bench
 //! ```
 //!
 //! Each type dequantises 16 Mi elements (64 MiB of f32 output) of random blocks
@@ -27,9 +27,7 @@ fn scale_offsets(t: GgmlType) -> &'static [usize] {
     }
 }
 
-#[test]
-#[ignore]
-fn dequantize_throughput() {
+fn main() {
     let types = [
         GgmlType::F32,
         GgmlType::F16,

@@ -3,7 +3,8 @@
 //! unfused (`grouped_attention_packed`) and fused (`flash::attention_bf16`,
 //! AMX), then f32 unfused (`grouped_attention`) and fused
 //! (`flash::attention_f32`, AVX-512). Best of 3 after a warm-up.
-//! `cargo run --release -p lumina2-transformer --example attention_probe`
+//! `cargo run -p xtask --release --example attention_probe`
+
 use candle_core::{DType, Device, Tensor};
 use lumina2_kernels::attention::flash;
 use lumina2_transformer::{grouped_attention, grouped_attention_packed, KeyMask};

@@ -1,4 +1,5 @@
-//! Times one encoding: `cargo run --release --example encode_time -- MODEL_DIR [LEN] [f32|bf16]`.
+//! Times one encoding of the Gemma-2 text encoder:
+//! `cargo run -p xtask --release --example encode_time -- MODEL_DIR [LEN] [f32|bf16]`.
 //!
 //! Loads the transformers folder (all layers but the last), encodes one
 //! sequence of LEN (default 256) token ids (a fixed pattern), and prints the

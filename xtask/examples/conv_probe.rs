@@ -1,6 +1,6 @@
 //! Throughput of the AMX bf16 convolution (`lumina2_kernels::conv::bf16`) on the
 //! Flux VAE decoder's 3x3 layers at a 512x512 output:
-//! `cargo run --release -p lumina2-kernels --example conv_probe [RUNS]`.
+//! `cargo run -p xtask --release --example conv_probe [RUNS]`.
 //! Prints the best of RUNS (default 5) per shape, in GFLOP/s (2 per
 //! multiply-add of the true sizes, padding excluded).
 

@@ -1,7 +1,8 @@
 //! Matmul throughput of the shapes of the Lumina2 transformer's linear layers:
 //! candle's f32 and bf16 matmul against the packed bf16 kernel and the int8
 //! kernel (inputs quantised per call, included in its time).
-//! `cargo run --release -p lumina2-kernels --example gemm_probe`
+//! `cargo run -p xtask --release --example gemm_probe`
+
 use candle_core::{DType, Device, Tensor};
 use lumina2_kernels::gemm::int8::PackedI8;
 use lumina2_kernels::gemm::packed::PackedBf16;
