@@ -130,12 +130,62 @@ pub fn softcapped_softmax_bf16(
     Ok(Some(Tensor::from_vec(out, (b, h, l, s), scores.device())?))
 }
 
+/// [`softmax_last_dim`] on the plain-Rust rows, for f32 tensors on every
+/// CPU (the reference path the tests compare everywhere; production falls
+/// back to candle's softmax instead).
+pub fn softmax_last_dim_portable(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() != DType::F32 || x.rank() == 0 {
+        candle_core::bail!("portable softmax: f32 tensors of rank >= 1");
+    }
+    let x = x.contiguous()?;
+    let n = x.dims().last().copied().unwrap_or(1).max(1);
+    let src = x.flatten_all()?.to_vec1::<f32>()?;
+    let out = map_rows(&src, n, |_, s, d: &mut [f32]| portable::softmax_row(s, d));
+    Tensor::from_vec(out, x.dims(), x.device())
+}
+
+/// [`softcapped_softmax_bf16`] on the plain-Rust rows, on every CPU (the
+/// reference path the tests compare everywhere; production returns `None`
+/// off AVX512-BF16 and the caller computes it op by op). Same operands.
+pub fn softcapped_softmax_bf16_portable(
+    scores: &Tensor,
+    scaling: f32,
+    cap: Option<f32>,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, h, l, s) = scores.dims4()?;
+    if scores.dtype() != DType::BF16 || mask.dtype() != DType::F32 || mask.dims() != [b, 1, l, s] {
+        candle_core::bail!(
+            "portable soft-capped softmax: bf16 [B, H, L, S] scores, f32 [B, 1, L, S] mask"
+        );
+    }
+    let src = scores.flatten_all()?.to_vec1::<half::bf16>()?;
+    let bias = mask.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![half::bf16::ZERO; src.len()];
+    let (mut t, mut p) = (vec![0f32; s], vec![0f32; s]);
+    for (i, (d, x)) in out
+        .chunks_mut(s.max(1))
+        .zip(src.chunks(s.max(1)))
+        .enumerate()
+    {
+        let (bi, li) = (i / (h * l), i % l);
+        let m = &bias[(bi * l + li) * s..(bi * l + li + 1) * s];
+        portable::softcap_row(x, m, scaling, cap, &mut t);
+        portable::softmax_row(&t, &mut p);
+        for (d, &v) in d.iter_mut().zip(&p) {
+            *d = half::bf16::from_f32(v);
+        }
+    }
+    Tensor::from_vec(out, (b, h, l, s), scores.device())
+}
+
 fn avx512() -> bool {
     crate::caps().avx512f
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod portable;
 
 #[cfg(test)]
 mod tests {
@@ -195,9 +245,8 @@ mod tests {
     #[test]
     fn softcapped_softmax_matches_ops() -> candle_core::Result<()> {
         crate::report_paths("softcapped_softmax_matches_ops");
-        if !crate::simd::has_avx512_bf16() {
-            return Ok(());
-        }
+        let avx = crate::simd::has_avx512_bf16();
+        eprintln!("softcapped_softmax_matches_ops: portable rows, AVX512-BF16 rows {avx}");
         let dev = Device::Cpu;
         let (b, h, l, s) = (2usize, 3usize, 7usize, 37usize);
         let scores = (Tensor::randn(0f32, 30., (b, h, l, s), &dev)?).to_dtype(DType::BF16)?;
@@ -216,7 +265,12 @@ mod tests {
         let mask = Tensor::from_vec(m, (b, 1, l, s), &dev)?;
         let r = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
         for (scaling, cap) in [(0.0625f32, Some(50f32)), (0.0625, None)] {
-            let got = softcapped_softmax_bf16(&scores, scaling, cap, &mask)?.unwrap();
+            let mut paths = vec![softcapped_softmax_bf16_portable(
+                &scores, scaling, cap, &mask,
+            )?];
+            if avx {
+                paths.push(softcapped_softmax_bf16(&scores, scaling, cap, &mask)?.unwrap());
+            }
             let mut t = r((scores.to_dtype(DType::F32)? * scaling as f64)?)?;
             if let Some(c) = cap {
                 t = r((t / c as f64)?)?;
@@ -232,18 +286,20 @@ mod tests {
                     .map(|v| v.to_bits() as i32)
                     .collect())
             };
-            let (g, w) = (bits(&got)?, bits(&want)?);
-            let off = g.iter().zip(&w).filter(|(a, b)| a != b).count();
-            let worst = g
-                .iter()
-                .zip(&w)
-                .map(|(a, b)| (a - b).abs())
-                .max()
-                .unwrap_or(0);
-            assert!(
-                worst <= 1 && off * 50 <= g.len(),
-                "cap {cap:?}: {off} differ, worst {worst}"
-            );
+            for (path, got) in paths.iter().enumerate() {
+                let (g, w) = (bits(got)?, bits(&want)?);
+                let off = g.iter().zip(&w).filter(|(a, b)| a != b).count();
+                let worst = g
+                    .iter()
+                    .zip(&w)
+                    .map(|(a, b)| (a - b).abs())
+                    .max()
+                    .unwrap_or(0);
+                assert!(
+                    worst <= 1 && off * 50 <= g.len(),
+                    "path {path} cap {cap:?}: {off} differ, worst {worst}"
+                );
+            }
         }
         Ok(())
     }
@@ -253,9 +309,7 @@ mod tests {
     #[test]
     fn matches_f64() -> candle_core::Result<()> {
         crate::report_paths("matches_f64");
-        if !avx512() {
-            return Ok(());
-        }
+        eprintln!("matches_f64: softmax paths portable, avx512 {}", avx512());
         for n in [1usize, 5, 16, 17, 100, 1280] {
             let mut rows: Vec<Vec<f32>> = Vec::new();
             let x = Tensor::randn(0f32, 4.0, (6, n), &Device::Cpu)?.to_vec2::<f32>()?;
@@ -271,7 +325,10 @@ mod tests {
             rows.push(vec![f32::NEG_INFINITY; n]);
             let flat: Vec<f32> = rows.concat();
             let t = Tensor::from_vec(flat, (rows.len(), n), &Device::Cpu)?;
-            let got = softmax_last_dim(&t)?.to_vec2::<f32>()?;
+            let mut paths = vec![softmax_last_dim_portable(&t)?.to_vec2::<f32>()?];
+            if avx512() {
+                paths.push(softmax_last_dim(&t)?.to_vec2::<f32>()?);
+            }
             // The bf16 variant is the f32 result rounded.
             let b16 = softmax_last_dim_to_bf16(&t)?;
             let via = softmax_last_dim(&t)?.to_dtype(DType::BF16)?;
@@ -289,7 +346,7 @@ mod tests {
                 let subnormal = b & 0x7fff <= 0x0080;
                 assert!(a == b || (subnormal && a & 0x7fff == 0), "{a:#x} vs {b:#x}");
             }
-            for (row, g) in rows.iter().zip(&got) {
+            for (row, g) in paths.iter().flat_map(|got| rows.iter().zip(got)) {
                 let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
                 let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
                 let s: f64 = e.iter().sum();

@@ -50,6 +50,29 @@ fn wide_available() -> bool {
     crate::caps().avx512_conv
 }
 
+/// Which micro-kernel multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// Two pixel panels at once in zmm registers (`avx512.rs`).
+    Avx512,
+    /// One panel in ymm registers (`avx2.rs`).
+    Avx2,
+    /// Plain Rust (`portable.rs`).
+    Portable,
+}
+
+impl Path {
+    /// The fastest path [`crate::caps`] allows; `None` without AVX2/FMA
+    /// (production then calls candle's `conv2d`).
+    pub(crate) fn best() -> Option<Self> {
+        match (available(), wide_available()) {
+            (false, _) => None,
+            (true, true) => Some(Self::Avx512),
+            (true, false) => Some(Self::Avx2),
+        }
+    }
+}
+
 /// How the input is read (stride, padding, upsampling): the same description
 /// as the AMX bf16 kernel's.
 pub use crate::conv::bf16::Geometry;
@@ -139,11 +162,39 @@ impl PackedConv {
         &self,
         x: &[f32],
         b: usize,
-        (h, w): (usize, usize),
+        hw: (usize, usize),
         g: Geometry,
         residual: Option<&[f32]>,
     ) -> Option<(Vec<f32>, usize, usize)> {
-        if !available() || g.upsample == 0 || x.len() != b * self.c_in * h * w {
+        self.forward_with(x, b, hw, g, residual, Path::best()?)
+    }
+
+    /// [`Self::forward`] on the plain-Rust micro-tile, on every CPU (the
+    /// reference path the tests compare everywhere; production uses
+    /// [`crate::ops::conv2d_f32`] to choose).
+    pub fn forward_portable(
+        &self,
+        x: &[f32],
+        b: usize,
+        hw: (usize, usize),
+        g: Geometry,
+        residual: Option<&[f32]>,
+    ) -> Option<(Vec<f32>, usize, usize)> {
+        self.forward_with(x, b, hw, g, residual, Path::Portable)
+    }
+
+    /// [`Self::forward`] on `path` (x86 paths only where [`Path::best`]
+    /// allows them).
+    pub(crate) fn forward_with(
+        &self,
+        x: &[f32],
+        b: usize,
+        (h, w): (usize, usize),
+        g: Geometry,
+        residual: Option<&[f32]>,
+        path: Path,
+    ) -> Option<(Vec<f32>, usize, usize)> {
+        if g.upsample == 0 || x.len() != b * self.c_in * h * w {
             return None;
         }
         let (ho, wo) = g.out_size((h, w), self.kernel)?;
@@ -184,8 +235,8 @@ impl PackedConv {
                             dst.0,
                             res,
                             n,
-                            p0,
-                            p1,
+                            (p0, p1),
+                            path,
                         )
                     };
                 },
@@ -198,7 +249,7 @@ impl PackedConv {
     ///
     /// # Safety
     /// `out` must point to `c_out * n` f32, with no other writer of columns
-    /// `p0..p1`; the CPU must have AVX2 and FMA.
+    /// `p0..p1`; the CPU must have the features of `path`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn task(
         &self,
@@ -208,12 +259,12 @@ impl PackedConv {
         out: *mut f32,
         res: Option<&[f32]>,
         n: usize,
-        p0: usize,
-        p1: usize,
+        (p0, p1): (usize, usize),
+        path: Path,
     ) {
         let k_len = self.c_in * self.kernel * self.kernel;
         let m_panels = self.c_out.div_ceil(MR);
-        let wide = wide_available();
+        let wide = path == Path::Avx512;
         let n_panels = (p1 - p0).div_ceil(NR);
         let mut kb = 0;
         while kb < k_len {
@@ -248,7 +299,11 @@ impl PackedConv {
                     }
                     let cols = NR.min(p1 - q0);
                     let bp = &buf[pi * kc * NR..(pi + 1) * kc * NR];
-                    micro_tile(kc, a, bp, c, n, rows, cols, bias, r);
+                    if path == Path::Portable {
+                        portable::micro_tile(kc, a, bp, c, n, rows, cols, bias, r);
+                    } else {
+                        micro_tile(kc, a, bp, c, n, rows, cols, bias, r);
+                    }
                     pi += 1;
                 }
             }
@@ -460,8 +515,8 @@ unsafe fn micro_tile(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        // Unreachable: `available()` is false off x86-64.
-        let _ = (kc, a, b, c, ldc, rows, cols, bias, res);
+        // Off x86-64 only the portable path exists.
+        portable::micro_tile(kc, a, b, c, ldc, rows, cols, bias, res);
     }
 }
 
@@ -469,6 +524,7 @@ unsafe fn micro_tile(
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod portable;
 
 #[cfg(test)]
 mod tests {
@@ -483,9 +539,7 @@ mod tests {
     #[test]
     fn matches_candle_conv2d() -> candle_core::Result<()> {
         crate::report_paths("matches_candle_conv2d");
-        if !available() {
-            return Ok(());
-        }
+        eprintln!("matches_candle_conv2d: f32 convolution paths {:?}", paths());
         let dev = Device::Cpu;
         // (batch, c_in, c_out, h, w, kernel, stride, padding, upsample, residual)
         let cases = [
@@ -521,28 +575,112 @@ mod tests {
                 ..Geometry::symmetric(s, p)
             };
             let rv: Vec<f32> = res.flatten_all()?.to_vec1()?;
-            let (got, ho, wo) = packed
-                .forward(
-                    &x.flatten_all()?.to_vec1()?,
-                    b,
-                    (h, w),
-                    g,
-                    with_res.then_some(rv.as_slice()),
-                )
-                .ok_or_else(|| candle_core::Error::Msg("forward".into()))?;
-            assert_eq!(&[b, co, ho, wo], want.dims());
+            let want_dims = want.dims().to_vec();
             let want: Vec<f32> = want.flatten_all()?.to_vec1()?;
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (g - w).abs() / (1e-5 + 1e-5 * w.abs()))
-                .fold(0f32, f32::max);
-            assert!(
-                worst <= 1.0,
-                "case {:?}: worst {worst}",
-                (b, ci, co, h, w, k, s, p, up)
-            );
+            for path in paths() {
+                let (got, ho, wo) = packed
+                    .forward_with(
+                        &x.flatten_all()?.to_vec1()?,
+                        b,
+                        (h, w),
+                        g,
+                        with_res.then_some(rv.as_slice()),
+                        path,
+                    )
+                    .ok_or_else(|| candle_core::Error::Msg("forward".into()))?;
+                assert_eq!(&[b, co, ho, wo], &want_dims[..]);
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs() / (1e-5 + 1e-5 * w.abs()))
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= 1.0,
+                    "{path:?} case {:?}: worst {worst}",
+                    (b, ci, co, h, w, k, s, p, up)
+                );
+            }
         }
         Ok(())
+    }
+
+    /// The paths this machine runs: portable always, AVX2 and AVX-512 where
+    /// [`crate::caps`] allows them.
+    fn paths() -> Vec<Path> {
+        let mut paths = vec![Path::Portable];
+        if available() {
+            paths.push(Path::Avx2);
+        }
+        if available() && wide_available() {
+            paths.push(Path::Avx512);
+        }
+        paths
+    }
+
+    /// Every path against an f64 convolution of the same values, each
+    /// output within the error bound of an f32 sum of `depth + 2` terms
+    /// (products, bias, residual): `(depth + 2) * 2^-24 * sum |terms|`.
+    #[test]
+    fn matches_f64_reference() {
+        crate::report_paths("conv f32 matches_f64_reference");
+        eprintln!("conv f32 matches_f64_reference: paths {:?}", paths());
+        let val = |i: usize, m: usize| ((i * 7919 + m) % 2001) as f32 / 1000.0 - 1.0;
+        // (batch, c_in, c_out, h, w, kernel, stride, padding, upsample)
+        for (b, ci, co, h, w, k, s, p, up) in [
+            (1, 3, 7, 5, 9, 3, 1, 1, 1),
+            (2, 70, 13, 6, 17, 3, 1, 1, 1),
+            (1, 8, 6, 7, 5, 3, 2, 0, 1),
+            (1, 5, 9, 4, 6, 3, 1, 1, 2),
+            (1, 300, 5, 3, 4, 1, 1, 0, 1),
+        ] {
+            let x: Vec<f32> = (0..b * ci * h * w).map(|i| val(i, 1)).collect();
+            let wt: Vec<f32> = (0..co * ci * k * k).map(|i| val(i, 2) * 0.3).collect();
+            let bias: Vec<f32> = (0..co).map(|i| val(i, 3)).collect();
+            let g = Geometry {
+                upsample: up,
+                ..Geometry::symmetric(s, p)
+            };
+            let (ho, wo) = g.out_size((h, w), k).unwrap();
+            let res: Vec<f32> = (0..b * co * ho * wo).map(|i| val(i, 4)).collect();
+            let packed = PackedConv::new(&wt, &bias, co, ci, k).unwrap();
+            let depth = (ci * k * k + 2) as f64;
+            for path in paths() {
+                let (got, _, _) = packed
+                    .forward_with(&x, b, (h, w), g, Some(&res), path)
+                    .unwrap();
+                for (i, &y) in got.iter().enumerate() {
+                    let (bi, o, oy, ox) =
+                        (i / (co * ho * wo), i / (ho * wo) % co, i / wo % ho, i % wo);
+                    let mut sum = bias[o] as f64 + res[i] as f64;
+                    let mut mag = (bias[o] as f64).abs() + (res[i] as f64).abs();
+                    for c in 0..ci {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (oy * s + ky) as isize - p as isize;
+                                let ix = (ox * s + kx) as isize - p as isize;
+                                if iy < 0
+                                    || ix < 0
+                                    || iy >= (h * up) as isize
+                                    || ix >= (w * up) as isize
+                                {
+                                    continue;
+                                }
+                                let (iy, ix) = (iy as usize / up, ix as usize / up);
+                                let t = x[((bi * ci + c) * h + iy) * w + ix] as f64
+                                    * wt[((o * ci + c) * k + ky) * k + kx] as f64;
+                                sum += t;
+                                mag += t.abs();
+                            }
+                        }
+                    }
+                    let bound = depth * mag * 2f64.powi(-24);
+                    assert!(
+                        (y as f64 - sum).abs() <= bound,
+                        "{path:?} {:?} element {i}: {y} vs {sum} (bound {bound:e})",
+                        (b, ci, co, h, w, k, s, p, up)
+                    );
+                }
+            }
+        }
     }
 }
