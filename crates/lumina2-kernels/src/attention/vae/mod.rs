@@ -17,7 +17,7 @@
 //!   [n, chunk]; dividing `O`'s columns by the sums normalises afterwards;
 //! - `to_out` is a 1x1 convolution whose store adds the residual `x`.
 
-use crate::conv::f32::{Geometry, PackedConv};
+use crate::conv::f32::{Geometry, PackedConv, Path};
 use crate::norm::group::exp;
 
 /// Queries per chunk: bounds the score block to `n x QUERY_CHUNK` f32.
@@ -71,27 +71,50 @@ impl PackedAttention {
     }
 
     /// `x + to_out(attention(hs))` for `hs` (group-normed `x`) and `x`, both
-    /// [b, c, n] contiguous f32. `None` when the sizes do not fit.
+    /// [b, c, n] contiguous f32. `None` when the sizes do not fit or the
+    /// f32 convolution kernel does not run here
+    /// ([`crate::conv::f32::available`]).
     pub fn forward(&self, hs: &[f32], x: &[f32], b: usize, n: usize) -> Option<Vec<f32>> {
+        self.forward_with(hs, x, b, n, Path::best()?)
+    }
+
+    /// [`Self::forward`] on the convolution's plain-Rust micro-tile and the
+    /// portable column softmax, on every CPU (the reference path the tests
+    /// compare everywhere; production uses [`crate::ops::vae_attention_f32`]
+    /// to choose).
+    pub fn forward_portable(&self, hs: &[f32], x: &[f32], b: usize, n: usize) -> Option<Vec<f32>> {
+        self.forward_with(hs, x, b, n, Path::Portable)
+    }
+
+    fn forward_with(
+        &self,
+        hs: &[f32],
+        x: &[f32],
+        b: usize,
+        n: usize,
+        path: Path,
+    ) -> Option<Vec<f32>> {
         let c = self.channels;
         if n == 0 || hs.len() != b * c * n || x.len() != b * c * n {
             return None;
         }
         let mut y = Vec::with_capacity(b * c * n);
         for (hb, xb) in hs.chunks_exact(c * n).zip(x.chunks_exact(c * n)) {
-            let attn = self.attend(hb, n)?;
-            let (yb, _, _) = self.out.forward(&attn, 1, (1, n), ONE_BY_ONE, Some(xb))?;
+            let attn = self.attend(hb, n, path)?;
+            let (yb, _, _) = self
+                .out
+                .forward_with(&attn, 1, (1, n), ONE_BY_ONE, Some(xb), path)?;
             y.extend_from_slice(&yb);
         }
         Some(y)
     }
 
     /// `softmax(q^T k / sqrt(c)) v` for one batch item, as [c, n].
-    fn attend(&self, hs: &[f32], n: usize) -> Option<Vec<f32>> {
+    fn attend(&self, hs: &[f32], n: usize, path: Path) -> Option<Vec<f32>> {
         let c = self.channels;
-        let (q, _, _) = self.q.forward(hs, 1, (1, n), ONE_BY_ONE, None)?;
-        let (k, _, _) = self.k.forward(hs, 1, (1, n), ONE_BY_ONE, None)?;
-        let (v, _, _) = self.v.forward(hs, 1, (1, n), ONE_BY_ONE, None)?;
+        let (q, _, _) = self.q.forward_with(hs, 1, (1, n), ONE_BY_ONE, None, path)?;
+        let (k, _, _) = self.k.forward_with(hs, 1, (1, n), ONE_BY_ONE, None, path)?;
+        let (v, _, _) = self.v.forward_with(hs, 1, (1, n), ONE_BY_ONE, None, path)?;
         let kt = PackedConv::from_transposed(&k, n, c)?;
         drop(k);
         let vp = PackedConv::new(&v, &vec![0.0; c], c, n, 1)?;
@@ -106,9 +129,9 @@ impl PackedAttention {
             for row in q.chunks_exact(n) {
                 qc.extend_from_slice(&row[i0..i0 + len]);
             }
-            let (mut s, _, _) = kt.forward(&qc, 1, (1, len), ONE_BY_ONE, None)?;
-            let inv_sum = softmax_columns(&mut s, len, scale);
-            let (o, _, _) = vp.forward(&s, 1, (1, len), ONE_BY_ONE, None)?;
+            let (mut s, _, _) = kt.forward_with(&qc, 1, (1, len), ONE_BY_ONE, None, path)?;
+            let inv_sum = softmax_columns(&mut s, len, scale, path);
+            let (o, _, _) = vp.forward_with(&s, 1, (1, len), ONE_BY_ONE, None, path)?;
             for (dst, src) in attn.chunks_exact_mut(n).zip(o.chunks_exact(len)) {
                 for ((d, &v), &r) in dst[i0..i0 + len].iter_mut().zip(src).zip(&inv_sum) {
                     *d = v * r;
@@ -122,9 +145,9 @@ impl PackedAttention {
 
 /// Turns each column of `s` ([rows, len]) into `exp((s - max) * scale)` and
 /// returns `1 / sum` per column (sums of `SUM_BLOCK` rows in f32, then f64).
-fn softmax_columns(s: &mut [f32], len: usize, scale: f32) -> Vec<f32> {
+fn softmax_columns(s: &mut [f32], len: usize, scale: f32, path: Path) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if crate::conv::f32::available() {
+    if path != Path::Portable {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { avx2::softmax_columns_avx2(s, len, scale) };
     }
@@ -168,9 +191,9 @@ mod tests {
     #[test]
     fn matches_f64_reference() {
         crate::report_paths("matches_f64_reference");
-        if !crate::conv::f32::available() {
-            return;
-        }
+        let mut paths = vec![Path::Portable];
+        paths.extend(Path::best());
+        eprintln!("vae attention matches_f64_reference: paths {paths:?}");
         let (c, n) = (8, 37);
         let lin = |seed: usize| LinearWeights {
             weight: (0..c * c)
@@ -185,10 +208,7 @@ mod tests {
             .map(|i| ((i * 31 % 53) as f32 / 53.0 - 0.5) * 3.0)
             .collect();
         let x: Vec<f32> = (0..c * n).map(|i| (i % 11) as f32 * 0.1).collect();
-        let att = PackedAttention::new(&wq, &wk, &wv, &wo, c);
-        let Some(got) = att.and_then(|a| a.forward(&hs, &x, 1, n)) else {
-            panic!("attention did not run");
-        };
+        let att = PackedAttention::new(&wq, &wk, &wv, &wo, c).expect("sizes fit");
         let proj = |l: &LinearWeights, inp: &[f32]| -> Vec<f64> {
             let mut o = vec![0f64; c * n];
             for co in 0..c {
@@ -217,10 +237,13 @@ mod tests {
             }
         }
         let o = proj(&wo, &a);
-        for (idx, (&g, &w)) in got.iter().zip(&o).enumerate() {
-            let want = w + x[idx] as f64;
-            let d = (g as f64 - want).abs();
-            assert!(d <= 1e-5 + 1e-5 * want.abs(), "{d} at {idx}");
+        for path in paths {
+            let got = att.forward_with(&hs, &x, 1, n, path).expect("runs");
+            for (idx, (&g, &w)) in got.iter().zip(&o).enumerate() {
+                let want = w + x[idx] as f64;
+                let d = (g as f64 - want).abs();
+                assert!(d <= 1e-5 + 1e-5 * want.abs(), "{path:?}: {d} at {idx}");
+            }
         }
     }
 }
