@@ -445,7 +445,10 @@ mod tests {
     #[test]
     fn kernels_match_the_integer_reference() -> candle_core::Result<()> {
         crate::report_paths("kernels_match_the_integer_reference");
-        eprintln!("kernels_match_the_integer_reference: int8 kernels {:?}", kernels());
+        eprintln!(
+            "kernels_match_the_integer_reference: int8 kernels {:?}",
+            kernels()
+        );
         let dev = Device::Cpu;
         for &(rows, inp, out, with_bias, bf) in &[
             (1usize, 3usize, 1usize, false, false),
