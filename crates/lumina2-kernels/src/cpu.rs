@@ -63,7 +63,7 @@ pub(crate) fn map_rows<I: Sync, O: Copy + Default + Send>(
 /// line) boundary. AMX tile loads read 64-byte rows: from an unaligned
 /// buffer (the allocator gives 16-byte alignment) every row straddles two
 /// lines, and four tile loads took about 4x as long on this project's
-/// machine (an uncommitted micro-benchmark; `examples/gemm_probe.rs` shows
+/// machine (an uncommitted micro-benchmark; `xtask/examples/gemm_probe.rs` shows
 /// the packed kernel's gain).
 pub(crate) struct Aligned<T> {
     buf: Vec<T>,

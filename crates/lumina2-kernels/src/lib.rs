@@ -15,11 +15,14 @@
 //! - [`ops`]: whether an op runs on a kernel here or on candle.
 //!
 //! Which path runs is decided by one probe, [`caps`], computed once; its
-//! environment switches are listed there and in the crate README. Every
-//! kernel has a portable path: off x86-64, on CPUs without the instruction
-//! set, or with `LUMINA2_PORTABLE=1`, the kernel's caller gets `None` /
-//! `false` from `available` and uses candle's ops, or the kernel runs its
-//! scalar code.
+//! environment switches are listed there and in the crate README. Each
+//! kernel is a module whose instruction-set code sits in files of its own
+//! (`amx.rs`, `avx512.rs`, `avx2.rs`, compiled on x86-64 only), next to its
+//! portable code (`mod.rs`, `portable.rs`). Off x86-64, on CPUs without the
+//! instruction set, or with `LUMINA2_PORTABLE=1`, the kernel's caller gets
+//! `None` / `false` from `available` and uses candle's ops, or the kernel
+//! runs its portable code; every kernel's portable form is tested on every
+//! machine.
 
 #![warn(missing_docs)]
 // Library code returns errors on bad input; it never unwraps (tests may).

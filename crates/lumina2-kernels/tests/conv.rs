@@ -1,5 +1,6 @@
-//! The AMX bf16 convolution against an f64 reference computed from the same
-//! bf16 values: every geometry the VAE uses (3x3 padding 1, 1x1, nearest 2x
+//! The bf16 convolution, its portable path on every machine and its AMX
+//! path where AMX is usable, against an f64 reference computed from the
+//! same bf16 values: every geometry the VAE uses (3x3 padding 1, 1x1, nearest 2x
 //! upsampling then 3x3, stride 2 with padding only below and right), widths
 //! that are not multiples of a panel (32), depths that are not multiples of a
 //! tile (32), channel counts that are not multiples of 32, two batch items.
@@ -73,10 +74,11 @@ fn reference(
 #[test]
 fn matches_f64_reference() {
     lumina2_kernels::report_paths("matches_f64_reference");
-    if !available() {
-        eprintln!("AMX not usable here: nothing to test");
-        return;
+    let mut paths = vec!["portable"];
+    if available() {
+        paths.push("amx");
     }
+    eprintln!("matches_f64_reference: bf16 convolution paths {paths:?}");
     let down = |h: usize, w: usize| Geometry {
         stride: 2,
         pad: (0, 0),
@@ -106,25 +108,34 @@ fn matches_f64_reference() {
             .map(|v| v.to_f32())
             .collect();
         let conv = ConvBf16::new(&wt, &bias, co, ci, k).expect("sizes fit");
-        let (y, ho, wo) = conv.forward(&x, b, (h, w), g).expect("runs");
-        assert_eq!((ho, wo), g.out_size((h, w), k).unwrap());
-        let want = reference(&x, &wt, &bias, (b, ci, co, k), (h, w), g, (ho, wo));
-        assert_eq!(y.len(), want.len());
-        let depth = (ci * k * k + 1) as f64;
-        for (j, (got, (r, mag))) in y.iter().zip(&want).enumerate() {
-            // f32 sums of exact products: at most `depth` roundings of 2^-24
-            // relative to the running magnitude; then one bf16 rounding (2^-8: 8 significant bits).
-            let sum_err = depth * mag * 2f64.powi(-24);
-            let bound = (r.abs() + sum_err) * 2f64.powi(-8) + sum_err + 1e-30;
-            let err = (got.to_f64() - r).abs();
-            assert!(
-                err <= bound,
-                "case {i} {:?}, element {j}: got {got}, want {r} (bound {bound:e})",
-                (b, ci, co, k, h, w)
-            );
+        for &path in &paths {
+            let (y, ho, wo) = match path {
+                "amx" => conv.forward(&x, b, (h, w), g),
+                _ => conv.forward_portable(&x, b, (h, w), g),
+            }
+            .expect("runs");
+            assert_eq!((ho, wo), g.out_size((h, w), k).unwrap());
+            let want = reference(&x, &wt, &bias, (b, ci, co, k), (h, w), g, (ho, wo));
+            assert_eq!(y.len(), want.len());
+            let depth = (ci * k * k + 1) as f64;
+            for (j, (got, (r, mag))) in y.iter().zip(&want).enumerate() {
+                // f32 sums of exact products: at most `depth` roundings of 2^-24
+                // relative to the running magnitude; then one bf16 rounding (2^-8: 8 significant bits).
+                let sum_err = depth * mag * 2f64.powi(-24);
+                let bound = (r.abs() + sum_err) * 2f64.powi(-8) + sum_err + 1e-30;
+                let err = (got.to_f64() - r).abs();
+                assert!(
+                    err <= bound,
+                    "{path} case {i} {:?}, element {j}: got {got}, want {r} (bound {bound:e})",
+                    (b, ci, co, k, h, w)
+                );
+            }
         }
     }
 }
+
+/// Whether a forward path accepts an input of the given size and geometry.
+type Fits<'a> = dyn Fn(&[bf16], (usize, usize), Geometry) -> bool + 'a;
 
 #[test]
 fn rejects_sizes_that_do_not_fit() {
@@ -134,19 +145,23 @@ fn rejects_sizes_that_do_not_fit() {
     assert!(ConvBf16::new(&wt, &[0.0; 3], 2, 3, 3).is_none());
     assert!(ConvBf16::new(&wt[1..], &[0.0; 2], 2, 3, 3).is_none());
     assert!(ConvBf16::new(&[], &[], 0, 3, 3).is_none());
-    if !available() {
-        return;
-    }
     let conv = ConvBf16::new(&wt, &[0.0; 2], 2, 3, 3).unwrap();
     let x = values(3 * 4 * 4, 2, 1.0);
-    assert!(conv
-        .forward(&x[1..], 1, (4, 4), Geometry::symmetric(1, 1))
-        .is_none());
-    // A 2x2 input is too small for a 3x3 kernel without padding.
-    assert!(conv
-        .forward(&x[..12], 1, (2, 2), Geometry::symmetric(1, 0))
-        .is_none());
-    assert!(conv
-        .forward(&x, 1, (4, 4), Geometry::symmetric(0, 1))
-        .is_none());
+    let mut forwards: Vec<(&str, Box<Fits>)> = vec![(
+        "portable",
+        Box::new(|x, hw, g| conv.forward_portable(x, 1, hw, g).is_some()),
+    )];
+    if available() {
+        forwards.push((
+            "amx",
+            Box::new(|x, hw, g| conv.forward(x, 1, hw, g).is_some()),
+        ));
+    }
+    for (path, fits) in &forwards {
+        assert!(fits(&x, (4, 4), Geometry::symmetric(1, 1)), "{path}");
+        assert!(!fits(&x[1..], (4, 4), Geometry::symmetric(1, 1)), "{path}");
+        // A 2x2 input is too small for a 3x3 kernel without padding.
+        assert!(!fits(&x[..12], (2, 2), Geometry::symmetric(1, 0)), "{path}");
+        assert!(!fits(&x, (4, 4), Geometry::symmetric(0, 1)), "{path}");
+    }
 }

@@ -127,7 +127,7 @@ impl Attention {
             let out = {
                 let _span = span(groups::ATTENTION);
                 // Fused on AMX (scores never leave the core's caches: 2-2.4x
-                // the unfused path, `examples/attention_probe.rs`), else
+                // the unfused path, `xtask/examples/attention_probe.rs`), else
                 // query chunks through the packed matmul.
                 let bias = match mask {
                     Some(m) => Some(m.bias.reshape((b, ()))?),
@@ -167,7 +167,7 @@ impl Attention {
         let out = {
             let _span = span(groups::ATTENTION);
             // Fused on AVX-512 (the score matrix never exists; 2.8-3.5x the
-            // unfused path, `examples/attention_probe.rs`), else query chunks
+            // unfused path, `xtask/examples/attention_probe.rs`), else query chunks
             // through candle's matmul.
             let bias = match mask {
                 Some(m) => Some(m.bias.reshape((b, ()))?),

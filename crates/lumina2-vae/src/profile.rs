@@ -1,5 +1,5 @@
 //! Optional wall-clock accounting per op group, to see where a decode's time
-//! goes (`examples/decode_time --profile`). Off by default; when off, a span
+//! goes (`cargo run -p xtask --release --example decode_time -- MODEL_DIR --profile`). Off by default; when off, a span
 //! costs one relaxed atomic load. candle's CPU ops are synchronous, so a span's
 //! wall time is the op's time; on GPUs spans only measure the launch.
 

@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use crate::conv::f32::{Geometry, PackedConv};
+use crate::conv::f32::{Geometry, PackedConv, Path};
 
 /// The kernel rows (or columns) of a 3x3 kernel merged into tap `a` of a
 /// phase: phase 0 reads source offsets (-1, 0), phase 1 (0, +1).
@@ -66,8 +66,25 @@ impl UpsampleConv {
     }
 
     /// `conv(upsample(x))` for `x` [b, c_in, h, w] contiguous f32: [b, c_out,
-    /// 2h, 2w]. `None` when the sizes do not fit.
-    pub fn forward(&self, x: &[f32], b: usize, (h, w): (usize, usize)) -> Option<Vec<f32>> {
+    /// 2h, 2w]. `None` when the sizes do not fit or the f32 convolution
+    /// kernel does not run here ([`crate::conv::f32::available`]).
+    pub fn forward(&self, x: &[f32], b: usize, hw: (usize, usize)) -> Option<Vec<f32>> {
+        self.forward_with(x, b, hw, Path::best()?)
+    }
+
+    /// [`Self::forward`] on the f32 convolution's plain-Rust micro-tile, on
+    /// every CPU (the reference path the tests compare everywhere).
+    pub fn forward_portable(&self, x: &[f32], b: usize, hw: (usize, usize)) -> Option<Vec<f32>> {
+        self.forward_with(x, b, hw, Path::Portable)
+    }
+
+    fn forward_with(
+        &self,
+        x: &[f32],
+        b: usize,
+        (h, w): (usize, usize),
+        path: Path,
+    ) -> Option<Vec<f32>> {
         let hw = h * w;
         let mut out = vec![0f32; b * self.c_out * 4 * hw];
         for (i, conv) in self.phases.iter().enumerate() {
@@ -78,7 +95,7 @@ impl UpsampleConv {
                 upsample: 1,
                 out: Some((h, w)),
             };
-            let (ph, _, _) = conv.forward(x, b, (h, w), g, None)?;
+            let (ph, _, _) = conv.forward_with(x, b, (h, w), g, None, path)?;
             // Interleave: source pixel (y, x) of the phase goes to (2y + py, 2x + px).
             out.par_chunks_mut(4 * hw)
                 .zip(ph.par_chunks(hw))
@@ -105,9 +122,9 @@ mod tests {
     #[test]
     fn matches_upsample_then_conv() -> candle_core::Result<()> {
         crate::report_paths("matches_upsample_then_conv");
-        if !crate::conv::f32::available() {
-            return Ok(());
-        }
+        let mut paths = vec![Path::Portable];
+        paths.extend(Path::best());
+        eprintln!("matches_upsample_then_conv: paths {paths:?}");
         let dev = Device::Cpu;
         for (b, ci, co, h, w) in [(1, 5, 7, 3, 4), (2, 16, 9, 5, 9), (1, 40, 12, 8, 16)] {
             let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev)?;
@@ -119,17 +136,23 @@ mod tests {
                 .broadcast_add(&bias.reshape((1, co, 1, 1))?)?;
             let up = UpsampleConv::new(&wt.flatten_all()?.to_vec1()?, &bias.to_vec1()?, co, ci)
                 .ok_or_else(|| candle_core::Error::Msg("pack".into()))?;
-            let got = up
-                .forward(&x.flatten_all()?.to_vec1()?, b, (h, w))
-                .ok_or_else(|| candle_core::Error::Msg("forward".into()))?;
             let want: Vec<f32> = want.flatten_all()?.to_vec1()?;
-            assert_eq!(got.len(), want.len());
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (g - w).abs() / (1e-5 + 1e-5 * w.abs()))
-                .fold(0f32, f32::max);
-            assert!(worst <= 1.0, "{:?}: worst {worst}", (b, ci, co, h, w));
+            for &path in &paths {
+                let got = up
+                    .forward_with(&x.flatten_all()?.to_vec1()?, b, (h, w), path)
+                    .ok_or_else(|| candle_core::Error::Msg("forward".into()))?;
+                assert_eq!(got.len(), want.len());
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs() / (1e-5 + 1e-5 * w.abs()))
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= 1.0,
+                    "{path:?} {:?}: worst {worst}",
+                    (b, ci, co, h, w)
+                );
+            }
         }
         Ok(())
     }
