@@ -6,7 +6,7 @@
 //! Grouped-query attention never repeats keys and values: the `H / KV`
 //! query heads that read one key head are stacked into one matrix of rows.
 //! On the packed bf16 kernel both the transformer's and the text encoder's
-//! attention go through one implementation of that ([`PackedHeads`]).
+//! attention go through one implementation of that (`PackedHeads`).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -27,7 +27,7 @@ pub const PACKED_SCORE_BUDGET: usize = 4 << 20;
 pub enum Path {
     /// bf16, fused on AMX tiles ([`flash::attention_bf16`]).
     FlashBf16,
-    /// bf16, query chunks through the packed bf16 GEMM ([`PackedHeads`]).
+    /// bf16, query chunks through the packed bf16 GEMM (`PackedHeads`).
     PackedBf16,
     /// f32 (any input dtype, computed in f32), fused on AVX-512
     /// ([`flash::attention_f32`]).
@@ -184,7 +184,7 @@ pub fn grouped(
 }
 
 /// [`grouped`] for bf16 `q`, `k`, `v` on the packed bf16 kernel
-/// ([`PackedHeads`]): each query chunk takes `scale * q k^T` in f32, the key
+/// (`PackedHeads`): each query chunk takes `scale * q k^T` in f32, the key
 /// bias, the softmax in f32, and the probabilities rounded to bf16 times the
 /// values (f32 sums, one rounding). Same shapes as [`grouped`] (`q` not
 /// scaled); the score block of a chunk stays within `score_budget` bytes.
@@ -237,7 +237,7 @@ pub fn grouped_packed(
 /// `mask`: additive f32 `[B, 1, L, L]`. Returns `[B, H, L, d]`.
 ///
 /// bf16 on a CPU with the packed kernel: the same roundings without
-/// repeated keys ([`PackedHeads`]), `q k^T` rounded to bf16, the scaling,
+/// repeated keys (`PackedHeads`), `q k^T` rounded to bf16, the scaling,
 /// soft cap, mask and softmax in one pass per row
 /// ([`softmax::softcapped_softmax_bf16`]), the weighted sum rounded once.
 /// Otherwise candle's ops, keys and values repeated per query head.
