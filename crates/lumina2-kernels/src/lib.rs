@@ -12,7 +12,9 @@
 //! - [`norm`]: group norm fused with its activation.
 //! - [`elementwise`]: fused bf16 element-wise ops (gates, RoPE, adds).
 //! - [`cast`]: parallel dtype conversions; [`profile`]: per-op-group timing.
-//! - [`ops`]: whether an op runs on a kernel here or on candle.
+//! - [`ops`]: the dispatch layer the model crates call: each op with its
+//!   math, on a kernel here or on candle, chosen from the device, the dtype
+//!   and [`caps`].
 //!
 //! Which path runs is decided by one probe, [`caps`], computed once; its
 //! environment switches are listed there and in the crate README. Each

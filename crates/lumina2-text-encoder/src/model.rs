@@ -3,23 +3,14 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
+use lumina2_kernels::ops;
 use lumina2_kernels::profile::{groups, span};
 
 use crate::config::{Activation, Gemma2Config, LayerType};
 use crate::embedding::Embedding;
 use crate::error::{invalid_input, Error, Result};
 use crate::weights::{safetensors_files, Linear, Weights};
-
-/// Rounds `t` (float32) to `dtype` and back, as PyTorch rounds the result of
-/// every operation it computes in float32 "opmath" for a bf16/f16 tensor.
-fn round_to(t: Tensor, dtype: DType) -> Result<Tensor> {
-    if dtype == DType::F32 {
-        Ok(t)
-    } else {
-        Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?)
-    }
-}
 
 /// The most negative finite value of `dtype` (`torch.finfo(dtype).min`), as f32.
 fn dtype_min(dtype: DType) -> f32 {
@@ -50,12 +41,7 @@ impl RmsNorm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _span = span(groups::NORM);
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (ms + self.eps)?.sqrt()?.recip()?;
-        let y = x.broadcast_mul(&inv)?.broadcast_mul(&self.one_plus_w)?;
-        Ok(y.to_dtype(dtype)?)
+        Ok(ops::norm::rms_norm_f32(x, &self.one_plus_w, self.eps)?)
     }
 }
 
@@ -73,11 +59,9 @@ struct Attention {
 }
 
 /// `x * cos + rotate_half(x) * sin`, rounded after each op in a half dtype
-/// as PyTorch computes it (one fused pass on the CPU).
+/// as PyTorch computes it.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(lumina2_kernels::elementwise::fused::rope_rotate_half(
-        x, cos, sin,
-    )?)
+    Ok(ops::rope::rotate_half(x, cos, sin)?)
 }
 
 impl Attention {
@@ -102,94 +86,8 @@ impl Attention {
         })
     }
 
-    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
-        let rep = self.heads / self.kv_heads;
-        if rep == 1 {
-            return Ok(x);
-        }
-        let (b, kv, l, hd) = x.dims4()?;
-        Ok(x.unsqueeze(2)?
-            .expand((b, kv, rep, l, hd))?
-            .reshape((b, kv * rep, l, hd))?)
-    }
-
-    /// Eager attention op by op (transformers' `eager_attention_forward`),
-    /// rounding after each op in a half dtype: `q` `[B, H, L, d]`, `k`, `v`
-    /// `[B, KV, L, d]` -> `[B, H, L, d]`.
-    fn attend(&self, q: &Tensor, k: Tensor, v: Tensor, mask: &Tensor) -> Result<Tensor> {
-        let dtype = q.dtype();
-        let k = self.repeat_kv(k)?.contiguous()?;
-        let v = self.repeat_kv(v)?.contiguous()?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)?;
-        let mut s = round_to((scores * self.scaling)?, dtype)?;
-        if let Some(cap) = self.softcap {
-            s = round_to((s / cap)?, dtype)?;
-            s = round_to(s.tanh()?, dtype)?;
-            s = round_to((s * cap)?, dtype)?;
-        }
-        let s = round_to(s.broadcast_add(mask)?, dtype)?;
-        let p = lumina2_kernels::attention::softmax::softmax_last_dim(&s.to_dtype(DType::F32)?)?
-            .to_dtype(dtype)?;
-        Ok(p.matmul(&v)?)
-    }
-
-    /// [`Self::attend`] for bf16 on a CPU with the packed bf16 kernel, the
-    /// same roundings: per batch item and key head, the keys and transposed
-    /// values packed once, `q k^T` rounded to bf16 for the query heads that
-    /// share them (no repeated keys), the scaling, soft cap, mask and
-    /// softmax in one pass per row
-    /// ([`lumina2_kernels::attention::softmax::softcapped_softmax_bf16`]), the weighted
-    /// sum rounded once. `None` where that pass does not apply.
-    fn attend_bf16(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: &Tensor,
-    ) -> Result<Option<Tensor>> {
-        use lumina2_kernels::gemm::packed::PackedBf16;
-        let (b, h, l, hd) = q.dims4()?;
-        let rep = h / self.kv_heads.max(1);
-        let mut values = Vec::with_capacity(b * self.kv_heads);
-        let mut scores = Vec::with_capacity(b);
-        for bi in 0..b {
-            let mut heads = Vec::with_capacity(self.kv_heads);
-            for g in 0..self.kv_heads {
-                let keys = PackedBf16::pack(&k.get(bi)?.get(g)?)?; // [L, d]
-                values.push(PackedBf16::pack(&v.get(bi)?.get(g)?.t()?.contiguous()?)?); // [d, L]
-                let qg = q.get(bi)?.narrow(0, g * rep, rep)?.reshape((rep * l, hd))?;
-                heads.push(keys.matmul(&qg, None)?.reshape((rep, l, l))?);
-            }
-            scores.push(Tensor::cat(&heads, 0)?);
-        }
-        let scores = Tensor::stack(&scores, 0)?;
-        let cap = self.softcap.map(|c| c as f32);
-        let Some(p) = lumina2_kernels::attention::softmax::softcapped_softmax_bf16(
-            &scores,
-            self.scaling as f32,
-            cap,
-            mask,
-        )?
-        else {
-            return Ok(None);
-        };
-        drop(scores);
-        let mut items = Vec::with_capacity(b);
-        for bi in 0..b {
-            let mut heads = Vec::with_capacity(self.kv_heads);
-            for g in 0..self.kv_heads {
-                let pg = p.get(bi)?.narrow(0, g * rep, rep)?.reshape((rep * l, l))?;
-                let o = values[bi * self.kv_heads + g].matmul(&pg, None)?;
-                heads.push(o.reshape((rep, l, hd))?);
-            }
-            items.push(Tensor::cat(&heads, 0)?);
-        }
-        Ok(Some(Tensor::stack(&items, 0)?))
-    }
-
     /// `mask`: additive float32 `[B, 1, L, L]`.
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
         let (b, l, _) = x.dims3()?;
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, l, n, self.head_dim))?
@@ -204,15 +102,8 @@ impl Attention {
             (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?)
         };
         let _span = span(groups::ATTENTION);
-        let fast = lumina2_kernels::ops::attention_bf16_packed(x.device(), dtype);
-        let fused = match fast {
-            true => self.attend_bf16(&q, &k, &v, mask)?,
-            false => None,
-        };
-        let out = match fused {
-            Some(out) => out,
-            None => self.attend(&q, k, v, mask)?,
-        };
+        // transformers' eager attention, every op rounded in a half dtype.
+        let out = ops::attention::eager(&q, &k, &v, mask, self.scaling, self.softcap)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, l, self.heads * self.head_dim))?;
@@ -303,7 +194,7 @@ impl DecoderLayer {
 /// `x + h`, rounded once in a half dtype (PyTorch's `add`).
 fn residual(x: &Tensor, h: &Tensor) -> Result<Tensor> {
     let _span = span(groups::ELEMENTWISE);
-    Ok(lumina2_kernels::elementwise::fused::add(x, h)?)
+    Ok(ops::elementwise::add(x, h)?)
 }
 
 /// Gemma-2 as Lumina-Image 2.0's text encoder.

@@ -9,6 +9,7 @@ use crate::error::{invalid_input, Result};
 use crate::norm::{silu, RmsNorm};
 use crate::rope::Rope;
 use crate::weights::{GateAct, Linear, Weights};
+use lumina2_kernels::ops;
 use lumina2_kernels::profile::{groups, span};
 
 /// diffusers' `LuminaFeedForward`: `linear_2(silu(linear_1(x)) * linear_3(x))`.
@@ -89,14 +90,14 @@ impl Modulation {
 /// for bf16 on CPUs with AVX512-BF16).
 fn scale(x: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     let _span = span(groups::ELEMENTWISE);
-    lumina2_kernels::elementwise::fused::mul_bcast(x, &(scale + 1.0)?, None)
+    ops::elementwise::mul_broadcast(x, &(scale + 1.0)?)
 }
 
 /// The gated residual `x + tanh(gate) * y`, `gate` broadcast over the
 /// sequence (one fused pass for bf16 on CPUs with AVX512-BF16).
 fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
     let _span = span(groups::ELEMENTWISE);
-    lumina2_kernels::elementwise::fused::mul_bcast(x, &gate.tanh()?, Some(y))
+    ops::elementwise::add_mul_broadcast(x, &gate.tanh()?, y)
 }
 
 /// The residual addition `x + y`.

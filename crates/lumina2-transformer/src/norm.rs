@@ -4,6 +4,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::weights::{Linear, Weights};
+use lumina2_kernels::ops;
 use lumina2_kernels::profile::{groups, span};
 
 /// diffusers' `RMSNorm`: the mean square is taken in f32, the normalised value
@@ -32,30 +33,7 @@ impl RmsNorm {
     /// Normalises over the last dimension.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let _span = span(groups::NORM);
-        let dtype = x.dtype();
-        match (&self.weight, dtype) {
-            // One fused kernel; in f32 the rounding order does not matter.
-            (Some(w), DType::F32) => candle_nn::ops::rms_norm(x, w, self.eps as f32),
-            _ => {
-                if dtype == DType::BF16 {
-                    if let Some(y) = lumina2_kernels::elementwise::fused::rms_norm_bf16(
-                        x,
-                        self.weight.as_ref(),
-                        self.eps,
-                    )? {
-                        return Ok(y);
-                    }
-                }
-                let xf = x.to_dtype(DType::F32)?;
-                let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-                let y = xf.broadcast_mul(&(ms + self.eps)?.sqrt()?.recip()?)?;
-                let y = y.to_dtype(dtype)?;
-                match &self.weight {
-                    Some(w) => y.broadcast_mul(w),
-                    None => Ok(y),
-                }
-            }
-        }
+        ops::norm::rms_norm(x, self.weight.as_ref(), self.eps)
     }
 }
 

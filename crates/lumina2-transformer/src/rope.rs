@@ -6,9 +6,10 @@
 //! as `axes_dim_rope`, and each consecutive pair of channels is rotated as one
 //! complex number (the "interleaved" RoPE layout).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::{invalid_input, Result};
+use lumina2_kernels::ops;
 use lumina2_kernels::profile::{groups, span};
 
 /// Per-position rotation factors for a batch: `cos` and `sin` of shape `[B, S, head_dim/2]`.
@@ -21,18 +22,11 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Rotates `x` of shape `[B, H, S, head_dim]` (contiguous). The rotation is
-    /// done in f32 and rounded once to `x`'s dtype, as diffusers' complex product.
+    /// Rotates `x` of shape `[B, H, S, head_dim]`. The rotation is done in f32
+    /// and rounded once to `x`'s dtype, as diffusers' complex product.
     pub fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let _span = span(groups::ROPE);
-        let dtype = x.dtype();
-        // The casts in parallel (candle's are one thread: at 1024x1024 they
-        // were most of RoPE's time in a bf16 forward); same bits.
-        let xf = lumina2_kernels::cast(&x.contiguous()?, DType::F32)?;
-        lumina2_kernels::cast(
-            &candle_nn::rotary_emb::rope_i(&xf, &self.cos, &self.sin)?,
-            dtype,
-        )
+        ops::rope::interleaved(x, &self.cos, &self.sin)
     }
 }
 

@@ -32,7 +32,7 @@ pub(crate) struct Attention {
 
 impl Attention {
     pub(crate) fn load(vb: &Weights, channels: usize, groups: usize, eps: f64) -> Result<Self> {
-        let packed = if ops::vae_attention_f32(vb.device(), vb.dtype()) {
+        let packed = if ops::attention::vae_kernel(vb.device(), vb.dtype()) {
             let lin = |name: &str| -> Result<LinearWeights> {
                 let v = vb.pp(name);
                 Ok(LinearWeights {

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Storage, Tensor, D};
+use candle_core::{DType, Storage, Tensor};
 use lumina2_weights::Weights;
 
 use lumina2_kernels::conv::bf16::{ConvBf16, Geometry};
@@ -18,7 +18,7 @@ use crate::error::{input_err, Result, VaeError};
 use crate::profile::{span, Op};
 use lumina2_kernels::conv::f32::PackedConv;
 use lumina2_kernels::conv::upsample::UpsampleConv;
-use lumina2_kernels::norm::group::{self as cpu_norm, FusedAct, NormShape};
+use lumina2_kernels::norm::group::FusedAct;
 use lumina2_kernels::ops;
 
 /// Loads `name` under `vb`'s prefix with exactly `shape`, in the model's
@@ -26,15 +26,6 @@ use lumina2_kernels::ops;
 /// and errors name the key and the file.
 pub(crate) fn get(vb: &Weights, shape: &[usize], name: &str) -> Result<Tensor> {
     Ok(vb.get(name, shape)?)
-}
-
-/// The dtype matmul-like work runs in: f32 on the CPU for half dtypes.
-fn compute_dtype(dtype: DType, device: &Device) -> DType {
-    if device.is_cpu() && dtype != DType::F64 {
-        DType::F32
-    } else {
-        dtype
-    }
 }
 
 /// Rounds an f32 tensor through `dtype` and back (what storing a PyTorch
@@ -108,10 +99,10 @@ impl Conv2d {
         upsampler: bool,
     ) -> Result<Self> {
         let dtype = vb.dtype();
-        let cdt = compute_dtype(dtype, vb.device());
+        let cdt = ops::conv::compute_dtype(dtype, vb.device());
         let weight = get(vb, &[c_out, c_in, kernel, kernel], "weight")?;
         let bias = get(vb, &[c_out], "bias")?.to_dtype(cdt)?;
-        if ops::conv2d_bf16(vb.device(), dtype) {
+        if ops::conv::bf16_kernel(vb.device(), dtype) {
             let w = weight.to_dtype(DType::BF16)?.flatten_all()?.to_vec1()?;
             let b = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             if let Some(c) = ConvBf16::new(&w, &b, c_out, c_in, kernel) {
@@ -125,7 +116,7 @@ impl Conv2d {
             }
         }
         let weight = weight.to_dtype(cdt)?;
-        let fast = ops::conv2d_f32(vb.device(), cdt);
+        let fast = ops::conv::f32_kernel(vb.device(), cdt);
         let kind = if fast {
             let w = weight.flatten_all()?.to_vec1::<f32>()?;
             let b = bias.to_vec1::<f32>()?;
@@ -174,7 +165,7 @@ impl Conv2d {
         }
         let y = self.run(x, 1, None)?;
         let _s = span(Op::Residual);
-        Ok(lumina2_kernels::elementwise::fused::add(residual, &y)?)
+        Ok(ops::elementwise::add(residual, &y)?)
     }
 
     fn run(&self, x: &Tensor, upsample: usize, residual: Option<&Tensor>) -> Result<Tensor> {
@@ -185,9 +176,7 @@ impl Conv2d {
         });
         let y = match &self.kind {
             ConvKind::Bf16(c) => match residual {
-                Some(r) => {
-                    lumina2_kernels::elementwise::fused::add(r, &self.run_bf16(c, x, upsample)?)?
-                }
+                Some(r) => ops::elementwise::add(r, &self.run_bf16(c, x, upsample)?)?,
                 None => self.run_bf16(c, x, upsample)?,
             },
             ConvKind::Packed(p) => self.run_packed(p, x, upsample, residual)?,
@@ -345,7 +334,7 @@ impl Linear {
     /// Loads `weight` [out, in] and `bias` [out].
     pub(crate) fn load(vb: &Weights, c_in: usize, c_out: usize) -> Result<Self> {
         let dtype = vb.dtype();
-        let cdt = compute_dtype(dtype, vb.device());
+        let cdt = ops::conv::compute_dtype(dtype, vb.device());
         let weight_t = get(vb, &[c_out, c_in], "weight")?
             .to_dtype(cdt)?
             .t()?
@@ -368,114 +357,24 @@ impl Linear {
     }
 }
 
-/// `nn.GroupNorm` with affine parameters, computed in f32 (statistics summed
-/// in two levels, rows in f32 and their sums in f64, so that millions of
-/// elements per group stay accurate).
+/// `nn.GroupNorm` with affine parameters, computed in f32
+/// ([`ops::norm::GroupNorm`]).
 #[derive(Debug, Clone)]
-pub(crate) struct GroupNorm {
-    weight: Tensor,
-    bias: Tensor,
-    /// The same parameters for the CPU path (`cpu_norm`).
-    weight_v: Vec<f32>,
-    bias_v: Vec<f32>,
-    groups: usize,
-    eps: f64,
-}
+pub(crate) struct GroupNorm(ops::norm::GroupNorm);
 
 impl GroupNorm {
     /// Loads `weight` [c] and `bias` [c].
     pub(crate) fn load(vb: &Weights, channels: usize, groups: usize, eps: f64) -> Result<Self> {
-        let weight = get(vb, &[channels], "weight")?.to_dtype(DType::F32)?;
-        let bias = get(vb, &[channels], "bias")?.to_dtype(DType::F32)?;
-        Ok(Self {
-            weight_v: weight.to_vec1()?,
-            bias_v: bias.to_vec1()?,
-            weight: weight.reshape((1, channels, 1, 1))?,
-            bias: bias.reshape((1, channels, 1, 1))?,
-            groups,
-            eps,
-        })
-    }
-
-    /// The CPU path: `act(round(norm(x)))` in f32, one pass per statistic and
-    /// one for the output, where `round` stores in `dtype` as PyTorch does;
-    /// `None` when `x` is not on the CPU.
-    fn forward_cpu(&self, x: &Tensor, act: FusedAct, dtype: DType) -> Result<Option<Tensor>> {
-        if !x.device().is_cpu() {
-            return Ok(None);
-        }
-        let (b, c, h, w) = x.dims4()?;
-        let shape = NormShape {
-            batch: b,
-            channels: c,
-            hw: h * w,
-            groups: self.groups,
-        };
-        let (wv, bv, eps) = (&self.weight_v, &self.bias_v, self.eps);
-        let dev = x.device().clone();
-        fn tensor<E: candle_core::WithDType>(
-            y: Option<Option<Vec<E>>>,
-            dims: (usize, usize, usize, usize),
-            dev: &Device,
-        ) -> Result<Option<Tensor>> {
-            Ok(match y.flatten() {
-                Some(y) => Some(Tensor::from_vec(y, dims, dev)?),
-                None => None,
-            })
-        }
-        // bf16 in and out: read and written as bf16, computed in f32.
-        if dtype == DType::BF16 {
-            let x = cast(&x.contiguous()?, DType::BF16)?;
-            let y = with_cpu::<half::bf16, _>(&x, |xs| {
-                cpu_norm::group_norm_act::<_, half::bf16, _>(
-                    xs,
-                    shape,
-                    eps,
-                    wv,
-                    bv,
-                    act,
-                    cpu_norm::round_bf16,
-                )
-            })?;
-            return tensor(y, (b, c, h, w), &dev);
-        }
-        let x = cast(&x.contiguous()?, DType::F32)?;
-        let y = match dtype {
-            DType::F16 => with_cpu_f32(&x, |xs| {
-                cpu_norm::group_norm_act::<_, f32, _>(xs, shape, eps, wv, bv, act, |v| {
-                    half::f16::from_f32(v).to_f32()
-                })
-            })?,
-            _ => with_cpu_f32(&x, |xs| {
-                cpu_norm::group_norm_act::<_, f32, _>(xs, shape, eps, wv, bv, act, |v| v)
-            })?,
-        };
-        tensor(y, (b, c, h, w), &dev)
+        let weight = get(vb, &[channels], "weight")?;
+        let bias = get(vb, &[channels], "bias")?;
+        Ok(Self(ops::norm::GroupNorm::new(
+            &weight, &bias, groups, eps,
+        )?))
     }
 
     /// Normalises `x` [b, c, h, w]; the output is f32.
     pub(crate) fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.forward_cpu(x, FusedAct::None, DType::F32)? {
-            return Ok(y);
-        }
-        let (b, c, h, w) = x.dims4()?;
-        let g = self.groups;
-        let n = (c / g * h * w) as f64;
-        let x = x.to_dtype(DType::F32)?;
-        let grouped = x.reshape((b, g, c / g * h, w))?;
-        let mean = (grouped.sum(D::Minus1)?.to_dtype(DType::F64)?.sum(2)? / n)?;
-        let mean = mean.to_dtype(DType::F32)?.reshape((b, g, 1, 1))?;
-        let centered = grouped.broadcast_sub(&mean)?;
-        let var = (centered
-            .sqr()?
-            .sum(D::Minus1)?
-            .to_dtype(DType::F64)?
-            .sum(2)?
-            / n)?;
-        let rstd = (var + self.eps)?.sqrt()?.recip()?;
-        let rstd = rstd.to_dtype(DType::F32)?.reshape((b, g, 1, 1))?;
-        let y = centered.broadcast_mul(&rstd)?.reshape((b, c, h, w))?;
-        Ok(y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        Ok(self.0.forward_f32(x)?)
     }
 }
 
@@ -534,7 +433,7 @@ pub(crate) fn norm_act(
     };
     if let Some(f) = fused {
         let _s = span(Op::GroupNorm);
-        if let Some(y) = norm.forward_cpu(x, f, dtype)? {
+        if let Some(y) = norm.0.forward_act(x, f, dtype)? {
             return cast(&y, dtype);
         }
     }

@@ -29,9 +29,9 @@ use std::sync::Arc;
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use lumina2_kernels::elementwise::fused;
 use lumina2_kernels::gemm::{int8, packed};
-use lumina2_kernels::{cast, profile};
+use lumina2_kernels::ops::linear::Path as LinearPath;
+use lumina2_kernels::{cast, ops, profile};
 use rayon::prelude::*;
 
 pub use error::{Error, Result};
@@ -75,17 +75,22 @@ impl LinearWeight {
         }
     }
 
-    /// The bf16 weight repacked for [`packed`]'s kernel when it is dense bf16
-    /// on the CPU and the CPU has the kernel ([`packed::available`]);
-    /// otherwise unchanged.
+    /// The form the weight is kept in, as the dispatch sees it.
+    fn form(&self) -> ops::linear::WeightForm {
+        match self {
+            Self::Dense(_) => ops::linear::WeightForm::Dense,
+            Self::Quantized(_) => ops::linear::WeightForm::Quantized,
+            Self::PackedBf16(_) => ops::linear::WeightForm::PackedBf16,
+            Self::Int8(_) => ops::linear::WeightForm::Int8,
+        }
+    }
+
+    /// The bf16 weight repacked for [`packed`]'s kernel when the dispatch
+    /// packs it ([`ops::linear::packs`]: dense bf16 on a CPU that has the
+    /// kernel); otherwise unchanged.
     pub fn packed_if_possible(self) -> candle_core::Result<Self> {
         match &self {
-            Self::Dense(t)
-                if t.dtype() == DType::BF16
-                    && t.device().is_cpu()
-                    && t.rank() == 2
-                    && packed::available() =>
-            {
+            Self::Dense(t) if ops::linear::packs(t) => {
                 Ok(Self::PackedBf16(Arc::new(packed::PackedBf16::pack(t)?)))
             }
             _ => Ok(self),
@@ -919,7 +924,7 @@ impl Linear {
 
     /// `act(self(x)) * up(x)`: a gated feed-forward's two input layers
     /// (SiLU for Lumina2's, GELU-tanh for Gemma-2's), rounded as the unfused
-    /// ops are ([`fused::silu_mul`], [`fused::gelu_tanh_mul`]). When both
+    /// ops are ([`ops::elementwise::silu_mul`], [`ops::elementwise::gelu_tanh_mul`]). When both
     /// weights are Q4_0 (GGUF) without bias or adapters and the input is bf16
     /// on a CPU with AMX, the two products and the activation are computed
     /// panel by panel, without the two `[.., out]` intermediates (the
@@ -930,7 +935,7 @@ impl Linear {
         {
             // The one-pass kernels need AMX; elsewhere no span is opened for
             // them, so that the profile counts only the layers that run.
-            if self.plain() && up.plain() && x.dtype() == DType::BF16 && packed::use_amx() {
+            if self.plain() && up.plain() && ops::linear::fused_q4_0(x) {
                 let _span = profile::span(profile::groups::LINEAR);
                 let gelu = act == GateAct::GeluTanh;
                 let x2 = as_rows(x)?;
@@ -943,8 +948,8 @@ impl Linear {
         let (g, u) = (self.forward(x)?, up.forward(x)?);
         let _span = profile::span(profile::groups::ELEMENTWISE);
         match act {
-            GateAct::Silu => fused::silu_mul(&g, &u),
-            GateAct::GeluTanh => fused::gelu_tanh_mul(&g, &u),
+            GateAct::Silu => ops::elementwise::silu_mul(&g, &u),
+            GateAct::GeluTanh => ops::elementwise::gelu_tanh_mul(&g, &u),
         }
     }
 
@@ -967,11 +972,7 @@ impl Linear {
             LinearWeight::Quantized(d),
         ) = (&self.weight, &up.weight, &down.weight)
         {
-            if self.plain()
-                && up.plain()
-                && down.adapters.is_empty()
-                && x.dtype() == DType::BF16
-                && packed::use_amx()
+            if self.plain() && up.plain() && down.adapters.is_empty() && ops::linear::fused_q4_0(x)
             {
                 let _span = profile::span(profile::groups::LINEAR);
                 let gelu = act == GateAct::GeluTanh;
@@ -989,35 +990,26 @@ impl Linear {
 
     /// Applies the layer to `x` of shape `[..., in]`.
     ///
-    /// bf16 inputs on a CPU with AVX512-BF16 go through [`packed`]'s kernel
-    /// (packed weights; quantised ones are dequantised and packed per call);
-    /// everything else through candle's matmul.
+    /// The product runs where [`ops::linear::path`] sends it: packed bf16 and
+    /// int8 weights on their kernels, quantised weights with bf16 inputs
+    /// packed per call, everything else through candle's matmul; the
+    /// adapters are added after.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let _span = profile::span(profile::groups::LINEAR);
         let x2 = as_rows(x)?;
-        let rows = x2.dim(0)?;
-        let fast = x.device().is_cpu() && x.dtype() == DType::BF16;
-        let mut y = match &self.weight {
-            LinearWeight::PackedBf16(p) if x.device().is_cpu() => p
-                .matmul(&x2, self.bias_f32.as_deref())?
-                .to_dtype(x.dtype())?,
+        let bias_f32 = self.bias_f32.as_deref();
+        let mut y = match (ops::linear::path(self.weight.form(), x), &self.weight) {
+            (LinearPath::PackedBf16, LinearWeight::PackedBf16(p)) => {
+                p.matmul(&x2, bias_f32)?.to_dtype(x.dtype())?
+            }
             // Outputs in the input's dtype when it is f32 or bf16.
-            LinearWeight::Int8(p) if x.device().is_cpu() => p
-                .matmul(&x2, self.bias_f32.as_deref())?
-                .to_dtype(x.dtype())?,
-            // Packing costs about one pass over the weight: worth it once a
-            // few rows share it.
-            LinearWeight::Quantized(q) if fast && rows >= 16 && packed::available() => {
-                packed::PackedBf16::matmul_quantized(q, &x2, self.bias_f32.as_deref())?
+            (LinearPath::Int8, LinearWeight::Int8(p)) => {
+                p.matmul(&x2, bias_f32)?.to_dtype(x.dtype())?
             }
-            w => {
-                let w = w.to_dense(x.device())?.to_dtype(x.dtype())?;
-                let y = x2.matmul(&w.t()?)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-                    None => y,
-                }
+            (LinearPath::PackPerCall, LinearWeight::Quantized(q)) => {
+                packed::PackedBf16::matmul_quantized(q, &x2, bias_f32)?
             }
+            (_, w) => ops::linear::matmul(&x2, &w.to_dense(x.device())?, self.bias.as_ref())?,
         };
         for a in &self.adapters {
             y = (y + a.forward_rows(&x2)?)?;
