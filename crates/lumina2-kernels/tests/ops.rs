@@ -112,6 +112,10 @@ fn sdpa_is_grouped_softmax_attention() {
         randn(&[2, 2, 37, 40], 3),
     );
     let (bias, bias_ref) = key_bias(37);
+    let keys = ops::attention::KeyBias {
+        bias: &bias,
+        prefix: Some(&[37, 30]),
+    };
     let scale = 1.0 / 40f64.sqrt();
     // f32 in: f32 sums; bf16 in: probabilities and output rounded to bf16
     // (outputs are averages of values with |v| < 7: below 2 * 7 * 2^-8).
@@ -128,7 +132,7 @@ fn sdpa_is_grouped_softmax_attention() {
         );
         // One row per chunk, an uneven chunking, one chunk.
         for budget in [1, 3 * 37 * 4 * 5, usize::MAX / 2] {
-            let got = ops::attention::sdpa(&q, &k, &v, Some(&bias), scale, budget).unwrap();
+            let got = ops::attention::sdpa(&q, &k, &v, Some(keys), scale, budget).unwrap();
             assert_eq!((got.dims(), got.dtype()), (q.dims(), dtype));
             let d = max_diff(&f64s(&got), &want);
             assert!(d < tol, "{dtype:?} budget {budget}: {d}");

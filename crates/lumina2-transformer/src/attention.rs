@@ -23,6 +23,9 @@ pub const PACKED_SCORE_BUDGET: usize = ops::attention::PACKED_SCORE_BUDGET;
 #[derive(Debug, Clone)]
 pub struct KeyMask {
     bias: Tensor,
+    /// Each item's count of attended keys where they are its first keys
+    /// (the form GPU flash attention takes), `None` otherwise.
+    prefix: Option<Vec<usize>>,
 }
 
 impl KeyMask {
@@ -40,8 +43,17 @@ impl KeyMask {
                 "rows of different lengths",
             ));
         }
+        // A prefix: no attended key after the first padded one.
+        let prefix = valid
+            .iter()
+            .map(|row| {
+                let n = row.iter().take_while(|&&v| v).count();
+                row[n..].iter().all(|&v| !v).then_some(n)
+            })
+            .collect();
         Ok(Self {
             bias: Tensor::from_vec(data, (b, 1, 1, s), device)?,
+            prefix,
         })
     }
 }
@@ -112,8 +124,11 @@ impl Attention {
 
         let v = v.transpose(1, 2)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let bias = mask.map(|m| &m.bias);
-        let out = ops::attention::sdpa(&q, &k, &v, bias, scale, self.score_budget)?;
+        let keys = mask.map(|m| ops::attention::KeyBias {
+            bias: &m.bias,
+            prefix: m.prefix.as_deref(),
+        });
+        let out = ops::attention::sdpa(&q, &k, &v, keys, scale, self.score_budget)?;
         // [B, H, S, hd] -> [B, S, H*hd]
         let out = {
             let _span = span(groups::COPY);

@@ -32,8 +32,29 @@ pub enum Path {
     /// f32 (any input dtype, computed in f32), fused on AVX-512
     /// ([`flash::attention_f32`]).
     FlashF32,
+    /// bf16/f16 on a CUDA GPU, fused by candle-flash-attn (the `flash-attn`
+    /// feature; [`gpu_flash`]).
+    FlashGpu,
     /// candle's matmul and this crate's softmax (the portable and GPU path).
     Candle,
+}
+
+/// The keys each batch item attends to.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyBias<'a> {
+    /// `B * S_kv` f32 values (`[B, S_kv]` or `[B, 1, 1, S_kv]`): 0 for keys
+    /// to attend to, `-inf` for padding.
+    pub bias: &'a Tensor,
+    /// Where each item's attended keys are its first `n` (the bias is 0 then
+    /// `-inf`), those counts: the form a GPU flash kernel takes instead of a
+    /// bias. `None` for any other pattern.
+    pub prefix: Option<&'a [usize]>,
+}
+
+/// Whether [`sdpa`] of `dtype` tensors on `device` runs on the GPU flash
+/// kernel: CUDA, bf16 or f16, and this crate built with `flash-attn`.
+fn gpu_flash(device: &Device, dtype: DType) -> bool {
+    cfg!(feature = "flash-attn") && device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16)
 }
 
 /// Whether bf16 attention multiplies on the packed bf16 kernel: bf16 on the
@@ -44,7 +65,9 @@ fn packed_bf16(device: &Device, dtype: DType) -> bool {
 
 /// The path [`sdpa`] takes for `dtype` tensors on `device`.
 pub fn sdpa_path(device: &Device, dtype: DType) -> Path {
-    if packed_bf16(device, dtype) {
+    if gpu_flash(device, dtype) {
+        Path::FlashGpu
+    } else if packed_bf16(device, dtype) {
         if packed::use_amx() {
             Path::FlashBf16
         } else {
@@ -74,7 +97,7 @@ pub fn eager_path(device: &Device, dtype: DType) -> Path {
 /// multiple of `KV`: query head `i` reads key head `i / (H / KV)` (diffusers'
 /// `repeat(...).flatten(2, 3)`, without the copies). `key_bias`: `B * S_kv`
 /// f32 values (`[B, S_kv]` or `[B, 1, 1, S_kv]`), 0 for keys to attend to and
-/// `-inf` for padding. The score block of one query chunk stays within
+/// `-inf` for padding ([`KeyBias`]). The score block of one query chunk stays within
 /// `score_budget` bytes. Returns `[B, H, S_q, d]` in `q`'s dtype.
 ///
 /// bf16 on a CPU with the packed kernel: bf16 products summed and scaled in
@@ -83,18 +106,26 @@ pub fn eager_path(device: &Device, dtype: DType) -> Path {
 /// multiplies bf16 blocks the same way). Otherwise scores, softmax and the
 /// weighted sum in f32 (PyTorch's CPU attention accumulates in f32 for
 /// bf16/f16 inputs too), the output rounded once to the input dtype.
+/// bf16/f16 on CUDA with the `flash-attn` feature: candle-flash-attn's fused
+/// kernel, where there is no mask or each item's keys are a prefix.
 pub fn sdpa(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    key_bias: Option<&Tensor>,
+    keys: Option<KeyBias<'_>>,
     scale: f64,
     score_budget: usize,
 ) -> candle_core::Result<Tensor> {
     let dtype = q.dtype();
     let b = q.dim(0)?;
-    let bias = key_bias.map(|m| m.reshape((b, ()))).transpose()?;
     let path = sdpa_path(q.device(), dtype);
+    if path == Path::FlashGpu {
+        let _span = span(groups::ATTENTION);
+        if let Some(out) = flash_gpu(q, k, v, keys, scale)? {
+            return Ok(out);
+        }
+    }
+    let bias = keys.map(|m| m.bias.reshape((b, ()))).transpose()?;
     if matches!(path, Path::FlashBf16 | Path::PackedBf16) {
         let v = {
             let _span = span(groups::COPY);
@@ -136,6 +167,60 @@ pub fn sdpa(
     };
     let _span = span(groups::COPY);
     out.to_dtype(dtype)
+}
+
+/// candle-flash-attn's fused attention (flash-attention 2 on CUDA, grouped
+/// key heads native) for `[B, H, S, d]` tensors: with no mask over every
+/// key, with prefix masks item by item over its first `n` keys (the padded
+/// query rows attend to the same keys as with the bias); `None` for other
+/// masks or an item with no key, which take candle's path.
+#[cfg(feature = "flash-attn")]
+fn flash_gpu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keys: Option<KeyBias<'_>>,
+    scale: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    // The kernel takes [B, S, H, d].
+    let bshd = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+    let (qs, ks, vs) = (bshd(q)?, bshd(k)?, bshd(v)?);
+    let out = match keys {
+        None => candle_flash_attn::flash_attn(&qs, &ks, &vs, scale as f32, false)?,
+        Some(KeyBias {
+            prefix: Some(lens), ..
+        }) if lens.len() == q.dim(0)? && lens.iter().all(|&n| n > 0) => {
+            let mut items = Vec::with_capacity(lens.len());
+            for (i, &n) in lens.iter().enumerate() {
+                let n = n.min(ks.dim(1)?);
+                let ki = ks.narrow(0, i, 1)?.narrow(1, 0, n)?.contiguous()?;
+                let vi = vs.narrow(0, i, 1)?.narrow(1, 0, n)?.contiguous()?;
+                let qi = qs.narrow(0, i, 1)?;
+                items.push(candle_flash_attn::flash_attn(
+                    &qi,
+                    &ki,
+                    &vi,
+                    scale as f32,
+                    false,
+                )?);
+            }
+            Tensor::cat(&items, 0)?
+        }
+        Some(_) => return Ok(None),
+    };
+    Ok(Some(out.transpose(1, 2)?))
+}
+
+/// Without the `flash-attn` feature there is no GPU flash kernel.
+#[cfg(not(feature = "flash-attn"))]
+fn flash_gpu(
+    _q: &Tensor,
+    _k: &Tensor,
+    _v: &Tensor,
+    _keys: Option<KeyBias<'_>>,
+    _scale: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    Ok(None)
 }
 
 /// Softmax attention on candle's matmul without repeating keys and values
