@@ -10,10 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lumina2_pipeline::candle_core::{DType, Device};
 use lumina2_pipeline::{
     Conditioning, Control, Error as PipelineError, Event, GenerateOptions, GuidanceMode, LoraSpec,
-    Lumina2Pipeline, Noise, OutputKind, PipelineSources, SolverKind, Stage, SystemPrompt,
-    TransformerSource,
+    Lumina2Pipeline, Noise, OutputKind, PipelineSources, SolverKind, Stage, StageTimings,
+    SystemPrompt, TransformerSource,
 };
 
+use crate::batch;
 use crate::output;
 use crate::signals;
 
@@ -28,7 +29,7 @@ enum DtypeArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum SamplerArg {
+pub(crate) enum SamplerArg {
     /// diffusers' FlowMatchEulerDiscrete step (1 model call per step).
     Euler,
     /// Second-order midpoint (2 model calls per step), the original sampler's default.
@@ -36,7 +37,7 @@ enum SamplerArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum GuidanceArg {
+pub(crate) enum GuidanceArg {
     /// diffusers' Lumina2Pipeline semantics (the default).
     Diffusers,
     /// The Alpha-VLLM sampler's semantics.
@@ -44,48 +45,53 @@ enum GuidanceArg {
 }
 
 /// Arguments of `lumina2 generate`, named after diffusers' in kebab case.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct GenerateArgs {
     /// The prompt; repeat for a batch of prompts.
-    #[arg(short, long, required = true)]
-    prompt: Vec<String>,
+    #[arg(
+        short,
+        long,
+        required_unless_present = "from_file",
+        conflicts_with = "from_file"
+    )]
+    pub(crate) prompt: Vec<String>,
     /// Negative prompt: one for all prompts, or one per prompt (default "").
     #[arg(short, long)]
-    negative_prompt: Vec<String>,
+    pub(crate) negative_prompt: Vec<String>,
     /// Image width in pixels, a multiple of 16, at most 16384 (default: the model's sample_size * 8).
     #[arg(long)]
-    width: Option<usize>,
+    pub(crate) width: Option<usize>,
     /// Image height in pixels, a multiple of 16, at most 16384 (default: the model's sample_size * 8).
     #[arg(long)]
-    height: Option<usize>,
+    pub(crate) height: Option<usize>,
     /// Denoising steps (1 to 10000).
     #[arg(long, visible_alias = "steps", default_value_t = 30)]
-    num_inference_steps: usize,
+    pub(crate) num_inference_steps: usize,
     /// Classifier-free guidance scale, 0 to 100 (guidance only above 1).
     #[arg(long, default_value_t = 4.0)]
-    guidance_scale: f64,
+    pub(crate) guidance_scale: f64,
     /// Fraction of the run with guidance, 0 to 1 (see --guidance-mode).
     #[arg(long, default_value_t = 1.0)]
-    cfg_trunc_ratio: f64,
+    pub(crate) cfg_trunc_ratio: f64,
     /// Do not renormalise the guided prediction.
     #[arg(long)]
-    no_cfg_normalization: bool,
+    pub(crate) no_cfg_normalization: bool,
     /// System prompt put in front of each prompt (default: diffusers').
     #[arg(long, conflicts_with = "system_preset")]
-    system_prompt: Option<String>,
+    pub(crate) system_prompt: Option<String>,
     /// A system prompt preset of the original sampler: align, base, aesthetics, real, 4grid, empty.
     #[arg(long)]
-    system_preset: Option<String>,
+    pub(crate) system_preset: Option<String>,
     /// Text tokens per prompt (at most 512).
     #[arg(long, default_value_t = 256)]
     max_sequence_length: usize,
     /// Images per prompt (at most 256 images in all: prompts x images).
     #[arg(long, default_value_t = 1)]
-    num_images_per_prompt: usize,
+    pub(crate) num_images_per_prompt: usize,
     /// Seed of image 0; image i uses seed + i, drawn as
     /// torch.Generator("cpu").manual_seed(seed + i) does (random when absent).
     #[arg(long)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Custom sigmas, comma-separated, each in [0, 1], at most 10000 (diffusers'
     /// `sigmas`; overrides the step count).
     #[arg(long, value_delimiter = ',')]
@@ -95,10 +101,10 @@ pub struct GenerateArgs {
     /// a regular file (replaced); a device, FIFO, socket, folder or symbolic
     /// link there is refused.
     #[arg(short, long, default_value = "lumina2_{seed}.png")]
-    output: String,
+    pub(crate) output: String,
     /// Also write the final latents (before the VAE) to this .safetensors file
     /// (a new path or a regular file, as -o).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from_file")]
     output_latents: Option<PathBuf>,
     /// Write only the latents (no VAE decode, no image); needs --output-latents.
     #[arg(long, requires = "output_latents")]
@@ -150,19 +156,22 @@ pub struct GenerateArgs {
     device: String,
     /// Worker threads, at most 4 per core (default: RAYON_NUM_THREADS, else all cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// ODE solver.
     #[arg(long, value_enum, default_value = "euler")]
-    sampler: SamplerArg,
+    pub(crate) sampler: SamplerArg,
     /// Guidance semantics.
     #[arg(long, value_enum, default_value = "diffusers")]
-    guidance_mode: GuidanceArg,
+    pub(crate) guidance_mode: GuidanceArg,
     /// Decode the image tile by tile (bounds the VAE's memory for large images).
     #[arg(long)]
     vae_tiling: bool,
     /// Skip the up-front memory check.
     #[arg(long)]
-    no_memory_check: bool,
+    pub(crate) no_memory_check: bool,
+
+    #[command(flatten)]
+    pub(crate) batch: batch::BatchArgs,
 }
 
 /// The largest LoRA scale magnitude: trained for 1, used between -2 and 2;
@@ -177,7 +186,7 @@ const THREADS_PER_CORE: usize = 4;
 /// The thread limit where the core count is unknown.
 const MAX_THREADS_UNKNOWN_CORES: usize = 256;
 
-fn parse_lora(s: &str) -> Result<LoraSpec> {
+pub(crate) fn parse_lora(s: &str) -> Result<LoraSpec> {
     // FILE:SCALE, where FILE may itself hold ':' (take the last one only when
     // what follows parses as a number).
     if let Some((file, scale)) = s.rsplit_once(':') {
@@ -255,7 +264,7 @@ fn thread_limit() -> (usize, String) {
 /// Checks the thread count (`--threads`, else `RAYON_NUM_THREADS`, which
 /// rayon and candle read) against [`thread_limit`] before any thread is
 /// started, then sizes the thread pool.
-fn set_threads(threads: Option<usize>) -> Result<()> {
+pub(crate) fn set_threads(threads: Option<usize>) -> Result<()> {
     let (limit, why) = thread_limit();
     let Some(n) = threads else {
         // rayon ignores a value that is not a number; a number is its thread count.
@@ -345,7 +354,19 @@ fn hub_offline_env() -> bool {
         .unwrap_or(false)
 }
 
-fn options(args: &GenerateArgs, seed: u64) -> Result<GenerateOptions> {
+pub(crate) fn options(args: &GenerateArgs, seed: u64) -> Result<GenerateOptions> {
+    options_named(args, seed, |option| {
+        format!("--{}", option.replace('_', "-"))
+    })
+}
+
+/// [`options`], with `name` spelling the library's option names in errors.
+pub(crate) fn options_named(
+    args: &GenerateArgs,
+    seed: u64,
+    name: impl Fn(&str) -> String,
+) -> Result<GenerateOptions> {
+    let named = |e| named_option(e, &name);
     let mut o = GenerateOptions::with_prompts(args.prompt.clone());
     if !args.negative_prompt.is_empty() {
         o.conditioning = Conditioning::Prompts {
@@ -382,8 +403,8 @@ fn options(args: &GenerateArgs, seed: u64) -> Result<GenerateOptions> {
     };
     // The counts are bounded before the per-image seed list is made.
     o.noise = Noise::Seed(seed);
-    o.validate().map_err(cli_option)?;
-    let batch = o.batch_size().map_err(cli_option)?;
+    o.validate().map_err(named)?;
+    let batch = o.batch_size().map_err(named)?;
     let seeds = (0..batch as u64)
         .map(|i| {
             seed.checked_add(i)
@@ -391,16 +412,21 @@ fn options(args: &GenerateArgs, seed: u64) -> Result<GenerateOptions> {
         })
         .collect::<Result<Vec<_>>>()?;
     o.noise = Noise::Seeds(seeds);
-    o.validate().map_err(cli_option)?;
+    o.validate().map_err(named)?;
     Ok(o)
 }
 
 /// An invalid option of the library, named as the command line spells it
 /// (`num_images_per_prompt` -> `--num-images-per-prompt`).
 fn cli_option(e: PipelineError) -> anyhow::Error {
+    named_option(e, |option| format!("--{}", option.replace('_', "-")))
+}
+
+/// An invalid option of the library, named by `name`.
+fn named_option(e: PipelineError, name: impl Fn(&str) -> String) -> anyhow::Error {
     match e {
         PipelineError::InvalidOption { option, reason } => {
-            anyhow::anyhow!("--{}: {reason}", option.replace('_', "-"))
+            anyhow::anyhow!("{}: {reason}", name(option))
         }
         other => other.into(),
     }
@@ -425,7 +451,7 @@ fn test_decode_delay() -> Option<Duration> {
     Some(Duration::from_millis(ms.min(60_000)))
 }
 
-fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -451,35 +477,72 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
-fn usage<T>(r: Result<T>) -> Result<T> {
+pub(crate) fn usage<T>(r: Result<T>) -> Result<T> {
     r.map_err(|e| Usage(e).into())
 }
 
 pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
+    if args.batch.from_file.is_some() {
+        return batch::run(args, quiet);
+    }
+    usage(args.batch.check_need_file())?;
     let seed = args.seed.unwrap_or_else(random_seed);
     // Options are checked before anything is loaded, downloaded or sized by
     // them: the thread count before the pool is built, the image count
     // before the file names are listed.
     let opts = usage(options(&args, seed))?;
-    let loras = usage(args.lora.iter().map(|l| parse_lora(l)).collect())?;
+    let loras = usage(parse_loras(&args))?;
     usage(set_threads(args.threads))?;
-    let seeds = seeds_of(&opts).to_vec();
-    let count = seeds.len();
-    let outputs: Vec<PathBuf> = if args.latents_only {
+    let outputs = if args.latents_only {
         Vec::new()
     } else {
-        seeds
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| output::output_path(&args.output, Some(s), i, count))
-            .collect()
+        output_paths(&args.output, &opts)
     };
     for p in outputs.iter().chain(args.output_latents.iter()) {
-        for stale in output::remove_stale_temps(p) {
-            tracing::info!("removed {}, left by a run that was killed", stale.display());
-        }
-        output::check_writable(p)?;
+        prepare_output(p)?;
     }
+    let mut model = load(&args, loras, false, quiet)?;
+    render(&mut model, &args, &opts, &outputs, quiet)?;
+    Ok(())
+}
+
+pub(crate) fn parse_loras(args: &GenerateArgs) -> Result<Vec<LoraSpec>> {
+    args.lora.iter().map(|l| parse_lora(l)).collect()
+}
+
+/// The image files of a request: `pattern` (`-o`) expanded for each image.
+pub(crate) fn output_paths(pattern: &str, opts: &GenerateOptions) -> Vec<PathBuf> {
+    let seeds = seeds_of(opts);
+    seeds
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| output::output_path(pattern, Some(s), i, seeds.len()))
+        .collect()
+}
+
+/// Removes what killed runs left for `path` and checks it can be written.
+pub(crate) fn prepare_output(path: &Path) -> Result<()> {
+    for stale in output::remove_stale_temps(path) {
+        tracing::info!("removed {}, left by a run that was killed", stale.display());
+    }
+    output::check_writable(path)
+}
+
+/// A built pipeline and the model name its images record.
+pub(crate) struct Model {
+    pipe: Lumina2Pipeline,
+    name: String,
+}
+
+/// Opens the device, installs the signal handlers, resolves the sources and
+/// builds the pipeline (`keep_resident`: every component stays loaded
+/// between generations).
+pub(crate) fn load(
+    args: &GenerateArgs,
+    loras: Vec<LoraSpec>,
+    keep_resident: bool,
+    quiet: bool,
+) -> Result<Model> {
     let device = usage(parse_device(&args.device))?;
     if args.int8 && !device.is_cpu() {
         return Err(Usage(anyhow::anyhow!(
@@ -493,14 +556,13 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         DtypeArg::Bf16 => DType::BF16,
         DtypeArg::F16 => DType::F16,
     };
-    let decode_delay = test_decode_delay();
 
     // SIGINT/SIGTERM/SIGHUP: the first stops the run at the next step, or
     // before the first file once decoding started (nothing is written); a
     // second quits at once, removing the temporary files.
     signals::install()?;
 
-    let (sources, model_name) = sources(&args, loras, quiet)?;
+    let (sources, model_name) = sources(args, loras, quiet)?;
     signals::check(|| " before loading; no image was written".into())?;
     if let Some(bad) = sources
         .loras
@@ -513,18 +575,35 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         ))
         .into());
     }
-    let mut pipe = Lumina2Pipeline::builder(sources)
+    let pipe = Lumina2Pipeline::builder(sources)
         .dtype(dtype)
         .device(device)
         .vae_tiling(args.vae_tiling)
         .int8_transformer(args.int8)
+        .keep_resident(keep_resident)
         .build()?;
-    let (width, height) = usage(pipe.resolve_size(&opts).map_err(cli_option))?;
+    Ok(Model {
+        pipe,
+        name: model_name,
+    })
+}
+
+/// Generates `opts` on `model` and writes the latents (`--output-latents`)
+/// and each image to its path in `outputs`; returns the stage timings.
+pub(crate) fn render(
+    model: &mut Model,
+    args: &GenerateArgs,
+    opts: &GenerateOptions,
+    outputs: &[PathBuf],
+    quiet: bool,
+) -> Result<StageTimings> {
+    let pipe = &mut model.pipe;
+    let decode_delay = test_decode_delay();
+    let (width, height) = usage(pipe.resolve_size(opts).map_err(cli_option))?;
     if !args.no_memory_check {
-        pipe.check_memory(&opts)?;
+        pipe.check_memory(opts)?;
     }
     signals::check(|| " before denoising; no image was written".into())?;
-
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -582,7 +661,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             Control::Continue
         }
     };
-    let result = pipe.generate(&opts, &mut observer);
+    let result = pipe.generate(opts, &mut observer);
     bar.finish_and_clear();
     let out = match result {
         Ok(out) => out,
@@ -612,12 +691,14 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     }
     if !args.latents_only {
         let images = out.rgb_images()?;
-        let prompts_per_image = prompt_of_each_image(&opts);
-        for (i, ((img, path), &image_seed)) in images.iter().zip(&outputs).zip(&seeds).enumerate() {
+        let prompts_per_image = prompt_of_each_image(opts);
+        for (i, ((img, path), &image_seed)) in
+            images.iter().zip(outputs).zip(seeds_of(opts)).enumerate()
+        {
             let meta = metadata(
-                &args,
-                &opts,
-                &model_name,
+                args,
+                opts,
+                &model.name,
                 image_seed,
                 width,
                 height,
@@ -630,8 +711,8 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             }
         }
     }
+    let t = out.timings;
     if !quiet {
-        let t = &out.timings;
         let parts: Vec<String> = t
             .stages
             .iter()
@@ -650,7 +731,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(t)
 }
 
 /// An interruption between two images says which were written before it.
