@@ -209,26 +209,13 @@ fn line_args(raw: &[u8], line: usize, defaults: &GenerateArgs) -> Result<Generat
     let mut prompt = false;
     for (key, v) in fields.iter().filter(|(_, v)| !v.is_null()) {
         match key.as_str() {
-            "prompt" => {
-                a.prompt = vec![text(key, v)?.to_string()];
-                prompt = true;
-            }
-            "n" => a.num_images_per_prompt = count(key, v)?,
-            "size" => (a.width, a.height) = size(v).map(|(w, h)| (Some(w), Some(h)))?,
-            "negative_prompt" => a.negative_prompt = vec![text(key, v)?.to_string()],
-            "seed" => a.seed = Some(whole(key, v)?),
-            "num_inference_steps" => a.num_inference_steps = count(key, v)?,
-            "guidance_scale" => a.guidance_scale = number(key, v)?,
-            "cfg_trunc_ratio" => a.cfg_trunc_ratio = number(key, v)?,
-            "cfg_normalization" => a.no_cfg_normalization = !boolean(key, v)?,
-            "system_prompt" => {
-                a.system_prompt = Some(text(key, v)?.to_string());
-                a.system_preset = None;
-            }
-            "sampler" => a.sampler = choice::<SamplerArg>(key, v)?,
-            "guidance_mode" => a.guidance_mode = choice::<GuidanceArg>(key, v)?,
             "output" => output = text(key, v)?.replace("{line}", &line.to_string()),
-            other => bail!("unknown field `{other}` (the fields are {FIELDS})"),
+            other => {
+                if !apply_field(&mut a, other, v)? {
+                    bail!("unknown field `{other}` (the fields are {FIELDS})");
+                }
+                prompt |= other == "prompt";
+            }
         }
     }
     if !prompt {
@@ -238,9 +225,33 @@ fn line_args(raw: &[u8], line: usize, defaults: &GenerateArgs) -> Result<Generat
     Ok(a)
 }
 
+/// Puts the request field `key` (OpenAI's images API names and diffusers'
+/// names) into `a`; false for a field it does not know.
+pub(crate) fn apply_field(a: &mut GenerateArgs, key: &str, v: &Value) -> Result<bool> {
+    match key {
+        "prompt" => a.prompt = vec![text(key, v)?.to_string()],
+        "n" => a.num_images_per_prompt = count(key, v)?,
+        "size" => (a.width, a.height) = size(v).map(|(w, h)| (Some(w), Some(h)))?,
+        "negative_prompt" => a.negative_prompt = vec![text(key, v)?.to_string()],
+        "seed" => a.seed = Some(whole(key, v)?),
+        "num_inference_steps" => a.num_inference_steps = count(key, v)?,
+        "guidance_scale" => a.guidance_scale = number(key, v)?,
+        "cfg_trunc_ratio" => a.cfg_trunc_ratio = number(key, v)?,
+        "cfg_normalization" => a.no_cfg_normalization = !boolean(key, v)?,
+        "system_prompt" => {
+            a.system_prompt = Some(text(key, v)?.to_string());
+            a.system_preset = None;
+        }
+        "sampler" => a.sampler = choice::<SamplerArg>(key, v)?,
+        "guidance_mode" => a.guidance_mode = choice::<GuidanceArg>(key, v)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 /// The line's field for an option of the library; the options a line
 /// cannot set are the command line's.
-fn field_name(option: &str) -> String {
+pub(crate) fn field_name(option: &str) -> String {
     match option {
         "width" | "height" => format!("`size` ({option})"),
         "num_images_per_prompt" => "`n`".to_string(),
@@ -463,6 +474,8 @@ fn load_model(
     loras: &[lumina2_pipeline::LoraSpec],
     quiet: bool,
 ) -> Result<Model> {
+    // The signals of `lumina2 generate` (see `signals`).
+    signals::install()?;
     generate::load(args, loras.to_vec(), true, quiet)
 }
 

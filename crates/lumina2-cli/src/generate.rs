@@ -341,11 +341,16 @@ fn sources(
         s.scheduler_config = Some(p.clone());
     }
     s.loras = loras;
-    let model_name = match &args.transformer {
+    Ok((s, model_name(args)))
+}
+
+/// The model name images record: the transformer file when one is given,
+/// else the model (repo id or folder).
+pub(crate) fn model_name(args: &GenerateArgs) -> String {
+    match &args.transformer {
         Some(t) => t.display().to_string(),
         None => args.model.clone(),
-    };
-    Ok((s, model_name))
+    }
 }
 
 fn hub_offline_env() -> bool {
@@ -423,7 +428,7 @@ fn cli_option(e: PipelineError) -> anyhow::Error {
 }
 
 /// An invalid option of the library, named by `name`.
-fn named_option(e: PipelineError, name: impl Fn(&str) -> String) -> anyhow::Error {
+pub(crate) fn named_option(e: PipelineError, name: impl Fn(&str) -> String) -> anyhow::Error {
     match e {
         PipelineError::InvalidOption { option, reason } => {
             anyhow::anyhow!("{}: {reason}", name(option))
@@ -443,7 +448,7 @@ fn seeds_of(opts: &GenerateOptions) -> &[u64] {
 /// Test-only: `LUMINA2_TEST_DECODE_DELAY_MS` makes the run wait this long
 /// (at most a minute) when decoding starts, so that the tests can signal a
 /// run that is decoding. Not an option: nothing else should set it.
-fn test_decode_delay() -> Option<Duration> {
+pub(crate) fn test_decode_delay() -> Option<Duration> {
     let ms: u64 = std::env::var("LUMINA2_TEST_DECODE_DELAY_MS")
         .ok()?
         .parse()
@@ -501,9 +506,20 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     for p in outputs.iter().chain(args.output_latents.iter()) {
         prepare_output(p)?;
     }
+    // SIGINT/SIGTERM/SIGHUP: the first stops the run at the next step, or
+    // before the first file once decoding started (nothing is written); a
+    // second quits at once, removing the temporary files.
+    signals::install()?;
     let mut model = load(&args, loras, false, quiet)?;
     render(&mut model, &args, &opts, &outputs, quiet)?;
     Ok(())
+}
+
+impl GenerateArgs {
+    /// Whether latents are asked for (`--output-latents`, `--latents-only`).
+    pub(crate) fn writes_latents(&self) -> bool {
+        self.output_latents.is_some() || self.latents_only
+    }
 }
 
 pub(crate) fn parse_loras(args: &GenerateArgs) -> Result<Vec<LoraSpec>> {
@@ -530,12 +546,11 @@ pub(crate) fn prepare_output(path: &Path) -> Result<()> {
 
 /// A built pipeline and the model name its images record.
 pub(crate) struct Model {
-    pipe: Lumina2Pipeline,
-    name: String,
+    pub(crate) pipe: Lumina2Pipeline,
+    pub(crate) name: String,
 }
 
-/// Opens the device, installs the signal handlers, resolves the sources and
-/// builds the pipeline (`keep_resident`: every component stays loaded
+/// Opens the device, resolves the sources and builds the pipeline (`keep_resident`: every component stays loaded
 /// between generations).
 pub(crate) fn load(
     args: &GenerateArgs,
@@ -556,11 +571,6 @@ pub(crate) fn load(
         DtypeArg::Bf16 => DType::BF16,
         DtypeArg::F16 => DType::F16,
     };
-
-    // SIGINT/SIGTERM/SIGHUP: the first stops the run at the next step, or
-    // before the first file once decoding started (nothing is written); a
-    // second quits at once, removing the temporary files.
-    signals::install()?;
 
     let (sources, model_name) = sources(args, loras, quiet)?;
     signals::check(|| " before loading; no image was written".into())?;
@@ -691,21 +701,9 @@ pub(crate) fn render(
     }
     if !args.latents_only {
         let images = out.rgb_images()?;
-        let prompts_per_image = prompt_of_each_image(opts);
-        for (i, ((img, path), &image_seed)) in
-            images.iter().zip(outputs).zip(seeds_of(opts)).enumerate()
-        {
-            let meta = metadata(
-                args,
-                opts,
-                &model.name,
-                image_seed,
-                width,
-                height,
-                &prompts_per_image,
-                i,
-            );
-            output::write_png(path, img, &meta).map_err(|e| written_so_far(e, &outputs[..i]))?;
+        let texts = png_texts(&model.name, args, opts, width, height);
+        for (i, ((img, path), meta)) in images.iter().zip(outputs).zip(&texts).enumerate() {
+            output::write_png(path, img, meta).map_err(|e| written_so_far(e, &outputs[..i]))?;
             if !quiet {
                 eprintln!("wrote {}", path.display());
             }
@@ -732,6 +730,34 @@ pub(crate) fn render(
         }
     }
     Ok(t)
+}
+
+/// The PNG text chunks of each image of a request (`width` x `height`, as
+/// resolved) on the model named `model`, in batch order.
+pub(crate) fn png_texts(
+    model: &str,
+    args: &GenerateArgs,
+    opts: &GenerateOptions,
+    width: usize,
+    height: usize,
+) -> Vec<Vec<(String, String)>> {
+    let prompts_per_image = prompt_of_each_image(opts);
+    seeds_of(opts)
+        .iter()
+        .enumerate()
+        .map(|(i, &seed)| {
+            metadata(
+                args,
+                opts,
+                model,
+                seed,
+                width,
+                height,
+                &prompts_per_image,
+                i,
+            )
+        })
+        .collect()
 }
 
 /// An interruption between two images says which were written before it.

@@ -10,6 +10,7 @@ mod batch;
 mod generate;
 mod inspect;
 mod output;
+mod serve;
 mod signals;
 
 use std::process::ExitCode;
@@ -43,6 +44,8 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Describe a checkpoint: format, key layout, dtypes, quantisation, parameters, config.
     Inspect(inspect::InspectArgs),
+    /// Serve an OpenAI-compatible images API over HTTP, models loaded once.
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn init_logging(quiet: bool, verbose: u8) {
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args, cli.quiet),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Serve(args) => serve::run(*args, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

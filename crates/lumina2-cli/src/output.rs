@@ -290,7 +290,11 @@ pub fn write_atomically(
 }
 
 /// The PNG of an RGB image with `text` as UTF-8 text chunks (iTXt).
-fn encode_png<W: Write>(w: &mut W, img: &image::RgbImage, text: &[(String, String)]) -> Result<()> {
+pub fn encode_png<W: Write>(
+    w: &mut W,
+    img: &image::RgbImage,
+    text: &[(String, String)],
+) -> Result<()> {
     let mut enc = png::Encoder::new(w, img.width(), img.height());
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
