@@ -8,11 +8,14 @@
 
 use std::cell::RefCell;
 use std::io::Write;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lumina2_pipeline::{Control, Error as PipelineError, Event, GenerateOptions, Stage};
+use lumina2_pipeline::{
+    Control, Error as PipelineError, Event, GenerateOptions, MemoryCheck, Stage,
+};
 use lumina2_server::{Backend, Config, InvalidRequest, Model as ServedModel, Progress};
 use lumina2_server::{RenderError, Renderer};
 use serde_json::{Map, Value};
@@ -60,9 +63,11 @@ pub struct Request {
     opts: GenerateOptions,
 }
 
-/// Checks request bodies against `serve`'s defaults.
+/// Checks request bodies against `serve`'s defaults, and, once the model
+/// is loaded, against its memory estimate.
 struct CliBackend {
     defaults: GenerateArgs,
+    memory: Arc<OnceLock<MemoryCheck>>,
 }
 
 /// The request field behind an option of the library (None: a `serve`
@@ -121,8 +126,24 @@ impl Backend for CliBackend {
             });
             InvalidRequest::new(crate::error_chain(&e), param)
         })?;
+        if !args.no_memory_check {
+            if let Some(memory) = self.memory.get() {
+                memory.check(&opts).map_err(refused)?;
+            }
+        }
         Ok(Request { args, opts })
     }
+}
+
+/// A request the library refuses, named as the request spells it.
+fn refused(e: PipelineError) -> InvalidRequest {
+    let param = match &e {
+        PipelineError::InvalidOption { option, .. } => param_of(option),
+        // What makes an estimate too large: the size, times the images.
+        PipelineError::OutOfMemory { .. } => Some("size"),
+        _ => None,
+    };
+    InvalidRequest::new(named_option(e, field_name).to_string(), param)
 }
 
 /// Renders requests on the resident pipeline.
@@ -138,24 +159,12 @@ impl Renderer<Request> for CliRenderer {
     ) -> Result<Vec<Vec<u8>>, RenderError> {
         let (args, opts) = (&request.args, &request.opts);
         let pipe = &mut self.model.pipe;
-        let invalid = |e: PipelineError| {
-            let param = match &e {
-                PipelineError::InvalidOption { option, .. } => param_of(option),
-                _ => None,
-            };
-            RenderError::Invalid(InvalidRequest::new(
-                named_option(e, field_name).to_string(),
-                param,
-            ))
-        };
+        let invalid = |e: PipelineError| RenderError::Invalid(refused(e));
         let (width, height) = pipe.resolve_size(opts).map_err(invalid)?;
+        // Checked again here: a request that came while the model was
+        // loading was not checked against it, and the memory free changes.
         if !args.no_memory_check {
-            pipe.check_memory(opts).map_err(|e| match e {
-                PipelineError::OutOfMemory { .. } => {
-                    RenderError::Invalid(InvalidRequest::new(e.to_string(), Some("size")))
-                }
-                other => invalid(other),
-            })?;
+            pipe.check_memory(opts).map_err(invalid)?;
         }
         let decode_delay = test_decode_delay();
         let mut observer = |e: Event<'_>| -> Control {
@@ -244,16 +253,18 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
         .or_else(|| std::env::var(API_KEY_ENV).ok())
         .filter(|k| !k.is_empty());
 
+    let memory = Arc::new(OnceLock::new());
     let load_args = defaults.clone();
-    let load = move || generate::load(&load_args, loras, true, quiet);
+    let loaded = memory.clone();
+    let load = move || -> Result<CliRenderer> {
+        let model = generate::load(&load_args, loras, true, quiet)?;
+        let _ = loaded.set(model.pipe.memory_check());
+        Ok(CliRenderer { model })
+    };
     let model = if preload {
-        ServedModel::Ready(CliRenderer { model: load()? })
+        ServedModel::Ready(load()?)
     } else {
-        ServedModel::Load(Box::new(move || {
-            load()
-                .map(|model| CliRenderer { model })
-                .map_err(|e| crate::error_chain(&e))
-        }))
+        ServedModel::Load(Box::new(move || load().map_err(|e| crate::error_chain(&e))))
     };
     let mut config = Config::new(generate::model_name(&defaults));
     config.host = host;
@@ -261,7 +272,7 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
     config.api_key = api_key;
     config.max_queue = max_queue;
     config.shutdown_grace = Duration::from_secs(shutdown_grace);
-    let backend = CliBackend { defaults };
+    let backend = CliBackend { defaults, memory };
     lumina2_server::run(config, backend, model, |addr| {
         // One line tests and scripts can read; stdout may be closed (no panic).
         let mut out = std::io::stdout();

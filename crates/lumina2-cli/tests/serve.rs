@@ -402,7 +402,8 @@ fn bad_requests_are_refused_before_they_are_queued() {
     );
     assert_eq!(server.metric("lumina2_jobs_completed_total"), 0.0);
 
-    // Far over the memory of any machine: refused by the loaded model's estimate.
+    // Far over the memory of any machine: refused by the loaded model's
+    // estimate before it is queued.
     let r = server.call(
         "POST",
         "/v1/images/generations",
@@ -412,6 +413,11 @@ fn bad_requests_are_refused_before_they_are_queued() {
     assert_eq!(r.status, 400, "{}", r.json);
     assert_eq!(r.json["error"]["param"], "size");
     assert!(r.json["error"]["message"].as_str().unwrap().contains("MiB"));
+    assert_eq!(
+        server.metric("lumina2_requests_invalid_total"),
+        2.0 * cases.len() as f64 + 1.0
+    );
+    assert_eq!(server.metric("lumina2_jobs_failed_total"), 0.0);
 
     // A body over the 1 MiB limit: 413, read or not.
     let mut s = TcpStream::connect(server.addr()).unwrap();

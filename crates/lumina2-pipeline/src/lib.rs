@@ -38,7 +38,7 @@ pub use error::{Error, Result};
 pub use options::{
     Conditioning, GenerateOptions, GuidanceMode, Noise, OutputKind, PromptEmbeddingsInput,
 };
-pub use pipeline::{Generation, Lumina2Pipeline, PipelineBuilder};
+pub use pipeline::{Generation, Lumina2Pipeline, MemoryCheck, PipelineBuilder};
 pub use progress::{Control, Event, Stage, StageTimings, StepInfo};
 
 pub use candle_core;

@@ -246,11 +246,7 @@ impl Lumina2Pipeline {
 
     /// The image size a request resolves to (width, height).
     pub fn resolve_size(&self, opts: &GenerateOptions) -> Result<(usize, usize)> {
-        let w = opts.width.unwrap_or(self.default_size());
-        let h = opts.height.unwrap_or(self.default_size());
-        check_size("width", w)?;
-        check_size("height", h)?;
-        Ok((w, h))
+        resolve_size(&self.transformer_config, opts)
     }
 
     /// Runs one generation. `observer` sees each stage and step; returning
@@ -573,12 +569,87 @@ impl Lumina2Pipeline {
         Ok(images)
     }
 
+    /// What sizes requests: a copy of the configuration the estimate needs,
+    /// so that requests can be checked while the pipeline renders another
+    /// (a server checks each request before queueing it).
+    pub fn memory_check(&self) -> MemoryCheck {
+        MemoryCheck {
+            sources: self.sources.clone(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+            keep_resident: self.keep_resident,
+            vae_tiling: self.vae_tiling,
+            transformer_config: self.transformer_config.clone(),
+            vae_config: self.vae_config.clone(),
+        }
+    }
+
     /// Estimates the memory of each stage of a request (see [`crate::memory`]).
     pub fn estimate_memory(&self, opts: &GenerateOptions) -> Result<MemoryEstimate> {
+        self.memory_check().estimate(opts)
+    }
+
+    /// Refuses a request whose estimated peak exceeds the memory available
+    /// now on the pipeline's device ([`Error::OutOfMemory`] with the
+    /// estimate; [`memory::available_bytes`]); passes where the available
+    /// memory is unknown.
+    pub fn check_memory(&self, opts: &GenerateOptions) -> Result<()> {
+        self.memory_check().check(opts)
+    }
+
+    /// The system prompt a request would use (for metadata).
+    pub fn system_prompt_text(opts: &GenerateOptions) -> Option<&str> {
+        match &opts.system_prompt {
+            SystemPrompt::Text(t) => Some(t),
+            SystemPrompt::None => None,
+        }
+    }
+}
+
+struct Embeds {
+    prompt: Tensor,
+    prompt_mask: Tensor,
+    negative: Option<(Tensor, Tensor)>,
+}
+
+/// Repeats each row `n` times (`p0 p0 p1 p1`), embeddings and masks alike.
+fn repeat(t: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(t.clone());
+    }
+    let b = t.dim(0)?;
+    let idx: Vec<u32> = (0..b as u32)
+        .flat_map(|i| std::iter::repeat_n(i, n))
+        .collect();
+    let idx = Tensor::from_vec(idx, b * n, t.device())?;
+    Ok(t.index_select(&idx, 0)?)
+}
+
+fn count_non_finite(t: &Tensor) -> Result<usize> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.iter().filter(|x| !x.is_finite()).count())
+}
+
+/// The memory estimate of a pipeline's requests, apart from the pipeline
+/// ([`Lumina2Pipeline::memory_check`]).
+#[derive(Debug, Clone)]
+pub struct MemoryCheck {
+    sources: PipelineSources,
+    dtype: DType,
+    device: Device,
+    keep_resident: bool,
+    vae_tiling: bool,
+    transformer_config: TransformerConfig,
+    vae_config: AutoencoderKLConfig,
+}
+
+impl MemoryCheck {
+    /// Estimates the memory of each stage of a request (see [`crate::memory`]).
+    pub fn estimate(&self, opts: &GenerateOptions) -> Result<MemoryEstimate> {
         // The batch, sizes and sequence length are bounded before they are
         // multiplied into byte counts.
         opts.validate()?;
-        let (w, h) = self.resolve_size(opts)?;
+        let (w, h) = resolve_size(&self.transformer_config, opts)?;
         let batch = opts.batch_size()?;
         let cfg = &self.transformer_config;
         let t_weights = match &self.sources.transformer {
@@ -626,14 +697,14 @@ impl Lumina2Pipeline {
     /// now on the pipeline's device ([`Error::OutOfMemory`] with the
     /// estimate; [`memory::available_bytes`]); passes where the available
     /// memory is unknown.
-    pub fn check_memory(&self, opts: &GenerateOptions) -> Result<()> {
-        let est = self.estimate_memory(opts)?;
+    pub fn check(&self, opts: &GenerateOptions) -> Result<()> {
+        let est = self.estimate(opts)?;
         let Some(avail) = memory::available_bytes(&self.device) else {
             return Ok(());
         };
         let peak = est.peak(self.keep_resident);
         if peak > avail {
-            let (w, h) = self.resolve_size(opts)?;
+            let (w, h) = resolve_size(&self.transformer_config, opts)?;
             let stage = if est.decode >= est.denoise && est.decode >= est.encode {
                 "decoding"
             } else if est.denoise >= est.encode {
@@ -653,38 +724,16 @@ impl Lumina2Pipeline {
         }
         Ok(())
     }
-
-    /// The system prompt a request would use (for metadata).
-    pub fn system_prompt_text(opts: &GenerateOptions) -> Option<&str> {
-        match &opts.system_prompt {
-            SystemPrompt::Text(t) => Some(t),
-            SystemPrompt::None => None,
-        }
-    }
 }
 
-struct Embeds {
-    prompt: Tensor,
-    prompt_mask: Tensor,
-    negative: Option<(Tensor, Tensor)>,
-}
-
-/// Repeats each row `n` times (`p0 p0 p1 p1`), embeddings and masks alike.
-fn repeat(t: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(t.clone());
-    }
-    let b = t.dim(0)?;
-    let idx: Vec<u32> = (0..b as u32)
-        .flat_map(|i| std::iter::repeat_n(i, n))
-        .collect();
-    let idx = Tensor::from_vec(idx, b * n, t.device())?;
-    Ok(t.index_select(&idx, 0)?)
-}
-
-fn count_non_finite(t: &Tensor) -> Result<usize> {
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(v.iter().filter(|x| !x.is_finite()).count())
+/// The image size a request resolves to: `sample_size * 8` where absent, as diffusers.
+fn resolve_size(cfg: &TransformerConfig, opts: &GenerateOptions) -> Result<(usize, usize)> {
+    let default = cfg.sample_size.saturating_mul(8);
+    let w = opts.width.unwrap_or(default);
+    let h = opts.height.unwrap_or(default);
+    check_size("width", w)?;
+    check_size("height", h)?;
+    Ok((w, h))
 }
 
 /// `cpu`, `cuda:N` or `metal:N`, as the CLI's `--device` spells it.
