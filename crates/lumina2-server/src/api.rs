@@ -446,3 +446,54 @@ async fn metrics<B: Backend>(State(s): State<Arc<Shared<B>>>) -> Response {
 async fn not_found() -> Response {
     ApiError::not_found("no such endpoint").into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(body: &str) -> ApiError {
+        parse_body(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn the_server_fields_are_taken_out_and_checked() {
+        let fields = parse_body(
+            br#"{"prompt": "p", "n": 2, "model": "dall-e-3", "user": "u", "response_format": "b64_json"}"#,
+        )
+        .unwrap();
+        let keys: Vec<&str> = fields.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["n", "prompt"]);
+        let nulls =
+            parse_body(br#"{"prompt": "p", "model": null, "response_format": null}"#).unwrap();
+        assert_eq!(nulls.len(), 1);
+
+        let e = refused(r#"{"prompt": "p", "response_format": "url"}"#);
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("response_format"));
+        assert!(e.message.contains("b64_json"), "{}", e.message);
+        let e = refused(r#"{"response_format": 1}"#);
+        assert_eq!(e.param.as_deref(), Some("response_format"));
+        let e = refused(r#"{"user": ["u"]}"#);
+        assert_eq!(e.param.as_deref(), Some("user"));
+        for bad in ["", "{", "null", "\"p\"", "[]", "{\"a\": 1} x"] {
+            let e = refused(bad);
+            assert_eq!(
+                (e.status, e.param),
+                (StatusCode::BAD_REQUEST, None),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_are_openai_error_objects() {
+        let body = ApiError::invalid("bad size", Some("size")).body();
+        assert_eq!(
+            body,
+            json!({"error": {"message": "bad size", "type": "invalid_request_error", "param": "size", "code": null}})
+        );
+        let r = ApiError::queue_full(4, 7).into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "7");
+    }
+}
