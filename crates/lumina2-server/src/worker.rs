@@ -41,6 +41,10 @@ pub fn start<B: Backend>(
     queue: Receiver<Queued<B::Request>>,
     model: Model<B::Renderer>,
 ) -> std::io::Result<Worker> {
+    // A loaded model is ready before the address is announced.
+    if matches!(model, Model::Ready(_)) {
+        shared.loaded.store(true, Ordering::SeqCst);
+    }
     let (tx, done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("lumina2-worker".into())
