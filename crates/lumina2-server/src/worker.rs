@@ -85,9 +85,9 @@ fn work<B: Backend>(
             while let Ok(q) = queue.recv() {
                 shared.metrics.queued.fetch_sub(1, Ordering::SeqCst);
                 if q.job.start() {
+                    shared.metrics.failed.fetch_add(1, Ordering::SeqCst);
                     q.job
                         .finish(Status::Failed, None, Some(ApiError::unavailable(&message)));
-                    shared.metrics.failed.fetch_add(1, Ordering::SeqCst);
                 }
                 shared.finished(&q.job);
             }
@@ -120,32 +120,33 @@ fn run_job<B: Backend>(shared: &Shared<B>, renderer: &mut B::Renderer, q: &Queue
     }))
     .unwrap_or_else(|_| Err(RenderError::Failed("the renderer panicked".into())));
     m.running.fetch_sub(1, Ordering::SeqCst);
+    // The metrics first: whoever the finished job wakes sees them counted.
     match result {
         Ok(pngs) => {
             let b64 = base64::engine::general_purpose::STANDARD;
             let images = pngs.iter().map(|p| b64.encode(p)).collect();
-            job.finish(Status::Succeeded, Some(images), None);
             m.completed.fetch_add(1, Ordering::SeqCst);
             m.request_seconds.observe(job.submitted.elapsed());
+            job.finish(Status::Succeeded, Some(images), None);
         }
         Err(RenderError::Stopped) => {
+            m.cancelled.fetch_add(1, Ordering::SeqCst);
             job.finish(
                 Status::Cancelled,
                 None,
                 Some(cancelled("stopped at a step")),
             );
-            m.cancelled.fetch_add(1, Ordering::SeqCst);
         }
         Err(RenderError::Invalid(e)) => {
-            job.finish(Status::Failed, None, Some(e.into()));
             m.failed.fetch_add(1, Ordering::SeqCst);
             m.request_seconds.observe(job.submitted.elapsed());
+            job.finish(Status::Failed, None, Some(e.into()));
         }
         Err(RenderError::Failed(e)) => {
             tracing::error!("job {}: {e}", job.id);
-            job.finish(Status::Failed, None, Some(ApiError::internal(e)));
             m.failed.fetch_add(1, Ordering::SeqCst);
             m.request_seconds.observe(job.submitted.elapsed());
+            job.finish(Status::Failed, None, Some(ApiError::internal(e)));
         }
     }
 }
