@@ -21,6 +21,9 @@ pub struct MemoryEstimate {
     pub denoise: u64,
     /// VAE weights plus the decoder's activations.
     pub decode: u64,
+    /// Of these, the weights of the components the pipeline holds already:
+    /// memory that is taken, which the available memory no longer counts.
+    pub loaded: u64,
 }
 
 impl MemoryEstimate {
@@ -31,6 +34,18 @@ impl MemoryEstimate {
             self.encode + self.denoise + self.decode
         } else {
             self.encode.max(self.denoise).max(self.decode)
+        }
+    }
+
+    /// What the request still needs beyond the memory already taken: with
+    /// resident components, the peak less the weights already loaded (a
+    /// server or batch run that keeps its models is not charged for them
+    /// twice); otherwise the peak, since each component is loaded anew.
+    pub fn needed(&self, resident: bool) -> u64 {
+        if resident {
+            self.peak(true).saturating_sub(self.loaded)
+        } else {
+            self.peak(false)
         }
     }
 }
@@ -162,4 +177,26 @@ fn cuda_free_bytes(device: &Device) -> Option<u64> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_free_bytes(_device: &Device) -> Option<u64> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryEstimate;
+
+    #[test]
+    fn loaded_weights_are_not_charged_twice_when_resident() {
+        let est = MemoryEstimate {
+            encode: 10,
+            denoise: 20,
+            decode: 5,
+            loaded: 12,
+        };
+        // Resident: all weights plus activations, less what is already held.
+        assert_eq!(est.peak(true), 35);
+        assert_eq!(est.needed(true), 23);
+        // One component at a time: the largest stage, loaded anew.
+        assert_eq!(est.needed(false), 20);
+        let none_held = MemoryEstimate { loaded: 0, ..est };
+        assert_eq!(none_held.needed(true), 35);
+    }
 }

@@ -581,6 +581,11 @@ impl Lumina2Pipeline {
             vae_tiling: self.vae_tiling,
             transformer_config: self.transformer_config.clone(),
             vae_config: self.vae_config.clone(),
+            loaded: Loaded {
+                text_encoder: self.prompt_encoder.is_some(),
+                transformer: self.transformer.is_some(),
+                vae: self.vae.is_some(),
+            },
         }
     }
 
@@ -641,6 +646,15 @@ pub struct MemoryCheck {
     vae_tiling: bool,
     transformer_config: TransformerConfig,
     vae_config: AutoencoderKLConfig,
+    loaded: Loaded,
+}
+
+/// Which components a pipeline held when its [`MemoryCheck`] was taken.
+#[derive(Debug, Clone, Copy)]
+struct Loaded {
+    text_encoder: bool,
+    transformer: bool,
+    vae: bool,
 }
 
 impl MemoryCheck {
@@ -675,21 +689,27 @@ impl MemoryCheck {
                 .saturating_mul(opts.max_sequence_length as u64)
                 .saturating_mul(64 << 10),
         );
+        let vae_weights = memory::files_bytes(&self.sources.vae);
         let decode = match opts.output {
             OutputKind::Latents => 0,
             OutputKind::Images => memory::vae_decode_bytes(
                 &self.vae_config,
-                memory::files_bytes(&self.sources.vae),
+                vae_weights,
                 batch,
                 w,
                 h,
                 self.vae_tiling,
             ),
         };
+        let held = |on: bool, bytes: u64| if on { bytes } else { 0 };
+        let loaded = held(self.loaded.text_encoder, te_weights)
+            .saturating_add(held(self.loaded.transformer, t_weights))
+            .saturating_add(held(self.loaded.vae, vae_weights));
         Ok(MemoryEstimate {
             encode,
             denoise,
             decode,
+            loaded,
         })
     }
 
@@ -702,7 +722,7 @@ impl MemoryCheck {
         let Some(avail) = memory::available_bytes(&self.device) else {
             return Ok(());
         };
-        let peak = est.peak(self.keep_resident);
+        let peak = est.needed(self.keep_resident);
         if peak > avail {
             let (w, h) = resolve_size(&self.transformer_config, opts)?;
             let stage = if est.decode >= est.denoise && est.decode >= est.encode {
