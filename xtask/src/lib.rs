@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask parity`, `cargo xtask bench` and `cargo xtask fuzz`.
+//! Developer tasks: `cargo xtask parity`, `bench`, `fuzz`, `openai` and `load`.
 //!
 //! The library half exists so that `cargo test` can run the committed parity
 //! fixtures through the same runner as `cargo xtask parity --cases`.
@@ -6,5 +6,8 @@
 pub mod bench;
 pub mod fuzz;
 pub mod fuzz_configs;
+pub mod load;
+pub mod openai;
 pub mod parity;
 pub mod pyenv;
+pub mod server;

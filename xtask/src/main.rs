@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xtask::parity::{self, RunOptions};
-use xtask::{bench, fuzz, pyenv};
+use xtask::{bench, fuzz, load, openai, pyenv, server};
 
 // Records the largest single allocation while `cargo xtask fuzz` runs.
 #[global_allocator]
@@ -111,6 +111,36 @@ enum Cmd {
         #[arg(long, default_value_t = 512)]
         alloc_mib: usize,
     },
+    /// OpenAI's Python client against `lumina2 serve`: its image must equal `lumina2 generate`'s.
+    Openai {
+        /// The `lumina2` binary to use (default: a release build of lumina2-cli, built now).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+    },
+    /// Concurrent clients against `lumina2 serve` on the tiny pipeline.
+    Load {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Requests in total.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// The server's `--max-queue`.
+        #[arg(long, default_value_t = 4)]
+        max_queue: usize,
+        /// `WIDTHxHEIGHT` of every request.
+        #[arg(long, default_value = "48x32")]
+        size: String,
+        /// Denoising steps of every request.
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+        /// Requests timed one after another against as many `lumina2 generate` runs.
+        #[arg(long, default_value_t = 5)]
+        sequential: usize,
+        /// The `lumina2` binary to use (default: a release build of lumina2-cli, built now).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+    },
     /// (internal) One measurement of our side, printed as JSON.
     #[command(hide = true)]
     BenchWorker {
@@ -216,6 +246,31 @@ fn run() -> Result<bool> {
                 .iter()
                 .all(|r| r.panics == 0 && r.slow == 0 && r.big_allocs == 0))
         }
+        Cmd::Openai { bin } => openai::openai(&server::lumina2_binary(bin)?),
+        Cmd::Load {
+            clients,
+            requests,
+            max_queue,
+            size,
+            steps,
+            sequential,
+            bin,
+        } => {
+            let bin = server::lumina2_binary(bin)?;
+            let report = load::load(
+                &bin,
+                &load::LoadOptions {
+                    clients: clients.max(1),
+                    requests,
+                    max_queue,
+                    size,
+                    steps,
+                    sequential,
+                },
+            )?;
+            println!("{}", load::format_report(&report));
+            Ok(true)
+        }
         Cmd::BenchWorker {
             kind,
             model,
@@ -238,8 +293,11 @@ fn generate_cases(regenerate: bool) -> Result<PathBuf> {
     let scripts = pyenv::scripts_dir();
     // The cases are regenerated when a generator script is newer than the stamp.
     let stamp = out.join(".generated");
+    // (openai_client.py is no generator: `cargo xtask openai` runs it.)
     let newest_script = std::fs::read_dir(&scripts)?
-        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "openai_client.py")
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
         .max();
     let stamp_time = std::fs::metadata(&stamp).and_then(|m| m.modified()).ok();
     let fresh = matches!((stamp_time, newest_script), (Some(s), Some(n)) if s >= n);
