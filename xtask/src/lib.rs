@@ -4,6 +4,7 @@
 //! fixtures through the same runner as `cargo xtask parity --cases`.
 
 pub mod bench;
+pub mod bench_e2e;
 pub mod fuzz;
 pub mod fuzz_configs;
 pub mod load;

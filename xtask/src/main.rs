@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use xtask::parity::{self, RunOptions};
-use xtask::{bench, fuzz, load, openai, pyenv, server};
+use xtask::{bench, bench_e2e, fuzz, load, openai, pyenv, server};
 
 // Records the largest single allocation while `cargo xtask fuzz` runs.
 #[global_allocator]
@@ -49,19 +49,21 @@ enum Cmd {
     Bench {
         /// What to measure, comma separated: transformer, text_encoder, vae, gguf (the
         /// transformer as a Q4_0 GGUF: load time, forward time, peak RSS), pipeline (a
-        /// whole generation, per-stage times), dequant (GGUF dequantisation against gguf-py).
+        /// whole generation with resident components, per-stage times), dequant (GGUF
+        /// dequantisation against gguf-py), e2e (the whole `lumina2 generate` run at the
+        /// real size against diffusers, loading included, one process per run).
         #[arg(
             long,
             value_delimiter = ',',
             default_value = "transformer,text_encoder"
         )]
         what: Vec<String>,
-        /// Gemma-2 layers of the text-encoder benchmark model (the real one has 26).
-        #[arg(long, default_value_t = 4)]
-        text_layers: usize,
-        /// Joint blocks of the benchmark model (the real model has 26).
-        #[arg(long, default_value_t = 4)]
-        layers: usize,
+        /// Gemma-2 layers of the benchmark models (the real one has 26) [default: 4; e2e: 26].
+        #[arg(long)]
+        text_layers: Option<usize>,
+        /// Joint blocks of the benchmark models (the real model has 26) [default: 4; e2e: 26].
+        #[arg(long)]
+        layers: Option<usize>,
         /// Blocks per refiner (the real model has 2).
         #[arg(long, default_value_t = 2)]
         refiner_layers: usize,
@@ -72,12 +74,13 @@ enum Cmd {
         /// bf16 with int8 attention and feed-forward layers, against PyTorch bf16).
         #[arg(long, value_delimiter = ',', default_value = "f32")]
         dtypes: Vec<String>,
-        /// Timed runs per measurement, after one warm-up.
+        /// Timed runs per measurement, after one warm-up (e2e: pairs of runs, ours then
+        /// PyTorch's, each a fresh process).
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Denoising steps of the `pipeline` benchmark.
-        #[arg(long, default_value_t = 4)]
-        steps: usize,
+        /// Denoising steps of the `pipeline` and `e2e` benchmarks [default: 4; e2e: 2].
+        #[arg(long)]
+        steps: Option<usize>,
         /// Also run one transformer forward of ours with per-op-group timing
         /// (linear layers, attention core, norms, RoPE, elementwise, copies).
         #[arg(long)]
@@ -207,21 +210,41 @@ fn run() -> Result<bool> {
             skip_torch,
             json,
         } => {
-            let rows = bench::bench(&bench::BenchOptions {
-                what,
-                text_layers,
-                layers,
-                refiner_layers,
-                sizes,
-                dtypes,
-                runs,
-                steps,
-                profile,
-                skip_torch,
-                json,
-            })?;
-            println!("{}", bench::format_table(&rows));
-            print!("{}", bench::format_stages(&rows));
+            let (e2e, what): (Vec<String>, Vec<String>) =
+                what.into_iter().partition(|w| w == "e2e");
+            if !what.is_empty() {
+                let rows = bench::bench(&bench::BenchOptions {
+                    what,
+                    text_layers: text_layers.unwrap_or(4),
+                    layers: layers.unwrap_or(4),
+                    refiner_layers,
+                    sizes: sizes.clone(),
+                    dtypes: dtypes.clone(),
+                    runs,
+                    steps: steps.unwrap_or(4),
+                    profile,
+                    skip_torch,
+                    json: json.clone(),
+                })?;
+                println!("{}", bench::format_table(&rows));
+                print!("{}", bench::format_stages(&rows));
+            }
+            if !e2e.is_empty() {
+                let rows = bench_e2e::bench_e2e(&bench_e2e::E2eOptions {
+                    text_layers: text_layers.unwrap_or(26),
+                    layers: layers.unwrap_or(26),
+                    refiner_layers,
+                    sizes,
+                    dtypes,
+                    runs,
+                    steps: steps.unwrap_or(2),
+                    skip_torch,
+                })?;
+                println!("{}", bench_e2e::format_e2e(&rows));
+                if let Some(path) = &json {
+                    bench_e2e::write_json(&rows, &path.with_extension("e2e.json"))?;
+                }
+            }
             Ok(true)
         }
         Cmd::Fuzz {

@@ -23,6 +23,9 @@ const DEFAULT_MODEL: &str = "Alpha-VLLM/Lumina-Image-2.0";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum DtypeArg {
+    /// bf16 where the device computes it natively (GPUs; CPUs with AMX or
+    /// AVX512-BF16), f32 elsewhere.
+    Auto,
     F32,
     Bf16,
     F16,
@@ -143,8 +146,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     lora: Vec<String>,
 
-    /// Compute dtype.
-    #[arg(long, value_enum, default_value = "f32")]
+    /// Compute dtype: auto picks bf16 where the device computes it natively (GPUs, CPUs
+    /// with AMX or AVX512-BF16) and f32 elsewhere; f32 matches PyTorch's f32 exactly.
+    #[arg(long, value_enum, default_value = "auto")]
     dtype: DtypeArg,
     /// Quantise the transformer's attention and feed-forward layers to int8
     /// (faster on CPUs with AMX or AVX512-VNNI; about 1% relative error on
@@ -567,6 +571,17 @@ pub(crate) fn load(
         .into());
     }
     let dtype = match args.dtype {
+        DtypeArg::Auto => {
+            let auto = lumina2_pipeline::auto_dtype(&device);
+            if !quiet {
+                eprintln!(
+                    "dtype: {} ({}; --dtype f32 or bf16 to choose)",
+                    dtype_name(auto.dtype),
+                    auto.reason
+                );
+            }
+            auto.dtype
+        }
         DtypeArg::F32 => DType::F32,
         DtypeArg::Bf16 => DType::BF16,
         DtypeArg::F16 => DType::F16,
@@ -701,7 +716,7 @@ pub(crate) fn render(
     }
     if !args.latents_only {
         let images = out.rgb_images()?;
-        let texts = png_texts(&model.name, args, opts, width, height);
+        let texts = png_texts(model, args, opts, width, height);
         for (i, ((img, path), meta)) in images.iter().zip(outputs).zip(&texts).enumerate() {
             output::write_png(path, img, meta).map_err(|e| written_so_far(e, &outputs[..i]))?;
             if !quiet {
@@ -735,7 +750,7 @@ pub(crate) fn render(
 /// The PNG text chunks of each image of a request (`width` x `height`, as
 /// resolved) on the model named `model`, in batch order.
 pub(crate) fn png_texts(
-    model: &str,
+    model: &Model,
     args: &GenerateArgs,
     opts: &GenerateOptions,
     width: usize,
@@ -809,7 +824,7 @@ fn prompt_of_each_image(opts: &GenerateOptions) -> Vec<(String, String)> {
 fn metadata(
     args: &GenerateArgs,
     opts: &GenerateOptions,
-    model: &str,
+    model: &Model,
     seed: u64,
     width: usize,
     height: usize,
@@ -849,7 +864,11 @@ fn metadata(
         ("height".to_string(), height.to_string()),
         ("sampler".to_string(), sampler.to_string()),
         ("guidance_mode".to_string(), guidance_mode.to_string()),
-        ("model".to_string(), model.to_string()),
+        ("model".to_string(), model.name.clone()),
+        (
+            "dtype".to_string(),
+            dtype_name(model.pipe.dtype()).to_string(),
+        ),
         (
             "max_sequence_length".to_string(),
             opts.max_sequence_length.to_string(),
@@ -869,5 +888,94 @@ fn metadata(
     for l in &args.lora {
         m.push(("lora".to_string(), l.clone()));
     }
+    let parameters = a1111_parameters(&A1111 {
+        prompt: &m[0].1,
+        negative_prompt: &m[1].1,
+        steps: opts.num_inference_steps,
+        sampler,
+        cfg_scale: opts.guidance_scale,
+        seed,
+        width,
+        height,
+        model: &model.name,
+    });
+    m.push(("parameters".to_string(), parameters));
     m
+}
+
+/// The fields of the `parameters` text chunk.
+struct A1111<'a> {
+    prompt: &'a str,
+    negative_prompt: &'a str,
+    steps: usize,
+    sampler: &'a str,
+    cfg_scale: f64,
+    seed: u64,
+    width: usize,
+    height: usize,
+    model: &'a str,
+}
+
+/// The `parameters` text of AUTOMATIC1111's web UI, which image browsers and
+/// sharing sites parse: the prompt, `Negative prompt: ...` when there is one,
+/// then `key: value` pairs on one last line. Values holding `,` or `:` are
+/// quoted as A1111 quotes them, so the line still splits.
+fn a1111_parameters(p: &A1111) -> String {
+    let sampler = match p.sampler {
+        "euler" => "Euler",
+        "midpoint" => "Midpoint",
+        other => other,
+    };
+    let mut s = p.prompt.to_string();
+    if !p.negative_prompt.is_empty() {
+        s.push_str("\nNegative prompt: ");
+        s.push_str(p.negative_prompt);
+    }
+    let pairs = [
+        ("Steps", p.steps.to_string()),
+        ("Sampler", sampler.to_string()),
+        ("CFG scale", python_float(p.cfg_scale)),
+        ("Seed", p.seed.to_string()),
+        ("Size", format!("{}x{}", p.width, p.height)),
+        ("Model", p.model.to_string()),
+        (
+            "Version",
+            format!("lumina2-rs {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ];
+    let line: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", a1111_quote(v)))
+        .collect();
+    s.push('\n');
+    s.push_str(&line.join(", "));
+    s
+}
+
+/// A1111's `quote`: a value with a comma, a colon or a newline is written as
+/// a JSON string (non-ASCII kept, as its `ensure_ascii=False`).
+fn a1111_quote(v: &str) -> String {
+    if v.contains([',', ':', '\n']) {
+        serde_json::to_string(v).unwrap_or_else(|_| v.to_string())
+    } else {
+        v.to_string()
+    }
+}
+
+/// A float as Python's `str` writes it (`4.0`, `4.5`), as A1111's files hold.
+fn python_float(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e16 {
+        format!("{v:.1}")
+    } else {
+        v.to_string()
+    }
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
 }

@@ -201,7 +201,7 @@ impl Renderer<Request> for CliRenderer {
         let images = out
             .rgb_images()
             .map_err(|e| RenderError::Failed(e.to_string()))?;
-        let texts = generate::png_texts(&self.model.name, args, opts, width, height);
+        let texts = generate::png_texts(&self.model, args, opts, width, height);
         images
             .iter()
             .zip(&texts)

@@ -66,6 +66,9 @@ fn generate_fixture_case(out: &Path, extra: &[&str]) -> Output {
         "42",
         "--max-sequence-length",
         "32",
+        // The reference is diffusers' f32 image (`auto` is bf16 on CPUs with AMX).
+        "--dtype",
+        "f32",
         "-q",
         "-o",
         out.to_str().unwrap(),
@@ -122,8 +125,81 @@ fn generates_the_diffusers_image_with_metadata() {
     assert_eq!(get("num_inference_steps"), "4");
     assert_eq!(get("width"), "48");
     assert_eq!(get("sampler"), "euler");
+    assert_eq!(get("dtype"), "f32");
+    // AUTOMATIC1111's `parameters` chunk, as image browsers parse it.
+    assert_eq!(
+        get("parameters"),
+        format!(
+            "a red fox in the snow\nSteps: 4, Sampler: Euler, CFG scale: 4.0, Seed: 42, Size: 48x32, Model: {}, Version: lumina2-rs {}",
+            get("model"),
+            env!("CARGO_PKG_VERSION")
+        )
+    );
 
     assert_fixture_pixels(&bytes);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Without `--dtype`, the CLI says which dtype `auto` chose and why, records
+/// it, and writes the negative prompt and quoted values into `parameters` as
+/// A1111 does.
+#[test]
+fn auto_dtype_is_reported_and_recorded() {
+    let dir = tmp_dir("auto_dtype");
+    let out = dir.join("a.png");
+    let model = pipeline_dir();
+    let r = lumina2(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a fox, at night",
+        "--negative-prompt",
+        "blurry",
+        "--guidance-scale",
+        "5.5",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "1",
+        "--seed",
+        "3",
+        "--max-sequence-length",
+        "32",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("dtype: "))
+        .unwrap_or_else(|| panic!("no dtype line in:\n{stderr}"));
+    let chosen = line["dtype: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(chosen == "f32" || chosen == "bf16", "{line}");
+    let text = png_text(&std::fs::read(&out).unwrap());
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(get("dtype"), chosen);
+    let parameters = get("parameters");
+    let lines: Vec<&str> = parameters.lines().collect();
+    assert_eq!(lines[0], "a fox, at night");
+    assert_eq!(lines[1], "Negative prompt: blurry");
+    assert!(
+        lines[2]
+            .starts_with("Steps: 1, Sampler: Euler, CFG scale: 5.5, Seed: 3, Size: 32x32, Model: "),
+        "{parameters}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

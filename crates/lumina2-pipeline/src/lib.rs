@@ -23,6 +23,7 @@
 )]
 
 pub mod components;
+mod dtype;
 pub mod error;
 pub mod guidance;
 mod lora;
@@ -34,6 +35,7 @@ pub mod progress;
 pub mod torch_rng;
 
 pub use components::{LoraSpec, PipelineSources, TransformerSource};
+pub use dtype::{auto_dtype, AutoDtype};
 pub use error::{Error, Result};
 pub use options::{
     Conditioning, GenerateOptions, GuidanceMode, Noise, OutputKind, PromptEmbeddingsInput,
