@@ -284,6 +284,57 @@ fn job(raw: &[u8], line: usize, defaults: &GenerateArgs) -> Result<Job> {
     })
 }
 
+/// The file's non-blank lines with their indices (a trailing `\r` and a
+/// leading byte order mark removed).
+fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(line, raw)| {
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            // A byte order mark some editors put first is not part of the JSON.
+            let raw = match line {
+                0 => raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw),
+                _ => raw,
+            };
+            (line, raw)
+        })
+        .filter(|(_, raw)| !raw.iter().all(u8::is_ascii_whitespace))
+}
+
+/// The first line (in file order, every shard's lines included) that writes
+/// each output path. Every shard computes the same map, so two lines naming
+/// one file are caught whichever shards they fall in: the later line fails
+/// and the earlier one is rendered once. A line without a seed draws a
+/// random one: its paths that hold the seed cannot be known in advance and
+/// are left out (those that do not, are kept).
+fn first_claims(bytes: &[u8], defaults: &GenerateArgs) -> HashMap<PathBuf, usize> {
+    let paths = |args: &GenerateArgs, seed: u64| {
+        options_named(args, seed, field_name)
+            .map(|opts| output_paths(&args.output, &opts))
+            .unwrap_or_default()
+    };
+    let mut first = HashMap::new();
+    for (line, raw) in lines(bytes) {
+        let Ok(args) = line_args(raw, line, defaults) else {
+            continue;
+        };
+        let known = match args.seed {
+            Some(seed) => paths(&args, seed),
+            None => {
+                let other = paths(&args, 1);
+                let mut v = paths(&args, 0);
+                v.retain(|p| other.contains(p));
+                v
+            }
+        };
+        for p in known {
+            first.entry(p).or_insert(line);
+        }
+    }
+    first
+}
+
 /// The manifest: JSON lines appended and flushed one by one.
 struct Manifest {
     file: File,
@@ -366,25 +417,18 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     usage(options(&probe, args.seed.unwrap_or(0)))?;
     let loras = usage(parse_loras(&args))?;
     usage(set_threads(args.threads))?;
+    // The device too: a build or machine without it fails now, not at the
+    // first line.
+    usage(generate::parse_device(&args.device))?;
     let bytes = lumina2_weights::fs::read_bounded(file, MAX_FILE_BYTES)
         .with_context(|| format!("--from-file {}", file.display()))?;
     let mut manifest = batch.manifest.as_deref().map(Manifest::open).transpose()?;
 
+    let claimed = first_claims(&bytes, &args);
     let mut model: Option<Model> = None;
     let (mut done, mut failed, mut skipped) = (0usize, 0usize, 0usize);
-    // Outputs of this run's lines, so a later line never replaces an earlier one's image.
-    let mut claimed: HashMap<PathBuf, usize> = HashMap::new();
-    for (line, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+    for (line, raw) in lines(&bytes) {
         if !shard.takes(line) {
-            continue;
-        }
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        // A byte order mark some editors put first is not part of the JSON.
-        let raw = match line {
-            0 => raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw),
-            _ => raw,
-        };
-        if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         signals::check(|| format!(" before line {line}"))?;
@@ -398,19 +442,18 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
                 return Ok(None);
             }
             for p in &job.outputs {
-                if let Some(other) = claimed.get(p) {
-                    bail!("output {} is also line {other}'s", p.display());
+                match claimed.get(p) {
+                    Some(&first) if first != line => {
+                        bail!("output {} is also line {first}'s", p.display())
+                    }
+                    _ => prepare_output(p)?,
                 }
-                prepare_output(p)?;
             }
             let m = match &mut model {
                 Some(m) => m,
                 // A load failure ends the run: no line could be rendered.
                 None => model.insert(load_model(&args, &loras, quiet).map_err(Fatal)?),
             };
-            for p in &job.outputs {
-                claimed.insert(p.clone(), line);
-            }
             let t = render(m, &job.args, &job.opts, &job.outputs, quiet)?;
             let times = timings_json(&t);
             for mut e in image_entries(&job, line, "ok") {

@@ -157,7 +157,7 @@ pub struct GenerateArgs {
     int8: bool,
     /// Device: cpu, cuda[:N] or metal[:N] (GPU builds only).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Worker threads, at most 4 per core (default: RAYON_NUM_THREADS, else all cores).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
@@ -210,7 +210,7 @@ pub(crate) fn parse_lora(s: &str) -> Result<LoraSpec> {
     })
 }
 
-fn parse_device(s: &str) -> Result<Device> {
+pub(crate) fn parse_device(s: &str) -> Result<Device> {
     let (kind, ordinal) = match s.split_once(':') {
         Some((k, n)) => (
             k,

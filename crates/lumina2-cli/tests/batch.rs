@@ -593,3 +593,60 @@ fn sigterm_stops_the_batch_with_nothing_partial() {
     assert_eq!(entries.len(), 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Two lines naming one output fall in different shards: each shard knows
+/// the whole file's outputs, so the later line fails in its shard and the
+/// earlier one is rendered once in the other.
+#[test]
+fn an_output_shared_across_shards_is_caught() {
+    let dir = tmp_dir("shared-output");
+    let file = dir.join("prompts.jsonl");
+    let out = dir.join("same.png");
+    let line = |i: u32| {
+        format!(
+            r#"{{"prompt": "thing {i}", "size": "32x32", "num_inference_steps": 1, "seed": {i}, "output": "{}"}}"#,
+            s(&out)
+        )
+    };
+    std::fs::write(&file, format!("{}\n{}\n", line(0), line(1))).unwrap();
+    // Shard 1 first: line 1 is refused before anything is written.
+    let r = lumina2(&["-q", "--from-file", s(&file), "--shard", "1/2"]);
+    assert_eq!(r.status.code(), Some(1), "{}", stderr(&r));
+    assert!(stderr(&r).contains("is also line 0's"), "{}", stderr(&r));
+    assert!(!out.exists());
+    let r = lumina2(&["-q", "--from-file", s(&file), "--shard", "0/2"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(out.is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A device the build or machine lacks fails before the file is read.
+#[test]
+fn an_unavailable_device_fails_before_any_line() {
+    let dir = tmp_dir("device");
+    let file = dir.join("prompts.jsonl");
+    std::fs::write(
+        &file,
+        r#"{"prompt": "a", "size": "32x32", "num_inference_steps": 1, "seed": 1}"#,
+    )
+    .unwrap();
+    let man = dir.join("manifest.jsonl");
+    let r = lumina2(&[
+        "-q",
+        "--from-file",
+        s(&file),
+        "--device",
+        "cuda:7",
+        "--manifest",
+        s(&man),
+    ]);
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+    assert!(stderr(&r).contains("--device"), "{}", stderr(&r));
+    assert!(!man.exists(), "the manifest was opened");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "something was written"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
