@@ -159,9 +159,78 @@ pub fn cast(x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
     x.to_dtype(dtype)
 }
 
+/// Whether a contiguous float CPU tensor holds NaN or infinity, by the
+/// exponent bits of each value (all ones), in parallel chunks that stop at
+/// the first hit. `None` where `x` is not a contiguous f32/bf16/f16 CPU
+/// tensor (the caller falls back to arithmetic). Loading scans every weight:
+/// converting each slice to f32 and summing it on one thread cost seconds
+/// per model.
+pub fn any_non_finite(x: &Tensor) -> Option<bool> {
+    const CHUNK: usize = 1 << 16;
+    fn scan<T: Sync + Copy>(s: &[T], bad: impl Fn(T) -> bool + Sync) -> bool {
+        s.par_chunks(CHUNK).any(|c| c.iter().any(|&v| bad(v)))
+    }
+    let view = CpuView::of(x)?;
+    if let Some(s) = view.slice::<f32>() {
+        return Some(scan(s, |v: f32| v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
+    }
+    if let Some(s) = view.slice::<half::bf16>() {
+        return Some(scan(s, |v: half::bf16| v.to_bits() & 0x7f80 == 0x7f80));
+    }
+    if let Some(s) = view.slice::<half::f16>() {
+        return Some(scan(s, |v: half::f16| v.to_bits() & 0x7c00 == 0x7c00));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::Aligned;
+
+    /// The bit test agrees with `is_finite` on special and ordinary values
+    /// of each float type, wherever the bad value sits.
+    #[test]
+    fn non_finite_values_are_found_by_their_exponent() -> candle_core::Result<()> {
+        use candle_core::{DType, Device, Tensor};
+        crate::report_paths("non_finite_values_are_found_by_their_exponent");
+        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        let ordinary = [
+            0.0f32,
+            -0.0,
+            1.5,
+            -3.0e38,
+            3.0e38,
+            1e-45,
+            f32::MAX,
+            f32::MIN,
+        ];
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let n = 200_003;
+            for &v in &ordinary {
+                let mut data = vec![0.25f32; n];
+                data[n - 1] = v;
+                let t = Tensor::from_vec(data, n, &Device::Cpu)?.to_dtype(dtype)?;
+                let expect = !t.to_dtype(DType::F32)?.to_vec1::<f32>()?[n - 1].is_finite();
+                assert_eq!(super::any_non_finite(&t), Some(expect), "{v} in {dtype:?}");
+            }
+            for &v in &specials {
+                for at in [0, 65_536, n - 1] {
+                    let mut data = vec![0.25f32; n];
+                    data[at] = v;
+                    let t = Tensor::from_vec(data, n, &Device::Cpu)?.to_dtype(dtype)?;
+                    assert_eq!(
+                        super::any_non_finite(&t),
+                        Some(true),
+                        "{v} at {at} in {dtype:?}"
+                    );
+                }
+            }
+        }
+        // Not contiguous: the caller's fallback.
+        let t = Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?.t()?;
+        assert_eq!(super::any_non_finite(&t), None);
+        Ok(())
+    }
 
     /// Every size and element type starts on a cache line, zeroed, with the
     /// asked length.

@@ -592,15 +592,21 @@ fn read_at(file: &std::fs::File, offset: u64, buf: &mut [u8]) -> std::io::Result
     }
 }
 
-/// Whether a float tensor holds NaN or infinity: its f32 sum is then not
-/// finite (a sum overflowing from huge finite values is flagged too, which is
-/// as suspicious). Summed in slices of 2^20 values, so that a large bf16
-/// table (Gemma's 256000 x 2304 embedding) is never copied whole to f32.
+/// Whether a float tensor holds NaN or infinity. Contiguous CPU tensors are
+/// scanned by their bits ([`lumina2_kernels::any_non_finite`]); others (on
+/// a GPU, strided) by their f32 sum, which is then not finite (a sum
+/// overflowing from huge finite values is flagged too, which is as
+/// suspicious), in slices of 2^20 values so that a large bf16 table
+/// (Gemma's 256000 x 2304 embedding) is never copied whole to f32.
 pub fn holds_non_finite(t: &Tensor) -> candle_core::Result<bool> {
     const SLICE: usize = 1 << 20;
     let n = t.elem_count();
     if !t.dtype().is_float() || n == 0 {
         return Ok(false);
+    }
+    // Contiguous CPU floats: the exponent bits, in parallel.
+    if let Some(found) = lumina2_kernels::any_non_finite(t) {
+        return Ok(found);
     }
     let flat = t.flatten_all()?;
     let mut start = 0;
