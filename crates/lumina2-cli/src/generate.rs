@@ -76,6 +76,10 @@ pub struct GenerateArgs {
     /// Do not renormalise the guided prediction.
     #[arg(long)]
     pub(crate) no_cfg_normalization: bool,
+    /// TeaCache step caching with this threshold (off when absent; the
+    /// reference suggests 0.2 to 0.5: higher skips more). Faster, not exact.
+    #[arg(long)]
+    pub(crate) cache_threshold: Option<f64>,
     /// System prompt put in front of each prompt (default: diffusers').
     #[arg(long, conflicts_with = "system_preset")]
     pub(crate) system_prompt: Option<String>,
@@ -385,6 +389,7 @@ pub(crate) fn options_named(
     o.guidance_scale = args.guidance_scale;
     o.cfg_trunc_ratio = args.cfg_trunc_ratio;
     o.cfg_normalization = !args.no_cfg_normalization;
+    o.cache_threshold = args.cache_threshold;
     o.system_prompt = match (&args.system_prompt, &args.system_preset) {
         (Some(t), _) => SystemPrompt::Text(t.clone()),
         (None, Some(p)) => SystemPrompt::preset(p)?,
@@ -686,6 +691,13 @@ pub(crate) fn render(
     for w in &out.warnings {
         tracing::warn!("{w}");
     }
+    if let (Some(computed), false) = (&out.cache_computed, quiet) {
+        let skipped = computed.iter().filter(|&&c| !c).count();
+        eprintln!(
+            "TeaCache: skipped the joint layers in {skipped} of {} transformer calls",
+            computed.len()
+        );
+    }
     if let Some(path) = &args.output_latents {
         let tensors = std::collections::HashMap::from([
             ("latents".to_string(), out.latents.clone()),
@@ -868,6 +880,9 @@ fn metadata(
     }
     for l in &args.lora {
         m.push(("lora".to_string(), l.clone()));
+    }
+    if let Some(t) = opts.cache_threshold {
+        m.push(("cache_threshold".to_string(), t.to_string()));
     }
     m
 }

@@ -15,6 +15,7 @@ use crate::memory::{self, MemoryEstimate};
 use crate::noise;
 use crate::options::{check_size, Conditioning, GenerateOptions, GuidanceMode, OutputKind};
 use crate::progress::{Control, Event, Stage, StageTimings, StepInfo};
+use crate::teacache::TeaCache;
 
 /// What a generation returns.
 #[derive(Debug, Clone)]
@@ -32,6 +33,9 @@ pub struct Generation {
     pub timings: StageTimings,
     /// Things the user should know (prompt truncation, ...).
     pub warnings: Vec<String>,
+    /// With TeaCache: for each transformer call in order, whether its joint
+    /// layers ran (`false`: the cached residual was reused).
+    pub cache_computed: Option<Vec<bool>>,
 }
 
 impl Generation {
@@ -303,6 +307,9 @@ impl Lumina2Pipeline {
         // 4. Denoise.
         let transformer = self.take_transformer(observer, &mut timings)?;
         let device = self.device.clone();
+        let mut cache = opts
+            .cache_threshold
+            .map(|t| TeaCache::new(t, opts.num_inference_steps));
         let mut denoise = || -> Result<Tensor> {
             observer(Event::StageStarted(Stage::Denoise));
             let denoise_start = Instant::now();
@@ -315,7 +322,12 @@ impl Lumina2Pipeline {
                 let model_t = 1f32 - t / num_train;
                 let timestep = Tensor::full(model_t, batch, &device)?;
                 let sample = eval.sample.clone();
-                let cond = transformer.forward(&sample, &timestep, &prompt, &prompt_mask)?;
+                let cond = model_call(
+                    &transformer,
+                    cache.as_mut(),
+                    (&sample, &timestep),
+                    (&prompt, &prompt_mask),
+                )?;
                 calls += 1;
                 let guided = cfg
                     && guidance::guidance_active(
@@ -327,7 +339,12 @@ impl Lumina2Pipeline {
                     );
                 let pred = match (&negative, guided) {
                     (Some((neg, neg_mask)), true) => {
-                        let uncond = transformer.forward(&sample, &timestep, neg, neg_mask)?;
+                        let uncond = model_call(
+                            &transformer,
+                            cache.as_mut(),
+                            (&sample, &timestep),
+                            (neg, neg_mask),
+                        )?;
                         calls += 1;
                         guidance::combine(
                             &cond,
@@ -389,6 +406,7 @@ impl Lumina2Pipeline {
             self.transformer = Some(transformer);
         }
         let latents = result?;
+        let cache_computed = cache.map(|c| c.computed().to_vec());
 
         // 5. Decode.
         let images = match opts.output {
@@ -404,6 +422,7 @@ impl Lumina2Pipeline {
             size: (width, height),
             timings,
             warnings,
+            cache_computed,
         })
     }
 
@@ -628,6 +647,19 @@ fn repeat(t: &Tensor, n: usize) -> Result<Tensor> {
         .collect();
     let idx = Tensor::from_vec(idx, b * n, t.device())?;
     Ok(t.index_select(&idx, 0)?)
+}
+
+/// One transformer call, through the step cache when there is one.
+fn model_call(
+    transformer: &Lumina2Transformer,
+    cache: Option<&mut TeaCache>,
+    (sample, timestep): (&Tensor, &Tensor),
+    (caption, mask): (&Tensor, &Tensor),
+) -> Result<Tensor> {
+    match cache {
+        Some(c) => c.forward(transformer, sample, timestep, caption, mask),
+        None => Ok(transformer.forward(sample, timestep, caption, mask)?),
+    }
 }
 
 fn count_non_finite(t: &Tensor) -> Result<usize> {
