@@ -113,6 +113,15 @@ pub struct GenerateArgs {
     /// Write only the latents (no VAE decode, no image); needs --output-latents.
     #[arg(long, requires = "output_latents")]
     latents_only: bool,
+    /// Live preview: every --preview-every steps, the current prediction of the
+    /// clean image (the first image of the batch, at latent resolution,
+    /// projected with ComfyUI's Flux latent-to-RGB matrix) is written to this
+    /// PNG, atomically (a viewer can reload it).
+    #[arg(long)]
+    pub(crate) preview: Option<PathBuf>,
+    /// Steps between previews (1 = every step); needs --preview.
+    #[arg(long, requires = "preview", default_value_t = 1)]
+    pub(crate) preview_every: usize,
 
     /// Hub repo id or local diffusers pipeline folder.
     #[arg(long, default_value = DEFAULT_MODEL)]
@@ -390,6 +399,7 @@ pub(crate) fn options_named(
     o.cfg_trunc_ratio = args.cfg_trunc_ratio;
     o.cfg_normalization = !args.no_cfg_normalization;
     o.cache_threshold = args.cache_threshold;
+    o.preview_every = args.preview.as_ref().map(|_| args.preview_every);
     o.system_prompt = match (&args.system_prompt, &args.system_preset) {
         (Some(t), _) => SystemPrompt::Text(t.clone()),
         (None, Some(p)) => SystemPrompt::preset(p)?,
@@ -508,7 +518,11 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     } else {
         output_paths(&args.output, &opts)
     };
-    for p in outputs.iter().chain(args.output_latents.iter()) {
+    for p in outputs
+        .iter()
+        .chain(args.output_latents.iter())
+        .chain(args.preview.iter())
+    {
         prepare_output(p)?;
     }
     // SIGINT/SIGTERM/SIGHUP: the first stops the run at the next step, or
@@ -603,6 +617,19 @@ pub(crate) fn load(
     })
 }
 
+/// Writes the first image's preview; a failure is logged, the run goes on.
+fn write_preview(path: &std::path::Path, x0: &lumina2_pipeline::candle_core::Tensor) {
+    let result = lumina2_pipeline::preview::latents_to_rgb(x0)
+        .map_err(anyhow::Error::from)
+        .and_then(|imgs| match imgs.first() {
+            Some(img) => output::write_png(path, img, &[]),
+            None => Ok(()),
+        });
+    if let Err(e) = result {
+        tracing::warn!("preview {}: {e:#}", path.display());
+    }
+}
+
 /// Generates `opts` on `model` and writes the latents (`--output-latents`)
 /// and each image to its path in `outputs`; returns the stage timings.
 pub(crate) fn render(
@@ -658,6 +685,9 @@ pub(crate) fn render(
                 } else {
                     format!("{:.2} it/s", 1.0 / secs)
                 });
+                if let (Some(x0), Some(path)) = (s.denoised, &args.preview) {
+                    write_preview(path, x0);
+                }
                 tracing::debug!(
                     "step {}/{} t={} sigma={} guidance={} calls={} {:.3} s",
                     s.step,

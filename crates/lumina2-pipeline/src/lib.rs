@@ -30,6 +30,7 @@ pub mod memory;
 pub mod noise;
 pub mod options;
 pub mod pipeline;
+pub mod preview;
 pub mod progress;
 pub mod teacache;
 pub mod torch_rng;

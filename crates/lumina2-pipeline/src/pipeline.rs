@@ -14,6 +14,7 @@ use crate::guidance;
 use crate::memory::{self, MemoryEstimate};
 use crate::noise;
 use crate::options::{check_size, Conditioning, GenerateOptions, GuidanceMode, OutputKind};
+use crate::preview;
 use crate::progress::{Control, Event, Stage, StageTimings, StepInfo};
 use crate::teacache::TeaCache;
 
@@ -316,6 +317,7 @@ impl Lumina2Pipeline {
             let mut step_start = Instant::now();
             let mut calls = 0usize;
             let mut step_guided = false;
+            let mut denoised: Option<Tensor> = None;
             while let Some(eval) = solver.pending() {
                 let (step, stage, t, sigma) = (eval.step, eval.stage, eval.timestep, eval.sigma);
                 // Lumina's model time, computed in f32 as the pipeline does.
@@ -357,6 +359,9 @@ impl Lumina2Pipeline {
                     _ => cond,
                 };
                 step_guided |= guided;
+                if stage == 0 && opts.preview_every.is_some_and(|k| (step + 1) % k == 0) {
+                    denoised = Some(preview::predicted_x0(&sample, &pred, sigma)?);
+                }
                 // The flow's velocity is the negated model output.
                 solver.submit(&pred.neg()?)?;
                 if stage + 1 < solver.evaluations_per_step() {
@@ -382,6 +387,7 @@ impl Lumina2Pipeline {
                     model_calls: calls,
                     elapsed,
                     latents,
+                    denoised: denoised.as_ref(),
                 }));
                 if control == Control::Stop {
                     return Err(Error::Stopped {
@@ -391,6 +397,7 @@ impl Lumina2Pipeline {
                 }
                 calls = 0;
                 step_guided = false;
+                denoised = None;
                 step_start = Instant::now();
             }
 
