@@ -22,6 +22,7 @@ import gen_transformer_single  # noqa: E402
 import gen_text_encoder  # noqa: E402
 import gen_text_encoder_gguf  # noqa: E402
 import gen_scheduler  # noqa: E402
+import gen_teacache  # noqa: E402
 import gen_vae  # noqa: E402
 
 GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_scheduler.generate}
@@ -32,6 +33,7 @@ GENERATORS["text_encoder_gguf"] = gen_text_encoder_gguf.generate
 GENERATORS["transformer_single_file"] = gen_transformer_single.generate
 GENERATORS["lora"] = gen_lora.generate
 GENERATORS["pipeline"] = gen_pipeline.generate
+GENERATORS["teacache"] = gen_teacache.generate
 
 
 def main():

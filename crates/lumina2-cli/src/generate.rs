@@ -79,6 +79,10 @@ pub struct GenerateArgs {
     /// Do not renormalise the guided prediction.
     #[arg(long)]
     pub(crate) no_cfg_normalization: bool,
+    /// TeaCache step caching with this threshold (off when absent; the
+    /// reference suggests 0.2 to 0.5: higher skips more). Faster, not exact.
+    #[arg(long)]
+    pub(crate) cache_threshold: Option<f64>,
     /// System prompt put in front of each prompt (default: diffusers').
     #[arg(long, conflicts_with = "system_preset")]
     pub(crate) system_prompt: Option<String>,
@@ -112,6 +116,15 @@ pub struct GenerateArgs {
     /// Write only the latents (no VAE decode, no image); needs --output-latents.
     #[arg(long, requires = "output_latents")]
     latents_only: bool,
+    /// Live preview: every --preview-every steps, the current prediction of the
+    /// clean image (the first image of the batch, at latent resolution,
+    /// projected with ComfyUI's Flux latent-to-RGB matrix) is written to this
+    /// PNG, atomically (a viewer can reload it).
+    #[arg(long)]
+    pub(crate) preview: Option<PathBuf>,
+    /// Steps between previews (1 = every step); needs --preview.
+    #[arg(long, requires = "preview", default_value_t = 1)]
+    pub(crate) preview_every: usize,
 
     /// Hub repo id or local diffusers pipeline folder.
     #[arg(long, default_value = DEFAULT_MODEL)]
@@ -389,6 +402,8 @@ pub(crate) fn options_named(
     o.guidance_scale = args.guidance_scale;
     o.cfg_trunc_ratio = args.cfg_trunc_ratio;
     o.cfg_normalization = !args.no_cfg_normalization;
+    o.cache_threshold = args.cache_threshold;
+    o.preview_every = args.preview.as_ref().map(|_| args.preview_every);
     o.system_prompt = match (&args.system_prompt, &args.system_preset) {
         (Some(t), _) => SystemPrompt::Text(t.clone()),
         (None, Some(p)) => SystemPrompt::preset(p)?,
@@ -507,7 +522,11 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     } else {
         output_paths(&args.output, &opts)
     };
-    for p in outputs.iter().chain(args.output_latents.iter()) {
+    for p in outputs
+        .iter()
+        .chain(args.output_latents.iter())
+        .chain(args.preview.iter())
+    {
         prepare_output(p)?;
     }
     // SIGINT/SIGTERM/SIGHUP: the first stops the run at the next step, or
@@ -613,6 +632,19 @@ pub(crate) fn load(
     })
 }
 
+/// Writes the first image's preview; a failure is logged, the run goes on.
+fn write_preview(path: &std::path::Path, x0: &lumina2_pipeline::candle_core::Tensor) {
+    let result = lumina2_pipeline::preview::latents_to_rgb(x0)
+        .map_err(anyhow::Error::from)
+        .and_then(|imgs| match imgs.first() {
+            Some(img) => output::write_png(path, img, &[]),
+            None => Ok(()),
+        });
+    if let Err(e) = result {
+        tracing::warn!("preview {}: {e:#}", path.display());
+    }
+}
+
 /// Generates `opts` on `model` and writes the latents (`--output-latents`)
 /// and each image to its path in `outputs`; returns the stage timings.
 pub(crate) fn render(
@@ -668,6 +700,9 @@ pub(crate) fn render(
                 } else {
                     format!("{:.2} it/s", 1.0 / secs)
                 });
+                if let (Some(x0), Some(path)) = (s.denoised, &args.preview) {
+                    write_preview(path, x0);
+                }
                 tracing::debug!(
                     "step {}/{} t={} sigma={} guidance={} calls={} {:.3} s",
                     s.step,
@@ -700,6 +735,13 @@ pub(crate) fn render(
     signals::check(|| " after decoding; no image was written".into())?;
     for w in &out.warnings {
         tracing::warn!("{w}");
+    }
+    if let (Some(computed), false) = (&out.cache_computed, quiet) {
+        let skipped = computed.iter().filter(|&&c| !c).count();
+        eprintln!(
+            "TeaCache: skipped the joint layers in {skipped} of {} transformer calls",
+            computed.len()
+        );
     }
     if let Some(path) = &args.output_latents {
         let tensors = std::collections::HashMap::from([
@@ -887,6 +929,9 @@ fn metadata(
     }
     for l in &args.lora {
         m.push(("lora".to_string(), l.clone()));
+    }
+    if let Some(t) = opts.cache_threshold {
+        m.push(("cache_threshold".to_string(), t.to_string()));
     }
     let parameters = a1111_parameters(&A1111 {
         prompt: &m[0].1,

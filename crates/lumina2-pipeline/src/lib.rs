@@ -31,7 +31,9 @@ pub mod memory;
 pub mod noise;
 pub mod options;
 pub mod pipeline;
+pub mod preview;
 pub mod progress;
+pub mod teacache;
 pub mod torch_rng;
 
 pub use components::{LoraSpec, PipelineSources, TransformerSource};
@@ -42,6 +44,7 @@ pub use options::{
 };
 pub use pipeline::{Generation, Lumina2Pipeline, MemoryCheck, PipelineBuilder};
 pub use progress::{Control, Event, Stage, StageTimings, StepInfo};
+pub use teacache::TeaCache;
 
 pub use candle_core;
 pub use lumina2_scheduler::SolverKind;

@@ -143,6 +143,14 @@ pub struct GenerateOptions {
     pub solver: SolverKind,
     /// Guidance semantics.
     pub guidance_mode: GuidanceMode,
+    /// TeaCache's threshold (`rel_l1_thresh`; `None`: off): transformer calls
+    /// whose accumulated change stays below it reuse the cached residual of
+    /// the joint layers ([`crate::teacache`]). The reference suggests 0.2 to 0.5.
+    pub cache_threshold: Option<f64>,
+    /// Every this many steps, [`crate::StepInfo::denoised`] carries the
+    /// step's clean-image prediction for a live preview ([`crate::preview`];
+    /// `None`: never).
+    pub preview_every: Option<usize>,
 }
 
 impl GenerateOptions {
@@ -172,6 +180,8 @@ impl GenerateOptions {
             output: OutputKind::Images,
             solver: SolverKind::Euler,
             guidance_mode: GuidanceMode::Diffusers,
+            cache_threshold: None,
+            preview_every: None,
         }
     }
 
@@ -312,6 +322,17 @@ impl GenerateOptions {
             ));
         }
         // Both semantics compare it with a fraction of the run in [0, 1].
+        if self.preview_every == Some(0) {
+            return Err(invalid("preview_every", "0 steps; give at least 1"));
+        }
+        if let Some(t) = self.cache_threshold {
+            if !(t.is_finite() && t >= 0.0) {
+                return Err(invalid(
+                    "cache_threshold",
+                    format!("{} is not a finite number >= 0", num(t)),
+                ));
+            }
+        }
         if !(0.0..=1.0).contains(&self.cfg_trunc_ratio) {
             return Err(invalid(
                 "cfg_trunc_ratio",

@@ -14,7 +14,9 @@ use crate::guidance;
 use crate::memory::{self, MemoryEstimate};
 use crate::noise;
 use crate::options::{check_size, Conditioning, GenerateOptions, GuidanceMode, OutputKind};
+use crate::preview;
 use crate::progress::{Control, Event, Stage, StageTimings, StepInfo};
+use crate::teacache::TeaCache;
 
 /// What a generation returns.
 #[derive(Debug, Clone)]
@@ -32,6 +34,9 @@ pub struct Generation {
     pub timings: StageTimings,
     /// Things the user should know (prompt truncation, ...).
     pub warnings: Vec<String>,
+    /// With TeaCache: for each transformer call in order, whether its joint
+    /// layers ran (`false`: the cached residual was reused).
+    pub cache_computed: Option<Vec<bool>>,
 }
 
 impl Generation {
@@ -303,19 +308,28 @@ impl Lumina2Pipeline {
         // 4. Denoise.
         let transformer = self.take_transformer(observer, &mut timings)?;
         let device = self.device.clone();
+        let mut cache = opts
+            .cache_threshold
+            .map(|t| TeaCache::new(t, opts.num_inference_steps));
         let mut denoise = || -> Result<Tensor> {
             observer(Event::StageStarted(Stage::Denoise));
             let denoise_start = Instant::now();
             let mut step_start = Instant::now();
             let mut calls = 0usize;
             let mut step_guided = false;
+            let mut denoised: Option<Tensor> = None;
             while let Some(eval) = solver.pending() {
                 let (step, stage, t, sigma) = (eval.step, eval.stage, eval.timestep, eval.sigma);
                 // Lumina's model time, computed in f32 as the pipeline does.
                 let model_t = 1f32 - t / num_train;
                 let timestep = Tensor::full(model_t, batch, &device)?;
                 let sample = eval.sample.clone();
-                let cond = transformer.forward(&sample, &timestep, &prompt, &prompt_mask)?;
+                let cond = model_call(
+                    &transformer,
+                    cache.as_mut(),
+                    (&sample, &timestep),
+                    (&prompt, &prompt_mask),
+                )?;
                 calls += 1;
                 let guided = cfg
                     && guidance::guidance_active(
@@ -327,7 +341,12 @@ impl Lumina2Pipeline {
                     );
                 let pred = match (&negative, guided) {
                     (Some((neg, neg_mask)), true) => {
-                        let uncond = transformer.forward(&sample, &timestep, neg, neg_mask)?;
+                        let uncond = model_call(
+                            &transformer,
+                            cache.as_mut(),
+                            (&sample, &timestep),
+                            (neg, neg_mask),
+                        )?;
                         calls += 1;
                         guidance::combine(
                             &cond,
@@ -340,6 +359,9 @@ impl Lumina2Pipeline {
                     _ => cond,
                 };
                 step_guided |= guided;
+                if stage == 0 && opts.preview_every.is_some_and(|k| (step + 1) % k == 0) {
+                    denoised = Some(preview::predicted_x0(&sample, &pred, sigma)?);
+                }
                 // The flow's velocity is the negated model output.
                 solver.submit(&pred.neg()?)?;
                 if stage + 1 < solver.evaluations_per_step() {
@@ -365,6 +387,7 @@ impl Lumina2Pipeline {
                     model_calls: calls,
                     elapsed,
                     latents,
+                    denoised: denoised.as_ref(),
                 }));
                 if control == Control::Stop {
                     return Err(Error::Stopped {
@@ -374,6 +397,7 @@ impl Lumina2Pipeline {
                 }
                 calls = 0;
                 step_guided = false;
+                denoised = None;
                 step_start = Instant::now();
             }
 
@@ -389,6 +413,7 @@ impl Lumina2Pipeline {
             self.transformer = Some(transformer);
         }
         let latents = result?;
+        let cache_computed = cache.map(|c| c.computed().to_vec());
 
         // 5. Decode.
         let images = match opts.output {
@@ -404,6 +429,7 @@ impl Lumina2Pipeline {
             size: (width, height),
             timings,
             warnings,
+            cache_computed,
         })
     }
 
@@ -628,6 +654,19 @@ fn repeat(t: &Tensor, n: usize) -> Result<Tensor> {
         .collect();
     let idx = Tensor::from_vec(idx, b * n, t.device())?;
     Ok(t.index_select(&idx, 0)?)
+}
+
+/// One transformer call, through the step cache when there is one.
+fn model_call(
+    transformer: &Lumina2Transformer,
+    cache: Option<&mut TeaCache>,
+    (sample, timestep): (&Tensor, &Tensor),
+    (caption, mask): (&Tensor, &Tensor),
+) -> Result<Tensor> {
+    match cache {
+        Some(c) => c.forward(transformer, sample, timestep, caption, mask),
+        None => Ok(transformer.forward(sample, timestep, caption, mask)?),
+    }
 }
 
 fn count_non_finite(t: &Tensor) -> Result<usize> {

@@ -54,6 +54,10 @@ pub struct StepInfo<'a> {
     pub elapsed: Duration,
     /// The latents after the step.
     pub latents: &'a Tensor,
+    /// On the steps `GenerateOptions::preview_every` asks for: the
+    /// prediction of the clean latents at the step's first evaluation,
+    /// `x0 = latents - sigma * velocity` ([`crate::preview`]).
+    pub denoised: Option<&'a Tensor>,
 }
 
 /// What a run tells its observer.

@@ -161,6 +161,18 @@ impl TransformerBlock {
         &mut self.attn
     }
 
+    /// The modulated attention input `norm1(x) * (1 + scale_msa)` (diffusers'
+    /// `norm1(x, temb)[0]`); `None` for an unmodulated block.
+    pub fn modulated_input(&self, x: &Tensor, temb: &Tensor) -> Result<Option<Tensor>> {
+        match &self.modulation {
+            Some(m) => {
+                let m = m.forward(temb)?;
+                Ok(Some(scale(&self.norm1.forward(x)?, &m.scale_msa)?))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// `x`: `[B, S, dim]`; `temb`: `[B, temb_dim]`, required by modulated blocks.
     pub fn forward(
         &self,

@@ -58,7 +58,7 @@ pub use embed::{patchify, timestep_features, unpatchify, CaptionEmbedder, Timest
 pub use error::{Error, Result};
 /// Errors of weight loading (inside [`Error::Weight`]).
 pub use lumina2_weights::Error as WeightError;
-pub use model::{weight_shapes, Lumina2Transformer, SequenceLayout};
+pub use model::{weight_shapes, JointInput, Lumina2Transformer, SequenceLayout};
 pub use norm::{OutputNorm, RmsNorm};
 pub use rope::{Position, Rope, RopeEmbedder};
 pub use weights::{Linear, LinearWeight, VarBuilderSource, WeightSource, Weights};

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::embed::{patchify, unpatchify, CaptionEmbedder, TimestepEmbedder};
 use crate::error::{invalid_input, Result};
 use crate::norm::OutputNorm;
-use crate::rope::{Position, RopeEmbedder};
+use crate::rope::{Position, Rope, RopeEmbedder};
 use crate::weights::{Linear, Weights};
 
 /// RoPE base of every axis (diffusers builds `Lumina2RotaryPosEmbed(theta=10000)`).
@@ -76,6 +76,31 @@ impl SequenceLayout {
     fn image_positions(&self, cap: usize) -> impl Iterator<Item = Position> {
         let (gh, gw) = self.grid;
         (0..gh * gw).map(move |k| Position::At([cap as u32, (k / gw) as u32, (k % gw) as u32]))
+    }
+}
+
+/// The packed input of the joint layers and what they and the output layer
+/// need ([`Lumina2Transformer::embed`]).
+#[derive(Debug, Clone)]
+pub struct JointInput {
+    hidden: Tensor,
+    temb: Tensor,
+    rope: Rope,
+    mask: Option<KeyMask>,
+    layout: SequenceLayout,
+    latent_size: (usize, usize),
+}
+
+impl JointInput {
+    /// The packed `[caption, image]` sequence `[B, S, hidden]`, zero-padded to
+    /// the longest item.
+    pub fn hidden(&self) -> &Tensor {
+        &self.hidden
+    }
+
+    /// The sequence layout.
+    pub fn layout(&self) -> &SequenceLayout {
+        &self.layout
     }
 }
 
@@ -173,6 +198,9 @@ impl Lumina2Transformer {
     ///
     /// Returns `[B, out_channels, H, W]` in the compute dtype: the raw model
     /// output (the pipeline negates it before the scheduler step).
+    ///
+    /// It is [`Self::embed`], [`Self::joint_layers`] and [`Self::output`] in
+    /// turn; step caches (TeaCache) call them apart to skip the joint layers.
     pub fn forward(
         &self,
         latents: &Tensor,
@@ -180,6 +208,20 @@ impl Lumina2Transformer {
         caption: &Tensor,
         caption_mask: &Tensor,
     ) -> Result<Tensor> {
+        let input = self.embed(latents, timestep, caption, caption_mask)?;
+        let hidden = self.joint_layers(&input)?;
+        self.output(&input, &hidden)
+    }
+
+    /// Everything before the joint layers: the embeddings, the refiners and
+    /// the packed `[caption, image]` sequence (arguments as [`Self::forward`]).
+    pub fn embed(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        caption: &Tensor,
+        caption_mask: &Tensor,
+    ) -> Result<JointInput> {
         let cfg = &self.config;
         let (layout, mask_rows) = self.check_inputs(latents, timestep, caption, caption_mask)?;
         let b = layout.caption_lens.len();
@@ -255,8 +297,8 @@ impl Lumina2Transformer {
             }
             rows.push(Tensor::cat(&parts, 0)?);
         }
-        let mut x = Tensor::stack(&rows, 0)?;
-        let joint_mask = if seq_lens.iter().any(|&s| s != max_len) {
+        let x = Tensor::stack(&rows, 0)?;
+        let mask = if seq_lens.iter().any(|&s| s != max_len) {
             let valid: Vec<Vec<bool>> = seq_lens
                 .iter()
                 .map(|&s| (0..max_len).map(|j| j < s).collect())
@@ -265,14 +307,44 @@ impl Lumina2Transformer {
         } else {
             None
         };
-        for layer in &self.layers {
-            x = layer.forward(&x, &joint_rope, joint_mask.as_ref(), Some(&temb))?;
-        }
+        Ok(JointInput {
+            hidden: x,
+            temb,
+            rope: joint_rope,
+            mask,
+            layout,
+            latent_size: (h, w),
+        })
+    }
 
-        // 5. Output norm and unpatchify each item's image tokens.
-        let x = self.norm_out.forward(&x, &temb)?;
+    /// The first joint layer's modulated attention input,
+    /// `norm1(x) * (1 + scale_msa)` (`[B, S, hidden]`): the signal TeaCache
+    /// watches. `None` for a model without joint layers.
+    pub fn first_modulated_input(&self, input: &JointInput) -> Result<Option<Tensor>> {
+        match self.layers.first() {
+            Some(layer) => layer.modulated_input(&input.hidden, &input.temb),
+            None => Ok(None),
+        }
+    }
+
+    /// The joint layers over the packed sequence: `[B, S, hidden]`.
+    pub fn joint_layers(&self, input: &JointInput) -> Result<Tensor> {
+        let mut x = input.hidden.clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, &input.rope, input.mask.as_ref(), Some(&input.temb))?;
+        }
+        Ok(x)
+    }
+
+    /// The output norm and unpatchify of the joint layers' output `hidden`
+    /// (`[B, S, hidden]`): `[B, out_channels, H, W]`.
+    pub fn output(&self, input: &JointInput, hidden: &Tensor) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (h, w) = input.latent_size;
+        let x = self.norm_out.forward(hidden, &input.temb)?;
         let out_c = cfg.out_channels();
-        let mut images = Vec::with_capacity(b);
+        let layout = &input.layout;
+        let mut images = Vec::with_capacity(layout.caption_lens.len());
         for (i, &c) in layout.caption_lens.iter().enumerate() {
             let tokens = x.get(i)?.narrow(0, c, layout.image_len)?;
             images.push(unpatchify(&tokens, cfg.patch_size, out_c, h, w)?);

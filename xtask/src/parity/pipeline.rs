@@ -80,6 +80,7 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
             .ok_or_else(|| anyhow!("`sigmas` must be a list of numbers"))?;
         opts.sigmas = Some(s);
     }
+    opts.cache_threshold = float("cache_threshold")?;
     let inputs = case.inputs()?;
     opts.noise = match inputs.get("latents") {
         Some(l) => Noise::Latents(l.clone()),
@@ -111,6 +112,15 @@ impl Prepared for PipelineCase {
             m.insert("image".to_string(), images);
         }
         m.insert("initial_latents".to_string(), out.initial_latents);
+        m.insert("latents".to_string(), out.latents);
+        if let Some(computed) = out.cache_computed {
+            let flags: Vec<f32> = computed.iter().map(|&c| f32::from(u8::from(c))).collect();
+            let n = flags.len();
+            m.insert(
+                "cache_computed".to_string(),
+                Tensor::from_vec(flags, n, &Device::Cpu)?,
+            );
+        }
         Ok(m)
     }
 }
