@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import gen_comfy  # noqa: E402
 import gen_gguf  # noqa: E402
 import gen_lora  # noqa: E402
 import gen_pipeline  # noqa: E402
@@ -28,6 +29,7 @@ import gen_vae  # noqa: E402
 GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_scheduler.generate}
 GENERATORS["gguf_dequant"] = gen_gguf.generate
 GENERATORS["vae"] = gen_vae.generate
+GENERATORS["vae_bfl"] = gen_comfy.generate
 GENERATORS["text_encoder"] = gen_text_encoder.generate
 GENERATORS["text_encoder_gguf"] = gen_text_encoder_gguf.generate
 GENERATORS["transformer_single_file"] = gen_transformer_single.generate

@@ -126,9 +126,11 @@ pub struct GenerateArgs {
     #[arg(long, requires = "preview", default_value_t = 1)]
     pub(crate) preview_every: usize,
 
-    /// Hub repo id or local diffusers pipeline folder.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    model: String,
+    /// Hub repo id, local diffusers pipeline folder, or ComfyUI all-in-one
+    /// checkpoint (.safetensors) [default: Alpha-VLLM/Lumina-Image-2.0; not
+    /// needed when --transformer, --text-encoder and --vae all name files].
+    #[arg(long)]
+    model: Option<String>,
     /// Hub revision (branch, tag or commit).
     #[arg(long, default_value = "main")]
     revision: String,
@@ -139,17 +141,21 @@ pub struct GenerateArgs {
     /// or diffusers folder, instead of the model's.
     #[arg(long)]
     transformer: Option<PathBuf>,
-    /// Folder or file with the config.json of --transformer (default: the model's).
+    /// Folder or file with the config.json of --transformer (default: the
+    /// model's folder's; with no model folder, Lumina-Image 2.0's with the file's sizes).
     #[arg(long)]
     transformer_config: Option<PathBuf>,
-    /// Text encoder: folder (transformers' Gemma-2 layout) or GGUF file (llama.cpp's
-    /// Gemma-2 names, e.g. a community gemma-2-2b Q4_0/Q8_0), instead of the model's.
+    /// Text encoder: folder (transformers' Gemma-2 layout), GGUF file (llama.cpp's
+    /// Gemma-2 names, e.g. a community gemma-2-2b Q4_0/Q8_0), or ComfyUI Gemma-2
+    /// file (gemma_2_2b_fp16.safetensors), instead of the model's.
     #[arg(long)]
     text_encoder: Option<PathBuf>,
-    /// tokenizer.json (or its folder), instead of the model's.
+    /// tokenizer.json (or its folder), or a ComfyUI file with the tokenizer
+    /// embedded, instead of the model's.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// VAE folder, instead of the model's.
+    /// VAE: diffusers folder, or Flux VAE file in Black Forest Labs'/ComfyUI's
+    /// keys (ae.safetensors), instead of the model's.
     #[arg(long)]
     vae: Option<PathBuf>,
     /// scheduler_config.json, instead of the model's.
@@ -317,25 +323,49 @@ fn sources(
     loras: Vec<LoraSpec>,
     quiet: bool,
 ) -> Result<(PipelineSources, String)> {
-    let model_path = Path::new(&args.model);
-    let folder_sources = if model_path.is_dir() {
+    let is_file = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.is_file());
+    let single_files = args.model.is_none()
+        && is_file(&args.transformer)
+        && is_file(&args.text_encoder)
+        && is_file(&args.vae);
+    let model = args.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    let model_path = Path::new(model);
+    // Files given alone carry no config: Lumina-Image 2.0's, sizes from the files.
+    let mut s = if single_files {
+        let te = args.text_encoder.clone().unwrap_or_default();
+        PipelineSources {
+            transformer: TransformerSource::File {
+                path: args.transformer.clone().unwrap_or_default(),
+                config: None,
+            },
+            loras: Vec::new(),
+            tokenizer: te.clone(),
+            text_encoder: te,
+            text_encoder_config: None,
+            vae: args.vae.clone().unwrap_or_default(),
+            vae_config: None,
+            scheduler_config: None,
+        }
+    } else if model_path.is_file() {
+        PipelineSources::from_checkpoint(model_path)
+            .with_context(|| format!("opening checkpoint {}", model_path.display()))?
+    } else if model_path.is_dir() {
         PipelineSources::from_pipeline_folder(model_path)
             .with_context(|| format!("opening pipeline folder {}", model_path.display()))?
     } else {
         let offline = args.offline || hub_offline_env();
-        let folder = lumina2_loader::hub::HubRepo::new(&args.model)
+        let folder = lumina2_loader::hub::HubRepo::new(model)
             .revision(&args.revision)
             .offline(offline)
             .download_pipeline(!quiet)
-            .with_context(|| format!("getting `{}` from the Hugging Face Hub", args.model))?;
+            .with_context(|| format!("getting `{model}` from the Hugging Face Hub"))?;
         PipelineSources::from_folder(&folder)
     };
-    let mut s = folder_sources;
     if let Some(t) = &args.transformer {
         let config = args
             .transformer_config
             .clone()
-            .unwrap_or_else(|| s.transformer.config_path().to_path_buf());
+            .or_else(|| s.transformer.config_path().map(Path::to_path_buf));
         s.transformer = if t.is_dir() {
             TransformerSource::Folder(t.clone())
         } else {
@@ -346,16 +376,33 @@ fn sources(
         };
     }
     if let Some(p) = &args.text_encoder {
+        // A ComfyUI file takes the config of the model's folder, when there
+        // is one (a GGUF file keeps its metadata's).
+        if s.text_encoder.is_dir()
+            && p.is_file()
+            && p.extension().is_some_and(|e| e == "safetensors")
+        {
+            s.text_encoder_config = Some(s.text_encoder.clone());
+        }
         s.text_encoder = p.clone();
     }
     if let Some(p) = &args.tokenizer {
         s.tokenizer = p.clone();
     }
     if let Some(p) = &args.vae {
+        if s.vae.is_dir() && p.is_file() {
+            s.vae_config = Some(s.vae.clone());
+        }
         s.vae = p.clone();
     }
     if let Some(p) = &args.scheduler_config {
         s.scheduler_config = Some(p.clone());
+    }
+    if s.scheduler_config.is_none() && !quiet {
+        eprintln!(
+            "no scheduler config in these files: using Lumina-Image 2.0's \
+             (FlowMatchEulerDiscreteScheduler, shift 6.0)"
+        );
     }
     s.loras = loras;
     Ok((s, model_name(args)))
@@ -366,7 +413,10 @@ fn sources(
 pub(crate) fn model_name(args: &GenerateArgs) -> String {
     match &args.transformer {
         Some(t) => t.display().to_string(),
-        None => args.model.clone(),
+        None => args
+            .model
+            .clone()
+            .unwrap_or_else(|| DEFAULT_MODEL.to_string()),
     }
 }
 

@@ -181,6 +181,56 @@ fn describe(path: &Path, format: &str, entries: &[Entry], extra: &[(String, Stri
     }
 }
 
+/// What a single `.safetensors` file is (ComfyUI all-in-one checkpoint,
+/// transformer, Gemma-2 text encoder, Flux VAE) and the configs the loader
+/// would infer for its models; an inference that fails is shown as its error.
+fn single_file_lines(path: &Path) -> Lines {
+    let file = match lumina2_loader::SingleFile::open(path) {
+        Ok(f) => f,
+        Err(e) => return vec![("single-file layout".into(), format!("none ({e})"))],
+    };
+    let layout = file.layout();
+    let mut out: Lines = vec![("single-file layout".into(), layout.describe().into())];
+    let show = |r: std::result::Result<String, lumina2_loader::Error>| match r {
+        Ok(s) => s,
+        Err(e) => format!("error: {e}"),
+    };
+    use lumina2_loader::SingleFileLayout as L;
+    if matches!(layout, L::Checkpoint | L::Transformer(_))
+        && layout != L::Transformer(lumina2_loader::TransformerLayout::Diffusers)
+    {
+        let cfg =
+            lumina2_loader::infer_config(file.source().clone(), path).map(|c| format!("{c:?}"));
+        out.push(("inferred transformer config".into(), show(cfg)));
+    }
+    if matches!(layout, L::Checkpoint | L::TextEncoder) {
+        match file.text_encoder() {
+            Ok(te) => {
+                out.push((
+                    "inferred Gemma-2 config".into(),
+                    show(te.config().map(|c| format!("{c:?}"))),
+                ));
+                let tok = match te.spiece_model() {
+                    Ok(Some(b)) => format!(
+                        "SentencePiece model, {} bytes (`{}`)",
+                        b.len(),
+                        te.spiece_key().unwrap_or_default()
+                    ),
+                    Ok(None) => "none (give --tokenizer)".into(),
+                    Err(e) => format!("error: {e}"),
+                };
+                out.push(("embedded tokenizer".into(), tok));
+            }
+            Err(e) => out.push(("text encoder".into(), format!("error: {e}"))),
+        }
+    }
+    if matches!(layout, L::Checkpoint | L::BflVae) {
+        let cfg = file.flux_vae_config().map(|c| format!("{c:?}"));
+        out.push(("inferred VAE config".into(), show(cfg)));
+    }
+    out
+}
+
 /// The top-level keys of a folder's `config.json`, none when the folder has
 /// no such entry. One that is there must be a regular file (links followed)
 /// of at most [`MAX_CONFIG_BYTES`] holding a JSON object.
@@ -230,7 +280,10 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         .unwrap_or("")
         .to_ascii_lowercase();
     match ext.as_str() {
-        "safetensors" => describe(path, "safetensors", &safetensors_entries(path)?, &[]),
+        "safetensors" => {
+            let entries = safetensors_entries(path)?;
+            describe(path, "safetensors", &entries, &single_file_lines(path));
+        }
         "gguf" => {
             let g = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
             let (entries, mut meta) = gguf_entries(&g);

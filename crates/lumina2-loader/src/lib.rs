@@ -21,6 +21,12 @@
 //!   at once with a scale each, merged into dense weights or kept factored on
 //!   quantised ones ([`lora::LoraSource`]).
 //!
+//! - [`comfy`]: the files ComfyUI users download: the all-in-one
+//!   checkpoint, the split Gemma-2 text encoder (with its embedded
+//!   SentencePiece tokenizer) and the Flux VAE in Black Forest Labs' key names
+//!   ([`bfl_vae`]), recognised from their keys ([`SingleFile`]), each model a
+//!   view over the one file, configs inferred from the tensors' shapes.
+//!
 //! - [`gemma_gguf`]: Gemma-2 text encoders from GGUF files in llama.cpp's
 //!   key names (the community Gemma-2-2B quantisations), config from the
 //!   file's metadata, linear weights kept quantised ([`Gemma2Gguf`]).
@@ -46,6 +52,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod bfl_vae;
+pub mod comfy;
 mod folder;
 pub mod gemma_gguf;
 pub mod gguf;
@@ -55,12 +63,14 @@ pub mod lora;
 pub mod original;
 mod pickle_guard;
 mod pipeline_folder;
+pub mod prefixed;
 pub mod pth;
 
+pub use comfy::{detect_single_file, GemmaFile, SingleFile, SingleFileLayout};
 pub use folder::{ComponentFolder, Error, FolderError, ShardIndex};
 pub use gemma_gguf::{Gemma2Gguf, GemmaGgufError};
 pub use hub::{HubEnv, HubRepo};
 pub use lora::{LoraFile, LoraSource};
-pub use original::{detect_layout, open_transformer_file, TransformerLayout};
+pub use original::{detect_layout, infer_config, open_transformer_file, TransformerLayout};
 pub use pipeline_folder::{Component, PipelineFolder, PIPELINE_CLASSES};
 pub use pth::PthFile;

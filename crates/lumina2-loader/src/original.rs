@@ -118,6 +118,10 @@ impl OriginalTransformer {
         let kv_rows = cfg.num_kv_heads * cfg.head_dim();
         let mut map = HashMap::new();
         for key in inner.keys() {
+            // The other models of ComfyUI's all-in-one checkpoint.
+            if key.starts_with("text_encoders.") || key.starts_with("vae.") {
+                continue;
+            }
             let plain = key.strip_prefix(COMFY_PREFIX).unwrap_or(&key);
             if plain == "norm_final.weight" {
                 continue;
@@ -171,6 +175,13 @@ pub fn check_keys(source: &dyn WeightSource, path: &Path, cfg: &Config) -> Resul
 }
 
 impl OriginalTransformer {
+    /// The file's key of a diffusers key (for messages).
+    fn file_key(&self, key: &str) -> String {
+        self.map
+            .get(key)
+            .map_or_else(|| key.to_string(), |o| o.key.clone())
+    }
+
     /// An original-layout GGUF file: linear weights, the `qkv` parts included, stay quantised.
     pub fn from_gguf(file: Arc<GgufFile>, path: &Path, cfg: &Config) -> Result<Self, Error> {
         let mut this = Self::new(file.clone(), path, cfg)?;
@@ -303,6 +314,105 @@ pub fn open_transformer_file(path: &Path, cfg: &Config) -> Result<Arc<dyn Weight
         Some(_) => Ok(Arc::new(OriginalTransformer::new(raw, path, cfg)?)),
         None => Err(not_lumina(path)),
     }
+}
+
+/// The config of an original-layout (or ComfyUI) transformer file that
+/// comes without one: diffusers' Lumina-Image 2.0 config, with the sizes the
+/// tensors give (width from `x_embedder`, latent channels at the 2x2 patch,
+/// caption width from `cap_embedder`, head width from `q_norm`, head counts
+/// from the fused `qkv`, joint and refiner blocks counted). What shapes do
+/// not fix (the RoPE split of the head, the feed-forward rounding) is the
+/// real model's; a file that differs there fails the key and shape checks
+/// and needs its `config.json`.
+pub fn infer_config(source: Arc<dyn WeightSource>, path: &Path) -> Result<Config, Error> {
+    let keys = source.keys();
+    let prefix = if keys.iter().any(|k| k.starts_with(COMFY_PREFIX)) {
+        COMFY_PREFIX
+    } else {
+        ""
+    };
+    let shape = |key: &str| -> Result<Vec<usize>, Error> {
+        let full = format!("{prefix}{key}");
+        source.shape(&full).ok_or_else(|| Error::KeyMismatch {
+            path: path.to_path_buf(),
+            missing: vec![full],
+            unexpected: Vec::new(),
+        })
+    };
+    let dim = |key: &str, i: usize| -> Result<usize, Error> {
+        let s = shape(key)?;
+        s.get(i).copied().ok_or_else(|| Error::Shape {
+            path: path.to_path_buf(),
+            key: format!("{prefix}{key}"),
+            expected: vec![0; i + 1],
+            found: s.clone(),
+        })
+    };
+    let count = |stack: &str| -> usize {
+        keys.iter()
+            .filter_map(|k| {
+                let rest = k.strip_prefix(prefix)?.strip_prefix(stack)?;
+                rest.split_once('.')?.0.parse::<usize>().ok()
+            })
+            .collect::<BTreeSet<usize>>()
+            .len()
+    };
+    let mut cfg = Config::default();
+    let unsupported = |reason: String| Error::Unsupported {
+        path: path.to_path_buf(),
+        reason: format!("{reason}: give the transformer's config.json"),
+    };
+    cfg.hidden_size = dim("x_embedder.weight", 0)?;
+    let patch_in = dim("x_embedder.weight", 1)?;
+    let p2 = cfg.patch_size * cfg.patch_size;
+    if !patch_in.is_multiple_of(p2) {
+        return Err(unsupported(format!(
+            "x_embedder takes {patch_in} values, not a whole number of {}x{} patches",
+            cfg.patch_size, cfg.patch_size
+        )));
+    }
+    cfg.in_channels = patch_in / p2;
+    cfg.cap_feat_dim = dim("cap_embedder.0.weight", 0)?;
+    let head_dim = dim("layers.0.attention.q_norm.weight", 0)?;
+    let qkv = dim("layers.0.attention.qkv.weight", 0)?;
+    if head_dim == 0
+        || !cfg.hidden_size.is_multiple_of(head_dim)
+        || qkv < cfg.hidden_size
+        || !(qkv - cfg.hidden_size).is_multiple_of(2 * head_dim)
+    {
+        return Err(unsupported(format!(
+            "head width {head_dim} does not divide the width {} and the fused qkv's {qkv} rows",
+            cfg.hidden_size
+        )));
+    }
+    cfg.num_attention_heads = cfg.hidden_size / head_dim;
+    cfg.num_kv_heads = (qkv - cfg.hidden_size) / (2 * head_dim);
+    if cfg.axes_dim_rope.iter().sum::<usize>() != head_dim {
+        return Err(unsupported(format!(
+            "head width {head_dim}, the real model's RoPE axes {:?} need {}",
+            cfg.axes_dim_rope,
+            cfg.axes_dim_rope.iter().sum::<usize>()
+        )));
+    }
+    cfg.num_layers = count("layers.");
+    cfg.num_refiner_layers = count("noise_refiner.");
+    cfg.validate().map_err(|e| unsupported(e.to_string()))?;
+    // Every tensor against the config: a feed-forward width other than the
+    // real model's rounding shows up here.
+    let mapped = OriginalTransformer::new(source.clone(), path, &cfg)?;
+    for (key, want) in weight_shapes(&cfg) {
+        if let Some(found) = mapped.shape(&key) {
+            if found != want {
+                return Err(Error::Shape {
+                    path: path.to_path_buf(),
+                    key: mapped.file_key(&key),
+                    expected: want,
+                    found,
+                });
+            }
+        }
+    }
+    Ok(cfg)
 }
 
 fn not_lumina(path: &Path) -> Error {

@@ -20,22 +20,50 @@ pub enum TransformerSource {
     /// A diffusers component folder (`config.json` + safetensors, sharded or not).
     Folder(PathBuf),
     /// A single file (`.safetensors` in the original, ComfyUI or diffusers
-    /// layout, the original `.pth`, or `.gguf`), with the folder (or file)
-    /// of the `config.json` that describes it.
+    /// layout, ComfyUI's all-in-one checkpoint, the original `.pth`, or
+    /// `.gguf`), with the folder (or file) of the `config.json` that
+    /// describes it; `None`: Lumina-Image 2.0's config, its sizes taken
+    /// from the file's tensors (original and ComfyUI layouts).
     File {
         /// The checkpoint.
         path: PathBuf,
         /// A folder holding `config.json`, or the JSON file itself.
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
 }
 
 impl TransformerSource {
-    /// The path of the `config.json` that describes the transformer.
-    pub fn config_path(&self) -> &Path {
+    /// The path of the `config.json` that describes the transformer, when
+    /// there is one.
+    pub fn config_path(&self) -> Option<&Path> {
         match self {
-            TransformerSource::Folder(p) => p,
-            TransformerSource::File { config, .. } => config,
+            TransformerSource::Folder(p) => Some(p),
+            TransformerSource::File { config, .. } => config.as_deref(),
+        }
+    }
+
+    /// The transformer's config: its `config.json`, or inferred from a
+    /// single file's tensors.
+    pub fn config(&self) -> Result<TransformerConfig> {
+        match self {
+            TransformerSource::File { path, config: None } => {
+                let file: Arc<dyn WeightSource> = if is_safetensors(path) {
+                    lumina2_loader::SingleFile::open(path)?.source().clone()
+                } else if is_gguf(path) {
+                    Arc::new(lumina2_loader::gguf::GgufFile::open(path).map_err(|e| {
+                        lumina2_loader::Error::Unsupported {
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?)
+                } else {
+                    Arc::new(lumina2_loader::PthFile::open(path)?)
+                };
+                Ok(lumina2_loader::infer_config(file, path)?)
+            }
+            other => Ok(TransformerConfig::from_file(
+                other.config_path().unwrap_or(Path::new("")),
+            )?),
         }
     }
 }
@@ -56,13 +84,22 @@ pub struct PipelineSources {
     pub transformer: TransformerSource,
     /// LoRAs applied on top of the transformer, in order.
     pub loras: Vec<LoraSpec>,
-    /// The Gemma-2 text encoder: a transformers folder, or a GGUF file
-    /// (llama.cpp's key names, as the community Gemma-2-2B quantisations).
+    /// The Gemma-2 text encoder: a transformers folder, a GGUF file
+    /// (llama.cpp's key names, as the community Gemma-2-2B quantisations),
+    /// ComfyUI's text encoder file or its all-in-one checkpoint.
     pub text_encoder: PathBuf,
-    /// `tokenizer.json`, or the folder that holds it.
+    /// `config.json` (or its folder) of a single-file text encoder; `None`:
+    /// Gemma-2-2B's, sizes from the file (GGUF: its metadata).
+    pub text_encoder_config: Option<PathBuf>,
+    /// `tokenizer.json` or the folder that holds it, or a ComfyUI file with
+    /// the SentencePiece model embedded (`spiece_model`).
     pub tokenizer: PathBuf,
-    /// The VAE's diffusers folder.
+    /// The VAE: a diffusers folder, a Flux VAE file in Black Forest Labs'
+    /// keys (ComfyUI's `ae.safetensors`), or ComfyUI's all-in-one checkpoint.
     pub vae: PathBuf,
+    /// `config.json` (or its folder) of a single-file VAE; `None`: the Flux
+    /// VAE's, sizes from the file.
+    pub vae_config: Option<PathBuf>,
     /// `scheduler_config.json`; `None`: Lumina-Image 2.0's (shift 6, no
     /// dynamic shifting).
     pub scheduler_config: Option<PathBuf>,
@@ -82,10 +119,77 @@ impl PipelineSources {
             transformer: TransformerSource::Folder(folder.transformer_dir().to_path_buf()),
             loras: Vec::new(),
             text_encoder: folder.text_encoder_dir().to_path_buf(),
+            text_encoder_config: None,
             tokenizer: folder.tokenizer_file().to_path_buf(),
             vae: folder.vae_dir().to_path_buf(),
+            vae_config: None,
             scheduler_config: Some(folder.scheduler_config().to_path_buf()),
         }
+    }
+
+    /// Every component from one ComfyUI all-in-one checkpoint, configs those
+    /// of Lumina-Image 2.0 with the sizes of the file's tensors, the
+    /// tokenizer the one embedded, and Lumina-Image 2.0's scheduler.
+    pub fn from_checkpoint(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = lumina2_loader::SingleFile::open(path)?;
+        if file.layout() != lumina2_loader::SingleFileLayout::Checkpoint {
+            return Err(lumina2_loader::Error::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "holds a {}, not an all-in-one checkpoint",
+                    file.layout().describe()
+                ),
+            }
+            .into());
+        }
+        Ok(Self {
+            transformer: TransformerSource::File {
+                path: path.to_path_buf(),
+                config: None,
+            },
+            loras: Vec::new(),
+            text_encoder: path.to_path_buf(),
+            text_encoder_config: None,
+            tokenizer: path.to_path_buf(),
+            vae: path.to_path_buf(),
+            vae_config: None,
+            scheduler_config: None,
+        })
+    }
+
+    /// The VAE's config: its folder's `config.json`, the one given for a
+    /// single file, or the Flux VAE's with the file's sizes.
+    pub fn vae_config(&self) -> Result<AutoencoderKLConfig> {
+        if self.vae.is_dir() {
+            return Ok(AutoencoderKLConfig::from_file(&self.vae)?);
+        }
+        match &self.vae_config {
+            Some(c) => Ok(AutoencoderKLConfig::from_file(c)?),
+            None => Ok(lumina2_loader::SingleFile::open(&self.vae)?.flux_vae_config()?),
+        }
+    }
+}
+
+/// Whether `path` names a safetensors file (by its extension).
+pub(crate) fn is_safetensors(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
+}
+
+/// The tokenizer: `tokenizer.json` (or its folder), or the SentencePiece
+/// model embedded in a ComfyUI file.
+pub(crate) fn load_tokenizer(path: &Path) -> Result<GemmaTokenizer> {
+    if !is_safetensors(path) {
+        return Ok(GemmaTokenizer::from_file(path)?);
+    }
+    let te = lumina2_loader::SingleFile::open(path)?.text_encoder()?;
+    match te.spiece_model()? {
+        Some(bytes) => tokenizer_from_spiece(&bytes, path),
+        None => Err(lumina2_loader::Error::Unsupported {
+            path: path.to_path_buf(),
+            reason: "holds no tokenizer (`spiece_model`): give a tokenizer.json or its folder (--tokenizer)".into(),
+        }
+        .into()),
     }
 }
 
@@ -110,12 +214,28 @@ pub(crate) fn load_prompt_encoder(
     device: &Device,
     warnings: &mut Vec<String>,
 ) -> Result<PromptEncoder> {
-    let tokenizer = GemmaTokenizer::from_file(&sources.tokenizer)?;
+    let tokenizer = load_tokenizer(&sources.tokenizer)?;
     let path = &sources.text_encoder;
     let (cfg, weights) = if path.is_file() && is_gguf(path) {
         // llama.cpp's Gemma-2 GGUF: config from its metadata, linears quantised.
         let gguf = lumina2_loader::Gemma2Gguf::open(path)?;
-        (gguf.config()?, gguf.into_weights(dtype, device))
+        let cfg = match &sources.text_encoder_config {
+            Some(c) => Gemma2Config::from_file(c)?,
+            None => gguf.config()?,
+        };
+        (cfg, gguf.into_weights(dtype, device))
+    } else if is_safetensors(path) {
+        // ComfyUI's text encoder file or all-in-one checkpoint.
+        let te = lumina2_loader::SingleFile::open(path)?.text_encoder()?;
+        let cfg = match &sources.text_encoder_config {
+            Some(c) => {
+                let cfg = Gemma2Config::from_file(c)?;
+                te.check(&cfg)?;
+                cfg
+            }
+            None => te.config()?,
+        };
+        (cfg, Weights::new(te.weights(), dtype, device))
     } else {
         let cfg = Gemma2Config::from_file(path)?;
         let files = lumina2_text_encoder::safetensors_files(path)?;
@@ -124,6 +244,18 @@ pub(crate) fn load_prompt_encoder(
     let encoder = Gemma2Encoder::penultimate(&cfg, &weights)?;
     warn_non_finite("text encoder", weights.non_finite_keys(), warnings);
     Ok(PromptEncoder::new(tokenizer, encoder))
+}
+
+/// The tokenizer from the bytes of a SentencePiece model.
+fn tokenizer_from_spiece(bytes: &[u8], path: &Path) -> Result<GemmaTokenizer> {
+    let _ = bytes;
+    Err(lumina2_loader::Error::Unsupported {
+        path: path.to_path_buf(),
+        reason: "reading the embedded SentencePiece tokenizer (`spiece_model`) is not supported \
+                 yet: give a tokenizer.json or its folder (--tokenizer)"
+            .into(),
+    }
+    .into())
 }
 
 /// Whether `path` names a GGUF file (by its extension).
@@ -188,17 +320,23 @@ pub(crate) fn load_transformer(
 }
 
 pub(crate) fn load_vae(
-    dir: &Path,
+    path: &Path,
     cfg: &AutoencoderKLConfig,
     dtype: DType,
     device: &Device,
     warnings: &mut Vec<String>,
 ) -> Result<AutoencoderKL> {
-    // The same sharded-folder reader as every other component: shards
-    // checked against their index, a key in two shards refused, only the
-    // tensors the config names read, each after its declared shape.
-    let folder = lumina2_loader::ComponentFolder::open(dir)?;
-    let weights = Weights::from_safetensors(folder.safetensors_files(), dtype, device)?;
+    let weights = if is_safetensors(path) {
+        // A BFL/ComfyUI VAE file or the all-in-one checkpoint, in diffusers' names.
+        let source = lumina2_loader::SingleFile::open(path)?.vae()?;
+        Weights::new(source, dtype, device)
+    } else {
+        // The same sharded-folder reader as every other component: shards
+        // checked against their index, a key in two shards refused, only the
+        // tensors the config names read, each after its declared shape.
+        let folder = lumina2_loader::ComponentFolder::open(path)?;
+        Weights::from_safetensors(folder.safetensors_files(), dtype, device)?
+    };
     let vae = AutoencoderKL::new(cfg, &weights)?;
     warn_non_finite("VAE", weights.non_finite_keys(), warnings);
     Ok(vae)

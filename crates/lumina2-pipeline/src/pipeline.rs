@@ -134,9 +134,8 @@ impl PipelineBuilder {
                 ),
             ));
         }
-        let transformer_config =
-            TransformerConfig::from_file(self.sources.transformer.config_path())?;
-        let vae_config = AutoencoderKLConfig::from_file(&self.sources.vae)?;
+        let transformer_config = self.sources.transformer.config()?;
+        let vae_config = self.sources.vae_config()?;
         let scheduler_config =
             components::read_scheduler_config(self.sources.scheduler_config.as_deref())?;
         if vae_config.latent_channels != transformer_config.in_channels {

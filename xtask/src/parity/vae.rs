@@ -28,11 +28,25 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
     };
     let model_path = case.model()?;
     let dev = Device::Cpu;
-    let folder = lumina2_loader::ComponentFolder::open(model_path)
-        .with_context(|| format!("opening {}", model_path.display()))?;
-    let config_dir = case.model_config.as_deref().unwrap_or(model_path);
-    let cfg = AutoencoderKLConfig::from_file(config_dir)?;
-    let weights = Weights::from_safetensors(folder.safetensors_files(), case.dtype, &dev)?;
+    let (cfg, weights) = if model_path.is_file() {
+        // A single file (BFL/ComfyUI keys, or a checkpoint's `vae.*`): the
+        // Flux config inferred from it unless the case gives one.
+        let file = lumina2_loader::SingleFile::open(model_path)?;
+        let cfg = match case.model_config.as_deref() {
+            Some(c) => AutoencoderKLConfig::from_file(c)?,
+            None => file.flux_vae_config()?,
+        };
+        (cfg, Weights::new(file.vae()?, case.dtype, &dev))
+    } else {
+        let folder = lumina2_loader::ComponentFolder::open(model_path)
+            .with_context(|| format!("opening {}", model_path.display()))?;
+        let config_dir = case.model_config.as_deref().unwrap_or(model_path);
+        let cfg = AutoencoderKLConfig::from_file(config_dir)?;
+        (
+            cfg,
+            Weights::from_safetensors(folder.safetensors_files(), case.dtype, &dev)?,
+        )
+    };
     let mut model = AutoencoderKL::new(&cfg, &weights)?;
     if tiling {
         model.enable_tiling();
