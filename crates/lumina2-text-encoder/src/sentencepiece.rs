@@ -516,13 +516,14 @@ mod tests {
         let mut sp = Vec::new();
         field_bytes(1, &[0xff, 0xfe], &mut sp);
         field_bytes(1, &sp, &mut b);
-        assert!(matches!(
-            parse(&b),
-            Err(SentencePieceError::InvalidField { .. })
-        ));
+        let e = parse(&b);
+        assert!(
+            matches!(e, Err(SentencePieceError::InvalidField { .. })),
+            "{e:?}"
+        );
         // A group wire type.
         assert!(matches!(
-            parse(&[1 << 3 | 3]),
+            parse(&[9 << 3 | 3]),
             Err(SentencePieceError::Malformed { .. })
         ));
         // Pieces but no trainer spec: Unigram by the proto's default.
