@@ -2,7 +2,7 @@
 //! for a given time each, in this process.
 //!
 //! The seeds are the committed fixtures (GGUF, safetensors, `.pth`, LoRA,
-//! configs, tokenizer) and the small hand-made files under `xtask/fuzz/seeds`;
+//! configs, tokenizer, SentencePiece model) and the small hand-made files under `xtask/fuzz/seeds`;
 //! the mutations are those of the classic byte fuzzers (bit flips,
 //! interesting integers over length and offset fields, truncation at any
 //! point, inserted, deleted and duplicated ranges, splices of two seeds). It
@@ -140,6 +140,17 @@ fn model_index(path: &Path) {
 fn tokenizer(path: &Path) {
     if let Ok(t) = lumina2_text_encoder::GemmaTokenizer::from_file(path) {
         let _ = t.encode_padded(&["a red fox <0x41> \u{0}\u{feff}".to_string()], 16);
+    }
+}
+
+/// `sentencepiece`: a SentencePiece `tokenizer.model` (protobuf reader and
+/// merge generation), then an encode with the tokenizer built from it.
+fn sentencepiece(path: &Path) {
+    let Ok(bytes) = std::fs::read(path) else {
+        return;
+    };
+    if let Ok(t) = lumina2_text_encoder::GemmaTokenizer::from_sentencepiece(&bytes, "fuzz") {
+        let _ = t.encode_padded(&["a red fox <0x41> \u{0}\u{feff}<bos>".to_string()], 16);
     }
 }
 
@@ -352,6 +363,12 @@ pub fn targets() -> Vec<Target> {
             file_name: "tokenizer.json",
             seeds: &["tokenizer.json"],
             run: tokenizer,
+        },
+        Target {
+            name: "sentencepiece",
+            file_name: "tokenizer.model",
+            seeds: &[".model"],
+            run: sentencepiece,
         },
         Target {
             name: "config_numbers",

@@ -44,6 +44,14 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A SentencePiece `tokenizer.model` is malformed or not a BPE model.
+    #[error("SentencePiece model {origin}: {source}")]
+    SentencePiece {
+        /// The file (or file and tensor key) the model came from.
+        origin: String,
+        /// What was wrong.
+        source: crate::sentencepiece::SentencePieceError,
+    },
     /// An input has the wrong shape, dtype or content.
     #[error("invalid input `{name}`: {reason}")]
     InvalidInput {

@@ -34,6 +34,8 @@ mod embedding;
 mod error;
 mod model;
 mod prompt;
+mod sentencepiece;
+mod spm_tokenizer;
 mod weights;
 
 pub use config::{Activation, Gemma2Config, LayerType, Rope, MAX_PARAMETERS};
@@ -45,6 +47,10 @@ pub use prompt::{
     GemmaTokenizer, PromptEmbeddings, PromptEncoder, PromptOptions, SystemPrompt, Tokenized,
     DEFAULT_SYSTEM_PROMPT, MAX_SEQUENCE_LENGTH_LIMIT, SYSTEM_PROMPT_PRESETS,
 };
+pub use sentencepiece::{
+    PieceType, SentencePieceError, SentencePieceModel, MAX_SENTENCEPIECE_BYTES,
+};
+pub use spm_tokenizer::MAX_MERGE_WORK;
 pub use weights::{
     safetensors_files, Linear, LinearWeight, SafetensorsSource, VarBuilderSource, WeightSource,
     Weights,

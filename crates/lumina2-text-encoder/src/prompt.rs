@@ -96,7 +96,8 @@ pub struct Tokenized {
     pub truncated: Vec<Option<String>>,
 }
 
-/// The model's `tokenizer.json`, with its special tokens and post-processor
+/// The model's tokenizer (its `tokenizer.json`, or built from a SentencePiece
+/// `tokenizer.model`), with its special tokens and post-processor
 /// (Gemma's prepends `<bos>`), padded on the right as diffusers sets it.
 #[derive(Clone)]
 pub struct GemmaTokenizer {
@@ -154,13 +155,21 @@ fn configured_pad_token(dir: &Path) -> Result<Option<String>> {
 }
 
 impl GemmaTokenizer {
-    /// Reads `tokenizer.json` (a file, or a folder holding it). The padding
-    /// token is the folder's `tokenizer_config.json` / `special_tokens_map.json`
+    /// Reads `tokenizer.json` (a file, or a folder holding it; a folder with
+    /// only a SentencePiece `tokenizer.model` is read with
+    /// [`GemmaTokenizer::from_sentencepiece`]). The padding token is the
+    /// folder's `tokenizer_config.json` / `special_tokens_map.json`
     /// `pad_token` when present, else `<pad>` (Gemma's).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let mut path: PathBuf = path.as_ref().to_path_buf();
         if path.is_dir() {
+            let spm = path.join("tokenizer.model");
             path = path.join("tokenizer.json");
+            if !path.exists() && spm.exists() {
+                return Self::from_sentencepiece_file(&spm);
+            }
+        } else if path.extension().is_some_and(|e| e == "model") {
+            return Self::from_sentencepiece_file(&path);
         }
         let origin = path.display().to_string();
         let text = lumina2_weights::fs::read_to_string_bounded(
@@ -180,15 +189,55 @@ impl GemmaTokenizer {
                 "malformed tokenizer.json (the tokenizers crate could not read it)",
             )
         })?;
-        let mut inner = parsed.map_err(|e| tok_err(&origin, e))?;
-        // transformers overrides the file's own padding and truncation per call.
+        let inner = parsed.map_err(|e| tok_err(&origin, e))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let pad_token = configured_pad_token(dir)?.unwrap_or_else(|| "<pad>".to_string());
+        Self::wrap(inner, &pad_token, origin)
+    }
+
+    /// The tokenizer transformers 5.24's `GemmaTokenizer` builds from a
+    /// SentencePiece BPE `tokenizer.model` given as bytes (a file's content,
+    /// or ComfyUI's `spiece_model` tensor): same vocabulary, merges, byte
+    /// fallback, normaliser, special tokens and `<bos>` prefix, hence the same
+    /// ids. `origin` names where the bytes came from in error messages (e.g.
+    /// `lumina_2.safetensors: text_encoders.spiece_model`). The padding token
+    /// is `<pad>`.
+    pub fn from_sentencepiece(bytes: &[u8], origin: &str) -> Result<GemmaTokenizer> {
+        let spm_err = |source| Error::SentencePiece {
+            origin: origin.to_string(),
+            source,
+        };
+        let model = crate::sentencepiece::parse(bytes).map_err(spm_err)?;
+        let inner = crate::spm_tokenizer::build(&model).map_err(spm_err)?;
+        Self::wrap(inner, "<pad>", origin.to_string())
+    }
+
+    /// [`GemmaTokenizer::from_sentencepiece`] on a `tokenizer.model` file;
+    /// the folder's configured `pad_token` applies as in
+    /// [`GemmaTokenizer::from_file`].
+    fn from_sentencepiece_file(path: &Path) -> Result<Self> {
+        let origin = path.display().to_string();
+        let bytes = lumina2_weights::fs::read_bounded(
+            path,
+            crate::sentencepiece::MAX_SENTENCEPIECE_BYTES as u64,
+        )
+        .map_err(|e| tok_err(&origin, e))?;
+        let model = Self::from_sentencepiece(&bytes, &origin)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        match configured_pad_token(dir)? {
+            Some(pad) => Self::wrap(model.inner, &pad, origin),
+            None => Ok(model),
+        }
+    }
+
+    /// Padding and truncation off (transformers sets them per call) and the
+    /// padding token's id looked up.
+    fn wrap(mut inner: Tokenizer, pad_token: &str, origin: String) -> Result<Self> {
         inner.with_padding(None);
         inner
             .with_truncation(None)
             .map_err(|e| tok_err(&origin, e))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let pad_token = configured_pad_token(dir)?.unwrap_or_else(|| "<pad>".to_string());
-        let pad_id = inner.token_to_id(&pad_token).ok_or_else(|| {
+        let pad_id = inner.token_to_id(pad_token).ok_or_else(|| {
             tok_err(
                 &origin,
                 format!("padding token `{pad_token}` is not in the vocabulary"),
