@@ -246,16 +246,11 @@ pub(crate) fn load_prompt_encoder(
     Ok(PromptEncoder::new(tokenizer, encoder))
 }
 
-/// The tokenizer from the bytes of a SentencePiece model.
+/// The tokenizer from the bytes of a SentencePiece model (a ComfyUI file's
+/// `spiece_model`), built as transformers' `GemmaTokenizer` builds it.
 fn tokenizer_from_spiece(bytes: &[u8], path: &Path) -> Result<GemmaTokenizer> {
-    let _ = bytes;
-    Err(lumina2_loader::Error::Unsupported {
-        path: path.to_path_buf(),
-        reason: "reading the embedded SentencePiece tokenizer (`spiece_model`) is not supported \
-                 yet: give a tokenizer.json or its folder (--tokenizer)"
-            .into(),
-    }
-    .into())
+    let origin = format!("{}: spiece_model", path.display());
+    Ok(GemmaTokenizer::from_sentencepiece(bytes, &origin)?)
 }
 
 /// Whether `path` names a GGUF file (by its extension).

@@ -71,6 +71,19 @@ fn the_all_in_one_checkpoint_gives_the_folders_pixels() {
     assert_eq!(got, reference);
 }
 
+/// The checkpoint's own tokenizer (its `spiece_model`, a SentencePiece BPE
+/// model of the tiny pipeline's vocabulary) tokenises as the folder's
+/// tokenizer.json: the same pixels with nothing taken from the folder but
+/// the tiny configs.
+#[test]
+fn the_all_in_one_checkpoint_with_its_embedded_tokenizer_gives_the_folders_pixels() {
+    let reference = pixels(PipelineSources::from_pipeline_folder(folder()).unwrap());
+    let mut s =
+        with_tiny_configs(PipelineSources::from_checkpoint(comfy("lumina_2.safetensors")).unwrap());
+    s.tokenizer = comfy("lumina_2.safetensors");
+    assert_eq!(pixels(s), reference);
+}
+
 #[test]
 fn the_split_files_give_the_folders_pixels() {
     let reference = pixels(PipelineSources::from_pipeline_folder(folder()).unwrap());
