@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import gen_gguf  # noqa: E402
+import gen_gguf_quantize  # noqa: E402
 import gen_lora  # noqa: E402
 import gen_pipeline  # noqa: E402
 import gen_transformer  # noqa: E402
@@ -26,6 +27,7 @@ import gen_vae  # noqa: E402
 
 GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_scheduler.generate}
 GENERATORS["gguf_dequant"] = gen_gguf.generate
+GENERATORS["gguf_quantize"] = gen_gguf_quantize.generate
 GENERATORS["vae"] = gen_vae.generate
 GENERATORS["text_encoder"] = gen_text_encoder.generate
 GENERATORS["text_encoder_gguf"] = gen_text_encoder_gguf.generate
