@@ -21,6 +21,10 @@
 //!   at once with a scale each, merged into dense weights or kept factored on
 //!   quantised ones ([`lora::LoraSource`]).
 //!
+//! - [`convert`]: a transformer from any of those layouts to a diffusers
+//!   folder, the original single file or GGUF (optionally quantised: the
+//!   quantisers are in [`gguf`]), one tensor at a time, atomically.
+//!
 //! - [`gemma_gguf`]: Gemma-2 text encoders from GGUF files in llama.cpp's
 //!   key names (the community Gemma-2-2B quantisations), config from the
 //!   file's metadata, linear weights kept quantised ([`Gemma2Gguf`]).
@@ -46,6 +50,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod convert;
 mod folder;
 pub mod gemma_gguf;
 pub mod gguf;
@@ -56,7 +61,11 @@ pub mod original;
 mod pickle_guard;
 mod pipeline_folder;
 pub mod pth;
+mod st_write;
 
+pub use convert::{
+    convert_transformer, ConvertError, ConvertFormat, ConvertOptions, ConvertReport,
+};
 pub use folder::{ComponentFolder, Error, FolderError, ShardIndex};
 pub use gemma_gguf::{Gemma2Gguf, GemmaGgufError};
 pub use hub::{HubEnv, HubRepo};

@@ -34,8 +34,8 @@ pub use error::GgufError;
 pub use parse::{DEFAULT_ALIGNMENT, MAX_DIMS, MAX_NESTING};
 pub use quantize::{quantize, QuantizeError, QUANTIZE_TYPES};
 pub use types::{GgmlType, MetadataArray, MetadataValue, TensorInfo};
-pub use write::{write_gguf, GgufWriteError, TensorPlan};
 pub(crate) use write::TempFile;
+pub use write::{write_gguf, GgufWriteError, TensorPlan};
 
 /// The bytes of a GGUF file: a memory map, or a buffer.
 enum Bytes {
