@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use lumina2_transformer::{weight_shapes, Config, WeightSource};
+pub use lumina2_transformer::Config;
+use lumina2_transformer::{weight_shapes, WeightSource};
 
 use crate::gguf::{
     quantize, write_gguf, GgmlType, GgufFile, GgufWriteError, MetadataValue, TempFile, TensorPlan,
