@@ -643,7 +643,7 @@ pub fn convert_transformer(
             result?;
         }
     }
-    progress(total, total).map_err(|reason| ConvertError::Options(reason))?;
+    progress(total, total).map_err(ConvertError::Options)?;
     Ok(report)
 }
 
