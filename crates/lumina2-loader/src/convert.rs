@@ -142,6 +142,8 @@ struct Source {
     path: PathBuf,
     raw: Arc<dyn WeightSource>,
     gguf: Option<Arc<GgufFile>>,
+    /// Set for safetensors sources: dtypes come from the header.
+    st: Option<Arc<lumina2_weights::SafetensorsSource>>,
     prefix: &'static str,
     layout: TransformerLayout,
     config_json: Option<PathBuf>,
@@ -161,6 +163,7 @@ impl Source {
             reason,
         };
         let mut gguf = None;
+        let mut st = None;
         let mut config_json = None;
         let raw: Arc<dyn WeightSource> = if path.is_dir() {
             let dir = if path.join("model_index.json").is_file() {
@@ -171,10 +174,12 @@ impl Source {
             let folder = ComponentFolder::open(&dir).map_err(|e| err(e.to_string()))?;
             let cfg = folder.config_path();
             config_json = cfg.is_file().then_some(cfg);
-            Arc::new(
+            let s = Arc::new(
                 lumina2_weights::SafetensorsSource::open(folder.safetensors_files())
                     .map_err(|e| err(e.to_string()))?,
-            )
+            );
+            st = Some(s.clone());
+            s
         } else {
             let ext = path
                 .extension()
@@ -190,10 +195,14 @@ impl Source {
                 "pth" | "pt" | "bin" => {
                     Arc::new(PthFile::open(path).map_err(|e| err(e.to_string()))?)
                 }
-                "safetensors" => Arc::new(
-                    lumina2_weights::SafetensorsSource::open(&[path])
-                        .map_err(|e| err(e.to_string()))?,
-                ),
+                "safetensors" => {
+                    let s = Arc::new(
+                        lumina2_weights::SafetensorsSource::open(&[path])
+                            .map_err(|e| err(e.to_string()))?,
+                    );
+                    st = Some(s.clone());
+                    s
+                }
                 _ => {
                     return Err(err(format!(
                         "unknown checkpoint extension `.{ext}` (expected a folder, .safetensors, .pth or .gguf)"
@@ -214,6 +223,7 @@ impl Source {
             path: path.to_path_buf(),
             raw,
             gguf,
+            st,
             prefix,
             layout,
             config_json,
@@ -244,6 +254,13 @@ impl Source {
             return Ok(match t.ggml_type {
                 GgmlType::F16 => DType::F16,
                 GgmlType::BF16 => DType::BF16,
+                _ => DType::F32,
+            });
+        }
+        if let Some((d, _)) = self.st.as_ref().and_then(|s| s.tensor_info(&full)) {
+            // fp8 (listed as U8) is widened: to f32 like every other type.
+            return Ok(match d {
+                DType::F16 | DType::BF16 => d,
                 _ => DType::F32,
             });
         }
