@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 import gen_comfy  # noqa: E402
 import gen_gguf  # noqa: E402
+import gen_gguf_quantize  # noqa: E402
 import gen_lora  # noqa: E402
 import gen_pipeline  # noqa: E402
 import gen_transformer  # noqa: E402
@@ -28,6 +29,7 @@ import gen_vae  # noqa: E402
 
 GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_scheduler.generate}
 GENERATORS["gguf_dequant"] = gen_gguf.generate
+GENERATORS["gguf_quantize"] = gen_gguf_quantize.generate
 GENERATORS["vae"] = gen_vae.generate
 GENERATORS["vae_bfl"] = gen_comfy.generate
 GENERATORS["text_encoder"] = gen_text_encoder.generate

@@ -7,6 +7,7 @@
 )]
 
 mod batch;
+mod convert;
 mod generate;
 mod inspect;
 mod output;
@@ -46,6 +47,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Serve an OpenAI-compatible images API over HTTP, models loaded once.
     Serve(Box<serve::ServeArgs>),
+    /// Convert a transformer checkpoint: diffusers folder, original single file, GGUF (quantised).
+    Convert(convert::ConvertArgs),
 }
 
 fn init_logging(quiet: bool, verbose: u8) {
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args, cli.quiet),
         Command::Inspect(args) => inspect::run(&args),
         Command::Serve(args) => serve::run(*args, cli.quiet),
+        Command::Convert(args) => convert::run(args, cli.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,6 +27,10 @@
 //!   ([`bfl_vae`]), recognised from their keys ([`SingleFile`]), each model a
 //!   view over the one file, configs inferred from the tensors' shapes.
 //!
+//! - [`convert`]: a transformer from any of those layouts to a diffusers
+//!   folder, the original single file or GGUF (optionally quantised: the
+//!   quantisers are in [`gguf`]), one tensor at a time, atomically.
+//!
 //! - [`gemma_gguf`]: Gemma-2 text encoders from GGUF files in llama.cpp's
 //!   key names (the community Gemma-2-2B quantisations), config from the
 //!   file's metadata, linear weights kept quantised ([`Gemma2Gguf`]).
@@ -54,6 +58,7 @@
 
 pub mod bfl_vae;
 pub mod comfy;
+pub mod convert;
 mod folder;
 pub mod gemma_gguf;
 pub mod gguf;
@@ -65,8 +70,12 @@ mod pickle_guard;
 mod pipeline_folder;
 pub mod prefixed;
 pub mod pth;
+mod st_write;
 
 pub use comfy::{detect_single_file, GemmaFile, SingleFile, SingleFileLayout};
+pub use convert::{
+    convert_transformer, ConvertError, ConvertFormat, ConvertOptions, ConvertReport,
+};
 pub use folder::{ComponentFolder, Error, FolderError, ShardIndex};
 pub use gemma_gguf::{Gemma2Gguf, GemmaGgufError};
 pub use hub::{HubEnv, HubRepo};

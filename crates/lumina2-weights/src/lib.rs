@@ -20,6 +20,7 @@
 
 pub mod error;
 pub mod folder;
+pub mod fp8;
 pub mod fs;
 
 use std::collections::HashMap;
@@ -307,12 +308,16 @@ pub struct SafetensorsSource {
     index: HashMap<String, StEntry>,
     names: String,
     metadata: HashMap<String, String>,
+    /// Whether any tensor is fp8: ComfyUI's scale keys are then hidden.
+    has_fp8: bool,
 }
 
 #[derive(Debug, Clone)]
 struct StEntry {
     file: usize,
+    /// The element type (U8 for fp8, whose format is `fp8`).
     dtype: DType,
+    fp8: Option<fp8::Fp8>,
     shape: Vec<usize>,
     start: u64,
     len: usize,
@@ -440,8 +445,12 @@ impl SafetensorsSource {
                     .get("dtype")
                     .and_then(|d| d.as_str())
                     .ok_or_else(|| bad(&key, "no dtype".into()))?;
-                let dtype = st_dtype(dtype)
-                    .ok_or_else(|| bad(&key, format!("unsupported dtype {dtype}")))?;
+                let fp8 = fp8::Fp8::from_st(dtype);
+                let dtype = match fp8 {
+                    Some(_) => DType::U8,
+                    None => st_dtype(dtype)
+                        .ok_or_else(|| bad(&key, format!("unsupported dtype {dtype}")))?,
+                };
                 let shape: Vec<usize> = v
                     .get("shape")
                     .and_then(|s| s.as_array())
@@ -474,6 +483,7 @@ impl SafetensorsSource {
                 let entry = StEntry {
                     file: fi,
                     dtype,
+                    fp8,
                     shape,
                     start: data_start + s0,
                     len: need,
@@ -491,11 +501,13 @@ impl SafetensorsSource {
             })?;
             files.push((p.to_path_buf(), std::sync::Mutex::new(f)));
         }
+        let has_fp8 = index.values().any(|e| e.fp8.is_some());
         Ok(Self {
             files,
             index,
             names,
             metadata,
+            has_fp8,
         })
     }
 
@@ -534,18 +546,27 @@ impl WeightSource for SafetensorsSource {
         let read = |buf: &mut [u8]| read_at(&f, e.start, buf).map_err(|x| err(x.to_string()));
         let n = e.shape.iter().product::<usize>();
         let shape = e.shape.as_slice();
-        let t = match e.dtype {
-            DType::F32 => {
+        let t = match (e.fp8, e.dtype) {
+            (Some(format), _) => {
+                let mut buf = vec![0u8; e.len];
+                read(&mut buf)?;
+                drop(f);
+                let table = format.table();
+                let v: Vec<half::f16> = buf.iter().map(|&b| table[usize::from(b)]).collect();
+                let t = Tensor::from_vec(v, shape, &Device::Cpu)?;
+                return self.scaled(key, t);
+            }
+            (None, DType::F32) => {
                 let mut v = vec![0f32; n];
                 read(bytemuck::cast_slice_mut(&mut v))?;
                 Tensor::from_vec(v, shape, &Device::Cpu)?
             }
-            DType::BF16 => {
+            (None, DType::BF16) => {
                 let mut v = vec![half::bf16::ZERO; n];
                 read(bytemuck::cast_slice_mut(&mut v))?;
                 Tensor::from_vec(v, shape, &Device::Cpu)?
             }
-            DType::F16 => {
+            (None, DType::F16) => {
                 let mut v = vec![half::f16::ZERO; n];
                 read(bytemuck::cast_slice_mut(&mut v))?;
                 Tensor::from_vec(v, shape, &Device::Cpu)?
@@ -565,9 +586,38 @@ impl WeightSource for SafetensorsSource {
         self.index.get(key).map(|e| e.shape.clone())
     }
     fn keys(&self) -> Vec<String> {
-        let mut k: Vec<String> = self.index.keys().cloned().collect();
+        let mut k: Vec<String> = self
+            .index
+            .keys()
+            .filter(|k| !(self.has_fp8 && fp8::is_scale_key(k)))
+            .cloned()
+            .collect();
         k.sort();
         k
+    }
+}
+
+impl SafetensorsSource {
+    /// An fp8 tensor (as f16) times its ComfyUI `scale_weight`, if it has one
+    /// (then in f32: `fp8 * scale`, one rounding).
+    fn scaled(&self, key: &str, t: Tensor) -> Result<Tensor> {
+        let Some(base) = key.strip_suffix(".weight") else {
+            return Ok(t);
+        };
+        let scale_key = format!("{base}.scale_weight");
+        if !self.index.contains_key(&scale_key) {
+            return Ok(t);
+        }
+        let scale = self.tensor(&scale_key)?.to_dtype(DType::F32)?;
+        if scale.elem_count() != 1 {
+            return Err(Error::WeightLoad {
+                key: scale_key,
+                source_name: self.names.clone(),
+                reason: format!("a scale of shape {:?}, expected one value", scale.dims()),
+            });
+        }
+        let scale = scale.flatten_all()?;
+        Ok(t.to_dtype(DType::F32)?.broadcast_mul(&scale.reshape(())?)?)
     }
 }
 

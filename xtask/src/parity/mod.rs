@@ -34,6 +34,7 @@ pub fn prepare(case: &Case, int8: bool) -> Result<Box<dyn Prepared>> {
     match case.component.as_str() {
         "transformer" => transformer::prepare(case, int8),
         "gguf_dequant" => gguf::prepare(case),
+        "gguf_quantize" => gguf::prepare_quantize(case),
         "scheduler" => scheduler::prepare(case),
         "vae_decode" | "vae_encode" => vae::prepare(case),
         "text_encoder" => text_encoder::prepare_text_encoder(case),

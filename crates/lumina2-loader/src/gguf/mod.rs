@@ -1,6 +1,8 @@
 //! GGUF files: a reader that trusts nothing in the file, our own dequantisation
 //! kernels (bit-exact with gguf-py), and conversion to candle tensors, either
-//! dequantised ([`GgufFile::tensor`]) or kept quantised ([`GgufFile::qtensor`]).
+//! dequantised ([`GgufFile::tensor`]) or kept quantised ([`GgufFile::qtensor`]);
+//! our quantisers ([`quantize`]) and an atomic, one-tensor-at-a-time writer
+//! ([`write_gguf`]).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,7 +18,9 @@
 mod dequant;
 mod error;
 mod parse;
+mod quantize;
 mod types;
+mod write;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -28,7 +32,10 @@ use candle_core::{DType, Device, Tensor};
 pub use dequant::{dequantize, dequantize_into, DequantError};
 pub use error::GgufError;
 pub use parse::{DEFAULT_ALIGNMENT, MAX_DIMS, MAX_NESTING};
+pub use quantize::{quantize, QuantizeError, QUANTIZE_TYPES};
 pub use types::{GgmlType, MetadataArray, MetadataValue, TensorInfo};
+pub(crate) use write::TempFile;
+pub use write::{write_gguf, GgufWriteError, TensorPlan};
 
 /// The bytes of a GGUF file: a memory map, or a buffer.
 enum Bytes {
