@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import gen_gguf  # noqa: E402
+import gen_img2img  # noqa: E402
 import gen_lora  # noqa: E402
 import gen_pipeline  # noqa: E402
 import gen_transformer  # noqa: E402
@@ -32,6 +33,7 @@ GENERATORS["text_encoder_gguf"] = gen_text_encoder_gguf.generate
 GENERATORS["transformer_single_file"] = gen_transformer_single.generate
 GENERATORS["lora"] = gen_lora.generate
 GENERATORS["pipeline"] = gen_pipeline.generate
+GENERATORS["img2img"] = gen_img2img.generate
 
 
 def main():

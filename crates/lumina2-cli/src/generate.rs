@@ -15,6 +15,7 @@ use lumina2_pipeline::{
 };
 
 use crate::batch;
+use crate::init_image;
 use crate::output;
 use crate::signals;
 
@@ -169,6 +170,9 @@ pub struct GenerateArgs {
     /// Skip the up-front memory check.
     #[arg(long)]
     pub(crate) no_memory_check: bool,
+
+    #[command(flatten)]
+    pub(crate) init: init_image::InitImageArgs,
 
     #[command(flatten)]
     pub(crate) batch: batch::BatchArgs,
@@ -406,6 +410,7 @@ pub(crate) fn options_named(
         GuidanceArg::Diffusers => GuidanceMode::Diffusers,
         GuidanceArg::Original => GuidanceMode::Original,
     };
+    init_image::apply(&args.init, &mut o)?;
     // The counts are bounded before the per-image seed list is made.
     o.noise = Noise::Seed(seed);
     o.validate().map_err(named)?;
@@ -869,5 +874,6 @@ fn metadata(
     for l in &args.lora {
         m.push(("lora".to_string(), l.clone()));
     }
+    m.extend(init_image::metadata(&args.init));
     m
 }

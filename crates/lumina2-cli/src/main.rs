@@ -8,6 +8,7 @@
 
 mod batch;
 mod generate;
+mod init_image;
 mod inspect;
 mod output;
 mod serve;
