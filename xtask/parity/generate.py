@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import gen_comfy  # noqa: E402
 import gen_gguf  # noqa: E402
 import gen_gguf_quantize  # noqa: E402
+import gen_img2img  # noqa: E402
 import gen_lora  # noqa: E402
 import gen_pipeline  # noqa: E402
 import gen_transformer  # noqa: E402
@@ -38,6 +39,7 @@ GENERATORS["transformer_single_file"] = gen_transformer_single.generate
 GENERATORS["lora"] = gen_lora.generate
 GENERATORS["pipeline"] = gen_pipeline.generate
 GENERATORS["teacache"] = gen_teacache.generate
+GENERATORS["img2img"] = gen_img2img.generate
 
 
 def main():

@@ -15,6 +15,7 @@ use lumina2_pipeline::{
 };
 
 use crate::batch;
+use crate::init_image;
 use crate::output;
 use crate::signals;
 
@@ -192,6 +193,9 @@ pub struct GenerateArgs {
     /// Skip the up-front memory check.
     #[arg(long)]
     pub(crate) no_memory_check: bool,
+
+    #[command(flatten)]
+    pub(crate) init: init_image::InitImageArgs,
 
     #[command(flatten)]
     pub(crate) batch: batch::BatchArgs,
@@ -475,6 +479,7 @@ pub(crate) fn options_named(
         GuidanceArg::Diffusers => GuidanceMode::Diffusers,
         GuidanceArg::Original => GuidanceMode::Original,
     };
+    init_image::apply(&args.init, &mut o)?;
     // The counts are bounded before the per-image seed list is made.
     o.noise = Noise::Seed(seed);
     o.validate().map_err(named)?;
@@ -983,6 +988,7 @@ fn metadata(
     if let Some(t) = opts.cache_threshold {
         m.push(("cache_threshold".to_string(), t.to_string()));
     }
+    m.extend(init_image::metadata(&args.init));
     let parameters = a1111_parameters(&A1111 {
         prompt: &m[0].1,
         negative_prompt: &m[1].1,

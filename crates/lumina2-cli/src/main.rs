@@ -9,6 +9,7 @@
 mod batch;
 mod convert;
 mod generate;
+mod init_image;
 mod inspect;
 mod output;
 mod serve;

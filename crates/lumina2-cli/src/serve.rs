@@ -224,6 +224,8 @@ fn refuse_generate_only(a: &GenerateArgs) -> Result<()> {
         ("--shard", a.batch.shard.is_some()),
         ("--manifest", a.batch.manifest.is_some()),
         ("--skip-existing", a.batch.skip_existing),
+        // The API is text-to-image only.
+        ("--image / --mask-image", a.init.image.is_some()),
     ];
     if let Some((name, _)) = given.iter().find(|(_, on)| *on) {
         bail!("{name} is an option of `lumina2 generate`, not of `serve` (requests bring their prompts)");

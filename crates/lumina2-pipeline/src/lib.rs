@@ -10,6 +10,9 @@
 //! - [`GenerateOptions`] holds every argument of diffusers'
 //!   `Lumina2Pipeline.__call__` with its defaults; a seed draws the same noise
 //!   as `torch.Generator("cpu").manual_seed(seed)` ([`torch_rng`]).
+//! - [`ImageToImage`] starts a run from an image (and inpaints with a mask)
+//!   as diffusers' Flux img2img and inpaint pipelines do; images are read and
+//!   resized as PIL does ([`source_image`], [`resample`]).
 //! - Components are loaded one at a time and released after their stage unless
 //!   [`PipelineBuilder::keep_resident`] is set.
 //!
@@ -26,6 +29,7 @@ pub mod components;
 mod dtype;
 pub mod error;
 pub mod guidance;
+pub mod img2img;
 mod lora;
 pub mod memory;
 pub mod noise;
@@ -34,11 +38,14 @@ pub mod pipeline;
 pub mod preview;
 pub mod progress;
 pub mod teacache;
+pub mod resample;
+pub mod source_image;
 pub mod torch_rng;
 
 pub use components::{LoraSpec, PipelineSources, TransformerSource};
 pub use dtype::{auto_dtype, AutoDtype};
 pub use error::{Error, Result};
+pub use img2img::ImageToImage;
 pub use options::{
     Conditioning, GenerateOptions, GuidanceMode, Noise, OutputKind, PromptEmbeddingsInput,
 };

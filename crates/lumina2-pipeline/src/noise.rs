@@ -59,7 +59,7 @@ pub fn initial_latents(
     Ok(t.reshape((b, c, h, w))?.to_device(device)?)
 }
 
-fn draw(g: &mut TorchGenerator, n: usize, dtype: DType) -> Result<Tensor> {
+pub(crate) fn draw(g: &mut TorchGenerator, n: usize, dtype: DType) -> Result<Tensor> {
     let dev = Device::Cpu;
     Ok(match dtype {
         DType::F32 => Tensor::from_vec(g.randn_f32(n), n, &dev)?,

@@ -7,6 +7,7 @@ use lumina2_scheduler::SolverKind;
 use lumina2_text_encoder::SystemPrompt;
 
 use crate::error::{invalid, Result};
+use crate::img2img::ImageToImage;
 
 /// diffusers rejects a longer `max_sequence_length`.
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
@@ -151,6 +152,9 @@ pub struct GenerateOptions {
     /// step's clean-image prediction for a live preview ([`crate::preview`];
     /// `None`: never).
     pub preview_every: Option<usize>,
+    /// Start from an image (image-to-image, inpainting with a mask) instead
+    /// of pure noise; `None`: text-to-image.
+    pub image_to_image: Option<ImageToImage>,
 }
 
 impl GenerateOptions {
@@ -182,6 +186,7 @@ impl GenerateOptions {
             guidance_mode: GuidanceMode::Diffusers,
             cache_threshold: None,
             preview_every: None,
+            image_to_image: None,
         }
     }
 
@@ -370,6 +375,19 @@ impl GenerateOptions {
                     self.prompt_batch()?
                 ),
             ));
+        }
+        if let Some(i2i) = &self.image_to_image {
+            let steps = self
+                .sigmas
+                .as_ref()
+                .map_or(self.num_inference_steps, Vec::len);
+            i2i.validate(steps)?;
+            if matches!(self.noise, Noise::Latents(_)) {
+                return Err(invalid(
+                    "latents",
+                    "given initial latents cannot be combined with an init image (use a seed)",
+                ));
+            }
         }
         match &self.noise {
             Noise::Seeds(s) if s.len() != batch => Err(invalid(

@@ -11,6 +11,7 @@ use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::components::{self, PipelineSources, TransformerSource};
 use crate::error::{invalid, Error, Result};
 use crate::guidance;
+use crate::img2img::{self, ImageToImage};
 use crate::memory::{self, MemoryEstimate};
 use crate::noise;
 use crate::options::{check_size, Conditioning, GenerateOptions, GuidanceMode, OutputKind};
@@ -28,6 +29,12 @@ pub struct Generation {
     pub latents: Tensor,
     /// The initial noise `[B, C, h, w]`.
     pub initial_latents: Tensor,
+    /// Image-to-image: the init image's latents `[B, C, h, w]` (the scaled
+    /// posterior sample, repeated to the batch).
+    pub image_latents: Option<Tensor>,
+    /// Image-to-image: the latents the denoising started from (the image
+    /// latents noised to the first step that runs).
+    pub noised_latents: Option<Tensor>,
     /// Width and height of the images in pixels.
     pub size: (usize, usize),
     /// Stage and step timings.
@@ -274,11 +281,9 @@ impl Lumina2Pipeline {
             negative,
         } = embeds;
 
-        // 2. Initial noise, in the dtype of the embeddings as diffusers draws it.
         let shape = noise::latent_shape(batch, self.transformer_config.in_channels, height, width);
-        let initial = noise::initial_latents(&opts.noise, shape, self.dtype, &self.device)?;
 
-        // 3. The schedule: linspace(1, 1/N, N) unless sigmas are given. diffusers
+        // 2. The schedule: linspace(1, 1/N, N) unless sigmas are given. diffusers
         //    computes `mu` from `latents.shape[1]` (the channel count, not the
         //    sequence length); it only matters with dynamic shifting, kept for parity.
         let mut scheduler = FlowMatchEulerDiscreteScheduler::new(self.scheduler_config.clone())?;
@@ -301,7 +306,34 @@ impl Lumina2Pipeline {
         scheduler.set_timesteps(&req)?;
         scheduler.set_begin_index(0);
         let num_train = self.scheduler_config.num_train_timesteps as f32;
-        let mut solver = opts.solver.build(scheduler, initial.clone())?;
+
+        // 3. Initial latents: noise in the dtype of the embeddings as diffusers
+        //    draws it, or the init image noised to the first step that runs.
+        let start = match &opts.image_to_image {
+            None => {
+                let initial = noise::initial_latents(&opts.noise, shape, self.dtype, &self.device)?;
+                Start {
+                    latents: initial.clone(),
+                    noise: initial,
+                    begin: 0,
+                    image_latents: None,
+                    inpaint: None,
+                }
+            }
+            Some(i2i) => self.image_start(
+                i2i,
+                opts,
+                shape,
+                (width, height),
+                &scheduler,
+                observer,
+                &mut timings,
+            )?,
+        };
+        let inpaint = start.inpaint;
+        let mut solver = opts
+            .solver
+            .build_at(scheduler, start.latents.clone(), start.begin)?;
         let num_steps = solver.num_steps();
 
         // 4. Denoise.
@@ -366,6 +398,10 @@ impl Lumina2Pipeline {
                 if stage + 1 < solver.evaluations_per_step() {
                     continue;
                 }
+                if let Some(inpaint) = &inpaint {
+                    let blended = inpaint.blend(solver.sample(), step, num_steps)?;
+                    solver.replace_sample(blended)?;
+                }
                 let latents = solver.sample();
                 let bad = count_non_finite(latents)?;
                 if bad > 0 {
@@ -424,7 +460,9 @@ impl Lumina2Pipeline {
         Ok(Generation {
             images,
             latents,
-            initial_latents: initial,
+            initial_latents: start.noise,
+            noised_latents: start.image_latents.as_ref().map(|_| start.latents.clone()),
+            image_latents: start.image_latents,
             size: (width, height),
             timings,
             warnings,
@@ -550,33 +588,110 @@ impl Lumina2Pipeline {
         Ok(t)
     }
 
+    fn take_vae(
+        &mut self,
+        observer: &mut Observer<'_>,
+        timings: &mut StageTimings,
+    ) -> Result<AutoencoderKL> {
+        if let Some(v) = self.vae.take() {
+            return Ok(v);
+        }
+        let start = Instant::now();
+        observer(Event::StageStarted(Stage::LoadVae));
+        let mut v = components::load_vae(
+            &self.sources.vae,
+            &self.vae_config,
+            self.dtype,
+            &self.device,
+            &mut self.load_warnings,
+        )?;
+        if self.vae_tiling {
+            v.enable_tiling();
+        }
+        let d = start.elapsed();
+        timings.stages.push((Stage::LoadVae, d));
+        observer(Event::StageFinished(Stage::LoadVae, d));
+        Ok(v)
+    }
+
+    /// The start of an image-to-image run, in the order of diffusers' Flux
+    /// pipelines: the image encoded and its posterior sampled with the
+    /// generator, then the noise drawn from it, then `scale_noise` at the
+    /// first step that runs (see [`crate::img2img`]).
+    #[allow(clippy::too_many_arguments)]
+    fn image_start(
+        &mut self,
+        i2i: &ImageToImage,
+        opts: &GenerateOptions,
+        shape: (usize, usize, usize, usize),
+        (width, height): (usize, usize),
+        scheduler: &FlowMatchEulerDiscreteScheduler,
+        observer: &mut Observer<'_>,
+        timings: &mut StageTimings,
+    ) -> Result<Start> {
+        let (begin, _) = img2img::start_step(scheduler.timesteps().len(), i2i.strength);
+        let mut gens = img2img::Generators::new(&opts.noise)?;
+        let pixels = img2img::image_tensor(&i2i.image, width, height, &self.device)?;
+        let vae = self.take_vae(observer, timings)?;
+        let started = Instant::now();
+        observer(Event::StageStarted(Stage::EncodeImage));
+        let encoded = (|| -> Result<Tensor> {
+            let posterior = vae.encode(&pixels)?;
+            let eps = gens
+                .posterior_noise(posterior.mean.dims(), vae.dtype())?
+                .to_device(vae.device())?;
+            Ok(vae.scale_latents(&posterior.sample(&eps)?)?)
+        })();
+        if self.keep_resident {
+            self.vae = Some(vae);
+        }
+        let image_latents = encoded?.to_dtype(self.dtype)?;
+        let d = started.elapsed();
+        timings.stages.push((Stage::EncodeImage, d));
+        observer(Event::StageFinished(Stage::EncodeImage, d));
+        // One image for the whole batch (prompts x images per prompt).
+        let image_latents = image_latents.repeat((shape.0, 1, 1, 1))?;
+        let noise = gens
+            .latent_noise(shape, self.dtype)?
+            .to_device(&self.device)?;
+        let latents = img2img::noise_at(scheduler, begin, &image_latents, &noise)?;
+        let inpaint = match &i2i.mask {
+            None => None,
+            Some(mask) => {
+                let pixels = img2img::mask_pixels(mask, width, height);
+                let mask = img2img::mask_latents(
+                    &pixels,
+                    (width, height),
+                    (shape.2, shape.3),
+                    shape.0,
+                    self.dtype,
+                    &self.device,
+                )?;
+                Some(img2img::Inpaint {
+                    image_latents: image_latents.clone(),
+                    noise: noise.clone(),
+                    mask,
+                    scheduler: scheduler.clone(),
+                    begin,
+                })
+            }
+        };
+        Ok(Start {
+            latents,
+            noise,
+            begin,
+            image_latents: Some(image_latents),
+            inpaint,
+        })
+    }
+
     fn decode(
         &mut self,
         latents: &Tensor,
         observer: &mut Observer<'_>,
         timings: &mut StageTimings,
     ) -> Result<Tensor> {
-        let vae = match self.vae.take() {
-            Some(v) => v,
-            None => {
-                let start = Instant::now();
-                observer(Event::StageStarted(Stage::LoadVae));
-                let mut v = components::load_vae(
-                    &self.sources.vae,
-                    &self.vae_config,
-                    self.dtype,
-                    &self.device,
-                    &mut self.load_warnings,
-                )?;
-                if self.vae_tiling {
-                    v.enable_tiling();
-                }
-                let d = start.elapsed();
-                timings.stages.push((Stage::LoadVae, d));
-                observer(Event::StageFinished(Stage::LoadVae, d));
-                v
-            }
-        };
+        let vae = self.take_vae(observer, timings)?;
         let start = Instant::now();
         observer(Event::StageStarted(Stage::Decode));
         let result = (|| -> Result<Tensor> {
@@ -634,6 +749,20 @@ impl Lumina2Pipeline {
             SystemPrompt::None => None,
         }
     }
+}
+
+/// Where the denoising starts.
+struct Start {
+    /// The first latents.
+    latents: Tensor,
+    /// The noise drawn for them.
+    noise: Tensor,
+    /// The first step of the schedule that runs.
+    begin: usize,
+    /// Image-to-image: the image latents, repeated to the batch.
+    image_latents: Option<Tensor>,
+    /// Inpainting: what each step puts back.
+    inpaint: Option<img2img::Inpaint>,
 }
 
 struct Embeds {

@@ -11,6 +11,8 @@ pub enum Stage {
     LoadTextEncoder,
     /// Encoding the prompts.
     Encode,
+    /// Encoding the init image of an image-to-image run (the VAE is loaded first).
+    EncodeImage,
     /// Loading the transformer (and applying LoRAs).
     LoadTransformer,
     /// The denoising loop.
@@ -27,6 +29,7 @@ impl Stage {
         match self {
             Stage::LoadTextEncoder => "load text encoder",
             Stage::Encode => "encode",
+            Stage::EncodeImage => "encode image",
             Stage::LoadTransformer => "load transformer",
             Stage::Denoise => "denoise",
             Stage::LoadVae => "load vae",

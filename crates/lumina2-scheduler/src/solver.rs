@@ -50,17 +50,25 @@ pub trait Solver {
     fn num_steps(&self) -> usize;
     /// Model evaluations per step (the cost of a step).
     fn evaluations_per_step(&self) -> usize;
+    /// Replaces the current sample between two steps (an inpainting pipeline
+    /// puts the known region back after each step); an error while a step
+    /// is half done.
+    fn replace_sample(&mut self, sample: Tensor) -> Result<()>;
     /// The order of accuracy of the method.
     fn order(&self) -> usize;
 }
 
 /// Euler (first order, one evaluation per step): diffusers'
 /// `FlowMatchEulerDiscreteScheduler.step` driven as Lumina2Pipeline drives it
-/// (begin index 0, the schedule's timesteps in order).
+/// (from the begin index, 0 unless an image-to-image run cut the schedule,
+/// the schedule's timesteps in order).
 #[derive(Debug, Clone)]
 pub struct EulerSolver {
     scheduler: FlowMatchEulerDiscreteScheduler,
     sample: Tensor,
+    /// The scheduler's begin index: the first step of the schedule that runs.
+    begin: usize,
+    /// Steps done since `begin`.
     step: usize,
 }
 
@@ -68,17 +76,31 @@ impl EulerSolver {
     /// Starts at `sample` (the initial noise) with a scheduler whose
     /// `set_timesteps` was called. With `stochastic_sampling` use the
     /// scheduler's `step` directly: it needs noise at each step.
-    pub fn new(mut scheduler: FlowMatchEulerDiscreteScheduler, sample: Tensor) -> Result<Self> {
+    pub fn new(scheduler: FlowMatchEulerDiscreteScheduler, sample: Tensor) -> Result<Self> {
+        Self::starting_at(scheduler, sample, 0)
+    }
+
+    /// Starts at step `begin` of the schedule (diffusers' `set_begin_index`,
+    /// as `get_timesteps` sets it for image-to-image): the steps before it are
+    /// skipped, and [`Evaluation::step`] and [`Solver::num_steps`] count the
+    /// steps that run.
+    pub fn starting_at(
+        mut scheduler: FlowMatchEulerDiscreteScheduler,
+        sample: Tensor,
+        begin: usize,
+    ) -> Result<Self> {
         if scheduler.num_inference_steps().is_none() {
             return Err(SchedulerError::NotInitialized);
         }
         if scheduler.config().stochastic_sampling {
             return Err(SchedulerError::NoiseRequired);
         }
-        scheduler.set_begin_index(0);
+        check_begin(begin, scheduler.timesteps().len())?;
+        scheduler.set_begin_index(begin);
         Ok(Self {
             scheduler,
             sample,
+            begin,
             step: 0,
         })
     }
@@ -91,8 +113,8 @@ impl EulerSolver {
 
 impl Solver for EulerSolver {
     fn pending(&self) -> Option<Evaluation<'_>> {
-        let timestep = *self.scheduler.timesteps().get(self.step)?;
-        let sigma = *self.scheduler.sigmas().get(self.step)?;
+        let timestep = *self.scheduler.timesteps().get(self.begin + self.step)?;
+        let sigma = *self.scheduler.sigmas().get(self.begin + self.step)?;
         Some(Evaluation {
             sample: &self.sample,
             timestep,
@@ -106,7 +128,7 @@ impl Solver for EulerSolver {
         let t = self
             .scheduler
             .timesteps()
-            .get(self.step)
+            .get(self.begin + self.step)
             .copied()
             .ok_or(SchedulerError::SolverFinished)?;
         self.sample = self.scheduler.step(velocity, t, &self.sample, None)?;
@@ -119,11 +141,17 @@ impl Solver for EulerSolver {
     }
 
     fn num_steps(&self) -> usize {
-        self.scheduler.timesteps().len()
+        self.scheduler.timesteps().len() - self.begin
     }
 
     fn evaluations_per_step(&self) -> usize {
         1
+    }
+
+    fn replace_sample(&mut self, sample: Tensor) -> Result<()> {
+        same_dims(&sample, &self.sample)?;
+        self.sample = sample;
+        Ok(())
     }
 
     fn order(&self) -> usize {
@@ -181,11 +209,21 @@ impl MidpointSolver {
         scheduler: &FlowMatchEulerDiscreteScheduler,
         sample: Tensor,
     ) -> Result<Self> {
+        Self::from_scheduler_at(scheduler, sample, 0)
+    }
+
+    /// The same from step `begin` of the schedule on (the sigmas before it skipped).
+    pub fn from_scheduler_at(
+        scheduler: &FlowMatchEulerDiscreteScheduler,
+        sample: Tensor,
+        begin: usize,
+    ) -> Result<Self> {
         if scheduler.num_inference_steps().is_none() {
             return Err(SchedulerError::NotInitialized);
         }
+        check_begin(begin, scheduler.timesteps().len())?;
         Self::new(
-            scheduler.sigmas().to_vec(),
+            scheduler.sigmas()[begin..].to_vec(),
             scheduler.config().num_train_timesteps,
             sample,
         )
@@ -262,6 +300,17 @@ impl Solver for MidpointSolver {
         2
     }
 
+    fn replace_sample(&mut self, sample: Tensor) -> Result<()> {
+        if self.midpoint.is_some() {
+            return Err(SchedulerError::InvalidTimesteps(
+                "the sample cannot be replaced in the middle of a midpoint step".into(),
+            ));
+        }
+        same_dims(&sample, &self.sample)?;
+        self.sample = sample;
+        Ok(())
+    }
+
     fn order(&self) -> usize {
         2
     }
@@ -284,9 +333,42 @@ impl SolverKind {
         scheduler: FlowMatchEulerDiscreteScheduler,
         sample: Tensor,
     ) -> Result<Box<dyn Solver>> {
+        self.build_at(scheduler, sample, 0)
+    }
+
+    /// The same, starting at step `begin` of the schedule (image-to-image).
+    pub fn build_at(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        sample: Tensor,
+        begin: usize,
+    ) -> Result<Box<dyn Solver>> {
         Ok(match self {
-            SolverKind::Euler => Box::new(EulerSolver::new(scheduler, sample)?),
-            SolverKind::Midpoint => Box::new(MidpointSolver::from_scheduler(&scheduler, sample)?),
+            SolverKind::Euler => Box::new(EulerSolver::starting_at(scheduler, sample, begin)?),
+            SolverKind::Midpoint => Box::new(MidpointSolver::from_scheduler_at(
+                &scheduler, sample, begin,
+            )?),
         })
     }
+}
+
+/// A begin index must leave at least one step of the schedule.
+fn check_begin(begin: usize, steps: usize) -> Result<()> {
+    if begin >= steps {
+        return Err(SchedulerError::InvalidTimesteps(format!(
+            "begin index {begin} leaves no step of a {steps}-step schedule"
+        )));
+    }
+    Ok(())
+}
+
+fn same_dims(new: &Tensor, old: &Tensor) -> Result<()> {
+    if new.dims() != old.dims() {
+        return Err(SchedulerError::ShapeMismatch {
+            what: "replacement sample and sample".into(),
+            left: new.dims().to_vec(),
+            right: old.dims().to_vec(),
+        });
+    }
+    Ok(())
 }

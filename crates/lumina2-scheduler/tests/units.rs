@@ -478,3 +478,40 @@ fn solvers_need_a_schedule() {
         Err(SchedulerError::ShapeMismatch { .. })
     ));
 }
+
+#[test]
+fn a_solver_started_at_a_begin_index_steps_as_diffusers_from_there() {
+    let dev = Device::Cpu;
+    let mut s = lumina();
+    s.set_timesteps(&TimestepRequest::sigmas(lumina2_sigmas(6)))
+        .unwrap();
+    let x = Tensor::new(&[0.5f32, -1.25, 2.0], &dev).unwrap();
+    let v = Tensor::new(&[0.1f32, 0.2, -0.3], &dev).unwrap();
+    let mut solver = SolverKind::Euler.build_at(s.clone(), x.clone(), 2).unwrap();
+    assert_eq!(solver.num_steps(), 4);
+    let eval = solver.pending().unwrap();
+    assert_eq!((eval.step, eval.timestep), (0, s.timesteps()[2]));
+    assert_eq!(eval.sigma, s.sigmas()[2]);
+    solver.submit(&v).unwrap();
+    // diffusers: set_begin_index(2), then step(v, timesteps[2], x).
+    let mut reference = s.clone();
+    reference.set_begin_index(2);
+    let want = reference.step(&v, s.timesteps()[2], &x, None).unwrap();
+    let got = solver.sample().to_vec1::<f32>().unwrap();
+    assert_eq!(got, want.to_vec1::<f32>().unwrap());
+    assert_eq!(solver.pending().unwrap().timestep, s.timesteps()[3]);
+    // The sample can be replaced between steps, with one of its shape.
+    solver.replace_sample(x.clone()).unwrap();
+    assert_eq!(solver.sample().to_vec1::<f32>().unwrap(), [0.5, -1.25, 2.0]);
+    let wrong = Tensor::zeros(2, DType::F32, &dev).unwrap();
+    assert!(solver.replace_sample(wrong).is_err());
+    // The midpoint solver skips the same sigmas.
+    let m = SolverKind::Midpoint
+        .build_at(s.clone(), x.clone(), 2)
+        .unwrap();
+    assert_eq!(m.num_steps(), 4);
+    assert_eq!(m.pending().unwrap().sigma, s.sigmas()[2]);
+    // A begin index must leave a step.
+    assert!(SolverKind::Euler.build_at(s.clone(), x.clone(), 6).is_err());
+    assert!(SolverKind::Midpoint.build_at(s, x, 6).is_err());
+}

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use lumina2_pipeline::{
-    Conditioning, GenerateOptions, Lumina2Pipeline, Noise, PipelineSources, SystemPrompt,
+    source_image, Conditioning, GenerateOptions, ImageToImage, Lumina2Pipeline, Noise,
+    PipelineSources, SystemPrompt,
 };
 
 use super::text_encoder::strings;
@@ -81,6 +82,28 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
         opts.sigmas = Some(s);
     }
     opts.cache_threshold = float("cache_threshold")?;
+    // Image-to-image and inpainting: PNG files inside the case.
+    if let Some(image) = get("image") {
+        let rel = image
+            .as_str()
+            .ok_or_else(|| anyhow!("`image` must be a path"))?;
+        let image = source_image::read_rgb(&case.path("args.image", rel)?)?;
+        let mask = get("mask_image")
+            .map(|m| -> Result<_> {
+                let rel = m
+                    .as_str()
+                    .ok_or_else(|| anyhow!("`mask_image` must be a path"))?;
+                Ok(source_image::read_rgb(&case.path("args.mask_image", rel)?)?)
+            })
+            .transpose()?;
+        let strength = float("strength")?
+            .ok_or_else(|| anyhow!("a case with an `image` needs a number `strength`"))?;
+        opts.image_to_image = Some(ImageToImage {
+            image,
+            mask,
+            strength,
+        });
+    }
     let inputs = case.inputs()?;
     opts.noise = match inputs.get("latents") {
         Some(l) => Noise::Latents(l.clone()),
@@ -120,6 +143,12 @@ impl Prepared for PipelineCase {
                 "cache_computed".to_string(),
                 Tensor::from_vec(flags, n, &Device::Cpu)?,
             );
+        }
+        if let Some(l) = out.image_latents {
+            m.insert("image_latents".to_string(), l);
+        }
+        if let Some(l) = out.noised_latents {
+            m.insert("noised_latents".to_string(), l);
         }
         Ok(m)
     }

@@ -1,0 +1,100 @@
+//! `--image`, `--mask-image` and `--strength`: image-to-image and inpainting
+//! from the command line (the library's `ImageToImage`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use clap::Args;
+use lumina2_pipeline::{source_image, GenerateOptions, ImageToImage};
+
+/// The init image options of `lumina2 generate`.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct InitImageArgs {
+    /// Start from this PNG image (image-to-image). Width and height default to
+    /// its size rounded down to a multiple of 16; it is resized (Lanczos, as
+    /// diffusers) to the output size.
+    #[arg(long, conflicts_with = "from_file")]
+    pub(crate) image: Option<PathBuf>,
+    /// Inpainting mask, a PNG of the image's size: white is repainted, black
+    /// kept (made grey as PIL's convert("L"), then cut at 50%).
+    #[arg(long, requires = "image")]
+    pub(crate) mask_image: Option<PathBuf>,
+    /// How much of the schedule runs with --image, above 0 and at most 1
+    /// (1: from pure noise).
+    #[arg(long, requires = "image", default_value_t = 0.6)]
+    pub(crate) strength: f64,
+}
+
+/// Reads the image and mask into `o` and sizes the output after the image
+/// when width or height are not given (with a warning when rounding changes them).
+pub(crate) fn apply(args: &InitImageArgs, o: &mut GenerateOptions) -> Result<()> {
+    let Some(path) = &args.image else {
+        return Ok(());
+    };
+    let image = read("--image", path)?;
+    let mask = match &args.mask_image {
+        Some(m) => {
+            let mask = read("--mask-image", m)?;
+            if mask.dimensions() != image.dimensions() {
+                bail!(
+                    "--mask-image {}: {}x{} is not the size of --image {} ({}x{})",
+                    m.display(),
+                    mask.width(),
+                    mask.height(),
+                    path.display(),
+                    image.width(),
+                    image.height()
+                );
+            }
+            Some(mask)
+        }
+        None => None,
+    };
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let round = |v: usize| v - v % lumina2_pipeline::options::SIZE_MULTIPLE;
+    if o.width.is_none() {
+        o.width = Some(round(w));
+    }
+    if o.height.is_none() {
+        o.height = Some(round(h));
+    }
+    if (o.width, o.height) != (Some(w), Some(h)) {
+        tracing::warn!(
+            "--image {} is {w}x{h}: resized to {}x{} (Lanczos)",
+            path.display(),
+            o.width.unwrap_or(w),
+            o.height.unwrap_or(h)
+        );
+    }
+    o.image_to_image = Some(ImageToImage {
+        image,
+        mask,
+        strength: args.strength,
+    });
+    Ok(())
+}
+
+fn read(flag: &str, path: &Path) -> Result<image::RgbImage> {
+    source_image::read_rgb(path).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+}
+
+/// PNG metadata of an image-to-image run: the source file names and the strength.
+pub(crate) fn metadata(args: &InitImageArgs) -> Vec<(String, String)> {
+    let Some(image) = &args.image else {
+        return Vec::new();
+    };
+    let name = |p: &Path| {
+        p.file_name().map_or_else(
+            || p.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    };
+    let mut m = vec![
+        ("source_image".to_string(), name(image)),
+        ("strength".to_string(), args.strength.to_string()),
+    ];
+    if let Some(mask) = &args.mask_image {
+        m.push(("mask_image".to_string(), name(mask)));
+    }
+    m
+}

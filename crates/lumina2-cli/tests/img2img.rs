@@ -1,0 +1,155 @@
+//! `lumina2 generate --image/--mask-image/--strength` on the committed tiny
+//! pipeline: the inpaint parity case's image from the command line, its
+//! metadata, and the errors of bad inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn case_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lumina2-pipeline/tests/fixtures/img2img")
+        .join(name)
+}
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lumina2-i2i-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The `inpaint` case (seed 11, 5 steps, strength 0.8; sizes from the image).
+fn inpaint(out: &Path, extra: &[&str]) -> Output {
+    let case = case_dir("inpaint");
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        case.join("pipeline").to_string_lossy().into_owned(),
+        "--prompt".into(),
+        "a red fox in the snow".into(),
+        "--steps".into(),
+        "5".into(),
+        "--seed".into(),
+        "11".into(),
+        "--max-sequence-length".into(),
+        "32".into(),
+        "-q".into(),
+        "-o".into(),
+        out.to_string_lossy().into_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(env!("CARGO_BIN_EXE_lumina2"))
+        .args(&args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+fn png_text(bytes: &[u8]) -> Vec<(String, String)> {
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
+    reader
+        .info()
+        .utf8_text
+        .iter()
+        .map(|c| (c.keyword.clone(), c.get_text().unwrap()))
+        .collect()
+}
+
+#[test]
+fn inpainting_from_the_command_line_gives_the_reference_image() {
+    let case = case_dir("inpaint");
+    let dir = tmp_dir("ok");
+    let out = dir.join("fox.png");
+    let image = case.join("image.png");
+    let mask = case.join("mask.png");
+    let r = inpaint(
+        &out,
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--mask-image",
+            mask.to_str().unwrap(),
+            "--strength",
+            "0.8",
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let bytes = std::fs::read(&out).unwrap();
+    let text = png_text(&bytes);
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("source_image").as_deref(), Some("image.png"));
+    assert_eq!(get("mask_image").as_deref(), Some("mask.png"));
+    assert_eq!(get("strength").as_deref(), Some("0.8"));
+    assert_eq!(get("width").as_deref(), Some("48"));
+
+    let expected = candle_core::safetensors::load(
+        case.join("expected.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let reference: Vec<f32> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    assert_eq!((img.width(), img.height()), (48, 32));
+    let worst = img
+        .as_raw()
+        .iter()
+        .zip(&reference)
+        .map(|(&p, &r)| (i32::from(p) - (r * 255.0).round_ties_even() as i32).abs())
+        .max()
+        .unwrap();
+    // Rounded as PIL rounds diffusers' image: off by one at most where the
+    // float error meets a .5.
+    assert!(worst <= 1, "pixel off by {worst}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_inputs_fail_with_a_message_naming_them() {
+    let case = case_dir("inpaint");
+    let dir = tmp_dir("bad");
+    let out = dir.join("x.png");
+    let image = case.join("image.png");
+    let image = image.to_str().unwrap();
+    let other_size = case_dir("img2img_resize_rgba").join("image.png");
+    let not_png = case.join("case.json");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--image", "/nonexistent/in.png"],
+            "/nonexistent/in.png",
+        ),
+        (
+            vec!["--image", not_png.to_str().unwrap()],
+            "not a readable PNG",
+        ),
+        (
+            vec![
+                "--image",
+                image,
+                "--mask-image",
+                other_size.to_str().unwrap(),
+            ],
+            "is not the size of --image",
+        ),
+        (vec!["--image", image, "--strength", "1.5"], "--strength"),
+        (vec!["--image", image, "--strength", "0"], "leaves no step"),
+        (
+            vec!["--image", image, "--strength", "1e-300"],
+            "leaves no step",
+        ),
+        (vec!["--strength", "0.5"], "--image"),
+    ];
+    for (extra, needle) in cases {
+        let r = inpaint(&out, &extra);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{extra:?} succeeded");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
