@@ -37,9 +37,9 @@ pub mod options;
 pub mod pipeline;
 pub mod preview;
 pub mod progress;
-pub mod teacache;
 pub mod resample;
 pub mod source_image;
+pub mod teacache;
 pub mod torch_rng;
 
 pub use components::{LoraSpec, PipelineSources, TransformerSource};
