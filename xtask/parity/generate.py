@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import gen_comfy  # noqa: E402
 import gen_gguf  # noqa: E402
 import gen_lora  # noqa: E402
+import gen_original  # noqa: E402
 import gen_pipeline  # noqa: E402
 import gen_transformer  # noqa: E402
 import gen_transformer_single  # noqa: E402
@@ -36,6 +37,7 @@ GENERATORS["transformer_single_file"] = gen_transformer_single.generate
 GENERATORS["lora"] = gen_lora.generate
 GENERATORS["pipeline"] = gen_pipeline.generate
 GENERATORS["teacache"] = gen_teacache.generate
+GENERATORS["original"] = gen_original.generate
 
 
 def main():
