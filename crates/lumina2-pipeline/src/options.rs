@@ -125,7 +125,8 @@ pub struct GenerateOptions {
     pub height: Option<usize>,
     /// Denoising steps (30).
     pub num_inference_steps: usize,
-    /// Guidance scale (4.0); guidance runs only above 1.
+    /// Guidance scale (4.0); diffusers' mode guides only above 1, the
+    /// original mode at every scale.
     pub guidance_scale: f64,
     /// Fraction of the run with guidance (1.0 = all of it); see [`GuidanceMode`].
     pub cfg_trunc_ratio: f64,
