@@ -19,6 +19,7 @@ import gen_gguf  # noqa: E402
 import gen_gguf_quantize  # noqa: E402
 import gen_img2img  # noqa: E402
 import gen_lora  # noqa: E402
+import gen_original  # noqa: E402
 import gen_pipeline  # noqa: E402
 import gen_transformer  # noqa: E402
 import gen_transformer_single  # noqa: E402
@@ -40,6 +41,7 @@ GENERATORS["lora"] = gen_lora.generate
 GENERATORS["pipeline"] = gen_pipeline.generate
 GENERATORS["teacache"] = gen_teacache.generate
 GENERATORS["img2img"] = gen_img2img.generate
+GENERATORS["original"] = gen_original.generate
 
 
 def main():

@@ -34,7 +34,8 @@ const MAX_LINE_BYTES: usize = 4 << 20;
 
 /// The fields a line may hold.
 const FIELDS: &str = "prompt, n, size, negative_prompt, seed, num_inference_steps, \
-guidance_scale, cfg_trunc_ratio, cfg_normalization, system_prompt, sampler, guidance_mode, output";
+guidance_scale, cfg_trunc_ratio, cfg_normalization, renorm_cfg, system_prompt, sampler, guidance_mode, \
+output";
 
 /// Options of a batch run (with `lumina2 generate`'s other options as the
 /// defaults of every line).
@@ -42,8 +43,8 @@ guidance_scale, cfg_trunc_ratio, cfg_normalization, system_prompt, sampler, guid
 pub struct BatchArgs {
     /// Generate the requests of a JSON Lines file, one object per line
     /// (fields: prompt, n, size, negative_prompt, seed, num_inference_steps,
-    /// guidance_scale, cfg_trunc_ratio, cfg_normalization, system_prompt,
-    /// sampler, guidance_mode, output); the other options are each line's
+    /// guidance_scale, cfg_trunc_ratio, cfg_normalization, renorm_cfg,
+    /// system_prompt, sampler, guidance_mode, output); the other options are each line's
     /// defaults, and `-o` names the images, `{line}` the line's index (else
     /// `_{line}` goes before the extension).
     #[arg(long, value_name = "FILE")]
@@ -238,6 +239,7 @@ pub(crate) fn apply_field(a: &mut GenerateArgs, key: &str, v: &Value) -> Result<
         "guidance_scale" => a.guidance_scale = number(key, v)?,
         "cfg_trunc_ratio" => a.cfg_trunc_ratio = number(key, v)?,
         "cfg_normalization" => a.no_cfg_normalization = !boolean(key, v)?,
+        "renorm_cfg" => a.renorm_cfg = number(key, v)?,
         "system_prompt" => {
             a.system_prompt = Some(text(key, v)?.to_string());
             a.system_preset = None;

@@ -71,7 +71,8 @@ pub struct GenerateArgs {
     /// Denoising steps (1 to 10000).
     #[arg(long, visible_alias = "steps", default_value_t = 30)]
     pub(crate) num_inference_steps: usize,
-    /// Classifier-free guidance scale, 0 to 100 (guidance only above 1).
+    /// Classifier-free guidance scale, 0 to 100 (diffusers' mode guides only
+    /// above 1, the original mode at every scale).
     #[arg(long, default_value_t = 4.0)]
     pub(crate) guidance_scale: f64,
     /// Fraction of the run with guidance, 0 to 1 (see --guidance-mode).
@@ -80,6 +81,10 @@ pub struct GenerateArgs {
     /// Do not renormalise the guided prediction.
     #[arg(long)]
     pub(crate) no_cfg_normalization: bool,
+    /// With --guidance-mode original: clamp the guided norm to F times the
+    /// conditional one (the original's renorm_cfg; 0: off).
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    pub(crate) renorm_cfg: f64,
     /// TeaCache step caching with this threshold (off when absent; the
     /// reference suggests 0.2 to 0.5: higher skips more). Faster, not exact.
     #[arg(long)]
@@ -456,6 +461,7 @@ pub(crate) fn options_named(
     o.guidance_scale = args.guidance_scale;
     o.cfg_trunc_ratio = args.cfg_trunc_ratio;
     o.cfg_normalization = !args.no_cfg_normalization;
+    o.renorm_cfg = args.renorm_cfg;
     o.cache_threshold = args.cache_threshold;
     o.preview_every = args.preview.as_ref().map(|_| args.preview_every);
     o.system_prompt = match (&args.system_prompt, &args.system_preset) {
@@ -987,6 +993,9 @@ fn metadata(
     }
     if let Some(t) = opts.cache_threshold {
         m.push(("cache_threshold".to_string(), t.to_string()));
+    }
+    if opts.guidance_mode == GuidanceMode::Original {
+        m.push(("renorm_cfg".to_string(), opts.renorm_cfg.to_string()));
     }
     m.extend(init_image::metadata(&args.init));
     let parameters = a1111_parameters(&A1111 {

@@ -34,6 +34,7 @@ mod lora;
 pub mod memory;
 pub mod noise;
 pub mod options;
+pub mod original_time;
 pub mod pipeline;
 pub mod preview;
 pub mod progress;

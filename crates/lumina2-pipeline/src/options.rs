@@ -92,11 +92,15 @@ pub enum GuidanceMode {
     /// the last axis (each latent row), always.
     #[default]
     Diffusers,
-    /// The Alpha-VLLM sampler (and ComfyUI's `RenormCFG` node): guidance while
-    /// the model time `t = 1 - sigma` is below `cfg_trunc_ratio`; the norm of the
-    /// guided prediction, taken over the whole latent of each image, is clamped
-    /// to the conditional one's (only scaled down); the system prompt is also
-    /// put in front of a non-empty negative prompt.
+    /// The Alpha-VLLM sampler (`forward_with_cfg`; ComfyUI's `RenormCFG`
+    /// node): guidance at every scale, below 1 too (the two predictions are
+    /// always combined), while the model time is below `cfg_trunc_ratio`, the
+    /// model time being the original's own float32 grid
+    /// ([`crate::original_time`]) unless custom sigmas are given; the norm of
+    /// the guided prediction, taken over the whole latent of each image, is
+    /// clamped to [`GenerateOptions::renorm_cfg`] times the conditional one's
+    /// (only scaled down); the system prompt is also put in front of a
+    /// non-empty negative prompt.
     Original,
 }
 
@@ -122,12 +126,17 @@ pub struct GenerateOptions {
     pub height: Option<usize>,
     /// Denoising steps (30).
     pub num_inference_steps: usize,
-    /// Guidance scale (4.0); guidance runs only above 1.
+    /// Guidance scale (4.0); diffusers' mode guides only above 1, the
+    /// original mode at every scale.
     pub guidance_scale: f64,
     /// Fraction of the run with guidance (1.0 = all of it); see [`GuidanceMode`].
     pub cfg_trunc_ratio: f64,
     /// Renormalise the guided prediction (true); see [`GuidanceMode`].
     pub cfg_normalization: bool,
+    /// [`GuidanceMode::Original`]'s `renorm_cfg` (1.0): the guided norm is
+    /// clamped to this many times the conditional one; 0 switches the clamp
+    /// off. Diffusers' mode ignores it.
+    pub renorm_cfg: f64,
     /// Put in front of each prompt (diffusers' default system prompt).
     pub system_prompt: SystemPrompt,
     /// Custom sigmas instead of `linspace(1, 1/N, N)` (diffusers' `sigmas`).
@@ -176,6 +185,7 @@ impl GenerateOptions {
             guidance_scale: 4.0,
             cfg_trunc_ratio: 1.0,
             cfg_normalization: true,
+            renorm_cfg: 1.0,
             system_prompt: SystemPrompt::default(),
             sigmas: None,
             num_images_per_prompt: 1,
@@ -190,9 +200,10 @@ impl GenerateOptions {
         }
     }
 
-    /// Whether classifier-free guidance runs at all (diffusers: scale > 1).
+    /// Whether classifier-free guidance runs at all: diffusers' mode above a
+    /// scale of 1; the original's `forward_with_cfg` at every scale.
     pub fn do_classifier_free_guidance(&self) -> bool {
-        self.guidance_scale > 1.0
+        self.guidance_mode == GuidanceMode::Original || self.guidance_scale > 1.0
     }
 
     /// The number of prompts (before `num_images_per_prompt`).
@@ -338,6 +349,12 @@ impl GenerateOptions {
                 ));
             }
         }
+        if !(self.renorm_cfg.is_finite() && self.renorm_cfg >= 0.0) {
+            return Err(invalid(
+                "renorm_cfg",
+                format!("{} is not a finite number >= 0", num(self.renorm_cfg)),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.cfg_trunc_ratio) {
             return Err(invalid(
                 "cfg_trunc_ratio",
@@ -470,6 +487,15 @@ mod tests {
     }
 
     #[test]
+    fn original_mode_guides_below_a_scale_of_one() {
+        let mut o = GenerateOptions::new("x");
+        o.guidance_scale = 0.5;
+        assert!(!o.do_classifier_free_guidance());
+        o.guidance_mode = GuidanceMode::Original;
+        assert!(o.do_classifier_free_guidance());
+    }
+
+    #[test]
     fn counts_are_bounded_and_their_product_cannot_overflow() {
         let mut o = GenerateOptions::with_prompts(vec!["a".into(), "b".into()]);
         o.num_images_per_prompt = usize::MAX;
@@ -496,6 +522,11 @@ mod tests {
         check(&|o| o.guidance_scale = 1e300, "1e300 is not in [0, 100]");
         check(&|o| o.guidance_scale = -0.5, "-0.5 is not in [0, 100]");
         check(&|o| o.cfg_trunc_ratio = 1.5, "1.5 is not in [0, 1]");
+        check(&|o| o.renorm_cfg = -1.0, "-1 is not a finite number >= 0");
+        check(
+            &|o| o.renorm_cfg = f64::NAN,
+            "NaN is not a finite number >= 0",
+        );
         check(
             &|o| o.cfg_trunc_ratio = f64::INFINITY,
             "inf is not in [0, 1]",

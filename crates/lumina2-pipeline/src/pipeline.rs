@@ -15,6 +15,7 @@ use crate::img2img::{self, ImageToImage};
 use crate::memory::{self, MemoryEstimate};
 use crate::noise;
 use crate::options::{check_size, Conditioning, GenerateOptions, GuidanceMode, OutputKind};
+use crate::original_time;
 use crate::preview;
 use crate::progress::{Control, Event, Stage, StageTimings, StepInfo};
 use crate::teacache::TeaCache;
@@ -335,6 +336,10 @@ impl Lumina2Pipeline {
             .solver
             .build_at(scheduler, start.latents.clone(), start.begin)?;
         let num_steps = solver.num_steps();
+        // The original mode's model times: the Alpha-VLLM sampler's own grid
+        // over the same schedule (custom sigmas have none).
+        let original_grid = (opts.guidance_mode == GuidanceMode::Original && opts.sigmas.is_none())
+            .then(|| original_time::time_grid(num_steps, self.scheduler_config.shift as f32));
 
         // 4. Denoise.
         let transformer = self.take_transformer(observer, &mut timings)?;
@@ -351,8 +356,12 @@ impl Lumina2Pipeline {
             let mut denoised: Option<Tensor> = None;
             while let Some(eval) = solver.pending() {
                 let (step, stage, t, sigma) = (eval.step, eval.stage, eval.timestep, eval.sigma);
-                // Lumina's model time, computed in f32 as the pipeline does.
-                let model_t = 1f32 - t / num_train;
+                // Lumina's model time, computed in f32 as the pipeline does,
+                // or the original's grid point.
+                let model_t = original_grid
+                    .as_deref()
+                    .and_then(|g| original_time::model_time(g, step, stage))
+                    .unwrap_or(1f32 - t / num_train);
                 let timestep = Tensor::full(model_t, batch, &device)?;
                 let sample = eval.sample.clone();
                 let cond = model_call(
@@ -368,7 +377,7 @@ impl Lumina2Pipeline {
                         opts.cfg_trunc_ratio,
                         step,
                         num_steps,
-                        sigma,
+                        model_t,
                     );
                 let pred = match (&negative, guided) {
                     (Some((neg, neg_mask)), true) => {
@@ -385,6 +394,7 @@ impl Lumina2Pipeline {
                             opts.guidance_scale,
                             opts.cfg_normalization,
                             opts.guidance_mode,
+                            opts.renorm_cfg,
                         )?
                     }
                     _ => cond,

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use lumina2_pipeline::{
-    source_image, Conditioning, GenerateOptions, ImageToImage, Lumina2Pipeline, Noise,
-    PipelineSources, SystemPrompt,
+    source_image, Conditioning, GenerateOptions, GuidanceMode, ImageToImage, Lumina2Pipeline,
+    Noise, PipelineSources, SolverKind, SystemPrompt,
 };
 
 use super::text_encoder::strings;
@@ -103,6 +103,21 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
             mask,
             strength,
         });
+    }
+    match get("guidance_mode").map(|v| v.as_str()) {
+        None => {}
+        Some(Some("diffusers")) => opts.guidance_mode = GuidanceMode::Diffusers,
+        Some(Some("original")) => opts.guidance_mode = GuidanceMode::Original,
+        Some(_) => bail!("`guidance_mode` must be \"diffusers\" or \"original\""),
+    }
+    match get("solver").map(|v| v.as_str()) {
+        None => {}
+        Some(Some("euler")) => opts.solver = SolverKind::Euler,
+        Some(Some("midpoint")) => opts.solver = SolverKind::Midpoint,
+        Some(_) => bail!("`solver` must be \"euler\" or \"midpoint\""),
+    }
+    if let Some(v) = float("renorm_cfg")? {
+        opts.renorm_cfg = v;
     }
     let inputs = case.inputs()?;
     opts.noise = match inputs.get("latents") {
