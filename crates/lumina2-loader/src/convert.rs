@@ -708,7 +708,8 @@ fn diffusers_config(
         .map(|o| (o.name.as_str(), o.shape.as_slice()))
         .collect();
     let (cfg, bytes) = if let (None, Some(p)) = (&opts.config, &source.config_json) {
-        let bytes = std::fs::read(p).map_err(|e| source.err(format!("{}: {e}", p.display())))?;
+        let bytes = lumina2_weights::fs::read_bounded(p, lumina2_weights::fs::MAX_CONFIG_BYTES)
+            .map_err(|e| source.err(format!("{}: {e}", p.display())))?;
         let text = String::from_utf8_lossy(&bytes);
         let cfg = Config::from_json_str(&text).map_err(|e| source.err(e))?;
         (cfg, Some(bytes))

@@ -3,7 +3,7 @@
 //! type and bit depth becomes 8-bit RGB with PIL's rules, and the pixel count
 //! is bounded from the header before anything is decoded.
 
-use std::io::{BufReader, Cursor, Read};
+use std::io::{BufReader, Cursor};
 use std::path::Path;
 
 use image::RgbImage;
@@ -24,16 +24,10 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage> {
         path: path.to_path_buf(),
         reason,
     };
-    let file = std::fs::File::open(path).map_err(|e| file_err(format!("cannot open: {e}")))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_IMAGE_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
+    // A regular file only (a FIFO or a device is refused, not waited on or
+    // read without end), and no more of it than the limit.
+    let bytes = lumina2_weights::fs::read_bounded(path, MAX_IMAGE_FILE_BYTES)
         .map_err(|e| file_err(format!("cannot read: {e}")))?;
-    if bytes.len() as u64 > MAX_IMAGE_FILE_BYTES {
-        return Err(file_err(format!(
-            "larger than {MAX_IMAGE_FILE_BYTES} bytes"
-        )));
-    }
     decode_rgb(&bytes).map_err(file_err)
 }
 

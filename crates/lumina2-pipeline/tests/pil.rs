@@ -105,6 +105,36 @@ fn hostile_files_are_refused_without_decoding() {
     assert!(missing.to_string().contains("missing.png"), "{missing}");
 }
 
+/// Not a regular file: a device that never ends, a folder and (on Unix) a
+/// FIFO with no writer are refused at once, nothing read from them.
+#[test]
+fn files_that_are_not_regular_are_refused_at_once() {
+    let started = std::time::Instant::now();
+    let mut paths = vec![PathBuf::from("/dev/zero"), dir()];
+    #[cfg(unix)]
+    {
+        let fifo = std::env::temp_dir().join(format!("lumina2-pil-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            paths.push(fifo);
+        }
+    }
+    for p in &paths {
+        if !p.exists() {
+            continue;
+        }
+        let e = source_image::read_rgb(p).unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()), "{e}");
+    }
+    for p in &paths {
+        if p.to_string_lossy().contains("lumina2-pil-fifo") {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
 fn crc32(data: &[u8]) -> u32 {
     let mut c = 0xFFFF_FFFFu32;
     for &b in data {
