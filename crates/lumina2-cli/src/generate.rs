@@ -656,7 +656,7 @@ pub(crate) fn load(
             if !quiet {
                 eprintln!(
                     "dtype: {} ({}; --dtype f32 or bf16 to choose)",
-                    dtype_name(auto.dtype),
+                    auto.dtype.as_str(),
                     auto.reason
                 );
             }
@@ -968,10 +968,7 @@ fn metadata(
         ("sampler".to_string(), sampler.to_string()),
         ("guidance_mode".to_string(), guidance_mode.to_string()),
         ("model".to_string(), model.name.clone()),
-        (
-            "dtype".to_string(),
-            dtype_name(model.pipe.dtype()).to_string(),
-        ),
+        ("dtype".to_string(), model.pipe.dtype().as_str().to_string()),
         (
             "max_sequence_length".to_string(),
             opts.max_sequence_length.to_string(),
@@ -1078,14 +1075,5 @@ fn python_float(v: f64) -> String {
         format!("{v:.1}")
     } else {
         v.to_string()
-    }
-}
-
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "other",
     }
 }
