@@ -122,12 +122,11 @@ mod tests {
     }
 
     /// A 1024x1024 image's preview (128x128 latents): the prediction, the
-    /// projection and the PNG must cost under 1% of a step. A real-dimension
-    /// transformer call with only 4 layers + 2x2 refiners takes about 11 s at
-    /// 1024 px in bf16 (docs/benchmarks.md; the 26-layer model far more), so
-    /// 1% is 110 ms even for that few-layer step.
+    /// projection and the PNG, written and read back at latent resolution.
+    /// The time is printed (`--nocapture`) for the READMEs, not asserted: a
+    /// shared machine's timings are no test.
     #[test]
-    fn a_1024_px_preview_costs_under_one_percent_of_a_step() -> Result<()> {
+    fn a_1024_px_preview_is_a_latent_sized_png() -> Result<()> {
         let dev = Device::Cpu;
         let sample = Tensor::randn(0f32, 1., (1, 16, 128, 128), &dev)?;
         let output = Tensor::randn(0f32, 1., (1, 16, 128, 128), &dev)?;
@@ -138,9 +137,13 @@ mod tests {
         img.save(&path)
             .map_err(|e| invalid("preview", e.to_string()))?;
         let took = start.elapsed();
+        eprintln!("1024 px preview (prediction, projection, PNG): {took:?}");
+        let back = image::open(&path)
+            .map_err(|e| invalid("preview", e.to_string()))?
+            .to_rgb8();
         std::fs::remove_file(&path).ok();
-        eprintln!("1024 px preview: {took:?}");
-        assert!(took.as_millis() < 110, "{took:?}");
+        assert_eq!((back.width(), back.height()), (128, 128));
+        assert_eq!(back.as_raw(), img.as_raw());
         Ok(())
     }
 
