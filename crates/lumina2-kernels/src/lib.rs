@@ -45,4 +45,4 @@ pub mod profile;
 mod simd;
 
 pub use caps::{caps, report_paths, Caps, CpuFeatures, Overrides};
-pub use cpu::{any_non_finite, cast};
+pub use cpu::{any_non_finite, cast, widen_bf16, widen_f16};

@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use lumina2_transformer::{weight_shapes, Config, WeightSource};
 
 use crate::folder::Error;
@@ -208,6 +208,29 @@ impl WeightSource for OriginalTransformer {
                 }
             }
             (Some(_), None) => Ok(lumina2_transformer::LinearWeight::Dense(self.tensor(key)?)),
+        }
+    }
+    fn tensor_as(&self, key: &str, dtype: DType) -> lumina2_weights::Result<Tensor> {
+        // A tensor stored whole (not a part of a fused `qkv`) is read as the
+        // file's source reads it.
+        match self.map.get(key) {
+            Some(o) if o.rows.is_none() => self.inner.tensor_as(&o.key, dtype),
+            _ => Ok(self.tensor(key)?.to_dtype(dtype)?),
+        }
+    }
+    fn linear_as(
+        &self,
+        key: &str,
+        dtype: DType,
+    ) -> lumina2_weights::Result<lumina2_transformer::LinearWeight> {
+        match self.map.get(key) {
+            Some(o) if o.rows.is_none() => self.inner.linear_as(&o.key, dtype),
+            _ => Ok(match self.linear(key)? {
+                lumina2_transformer::LinearWeight::Dense(t) => {
+                    lumina2_transformer::LinearWeight::Dense(t.to_dtype(dtype)?)
+                }
+                other => other,
+            }),
         }
     }
     fn contains(&self, key: &str) -> bool {

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use lumina2_weights::{LinearWeight, WeightSource};
 
 /// The tensors of `inner` whose keys start with `prefix`, keyed without it.
@@ -40,6 +40,12 @@ impl WeightSource for Prefixed {
     }
     fn linear(&self, key: &str) -> lumina2_weights::Result<LinearWeight> {
         self.inner.linear(&self.full(key))
+    }
+    fn tensor_as(&self, key: &str, dtype: DType) -> lumina2_weights::Result<Tensor> {
+        self.inner.tensor_as(&self.full(key), dtype)
+    }
+    fn linear_as(&self, key: &str, dtype: DType) -> lumina2_weights::Result<LinearWeight> {
+        self.inner.linear_as(&self.full(key), dtype)
     }
     fn name(&self) -> String {
         format!("{} (under `{}`)", self.inner.name(), self.prefix)

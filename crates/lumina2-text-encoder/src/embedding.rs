@@ -1,8 +1,9 @@
 //! The token embedding table: dense, or quantised (a GGUF file) and kept so.
 //!
 //! Gemma-2's table is large (256000 x 2304: 1.2 GB in bf16, 2.4 GB in f32,
-//! more than all the quantised layers of a Q4_0 file together). A quantised
-//! table stays as stored; a lookup dequantises only the rows of the tokens
+//! more than all the quantised layers of a Q4_0 file together). A bf16 or
+//! f16 table stays so under f32 compute (its rows widened, exactly, when
+//! gathered); a quantised table stays as stored; a lookup dequantises only the rows of the tokens
 //! asked for. Rows are whole quantisation blocks, so a row dequantised alone
 //! has exactly the values of the whole table dequantised.
 
@@ -18,8 +19,9 @@ use crate::weights::{LinearWeight, Weights};
 /// A `[vocab, hidden]` embedding table.
 #[derive(Debug, Clone)]
 pub(crate) enum Embedding {
-    /// In the compute dtype.
-    Dense(Tensor),
+    /// As [`Weights::table`] hands it out (the compute dtype, or f16/bf16
+    /// for f32 compute); rows are converted to `dtype` when looked up.
+    Dense { table: Tensor, dtype: DType },
     /// As stored; rows are dequantised to `dtype` when looked up.
     Quantized {
         table: Arc<QTensor>,
@@ -30,13 +32,15 @@ pub(crate) enum Embedding {
 
 impl Embedding {
     /// `name.weight` of `[vocab, hidden]`, quantised when the source hands it
-    /// out quantised (a GGUF file), else dense in the compute dtype.
+    /// out quantised (a GGUF file), else dense as [`Weights::table`] keeps it.
     pub(crate) fn load(w: &Weights, name: &str, vocab: usize, hidden: usize) -> Result<Self> {
-        match w.linear_weight(name, hidden, vocab)? {
-            LinearWeight::Dense(t) => Ok(Self::Dense(t)),
-            packed @ (LinearWeight::PackedBf16(_) | LinearWeight::Int8(_)) => Ok(Self::Dense(
-                packed.to_dense(w.device())?.to_dtype(w.dtype())?,
-            )),
+        let dtype = w.dtype();
+        match w.table(name, hidden, vocab)? {
+            LinearWeight::Dense(table) => Ok(Self::Dense { table, dtype }),
+            packed @ (LinearWeight::PackedBf16(_) | LinearWeight::Int8(_)) => Ok(Self::Dense {
+                table: packed.to_dense(w.device())?.to_dtype(dtype)?,
+                dtype,
+            }),
             LinearWeight::Quantized(q) => {
                 let ty = q.dtype();
                 let (block, size) = (ty.block_size(), ty.type_size());
@@ -58,9 +62,9 @@ impl Embedding {
     /// `[ids.len(), hidden]` on `device`.
     pub(crate) fn lookup(&self, ids: &[u32], hidden: usize, device: &Device) -> Result<Tensor> {
         match self {
-            Self::Dense(t) => {
+            Self::Dense { table, dtype } => {
                 let ids = Tensor::from_slice(ids, ids.len(), device)?;
-                Ok(t.index_select(&ids, 0)?)
+                Ok(table.index_select(&ids, 0)?.to_dtype(*dtype)?)
             }
             Self::Quantized {
                 table,

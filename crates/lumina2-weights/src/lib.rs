@@ -228,6 +228,23 @@ pub trait WeightSource: Send + Sync {
     fn linear(&self, key: &str) -> Result<LinearWeight> {
         Ok(LinearWeight::Dense(self.tensor(key)?))
     }
+    /// The tensor stored under `key`, converted to `dtype` on the CPU.
+    /// Sources that read files override it to convert while reading, so that
+    /// a weight is written once, in its final dtype, without a second buffer
+    /// in the stored dtype (most of a load's cost is the first touch of its
+    /// memory).
+    fn tensor_as(&self, key: &str, dtype: DType) -> Result<Tensor> {
+        Ok(cast(&self.tensor(key)?, dtype)?)
+    }
+    /// [`WeightSource::linear`] with a dense weight converted to `dtype` on
+    /// the CPU (quantised weights as they are), read as
+    /// [`WeightSource::tensor_as`] reads where the source overrides this.
+    fn linear_as(&self, key: &str, dtype: DType) -> Result<LinearWeight> {
+        Ok(match self.linear(key)? {
+            LinearWeight::Dense(t) => LinearWeight::Dense(cast(&t, dtype)?),
+            other => other,
+        })
+    }
     /// A short description for error messages (usually the file names).
     fn name(&self) -> String;
     /// The shape of `key` as the source declares it (a file's header),
@@ -561,14 +578,19 @@ impl WeightSource for SafetensorsSource {
                 read(bytemuck::cast_slice_mut(&mut v))?;
                 Tensor::from_vec(v, shape, &Device::Cpu)?
             }
+            // Zeroed as integers, which the allocator hands out as untouched
+            // zero pages (`vec![bf16::ZERO; n]` would write every element
+            // before the read writes it again), then reinterpreted in place.
             (None, DType::BF16) => {
-                let mut v = vec![half::bf16::ZERO; n];
+                let mut v = vec![0u16; n];
                 read(bytemuck::cast_slice_mut(&mut v))?;
+                let v: Vec<half::bf16> = bytemuck::allocation::cast_vec(v);
                 Tensor::from_vec(v, shape, &Device::Cpu)?
             }
             (None, DType::F16) => {
-                let mut v = vec![half::f16::ZERO; n];
+                let mut v = vec![0u16; n];
                 read(bytemuck::cast_slice_mut(&mut v))?;
+                let v: Vec<half::f16> = bytemuck::allocation::cast_vec(v);
                 Tensor::from_vec(v, shape, &Device::Cpu)?
             }
             _ => {
@@ -578,6 +600,20 @@ impl WeightSource for SafetensorsSource {
             }
         };
         Ok(t)
+    }
+    fn tensor_as(&self, key: &str, dtype: DType) -> Result<Tensor> {
+        match self.index.get(key) {
+            Some(e) if e.fp8.is_none() && dtype == DType::F32 && e.dtype == DType::BF16 => {
+                self.read_widened(key, e, lumina2_kernels::widen_bf16)
+            }
+            Some(e) if e.fp8.is_none() && dtype == DType::F32 && e.dtype == DType::F16 => {
+                self.read_widened(key, e, lumina2_kernels::widen_f16)
+            }
+            _ => Ok(cast(&self.tensor(key)?, dtype)?),
+        }
+    }
+    fn linear_as(&self, key: &str, dtype: DType) -> Result<LinearWeight> {
+        Ok(LinearWeight::Dense(self.tensor_as(key, dtype)?))
     }
     fn name(&self) -> String {
         self.names.clone()
@@ -598,6 +634,55 @@ impl WeightSource for SafetensorsSource {
 }
 
 impl SafetensorsSource {
+    /// A 16-bit float tensor read as f32: pieces of the file are read into a
+    /// small buffer that each thread reuses and widened straight into the
+    /// output, so the only memory the load touches is the f32 weight itself
+    /// (reading the whole tensor first would touch, then free, a second
+    /// buffer half its size).
+    fn read_widened<T: bytemuck::Pod + Send + Sync>(
+        &self,
+        key: &str,
+        e: &StEntry,
+        widen: fn(&[T], &mut [f32]),
+    ) -> Result<Tensor> {
+        /// Elements per piece: 2 MiB read, 4 MiB written, within the caches.
+        const PIECE: usize = 1 << 20;
+        let (path, file) = self.files.get(e.file).ok_or_else(|| Error::MissingWeight {
+            key: key.to_string(),
+            source_name: self.names.clone(),
+        })?;
+        let err = |reason: String| Error::WeightLoad {
+            key: key.to_string(),
+            source_name: path.display().to_string(),
+            reason,
+        };
+        let n = e.shape.iter().product::<usize>();
+        let width = std::mem::size_of::<T>();
+        if n.checked_mul(width) != Some(e.len) {
+            return Err(err(format!("{} bytes do not hold {n} values", e.len)));
+        }
+        let f = file.lock().map_err(|_| err("file lock poisoned".into()))?;
+        let f: &std::fs::File = &f;
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(PIECE)
+            .enumerate()
+            .try_for_each_init(
+                || vec![T::zeroed(); PIECE],
+                |scratch, (i, o)| {
+                    let s = &mut scratch[..o.len()];
+                    read_at(
+                        f,
+                        e.start + (i * PIECE * width) as u64,
+                        bytemuck::cast_slice_mut(s),
+                    )?;
+                    widen(s, o);
+                    Ok::<(), std::io::Error>(())
+                },
+            )
+            .map_err(|x| err(x.to_string()))?;
+        Ok(Tensor::from_vec(out, e.shape.as_slice(), &Device::Cpu)?)
+    }
+
     /// An fp8 tensor (as f16) times its ComfyUI `scale_weight`, if it has one
     /// (then in f32: `fp8 * scale`, one rounding).
     fn scaled(&self, key: &str, t: Tensor) -> Result<Tensor> {
@@ -834,18 +919,23 @@ impl Weights {
 
     /// A dense tensor of the given shape, in the compute dtype, on the compute device.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let key = self.key(name);
-        self.require_shape(&key, shape)?;
-        let t = self.source.tensor(&key)?;
-        self.check_shape(&key, t.dims(), shape)?;
-        self.scan(&key, &t)?;
-        Ok(cast(&t.to_device(&self.device)?, self.dtype)?)
+        self.get_as(name, shape, self.dtype)
     }
 
     /// A dense tensor of the given shape in `dtype` (not the compute dtype), on the compute device.
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let key = self.key(name);
         self.require_shape(&key, shape)?;
+        if self.device.is_cpu() {
+            // Converted while read (a widened or narrowed value is finite
+            // exactly when it can be used, so the scan sees the final values).
+            let t = self.source.tensor_as(&key, dtype)?;
+            self.check_shape(&key, t.dims(), shape)?;
+            self.scan(&key, &t)?;
+            return Ok(t);
+        }
+        // Copied to the device in the stored dtype (the smaller transfer) and
+        // converted there.
         let t = self.source.tensor(&key)?;
         self.check_shape(&key, t.dims(), shape)?;
         self.scan(&key, &t)?;
@@ -859,7 +949,12 @@ impl Weights {
     pub fn linear_weight(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearWeight> {
         let wkey = self.key(&format!("{name}.weight"));
         self.require_shape(&wkey, &[out_dim, in_dim])?;
-        let weight = match self.source.linear(&wkey)? {
+        let stored = if self.device.is_cpu() {
+            self.source.linear_as(&wkey, self.dtype)?
+        } else {
+            self.source.linear(&wkey)?
+        };
+        let weight = match stored {
             LinearWeight::Dense(t) => {
                 self.check_shape(&wkey, t.dims(), &[out_dim, in_dim])?;
                 self.scan(&wkey, &t)?;
@@ -879,6 +974,36 @@ impl Weights {
             }
         };
         Ok(weight)
+    }
+
+    /// The `[out_dim, in_dim]` table `name.weight` for row lookups
+    /// (embeddings): as [`Weights::linear_weight`], except that a dense table
+    /// stored in f16 or bf16 stays so when the compute dtype is f32. Its rows
+    /// are then widened when gathered, to exactly the values a widened table
+    /// would give, and a table of which a prompt uses a few hundred rows
+    /// costs half the memory and no conversion at load.
+    pub fn table(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearWeight> {
+        let wkey = self.key(&format!("{name}.weight"));
+        self.require_shape(&wkey, &[out_dim, in_dim])?;
+        match self.source.linear(&wkey)? {
+            LinearWeight::Dense(t)
+                if self.dtype == DType::F32 && matches!(t.dtype(), DType::BF16 | DType::F16) =>
+            {
+                self.check_shape(&wkey, t.dims(), &[out_dim, in_dim])?;
+                self.scan(&wkey, &t)?;
+                Ok(LinearWeight::Dense(t.to_device(&self.device)?))
+            }
+            LinearWeight::Dense(t) => {
+                self.check_shape(&wkey, t.dims(), &[out_dim, in_dim])?;
+                self.scan(&wkey, &t)?;
+                Ok(LinearWeight::Dense(cast(
+                    &t.to_device(&self.device)?,
+                    self.dtype,
+                )?))
+            }
+            // Quantised, packed or int8: as `linear_weight` hands them out.
+            _ => self.linear_weight(name, in_dim, out_dim),
+        }
     }
 
     /// A linear layer `in_dim -> out_dim` (`name.weight`, and `name.bias` when `bias`).

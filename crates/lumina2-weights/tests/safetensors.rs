@@ -185,3 +185,66 @@ fn declared_shapes_are_compared_before_reading() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A 16-bit tensor read as f32 (converted while read, in pieces of 2^20
+/// values across threads) has exactly the bits of the tensor read as stored
+/// and then converted, for a size that ends inside a piece; so has the same
+/// read through [`Weights`], in both dtypes.
+#[test]
+fn converting_reads_equal_read_then_convert() {
+    use candle_core::DType;
+    use lumina2_weights::Weights;
+    let dev = Device::Cpu;
+    let dir = std::env::temp_dir().join(format!("lumina2-st-widen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // 2^20 + 2^19 + 3 values: one whole piece and a partial one; varied bits
+    // (subnormals, signs, large exponents) from a sine.
+    let n = (1usize << 20) + (1 << 19) + 3;
+    let x = Tensor::arange(0f32, n as f32, &dev)
+        .unwrap()
+        .affine(0.37, 0.0)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .powf(7.0)
+        .unwrap()
+        .affine(3.0e4, 0.0)
+        .unwrap()
+        .reshape((n / 3, 3))
+        .unwrap();
+    let path = dir.join("w.safetensors");
+    let tensors = HashMap::from([
+        ("bf.weight".to_string(), x.to_dtype(DType::BF16).unwrap()),
+        ("h.weight".to_string(), x.to_dtype(DType::F16).unwrap()),
+        ("f.weight".to_string(), x.clone()),
+    ]);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    let src = std::sync::Arc::new(SafetensorsSource::open(&[&path]).unwrap());
+    let bits = |t: &Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
+    };
+    for name in ["bf", "h", "f"] {
+        let key = &format!("{name}.weight");
+        let direct = src.tensor_as(key, DType::F32).unwrap();
+        let stored = src.tensor(key).unwrap();
+        let converted = stored.to_dtype(DType::F32).unwrap();
+        assert_eq!(direct.dims(), stored.dims(), "{key}");
+        assert!(bits(&direct) == bits(&converted), "{key}: bits differ");
+        let w = Weights::new(src.clone(), DType::F32, &dev);
+        let got = w.get(key, &[n / 3, 3]).unwrap();
+        assert!(
+            bits(&got) == bits(&converted),
+            "{key}: Weights::get differs"
+        );
+        // The 16-bit tables stay as stored for row lookups under f32.
+        let table = w.table(name, 3, n / 3).unwrap().to_dense(&dev).unwrap();
+        assert_eq!(table.dtype(), stored.dtype(), "{key}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -225,6 +225,23 @@ impl WeightSource for LoraSource {
             }
         })
     }
+    fn tensor_as(&self, key: &str, dtype: DType) -> lumina2_weights::Result<Tensor> {
+        // A weight without adapters of this layer is read as the inner
+        // source reads it; one with adapters is merged at the stored dtype.
+        if !self.adapters.contains_key(key) {
+            return self.inner.tensor_as(key, dtype);
+        }
+        Ok(self.tensor(key)?.to_dtype(dtype)?)
+    }
+    fn linear_as(&self, key: &str, dtype: DType) -> lumina2_weights::Result<LinearWeight> {
+        if !self.adapters.contains_key(key) {
+            return self.inner.linear_as(key, dtype);
+        }
+        Ok(match self.linear(key)? {
+            LinearWeight::Dense(t) => LinearWeight::Dense(t.to_dtype(dtype)?),
+            other => other,
+        })
+    }
     fn lora_adapters(&self, key: &str) -> lumina2_weights::Result<Vec<LoraAdapter>> {
         // The inner source may be another LoRA layer with its own.
         let mut list = self.inner.lora_adapters(key)?;
