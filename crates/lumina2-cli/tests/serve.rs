@@ -370,6 +370,28 @@ fn bad_requests_are_refused_before_they_are_queued() {
             "euler, midpoint",
         ),
         (
+            fox(json!({"cache_threshold": -0.5})).to_string(),
+            Some("cache_threshold"),
+            "`cache_threshold`: -0.5 is not a finite number >= 0",
+        ),
+        (
+            fox(json!({"cache_threshold": "high"})).to_string(),
+            Some("cache_threshold"),
+            "`cache_threshold` must be a number",
+        ),
+        // Refused by both endpoints: a job's for its value, a synchronous
+        // request's for being there.
+        (
+            fox(json!({"preview_every": 0})).to_string(),
+            Some("preview_every"),
+            "`preview_every`",
+        ),
+        (
+            fox(json!({"preview_every": 1.5})).to_string(),
+            Some("preview_every"),
+            "`preview_every`",
+        ),
+        (
             fox(json!({"steps": 3})).to_string(),
             Some("steps"),
             "unknown field `steps`",
@@ -565,4 +587,133 @@ fn sigterm_finishes_the_running_job_and_exits_0() {
     server.signal("-INT");
     assert_eq!(server.wait_exit(), Some(0));
     assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+/// The events of a finished SSE stream: (name, data as JSON).
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = Some(n.to_string());
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = Some(serde_json::from_str(d).unwrap());
+                }
+            }
+            Some((name?, data?))
+        })
+        .collect()
+}
+
+fn b64(s: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s.as_str().unwrap())
+        .unwrap()
+}
+
+/// The preview `lumina2 generate --preview` leaves after the fixture case
+/// with `--preview-every every`: that of the last step that is a multiple
+/// of `every`.
+fn cli_preview(dir: &Path, every: usize) -> Vec<u8> {
+    let preview = dir.join("preview.png");
+    let every = every.to_string();
+    cli_pngs(
+        dir,
+        &[
+            "--preview",
+            preview.to_str().unwrap(),
+            "--preview-every",
+            &every,
+        ],
+    );
+    std::fs::read(preview).unwrap()
+}
+
+#[test]
+fn a_job_streams_the_previews_generate_writes() {
+    let server = Server::start(&["--preload"], &[]);
+    let job = server.post("/v1/jobs", &fox(json!({"preview_every": 1})));
+    assert_eq!(job.status, 202, "{}", job.json);
+    let id = job.json["id"].as_str().unwrap().to_string();
+    // The stream ends with the job; a preview made before the client looked
+    // is sent too, so the last step's preview always arrives.
+    let stream = server.get(&format!("/v1/jobs/{id}/events"));
+    let events = sse_events(stream.json.as_str().unwrap());
+    assert_eq!(events.last().unwrap().0, "succeeded", "{events:?}");
+    let previews: Vec<&Value> = events
+        .iter()
+        .filter(|(name, _)| name == "preview")
+        .map(|(_, data)| data)
+        .collect();
+    assert!(!previews.is_empty(), "no preview event in {events:?}");
+    let steps: Vec<u64> = previews
+        .iter()
+        .map(|p| p["step"].as_u64().unwrap())
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert_eq!(steps.last(), Some(&4));
+
+    // `--preview-every 3` leaves step 3's preview, `--preview-every 1` step 4's.
+    let step3 = cli_preview(&tmp_dir("preview3"), 3);
+    let step4 = cli_preview(&tmp_dir("preview4"), 1);
+    assert!(step3 != step4, "the previews of steps 3 and 4 differ");
+    for p in &previews {
+        assert_eq!(p["num_steps"], 4);
+        let png = b64(&p["b64_png"]);
+        match p["step"].as_u64().unwrap() {
+            3 => assert!(png == step3, "step 3's preview differs from the CLI's"),
+            4 => assert!(png == step4, "step 4's preview differs from the CLI's"),
+            _ => {}
+        }
+    }
+
+    // The job shows its latest preview's step, and its PNG on request.
+    let plain = server.get(&format!("/v1/jobs/{id}")).json;
+    assert_eq!(plain["preview"], json!({"step": 4, "num_steps": 4}));
+    let full = server.get(&format!("/v1/jobs/{id}?preview=1")).json;
+    assert!(b64(&full["preview"]["b64_png"]) == step4);
+    // The image is that of the same request without previews.
+    let image = Reply {
+        status: 200,
+        retry_after: None,
+        json: full["result"].clone(),
+    };
+    assert_eq!(image.images(), cli_pngs(&tmp_dir("preview-image"), &[]));
+
+    // A synchronous request has no stream for previews.
+    let r = server.post("/v1/images/generations", &fox(json!({"preview_every": 1})));
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(r.json["error"]["param"], "preview_every");
+    assert!(r.json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/jobs"));
+}
+
+#[test]
+fn cache_threshold_gives_the_image_of_generate_cache_threshold() {
+    let server = Server::start(&["--preload"], &[]);
+    let r = server.post(
+        "/v1/images/generations",
+        &fox(json!({"cache_threshold": 10.0})),
+    );
+    assert_eq!(r.status, 200, "{}", r.json);
+    let api = r.images();
+    let cli = cli_pngs(&tmp_dir("cache"), &["--cache-threshold", "10"]);
+    assert_eq!(api, cli);
+    // Caching took effect: not the image without it.
+    assert!(api != cli_pngs(&tmp_dir("no-cache"), &[]));
+    // As a job too.
+    let job = server.post("/v1/jobs", &fox(json!({"cache_threshold": 10})));
+    assert_eq!(job.status, 202, "{}", job.json);
+    let id = job.json["id"].as_str().unwrap().to_string();
+    server.wait_until("the job done", |s| s.job_status(&id) == "succeeded");
+    let result = Reply {
+        status: 200,
+        retry_after: None,
+        json: server.get(&format!("/v1/jobs/{id}")).json["result"].clone(),
+    };
+    assert_eq!(result.images(), cli);
 }
