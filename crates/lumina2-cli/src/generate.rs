@@ -1104,3 +1104,30 @@ fn python_float(v: f64) -> String {
         v.to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lumina2_pipeline::candle_core::Tensor;
+
+    /// What a server job sends is the file `--preview` writes.
+    #[test]
+    fn the_preview_bytes_are_the_preview_file() {
+        let x0 = Tensor::randn(0f32, 1., (2, 16, 4, 6), &Device::Cpu).unwrap();
+        let png = preview_png(&x0).unwrap().unwrap();
+        let path = std::env::temp_dir().join(format!("lumina2-preview-{}.png", std::process::id()));
+        write_preview(&path, &x0);
+        let file = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(png, file);
+        // The first image of the batch, at latent resolution.
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (6, 4));
+        let first = x0.narrow(0, 0, 1).unwrap();
+        let expect = lumina2_pipeline::preview::latents_to_rgb(&first).unwrap();
+        assert_eq!(img.as_raw(), expect[0].as_raw());
+        // Other channel counts make none (the job goes on without).
+        let four = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(preview_png(&four).is_err());
+    }
+}

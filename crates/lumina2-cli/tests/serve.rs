@@ -607,80 +607,36 @@ fn sse_events(text: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn b64(s: &Value) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(s.as_str().unwrap())
-        .unwrap()
-}
-
-/// The preview `lumina2 generate --preview` leaves after the fixture case
-/// with `--preview-every every`: that of the last step that is a multiple
-/// of `every`.
-fn cli_preview(dir: &Path, every: usize) -> Vec<u8> {
-    let preview = dir.join("preview.png");
-    let every = every.to_string();
-    cli_pngs(
-        dir,
-        &[
-            "--preview",
-            preview.to_str().unwrap(),
-            "--preview-every",
-            &every,
-        ],
-    );
-    std::fs::read(preview).unwrap()
-}
-
+/// The committed tiny pipelines have 4 latent channels, and the preview's
+/// latent-to-RGB matrix is for 16: `generate --preview` writes no preview
+/// for them (a warning), and a job makes none either. What a job sends is
+/// the bytes `generate` writes (`generate::preview_png`, tested in the
+/// crate's unit tests); here, that `preview_every` is taken by jobs, leaves
+/// the image as it is, and is refused by the synchronous endpoint.
 #[test]
-fn a_job_streams_the_previews_generate_writes() {
+fn a_job_with_previews_is_the_job_without() {
     let server = Server::start(&["--preload"], &[]);
     let job = server.post("/v1/jobs", &fox(json!({"preview_every": 1})));
     assert_eq!(job.status, 202, "{}", job.json);
     let id = job.json["id"].as_str().unwrap().to_string();
-    // The stream ends with the job; a preview made before the client looked
-    // is sent too, so the last step's preview always arrives.
     let stream = server.get(&format!("/v1/jobs/{id}/events"));
     let events = sse_events(stream.json.as_str().unwrap());
     assert_eq!(events.last().unwrap().0, "succeeded", "{events:?}");
-    let previews: Vec<&Value> = events
-        .iter()
-        .filter(|(name, _)| name == "preview")
-        .map(|(_, data)| data)
-        .collect();
-    assert!(!previews.is_empty(), "no preview event in {events:?}");
-    let steps: Vec<u64> = previews
-        .iter()
-        .map(|p| p["step"].as_u64().unwrap())
-        .collect();
-    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
-    assert_eq!(steps.last(), Some(&4));
+    assert!(events.iter().all(|(name, _)| name != "preview"));
 
-    // `--preview-every 3` leaves step 3's preview, `--preview-every 1` step 4's.
-    let step3 = cli_preview(&tmp_dir("preview3"), 3);
-    let step4 = cli_preview(&tmp_dir("preview4"), 1);
-    assert!(step3 != step4, "the previews of steps 3 and 4 differ");
-    for p in &previews {
-        assert_eq!(p["num_steps"], 4);
-        let png = b64(&p["b64_png"]);
-        match p["step"].as_u64().unwrap() {
-            3 => assert!(png == step3, "step 3's preview differs from the CLI's"),
-            4 => assert!(png == step4, "step 4's preview differs from the CLI's"),
-            _ => {}
-        }
-    }
-
-    // The job shows its latest preview's step, and its PNG on request.
-    let plain = server.get(&format!("/v1/jobs/{id}")).json;
-    assert_eq!(plain["preview"], json!({"step": 4, "num_steps": 4}));
-    let full = server.get(&format!("/v1/jobs/{id}?preview=1")).json;
-    assert!(b64(&full["preview"]["b64_png"]) == step4);
-    // The image is that of the same request without previews.
+    let dir = tmp_dir("preview");
+    let preview = dir.join("preview.png");
+    let out = tmp_dir("preview-image");
+    let cli = cli_pngs(&out, &["--preview", preview.to_str().unwrap()]);
+    assert!(!preview.exists(), "a 4-channel preview was written");
+    let done = server.get(&format!("/v1/jobs/{id}?preview=1")).json;
+    assert!(done.get("preview").is_none(), "{done}");
     let image = Reply {
         status: 200,
         retry_after: None,
-        json: full["result"].clone(),
+        json: done["result"].clone(),
     };
-    assert_eq!(image.images(), cli_pngs(&tmp_dir("preview-image"), &[]));
+    assert_eq!(image.images(), cli);
 
     // A synchronous request has no stream for previews.
     let r = server.post("/v1/images/generations", &fox(json!({"preview_every": 1})));
