@@ -34,8 +34,8 @@ const MAX_LINE_BYTES: usize = 4 << 20;
 
 /// The fields a line may hold.
 const FIELDS: &str = "prompt, n, size, negative_prompt, seed, num_inference_steps, \
-guidance_scale, cfg_trunc_ratio, cfg_normalization, renorm_cfg, system_prompt, sampler, guidance_mode, \
-output";
+guidance_scale, cfg_trunc_ratio, cfg_normalization, renorm_cfg, cache_threshold, system_prompt, sampler, \
+guidance_mode, output";
 
 /// Options of a batch run (with `lumina2 generate`'s other options as the
 /// defaults of every line).
@@ -44,7 +44,8 @@ pub struct BatchArgs {
     /// Generate the requests of a JSON Lines file, one object per line
     /// (fields: prompt, n, size, negative_prompt, seed, num_inference_steps,
     /// guidance_scale, cfg_trunc_ratio, cfg_normalization, renorm_cfg,
-    /// system_prompt, sampler, guidance_mode, output); the other options are each line's
+    /// cache_threshold, system_prompt, sampler, guidance_mode, output); the
+    /// other options are each line's
     /// defaults, and `-o` names the images, `{line}` the line's index (else
     /// `_{line}` goes before the extension).
     #[arg(long, value_name = "FILE")]
@@ -53,7 +54,8 @@ pub struct BatchArgs {
     #[arg(long, value_name = "I/N", value_parser = parse_shard)]
     pub(crate) shard: Option<Shard>,
     /// Append one JSON line per image (line, output, seed, timings in
-    /// seconds) or per failed line (its error) to this file.
+    /// seconds, and with TeaCache the calls it skipped) or per failed line
+    /// (its error) to this file.
     #[arg(long, value_name = "FILE")]
     pub(crate) manifest: Option<PathBuf>,
     /// Skip the lines whose images all exist already (to resume a run).
@@ -140,7 +142,7 @@ fn whole(key: &str, v: &Value) -> Result<u64> {
     })
 }
 
-fn count(key: &str, v: &Value) -> Result<usize> {
+pub(crate) fn count(key: &str, v: &Value) -> Result<usize> {
     let n = whole(key, v)?;
     usize::try_from(n).map_err(|_| anyhow!("`{key}`: {n} is too large"))
 }
@@ -211,6 +213,11 @@ fn line_args(raw: &[u8], line: usize, defaults: &GenerateArgs) -> Result<Generat
     for (key, v) in fields.iter().filter(|(_, v)| !v.is_null()) {
         match key.as_str() {
             "output" => output = text(key, v)?.replace("{line}", &line.to_string()),
+            // A server job's field: a batch line has no one watching it.
+            "preview_every" => bail!(
+                "`preview_every` is a field of `lumina2 serve` jobs, not of batch lines \
+                 (previews are watched live; for one run use `lumina2 generate --preview`)"
+            ),
             other => {
                 if !apply_field(&mut a, other, v)? {
                     bail!("unknown field `{other}` (the fields are {FIELDS})");
@@ -240,6 +247,7 @@ pub(crate) fn apply_field(a: &mut GenerateArgs, key: &str, v: &Value) -> Result<
         "cfg_trunc_ratio" => a.cfg_trunc_ratio = number(key, v)?,
         "cfg_normalization" => a.no_cfg_normalization = !boolean(key, v)?,
         "renorm_cfg" => a.renorm_cfg = number(key, v)?,
+        "cache_threshold" => a.cache_threshold = Some(number(key, v)?),
         "system_prompt" => {
             a.system_prompt = Some(text(key, v)?.to_string());
             a.system_preset = None;
@@ -262,6 +270,8 @@ pub(crate) fn field_name(option: &str) -> String {
         | "cfg_trunc_ratio"
         | "system_prompt"
         | "negative_prompt"
+        | "cache_threshold"
+        | "preview_every"
         | "prompt" => format!("`{option}`"),
         other => format!("--{}", other.replace('_', "-")),
     }
@@ -456,13 +466,17 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
                 // A load failure ends the run: no line could be rendered.
                 None => model.insert(load_model(&args, &loras, quiet).map_err(Fatal)?),
             };
-            let t = render(m, &job.args, &job.opts, &job.outputs, quiet)?;
-            let times = timings_json(&t);
+            let r = render(m, &job.args, &job.opts, &job.outputs, quiet)?;
+            let times = timings_json(&r.timings);
             for mut e in image_entries(&job, line, "ok") {
                 e["timings"] = times.clone();
+                if let Some((skipped, calls)) = r.cache {
+                    // The run's (all its images are one batch).
+                    e["cache"] = json!({"skipped": skipped, "calls": calls});
+                }
                 record(&mut manifest, e)?;
             }
-            Ok(Some(t))
+            Ok(Some(r.timings))
         })();
         match result {
             Ok(Some(_)) => done += 1,

@@ -1,5 +1,6 @@
 //! `lumina2 generate`.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -131,6 +132,10 @@ pub struct GenerateArgs {
     /// Steps between previews (1 = every step); needs --preview.
     #[arg(long, requires = "preview", default_value_t = 1)]
     pub(crate) preview_every: usize,
+    /// Previews every `preview_every` steps kept in memory rather than
+    /// written to --preview (a server job's `preview_every`; no flag).
+    #[arg(skip)]
+    pub(crate) preview_in_memory: bool,
 
     /// Hub repo id, local diffusers pipeline folder, or ComfyUI all-in-one
     /// checkpoint (.safetensors) [default: Alpha-VLLM/Lumina-Image-2.0; not
@@ -463,7 +468,8 @@ pub(crate) fn options_named(
     o.cfg_normalization = !args.no_cfg_normalization;
     o.renorm_cfg = args.renorm_cfg;
     o.cache_threshold = args.cache_threshold;
-    o.preview_every = args.preview.as_ref().map(|_| args.preview_every);
+    o.preview_every =
+        (args.preview.is_some() || args.preview_in_memory).then_some(args.preview_every);
     o.system_prompt = match (&args.system_prompt, &args.system_preset) {
         (Some(t), _) => SystemPrompt::Text(t.clone()),
         (None, Some(p)) => SystemPrompt::preset(p)?,
@@ -693,17 +699,41 @@ pub(crate) fn load(
     })
 }
 
+/// The PNG of the first image's preview (`x0`: the step's clean-latent
+/// prediction; None for an empty batch). `--preview` writes these bytes and a
+/// server job sends them, so both are the same image.
+pub(crate) fn preview_png(x0: &lumina2_pipeline::candle_core::Tensor) -> Result<Option<Vec<u8>>> {
+    let imgs = lumina2_pipeline::preview::latents_to_rgb(x0)?;
+    let Some(img) = imgs.first() else {
+        return Ok(None);
+    };
+    let mut png = Vec::new();
+    output::encode_png(&mut png, img, &[])?;
+    Ok(Some(png))
+}
+
 /// Writes the first image's preview; a failure is logged, the run goes on.
 fn write_preview(path: &std::path::Path, x0: &lumina2_pipeline::candle_core::Tensor) {
-    let result = lumina2_pipeline::preview::latents_to_rgb(x0)
-        .map_err(anyhow::Error::from)
-        .and_then(|imgs| match imgs.first() {
-            Some(img) => output::write_png(path, img, &[]),
-            None => Ok(()),
-        });
+    let result = preview_png(x0).and_then(|png| match png {
+        Some(png) => output::write_atomically(path, |w| Ok(w.write_all(&png)?)),
+        None => Ok(()),
+    });
     if let Err(e) = result {
         tracing::warn!("preview {}: {e:#}", path.display());
     }
+}
+
+/// What TeaCache did in a run: the transformer calls that skipped their
+/// joint layers, and all calls.
+pub(crate) fn cache_summary(computed: &[bool]) -> (usize, usize) {
+    (computed.iter().filter(|&&c| !c).count(), computed.len())
+}
+
+/// What [`render`] measured.
+pub(crate) struct Rendered {
+    pub(crate) timings: StageTimings,
+    /// With TeaCache: [`cache_summary`].
+    pub(crate) cache: Option<(usize, usize)>,
 }
 
 /// Generates `opts` on `model` and writes the latents (`--output-latents`)
@@ -714,7 +744,7 @@ pub(crate) fn render(
     opts: &GenerateOptions,
     outputs: &[PathBuf],
     quiet: bool,
-) -> Result<StageTimings> {
+) -> Result<Rendered> {
     let pipe = &mut model.pipe;
     let decode_delay = test_decode_delay();
     let (width, height) = usage(pipe.resolve_size(opts).map_err(cli_option))?;
@@ -797,12 +827,9 @@ pub(crate) fn render(
     for w in &out.warnings {
         tracing::warn!("{w}");
     }
-    if let (Some(computed), false) = (&out.cache_computed, quiet) {
-        let skipped = computed.iter().filter(|&&c| !c).count();
-        eprintln!(
-            "TeaCache: skipped the joint layers in {skipped} of {} transformer calls",
-            computed.len()
-        );
+    let cache = out.cache_computed.as_deref().map(cache_summary);
+    if let (Some((skipped, calls)), false) = (cache, quiet) {
+        eprintln!("TeaCache: skipped the joint layers in {skipped} of {calls} transformer calls");
     }
     if let Some(path) = &args.output_latents {
         let tensors = std::collections::HashMap::from([
@@ -847,7 +874,7 @@ pub(crate) fn render(
             );
         }
     }
-    Ok(t)
+    Ok(Rendered { timings: t, cache })
 }
 
 /// The PNG text chunks of each image of a request (`width` x `height`, as
@@ -1075,5 +1102,32 @@ fn python_float(v: f64) -> String {
         format!("{v:.1}")
     } else {
         v.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lumina2_pipeline::candle_core::Tensor;
+
+    /// What a server job sends is the file `--preview` writes.
+    #[test]
+    fn the_preview_bytes_are_the_preview_file() {
+        let x0 = Tensor::randn(0f32, 1., (2, 16, 4, 6), &Device::Cpu).unwrap();
+        let png = preview_png(&x0).unwrap().unwrap();
+        let path = std::env::temp_dir().join(format!("lumina2-preview-{}.png", std::process::id()));
+        write_preview(&path, &x0);
+        let file = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(png, file);
+        // The first image of the batch, at latent resolution.
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (6, 4));
+        let first = x0.narrow(0, 0, 1).unwrap();
+        let expect = lumina2_pipeline::preview::latents_to_rgb(&first).unwrap();
+        assert_eq!(img.as_raw(), expect[0].as_raw());
+        // Other channel counts make none (the job goes on without).
+        let four = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(preview_png(&four).is_err());
     }
 }

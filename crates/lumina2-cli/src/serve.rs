@@ -5,6 +5,8 @@
 //! (the same field names, with `serve`'s generation options as defaults)
 //! and rendered as `lumina2 generate` renders it, so each image is the PNG,
 //! metadata included, that `generate` writes for the same options and seed.
+//! A job's `preview_every` (a field of jobs only) makes the previews
+//! `generate --preview` writes, kept in memory for the job's event stream.
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -20,7 +22,7 @@ use lumina2_server::{Backend, Config, InvalidRequest, Model as ServedModel, Prog
 use lumina2_server::{RenderError, Renderer};
 use serde_json::{Map, Value};
 
-use crate::batch::{apply_field, field_name};
+use crate::batch::{apply_field, count, field_name};
 use crate::generate::{
     self, named_option, options_named, parse_loras, random_seed, set_threads, test_decode_delay,
     usage, GenerateArgs, Model,
@@ -83,6 +85,8 @@ fn param_of(option: &str) -> Option<&'static str> {
         "negative_prompt" => "negative_prompt",
         "prompt" => "prompt",
         "seed" => "seed",
+        "cache_threshold" => "cache_threshold",
+        "preview_every" => "preview_every",
         _ => return None,
     })
 }
@@ -95,6 +99,14 @@ impl Backend for CliBackend {
         let mut args = self.defaults.clone();
         let mut prompt = false;
         for (key, v) in body.iter().filter(|(_, v)| !v.is_null()) {
+            // The server lets it through for jobs only; its value is checked
+            // with the other options, as --preview-every is.
+            if key == "preview_every" {
+                args.preview_every =
+                    count(key, v).map_err(|e| InvalidRequest::new(e.to_string(), Some(key)))?;
+                args.preview_in_memory = true;
+                continue;
+            }
             match apply_field(&mut args, key, v) {
                 Ok(true) => prompt |= key == "prompt",
                 Ok(false) => {
@@ -170,10 +182,19 @@ impl Renderer<Request> for CliRenderer {
         let mut observer = |e: Event<'_>| -> Control {
             match e {
                 Event::Step(s) => {
+                    // A preview that cannot be made is logged; the job goes on.
+                    let preview = s.denoised.and_then(|x0| match generate::preview_png(x0) {
+                        Ok(png) => png,
+                        Err(e) => {
+                            tracing::warn!("preview: {e:#}");
+                            None
+                        }
+                    });
                     let go_on = progress(Progress {
                         step: s.step,
                         num_steps: s.num_steps,
                         elapsed: s.elapsed,
+                        preview,
                     });
                     if !go_on {
                         return Control::Stop;
@@ -227,6 +248,9 @@ fn refuse_generate_only(a: &GenerateArgs) -> Result<()> {
         // The API is text-to-image only.
         ("--image / --mask-image", a.init.image.is_some()),
     ];
+    if a.preview.is_some() {
+        bail!("--preview is an option of `lumina2 generate`, not of `serve` (a job asks for previews with `preview_every` and gets them on its event stream)");
+    }
     if let Some((name, _)) = given.iter().find(|(_, on)| *on) {
         bail!("{name} is an option of `lumina2 generate`, not of `serve` (requests bring their prompts)");
     }

@@ -650,3 +650,84 @@ fn an_unavailable_device_fails_before_any_line() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A line with `cache_threshold` is the image of `lumina2 generate
+/// --cache-threshold` (metadata included) and its manifest entry holds the
+/// calls TeaCache skipped, as `generate` prints them; a line asking for
+/// previews is refused.
+#[test]
+fn a_cache_threshold_line_is_the_generate_image() {
+    let dir = tmp_dir("cache");
+    let file = dir.join("prompts.jsonl");
+    let lines = [
+        r#"{"prompt": "a red fox in the snow", "size": "48x32", "num_inference_steps": 4, "seed": 42, "cache_threshold": 10}"#,
+        r#"{"prompt": "a red fox in the snow", "size": "48x32", "num_inference_steps": 4, "seed": 42, "preview_every": 1}"#,
+        r#"{"prompt": "x", "cache_threshold": -1}"#,
+    ];
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let man = dir.join("manifest.jsonl");
+    let r = lumina2(&[
+        "--from-file",
+        s(&file),
+        "-q",
+        "-o",
+        s(&dir.join("line{line}.png")),
+        "--manifest",
+        s(&man),
+    ]);
+    assert_eq!(r.status.code(), Some(1), "{}", stderr(&r));
+    let entries = manifest(&man);
+    assert_eq!(lines_with(&entries, "ok"), vec![0]);
+    assert_eq!(lines_with(&entries, "error"), vec![1, 2]);
+    let error_of = |line: u64| {
+        entries.iter().find(|e| e["line"] == line).unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let e = error_of(1);
+    assert!(
+        e.contains("`preview_every` is a field of `lumina2 serve` jobs"),
+        "{e}"
+    );
+    let e = error_of(2);
+    assert!(
+        e.contains("`cache_threshold`: -1 is not a finite number >= 0"),
+        "{e}"
+    );
+
+    let single = dir.join("generate.png");
+    let r = lumina2(&[
+        "--prompt",
+        "a red fox in the snow",
+        "--width",
+        "48",
+        "--height",
+        "32",
+        "--steps",
+        "4",
+        "--seed",
+        "42",
+        "--cache-threshold",
+        "10",
+        "-o",
+        s(&single),
+    ]);
+    let err = stderr(&r);
+    assert!(r.status.success(), "{err}");
+    let batch = std::fs::read(dir.join("line0.png")).unwrap();
+    assert_eq!(batch, std::fs::read(&single).unwrap());
+    assert!(png_text(&batch)
+        .iter()
+        .any(|(k, v)| k == "cache_threshold" && v == "10"));
+    let cache = &entries[0]["cache"];
+    let (skipped, calls) = (
+        cache["skipped"].as_u64().unwrap(),
+        cache["calls"].as_u64().unwrap(),
+    );
+    assert!(skipped > 0, "{cache}");
+    let printed =
+        format!("TeaCache: skipped the joint layers in {skipped} of {calls} transformer calls");
+    assert!(err.contains(&printed), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -370,6 +370,28 @@ fn bad_requests_are_refused_before_they_are_queued() {
             "euler, midpoint",
         ),
         (
+            fox(json!({"cache_threshold": -0.5})).to_string(),
+            Some("cache_threshold"),
+            "`cache_threshold`: -0.5 is not a finite number >= 0",
+        ),
+        (
+            fox(json!({"cache_threshold": "high"})).to_string(),
+            Some("cache_threshold"),
+            "`cache_threshold` must be a number",
+        ),
+        // Refused by both endpoints: a job's for its value, a synchronous
+        // request's for being there.
+        (
+            fox(json!({"preview_every": 0})).to_string(),
+            Some("preview_every"),
+            "`preview_every`",
+        ),
+        (
+            fox(json!({"preview_every": 1.5})).to_string(),
+            Some("preview_every"),
+            "`preview_every`",
+        ),
+        (
             fox(json!({"steps": 3})).to_string(),
             Some("steps"),
             "unknown field `steps`",
@@ -565,4 +587,89 @@ fn sigterm_finishes_the_running_job_and_exits_0() {
     server.signal("-INT");
     assert_eq!(server.wait_exit(), Some(0));
     assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+/// The events of a finished SSE stream: (name, data as JSON).
+fn sse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = Some(n.to_string());
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = Some(serde_json::from_str(d).unwrap());
+                }
+            }
+            Some((name?, data?))
+        })
+        .collect()
+}
+
+/// The committed tiny pipelines have 4 latent channels, and the preview's
+/// latent-to-RGB matrix is for 16: `generate --preview` writes no preview
+/// for them (a warning), and a job makes none either. What a job sends is
+/// the bytes `generate` writes (`generate::preview_png`, tested in the
+/// crate's unit tests); here, that `preview_every` is taken by jobs, leaves
+/// the image as it is, and is refused by the synchronous endpoint.
+#[test]
+fn a_job_with_previews_is_the_job_without() {
+    let server = Server::start(&["--preload"], &[]);
+    let job = server.post("/v1/jobs", &fox(json!({"preview_every": 1})));
+    assert_eq!(job.status, 202, "{}", job.json);
+    let id = job.json["id"].as_str().unwrap().to_string();
+    let stream = server.get(&format!("/v1/jobs/{id}/events"));
+    let events = sse_events(stream.json.as_str().unwrap());
+    assert_eq!(events.last().unwrap().0, "succeeded", "{events:?}");
+    assert!(events.iter().all(|(name, _)| name != "preview"));
+
+    let dir = tmp_dir("preview");
+    let preview = dir.join("preview.png");
+    let out = tmp_dir("preview-image");
+    let cli = cli_pngs(&out, &["--preview", preview.to_str().unwrap()]);
+    assert!(!preview.exists(), "a 4-channel preview was written");
+    let done = server.get(&format!("/v1/jobs/{id}?preview=1")).json;
+    assert!(done.get("preview").is_none(), "{done}");
+    let image = Reply {
+        status: 200,
+        retry_after: None,
+        json: done["result"].clone(),
+    };
+    assert_eq!(image.images(), cli);
+
+    // A synchronous request has no stream for previews.
+    let r = server.post("/v1/images/generations", &fox(json!({"preview_every": 1})));
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(r.json["error"]["param"], "preview_every");
+    assert!(r.json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/jobs"));
+}
+
+#[test]
+fn cache_threshold_gives_the_image_of_generate_cache_threshold() {
+    let server = Server::start(&["--preload"], &[]);
+    let r = server.post(
+        "/v1/images/generations",
+        &fox(json!({"cache_threshold": 10.0})),
+    );
+    assert_eq!(r.status, 200, "{}", r.json);
+    let api = r.images();
+    let cli = cli_pngs(&tmp_dir("cache"), &["--cache-threshold", "10"]);
+    assert_eq!(api, cli);
+    // Caching took effect: not the image without it.
+    assert!(api != cli_pngs(&tmp_dir("no-cache"), &[]));
+    // As a job too.
+    let job = server.post("/v1/jobs", &fox(json!({"cache_threshold": 10})));
+    assert_eq!(job.status, 202, "{}", job.json);
+    let id = job.json["id"].as_str().unwrap().to_string();
+    server.wait_until("the job done", |s| s.job_status(&id) == "succeeded");
+    let result = Reply {
+        status: 200,
+        retry_after: None,
+        json: server.get(&format!("/v1/jobs/{id}")).json["result"].clone(),
+    };
+    assert_eq!(result.images(), cli);
 }

@@ -7,17 +7,18 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
+use futures_util::StreamExt as _;
 use serde_json::{json, Map, Value};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::ApiError;
-use crate::jobs::{images_json, Job, JobStore, Status};
+use crate::jobs::{images_json, Job, JobStore, Preview, Status};
 use crate::metrics::Metrics;
 use crate::worker::Queued;
 use crate::{auth, Backend, Config};
@@ -120,8 +121,12 @@ impl<B: Backend> Shared<B> {
             .map_or(10, |s| s.ceil().clamp(1.0, 600.0) as u64)
     }
 
-    /// Checks a request body and queues it.
-    fn submit(&self, body: Result<Bytes, BytesRejection>) -> Result<Arc<Job>, ApiError> {
+    /// Checks a request body and queues it; `kind` is the endpoint's.
+    fn submit(
+        &self,
+        body: Result<Bytes, BytesRejection>,
+        kind: Endpoint,
+    ) -> Result<Arc<Job>, ApiError> {
         let checked = body
             .map_err(|r| {
                 if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -130,7 +135,7 @@ impl<B: Backend> Shared<B> {
                     ApiError::invalid(r.body_text(), None)
                 }
             })
-            .and_then(|bytes| parse_body(&bytes))
+            .and_then(|bytes| parse_body(&bytes, kind))
             .and_then(|fields| self.backend.parse(fields).map_err(ApiError::from));
         let request = match checked {
             Ok(r) => r,
@@ -210,9 +215,18 @@ impl<B: Backend> Shared<B> {
     }
 }
 
+/// Which endpoint a generation request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    /// `POST /v1/images/generations`: the images come back in the response.
+    Images,
+    /// `POST /v1/jobs`: the job is watched, its previews included.
+    Jobs,
+}
+
 /// The body of a generation request, without the fields the server itself
 /// handles (`response_format`, `model`, `user`).
-fn parse_body(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+fn parse_body(bytes: &[u8], kind: Endpoint) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}"), None))?;
     let Value::Object(mut fields) = value else {
@@ -233,6 +247,14 @@ fn parse_body(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
                 Some("response_format"),
             ))
         }
+    }
+    // A synchronous request has no stream to send previews on; the backend
+    // checks the value of a job's.
+    if kind == Endpoint::Images && fields.get("preview_every").is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::invalid(
+            "`preview_every` is for jobs: previews are sent on a job's event stream (POST /v1/jobs, then GET /v1/jobs/{id}/events)",
+            Some("preview_every"),
+        ));
     }
     // Any model name is accepted (one model is served); `user` is ignored.
     for key in ["model", "user"] {
@@ -288,7 +310,7 @@ async fn generations<B: Backend>(
     State(s): State<Arc<Shared<B>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let job = match s.submit(body) {
+    let job = match s.submit(body, Endpoint::Images) {
         Ok(j) => j,
         Err(e) => return e.into_response(),
     };
@@ -311,7 +333,7 @@ async fn create_job<B: Backend>(
     State(s): State<Arc<Shared<B>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match s.submit(body) {
+    match s.submit(body, Endpoint::Jobs) {
         Ok(job) => {
             let location = format!("/v1/jobs/{}", job.id);
             (
@@ -325,9 +347,21 @@ async fn create_job<B: Backend>(
     }
 }
 
-async fn get_job<B: Backend>(State(s): State<Arc<Shared<B>>>, Path(id): Path<String>) -> Response {
+/// Whether the query asks for the preview's PNG (`preview=1` or `preview=true`).
+fn wants_preview_png(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|pair| matches!(pair, "preview=1" | "preview=true"))
+    })
+}
+
+async fn get_job<B: Backend>(
+    State(s): State<Arc<Shared<B>>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
     match s.job(&id) {
-        Ok(job) => Json(job.to_json()).into_response(),
+        Ok(job) => Json(job.to_json(wants_preview_png(query.as_deref()))).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -339,15 +373,20 @@ async fn delete_job<B: Backend>(
     match s.job(&id) {
         Ok(job) => {
             job.cancel("cancelled by DELETE");
-            Json(job.to_json()).into_response()
+            Json(job.to_json(false)).into_response()
         }
         Err(e) => e.into_response(),
     }
 }
 
 /// Server-sent events: `progress` events while the job waits and runs
-/// (status, step, num_steps), then one event named after the final status
-/// carrying the whole job (its images when it succeeded), then the end.
+/// (status, step, num_steps), a `preview` event (step, num_steps, b64_png)
+/// before the progress of each step that made a new preview, then one event
+/// named after the final status carrying the whole job (its images when it
+/// succeeded), then the end. Events show the job's state when the stream
+/// looks: a client slower than the steps gets the latest progress and
+/// preview, not every one (a preview made in the job's last steps is still
+/// sent before the final event).
 async fn job_events<B: Backend>(
     State(s): State<Arc<Shared<B>>>,
     Path(id): Path<String>,
@@ -357,41 +396,75 @@ async fn job_events<B: Backend>(
         Err(e) => return e.into_response(),
     };
     let rx = job.watch();
-    // (receiver, job, first event sent, final event sent)
-    let stream = futures_util::stream::unfold(
-        (rx, job, false, false),
-        |(mut rx, job, started, done)| async move {
-            if done {
-                return None;
+    let state = EventsState {
+        rx,
+        job,
+        started: false,
+        done: false,
+        sent_preview: None,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let gone = st.started && st.rx.changed().await.is_err();
+        st.started = true;
+        // The job gone without a final state: report what it has.
+        let snap = if gone {
+            st.job.snapshot()
+        } else {
+            st.rx.borrow_and_update().clone()
+        };
+        let mut events = Vec::with_capacity(2);
+        if let Some(p) = &snap.preview {
+            let new = !st
+                .sent_preview
+                .as_ref()
+                .is_some_and(|sent| Arc::ptr_eq(sent, p));
+            if new {
+                events.push(
+                    Event::default()
+                        .event("preview")
+                        .data(p.to_json(true).to_string()),
+                );
+                st.sent_preview = Some(p.clone());
             }
-            if started && rx.changed().await.is_err() {
-                // The job is gone without a final state: report what it has.
-                let snap = job.snapshot();
-                let e = Event::default()
+        }
+        if gone || snap.status.finished() {
+            events.push(
+                Event::default()
                     .event(snap.status.name())
-                    .data(job.to_json().to_string());
-                return Some((Ok::<_, Infallible>(e), (rx, job, true, true)));
-            }
-            let snap = rx.borrow_and_update().clone();
-            if snap.status.finished() {
-                let e = Event::default()
-                    .event(snap.status.name())
-                    .data(job.to_json().to_string());
-                return Some((Ok(e), (rx, job, true, true)));
-            }
+                    .data(st.job.to_json(false).to_string()),
+            );
+            st.done = true;
+        } else {
             let data = json!({
-                "id": job.id,
+                "id": st.job.id,
                 "status": snap.status.name(),
                 "step": snap.step,
                 "num_steps": snap.num_steps,
             });
-            let e = Event::default().event("progress").data(data.to_string());
-            Some((Ok(e), (rx, job, true, false)))
-        },
-    );
+            events.push(Event::default().event("progress").data(data.to_string()));
+        }
+        let events = events.into_iter().map(Ok::<_, Infallible>);
+        Some((futures_util::stream::iter(events), st))
+    })
+    .flatten();
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+/// Where a job's event stream is.
+struct EventsState {
+    rx: tokio::sync::watch::Receiver<crate::jobs::Snapshot>,
+    job: Arc<Job>,
+    /// The first events are sent.
+    started: bool,
+    /// The final event is sent.
+    done: bool,
+    /// The last preview sent.
+    sent_preview: Option<Arc<Preview>>,
 }
 
 async fn models<B: Backend>(State(s): State<Arc<Shared<B>>>) -> Response {
@@ -452,19 +525,23 @@ mod tests {
     use super::*;
 
     fn refused(body: &str) -> ApiError {
-        parse_body(body.as_bytes()).unwrap_err()
+        parse_body(body.as_bytes(), Endpoint::Jobs).unwrap_err()
     }
 
     #[test]
     fn the_server_fields_are_taken_out_and_checked() {
         let fields = parse_body(
             br#"{"prompt": "p", "n": 2, "model": "dall-e-3", "user": "u", "response_format": "b64_json"}"#,
+            Endpoint::Images,
         )
         .unwrap();
         let keys: Vec<&str> = fields.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["n", "prompt"]);
-        let nulls =
-            parse_body(br#"{"prompt": "p", "model": null, "response_format": null}"#).unwrap();
+        let nulls = parse_body(
+            br#"{"prompt": "p", "model": null, "response_format": null}"#,
+            Endpoint::Images,
+        )
+        .unwrap();
         assert_eq!(nulls.len(), 1);
 
         let e = refused(r#"{"prompt": "p", "response_format": "url"}"#);
@@ -482,6 +559,31 @@ mod tests {
                 (StatusCode::BAD_REQUEST, None),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn previews_are_for_jobs_only() {
+        let body = br#"{"prompt": "p", "preview_every": 2}"#;
+        let e = parse_body(body, Endpoint::Images).unwrap_err();
+        assert_eq!(
+            (e.status, e.param.as_deref()),
+            (StatusCode::BAD_REQUEST, Some("preview_every"))
+        );
+        assert!(e.message.contains("/v1/jobs"), "{}", e.message);
+        // A job's is left to the backend, which checks its value.
+        let fields = parse_body(body, Endpoint::Jobs).unwrap();
+        assert_eq!(fields["preview_every"], 2);
+        let null = br#"{"prompt": "p", "preview_every": null}"#;
+        assert!(parse_body(null, Endpoint::Images).is_ok());
+    }
+
+    #[test]
+    fn the_preview_png_is_shown_on_request() {
+        assert!(wants_preview_png(Some("preview=1")));
+        assert!(wants_preview_png(Some("a=b&preview=true")));
+        for q in [None, Some(""), Some("preview=0"), Some("xpreview=1")] {
+            assert!(!wants_preview_png(q), "{q:?}");
         }
     }
 

@@ -56,6 +56,30 @@ pub struct Snapshot {
     pub images: Option<Arc<Vec<String>>>,
     /// Why it failed or was cancelled.
     pub error: Option<ApiError>,
+    /// The latest live preview (a job with `preview_every`).
+    pub preview: Option<Arc<Preview>>,
+}
+
+/// A live preview: the clean-image prediction at a step, as PNG.
+#[derive(Debug)]
+pub struct Preview {
+    /// The step it was made at (1-based).
+    pub step: usize,
+    /// Steps planned.
+    pub num_steps: usize,
+    /// The PNG, base64.
+    pub b64_png: String,
+}
+
+impl Preview {
+    /// The `preview` event's data; the PNG only with `png`.
+    pub fn to_json(&self, png: bool) -> Value {
+        let mut v = json!({"step": self.step, "num_steps": self.num_steps});
+        if png {
+            v["b64_png"] = Value::String(self.b64_png.clone());
+        }
+        v
+    }
 }
 
 /// One request being served.
@@ -77,6 +101,7 @@ impl Job {
             num_steps: 0,
             images: None,
             error: None,
+            preview: None,
         });
         Self {
             id,
@@ -129,10 +154,15 @@ impl Job {
         })
     }
 
-    pub fn progress(&self, step: usize, num_steps: usize) {
+    /// A step is done; `preview`, made at it, becomes the latest. One
+    /// change, so a watcher sees the step and its preview together.
+    pub fn progress(&self, step: usize, num_steps: usize, preview: Option<Preview>) {
         self.state.send_modify(|s| {
             s.step = step;
             s.num_steps = num_steps;
+            if let Some(p) = preview {
+                s.preview = Some(Arc::new(p));
+            }
         });
     }
 
@@ -149,8 +179,9 @@ impl Job {
         });
     }
 
-    /// The job as `GET /v1/jobs/{id}` shows it.
-    pub fn to_json(&self) -> Value {
+    /// The job as `GET /v1/jobs/{id}` shows it: the latest preview's step,
+    /// and its PNG only with `preview_png` (`?preview=1`).
+    pub fn to_json(&self, preview_png: bool) -> Value {
         let s = self.snapshot();
         let mut v = json!({
             "id": self.id,
@@ -164,6 +195,9 @@ impl Job {
         }
         if let Some(e) = &s.error {
             v["error"] = e.body()["error"].clone();
+        }
+        if let Some(p) = &s.preview {
+            v["preview"] = p.to_json(preview_png);
         }
         v
     }
@@ -256,5 +290,25 @@ mod tests {
         assert!(!job.start());
         job.finish(Status::Succeeded, Some(vec![]), None);
         assert_eq!(job.snapshot().status, Status::Cancelled, "finished once");
+    }
+
+    #[test]
+    fn the_latest_preview_is_kept_and_its_png_shown_on_request() {
+        let job = Job::new("j".into(), 0);
+        assert!(job.to_json(true).get("preview").is_none());
+        for step in [1, 2] {
+            let preview = Preview {
+                step,
+                num_steps: 3,
+                b64_png: format!("png{step}"),
+            };
+            job.progress(step, 3, Some(preview));
+        }
+        job.progress(3, 3, None);
+        assert_eq!(
+            job.to_json(false)["preview"],
+            json!({"step": 2, "num_steps": 3})
+        );
+        assert_eq!(job.to_json(true)["preview"]["b64_png"], "png2");
     }
 }

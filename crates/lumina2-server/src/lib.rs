@@ -62,7 +62,7 @@ pub enum RenderError {
 }
 
 /// One finished denoising step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Progress {
     /// Steps done (1-based).
     pub step: usize,
@@ -70,6 +70,10 @@ pub struct Progress {
     pub num_steps: usize,
     /// Time the step took.
     pub elapsed: Duration,
+    /// On the steps the request's `preview_every` asks for: the live
+    /// preview's PNG bytes, which the job keeps (the latest one) and its
+    /// event stream sends.
+    pub preview: Option<Vec<u8>>,
 }
 
 /// Checks request bodies; shared by the request handlers.

@@ -11,7 +11,7 @@ use base64::Engine as _;
 
 use crate::api::Shared;
 use crate::error::ApiError;
-use crate::jobs::{cancelled, Job, Status};
+use crate::jobs::{cancelled, Job, Preview, Status};
 use crate::{Backend, Model, RenderError, Renderer};
 
 /// A checked request waiting for the worker.
@@ -112,7 +112,12 @@ fn run_job<B: Backend>(shared: &Shared<B>, renderer: &mut B::Renderer, q: &Queue
     m.running.fetch_add(1, Ordering::SeqCst);
     let mut progress = |p: crate::Progress| {
         m.step_seconds.observe(p.elapsed);
-        job.progress(p.step, p.num_steps);
+        let preview = p.preview.as_ref().map(|png| Preview {
+            step: p.step,
+            num_steps: p.num_steps,
+            b64_png: base64::engine::general_purpose::STANDARD.encode(png),
+        });
+        job.progress(p.step, p.num_steps, preview);
         !job.cancel_requested()
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
