@@ -181,15 +181,22 @@ CASES = [
      (32, 32, "RGB"), None, False),
     ("img2img_resize_rgba", dict(BASE, prompt=["a boat"], height=32, width=48, num_inference_steps=4,
                                  strength=0.3, seed=5), (48, 41, "RGBA"), None, True),
-    # Resizing both axes is left out: Pillow 13.0's wheel runs some size pairs
-    # vertical pass first (observed; not its published C source's order), a
-    # choice our resize does not reproduce yet (crates/lumina2-pipeline
-    # README, "Image-to-image"); one-axis resizes match PIL exactly.
+    # Both axes resized (PIL's Lanczos, its two passes in Pillow's order:
+    # src/libImaging/Resample.c ImagingResampleInner runs the vertical pass
+    # first when the height shrinks by more than twice the width's shrink):
+    # 45x37 -> 48x32 vertical pass first.
+    ("img2img_resize_both_axes", dict(BASE, prompt=["a boat"], height=32, width=48, num_inference_steps=4,
+                                      strength=0.3, seed=5), (45, 37, "RGB"), None, True),
     ("inpaint", dict(BASE, prompt=["a red fox in the snow"], height=32, width=48, num_inference_steps=5,
                      strength=0.8, seed=11), (48, 32, "RGB"), (48, 32, "RGB"), True),
     ("inpaint_resize_palette", dict(BASE, prompt=["an orange cat"], height=48, width=32, num_inference_steps=4,
                                     strength=1.0, num_images_per_prompt=2, seed=3),
-     (32, 50, "P"), (32, 50, "L"), False),
+     (37, 50, "P"), (37, 50, "L"), False),
+    # Image and mask 40x44 -> 48x32 vertical pass first (the palette case
+    # above: 37x50 -> 32x48 horizontal pass first).
+    ("inpaint_resize_both_axes", dict(BASE, prompt=["a red fox in the snow"], height=32, width=48,
+                                      num_inference_steps=4, strength=0.9, seed=13),
+     (40, 44, "RGB"), (40, 44, "RGB"), False),
 ]
 
 

@@ -4,6 +4,14 @@ every colour type, what Pillow's `Image.open(p).convert("RGB")` makes of them,
 Lanczos resizes as diffusers' VaeImageProcessor.resize does them
 (`resize(size, resample=LANCZOS, reducing_gap=None)`), and `convert("L")`.
 
+The two-axis resizes cover both orders of Pillow's two passes
+(src/libImaging/Resample.c, ImagingResampleInner: the vertical pass runs first
+when `in_h - out_h > 0 and in_h - out_h > (in_w - out_w) * 2`): upscales,
+downscales, mixed, odd and 1-pixel sizes, sizes on either side of that
+boundary, in RGB and L. For each, `order` records which two-call composition
+of one-axis resizes Pillow's own result equals ("h": width first, "v": height
+first, "hv": both give the same pixels), so the test checks the rule itself.
+
     target/parity-venv/bin/python xtask/parity/gen_pil_fixtures.py crates/lumina2-pipeline/tests/fixtures/pil"""
 
 import json
@@ -17,6 +25,37 @@ import PIL
 from PIL import Image
 
 SIZES = [(32, 16), (48, 32), (11, 29), (23, 40), (7, 17)]
+
+
+def two_axis_sizes(w, h, count, rng, up):
+    """Output sizes that change both axes of a w x h source: the boundary of
+    Pillow's pass order (dh == 2 dw, one more, one less), sizes 1 and 2, then
+    random ones from a 32nd of the source up to `up` times it, deduplicated."""
+    out = []
+
+    def add(ow, oh):
+        if (1 <= ow <= up * w and 1 <= oh <= up * h and ow != w and oh != h
+                and (ow, oh) not in out):
+            out.append((ow, oh))
+    for dw in (1, 2, 3, 5, -1, -4, -9):
+        for extra in (-1, 0, 1):
+            add(w - dw, h - (2 * dw + extra))
+    for ow, oh in [(1, 1), (1, 2), (2, 1), (1, h + 5), (w + 5, 1), (2 * w, 2 * h), (w // 2, h // 2),
+                   (w - 1, h - 1), (w + 1, h + 1), (w + 1, h - 1), (w - 1, h + 1)]:
+        add(ow, oh)
+    while len(out) < count:
+        add(int(rng.integers(max(1, w // 32), int(up * w) + 1)), int(rng.integers(max(1, h // 32), int(up * h) + 1)))
+    return out
+
+
+def order(im, ow, oh, direct):
+    """Which composition of two one-axis resizes Pillow's direct result equals."""
+    w, h = im.size
+    lz = Image.Resampling.LANCZOS
+    hf = im.resize((ow, h), lz).resize((ow, oh), lz).tobytes() == direct.tobytes()
+    vf = im.resize((w, oh), lz).resize((ow, oh), lz).tobytes() == direct.tobytes()
+    assert hf or vf, f"{im.mode} {im.size} -> {ow}x{oh}: neither pass order"
+    return ("h" if hf else "") + ("v" if vf else "")
 
 
 def png16(path, arr, color_type):
@@ -66,8 +105,22 @@ def main(out):
         r = base.resize((ow, oh), resample=Image.Resampling.LANCZOS, reducing_gap=None)
         r.save(os.path.join(out, f"rgb.lanczos_{ow}x{oh}.png"))
         r.convert("L").save(os.path.join(out, f"rgb.lanczos_{ow}x{oh}.l.png"))
+    # Two-axis resizes: the RGB picture, its red channel as L, and a larger
+    # RGB picture (stronger downscales, small upscales only: the fixtures stay small).
+    by, bx = np.mgrid[0:47, 0:61].astype(np.float64)
+    big = np.stack([128 + 120 * np.sin(bx / 3 + by / 5), 128 + 120 * np.cos(by / 4), 255 * by / 46], -1)
+    big = np.clip(big + g.normal(0, 30, big.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(big, "RGB").save(os.path.join(out, "big.png"))
+    sources = {"rgb": (base, 70, 2), "l": (Image.open(os.path.join(out, "l.png")), 40, 2),
+               "big": (Image.open(os.path.join(out, "big.png")).convert("RGB"), 30, 1.2)}
+    two_axis = []
+    for name, (im, count, up) in sources.items():
+        for (ow, oh) in two_axis_sizes(*im.size, count, g, up):
+            r = im.resize((ow, oh), resample=Image.Resampling.LANCZOS, reducing_gap=None)
+            r.save(os.path.join(out, f"{name}.lanczos_{ow}x{oh}.png"))
+            two_axis.append([name, ow, oh, order(im, ow, oh, r)])
     with open(os.path.join(out, "sizes.json"), "w") as f:
-        json.dump({"pillow": PIL.__version__, "sizes": SIZES, "decoded": names}, f)
+        json.dump({"pillow": PIL.__version__, "sizes": SIZES, "decoded": names, "two_axis": two_axis}, f)
         f.write("\n")
 
 

@@ -1,12 +1,10 @@
 //! PIL's `Image.resize` for 8-bit images, bit for bit: the Lanczos filter of
-//! Pillow's `libImaging/Resample.c` (`precompute_coeffs`, coefficients in
-//! 22-bit fixed point, horizontal pass then vertical), which diffusers'
-//! `VaeImageProcessor.resize` uses (`resample="lanczos"`, no reducing gap).
-//!
-//! Pillow 13.0's wheel does some two-axis resizes vertical pass first
-//! (observed against its output; its C source does the horizontal pass
-//! first): those differ by up to a few levels in a third of the values. The
-//! rule it follows is not identified yet.
+//! Pillow 13.0's `src/libImaging/Resample.c` (`precompute_coeffs`,
+//! `normalize_coeffs_8bpc`: coefficients in 22-bit fixed point, each pass
+//! rounded back to 8 bits), which diffusers' `VaeImageProcessor.resize` uses
+//! (`resample="lanczos"`, no reducing gap). When both axes change, the order
+//! of the two passes is Pillow's (`ImagingResampleInner`, see
+//! [`vertical_first`]): the rounding between the passes makes it visible.
 
 /// Pillow's `PRECISION_BITS`: 32 bits minus 8 for the value and 2 of headroom.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -87,49 +85,86 @@ fn clip8(v: i64) -> u8 {
     }
 }
 
+/// Whether Pillow runs the vertical pass before the horizontal one:
+/// `ImagingResampleInner` in Pillow 13.0's `src/libImaging/Resample.c`
+/// ("If height is being scaled down more than twice the amount the width
+/// is, run the vertical pass first"):
+/// `horizontal_first = !((in_h - out_h) > 0 && (in_h - out_h) > (in_w - out_w) * 2)`,
+/// in C `int`s, so a width that grows makes `in_w - out_w` negative. The
+/// order only matters when both passes run (`need_horizontal` and
+/// `need_vertical`; with no box, each axis whose size changes).
+pub fn vertical_first((width, height): (usize, usize), (out_w, out_h): (usize, usize)) -> bool {
+    // Image sizes fit in i64 with room for the doubling.
+    let dh = height as i64 - out_h as i64;
+    let dw = width as i64 - out_w as i64;
+    dh > 0 && dh > dw * 2
+}
+
+/// One horizontal pass (`ImagingResampleHorizontal_8bpc`): each of `rows`
+/// rows of `width` pixels to `out_w`.
+fn horizontal(
+    pixels: &[u8],
+    (width, rows): (usize, usize),
+    channels: usize,
+    out_w: usize,
+) -> Vec<u8> {
+    let taps = coefficients(width, out_w);
+    let mut out = vec![0u8; out_w * rows * channels];
+    for y in 0..rows {
+        let row = &pixels[y * width * channels..(y + 1) * width * channels];
+        for (xx, t) in taps.iter().enumerate() {
+            for c in 0..channels {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (k, &w) in t.weights.iter().enumerate() {
+                    ss += i64::from(row[(t.first + k) * channels + c]) * i64::from(w);
+                }
+                out[(y * out_w + xx) * channels + c] = clip8(ss);
+            }
+        }
+    }
+    out
+}
+
+/// One vertical pass (`ImagingResampleVertical_8bpc`): every column of
+/// `height` pixels to `out_h`, rows of `stride` values.
+fn vertical(pixels: &[u8], height: usize, stride: usize, out_h: usize) -> Vec<u8> {
+    let taps = coefficients(height, out_h);
+    let mut out = vec![0u8; out_h * stride];
+    for (yy, t) in taps.iter().enumerate() {
+        for i in 0..stride {
+            let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+            for (k, &w) in t.weights.iter().enumerate() {
+                ss += i64::from(pixels[(t.first + k) * stride + i]) * i64::from(w);
+            }
+            out[yy * stride + i] = clip8(ss);
+        }
+    }
+    out
+}
+
 /// Resizes interleaved 8-bit pixels (`channels` per pixel, rows of `width`)
-/// to `out_w` x `out_h` with PIL's Lanczos filter. A size equal to the
-/// input's returns the pixels unchanged, as `Image.resize` does.
+/// to `out_w` x `out_h` with PIL's Lanczos filter, passes in Pillow's order
+/// ([`vertical_first`]). A size equal to the input's returns the pixels
+/// unchanged, as `Image.resize` does. (Pillow's horizontal-first path
+/// filters only the rows the vertical pass reads, `ybox_first..ybox_last`:
+/// the same values as filtering every row.)
 pub fn lanczos_u8(
     pixels: &[u8],
     (width, height): (usize, usize),
     channels: usize,
     (out_w, out_h): (usize, usize),
 ) -> Vec<u8> {
-    let mut cur = pixels.to_vec();
-    let mut cur_w = width;
-    if out_w != width {
-        let taps = coefficients(width, out_w);
-        let mut out = vec![0u8; out_w * height * channels];
-        for y in 0..height {
-            let row = &cur[y * width * channels..(y + 1) * width * channels];
-            for (xx, t) in taps.iter().enumerate() {
-                for c in 0..channels {
-                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                    for (k, &w) in t.weights.iter().enumerate() {
-                        ss += i64::from(row[(t.first + k) * channels + c]) * i64::from(w);
-                    }
-                    out[(y * out_w + xx) * channels + c] = clip8(ss);
-                }
-            }
-        }
-        cur = out;
-        cur_w = out_w;
+    let (need_h, need_v) = (out_w != width, out_h != height);
+    if need_h && need_v && vertical_first((width, height), (out_w, out_h)) {
+        let v = vertical(pixels, height, width * channels, out_h);
+        return horizontal(&v, (width, out_h), channels, out_w);
     }
-    if out_h != height {
-        let taps = coefficients(height, out_h);
-        let stride = cur_w * channels;
-        let mut out = vec![0u8; out_h * stride];
-        for (yy, t) in taps.iter().enumerate() {
-            for i in 0..stride {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (k, &w) in t.weights.iter().enumerate() {
-                    ss += i64::from(cur[(t.first + k) * stride + i]) * i64::from(w);
-                }
-                out[yy * stride + i] = clip8(ss);
-            }
-        }
-        cur = out;
+    let mut cur = pixels.to_vec();
+    if need_h {
+        cur = horizontal(&cur, (width, height), channels, out_w);
+    }
+    if need_v {
+        cur = vertical(&cur, height, out_w * channels, out_h);
     }
     cur
 }
@@ -156,5 +191,17 @@ mod tests {
         assert!(lanczos_u8(&flat, (9, 6), 1, (4, 13))
             .iter()
             .all(|&v| v == 200));
+    }
+
+    #[test]
+    fn pass_order_is_pillows_rule() {
+        // Height shrinks by more than twice what the width shrinks.
+        assert!(vertical_first((23, 17), (32, 16)));
+        assert!(vertical_first((23, 17), (22, 14)));
+        assert!(!vertical_first((23, 17), (22, 15)));
+        assert!(!vertical_first((23, 17), (48, 32)));
+        assert!(!vertical_first((23, 17), (11, 9)));
+        assert!(vertical_first((1024, 1024), (2048, 512)));
+        assert!(!vertical_first((2048, 512), (1024, 1024)));
     }
 }

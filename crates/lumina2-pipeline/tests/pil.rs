@@ -33,23 +33,8 @@ fn every_png_colour_type_reads_as_pils_convert_rgb() {
     }
 }
 
-/// Sizes whose two-axis resize Pillow 13.0's wheel computes vertical pass
-/// first (observed by resizing in two calls; Pillow's C source does the
-/// horizontal pass first, as `resample` does): not reproduced yet.
-const VERTICAL_FIRST_IN_PILLOW: [(usize, usize); 1] = [(32, 16)];
-
 #[test]
 fn lanczos_and_grey_match_pil_bit_for_bit() {
-    check_sizes(false);
-}
-
-#[test]
-#[ignore = "Pillow 13.0's wheel resizes some size pairs vertical pass first; not reproduced yet"]
-fn lanczos_matches_pil_where_pillow_resizes_vertically_first() {
-    check_sizes(true);
-}
-
-fn check_sizes(gap: bool) {
     let src = read("rgb.png");
     let (w, h) = (src.width() as usize, src.height() as usize);
     for size in sizes()["sizes"].as_array().unwrap() {
@@ -57,9 +42,6 @@ fn check_sizes(gap: bool) {
             size[0].as_u64().unwrap() as usize,
             size[1].as_u64().unwrap() as usize,
         );
-        if VERTICAL_FIRST_IN_PILLOW.contains(&(ow, oh)) != gap {
-            continue;
-        }
         let ours = resample::lanczos_u8(src.as_raw(), (w, h), 3, (ow, oh));
         let pil = read(&format!("rgb.lanczos_{ow}x{oh}.png"));
         let diff = ours
@@ -74,6 +56,86 @@ fn check_sizes(gap: bool) {
             assert_eq!(luma(p[0], p[1], p[2]), g.0[0]);
         }
     }
+}
+
+/// The raw 8-bit values of a fixture: RGB, or L for the grey source.
+fn raw(name: &str, grey: bool) -> (Vec<u8>, (usize, usize)) {
+    let im = image::open(dir().join(name)).unwrap();
+    let dims = (im.width() as usize, im.height() as usize);
+    if grey {
+        assert!(matches!(im, image::DynamicImage::ImageLuma8(_)), "{name}");
+        (im.into_luma8().into_raw(), dims)
+    } else {
+        (read(name).into_raw(), dims)
+    }
+}
+
+/// Resizes that change both axes, RGB and L, upscales, downscales and mixed:
+/// bit for bit, and Pillow's order of the two passes (recorded by the
+/// generator from which two-call composition its result equals) is
+/// `resample::vertical_first`.
+#[test]
+fn two_axis_lanczos_matches_pil_and_its_pass_order() {
+    let s = sizes();
+    let cases = s["two_axis"].as_array().unwrap();
+    assert!(cases.len() >= 100, "{}", cases.len());
+    let (mut vertical, mut horizontal, mut order_visible) = (0, 0, 0);
+    for case in cases {
+        let name = case[0].as_str().unwrap();
+        let (ow, oh) = (
+            case[1].as_u64().unwrap() as usize,
+            case[2].as_u64().unwrap() as usize,
+        );
+        let order = case[3].as_str().unwrap();
+        let grey = name == "l";
+        let channels = if grey { 1 } else { 3 };
+        let (src, (w, h)) = raw(&format!("{name}.png"), grey);
+        let (pil, dims) = raw(&format!("{name}.lanczos_{ow}x{oh}.png"), grey);
+        assert_eq!(dims, (ow, oh), "{name} {ow}x{oh}");
+        assert!(
+            ow != w && oh != h,
+            "{name} {ow}x{oh}: not a two-axis resize"
+        );
+
+        let v_first = resample::vertical_first((w, h), (ow, oh));
+        if order != "hv" {
+            assert_eq!(
+                v_first,
+                order == "v",
+                "{name} {w}x{h} -> {ow}x{oh}: pass order"
+            );
+            order_visible += 1;
+        }
+        if v_first {
+            vertical += 1;
+        } else {
+            horizontal += 1;
+        }
+        let ours = resample::lanczos_u8(&src, (w, h), channels, (ow, oh));
+        let diff = ours.iter().zip(&pil).filter(|(a, b)| a != b).count();
+        assert_eq!(ours.len(), pil.len(), "{name} {ow}x{oh}");
+        assert_eq!(diff, 0, "{name} {ow}x{oh}: {diff} values differ from PIL");
+
+        // Where the order is visible, the other order is not PIL's result.
+        if order != "hv" {
+            let other = if v_first {
+                let x = resample::lanczos_u8(&src, (w, h), channels, (ow, h));
+                resample::lanczos_u8(&x, (ow, h), channels, (ow, oh))
+            } else {
+                let y = resample::lanczos_u8(&src, (w, h), channels, (w, oh));
+                resample::lanczos_u8(&y, (w, oh), channels, (ow, oh))
+            };
+            assert!(
+                other != pil,
+                "{name} {ow}x{oh}: both orders give PIL's result"
+            );
+        }
+    }
+    assert!(
+        vertical >= 20 && horizontal >= 20,
+        "{vertical} {horizontal}"
+    );
+    assert!(order_visible >= 100, "{order_visible}");
 }
 
 #[test]
