@@ -1,13 +1,18 @@
-//! `lumina2 convert`: a transformer checkpoint from one layout to another
-//! (the work is `lumina2_loader::convert_transformer`; this is its front end).
+//! `lumina2 convert`: a transformer checkpoint from one layout to another,
+//! or a whole pipeline to ComfyUI's files (the work is
+//! `lumina2_loader::convert_transformer` and `convert_to_comfy`; this is
+//! their front end).
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use lumina2_loader::gguf::GgmlType;
-use lumina2_loader::{convert_transformer, ConvertFormat, ConvertOptions};
+use lumina2_loader::{
+    convert_to_comfy, convert_transformer, ComfyFormat, ConvertFormat, ConvertOptions,
+    PipelineParts,
+};
 
 use crate::signals;
 
@@ -20,6 +25,13 @@ enum Format {
     Original,
     /// One GGUF file with the original keys, as ComfyUI-GGUF writes them.
     Gguf,
+    /// ComfyUI's all-in-one checkpoint (.safetensors): transformer, Gemma-2
+    /// text encoder, tokenizer and Flux VAE.
+    Comfy,
+    /// ComfyUI's split files, in a folder laid out as ComfyUI's models/:
+    /// diffusion_models/lumina_2_model.safetensors,
+    /// text_encoders/gemma_2_2b.safetensors, vae/ae.safetensors.
+    ComfySplit,
 }
 
 /// The block types `--quantize` takes.
@@ -64,16 +76,35 @@ impl Quant {
 pub struct ConvertArgs {
     /// The transformer: a diffusers pipeline or transformer folder, or a
     /// single .safetensors, .pth or .gguf file (original, ComfyUI or diffusers keys).
+    /// With --format comfy or comfy-split: the whole pipeline, a diffusers
+    /// pipeline folder or a ComfyUI all-in-one checkpoint (or the
+    /// transformer alone, with --text-encoder and --vae).
     #[arg(long)]
     from: PathBuf,
     /// Where to write: a folder (diffusers), a .safetensors file (original
-    /// keys) or a .gguf file. An existing file is replaced only once the new
-    /// one is complete.
+    /// keys) or a .gguf file; with --format comfy a .safetensors file, with
+    /// --format comfy-split a folder. An existing file is replaced only once
+    /// the new one is complete.
     #[arg(long)]
     to: PathBuf,
-    /// The layout to write (default: from --to's extension).
+    /// The layout to write (default: from --to's extension: .gguf, .safetensors
+    /// is original, else diffusers).
     #[arg(long, value_enum)]
     format: Option<Format>,
+    /// --format comfy/comfy-split: the Gemma-2 text encoder (a diffusers
+    /// folder or a ComfyUI .safetensors file) instead of --from's.
+    #[arg(long)]
+    text_encoder: Option<PathBuf>,
+    /// --format comfy/comfy-split: the VAE (a diffusers folder, or a BFL or
+    /// diffusers-keyed .safetensors file) instead of --from's.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// --format comfy/comfy-split: the SentencePiece tokenizer.model (or a
+    /// folder holding one, or a ComfyUI file with spiece_model) to embed
+    /// (default: --from's tokenizer/tokenizer.model, or the text encoder
+    /// file's own).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Quantise the GGUF file's large tensors to this block type (1-D and
     /// small tensors stay F32, rows that are not whole blocks F16).
     #[arg(long, value_enum)]
@@ -87,11 +118,26 @@ pub struct ConvertArgs {
 /// Runs `lumina2 convert`.
 pub fn run(args: ConvertArgs, quiet: bool) -> Result<()> {
     signals::install()?;
+    let comfy = match args.format {
+        Some(Format::Comfy) => Some(ComfyFormat::AllInOne),
+        Some(Format::ComfySplit) => Some(ComfyFormat::Split),
+        _ => None,
+    };
+    if comfy.is_none()
+        && (args.text_encoder.is_some() || args.vae.is_some() || args.tokenizer.is_some())
+    {
+        bail!("--text-encoder, --vae and --tokenizer go with --format comfy or comfy-split");
+    }
+    if comfy.is_some() && (args.quantize.is_some() || args.config.is_some()) {
+        bail!("--quantize and --config do not go with --format comfy or comfy-split");
+    }
     let format = match args.format {
         Some(Format::Diffusers) => ConvertFormat::Diffusers,
         Some(Format::Original) => ConvertFormat::Original,
         Some(Format::Gguf) => ConvertFormat::Gguf,
-        None => ConvertFormat::from_destination(&args.to),
+        Some(Format::Comfy | Format::ComfySplit) | None => {
+            ConvertFormat::from_destination(&args.to)
+        }
     };
     let config = args
         .config
@@ -118,11 +164,16 @@ pub fn run(args: ConvertArgs, quiet: bool) -> Result<()> {
         b.set_prefix("convert");
         b
     };
-    let report = convert_transformer(&args.from, &args.to, &opts, &mut |done, total| {
+    let mut progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         signals::check(|| "; nothing was written".into()).map_err(|e| e.to_string())
-    });
+    };
+    let report = match comfy {
+        Some(kind) => pipeline_parts(&args)
+            .and_then(|parts| convert_to_comfy(&parts, &args.to, kind, &mut progress)),
+        None => convert_transformer(&args.from, &args.to, &opts, &mut progress),
+    };
     bar.finish_and_clear();
     let report = report?;
     if !quiet {
@@ -136,5 +187,32 @@ pub fn run(args: ConvertArgs, quiet: bool) -> Result<()> {
         }
         eprintln!("{} tensors ({})", report.tensors, types.join(", "));
     }
+    for note in &report.notes {
+        eprintln!("note: {note}");
+    }
     Ok(())
+}
+
+/// The parts to write: all from --from, unless --text-encoder and --vae
+/// name theirs (then --from is the transformer alone).
+fn pipeline_parts(args: &ConvertArgs) -> Result<PipelineParts, lumina2_loader::ConvertError> {
+    let mut parts = match (&args.text_encoder, &args.vae) {
+        (Some(te), Some(vae)) => PipelineParts {
+            transformer: args.from.clone(),
+            text_encoder: te.clone(),
+            vae: vae.clone(),
+            tokenizer: None,
+        },
+        _ => PipelineParts::from_source(&args.from)?,
+    };
+    if let Some(te) = &args.text_encoder {
+        parts.text_encoder = te.clone();
+    }
+    if let Some(vae) = &args.vae {
+        parts.vae = vae.clone();
+    }
+    if let Some(t) = &args.tokenizer {
+        parts.tokenizer = Some(t.clone());
+    }
+    Ok(parts)
 }

@@ -152,10 +152,19 @@ pub struct GenerateArgs {
     /// or diffusers folder, instead of the model's.
     #[arg(long)]
     transformer: Option<PathBuf>,
-    /// Folder or file with the config.json of --transformer (default: the
-    /// model's folder's; with no model folder, Lumina-Image 2.0's with the file's sizes).
+    /// Folder or file with the config.json of --transformer, or of a
+    /// checkpoint's transformer (default: the model's folder's; with no
+    /// model folder, Lumina-Image 2.0's with the file's sizes).
     #[arg(long)]
     transformer_config: Option<PathBuf>,
+    /// Folder with the config.json of a ComfyUI text encoder file (default:
+    /// the model's folder's; with no model folder, Gemma-2-2B's with the file's sizes).
+    #[arg(long)]
+    text_encoder_config: Option<PathBuf>,
+    /// Folder with the config.json of a VAE file (default: the model's
+    /// folder's; with no model folder, the Flux VAE's with the file's sizes).
+    #[arg(long)]
+    vae_config: Option<PathBuf>,
     /// Text encoder: folder (transformers' Gemma-2 layout), GGUF file (llama.cpp's
     /// Gemma-2 names, e.g. a community gemma-2-2b Q4_0/Q8_0), or ComfyUI Gemma-2
     /// file (gemma_2_2b_fp16.safetensors), instead of the model's.
@@ -411,6 +420,17 @@ fn sources(
     }
     if let Some(p) = &args.scheduler_config {
         s.scheduler_config = Some(p.clone());
+    }
+    if let (Some(c), TransformerSource::File { config, .. }) =
+        (&args.transformer_config, &mut s.transformer)
+    {
+        *config = Some(c.clone());
+    }
+    if let Some(p) = &args.text_encoder_config {
+        s.text_encoder_config = Some(p.clone());
+    }
+    if let Some(p) = &args.vae_config {
+        s.vae_config = Some(p.clone());
     }
     if s.scheduler_config.is_none() && !quiet {
         eprintln!(

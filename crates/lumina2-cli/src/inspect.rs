@@ -29,10 +29,11 @@ fn safetensors_entries(path: &Path) -> Result<Vec<Entry>> {
     let st = lumina2_weights::SafetensorsSource::open(&[path])?;
     let mut out = Vec::new();
     for key in lumina2_weights::WeightSource::keys(&st) {
-        if let Some((dtype, shape)) = st.tensor_info(&key) {
+        // The header's own type name: fp8 is named as such, not as its bytes.
+        if let (Some((_, shape)), Some(dtype)) = (st.tensor_info(&key), st.storage_type(&key)) {
             out.push(Entry {
                 shape: shape.to_vec(),
-                dtype: format!("{dtype:?}"),
+                dtype,
                 key,
             });
         }

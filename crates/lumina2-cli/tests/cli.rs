@@ -50,10 +50,15 @@ fn png_text(bytes: &[u8]) -> Vec<(String, String)> {
 /// into `out`, with `extra` arguments.
 fn generate_fixture_case(out: &Path, extra: &[&str]) -> Output {
     let model = pipeline_dir();
-    let mut args = vec![
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
+    generate_case(&["--model", model.to_str().unwrap()], out, extra)
+}
+
+/// The `seed_cfg` case from the weights `source` names (`--model ...`, or
+/// `--transformer ... --text-encoder ... --vae ...`).
+fn generate_case(source: &[&str], out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["generate"];
+    args.extend_from_slice(source);
+    args.extend_from_slice(&[
         "--prompt",
         "a red fox in the snow",
         "--width",
@@ -72,7 +77,7 @@ fn generate_fixture_case(out: &Path, extra: &[&str]) -> Output {
         "-q",
         "-o",
         out.to_str().unwrap(),
-    ];
+    ]);
     args.extend_from_slice(extra);
     lumina2(&args)
 }
@@ -570,5 +575,220 @@ fn int8_transformer_gives_nearly_the_same_image() {
     // reference everywhere, so a mean this far off also shows int8 ran.
     assert!(mean > 0.1 && mean < 2.0, "mean pixel error {mean}");
     assert!(worst <= 16, "pixel off by {worst}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The decoded RGB pixels of a PNG.
+fn png_pixels(path: &Path) -> Vec<u8> {
+    image::open(path).unwrap().to_rgb8().into_raw()
+}
+
+/// `lumina2 convert --format comfy` and `comfy-split` write files that
+/// `generate` reads into the folder's image (the tiny model's configs and
+/// tokenizer given, as its sizes are not Lumina-Image 2.0's), and that
+/// `inspect` names.
+#[test]
+fn comfy_files_written_by_convert_give_the_folders_image() {
+    let dir = tmp_dir("comfy");
+    let folder = pipeline_dir();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let ckpt = dir.join("lumina_2.safetensors");
+    let r = lumina2(&[
+        "convert",
+        "--from",
+        &p(&folder),
+        "--to",
+        &p(&ckpt),
+        "--format",
+        "comfy",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    // The folder has no SentencePiece model to embed: said so.
+    assert!(err.contains("spiece_model"), "{err}");
+    let split = dir.join("models");
+    let r = lumina2(&[
+        "-q",
+        "convert",
+        "--from",
+        &p(&folder),
+        "--to",
+        &p(&split),
+        "--format",
+        "comfy-split",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let t = split.join("diffusion_models/lumina_2_model.safetensors");
+    let te = split.join("text_encoders/gemma_2_2b.safetensors");
+    let vae = split.join("vae/ae.safetensors");
+
+    let reference = dir.join("folder.png");
+    assert!(generate_fixture_case(&reference, &[]).status.success());
+    let configs = [
+        "--transformer-config".to_string(),
+        p(&folder.join("transformer")),
+        "--text-encoder-config".into(),
+        p(&folder.join("text_encoder")),
+        "--vae-config".into(),
+        p(&folder.join("vae")),
+        "--tokenizer".into(),
+        p(&folder.join("tokenizer")),
+        "--scheduler-config".into(),
+        p(&folder.join("scheduler/scheduler_config.json")),
+    ];
+    let configs: Vec<&str> = configs.iter().map(String::as_str).collect();
+    let from_ckpt = dir.join("ckpt.png");
+    let r = generate_case(&["--model", &p(&ckpt)], &from_ckpt, &configs);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let from_split = dir.join("split.png");
+    let r = generate_case(
+        &[
+            "--transformer",
+            &p(&t),
+            "--text-encoder",
+            &p(&te),
+            "--vae",
+            &p(&vae),
+        ],
+        &from_split,
+        &configs,
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_fixture_pixels(&std::fs::read(&reference).unwrap());
+    assert_eq!(png_pixels(&from_ckpt), png_pixels(&reference));
+    assert_eq!(png_pixels(&from_split), png_pixels(&reference));
+
+    for (file, layout) in [
+        (&ckpt, "ComfyUI all-in-one checkpoint"),
+        (&t, "transformer (original Alpha-VLLM keys)"),
+        (&te, "Gemma-2 text encoder"),
+        (&vae, "Flux VAE (Black Forest Labs"),
+    ] {
+        let r = lumina2(&["inspect", &p(file)]);
+        let out = String::from_utf8_lossy(&r.stdout);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(
+            out.contains(&format!("single-file layout: {layout}")),
+            "{out}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A safetensors file written by hand: `tensors` in this order, as
+/// (key, dtype name, shape, bytes).
+fn write_raw_safetensors(path: &Path, tensors: &[(String, String, Vec<usize>, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (k, d, s, b) in tensors {
+        header.insert(
+            k.clone(),
+            serde_json::json!({"dtype": d, "shape": s, "data_offsets": [offset, offset + b.len()]}),
+        );
+        offset += b.len();
+    }
+    let mut head = serde_json::to_vec(&header).unwrap();
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let mut out = (head.len() as u64).to_le_bytes().to_vec();
+    out.extend(head);
+    for (_, _, _, b) in tensors {
+        out.extend(b);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// The committed ComfyUI checkpoint's tensors, raw.
+fn comfy_checkpoint_tensors() -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lumina2-pipeline/tests/fixtures/comfy/lumina_2.safetensors");
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            let o = &v["data_offsets"];
+            let (a, b) = (
+                o[0].as_u64().unwrap() as usize,
+                o[1].as_u64().unwrap() as usize,
+            );
+            let shape = v["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            let dtype = v["dtype"].as_str().unwrap().to_string();
+            (k, dtype, shape, bytes[8 + n + a..8 + n + b].to_vec())
+        })
+        .collect()
+}
+
+/// Hostile ComfyUI checkpoints: a `spiece_model` cut short by a truncated
+/// file, and a VAE key under a prefix the layout does not have. Each run
+/// fails with the file and the key named, and writes nothing.
+#[test]
+fn hostile_comfy_checkpoints_are_refused_naming_file_and_key() {
+    let dir = tmp_dir("comfy-hostile");
+    let folder = pipeline_dir();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let configs = [
+        "--transformer-config".to_string(),
+        p(&folder.join("transformer")),
+        "--text-encoder-config".into(),
+        p(&folder.join("text_encoder")),
+        "--vae-config".into(),
+        p(&folder.join("vae")),
+    ];
+    let configs: Vec<&str> = configs.iter().map(String::as_str).collect();
+
+    // The tokenizer last in the file, the file cut inside it.
+    let mut t = comfy_checkpoint_tensors();
+    let i = t
+        .iter()
+        .position(|x| x.0 == "text_encoders.spiece_model")
+        .unwrap();
+    let spiece = t.remove(i);
+    t.push(spiece);
+    let cut = dir.join("cut.safetensors");
+    write_raw_safetensors(&cut, &t);
+    let len = std::fs::metadata(&cut).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
+    f.set_len(len - 100).unwrap();
+    drop(f);
+
+    // A VAE key under another prefix.
+    let mut t = comfy_checkpoint_tensors();
+    let v = t
+        .iter_mut()
+        .find(|x| x.0 == "vae.decoder.conv_in.weight")
+        .unwrap();
+    v.0 = "first_stage_model.decoder.conv_in.weight".into();
+    let stray = dir.join("stray.safetensors");
+    write_raw_safetensors(&stray, &t);
+
+    for (file, key) in [
+        (&cut, "text_encoders.spiece_model"),
+        (&stray, "first_stage_model.decoder.conv_in.weight"),
+    ] {
+        let out = dir.join("never.png");
+        let r = generate_case(&["--model", &p(file)], &out, &configs);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{err}");
+        assert!(
+            err.contains(key) && err.contains(&p(file)) && !err.contains("panicked"),
+            "{err}"
+        );
+        assert!(!out.exists());
+        let r = lumina2(&["inspect", &p(file)]);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&r.stdout),
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert!(all.contains(key), "{all}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

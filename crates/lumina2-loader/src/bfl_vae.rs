@@ -120,6 +120,95 @@ pub fn bfl_key_to_diffusers(key: &str, levels: usize) -> Option<(String, bool)> 
     Some((format!("{side}.{}", mapped.0), mapped.1))
 }
 
+/// The BFL name of a diffusers `AutoencoderKL` key, for a VAE of `levels`
+/// resolution levels, and whether its `[C, C]` linear weight is stored as a
+/// `[C, C, 1, 1]` convolution: exactly the inverse of
+/// [`bfl_key_to_diffusers`] (what `lumina2 convert` writes ComfyUI's VAE
+/// with); `None` for a key the Flux VAE does not have. The quant convs keep
+/// their names: the BFL layout reads them as they are.
+pub fn diffusers_key_to_bfl(key: &str, levels: usize) -> Option<(String, bool)> {
+    if let Some(t) = key
+        .strip_prefix("quant_conv.")
+        .or_else(|| key.strip_prefix("post_quant_conv."))
+    {
+        return is_param(t).then(|| (key.to_string(), false));
+    }
+    let (side, rest) = key.split_once('.')?;
+    if side != "encoder" && side != "decoder" {
+        return None;
+    }
+    let resnet = |t: &str| -> Option<String> {
+        let (layer, param) = t.split_once('.')?;
+        let layer = match layer {
+            "norm1" | "conv1" | "norm2" | "conv2" => layer,
+            "conv_shortcut" => "nin_shortcut",
+            _ => return None,
+        };
+        is_param(param).then(|| format!("{layer}.{param}"))
+    };
+    let mapped = if let Some(t) = rest.strip_prefix("conv_in.") {
+        is_param(t).then(|| (format!("conv_in.{t}"), false))?
+    } else if let Some(t) = rest.strip_prefix("conv_out.") {
+        is_param(t).then(|| (format!("conv_out.{t}"), false))?
+    } else if let Some(t) = rest.strip_prefix("conv_norm_out.") {
+        is_param(t).then(|| (format!("norm_out.{t}"), false))?
+    } else if let Some(a) = rest.strip_prefix("mid_block.attentions.0.") {
+        let (layer, param) = match a.strip_prefix("to_out.0.") {
+            Some(param) => ("proj_out", param),
+            None => {
+                let (layer, param) = a.split_once('.')?;
+                let to = match layer {
+                    "group_norm" => "norm",
+                    "to_q" => "q",
+                    "to_k" => "k",
+                    "to_v" => "v",
+                    _ => return None,
+                };
+                (to, param)
+            }
+        };
+        if !is_param(param) {
+            return None;
+        }
+        let unsqueeze = layer != "norm" && param == "weight";
+        (format!("mid.attn_1.{layer}.{param}"), unsqueeze)
+    } else if let Some(t) = rest.strip_prefix("mid_block.resnets.") {
+        let (k, t) = t.split_once('.')?;
+        let k: usize = k.parse().ok()?;
+        if k > 1 {
+            return None;
+        }
+        (format!("mid.block_{}.{}", k + 1, resnet(t)?), false)
+    } else {
+        let (blocks, t) = rest.split_once('.')?;
+        let (level, t) = t.split_once('.')?;
+        let level: usize = level.parse().ok()?;
+        if level >= levels {
+            return None;
+        }
+        let (dir, to_level, sampler) = match (side, blocks) {
+            ("encoder", "down_blocks") => ("down", level, "down"),
+            ("decoder", "up_blocks") => ("up", levels - 1 - level, "up"),
+            _ => return None,
+        };
+        if let Some(t) = t.strip_prefix("resnets.") {
+            let (j, t) = t.split_once('.')?;
+            let j: usize = j.parse().ok()?;
+            (format!("{dir}.{to_level}.block.{j}.{}", resnet(t)?), false)
+        } else {
+            let param = t.strip_prefix(&format!("{sampler}samplers.0.conv."))?;
+            if !is_param(param) {
+                return None;
+            }
+            (
+                format!("{dir}.{to_level}.{sampler}sample.conv.{param}"),
+                false,
+            )
+        }
+    };
+    Some((format!("{side}.{}", mapped.0), mapped.1))
+}
+
 fn is_param(t: &str) -> bool {
     t == "weight" || t == "bias"
 }
@@ -335,6 +424,23 @@ mod tests {
                 Some((want.to_string(), squeeze)),
                 "{bfl}"
             );
+            // The writer's mapping is its inverse.
+            assert_eq!(
+                diffusers_key_to_bfl(want, 4),
+                Some((bfl.to_string(), squeeze)),
+                "{want}"
+            );
+        }
+        for bad in [
+            "encoder.down_blocks.4.resnets.0.conv1.weight",
+            "encoder.up_blocks.0.resnets.0.conv1.weight",
+            "decoder.mid_block.resnets.2.conv1.weight",
+            "decoder.mid_block.attentions.0.to_out.1.weight",
+            "vae.encoder.conv_in.weight",
+            "encoder.down_blocks.0.upsamplers.0.conv.weight",
+            "encoder.conv_in.scale",
+        ] {
+            assert_eq!(diffusers_key_to_bfl(bad, 4), None, "{bad}");
         }
         for bad in [
             "encoder.down.4.block.0.conv1.weight",

@@ -36,7 +36,7 @@ use crate::{ComponentFolder, PthFile, TransformerLayout};
 /// ComfyUI-GGUF's `QUANTIZATION_THRESHOLD`: tensors this small stay F32.
 pub const QUANTIZATION_THRESHOLD: usize = 1024;
 
-const COMFY_PREFIX: &str = "model.diffusion_model.";
+pub(crate) const COMFY_PREFIX: &str = "model.diffusion_model.";
 
 /// The layout to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,11 +118,14 @@ pub struct ConvertReport {
     pub tensors: usize,
     /// Tensors per storage type (`F32`, `BF16`, `Q4_K`, ...).
     pub by_type: BTreeMap<String, usize>,
+    /// What the user should know about the output (such as a part the
+    /// source did not have).
+    pub notes: Vec<String>,
 }
 
 /// Where an output tensor comes from.
 #[derive(Debug, Clone)]
-enum Piece {
+pub(crate) enum Piece {
     Key(String),
     /// Rows `start..start + len` of a key (one part of a fused `qkv`).
     Rows(String, usize, usize),
@@ -130,15 +133,15 @@ enum Piece {
     Cat(Vec<String>),
 }
 
-struct Out {
-    name: String,
-    shape: Vec<usize>,
-    dtype: DType,
-    piece: Piece,
+pub(crate) struct Out {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) dtype: DType,
+    pub(crate) piece: Piece,
 }
 
 /// An opened source: its raw keys (ComfyUI prefix kept in `prefix`).
-struct Source {
+pub(crate) struct Source {
     path: PathBuf,
     raw: Arc<dyn WeightSource>,
     gguf: Option<Arc<GgufFile>>,
@@ -157,7 +160,7 @@ impl Source {
         }
     }
 
-    fn open(path: &Path) -> Result<Self, ConvertError> {
+    pub(crate) fn open(path: &Path) -> Result<Self, ConvertError> {
         let err = |reason: String| ConvertError::Source {
             path: path.to_path_buf(),
             reason,
@@ -277,7 +280,7 @@ impl Source {
             .map_err(|e| e.to_string())
     }
 
-    fn piece(&self, p: &Piece) -> Result<Tensor, String> {
+    pub(crate) fn piece(&self, p: &Piece) -> Result<Tensor, String> {
         let s = |e: candle_core::Error| e.to_string();
         match p {
             Piece::Key(k) => self.tensor(k),
@@ -321,7 +324,7 @@ fn count_blocks(keys: &BTreeSet<String>, stack: &str) -> usize {
 
 /// The output tensors, named for `to`: original names for files, diffusers
 /// names for a folder.
-fn plan(src: &Source, to_diffusers: bool) -> Result<Vec<Out>, ConvertError> {
+pub(crate) fn plan(src: &Source, to_diffusers: bool) -> Result<Vec<Out>, ConvertError> {
     let keys = src.keys();
     let mut out = Vec::new();
     let from_diffusers = src.layout == TransformerLayout::Diffusers;
@@ -442,7 +445,7 @@ fn plan(src: &Source, to_diffusers: bool) -> Result<Vec<Out>, ConvertError> {
 }
 
 /// The bytes of `t` as `dtype`, little-endian.
-fn float_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>, String> {
+pub(crate) fn float_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>, String> {
     let s = |e: candle_core::Error| e.to_string();
     let t = t.to_dtype(dtype).and_then(|t| t.flatten_all()).map_err(s)?;
     Ok(match dtype {

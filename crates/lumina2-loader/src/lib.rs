@@ -29,7 +29,10 @@
 //!
 //! - [`convert`]: a transformer from any of those layouts to a diffusers
 //!   folder, the original single file or GGUF (optionally quantised: the
-//!   quantisers are in [`gguf`]), one tensor at a time, atomically.
+//!   quantisers are in [`gguf`]), one tensor at a time, atomically;
+//!   [`comfy_write`]: a whole pipeline (diffusers folder, ComfyUI
+//!   checkpoint, or one source per part) to ComfyUI's all-in-one checkpoint
+//!   or its split files, losslessly, atomically.
 //!
 //! - [`gemma_gguf`]: Gemma-2 text encoders from GGUF files in llama.cpp's
 //!   key names (the community Gemma-2-2B quantisations), config from the
@@ -58,6 +61,7 @@
 
 pub mod bfl_vae;
 pub mod comfy;
+pub mod comfy_write;
 pub mod convert;
 mod folder;
 pub mod gemma_gguf;
@@ -73,6 +77,7 @@ pub mod pth;
 mod st_write;
 
 pub use comfy::{detect_single_file, GemmaFile, SingleFile, SingleFileLayout};
+pub use comfy_write::{convert_to_comfy, ComfyFormat, PipelineParts};
 pub use convert::{
     convert_transformer, ConvertError, ConvertFormat, ConvertOptions, ConvertReport,
 };

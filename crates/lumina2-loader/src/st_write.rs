@@ -21,7 +21,8 @@ pub struct StPlan {
     pub name: String,
     /// Shape, outermost first.
     pub shape: Vec<usize>,
-    /// Element type: F32, F16 or BF16.
+    /// Element type: F32, F16, BF16, or U8 (raw bytes, such as an embedded
+    /// tokenizer).
     pub dtype: DType,
 }
 
@@ -29,6 +30,7 @@ fn st_name(d: DType) -> &'static str {
     match d {
         DType::F16 => "F16",
         DType::BF16 => "BF16",
+        DType::U8 => "U8",
         _ => "F32",
     }
 }
@@ -44,8 +46,24 @@ pub fn write_safetensors(
     path: &Path,
     metadata: &[(&str, &str)],
     tensors: &[StPlan],
-    mut data: impl FnMut(usize) -> Result<Vec<u8>, String>,
+    data: impl FnMut(usize) -> Result<Vec<u8>, String>,
 ) -> Result<(), GgufWriteError> {
+    let guard = write_safetensors_pending(path, metadata, tensors, data)?;
+    guard.commit().map_err(|source| GgufWriteError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// [`write_safetensors`] up to the rename: the complete, synced file under
+/// its temporary name, renamed into place by [`TempFile::commit`] (removed
+/// if dropped), so that several files can be put in place together.
+pub(crate) fn write_safetensors_pending(
+    path: &Path,
+    metadata: &[(&str, &str)],
+    tensors: &[StPlan],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>, String>,
+) -> Result<TempFile, GgufWriteError> {
     let io = |source| GgufWriteError::Io {
         path: path.to_path_buf(),
         source,
@@ -96,5 +114,5 @@ pub fn write_safetensors(
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
     drop(file);
-    guard.commit().map_err(io)
+    Ok(guard)
 }

@@ -251,3 +251,44 @@ fn a_failure_mid_way_leaves_nothing_and_keeps_the_old_file() {
     assert!(e.to_string().contains("GGUF"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The original single file through a diffusers folder and back: the same
+/// keys (but `norm_final.weight`, which the model does not use and
+/// diffusers drops), dtypes, shapes and bytes.
+#[test]
+fn the_original_file_through_diffusers_and_back_is_lossless() {
+    let d = tmp("orig-rt");
+    let comfy = fixture("tiny_comfyui_f32").join("lumina2_comfyui.safetensors");
+    let original = d.join("original.safetensors");
+    run(&comfy, &original, &opts(ConvertFormat::Original, None));
+    let folder = d.join("diffusers");
+    run(&original, &folder, &opts(ConvertFormat::Diffusers, None));
+    let back = d.join("back.safetensors");
+    run(&folder, &back, &opts(ConvertFormat::Original, None));
+    let raw = |p: &Path| -> BTreeMap<String, (DType, Vec<usize>, Vec<u8>)> {
+        candle_core::safetensors::load(p, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| {
+                // Widened to f32 (exact) with the stored type kept beside.
+                let bytes: Vec<u8> = t
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect();
+                (k, (t.dtype(), t.dims().to_vec(), bytes))
+            })
+            .collect()
+    };
+    let mut want = raw(&original);
+    let got = raw(&back);
+    want.remove("norm_final.weight");
+    assert!(want.keys().any(|k| k.ends_with("attention.qkv.weight")));
+    assert_eq!(got, want);
+    std::fs::remove_dir_all(&d).unwrap();
+}

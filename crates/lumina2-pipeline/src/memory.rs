@@ -140,6 +140,29 @@ pub fn files_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The bytes of one component's weights in `path`: in a ComfyUI all-in-one
+/// checkpoint (which holds every component) the tensors under `prefix`
+/// only, from its header; anywhere else [`files_bytes`].
+pub fn component_bytes(path: &Path, prefix: &str) -> u64 {
+    if path.is_file() {
+        if let Ok(f) = lumina2_loader::SingleFile::open(path) {
+            if f.layout() == lumina2_loader::SingleFileLayout::Checkpoint {
+                let src = f.source();
+                return lumina2_weights::WeightSource::keys(src.as_ref())
+                    .iter()
+                    .filter(|k| k.starts_with(prefix))
+                    .filter_map(|k| src.tensor_info(k))
+                    .map(|(d, s)| {
+                        s.iter()
+                            .fold(d.size_in_bytes() as u64, |a, &n| a.saturating_mul(n as u64))
+                    })
+                    .fold(0u64, u64::saturating_add);
+            }
+        }
+    }
+    files_bytes(path)
+}
+
 /// Memory the run may still use on `device`: on the CPU, `MemAvailable` of
 /// `/proc/meminfo` (Linux); on a CUDA GPU, the device's free memory (the
 /// weights and activations live there); `None` where unknown (Metal, which
@@ -198,5 +221,34 @@ mod tests {
         assert_eq!(est.needed(false), 20);
         let none_held = MemoryEstimate { loaded: 0, ..est };
         assert_eq!(none_held.needed(true), 35);
+    }
+
+    /// An all-in-one checkpoint is counted per component, not whole for
+    /// each: the parts add up to the file's data, each less than the file.
+    #[test]
+    fn an_all_in_one_checkpoint_counts_each_components_tensors() {
+        use lumina2_loader::comfy::{
+            CHECKPOINT_SPIECE_KEY, TEXT_ENCODER_PREFIX, TRANSFORMER_PREFIX, VAE_PREFIX,
+        };
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/comfy/lumina_2.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        let data = bytes.len() as u64 - 8 - header;
+        let parts = [
+            TRANSFORMER_PREFIX,
+            TEXT_ENCODER_PREFIX,
+            VAE_PREFIX,
+            CHECKPOINT_SPIECE_KEY,
+            "text_encoders.gemma2_2b.logit_scale",
+        ]
+        .map(|p| super::component_bytes(&path, p));
+        assert!(parts.iter().all(|&n| n > 0 && n < data), "{parts:?}");
+        assert_eq!(parts.iter().sum::<u64>(), data);
+        // Any other file: its size, as before.
+        assert_eq!(
+            super::component_bytes(&path.with_file_name("ae.safetensors"), VAE_PREFIX),
+            super::files_bytes(&path.with_file_name("ae.safetensors"))
+        );
     }
 }

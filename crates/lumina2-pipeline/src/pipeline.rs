@@ -853,7 +853,11 @@ impl MemoryCheck {
         // Guidance runs cond and uncond one after the other: one batch at a time.
         let denoise =
             memory::transformer_bytes(cfg, t_weights, batch, w, h, opts.max_sequence_length);
-        let te_files = memory::files_bytes(&self.sources.text_encoder);
+        // An all-in-one checkpoint counts each component's own tensors.
+        let te_files = memory::component_bytes(
+            &self.sources.text_encoder,
+            lumina2_loader::comfy::TEXT_ENCODER_PREFIX,
+        );
         let te_weights = if components::is_gguf(&self.sources.text_encoder) {
             // Quantised linears stay as stored; the embedding is dequantised.
             te_files.saturating_mul(1 + memory::dtype_bytes(self.dtype))
@@ -866,7 +870,8 @@ impl MemoryCheck {
                 .saturating_mul(opts.max_sequence_length as u64)
                 .saturating_mul(64 << 10),
         );
-        let vae_weights = memory::files_bytes(&self.sources.vae);
+        let vae_weights =
+            memory::component_bytes(&self.sources.vae, lumina2_loader::comfy::VAE_PREFIX);
         let decode = match opts.output {
             OutputKind::Latents => 0,
             OutputKind::Images => memory::vae_decode_bytes(

@@ -286,3 +286,260 @@ fn a_broken_or_absent_tokenizer_is_refused_naming_the_file() {
         "{err}"
     );
 }
+
+// ---- writing ComfyUI files (`lumina2 convert --format comfy|comfy-split`) --
+
+fn out_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lumina2-comfy-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Every tensor of two sources: same keys, dtypes, shapes and bits.
+fn assert_same_tensors(
+    a: &dyn lumina2_weights::WeightSource,
+    b: &dyn lumina2_weights::WeightSource,
+    what: &str,
+) {
+    let ka = a.keys();
+    assert_eq!(ka, b.keys(), "{what}: keys");
+    assert!(!ka.is_empty(), "{what}");
+    for k in ka {
+        let (x, y) = (a.tensor(&k).unwrap(), b.tensor(&k).unwrap());
+        assert_eq!((x.dtype(), x.dims()), (y.dtype(), y.dims()), "{what}: {k}");
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            v.iter().map(|v| v.to_bits()).collect()
+        };
+        assert_eq!(bits(&x), bits(&y), "{what}: {k}");
+    }
+}
+
+fn folder_source(component: &str, file: &str) -> lumina2_weights::SafetensorsSource {
+    lumina2_weights::SafetensorsSource::open(&[folder().join(component).join(file)]).unwrap()
+}
+
+fn transformer_config() -> lumina2_transformer::Config {
+    lumina2_transformer::Config::from_file(folder().join("transformer/config.json")).unwrap()
+}
+
+/// The folder's three models, in diffusers' and transformers' names, against
+/// those read from ComfyUI files.
+fn assert_folder_tensors(transformer: &Path, text_encoder: &Path, vae: &Path) {
+    let t = lumina2_loader::open_transformer_file(transformer, &transformer_config()).unwrap();
+    assert_same_tensors(
+        &folder_source("transformer", "diffusion_pytorch_model.safetensors"),
+        t.as_ref(),
+        "transformer",
+    );
+    // transformers' Gemma2Model keys have no `model.`; ComfyUI's do.
+    let te = lumina2_loader::SingleFile::open(text_encoder)
+        .unwrap()
+        .text_encoder()
+        .unwrap();
+    let src = folder_source("text_encoder", "model.safetensors");
+    let prefixed: HashMap<String, Tensor> = lumina2_weights::WeightSource::keys(&src)
+        .into_iter()
+        .map(|k| {
+            let t = lumina2_weights::WeightSource::tensor(&src, &k).unwrap();
+            (format!("model.{k}"), t)
+        })
+        .collect();
+    let mut te_keys = te.weights().keys();
+    te_keys.retain(|k| k != "spiece_model");
+    let ours: HashMap<String, Tensor> = te_keys
+        .into_iter()
+        .map(|k| {
+            let t = te.weights().tensor(&k).unwrap();
+            (k, t)
+        })
+        .collect();
+    assert_same_tensors(&prefixed, &ours, "text encoder");
+    let v = lumina2_loader::SingleFile::open(vae)
+        .unwrap()
+        .vae()
+        .unwrap();
+    assert_same_tensors(
+        &folder_source("vae", "diffusion_pytorch_model.safetensors"),
+        v.as_ref(),
+        "vae",
+    );
+}
+
+#[test]
+fn a_folder_converted_to_an_all_in_one_checkpoint_loads_back_identical() {
+    use lumina2_loader::{convert_to_comfy, ComfyFormat, PipelineParts};
+    let d = out_dir("aio");
+    let ckpt = d.join("lumina_2.safetensors");
+    let parts = PipelineParts::from_source(&folder()).unwrap();
+    // The tiny folder's tokenizer is a tokenizer.json, not a SentencePiece model.
+    assert_eq!(parts.tokenizer, None);
+    let mut calls = 0;
+    let r = convert_to_comfy(&parts, &ckpt, ComfyFormat::AllInOne, &mut |done, total| {
+        assert!(done <= total);
+        calls += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(calls, r.tensors + 1);
+    assert_eq!(r.files, vec![ckpt.clone()]);
+    assert!(r.notes.iter().any(|n| n.contains("spiece_model")), "{r:?}");
+    let file = lumina2_loader::SingleFile::open(&ckpt).unwrap();
+    assert_eq!(file.layout(), lumina2_loader::SingleFileLayout::Checkpoint);
+    assert!(file.stray_checkpoint_keys().is_empty());
+    let logit = lumina2_weights::WeightSource::tensor(
+        file.source().as_ref(),
+        "text_encoders.gemma2_2b.logit_scale",
+    )
+    .unwrap();
+    assert_eq!(logit.dtype(), DType::F32);
+    assert_eq!(logit.to_scalar::<f32>().unwrap(), 4.6055);
+    assert_folder_tensors(&ckpt, &ckpt, &ckpt);
+
+    let reference = pixels(PipelineSources::from_pipeline_folder(folder()).unwrap());
+    let got = pixels(with_tiny_configs(
+        PipelineSources::from_checkpoint(&ckpt).unwrap(),
+    ));
+    assert_eq!(got, reference);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_folder_converted_to_split_files_loads_back_identical() {
+    use lumina2_loader::comfy_write::SPLIT_FILES;
+    use lumina2_loader::{convert_to_comfy, ComfyFormat, PipelineParts};
+    let d = out_dir("split");
+    let out = d.join("models");
+    let parts = PipelineParts::from_source(&folder()).unwrap();
+    let r = convert_to_comfy(&parts, &out, ComfyFormat::Split, &mut |_, _| Ok(())).unwrap();
+    let [t, te, vae] = SPLIT_FILES.map(|f| out.join(f));
+    assert_eq!(r.files, vec![t.clone(), te.clone(), vae.clone()]);
+    use lumina2_loader::SingleFileLayout as L;
+    for (f, layout) in [
+        (
+            &t,
+            L::Transformer(lumina2_loader::TransformerLayout::Original),
+        ),
+        (&te, L::TextEncoder),
+        (&vae, L::BflVae),
+    ] {
+        assert_eq!(
+            lumina2_loader::SingleFile::open(f).unwrap().layout(),
+            layout
+        );
+    }
+    // The Flux VAE has no quant convs, and the BFL file none either.
+    let ae = lumina2_loader::SingleFile::open(&vae).unwrap();
+    assert!(!ae.flux_vae_config().unwrap().use_quant_conv);
+    assert_folder_tensors(&t, &te, &vae);
+
+    let reference = pixels(PipelineSources::from_pipeline_folder(folder()).unwrap());
+    let mut s = PipelineSources::from_pipeline_folder(folder()).unwrap();
+    s.transformer = TransformerSource::File {
+        path: t,
+        config: Some(folder().join("transformer")),
+    };
+    s.text_encoder = te;
+    s.text_encoder_config = Some(folder().join("text_encoder"));
+    s.vae = vae;
+    s.vae_config = Some(folder().join("vae"));
+    assert_eq!(pixels(s), reference);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// ComfyUI's checkpoint converted again gives back its own tensors, the
+/// embedded tokenizer included, bit for bit (the logit scale is written as
+/// ComfyUI initialises it, f32); and the split files made from it carry
+/// the tokenizer too.
+#[test]
+fn a_comfyui_checkpoint_converts_to_itself_and_to_split_files() {
+    use lumina2_loader::comfy_write::SPLIT_FILES;
+    use lumina2_loader::{convert_to_comfy, ComfyFormat, PipelineParts};
+    let d = out_dir("self");
+    let src = comfy("lumina_2.safetensors");
+    let parts = PipelineParts::from_source(&src).unwrap();
+    let ckpt = d.join("again.safetensors");
+    let r = convert_to_comfy(&parts, &ckpt, ComfyFormat::AllInOne, &mut |_, _| Ok(())).unwrap();
+    assert!(r.notes.is_empty(), "{r:?}");
+    let mut want = read_all(&src);
+    let mut got = read_all(&ckpt);
+    let logit = "text_encoders.gemma2_2b.logit_scale";
+    assert_eq!(got.remove(logit).unwrap().dtype(), DType::F32);
+    want.remove(logit);
+    assert_same_tensors(&want, &got, "checkpoint");
+    let spiece = |m: &HashMap<String, Tensor>, k: &str| m[k].to_vec1::<u8>().unwrap();
+    assert_eq!(
+        spiece(&got, "text_encoders.spiece_model"),
+        spiece(&want, "text_encoders.spiece_model")
+    );
+
+    let out = d.join("split");
+    convert_to_comfy(&parts, &out, ComfyFormat::Split, &mut |_, _| Ok(())).unwrap();
+    let te = read_all(&out.join(SPLIT_FILES[1]));
+    assert_eq!(
+        spiece(&te, "spiece_model"),
+        spiece(&want, "text_encoders.spiece_model")
+    );
+    // The VAE file as ComfyUI's ae.safetensors (there f32, here the
+    // checkpoint's f16: the same values).
+    let ae = read_all(&out.join(SPLIT_FILES[2]));
+    let fixture_ae: HashMap<String, Tensor> = read_all(&comfy("ae.safetensors"))
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
+        .collect();
+    assert_same_tensors(&fixture_ae, &ae, "ae.safetensors");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_failed_comfy_conversion_leaves_nothing() {
+    use lumina2_loader::{convert_to_comfy, ComfyFormat, PipelineParts};
+    let d = out_dir("fail");
+    let parts = PipelineParts::from_source(&folder()).unwrap();
+    let ckpt = d.join("old.safetensors");
+    std::fs::write(&ckpt, b"previous").unwrap();
+    let stop = |at: usize| {
+        move |done: usize, _: usize| {
+            if done == at {
+                Err("interrupted".to_string())
+            } else {
+                Ok(())
+            }
+        }
+    };
+    let e = convert_to_comfy(&parts, &ckpt, ComfyFormat::AllInOne, &mut stop(40)).unwrap_err();
+    assert!(e.to_string().contains("interrupted"), "{e}");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), b"previous");
+    // Split: interrupted in the VAE, the last file, after the other two
+    // were complete: none is put in place, no folder is left.
+    let n = convert_to_comfy(&parts, &d.join("probe"), ComfyFormat::Split, &mut |_, _| {
+        Ok(())
+    })
+    .unwrap()
+    .tensors;
+    std::fs::remove_dir_all(d.join("probe")).unwrap();
+    let out = d.join("models");
+    let e = convert_to_comfy(&parts, &out, ComfyFormat::Split, &mut stop(n - 2)).unwrap_err();
+    assert!(e.to_string().contains("interrupted"), "{e}");
+    assert!(!out.exists());
+    // A VAE that is not one: refused before anything is written.
+    let mut bad = parts.clone();
+    bad.vae = folder().join("text_encoder");
+    let e = convert_to_comfy(&bad, &out, ComfyFormat::Split, &mut |_, _| Ok(())).unwrap_err();
+    assert!(e.to_string().contains("text_encoder"), "{e}");
+    assert!(!out.exists());
+    let mut left: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec![std::ffi::OsString::from("old.safetensors")]);
+    std::fs::remove_dir_all(&d).unwrap();
+}

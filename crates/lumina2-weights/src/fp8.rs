@@ -25,6 +25,14 @@ impl Fp8 {
         }
     }
 
+    /// The safetensors dtype name of the format.
+    pub fn st_name(self) -> &'static str {
+        match self {
+            Self::E4M3 => "F8_E4M3",
+            Self::E5M2 => "F8_E5M2",
+        }
+    }
+
     /// The f16 holding the value of `b` exactly.
     pub fn to_f16(self, b: u8) -> half::f16 {
         match self {

@@ -533,6 +533,16 @@ impl SafetensorsSource {
         self.index.get(key).map(|e| (e.dtype, e.shape.as_slice()))
     }
 
+    /// The stored element type of a tensor as the header names it
+    /// (`F32`, `BF16`, `U8`, ...; `F8_E4M3` or `F8_E5M2` for fp8, which
+    /// [`Self::tensor_info`] lists as U8, its bytes).
+    pub fn storage_type(&self, key: &str) -> Option<String> {
+        self.index.get(key).map(|e| match e.fp8 {
+            Some(f) => f.st_name().to_string(),
+            None => format!("{:?}", e.dtype).to_uppercase(),
+        })
+    }
+
     /// The `__metadata__` string map of the headers (of all files together).
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata

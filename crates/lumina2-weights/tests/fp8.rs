@@ -40,6 +40,17 @@ fn every_fp8_value_matches_torch() {
 }
 
 #[test]
+fn fp8_tensors_are_named_by_their_format() {
+    let s = source();
+    assert_eq!(s.storage_type("e4m3.weight").as_deref(), Some("F8_E4M3"));
+    assert_eq!(s.storage_type("e5m2.weight").as_deref(), Some("F8_E5M2"));
+    assert_eq!(s.storage_type("expected.e4m3").as_deref(), Some("F32"));
+    assert_eq!(s.storage_type("absent"), None);
+    // `tensor_info` gives the element type of the bytes.
+    assert_eq!(s.tensor_info("e4m3.weight").map(|i| i.0), Some(DType::U8));
+}
+
+#[test]
 fn scaled_fp8_weights_are_multiplied_by_their_scale() {
     let s = source();
     let ours = s.tensor("w.weight").unwrap();
