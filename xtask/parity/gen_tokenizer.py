@@ -298,7 +298,9 @@ def generate(out_dir, only_tiny=False):
                     f.write(proto)
                 model = "tokenizer/tokenizer.model"
             provenance = dict(
-                versions(), tokenizers=__import__("tokenizers").__version__, reference=f"AutoTokenizer -> {tok_class}",
+                versions(), tokenizers=__import__("tokenizers").__version__,
+                reference=(f"AutoTokenizer -> {tok_class}" if source == "json"
+                           else f"{tok_class} as from a tokenizer.model"),
                 tokenizer_files=f"npm {PACKAGE}@{PACKAGE_VERSION} package/models/",
                 tokenizer_sha256=FILES_SHA256,
                 call="tokenizer(texts, padding='max_length', max_length=max_sequence_length, truncation=True), "
