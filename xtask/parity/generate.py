@@ -27,6 +27,7 @@ import gen_text_encoder  # noqa: E402
 import gen_text_encoder_gguf  # noqa: E402
 import gen_scheduler  # noqa: E402
 import gen_teacache  # noqa: E402
+import gen_tokenizer  # noqa: E402
 import gen_vae  # noqa: E402
 
 GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_scheduler.generate}
@@ -42,6 +43,7 @@ GENERATORS["pipeline"] = gen_pipeline.generate
 GENERATORS["teacache"] = gen_teacache.generate
 GENERATORS["img2img"] = gen_img2img.generate
 GENERATORS["original"] = gen_original.generate
+GENERATORS["tokenizer_ids"] = gen_tokenizer.generate
 
 
 def main():

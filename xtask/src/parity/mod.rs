@@ -6,6 +6,7 @@ mod gguf;
 mod pipeline;
 mod scheduler;
 mod text_encoder;
+mod tokenizer;
 mod transformer;
 mod vae;
 
@@ -39,6 +40,7 @@ pub fn prepare(case: &Case, int8: bool) -> Result<Box<dyn Prepared>> {
         "vae_decode" | "vae_encode" => vae::prepare(case),
         "text_encoder" => text_encoder::prepare_text_encoder(case),
         "prompt_encoding" => text_encoder::prepare_prompt_encoding(case),
+        "tokenizer_ids" => tokenizer::prepare(case),
         "pipeline" => pipeline::prepare(case),
         other => Err(anyhow!("unknown component `{other}`")),
     }
