@@ -83,8 +83,11 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
+    // Before any thread or large buffer exists (see the function's docs).
+    let kept = lumina2_kernels::memory::keep_freed_memory();
     let cli = Cli::parse();
     init_logging(cli.quiet, cli.verbose);
+    tracing::debug!("freed memory kept for reuse: {kept}");
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args, cli.quiet),
         Command::Inspect(args) => inspect::run(&args),

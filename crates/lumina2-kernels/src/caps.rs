@@ -11,6 +11,7 @@
 //! | `LUMINA2_NO_AMX=1` | no AMX: the bf16 kernels use AVX512-BF16, int8 uses VNNI |
 //! | `LUMINA2_NO_PACKED_BF16=1` | bf16 linear weights are not repacked (candle's matmul) |
 //! | `LUMINA2_NO_AVX512_CONV=1` | the f32 convolution keeps its AVX2 kernel |
+//! | `LUMINA2_SYSTEM_MALLOC=1` | [`crate::memory::keep_freed_memory`] leaves glibc's malloc as configured |
 //!
 //! A switch counts when its value is exactly `1`; it is read once, at the
 //! first call to [`caps`].

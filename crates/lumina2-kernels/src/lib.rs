@@ -39,6 +39,7 @@ pub mod conv;
 mod cpu;
 pub mod elementwise;
 pub mod gemm;
+pub mod memory;
 pub mod norm;
 pub mod ops;
 pub mod profile;
