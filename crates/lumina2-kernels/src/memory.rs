@@ -5,18 +5,18 @@
 //! A forward pass at 1024x1024 allocates and frees activations of 40 to 100
 //! MiB per operation, so each of them comes back as untouched pages that the
 //! kernel faults in 4 KiB at a time and zeroes, on every operation of every
-//! step. On the 2-vCPU AMD EPYC this project is measured on, the f32
-//! transformer benchmark at 1024x1024 (4 layers) took 17.1 M page faults and
-//! 44.9 s of system time against 165 s of user time; with large buffers
-//! taken from the heap and kept there when freed, 0.94 M faults, 3.5 s of
-//! system time and 144 s of user time (`/usr/bin/time -v cargo xtask bench
-//! --what transformer --sizes 1024 --skip-torch --runs 1`, the second with
-//! `MALLOC_MMAP_MAX_=0`).
+//! step. On a quiet 2-vCPU AMD EPYC, the f32 transformer benchmark at
+//! 1024x1024 (4 layers) ran its forward in 45.97 s with 15.0 M page faults
+//! and 36.2 s of system time; with large buffers taken from the heap and kept
+//! there when freed, in 36.18 s with 0.96 M faults and 4.0 s of system time,
+//! at a peak RSS of 3759 MiB instead of 3569 (`/usr/bin/time -v cargo xtask
+//! bench --what transformer --sizes 1024 --skip-torch --runs 1`, with and
+//! without `LUMINA2_SYSTEM_MALLOC=1`).
 //!
 //! [`keep_freed_memory`] makes that the process's policy. Freed memory then
 //! stays with the process for the next allocation instead of going back to
-//! the system, so the resident size stays at its peak (which the peak itself
-//! does not change). It is a process-wide choice, made by the program (the
+//! the system, so the resident size stays at its peak, which fragmentation
+//! raises a little (5% above). It is a process-wide choice, made by the program (the
 //! `lumina2` binary, the benchmarks) at its start, never by a library call.
 
 /// Whether [`keep_freed_memory`] applies: glibc, no `LUMINA2_SYSTEM_MALLOC=1`,
