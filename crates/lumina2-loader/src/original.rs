@@ -225,12 +225,7 @@ impl WeightSource for OriginalTransformer {
     ) -> lumina2_weights::Result<lumina2_transformer::LinearWeight> {
         match self.map.get(key) {
             Some(o) if o.rows.is_none() => self.inner.linear_as(&o.key, dtype),
-            _ => Ok(match self.linear(key)? {
-                lumina2_transformer::LinearWeight::Dense(t) => {
-                    lumina2_transformer::LinearWeight::Dense(t.to_dtype(dtype)?)
-                }
-                other => other,
-            }),
+            _ => Ok(self.linear(key)?.dense_as(dtype)?),
         }
     }
     fn contains(&self, key: &str) -> bool {

@@ -76,6 +76,15 @@ impl LinearWeight {
         }
     }
 
+    /// A dense weight converted to `dtype` (on its device); quantised,
+    /// packed and int8 weights as they are.
+    pub fn dense_as(self, dtype: DType) -> candle_core::Result<Self> {
+        match self {
+            Self::Dense(t) => Ok(Self::Dense(cast(&t, dtype)?)),
+            other => Ok(other),
+        }
+    }
+
     /// The form the weight is kept in, as the dispatch sees it.
     fn form(&self) -> ops::linear::WeightForm {
         match self {
@@ -240,10 +249,7 @@ pub trait WeightSource: Send + Sync {
     /// the CPU (quantised weights as they are), read as
     /// [`WeightSource::tensor_as`] reads where the source overrides this.
     fn linear_as(&self, key: &str, dtype: DType) -> Result<LinearWeight> {
-        Ok(match self.linear(key)? {
-            LinearWeight::Dense(t) => LinearWeight::Dense(cast(&t, dtype)?),
-            other => other,
-        })
+        Ok(self.linear(key)?.dense_as(dtype)?)
     }
     /// A short description for error messages (usually the file names).
     fn name(&self) -> String;

@@ -237,10 +237,7 @@ impl WeightSource for LoraSource {
         if !self.adapters.contains_key(key) {
             return self.inner.linear_as(key, dtype);
         }
-        Ok(match self.linear(key)? {
-            LinearWeight::Dense(t) => LinearWeight::Dense(t.to_dtype(dtype)?),
-            other => other,
-        })
+        Ok(self.linear(key)?.dense_as(dtype)?)
     }
     fn lora_adapters(&self, key: &str) -> lumina2_weights::Result<Vec<LoraAdapter>> {
         // The inner source may be another LoRA layer with its own.
