@@ -33,6 +33,10 @@ fn inpaint(out: &Path, extra: &[&str]) -> Output {
         "11".into(),
         "--max-sequence-length".into(),
         "32".into(),
+        // The reference image is diffusers' f32 run; without this, `auto`
+        // picks bf16 on CPUs with AMX or AVX512-BF16.
+        "--dtype".into(),
+        "f32".into(),
         "-q".into(),
         "-o".into(),
         out.to_string_lossy().into_owned(),
