@@ -42,6 +42,7 @@ pub mod gemm;
 pub mod memory;
 pub mod norm;
 pub mod ops;
+pub mod peak;
 pub mod profile;
 mod simd;
 
