@@ -29,6 +29,7 @@ import gen_scheduler  # noqa: E402
 import gen_teacache  # noqa: E402
 import gen_tokenizer  # noqa: E402
 import gen_vae  # noqa: E402
+import gen_zimage_transformer  # noqa: E402
 
 GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_scheduler.generate}
 GENERATORS["gguf_dequant"] = gen_gguf.generate
@@ -44,6 +45,7 @@ GENERATORS["teacache"] = gen_teacache.generate
 GENERATORS["img2img"] = gen_img2img.generate
 GENERATORS["original"] = gen_original.generate
 GENERATORS["tokenizer_ids"] = gen_tokenizer.generate
+GENERATORS["zimage_transformer"] = gen_zimage_transformer.generate
 
 
 def main():

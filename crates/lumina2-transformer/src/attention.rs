@@ -58,17 +58,18 @@ impl KeyMask {
     }
 }
 
-/// diffusers' `Attention` with `Lumina2AttnProcessor2_0`: q/k/v projections
-/// without bias, RMS norm (eps 1e-5) on each query and key head, RoPE,
-/// grouped-query attention, output projection without bias.
+/// diffusers' `Attention` with `Lumina2AttnProcessor2_0` (and Z-Image's
+/// `ZSingleStreamAttnProcessor`): q/k/v projections without bias, RMS norm
+/// (eps 1e-5) on each query and key head, RoPE, grouped-query attention,
+/// output projection without bias.
 #[derive(Debug, Clone)]
 pub struct Attention {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
-    norm_q: RmsNorm,
-    norm_k: RmsNorm,
+    norm_q: Option<RmsNorm>,
+    norm_k: Option<RmsNorm>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -78,16 +79,36 @@ pub struct Attention {
 impl Attention {
     /// Loads `to_q`, `to_k`, `to_v`, `to_out.0`, `norm_q`, `norm_k`.
     pub fn load(w: &Weights, dim: usize, n_heads: usize, n_kv_heads: usize) -> Result<Self> {
+        Self::load_with(w, dim, n_heads, n_kv_heads, true)
+    }
+
+    /// Loads `to_q`, `to_k`, `to_v`, `to_out.0` and, with `qk_norm`,
+    /// `norm_q` and `norm_k` (diffusers' `qk_norm="rms_norm"`; without it
+    /// queries and keys are not normalised).
+    pub fn load_with(
+        w: &Weights,
+        dim: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        qk_norm: bool,
+    ) -> Result<Self> {
         let head_dim = dim / n_heads;
+        let qk = |name: &str| -> Result<Option<RmsNorm>> {
+            // The block builds its Attention with eps=1e-5 whatever norm_eps says.
+            Ok(if qk_norm {
+                Some(RmsNorm::load(w, name, head_dim, 1e-5)?)
+            } else {
+                None
+            })
+        };
         let kv_dim = head_dim * n_kv_heads;
         Ok(Self {
             to_q: w.linear("to_q", dim, dim, false)?,
             to_k: w.linear("to_k", dim, kv_dim, false)?,
             to_v: w.linear("to_v", dim, kv_dim, false)?,
             to_out: w.linear("to_out.0", dim, dim, false)?,
-            // The block builds its Attention with eps=1e-5 whatever norm_eps says.
-            norm_q: RmsNorm::load(w, "norm_q", head_dim, 1e-5)?,
-            norm_k: RmsNorm::load(w, "norm_k", head_dim, 1e-5)?,
+            norm_q: qk("norm_q")?,
+            norm_k: qk("norm_k")?,
             n_heads,
             n_kv_heads,
             head_dim,
@@ -109,8 +130,14 @@ impl Attention {
         let q = self.to_q.forward(x)?.reshape((b, s, h, hd))?;
         let k = self.to_k.forward(x)?.reshape((b, s, kv, hd))?;
         let v = self.to_v.forward(x)?.reshape((b, s, kv, hd))?;
-        let q = self.norm_q.forward(&q)?;
-        let k = self.norm_k.forward(&k)?;
+        let q = match &self.norm_q {
+            Some(n) => n.forward(&q)?,
+            None => q,
+        };
+        let k = match &self.norm_k {
+            Some(n) => n.forward(&k)?,
+            None => k,
+        };
         let (q, k) = {
             let _span = span(groups::COPY);
             (

@@ -325,6 +325,21 @@ impl Config {
         self.hidden_size.min(1024)
     }
 
+    /// The dimensions, weight names and modulation of this model's blocks.
+    pub fn block_spec(&self) -> crate::block::BlockSpec {
+        crate::block::BlockSpec {
+            dim: self.hidden_size,
+            n_heads: self.num_attention_heads,
+            n_kv_heads: self.num_kv_heads,
+            norm_eps: self.norm_eps,
+            ffn_inner: self.ffn_inner_dim(),
+            temb_dim: self.temb_dim(),
+            qk_norm: true,
+            modulation_input: crate::block::ModulationInput::Silu,
+            keys: crate::block::BlockKeys::LUMINA2,
+        }
+    }
+
     /// Inner width of the SwiGLU feed-forward, computed as diffusers' `LuminaFeedForward`:
     /// `4 * hidden_size`, times `ffn_dim_multiplier` (truncated), rounded up to `multiple_of`.
     ///

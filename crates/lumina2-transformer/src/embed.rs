@@ -36,7 +36,8 @@ pub fn timestep_features(t: &Tensor, dim: usize) -> candle_core::Result<Tensor> 
     Tensor::from_vec(out, (t.len(), dim), &Device::Cpu)
 }
 
-/// diffusers' `TimestepEmbedding`: `linear_2(silu(linear_1(features)))`.
+/// diffusers' `TimestepEmbedding` (Lumina2) and Z-Image's `TimestepEmbedder`:
+/// `linear_2(silu(linear_1(features)))`.
 #[derive(Debug, Clone)]
 pub struct TimestepEmbedder {
     linear_1: Linear,
@@ -46,13 +47,24 @@ pub struct TimestepEmbedder {
 impl TimestepEmbedder {
     /// Loads `linear_1` (`256 -> out_dim`) and `linear_2` (`out_dim -> out_dim`).
     pub fn load(w: &Weights, out_dim: usize) -> Result<Self> {
+        Self::load_with(w, ("linear_1", "linear_2"), out_dim, out_dim)
+    }
+
+    /// Loads `names.0` (`256 -> mid_dim`) and `names.1` (`mid_dim -> out_dim`).
+    pub fn load_with(
+        w: &Weights,
+        names: (&str, &str),
+        mid_dim: usize,
+        out_dim: usize,
+    ) -> Result<Self> {
         Ok(Self {
-            linear_1: w.linear("linear_1", FREQUENCY_EMBEDDING_SIZE, out_dim, true)?,
-            linear_2: w.linear("linear_2", out_dim, out_dim, true)?,
+            linear_1: w.linear(names.0, FREQUENCY_EMBEDDING_SIZE, mid_dim, true)?,
+            linear_2: w.linear(names.1, mid_dim, out_dim, true)?,
         })
     }
 
-    /// `t`: `[B]` model times (0 = noise, 1 = image) -> `[B, out_dim]` in `dtype` on `device`.
+    /// `t`: `[B]` times as the sinusoid reads them (Lumina2: model times,
+    /// 0 = noise, 1 = image) -> `[B, out_dim]` in `dtype` on `device`.
     pub fn forward(
         &self,
         t: &Tensor,

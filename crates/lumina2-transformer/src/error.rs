@@ -27,6 +27,10 @@ pub enum Error {
     /// The config parsed but describes a model that cannot exist.
     #[error("invalid config: {0}")]
     InvalidConfig(String),
+    /// The config or input asks for a mode of the reference model this crate
+    /// does not implement (Z-Image's omni mode with SigLIP features).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// An input to `forward` has the wrong shape, dtype or content.
     #[error("invalid input `{name}`: {reason}")]
     InvalidInput {

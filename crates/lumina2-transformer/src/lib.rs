@@ -9,7 +9,7 @@
 //! files, tensors in memory, or the loader crate's original and GGUF
 //! checkpoints). Its parts ([`TransformerBlock`], [`Attention`], [`RopeEmbedder`],
 //! the embedders and [`OutputNorm`]) are public so that other pipelines can
-//! compose them.
+//! compose them; [`zimage`] composes them into Z-Image's transformer.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
@@ -50,9 +50,13 @@ pub mod model;
 pub mod norm;
 pub mod rope;
 pub mod weights;
+pub mod zimage;
 
 pub use attention::{grouped_attention, grouped_attention_packed, Attention, KeyMask};
-pub use block::{FeedForward, Modulation, ModulationOut, TransformerBlock};
+pub use block::{
+    BlockKeys, BlockSpec, FeedForward, FeedForwardKeys, Modulation, ModulationInput, ModulationOut,
+    TransformerBlock,
+};
 pub use config::{Config, Limits};
 pub use embed::{patchify, timestep_features, unpatchify, CaptionEmbedder, TimestepEmbedder};
 pub use error::{Error, Result};
@@ -60,8 +64,9 @@ pub use error::{Error, Result};
 pub use lumina2_weights::Error as WeightError;
 pub use model::{weight_shapes, JointInput, Lumina2Transformer, SequenceLayout};
 pub use norm::{OutputNorm, RmsNorm};
-pub use rope::{Position, Rope, RopeEmbedder};
+pub use rope::{Position, Rope, RopeAngles, RopeEmbedder};
 pub use weights::{Linear, LinearWeight, VarBuilderSource, WeightSource, Weights};
+pub use zimage::{ZImageConfig, ZImageTransformer};
 
 pub use candle_core;
 

@@ -442,9 +442,6 @@ impl Lumina2Transformer {
 pub fn weight_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     let h = cfg.hidden_size;
     let t = cfg.temb_dim();
-    let hd = cfg.head_dim();
-    let kv = cfg.num_kv_heads * hd;
-    let ff = cfg.ffn_inner_dim();
     let p2 = cfg.patch_size * cfg.patch_size;
     let cap = cfg.cap_feat_dim;
     let mut v: Vec<(String, Vec<usize>)> = Vec::new();
@@ -468,27 +465,11 @@ pub fn weight_shapes(cfg: &Config) -> Vec<(String, Vec<usize>)> {
         ("noise_refiner", cfg.num_refiner_layers, true),
         ("layers", cfg.num_layers, true),
     ];
+    let spec = cfg.block_spec();
     for (stack, n, modulated) in stacks {
         for i in 0..n {
-            let b = format!("{stack}.{i}");
-            push(format!("{b}.attn.to_q.weight"), &[h, h]);
-            push(format!("{b}.attn.to_k.weight"), &[kv, h]);
-            push(format!("{b}.attn.to_v.weight"), &[kv, h]);
-            push(format!("{b}.attn.to_out.0.weight"), &[h, h]);
-            push(format!("{b}.attn.norm_q.weight"), &[hd]);
-            push(format!("{b}.attn.norm_k.weight"), &[hd]);
-            push(format!("{b}.feed_forward.linear_1.weight"), &[ff, h]);
-            push(format!("{b}.feed_forward.linear_2.weight"), &[h, ff]);
-            push(format!("{b}.feed_forward.linear_3.weight"), &[ff, h]);
-            if modulated {
-                push(format!("{b}.norm1.linear.weight"), &[4 * h, t]);
-                push(format!("{b}.norm1.linear.bias"), &[4 * h]);
-                push(format!("{b}.norm1.norm.weight"), &[h]);
-            } else {
-                push(format!("{b}.norm1.weight"), &[h]);
-            }
-            for n in ["ffn_norm1", "norm2", "ffn_norm2"] {
-                push(format!("{b}.{n}.weight"), &[h]);
+            for (k, shape) in spec.weight_shapes(&format!("{stack}.{i}"), modulated) {
+                push(k, &shape);
             }
         }
     }

@@ -62,7 +62,9 @@ pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// diffusers' `LuminaLayerNormContinuous`, the output norm of the model:
 /// `linear_2(layer_norm(x) * (1 + linear_1(silu(temb))))`, without the
-/// affine layer-norm parameters and without a gate.
+/// affine layer-norm parameters and without a gate (Z-Image's `FinalLayer`
+/// is the same computation: `linear(norm_final(x) * (1 + adaLN_modulation(temb)))`
+/// with `adaLN_modulation = [SiLU, Linear]`).
 #[derive(Debug, Clone)]
 pub struct OutputNorm {
     linear_1: Linear,
@@ -73,9 +75,21 @@ pub struct OutputNorm {
 impl OutputNorm {
     /// Loads `linear_1` (`temb_dim -> hidden`) and `linear_2` (`hidden -> out_dim`).
     pub fn load(w: &Weights, temb_dim: usize, hidden: usize, out_dim: usize) -> Result<Self> {
+        Self::load_with(w, ("linear_1", "linear_2"), temb_dim, hidden, out_dim)
+    }
+
+    /// Loads the scale layer `names.0` (`temb_dim -> hidden`) and the output
+    /// layer `names.1` (`hidden -> out_dim`).
+    pub fn load_with(
+        w: &Weights,
+        names: (&str, &str),
+        temb_dim: usize,
+        hidden: usize,
+        out_dim: usize,
+    ) -> Result<Self> {
         Ok(Self {
-            linear_1: w.linear("linear_1", temb_dim, hidden, true)?,
-            linear_2: w.linear("linear_2", hidden, out_dim, true)?,
+            linear_1: w.linear(names.0, temb_dim, hidden, true)?,
+            linear_2: w.linear(names.1, hidden, out_dim, true)?,
             // diffusers constructs it with eps=1e-6, independent of the config.
             eps: 1e-6,
         })

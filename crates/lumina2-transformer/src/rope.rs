@@ -40,6 +40,17 @@ pub enum Position {
     Zero,
 }
 
+/// How a RoPE table's angles become cos and sin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeAngles {
+    /// cos and sin of the f64 angle, rounded to f32 (Lumina2's
+    /// `get_1d_rotary_pos_embed(freqs_dtype=float64)`).
+    F64,
+    /// The f64 angle rounded to f32 first, then its cos and sin (Z-Image's
+    /// `torch.outer(...).float()` before `torch.polar`).
+    F32,
+}
+
 /// The precomputed frequency tables of the three axes.
 #[derive(Debug, Clone)]
 pub struct RopeEmbedder {
@@ -52,11 +63,23 @@ pub struct RopeEmbedder {
 }
 
 impl RopeEmbedder {
-    /// Builds the tables `angle[p, k] = p / theta^(2k/d)` for each axis.
+    /// Builds the tables `angle[p, k] = p / theta^(2k/d)` for each axis, cos
+    /// and sin of the f64 angle ([`RopeAngles::F64`]).
     pub fn new(
         theta: f64,
         axes_dim: &[usize],
         axes_lens: &[usize],
+        device: &Device,
+    ) -> Result<Self> {
+        Self::with_angles(theta, axes_dim, axes_lens, RopeAngles::F64, device)
+    }
+
+    /// [`Self::new`] with the angle rounding `angles`.
+    pub fn with_angles(
+        theta: f64,
+        axes_dim: &[usize],
+        axes_lens: &[usize],
+        angles: RopeAngles,
         device: &Device,
     ) -> Result<Self> {
         let mut cos = Vec::new();
@@ -70,7 +93,12 @@ impl RopeEmbedder {
             let mut s = Vec::with_capacity(len * half);
             for p in 0..len {
                 for f in &inv {
-                    let a = p as f64 * f;
+                    let a = match angles {
+                        RopeAngles::F64 => p as f64 * f,
+                        // cos and sin of the f32 angle, computed in f64 and
+                        // rounded once (torch's f32 cos is within an ulp of it).
+                        RopeAngles::F32 => (p as f64 * f) as f32 as f64,
+                    };
                     c.push(a.cos() as f32);
                     s.push(a.sin() as f32);
                 }

@@ -9,6 +9,7 @@ mod text_encoder;
 mod tokenizer;
 mod transformer;
 mod vae;
+mod zimage;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,7 @@ pub fn prepare(case: &Case, int8: bool) -> Result<Box<dyn Prepared>> {
         "prompt_encoding" => text_encoder::prepare_prompt_encoding(case),
         "tokenizer_ids" => tokenizer::prepare(case),
         "pipeline" => pipeline::prepare(case),
+        "zimage_transformer" => zimage::prepare(case),
         other => Err(anyhow!("unknown component `{other}`")),
     }
 }
