@@ -1,16 +1,24 @@
-//! `text_encoder` and `prompt_encoding` cases.
+//! `text_encoder` (Gemma-2), `qwen3_text_encoder` and `prompt_encoding` cases.
 
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use lumina2_text_encoder::{Gemma2Encoder, PromptEncoder, PromptOptions, SystemPrompt};
+use lumina2_text_encoder::{
+    Gemma2Encoder, PromptEncoder, PromptOptions, Qwen3Encoder, SystemPrompt,
+};
 
 use super::Prepared;
 use super::{input, Case};
 
+/// A decoder run as an encoder: `hidden_states[-2]` of token ids and a mask.
+enum Encoder {
+    Gemma2(Gemma2Encoder),
+    Qwen3(Qwen3Encoder),
+}
+
 struct TextEncoderCase {
-    model: Gemma2Encoder,
+    model: Encoder,
     inputs: BTreeMap<String, Tensor>,
 }
 
@@ -32,7 +40,18 @@ pub fn prepare_text_encoder(case: &Case) -> Result<Box<dyn Prepared>> {
             .with_context(|| format!("loading {}", model_path.display()))?
     };
     Ok(Box::new(TextEncoderCase {
-        model,
+        model: Encoder::Gemma2(model),
+        inputs: case.inputs()?,
+    }))
+}
+
+/// A `qwen3_text_encoder` case: `hidden_states[-2]` of a Qwen3 model folder.
+pub fn prepare_qwen3(case: &Case) -> Result<Box<dyn Prepared>> {
+    let model_path = case.model()?;
+    let model = Qwen3Encoder::from_folder(model_path, case.dtype, &Device::Cpu)
+        .with_context(|| format!("loading {}", model_path.display()))?;
+    Ok(Box::new(TextEncoderCase {
+        model: Encoder::Qwen3(model),
         inputs: case.inputs()?,
     }))
 }
@@ -40,9 +59,11 @@ pub fn prepare_text_encoder(case: &Case) -> Result<Box<dyn Prepared>> {
 impl Prepared for TextEncoderCase {
     fn run(&mut self) -> Result<BTreeMap<String, Tensor>> {
         let i = &self.inputs;
-        let out = self
-            .model
-            .forward(input(i, "input_ids")?, Some(input(i, "attention_mask")?))?;
+        let (ids, mask) = (input(i, "input_ids")?, Some(input(i, "attention_mask")?));
+        let out = match &self.model {
+            Encoder::Gemma2(m) => m.forward(ids, mask)?,
+            Encoder::Qwen3(m) => m.forward(ids, mask)?,
+        };
         Ok(BTreeMap::from([(
             "hidden_states".to_string(),
             out.to_dtype(DType::F32)?,
