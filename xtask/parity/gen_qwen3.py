@@ -136,6 +136,131 @@ def gen_qwen3(out_dir, only_tiny):
         print(f"qwen3/{name}: written")
 
 
+# ---------------------------------------------------------------- GGUF
+
+# Every input width a multiple of 32 (the quantisation block); GQA 4/2,
+# head_dim 16 != hidden/heads (so the file must say `key_length`).
+TINY_GGUF = dict(
+    vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1000000.0,
+    max_position_embeddings=64, hidden_act="silu", attention_bias=False, use_sliding_window=False,
+)
+
+GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(key):
+    if key == "embed_tokens.weight":
+        return "token_embd.weight"
+    if key == "norm.weight":
+        return "output_norm.weight"
+    _, bid, rest = key.split(".", 2)
+    stem, kind = rest.rsplit(".", 1)
+    return f"blk.{bid}.{GGUF_LAYER_NAMES[stem]}.{kind}"
+
+
+def write_gguf(model, spec, path, embd_type, linear_type):
+    """As llama.cpp's convert_hf_to_gguf.py writes Qwen3: architecture `qwen3`,
+    its metadata, llama.cpp names, norms as they are (Qwen3 multiplies by the
+    weight, as llama.cpp does), no q/k permutation (NEOX rotary), 1-D tensors
+    in F32, matrices quantised by gguf-py."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFWriter
+    from gguf.quants import quantize
+
+    w = GGUFWriter(path, "qwen3")
+    w.add_name("lumina2-rs qwen3 parity fixture")
+    w.add_context_length(spec["max_position_embeddings"])
+    w.add_embedding_length(spec["hidden_size"])
+    w.add_block_count(spec["num_hidden_layers"])
+    w.add_feed_forward_length(spec["intermediate_size"])
+    w.add_head_count(spec["num_attention_heads"])
+    w.add_head_count_kv(spec["num_key_value_heads"])
+    w.add_key_length(spec["head_dim"])
+    w.add_value_length(spec["head_dim"])
+    w.add_rope_freq_base(spec["rope_theta"])
+    w.add_layer_norm_rms_eps(spec["rms_norm_eps"])
+    for key, t in model.state_dict().items():
+        data = t.float().numpy()
+        name = gguf_name(key)
+        if data.ndim == 1:
+            w.add_tensor(name, data.astype("float32"))
+            continue
+        qtype = embd_type if key == "embed_tokens.weight" else linear_type
+        q = quantize(data.copy(order="C"), qtype)
+        w.add_tensor(name, q, raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gguf_reference_model(spec, path):
+    """transformers' reading of the file (gguf-py dequantisation, llama.cpp ->
+    transformers names) in a Qwen3Model of the spec (transformers does not read
+    `qwen3.attention.key_length`, so the config comes from the spec; the other
+    dimensions are checked against the file's)."""
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = load_gguf_checkpoint(path)["config"]
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "rope_theta", "rms_norm_eps"):
+        got = cfg.get(k, cfg.get("rope_parameters", {}).get(k))
+        assert got is None or abs(float(got) - float(spec[k])) <= 1e-6 * abs(float(spec[k])), (k, got, spec[k])
+    model = Qwen3Model(Qwen3Config(**spec, attn_implementation="eager")).eval()
+    ckpt = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)
+    state = {k.removeprefix("model."): torch.from_numpy(np.asarray(v)).float()
+             for k, v in ckpt["tensors"].items()}
+    state = {k: v for k, v in state.items() if k in model.state_dict()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return model
+
+
+def gen_qwen3_gguf(out_dir, only_tiny):
+    from gguf import GGMLQuantizationType as T
+
+    specs = [
+        # name, spec, seed, embedding type, linear type, lengths, L
+        ("tiny_q4_0", TINY_GGUF, 41, T.Q8_0, T.Q4_0, [12, 7, 3], 12),
+        ("tiny_q8_0_f16", TINY_GGUF, 42, T.F16, T.Q8_0, [10, 4], 10),
+    ]
+    if not only_tiny:
+        specs.append(("real_dims_q4_0", REAL, 43, T.Q4_0, T.Q4_0, [32, 19], 32))
+    for name, spec, seed, embd_type, linear_type, lengths, L in specs:
+        src = make_model(spec, seed, torch.float32, causal_lm=False)
+        case_dir = os.path.join(out_dir, "qwen3_gguf", name)
+        os.makedirs(case_dir, exist_ok=True)
+        path = os.path.join(case_dir, "model.gguf")
+        write_gguf(src, spec, path, embd_type, linear_type)
+        model = gguf_reference_model(spec, path)
+        inputs = make_inputs(spec["vocab_size"], lengths, L, seed + 100, "right")
+        out = hidden_states_m2(model, inputs, torch.float32)
+        r64 = hidden_states_m2(model, inputs, torch.float64)
+        ref_err = (out.double() - r64).abs().max().item()
+        prov = {"generator": "xtask/parity/gen_qwen3.py", "embedding": embd_type.name,
+                "linears": linear_type.name, "torch_f32_vs_f64_max_abs": ref_err, **versions()}
+        # As the Gemma-2 GGUF cases: f32, atol at least three times PyTorch's
+        # own f32 error against float64.
+        write_case(case_dir, "qwen3_text_encoder", "model.gguf", inputs, {"hidden_states": out},
+                   {"atol": max(1e-5, 3 * ref_err), "rtol": 1e-4}, dtype="f32", provenance=prov)
+        print(f"qwen3_gguf/{name}: written")
+
+
 def generate(out_dir, only_tiny=False):
     torch.manual_seed(0)
     gen_qwen3(out_dir, only_tiny)
+    gen_qwen3_gguf(out_dir, only_tiny)

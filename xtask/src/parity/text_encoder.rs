@@ -45,11 +45,24 @@ pub fn prepare_text_encoder(case: &Case) -> Result<Box<dyn Prepared>> {
     }))
 }
 
-/// A `qwen3_text_encoder` case: `hidden_states[-2]` of a Qwen3 model folder.
+/// A `qwen3_text_encoder` case: `hidden_states[-2]` of a Qwen3 model folder
+/// or llama.cpp GGUF file.
 pub fn prepare_qwen3(case: &Case) -> Result<Box<dyn Prepared>> {
     let model_path = case.model()?;
-    let model = Qwen3Encoder::from_folder(model_path, case.dtype, &Device::Cpu)
-        .with_context(|| format!("loading {}", model_path.display()))?;
+    let model = if model_path.extension().is_some_and(|e| e == "gguf") {
+        // llama.cpp's Qwen3 GGUF: config from the metadata unless given.
+        let gguf = lumina2_loader::Qwen3Gguf::open(model_path)?;
+        match case.model_config.as_deref() {
+            Some(dir) => {
+                let cfg = lumina2_text_encoder::Qwen3Config::from_file(dir)?;
+                gguf.penultimate_encoder_with_config(&cfg, case.dtype, &Device::Cpu)?
+            }
+            None => gguf.penultimate_encoder(case.dtype, &Device::Cpu)?,
+        }
+    } else {
+        Qwen3Encoder::from_folder(model_path, case.dtype, &Device::Cpu)
+            .with_context(|| format!("loading {}", model_path.display()))?
+    };
     Ok(Box::new(TextEncoderCase {
         model: Encoder::Qwen3(model),
         inputs: case.inputs()?,
