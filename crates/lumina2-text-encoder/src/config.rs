@@ -37,7 +37,7 @@ impl Activation {
             "relu" => Self::Relu,
             other => {
                 return Err(Error::InvalidConfig(format!(
-                    "hidden_activation `{other}` is not supported"
+                    "activation `{other}` (hidden_activation / hidden_act) is not supported"
                 )))
             }
         })
