@@ -21,6 +21,7 @@ import gen_img2img  # noqa: E402
 import gen_lora  # noqa: E402
 import gen_original  # noqa: E402
 import gen_pipeline  # noqa: E402
+import gen_qwen3  # noqa: E402
 import gen_transformer  # noqa: E402
 import gen_transformer_single  # noqa: E402
 import gen_text_encoder  # noqa: E402
@@ -38,6 +39,7 @@ GENERATORS["vae"] = gen_vae.generate
 GENERATORS["vae_bfl"] = gen_comfy.generate
 GENERATORS["text_encoder"] = gen_text_encoder.generate
 GENERATORS["text_encoder_gguf"] = gen_text_encoder_gguf.generate
+GENERATORS["qwen3"] = gen_qwen3.generate
 GENERATORS["transformer_single_file"] = gen_transformer_single.generate
 GENERATORS["lora"] = gen_lora.generate
 GENERATORS["pipeline"] = gen_pipeline.generate

@@ -82,20 +82,38 @@ const LAYER_NAMES: [(&str, &str); 11] = [
     ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
 ];
 
+/// A model's table of names: (transformers, llama.cpp) outside the layers,
+/// and inside layer N after `layers.N.` / `blk.N.`.
+pub(crate) struct NameTables {
+    pub global: &'static [(&'static str, &'static str)],
+    pub layer: &'static [(&'static str, &'static str)],
+}
+
+const GEMMA2_NAMES: NameTables = NameTables {
+    global: &GLOBAL_NAMES,
+    layer: &LAYER_NAMES,
+};
+
 /// Maps `name` from one naming to the other: `from_prefix`/`to_prefix` are the
 /// layer prefixes (`layers.`, `blk.`), `side` picks the column of the tables
 /// that `name` is in (0: transformers, 1: llama.cpp).
-fn rename(name: &str, from_prefix: &str, to_prefix: &str, side: usize) -> Option<String> {
+pub(crate) fn rename(
+    tables: &NameTables,
+    name: &str,
+    from_prefix: &str,
+    to_prefix: &str,
+    side: usize,
+) -> Option<String> {
     let pick = |pair: &(&'static str, &'static str)| if side == 0 { pair.0 } else { pair.1 };
     let other = |pair: &(&'static str, &'static str)| if side == 0 { pair.1 } else { pair.0 };
-    if let Some(pair) = GLOBAL_NAMES.iter().find(|p| pick(p) == name) {
+    if let Some(pair) = tables.global.iter().find(|p| pick(p) == name) {
         return Some(other(pair).to_string());
     }
     let (layer, tail) = name.strip_prefix(from_prefix)?.split_once('.')?;
     if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let pair = LAYER_NAMES.iter().find(|p| pick(p) == tail)?;
+    let pair = tables.layer.iter().find(|p| pick(p) == tail)?;
     Some(format!("{to_prefix}{layer}.{}", other(pair)))
 }
 
@@ -114,13 +132,13 @@ fn rename(name: &str, from_prefix: &str, to_prefix: &str, side: usize) -> Option
 /// | `layers.N.mlp.{gate,up,down}_proj.weight` | `blk.N.ffn_{gate,up,down}.weight` |
 /// | `layers.N.post_feedforward_layernorm.weight` | `blk.N.post_ffw_norm.weight` |
 pub fn llama_cpp_name(key: &str) -> Option<String> {
-    rename(key, "layers.", "blk.", 0)
+    rename(&GEMMA2_NAMES, key, "layers.", "blk.", 0)
 }
 
 /// The transformers key of a llama.cpp Gemma-2 tensor name (the inverse of
 /// [`llama_cpp_name`]).
 pub fn transformers_name(name: &str) -> Option<String> {
-    rename(name, "blk.", "layers.", 1)
+    rename(&GEMMA2_NAMES, name, "blk.", "layers.", 1)
 }
 
 /// A Gemma-2 GGUF file as a [`WeightSource`] in transformers' key names

@@ -37,6 +37,8 @@
 //! - [`gemma_gguf`]: Gemma-2 text encoders from GGUF files in llama.cpp's
 //!   key names (the community Gemma-2-2B quantisations), config from the
 //!   file's metadata, linear weights kept quantised ([`Gemma2Gguf`]).
+//! - [`qwen3_gguf`]: Qwen3 text encoders (Z-Image) from llama.cpp GGUF files
+//!   the same way ([`Qwen3Gguf`]).
 //!
 //! ```no_run
 //! use lumina2_loader::{Component, HubRepo, PipelineFolder};
@@ -74,6 +76,7 @@ mod pickle_guard;
 mod pipeline_folder;
 pub mod prefixed;
 pub mod pth;
+pub mod qwen3_gguf;
 mod st_write;
 
 pub use comfy::{detect_single_file, GemmaFile, SingleFile, SingleFileLayout};
@@ -88,3 +91,4 @@ pub use lora::{LoraFile, LoraSource};
 pub use original::{detect_layout, infer_config, open_transformer_file, TransformerLayout};
 pub use pipeline_folder::{Component, PipelineFolder, PIPELINE_CLASSES};
 pub use pth::PthFile;
+pub use qwen3_gguf::{Qwen3Gguf, Qwen3GgufError};

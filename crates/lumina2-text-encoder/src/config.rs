@@ -29,7 +29,7 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn from_name(name: &str) -> Result<Self> {
+    pub(crate) fn from_name(name: &str) -> Result<Self> {
         Ok(match name {
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" | "gelu_python_tanh" => Self::GeluTanh,
             "gelu" => Self::GeluErf,
@@ -37,7 +37,7 @@ impl Activation {
             "relu" => Self::Relu,
             other => {
                 return Err(Error::InvalidConfig(format!(
-                    "hidden_activation `{other}` is not supported"
+                    "activation `{other}` (hidden_activation / hidden_act) is not supported"
                 )))
             }
         })
@@ -185,19 +185,8 @@ impl Gemma2Config {
 
     /// Reads `config.json` from a file or from a folder that holds it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let mut path = path.as_ref().to_path_buf();
-        if path.is_dir() {
-            path = path.join("config.json");
-        }
-        let text = lumina2_weights::fs::read_to_string_bounded(
-            &path,
-            lumina2_weights::fs::MAX_CONFIG_BYTES,
-        )
-        .map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        let (text, origin) = read_config(path.as_ref())?;
+        Self::parse(&text, &origin)
     }
 
     fn parse(text: &str, origin: &str) -> Result<Self> {
@@ -212,63 +201,18 @@ impl Gemma2Config {
     /// Checks that the config describes a model this crate can build.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidConfig(m));
-        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
-            return bad("hidden_size and head counts must be positive".into());
+        Dims {
+            layers: self.num_hidden_layers,
+            heads: self.num_attention_heads,
+            kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim(),
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            vocab: self.vocab_size,
         }
-        if !self
-            .num_attention_heads
-            .is_multiple_of(self.num_key_value_heads)
-        {
-            return bad(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
-        }
-        // Bounds far above any Gemma-2 but low enough that what is sized by
-        // them alone (the layer list, the RoPE table) stays small: a file
-        // claiming two million layers is refused, not allocated for.
-        for (name, v, max) in [
-            ("num_hidden_layers", self.num_hidden_layers, 1 << 12),
-            ("num_attention_heads", self.num_attention_heads, 1 << 12),
-            ("num_key_value_heads", self.num_key_value_heads, 1 << 12),
-            ("head_dim", self.head_dim(), 1 << 16),
-            ("hidden_size", self.hidden_size, 1 << 16),
-            ("intermediate_size", self.intermediate_size, 1 << 20),
-            ("vocab_size", self.vocab_size, 1 << 22),
-        ] {
-            if v > max {
-                return bad(format!("{name} {v} is over the limit of {max}"));
-            }
-        }
-        // The weights, from the numbers alone: the embedding, then per layer
-        // q, k, v, o and the gated MLP (norms are negligible).
-        let n = |x: usize| x as u64;
-        let (h, hd) = (n(self.hidden_size), n(self.head_dim()));
-        let attn = n(self.num_attention_heads)
-            .saturating_add(n(self.num_key_value_heads))
-            .saturating_mul(2)
-            .saturating_mul(hd)
-            .saturating_mul(h);
-        let mlp = h
-            .saturating_mul(n(self.intermediate_size))
-            .saturating_mul(3);
-        let params = n(self.vocab_size)
-            .saturating_mul(h)
-            .saturating_add(n(self.num_hidden_layers).saturating_mul(attn.saturating_add(mlp)));
-        if params > MAX_PARAMETERS {
-            return bad(format!(
-                "the config describes about {params} weights, over the limit of {MAX_PARAMETERS}"
-            ));
-        }
-        let hd = self.head_dim();
-        if hd == 0 || !hd.is_multiple_of(2) {
-            return bad(format!("head_dim {hd} must be positive and even"));
-        }
+        .validate()?;
         if self.query_pre_attn_scalar <= 0.0 {
             return bad("query_pre_attn_scalar must be positive".into());
-        }
-        if self.vocab_size == 0 {
-            return bad("vocab_size must be positive".into());
         }
         self.activation()?;
         self.rope()?;
@@ -307,25 +251,7 @@ impl Gemma2Config {
                     }
                 })
                 .collect()),
-            Some(names) => {
-                if names.len() != self.num_hidden_layers {
-                    return Err(Error::InvalidConfig(format!(
-                        "layer_types has {} entries for {} layers",
-                        names.len(),
-                        self.num_hidden_layers
-                    )));
-                }
-                names
-                    .iter()
-                    .map(|n| match n.as_str() {
-                        "full_attention" => Ok(LayerType::Full),
-                        "sliding_attention" => Ok(LayerType::Sliding),
-                        other => Err(Error::InvalidConfig(format!(
-                            "layer type `{other}` is not supported"
-                        ))),
-                    })
-                    .collect()
-            }
+            Some(names) => parse_layer_types(names, self.num_hidden_layers),
         }
     }
 
@@ -333,52 +259,172 @@ impl Gemma2Config {
     /// `rope_scaling`) first, then the top-level `rope_theta`, then 10000;
     /// `rope_type` (or `type`) defaults to `default`.
     pub fn rope(&self) -> Result<Rope> {
-        let params = self
-            .rope_scaling
-            .as_ref()
-            .filter(|v| !v.is_null())
-            .or(self.rope_parameters.as_ref().filter(|v| !v.is_null()));
-        let obj = match params {
-            None => None,
-            Some(serde_json::Value::Object(m)) => Some(m),
-            Some(other) => {
-                return Err(Error::InvalidConfig(format!(
-                    "rope_parameters must be an object, found {other}"
-                )))
-            }
-        };
-        let get = |k: &str| obj.and_then(|m| m.get(k)).filter(|v| !v.is_null());
-        let theta = match get("rope_theta") {
-            Some(v) => v.as_f64().ok_or_else(|| {
-                Error::InvalidConfig(format!("rope_theta must be a number, found {v}"))
-            })?,
-            None => self.rope_theta.unwrap_or(10_000.0),
-        };
-        let rope_type = get("rope_type")
-            .or_else(|| get("type"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("default");
-        let linear_factor = match rope_type {
-            "default" => 1.0,
-            "linear" => get("factor").and_then(|v| v.as_f64()).ok_or_else(|| {
-                Error::InvalidConfig("linear RoPE needs a numeric `factor`".into())
-            })?,
-            other => {
-                return Err(Error::InvalidConfig(format!(
-                    "rope_type `{other}` is not supported (only `default` and `linear`)"
-                )))
-            }
-        };
-        if !(theta > 0.0 && linear_factor > 0.0) {
-            return Err(Error::InvalidConfig(format!(
-                "rope_theta {theta} and factor {linear_factor} must be positive"
-            )));
-        }
-        Ok(Rope {
-            theta,
-            linear_factor,
-        })
+        parse_rope(
+            self.rope_parameters.as_ref(),
+            self.rope_scaling.as_ref(),
+            self.rope_theta,
+        )
     }
+}
+
+/// An explicit `layer_types` list: one `full_attention` or
+/// `sliding_attention` per layer.
+pub(crate) fn parse_layer_types(names: &[String], layers: usize) -> Result<Vec<LayerType>> {
+    if names.len() != layers {
+        return Err(Error::InvalidConfig(format!(
+            "layer_types has {} entries for {layers} layers",
+            names.len()
+        )));
+    }
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            "full_attention" => Ok(LayerType::Full),
+            "sliding_attention" => Ok(LayerType::Sliding),
+            other => Err(Error::InvalidConfig(format!(
+                "layer type `{other}` is not supported"
+            ))),
+        })
+        .collect()
+}
+
+/// The RoPE parameters as transformers 5 standardises them: `rope_scaling`
+/// (legacy) or `rope_parameters` first, then the top-level `rope_theta`, then
+/// 10000; `rope_type` (or `type`) defaults to `default`; only `default` and
+/// `linear` are supported.
+pub(crate) fn parse_rope(
+    rope_parameters: Option<&serde_json::Value>,
+    rope_scaling: Option<&serde_json::Value>,
+    rope_theta: Option<f64>,
+) -> Result<Rope> {
+    let params = rope_scaling
+        .filter(|v| !v.is_null())
+        .or(rope_parameters.filter(|v| !v.is_null()));
+    let obj = match params {
+        None => None,
+        Some(serde_json::Value::Object(m)) => Some(m),
+        Some(other) => {
+            return Err(Error::InvalidConfig(format!(
+                "rope_parameters must be an object, found {other}"
+            )))
+        }
+    };
+    let get = |k: &str| obj.and_then(|m| m.get(k)).filter(|v| !v.is_null());
+    let theta = match get("rope_theta") {
+        Some(v) => v.as_f64().ok_or_else(|| {
+            Error::InvalidConfig(format!("rope_theta must be a number, found {v}"))
+        })?,
+        None => rope_theta.unwrap_or(10_000.0),
+    };
+    let rope_type = get("rope_type")
+        .or_else(|| get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let linear_factor = match rope_type {
+        "default" => 1.0,
+        "linear" => get("factor")
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| Error::InvalidConfig("linear RoPE needs a numeric `factor`".into()))?,
+        other => {
+            return Err(Error::InvalidConfig(format!(
+                "rope_type `{other}` is not supported (only `default` and `linear`)"
+            )))
+        }
+    };
+    if !(theta > 0.0 && linear_factor > 0.0) {
+        return Err(Error::InvalidConfig(format!(
+            "rope_theta {theta} and factor {linear_factor} must be positive"
+        )));
+    }
+    Ok(Rope {
+        theta,
+        linear_factor,
+    })
+}
+
+/// The dimensions of a decoder checkpoint, checked against bounds far above
+/// any released model but low enough that what is sized by them alone (the
+/// layer list, the RoPE table) stays small: a file claiming two million
+/// layers is refused, not allocated for.
+pub(crate) struct Dims {
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+}
+
+impl Dims {
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.hidden == 0 || self.heads == 0 || self.kv_heads == 0 {
+            return bad("hidden_size and head counts must be positive".into());
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return bad(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.heads, self.kv_heads
+            ));
+        }
+        for (name, v, max) in [
+            ("num_hidden_layers", self.layers, 1 << 12),
+            ("num_attention_heads", self.heads, 1 << 12),
+            ("num_key_value_heads", self.kv_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 16),
+            ("hidden_size", self.hidden, 1 << 16),
+            ("intermediate_size", self.intermediate, 1 << 20),
+            ("vocab_size", self.vocab, 1 << 22),
+        ] {
+            if v > max {
+                return bad(format!("{name} {v} is over the limit of {max}"));
+            }
+        }
+        // The weights, from the numbers alone: the embedding, then per layer
+        // q, k, v, o and the gated MLP (norms are negligible).
+        let n = |x: usize| x as u64;
+        let (h, hd) = (n(self.hidden), n(self.head_dim));
+        let attn = n(self.heads)
+            .saturating_add(n(self.kv_heads))
+            .saturating_mul(2)
+            .saturating_mul(hd)
+            .saturating_mul(h);
+        let mlp = h.saturating_mul(n(self.intermediate)).saturating_mul(3);
+        let params = n(self.vocab)
+            .saturating_mul(h)
+            .saturating_add(n(self.layers).saturating_mul(attn.saturating_add(mlp)));
+        if params > MAX_PARAMETERS {
+            return bad(format!(
+                "the config describes about {params} weights, over the limit of {MAX_PARAMETERS}"
+            ));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim {} must be positive and even",
+                self.head_dim
+            ));
+        }
+        if self.vocab == 0 {
+            return bad("vocab_size must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Reads a `config.json` (a file, or a folder that holds it), bounded in size.
+pub(crate) fn read_config(path: &Path) -> Result<(String, String)> {
+    let mut path = path.to_path_buf();
+    if path.is_dir() {
+        path = path.join("config.json");
+    }
+    let text =
+        lumina2_weights::fs::read_to_string_bounded(&path, lumina2_weights::fs::MAX_CONFIG_BYTES)
+            .map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+    Ok((text, path.display().to_string()))
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! ([`Gemma2Encoder`], transformers' `Gemma2Model` stopped before its last
 //! layer, i.e. `hidden_states[-2]`) and the prompt encoding of diffusers'
 //! `Lumina2Pipeline.encode_prompt` ([`PromptEncoder`]: system prompt template,
-//! padding, truncation, masks, repetition per image).
+//! padding, truncation, masks, repetition per image); and Z-Image's Qwen3
+//! encoder ([`Qwen3Encoder`], transformers' `Qwen3Model`, `hidden_states[-2]`).
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -30,10 +31,13 @@
 )]
 
 mod config;
+mod decoder;
 mod embedding;
 mod error;
 mod model;
 mod prompt;
+mod qwen3;
+mod qwen3_config;
 mod sentencepiece;
 mod spm_tokenizer;
 mod weights;
@@ -47,6 +51,8 @@ pub use prompt::{
     GemmaTokenizer, PromptEmbeddings, PromptEncoder, PromptOptions, SystemPrompt, Tokenized,
     DEFAULT_SYSTEM_PROMPT, MAX_SEQUENCE_LENGTH_LIMIT, SYSTEM_PROMPT_PRESETS,
 };
+pub use qwen3::Qwen3Encoder;
+pub use qwen3_config::Qwen3Config;
 pub use sentencepiece::{
     PieceType, SentencePieceError, SentencePieceModel, MAX_SENTENCEPIECE_BYTES,
 };

@@ -4,155 +4,15 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use lumina2_kernels::ops;
-use lumina2_kernels::profile::{groups, span};
 
-use crate::config::{Activation, Gemma2Config, LayerType};
+use crate::config::{Gemma2Config, LayerType};
+use crate::decoder::{
+    check_ids, check_mask, inv_freq, residual, rope_tables, without_model_prefix, Attention,
+    AttentionSpec, Masks, Mlp, RmsNorm,
+};
 use crate::embedding::Embedding;
 use crate::error::{invalid_input, Error, Result};
-use crate::weights::{safetensors_files, Linear, Weights};
-
-/// The most negative finite value of `dtype` (`torch.finfo(dtype).min`), as f32.
-fn dtype_min(dtype: DType) -> f32 {
-    match dtype {
-        // bf16 0xFF7F: -3.3895314e38, exactly representable in f32.
-        DType::BF16 => f32::from_bits(0xFF7F_0000),
-        DType::F16 => -65504.0,
-        _ => f32::MIN,
-    }
-}
-
-/// Gemma's RMSNorm: `x / sqrt(mean(x^2) + eps) * (1 + w)`, computed in float32
-/// (`1 + w` is precomputed at load), the result cast back to the input dtype.
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    one_plus_w: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn load(w: &Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        let weight = w.get_as(&format!("{name}.weight"), &[dim], DType::F32)?;
-        Ok(Self {
-            one_plus_w: (weight + 1.0)?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let _span = span(groups::NORM);
-        Ok(ops::norm::rms_norm_f32(x, &self.one_plus_w, self.eps)?)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    scaling: f64,
-    softcap: Option<f64>,
-}
-
-/// `x * cos + rotate_half(x) * sin`, rounded after each op in a half dtype
-/// as PyTorch computes it.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    Ok(ops::rope::rotate_half(x, cos, sin)?)
-}
-
-impl Attention {
-    fn load(w: &Weights, cfg: &Gemma2Config) -> Result<Self> {
-        let (h, kv, hd, d) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim(),
-            cfg.hidden_size,
-        );
-        let bias = cfg.attention_bias;
-        Ok(Self {
-            q: w.linear("q_proj", d, h * hd, bias)?,
-            k: w.linear("k_proj", d, kv * hd, bias)?,
-            v: w.linear("v_proj", d, kv * hd, bias)?,
-            o: w.linear("o_proj", h * hd, d, bias)?,
-            heads: h,
-            kv_heads: kv,
-            head_dim: hd,
-            scaling: cfg.query_pre_attn_scalar.powf(-0.5),
-            softcap: cfg.attn_logit_softcapping,
-        })
-    }
-
-    /// `mask`: additive float32 `[B, 1, L, L]`.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        let split = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, l, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(self.q.forward(x)?, self.heads)?;
-        let k = split(self.k.forward(x)?, self.kv_heads)?;
-        let v = split(self.v.forward(x)?, self.kv_heads)?;
-        let (q, k) = {
-            let _span = span(groups::ROPE);
-            (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?)
-        };
-        let _span = span(groups::ATTENTION);
-        // transformers' eager attention, every op rounded in a half dtype.
-        let out = ops::attention::eager(&q, &k, &v, mask, self.scaling, self.softcap)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, l, self.heads * self.head_dim))?;
-        drop(_span);
-        Ok(self.o.forward(&out)?)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    act: Activation,
-}
-
-impl Mlp {
-    fn load(w: &Weights, cfg: &Gemma2Config) -> Result<Self> {
-        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
-        Ok(Self {
-            gate: w.linear("gate_proj", d, i, false)?,
-            up: w.linear("up_proj", d, i, false)?,
-            down: w.linear("down_proj", i, d, false)?,
-            act: cfg.activation()?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        if self.act == Activation::GeluTanh {
-            // One parallel pass for bf16 and f32 (the same two roundings as
-            // below; GGUF weights on AMX without the two intermediates);
-            // other dtypes fall back to candle's ops.
-            let act = lumina2_weights::GateAct::GeluTanh;
-            return Ok(self.gate.feed_forward(&self.up, &self.down, x, act)?);
-        }
-        // The activation in float32, rounded once, as PyTorch does for bf16/f16.
-        let g = self.gate.forward(x)?.to_dtype(DType::F32)?;
-        let g = match self.act {
-            Activation::GeluTanh => g.gelu()?,
-            Activation::GeluErf => g.gelu_erf()?,
-            Activation::Silu => g.silu()?,
-            Activation::Relu => g.relu()?,
-        }
-        .to_dtype(dtype)?;
-        let h = (g * self.up.forward(x)?)?;
-        Ok(self.down.forward(&h)?)
-    }
-}
+use crate::weights::{safetensors_files, Weights};
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
@@ -168,13 +28,24 @@ struct DecoderLayer {
 impl DecoderLayer {
     fn load(w: &Weights, cfg: &Gemma2Config, layer_type: LayerType) -> Result<Self> {
         let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let spec = AttentionSpec {
+            hidden: d,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim(),
+            bias: cfg.attention_bias,
+            scaling: cfg.query_pre_attn_scalar.powf(-0.5),
+            softcap: cfg.attn_logit_softcapping,
+            qk_norm_eps: None,
+        };
+        let norm = |name: &str| RmsNorm::one_plus(w, name, d, eps);
         Ok(Self {
-            input_layernorm: RmsNorm::load(w, "input_layernorm", d, eps)?,
-            self_attn: Attention::load(&w.pp("self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(w, "post_attention_layernorm", d, eps)?,
-            pre_feedforward_layernorm: RmsNorm::load(w, "pre_feedforward_layernorm", d, eps)?,
-            mlp: Mlp::load(&w.pp("mlp"), cfg)?,
-            post_feedforward_layernorm: RmsNorm::load(w, "post_feedforward_layernorm", d, eps)?,
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention::load(&w.pp("self_attn"), spec)?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+            mlp: Mlp::load(&w.pp("mlp"), d, cfg.intermediate_size, cfg.activation()?)?,
+            post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
             layer_type,
         })
     }
@@ -189,12 +60,6 @@ impl DecoderLayer {
         let h = self.post_feedforward_layernorm.forward(&h)?;
         residual(&x, &h)
     }
-}
-
-/// `x + h`, rounded once in a half dtype (PyTorch's `add`).
-fn residual(x: &Tensor, h: &Tensor) -> Result<Tensor> {
-    let _span = span(groups::ELEMENTWISE);
-    Ok(ops::elementwise::add(x, h)?)
 }
 
 /// Gemma-2 as Lumina-Image 2.0's text encoder.
@@ -244,13 +109,7 @@ impl Gemma2Encoder {
                 cfg.num_hidden_layers
             )));
         }
-        let w = if !weights.contains("embed_tokens.weight")
-            && weights.contains("model.embed_tokens.weight")
-        {
-            weights.pp("model")
-        } else {
-            weights.clone()
-        };
+        let w = without_model_prefix(weights);
         let dtype = w.dtype();
         let device = w.device().clone();
         let embed_tokens = Embedding::load(&w, "embed_tokens", cfg.vocab_size, cfg.hidden_size)?;
@@ -263,20 +122,7 @@ impl Gemma2Encoder {
             layers.push(DecoderLayer::load(&w.pp(format!("layers.{i}")), cfg, *t)?);
         }
         let rope = cfg.rope()?;
-        let hd = cfg.head_dim();
-        // transformers: 1 / base ** (arange(0, dim, 2).float() / dim), in float32;
-        // `linear` scaling divides the frequencies by its factor.
-        let inv_freq = (0..hd / 2)
-            .map(|i| {
-                let e = (2 * i) as f32 / hd as f32;
-                let f = 1.0f32 / (rope.theta as f32).powf(e);
-                if rope.linear_factor == 1.0 {
-                    f
-                } else {
-                    f / rope.linear_factor as f32
-                }
-            })
-            .collect();
+        let inv_freq = inv_freq(rope.theta, rope.linear_factor, cfg.head_dim());
         Ok(Self {
             embed_tokens,
             embed_scale,
@@ -360,8 +206,8 @@ impl Gemma2Encoder {
                 format!("layer {n} asked, only {} loaded", self.layers.len()),
             ));
         }
-        let (b, l, ids) = self.check_ids(input_ids)?;
-        let keep = self.check_mask(attention_mask, b, l)?;
+        let (b, l, ids) = check_ids(input_ids, self.vocab_size)?;
+        let keep = check_mask(attention_mask, b, l)?;
         let x = self
             .embed_tokens
             .lookup(&ids, self.hidden_size, &self.device)?
@@ -370,119 +216,20 @@ impl Gemma2Encoder {
         if n == 0 {
             return Ok(x);
         }
-        let (cos, sin) = self.rope(l)?;
-        let full = self.mask(&keep, b, l, None)?;
-        let sliding = match self.sliding_window {
-            Some(w)
-                if self.layers[..n]
-                    .iter()
-                    .any(|ly| ly.layer_type == LayerType::Sliding) =>
-            {
-                Some(self.mask(&keep, b, l, Some(w))?)
-            }
-            _ => None,
-        };
-        for layer in &self.layers[..n] {
-            let mask = match (layer.layer_type, &sliding) {
-                (LayerType::Sliding, Some(m)) => m,
-                _ => &full,
-            };
-            x = layer.forward(&x, &cos, &sin, mask)?;
+        let (cos, sin) = rope_tables(&self.inv_freq, l, self.dtype, &self.device)?;
+        let layers = &self.layers[..n];
+        let any_sliding = layers.iter().any(|ly| ly.layer_type == LayerType::Sliding);
+        let masks = Masks::new(
+            &keep,
+            (b, l),
+            self.sliding_window,
+            any_sliding,
+            self.dtype,
+            &self.device,
+        )?;
+        for layer in layers {
+            x = layer.forward(&x, &cos, &sin, masks.for_layer(layer.layer_type))?;
         }
         Ok(x)
-    }
-
-    fn check_ids(&self, input_ids: &Tensor) -> Result<(usize, usize, Vec<u32>)> {
-        let (b, l) = input_ids.dims2().map_err(|_| {
-            invalid_input(
-                "input_ids",
-                format!("shape {:?}, expected [B, L]", input_ids.dims()),
-            )
-        })?;
-        if b == 0 || l == 0 {
-            return Err(invalid_input("input_ids", "empty batch or sequence"));
-        }
-        let vals: Vec<i64> = match input_ids.dtype() {
-            DType::U8 | DType::U32 | DType::I64 | DType::I32 | DType::I16 => input_ids
-                .to_device(&Device::Cpu)?
-                .to_dtype(DType::I64)?
-                .flatten_all()?
-                .to_vec1::<i64>()?,
-            other => {
-                return Err(invalid_input(
-                    "input_ids",
-                    format!("dtype {other:?}, expected an integer dtype"),
-                ))
-            }
-        };
-        let mut ids = Vec::with_capacity(vals.len());
-        for v in vals {
-            if v < 0 || v as u64 >= self.vocab_size as u64 {
-                return Err(invalid_input(
-                    "input_ids",
-                    format!(
-                        "token id {v} outside the vocabulary [0, {})",
-                        self.vocab_size
-                    ),
-                ));
-            }
-            ids.push(v as u32);
-        }
-        Ok((b, l, ids))
-    }
-
-    fn check_mask(&self, mask: Option<&Tensor>, b: usize, l: usize) -> Result<Vec<bool>> {
-        let Some(m) = mask else {
-            return Ok(vec![true; b * l]);
-        };
-        if m.dims() != [b, l] {
-            return Err(invalid_input(
-                "attention_mask",
-                format!("shape {:?}, expected [{b}, {l}] as input_ids", m.dims()),
-            ));
-        }
-        let v = m
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        Ok(v.into_iter().map(|x| x != 0.0).collect())
-    }
-
-    /// cos, sin: `[L, head_dim]` in the compute dtype (computed in float32, as
-    /// transformers' rotary embedding does, then cast).
-    fn rope(&self, l: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut freqs = Vec::with_capacity(l * half * 2);
-        for p in 0..l {
-            let row: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
-            freqs.extend_from_slice(&row);
-            freqs.extend_from_slice(&row);
-        }
-        let emb = Tensor::from_vec(freqs, (l, half * 2), &self.device)?;
-        Ok((
-            emb.cos()?.to_dtype(self.dtype)?,
-            emb.sin()?.to_dtype(self.dtype)?,
-        ))
-    }
-
-    /// Additive float32 mask `[B, 1, L, L]`: 0 where query q may see key k
-    /// (k <= q, k not padding, and within the window: k > q - window), else
-    /// the compute dtype's most negative value (transformers' `eager_mask`).
-    fn mask(&self, keep: &[bool], b: usize, l: usize, window: Option<usize>) -> Result<Tensor> {
-        let neg = dtype_min(self.dtype);
-        let mut m = vec![0f32; b * l * l];
-        for bi in 0..b {
-            for q in 0..l {
-                for k in 0..l {
-                    let in_window = window.is_none_or(|w| k + w > q);
-                    let ok = k <= q && keep[bi * l + k] && in_window;
-                    if !ok {
-                        m[(bi * l + q) * l + k] = neg;
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(m, (b, 1, l, l), &self.device)?)
     }
 }

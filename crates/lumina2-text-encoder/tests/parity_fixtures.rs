@@ -4,7 +4,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use lumina2_parity::{find_cases, input, Case};
-use lumina2_text_encoder::{Gemma2Encoder, PromptEncoder, PromptOptions, SystemPrompt};
+use lumina2_text_encoder::{
+    Gemma2Encoder, PromptEncoder, PromptOptions, Qwen3Encoder, SystemPrompt,
+};
 
 fn cases(component: &str) -> Vec<Case> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -130,6 +132,37 @@ fn prompt_encoding_fixtures_match_diffusers() {
             assert!(out.warnings[0].contains("sharp"), "{:?}", out.warnings);
         } else if !dir.display().to_string().contains("no_guidance") {
             assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        }
+    }
+    assert!(failures.is_empty(), "cases over tolerance: {failures:?}");
+}
+
+#[test]
+fn qwen3_fixtures_match_pytorch() {
+    let cases = cases("qwen3");
+    assert!(cases.len() >= 4, "fixtures missing: {cases:?}");
+    let mut failures = Vec::new();
+    for c in &cases {
+        let dir = &c.dir;
+        let model = Qwen3Encoder::from_folder(c.model().unwrap(), c.dtype, &Device::Cpu).unwrap();
+        let inputs = c.inputs().unwrap();
+        let out = model
+            .forward(
+                input(&inputs, "input_ids").unwrap(),
+                Some(input(&inputs, "attention_mask").unwrap()),
+            )
+            .unwrap();
+        assert_eq!(out.dtype(), c.dtype);
+        let expected = c.expected().unwrap();
+        let (max_abs, worst) = compare(
+            &out,
+            &expected["hidden_states"],
+            c,
+            &dir.display().to_string(),
+        );
+        eprintln!("{}: max_abs {max_abs:.3e} worst {worst:.4}", dir.display());
+        if worst > 1.0 {
+            failures.push(dir.display().to_string());
         }
     }
     assert!(failures.is_empty(), "cases over tolerance: {failures:?}");

@@ -40,6 +40,7 @@ pub fn prepare(case: &Case, int8: bool) -> Result<Box<dyn Prepared>> {
         "scheduler" => scheduler::prepare(case),
         "vae_decode" | "vae_encode" => vae::prepare(case),
         "text_encoder" => text_encoder::prepare_text_encoder(case),
+        "qwen3_text_encoder" => text_encoder::prepare_qwen3(case),
         "prompt_encoding" => text_encoder::prepare_prompt_encoding(case),
         "tokenizer_ids" => tokenizer::prepare(case),
         "pipeline" => pipeline::prepare(case),

@@ -1,16 +1,24 @@
-//! `text_encoder` and `prompt_encoding` cases.
+//! `text_encoder` (Gemma-2), `qwen3_text_encoder` and `prompt_encoding` cases.
 
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use lumina2_text_encoder::{Gemma2Encoder, PromptEncoder, PromptOptions, SystemPrompt};
+use lumina2_text_encoder::{
+    Gemma2Encoder, PromptEncoder, PromptOptions, Qwen3Encoder, SystemPrompt,
+};
 
 use super::Prepared;
 use super::{input, Case};
 
+/// A decoder run as an encoder: `hidden_states[-2]` of token ids and a mask.
+enum Encoder {
+    Gemma2(Gemma2Encoder),
+    Qwen3(Qwen3Encoder),
+}
+
 struct TextEncoderCase {
-    model: Gemma2Encoder,
+    model: Encoder,
     inputs: BTreeMap<String, Tensor>,
 }
 
@@ -32,7 +40,31 @@ pub fn prepare_text_encoder(case: &Case) -> Result<Box<dyn Prepared>> {
             .with_context(|| format!("loading {}", model_path.display()))?
     };
     Ok(Box::new(TextEncoderCase {
-        model,
+        model: Encoder::Gemma2(model),
+        inputs: case.inputs()?,
+    }))
+}
+
+/// A `qwen3_text_encoder` case: `hidden_states[-2]` of a Qwen3 model folder
+/// or llama.cpp GGUF file.
+pub fn prepare_qwen3(case: &Case) -> Result<Box<dyn Prepared>> {
+    let model_path = case.model()?;
+    let model = if model_path.extension().is_some_and(|e| e == "gguf") {
+        // llama.cpp's Qwen3 GGUF: config from the metadata unless given.
+        let gguf = lumina2_loader::Qwen3Gguf::open(model_path)?;
+        match case.model_config.as_deref() {
+            Some(dir) => {
+                let cfg = lumina2_text_encoder::Qwen3Config::from_file(dir)?;
+                gguf.penultimate_encoder_with_config(&cfg, case.dtype, &Device::Cpu)?
+            }
+            None => gguf.penultimate_encoder(case.dtype, &Device::Cpu)?,
+        }
+    } else {
+        Qwen3Encoder::from_folder(model_path, case.dtype, &Device::Cpu)
+            .with_context(|| format!("loading {}", model_path.display()))?
+    };
+    Ok(Box::new(TextEncoderCase {
+        model: Encoder::Qwen3(model),
         inputs: case.inputs()?,
     }))
 }
@@ -40,9 +72,11 @@ pub fn prepare_text_encoder(case: &Case) -> Result<Box<dyn Prepared>> {
 impl Prepared for TextEncoderCase {
     fn run(&mut self) -> Result<BTreeMap<String, Tensor>> {
         let i = &self.inputs;
-        let out = self
-            .model
-            .forward(input(i, "input_ids")?, Some(input(i, "attention_mask")?))?;
+        let (ids, mask) = (input(i, "input_ids")?, Some(input(i, "attention_mask")?));
+        let out = match &self.model {
+            Encoder::Gemma2(m) => m.forward(ids, mask)?,
+            Encoder::Qwen3(m) => m.forward(ids, mask)?,
+        };
         Ok(BTreeMap::from([(
             "hidden_states".to_string(),
             out.to_dtype(DType::F32)?,
