@@ -21,6 +21,7 @@ import gen_img2img  # noqa: E402
 import gen_lora  # noqa: E402
 import gen_original  # noqa: E402
 import gen_pipeline  # noqa: E402
+import gen_qwen3_tokenizer  # noqa: E402
 import gen_transformer  # noqa: E402
 import gen_transformer_single  # noqa: E402
 import gen_text_encoder  # noqa: E402
@@ -44,6 +45,7 @@ GENERATORS["teacache"] = gen_teacache.generate
 GENERATORS["img2img"] = gen_img2img.generate
 GENERATORS["original"] = gen_original.generate
 GENERATORS["tokenizer_ids"] = gen_tokenizer.generate
+GENERATORS["chat_tokenizer"] = gen_qwen3_tokenizer.generate
 
 
 def main():
