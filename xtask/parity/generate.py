@@ -22,6 +22,7 @@ import gen_lora  # noqa: E402
 import gen_original  # noqa: E402
 import gen_pipeline  # noqa: E402
 import gen_qwen3  # noqa: E402
+import gen_qwen3_tokenizer  # noqa: E402
 import gen_transformer  # noqa: E402
 import gen_transformer_single  # noqa: E402
 import gen_text_encoder  # noqa: E402
@@ -48,6 +49,7 @@ GENERATORS["img2img"] = gen_img2img.generate
 GENERATORS["original"] = gen_original.generate
 GENERATORS["tokenizer_ids"] = gen_tokenizer.generate
 GENERATORS["zimage_transformer"] = gen_zimage_transformer.generate
+GENERATORS["chat_tokenizer"] = gen_qwen3_tokenizer.generate
 
 
 def main():

@@ -44,6 +44,15 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A chat template could not be parsed or rendered (syntax error, its
+    /// own `raise_exception`, a limit reached).
+    #[error("chat template {origin}: {reason}")]
+    ChatTemplate {
+        /// The file (and key) the template came from.
+        origin: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A SentencePiece `tokenizer.model` is malformed or not a BPE model.
     #[error("SentencePiece model {origin}: {source}")]
     SentencePiece {

@@ -20,7 +20,8 @@
 //! # }
 //! ```
 //!
-//! The crate depends on candle and `tokenizers` only. Weights come through
+//! The crate depends on candle, `tokenizers` and minijinja (chat templates:
+//! [`ChatTemplate`], [`ChatTokenizer`]) only. Weights come through
 //! [`Weights`] (over a [`WeightSource`]: safetensors files, a candle
 //! `VarBuilder`, tensors in memory, or a quantised source).
 #![warn(missing_docs)]
@@ -30,6 +31,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod chat_template;
+mod chat_tokenizer;
 mod config;
 mod decoder;
 mod embedding;
@@ -42,6 +45,11 @@ mod sentencepiece;
 mod spm_tokenizer;
 mod weights;
 
+pub use chat_template::{
+    ChatMessage, ChatTemplate, MAX_RENDERED_BYTES, MAX_TEMPLATE_BYTES, TEMPLATE_FUEL,
+    TEMPLATE_RECURSION_LIMIT,
+};
+pub use chat_tokenizer::ChatTokenizer;
 pub use config::{Activation, Gemma2Config, LayerType, Rope, MAX_PARAMETERS};
 pub use error::{Error, Result};
 /// Errors of weight loading (inside [`Error::Weight`]).

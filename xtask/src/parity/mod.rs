@@ -43,6 +43,7 @@ pub fn prepare(case: &Case, int8: bool) -> Result<Box<dyn Prepared>> {
         "qwen3_text_encoder" => text_encoder::prepare_qwen3(case),
         "prompt_encoding" => text_encoder::prepare_prompt_encoding(case),
         "tokenizer_ids" => tokenizer::prepare(case),
+        "chat_tokenizer" => tokenizer::prepare_chat(case),
         "pipeline" => pipeline::prepare(case),
         "zimage_transformer" => zimage::prepare(case),
         other => Err(anyhow!("unknown component `{other}`")),
