@@ -7,6 +7,9 @@
 use lumina2_kernels::peak::{self, Peak};
 use rayon::prelude::*;
 
+/// One measured loop of `lumina2_kernels::peak`, run for a number of iterations.
+type PeakFn = fn(usize) -> Option<Peak>;
+
 /// Runs `f` with iteration counts doubling until one run lasts `secs`.
 fn calibrated(secs: f64, f: impl Fn(usize) -> Option<Peak>) -> Option<(usize, Peak)> {
     let mut iters = 1 << 12;
@@ -28,7 +31,7 @@ fn main() {
     println!("threads: {threads}");
     println!("| instruction family | GFLOP/s one thread | GFLOP/s all {threads} threads |");
     println!("|---|---|---|");
-    let families: [(&str, fn(usize) -> Option<Peak>); 3] = [
+    let families: [(&str, PeakFn); 3] = [
         ("AVX-512 f32 FMA (vfmadd231ps)", peak::avx512_f32_fma),
         ("AVX512-BF16 dot (vdpbf16ps)", peak::avx512_bf16_dot),
         ("AMX-BF16 (tdpbf16ps)", peak::amx_bf16),
