@@ -86,6 +86,12 @@ fn gguf(path: &Path) {
         let _ = g.config();
         let _ = g.penultimate_encoder(candle_core::DType::F32, &candle_core::Device::Cpu);
     }
+    if let Ok(f) = lumina2_loader::gguf::GgufFile::open(path) {
+        if let Ok(q) = lumina2_loader::Qwen3Gguf::new(f) {
+            let _ = q.config();
+            let _ = q.penultimate_encoder(candle_core::DType::F32, &candle_core::Device::Cpu);
+        }
+    }
 }
 
 fn safetensors(path: &Path) {
@@ -127,6 +133,8 @@ fn configs(path: &Path) {
     let text = String::from_utf8_lossy(&bytes);
     let _ = lumina2_transformer::Config::from_json_str(&text);
     let _ = lumina2_text_encoder::Gemma2Config::from_json(&text);
+    let _ = lumina2_text_encoder::Qwen3Config::from_json(&text);
+    let _ = lumina2_transformer::ZImageConfig::from_json_str(&text);
     let _ = lumina2_vae::AutoencoderKLConfig::from_json(&text);
     let _ = lumina2_scheduler::SchedulerConfig::from_json_str(&text);
 }
@@ -140,6 +148,27 @@ fn model_index(path: &Path) {
 fn tokenizer(path: &Path) {
     if let Ok(t) = lumina2_text_encoder::GemmaTokenizer::from_file(path) {
         let _ = t.encode_padded(&["a red fox <0x41> \u{0}\u{feff}".to_string()], 16);
+    }
+}
+
+/// `chat_template`: a Jinja chat template (a tokenizer folder's
+/// `chat_template.jinja`), compiled and rendered for one user message as
+/// Z-Image's prompt encoding does; the engine's own limits (instructions,
+/// nesting, output size) must stop hostile templates.
+fn chat_template(path: &Path) {
+    let Ok(bytes) = lumina2_weights::fs::read_bounded(path, 1 << 20) else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    if let Ok(t) = lumina2_text_encoder::ChatTemplate::new(&text, "fuzz") {
+        let vars = std::collections::BTreeMap::from([(
+            "enable_thinking".to_string(),
+            serde_json::Value::Bool(true),
+        )]);
+        let messages = [lumina2_text_encoder::ChatMessage::user(
+            "a red fox </think>",
+        )];
+        let _ = t.render(&messages, true, &vars);
     }
 }
 
@@ -369,6 +398,12 @@ pub fn targets() -> Vec<Target> {
             file_name: "tokenizer.model",
             seeds: &[".model"],
             run: sentencepiece,
+        },
+        Target {
+            name: "chat_template",
+            file_name: "chat_template.jinja",
+            seeds: &[".jinja"],
+            run: chat_template,
         },
         Target {
             name: "config_numbers",

@@ -183,6 +183,15 @@ pub fn config_numbers(path: &Path) {
         let _ = cfg.rope();
         let _ = cfg.head_dim();
     }
+    if let Ok(cfg) = lumina2_transformer::ZImageConfig::from_json_str(&text) {
+        // Bounded by the validated layer count.
+        let _ = lumina2_transformer::zimage::weight_shapes(&cfg);
+    }
+    if let Ok(cfg) = lumina2_text_encoder::Qwen3Config::from_json(&text) {
+        let _ = cfg.layer_types();
+        let _ = cfg.rope();
+        let _ = cfg.effective_sliding_window();
+    }
     if let Ok(cfg) = lumina2_vae::AutoencoderKLConfig::from_json(&text) {
         let _ = cfg.downsample_factor();
         let _ = lumina2_vae::Tiling::from_config(&cfg);

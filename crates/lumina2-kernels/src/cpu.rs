@@ -170,6 +170,12 @@ pub fn cast(x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
     x.to_dtype(dtype)
 }
 
+/// Whether any of these bf16 values (as bits) is NaN or infinite: the
+/// exponent bits, as [`any_non_finite`] tests them.
+pub fn bf16_bits_non_finite(bits: &[u16]) -> bool {
+    bits.iter().any(|&b| b & 0x7f80 == 0x7f80)
+}
+
 /// Whether a contiguous float CPU tensor holds NaN or infinity, by the
 /// exponent bits of each value (all ones), in parallel chunks that stop at
 /// the first hit. `None` where `x` is not a contiguous f32/bf16/f16 CPU

@@ -251,6 +251,16 @@ pub trait WeightSource: Send + Sync {
     fn linear_as(&self, key: &str, dtype: DType) -> Result<LinearWeight> {
         Ok(self.linear(key)?.dense_as(dtype)?)
     }
+    /// The bf16 weight `key` packed for the CPU's packed bf16 kernel
+    /// straight from its stored bf16 values, with whether any of them is NaN
+    /// or infinite; `None` where the source cannot (the default: the caller
+    /// then reads the weight and packs it). A file source reads each panel's
+    /// rows into a small reused buffer and packs them from there, so the
+    /// weight's memory is written once, in its packed form.
+    fn packed_bf16(&self, key: &str) -> Option<Result<(LinearWeight, bool)>> {
+        let _ = key;
+        None
+    }
     /// A short description for error messages (usually the file names).
     fn name(&self) -> String;
     /// The shape of `key` as the source declares it (a file's header),
@@ -631,6 +641,13 @@ impl WeightSource for SafetensorsSource {
     fn linear_as(&self, key: &str, dtype: DType) -> Result<LinearWeight> {
         Ok(LinearWeight::Dense(self.tensor_as(key, dtype)?))
     }
+    fn packed_bf16(&self, key: &str) -> Option<Result<(LinearWeight, bool)>> {
+        let e = self.index.get(key)?;
+        if e.fp8.is_some() || e.dtype != DType::BF16 || e.shape.len() != 2 {
+            return None;
+        }
+        Some(self.read_packed_bf16(key, e))
+    }
     fn name(&self) -> String {
         self.names.clone()
     }
@@ -699,6 +716,48 @@ impl SafetensorsSource {
         Ok(Tensor::from_vec(out, e.shape.as_slice(), &Device::Cpu)?)
     }
 
+    /// A bf16 `[out, in]` weight packed while read
+    /// ([`packed::PackedBf16::from_row_blocks`]): each panel's 32 rows are
+    /// one contiguous range of the file, read into a buffer the thread
+    /// reuses, scanned for NaN and infinity, and packed from there.
+    fn read_packed_bf16(&self, key: &str, e: &StEntry) -> Result<(LinearWeight, bool)> {
+        let (path, file) = self.files.get(e.file).ok_or_else(|| Error::MissingWeight {
+            key: key.to_string(),
+            source_name: self.names.clone(),
+        })?;
+        let err = |reason: String| Error::WeightLoad {
+            key: key.to_string(),
+            source_name: path.display().to_string(),
+            reason,
+        };
+        let (out_dim, in_dim) = (e.shape[0], e.shape[1]);
+        if out_dim.checked_mul(in_dim).and_then(|n| n.checked_mul(2)) != Some(e.len) {
+            return Err(err(format!(
+                "{} bytes do not hold {out_dim} x {in_dim} bf16 values",
+                e.len
+            )));
+        }
+        let f = file.lock().map_err(|_| err("file lock poisoned".into()))?;
+        let f: &std::fs::File = &f;
+        let non_finite = std::sync::atomic::AtomicBool::new(false);
+        let packed = packed::PackedBf16::from_row_blocks(out_dim, in_dim, |first, rows| {
+            read_at_serial(
+                f,
+                e.start + (first * in_dim * 2) as u64,
+                bytemuck::cast_slice_mut(rows),
+            )?;
+            if lumina2_kernels::bf16_bits_non_finite(rows) {
+                non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .map_err(|x| err(x.to_string()))?;
+        Ok((
+            LinearWeight::PackedBf16(Arc::new(packed)),
+            non_finite.into_inner(),
+        ))
+    }
+
     /// An fp8 tensor (as f16) times its ComfyUI `scale_weight`, if it has one
     /// (then in f32: `fp8 * scale`, one rounding).
     fn scaled(&self, key: &str, t: Tensor) -> Result<Tensor> {
@@ -740,6 +799,20 @@ fn read_at(file: &std::fs::File, offset: u64, buf: &mut [u8]) -> std::io::Result
         let mut f = file;
         f.seek(SeekFrom::Start(offset))?;
         f.read_exact(buf)
+    }
+}
+
+/// Fills `buf` from `file` at byte `offset` on the calling thread (a small
+/// read that is already one task of a parallel loop).
+fn read_at_serial(file: &std::fs::File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buf, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        read_at(file, offset, buf)
     }
 }
 
@@ -992,6 +1065,35 @@ impl Weights {
         Ok(weight)
     }
 
+    /// The weight `wkey` packed for the packed bf16 kernel while the source
+    /// reads it ([`WeightSource::packed_bf16`]), where that is what
+    /// [`Linear::new`] would make of it anyway: bf16 compute on a CPU that
+    /// has the kernel, no int8, a source that can. `None` otherwise.
+    fn packed_while_read(
+        &self,
+        wkey: &str,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Option<LinearWeight>> {
+        if !(self.device.is_cpu() && self.dtype == DType::BF16 && !self.int8 && packed::available())
+        {
+            return Ok(None);
+        }
+        self.require_shape(wkey, &[out_dim, in_dim])?;
+        let Some(read) = self.source.packed_bf16(wkey) else {
+            return Ok(None);
+        };
+        let (weight, non_finite) = read?;
+        if let LinearWeight::PackedBf16(p) = &weight {
+            self.check_shape(wkey, &p.dims(), &[out_dim, in_dim])?;
+        }
+        if non_finite {
+            let mut v = self.non_finite.lock().unwrap_or_else(|e| e.into_inner());
+            v.push(wkey.to_string());
+        }
+        Ok(Some(weight))
+    }
+
     /// The `[out_dim, in_dim]` table `name.weight` for row lookups
     /// (embeddings): as [`Weights::linear_weight`], except that a dense table
     /// stored in f16 or bf16 stays so when the compute dtype is f32. Its rows
@@ -1024,8 +1126,11 @@ impl Weights {
 
     /// A linear layer `in_dim -> out_dim` (`name.weight`, and `name.bias` when `bias`).
     pub fn linear(&self, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-        let mut weight = self.linear_weight(name, in_dim, out_dim)?;
         let wkey = self.key(&format!("{name}.weight"));
+        let mut weight = match self.packed_while_read(&wkey, in_dim, out_dim)? {
+            Some(w) => w,
+            None => self.linear_weight(name, in_dim, out_dim)?,
+        };
         // Dense weights come with their adapters merged; quantised ones carry
         // them at run time.
         let mut adapters = Vec::new();

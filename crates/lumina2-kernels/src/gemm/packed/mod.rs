@@ -541,35 +541,7 @@ impl PackedBf16 {
         let mut data = Aligned::<u32>::zeroed(panels * pairs * PANEL);
         data.par_chunks_mut(pairs * PANEL)
             .enumerate()
-            .for_each(|(p, panel)| {
-                // Written as bf16 values, read back as the u32 pairs the
-                // panel holds (little-endian: the even column in the low half).
-                let mut buf = vec![0u32; PANEL * SEGMENT / 2];
-                let mut k0 = 0;
-                while k0 < in_dim {
-                    let len = SEGMENT.min(in_dim - k0);
-                    {
-                        let halves: &mut [u16] = bytemuck::cast_slice_mut(&mut buf);
-                        for lane in 0..PANEL {
-                            let n = p * PANEL + lane;
-                            let row = &mut halves[lane * SEGMENT..(lane + 1) * SEGMENT];
-                            if n < out_dim {
-                                seg_of(n, k0, &mut row[..len]);
-                            }
-                            // An odd last column pairs with a zero.
-                            row[len..].fill(0);
-                        }
-                    }
-                    let base = k0 / 2 * PANEL;
-                    for kk in 0..len.div_ceil(2) {
-                        let dst = &mut panel[base + kk * PANEL..base + (kk + 1) * PANEL];
-                        for (lane, d) in dst.iter_mut().enumerate() {
-                            *d = buf[lane * SEGMENT / 2 + kk];
-                        }
-                    }
-                    k0 += len;
-                }
-            });
+            .for_each(|(p, panel)| fill_panel(panel, p, out_dim, in_dim, &seg_of));
         Self {
             out_dim,
             in_dim,
@@ -577,6 +549,46 @@ impl PackedBf16 {
             panels,
             data,
         }
+    }
+
+    /// Packs a row-major bf16 `[out, in]` weight that `read` delivers a block
+    /// of rows at a time: `read(first_row, block)` fills `block` (whole rows,
+    /// `block.len() / in_dim` of them, at most 32) with the bf16 bits of rows
+    /// `first_row..`. Each panel's rows are read into a buffer its thread
+    /// reuses and packed from there, in parallel: a weight read from a file
+    /// is never held whole outside its panels (a whole-tensor read first
+    /// would write, then free, a second buffer of the weight's size, most of
+    /// whose cost is the first touch of its pages). The first error stops
+    /// the packing and is returned.
+    pub fn from_row_blocks<E: Send>(
+        out_dim: usize,
+        in_dim: usize,
+        read: impl Fn(usize, &mut [u16]) -> Result<(), E> + Sync,
+    ) -> Result<Self, E> {
+        let pairs = in_dim.div_ceil(32) * 16;
+        let panels = out_dim.div_ceil(PANEL);
+        let mut data = Aligned::<u32>::zeroed(panels * pairs * PANEL);
+        data.par_chunks_mut(pairs * PANEL)
+            .enumerate()
+            .try_for_each_init(Vec::new, |rows, (p, panel)| {
+                let first = p * PANEL;
+                let n = PANEL.min(out_dim - first);
+                rows.resize(n * in_dim, 0u16);
+                read(first, &mut rows[..n * in_dim])?;
+                let rows = &rows[..n * in_dim];
+                fill_panel(panel, p, out_dim, in_dim, &|row, k0, seg: &mut [u16]| {
+                    let at = (row - first) * in_dim + k0;
+                    seg.copy_from_slice(&rows[at..at + seg.len()]);
+                });
+                Ok(())
+            })?;
+        Ok(Self {
+            out_dim,
+            in_dim,
+            pairs,
+            panels,
+            data,
+        })
     }
 
     /// `[out, in]`.
@@ -897,6 +909,47 @@ impl Dest {
     }
 }
 
+/// Writes panel `p` (rows `p * 32..`, all `in_dim` columns as bf16 pairs)
+/// from `seg_of` (see [`PackedBf16::from_rows`]), a segment of 32 rows at a
+/// time through a small buffer, so the panel is written sequentially.
+fn fill_panel(
+    panel: &mut [u32],
+    p: usize,
+    out_dim: usize,
+    in_dim: usize,
+    seg_of: &(impl Fn(usize, usize, &mut [u16]) + Sync),
+) {
+    // Written as bf16 values, read back as the u32 pairs the panel holds
+    // (little-endian: the even column in the low half).
+    let mut buf = vec![0u32; PANEL * SEGMENT / 2];
+    let mut k0 = 0;
+    while k0 < in_dim {
+        let len = SEGMENT.min(in_dim - k0);
+        {
+            let halves: &mut [u16] = bytemuck::cast_slice_mut(&mut buf);
+            for lane in 0..PANEL {
+                let n = p * PANEL + lane;
+                let row = &mut halves[lane * SEGMENT..(lane + 1) * SEGMENT];
+                if n < out_dim {
+                    seg_of(n, k0, &mut row[..len]);
+                } else {
+                    row[..len].fill(0);
+                }
+                // An odd last column pairs with a zero.
+                row[len..].fill(0);
+            }
+        }
+        let base = k0 / 2 * PANEL;
+        for kk in 0..len.div_ceil(2) {
+            let dst = &mut panel[base + kk * PANEL..base + (kk + 1) * PANEL];
+            for (lane, d) in dst.iter_mut().enumerate() {
+                *d = buf[lane * SEGMENT / 2 + kk];
+            }
+        }
+        k0 += len;
+    }
+}
+
 /// The AMX tile configuration and steps, shared with [`crate::gemm::int8`],
 /// [`crate::attention::flash`] and [`crate::conv::bf16`].
 #[cfg(target_arch = "x86_64")]
@@ -1025,6 +1078,43 @@ mod tests {
         let packed = bits(PackedBf16::from_quantized(&w)?.matmul(&x, Some(&bias))?)?;
         let streamed = bits(PackedBf16::matmul_quantized(&w, &x, Some(&bias))?)?;
         assert_eq!(packed, streamed);
+        Ok(())
+    }
+
+    /// Packing from blocks of rows (as read from a file) lays out exactly
+    /// the panels packing the whole tensor does, for partial last panels and
+    /// odd widths; a reader's error stops it and comes back.
+    #[test]
+    fn row_blocks_pack_as_the_whole_tensor() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (out_dim, in_dim) in [(96, 256), (70, 301), (1, 7), (33, 2304)] {
+            let w = Tensor::randn(0f32, 1., (out_dim, in_dim), &dev)?.to_dtype(DType::BF16)?;
+            let bits: Vec<u16> = w
+                .flatten_all()?
+                .to_vec1::<bf16>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let whole = PackedBf16::pack(&w)?;
+            let blocks =
+                PackedBf16::from_row_blocks(out_dim, in_dim, |first, block: &mut [u16]| {
+                    assert_eq!(block.len() % in_dim, 0);
+                    assert!(block.len() / in_dim <= PANEL);
+                    block.copy_from_slice(&bits[first * in_dim..first * in_dim + block.len()]);
+                    Ok::<(), String>(())
+                })
+                .map_err(candle_core::Error::msg)?;
+            assert_eq!(whole.dims(), blocks.dims());
+            assert_eq!(whole.data(), blocks.data(), "{out_dim}x{in_dim}");
+        }
+        let failed = PackedBf16::from_row_blocks(64, 8, |first, _: &mut [u16]| {
+            if first == 32 {
+                Err("short read")
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(failed.err(), Some("short read"));
         Ok(())
     }
 
