@@ -1099,7 +1099,8 @@ impl Weights {
     /// stored in f16 or bf16 stays so when the compute dtype is f32. Its rows
     /// are then widened when gathered, to exactly the values a widened table
     /// would give, and a table of which a prompt uses a few hundred rows
-    /// costs half the memory and no conversion at load.
+    /// costs half the memory and no conversion at load. A quantised table
+    /// stays on the host whatever the compute device.
     pub fn table(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearWeight> {
         let wkey = self.key(&format!("{name}.weight"));
         self.require_shape(&wkey, &[out_dim, in_dim])?;
@@ -1119,7 +1120,15 @@ impl Weights {
                     self.dtype,
                 )?))
             }
-            // Quantised, packed or int8: as `linear_weight` hands them out.
+            // A quantised table stays where the source keeps it (the host):
+            // a lookup gathers and dequantises a few rows there and moves
+            // only those to the compute device. On a GPU, a table moved
+            // there would come back whole to the host at every lookup.
+            LinearWeight::Quantized(q) => {
+                self.check_shape(&wkey, q.shape().dims(), &[out_dim, in_dim])?;
+                Ok(LinearWeight::Quantized(q))
+            }
+            // Packed or int8: as `linear_weight` hands them out.
             _ => self.linear_weight(name, in_dim, out_dim),
         }
     }
