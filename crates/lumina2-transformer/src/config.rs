@@ -111,22 +111,7 @@ impl Config {
 
     /// Reads a `config.json` file (or a folder holding one) and validates it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let mut path = path.as_ref().to_path_buf();
-        if path.is_dir() {
-            path = path.join("config.json");
-        }
-        let text = lumina2_weights::fs::read_to_string_bounded(
-            &path,
-            lumina2_weights::fs::MAX_CONFIG_BYTES,
-        )
-        .map_err(|source| Error::ConfigIo {
-            path: path.clone(),
-            source,
-        })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| Error::ConfigParse {
-            origin: path.display().to_string(),
-            source,
-        })?;
+        let cfg: Self = read_config_file(path.as_ref())?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -356,6 +341,25 @@ impl Config {
     }
 }
 
+/// Parses `config.json` (or the file itself when `path` is a file), read
+/// with the size bound of every config (a FIFO, `/dev/zero` or a huge file
+/// is refused before it is read), its errors naming the file.
+pub(crate) fn read_config_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let mut path = path.to_path_buf();
+    if path.is_dir() {
+        path = path.join("config.json");
+    }
+    let text =
+        lumina2_weights::fs::read_to_string_bounded(&path, lumina2_weights::fs::MAX_CONFIG_BYTES)
+            .map_err(|source| Error::ConfigIo {
+            path: path.clone(),
+            source,
+        })?;
+    serde_json::from_str(&text).map_err(|source| Error::ConfigParse {
+        origin: path.display().to_string(),
+        source,
+    })
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -118,6 +118,15 @@ fn refuses_omni_and_bad_configs() {
     );
 }
 
+/// A config path that is not a regular file (here an endless device) is
+/// refused before anything is read from it.
+#[cfg(unix)]
+#[test]
+fn a_config_that_is_not_a_regular_file_is_refused_unread() {
+    let r = ZImageConfig::from_file("/dev/zero");
+    assert!(matches!(r, Err(Error::ConfigIo { .. })), "{r:?}");
+}
+
 #[test]
 fn refuses_bad_inputs() {
     let case = &cases()[0];

@@ -94,18 +94,7 @@ impl ZImageConfig {
 
     /// Reads `config.json` (or the file itself when `path` is a file) and validates it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let mut path = path.as_ref().to_path_buf();
-        if path.is_dir() {
-            path = path.join("config.json");
-        }
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::ConfigIo {
-            path: path.clone(),
-            source,
-        })?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| Error::ConfigParse {
-            origin: path.display().to_string(),
-            source,
-        })?;
+        let cfg: Self = crate::config::read_config_file(path.as_ref())?;
         cfg.validate()?;
         Ok(cfg)
     }
