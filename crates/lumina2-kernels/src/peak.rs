@@ -17,8 +17,6 @@
 //! folded away); the operands are finite and small, so no denormal or
 //! overflow slows a unit down.
 
-use std::time::Instant;
-
 /// One measured peak.
 #[derive(Debug, Clone, Copy)]
 pub struct Peak {
@@ -37,22 +35,27 @@ impl Peak {
     }
 }
 
+/// Times `run(iters)` (the loop runs at least once), counting
+/// `flop_per_iter` operations an iteration.
+#[cfg(target_arch = "x86_64")]
+fn timed(iters: usize, flop_per_iter: f64, run: impl FnOnce(usize) -> f32) -> Peak {
+    let t = std::time::Instant::now();
+    let checksum = run(iters);
+    Peak {
+        flop: iters.max(1) as f64 * flop_per_iter,
+        seconds: t.elapsed().as_secs_f64(),
+        checksum,
+    }
+}
+
 /// AVX-512 f32 FMA peak of the calling thread over `iters` iterations of 12
 /// independent FMAs; `None` where the CPU lacks AVX-512F or the portable
 /// paths are forced.
 pub fn avx512_f32_fma(iters: usize) -> Option<Peak> {
     #[cfg(target_arch = "x86_64")]
-    {
-        if crate::caps().avx512f_fma {
-            let t = Instant::now();
-            // SAFETY: AVX-512F is present (checked above).
-            let checksum = unsafe { x86::fma_loop(iters) };
-            return Some(Peak {
-                flop: iters.max(1) as f64 * 12.0 * 32.0,
-                seconds: t.elapsed().as_secs_f64(),
-                checksum,
-            });
-        }
+    if crate::caps().avx512f_fma {
+        // SAFETY: AVX-512F is present (checked above).
+        return Some(timed(iters, 12.0 * 32.0, |n| unsafe { x86::fma_loop(n) }));
     }
     let _ = iters;
     None
@@ -62,17 +65,11 @@ pub fn avx512_f32_fma(iters: usize) -> Option<Peak> {
 /// products an iteration); `None` without AVX512-BF16.
 pub fn avx512_bf16_dot(iters: usize) -> Option<Peak> {
     #[cfg(target_arch = "x86_64")]
-    {
-        if crate::caps().avx512_bf16 {
-            let t = Instant::now();
-            // SAFETY: AVX512-BF16 is present (checked above).
-            let checksum = unsafe { x86::bf16_dot_loop(iters) };
-            return Some(Peak {
-                flop: iters.max(1) as f64 * 12.0 * 64.0,
-                seconds: t.elapsed().as_secs_f64(),
-                checksum,
-            });
-        }
+    if crate::caps().avx512_bf16 {
+        // SAFETY: AVX512-BF16 is present (checked above).
+        return Some(timed(iters, 12.0 * 64.0, |n| unsafe {
+            x86::bf16_dot_loop(n)
+        }));
     }
     let _ = iters;
     None
@@ -83,18 +80,10 @@ pub fn avx512_bf16_dot(iters: usize) -> Option<Peak> {
 /// AMX (the CPU, the Linux tile permission, or `LUMINA2_NO_AMX`).
 pub fn amx_bf16(iters: usize) -> Option<Peak> {
     #[cfg(target_arch = "x86_64")]
-    {
-        if crate::caps().amx_bf16 {
-            let t = Instant::now();
-            // SAFETY: AMX-BF16 is usable in this process (checked above,
-            // including the tile permission).
-            let checksum = unsafe { x86::amx_loop(iters) };
-            return Some(Peak {
-                flop: iters.max(1) as f64 * 4.0 * 16384.0,
-                seconds: t.elapsed().as_secs_f64(),
-                checksum,
-            });
-        }
+    if crate::caps().amx_bf16 {
+        // SAFETY: AMX-BF16 is usable in this process (checked above,
+        // including the tile permission).
+        return Some(timed(iters, 4.0 * 16384.0, |n| unsafe { x86::amx_loop(n) }));
     }
     let _ = iters;
     None
