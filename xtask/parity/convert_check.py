@@ -15,17 +15,34 @@ its weights must equal the source's exactly (unquantised); quantised, the
 blocks diffusers holds must be the bytes we wrote, and its Q8_0 weights
 gguf-py's `dequantize` of them rounded to f16 (diffusers dequantises in the
 blocks' f16 scale type); the round-trip error against the dense weights is
-printed."""
+printed.
+
+The pipeline part: the committed tiny pipeline is written as ComfyUI's
+all-in-one checkpoint (`--format comfy`, the SentencePiece tokenizer taken
+from the committed checkpoint's `spiece_model`, the tiny vocabulary), then
+back to a whole pipeline folder (`lumina2 convert --from lumina_2.safetensors
+--to DIR`, the tiny configs given since its sizes are not the real model's).
+diffusers' `Lumina2Pipeline.from_pretrained` loads that folder: every
+component's weights must equal the original folder's, `AutoTokenizer` must
+give the same ids, and a seeded generation the same image, exactly.
+
+    ... convert_check.py --lumina2 PATH --work DIR [--part transformer|pipeline]"""
 
 import argparse
 import os
 import subprocess
+import sys
 
 import numpy as np
 import torch
 
 import gguf
-from diffusers import GGUFQuantizationConfig, Lumina2Transformer2DModel
+from diffusers import GGUFQuantizationConfig, Lumina2Pipeline, Lumina2Transformer2DModel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
+TINY = os.path.join(ROOT, "crates/lumina2-pipeline/tests/fixtures/pipeline/seed_cfg/pipeline")
+TINY_CKPT = os.path.join(ROOT, "crates/lumina2-pipeline/tests/fixtures/comfy/lumina_2.safetensors")
 
 
 def dense(model):
@@ -38,12 +55,75 @@ def dense(model):
     return out
 
 
+def check_pipeline(a):
+    """ComfyUI all-in-one -> diffusers pipeline folder, loaded by diffusers."""
+    from transformers import AutoTokenizer
+
+    work = os.path.join(a.work, "pipeline")
+    os.makedirs(work, exist_ok=True)
+    ckpt = os.path.join(work, "lumina_2.safetensors")
+    out = os.path.join(work, "converted")
+    if os.path.exists(out):
+        import shutil
+        shutil.rmtree(out)
+    run = lambda *args: subprocess.run([a.lumina2, "-q", "convert", *args], check=True)
+    run("--from", TINY, "--to", ckpt, "--format", "comfy", "--tokenizer", TINY_CKPT)
+    run("--from", ckpt, "--to", out,
+        "--config", os.path.join(TINY, "transformer/config.json"),
+        "--text-encoder-config", os.path.join(TINY, "text_encoder"),
+        "--vae-config", os.path.join(TINY, "vae"))
+    failures = 0
+    ref = Lumina2Pipeline.from_pretrained(TINY, torch_dtype=torch.float32)
+    got = Lumina2Pipeline.from_pretrained(out, torch_dtype=torch.float32)
+    for name in ["transformer", "text_encoder", "vae"]:
+        want = getattr(ref, name).state_dict()
+        have = getattr(got, name).state_dict()
+        same = set(want) == set(have) and all(torch.equal(want[k], have[k]) for k in want)
+        failures += 0 if same else 1
+        print(f"pipeline {name}: {len(want)} tensors, identical: {same}")
+    for name in ["scheduler", "vae", "transformer"]:
+        # `_name_or_path` is where each was loaded from.
+        cfg = lambda m: {k: v for k, v in dict(m.config).items() if k != "_name_or_path"}
+        same = cfg(getattr(ref, name)) == cfg(getattr(got, name))
+        failures += 0 if same else 1
+        print(f"pipeline {name} config equal: {same}")
+    te_cfg = lambda m: {k: v for k, v in m.text_encoder.config.to_dict().items() if k != "_name_or_path"}
+    same = te_cfg(ref) == te_cfg(got)
+    failures += 0 if same else 1
+    print(f"pipeline text_encoder config equal: {same}")
+    print(f"pipeline tokenizer class: {type(got.tokenizer).__name__}")
+    texts = ["a red fox in the snow", "  two  spaces\tand a tab\nnew line",
+             "ünïcödé, 日本語, emoji 🦊 <bos> <pad>", ""]
+    tok_ref = AutoTokenizer.from_pretrained(os.path.join(TINY, "tokenizer"))
+    tok_got = AutoTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+    same_ids = all(tok_ref(t).input_ids == tok_got(t).input_ids for t in texts)
+    failures += 0 if same_ids else 1
+    print(f"pipeline tokenizer: same ids on {len(texts)} texts: {same_ids}")
+
+    def image(pipe):
+        return pipe("a red fox in the snow", width=48, height=32, num_inference_steps=4,
+                    max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(42),
+                    output_type="pt").images
+    a_img, b_img = image(ref), image(got)
+    same_img = torch.equal(a_img, b_img)
+    failures += 0 if same_img else 1
+    print(f"pipeline image (seed 42, 48x32, 4 steps): identical: {same_img} "
+          f"(max |diff| {(a_img - b_img).abs().max().item():.3g}, "
+          f"image std {a_img.std().item():.3g})")
+    return failures
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lumina2", required=True)
     ap.add_argument("--work", required=True)
+    ap.add_argument("--part", choices=["all", "transformer", "pipeline"], default="all")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
+    pipeline_failures = check_pipeline(a) if a.part in ("all", "pipeline") else 0
+    if a.part == "pipeline":
+        print("ok" if pipeline_failures == 0 else f"{pipeline_failures} failures")
+        sys.exit(1 if pipeline_failures else 0)
     torch.manual_seed(0)
     src = os.path.join(a.work, "transformer")
     m = Lumina2Transformer2DModel(num_layers=1, num_refiner_layers=1).to(torch.bfloat16)
@@ -57,7 +137,7 @@ def main():
         subprocess.run([a.lumina2, "-q", "convert", "--from", src, "--to", dst, *extra], check=True)
         return dst
 
-    failures = 0
+    failures = pipeline_failures
     def check(name, got, want, exact=True):
         nonlocal failures
         assert set(got) == set(want), (name, set(got) ^ set(want))

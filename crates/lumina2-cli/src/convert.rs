@@ -1,17 +1,18 @@
 //! `lumina2 convert`: a transformer checkpoint from one layout to another,
-//! or a whole pipeline to ComfyUI's files (the work is
-//! `lumina2_loader::convert_transformer` and `convert_to_comfy`; this is
-//! their front end).
+//! a whole pipeline to ComfyUI's files, or ComfyUI's files to a whole
+//! diffusers pipeline folder (the work is
+//! `lumina2_loader::convert_transformer`, `convert_to_comfy` and
+//! `convert_to_diffusers_pipeline`; this is their front end).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use lumina2_loader::gguf::GgmlType;
 use lumina2_loader::{
-    convert_to_comfy, convert_transformer, ComfyFormat, ConvertFormat, ConvertOptions,
-    PipelineParts,
+    convert_to_comfy, convert_to_diffusers_pipeline, convert_transformer, ComfyFormat,
+    ConvertFormat, ConvertOptions, PipelineConfigs, PipelineParts, SingleFile, SingleFileLayout,
 };
 
 use crate::signals;
@@ -32,6 +33,12 @@ enum Format {
     /// diffusion_models/lumina_2_model.safetensors,
     /// text_encoders/gemma_2_2b.safetensors, vae/ae.safetensors.
     ComfySplit,
+    /// A whole diffusers Lumina2Pipeline folder (model_index.json,
+    /// transformer, text_encoder, tokenizer, vae, scheduler) from ComfyUI's
+    /// all-in-one checkpoint, or from its split files (--from the
+    /// transformer, with --text-encoder and --vae). The default when --from
+    /// is an all-in-one checkpoint and --to a folder.
+    DiffusersPipeline,
 }
 
 /// The block types `--quantize` takes.
@@ -76,30 +83,36 @@ impl Quant {
 pub struct ConvertArgs {
     /// The transformer: a diffusers pipeline or transformer folder, or a
     /// single .safetensors, .pth or .gguf file (original, ComfyUI or diffusers keys).
-    /// With --format comfy or comfy-split: the whole pipeline, a diffusers
-    /// pipeline folder or a ComfyUI all-in-one checkpoint (or the
-    /// transformer alone, with --text-encoder and --vae).
+    /// With --format comfy, comfy-split or diffusers-pipeline: the whole
+    /// pipeline, a diffusers pipeline folder or a ComfyUI all-in-one
+    /// checkpoint (or the transformer alone, with --text-encoder and --vae).
     #[arg(long)]
     from: PathBuf,
     /// Where to write: a folder (diffusers), a .safetensors file (original
     /// keys) or a .gguf file; with --format comfy a .safetensors file, with
-    /// --format comfy-split a folder. An existing file is replaced only once
-    /// the new one is complete.
+    /// --format comfy-split a folder; with --format diffusers-pipeline a new
+    /// or empty folder. An existing file is replaced only once the new one
+    /// is complete. An all-in-one checkpoint converted to a folder (no
+    /// --format) gives the whole pipeline folder.
     #[arg(long)]
     to: PathBuf,
     /// The layout to write (default: from --to's extension: .gguf, .safetensors
-    /// is original, else diffusers).
+    /// is original, else diffusers; diffusers-pipeline when --from is a
+    /// ComfyUI all-in-one checkpoint).
     #[arg(long, value_enum)]
     format: Option<Format>,
-    /// --format comfy/comfy-split: the Gemma-2 text encoder (a diffusers
-    /// folder or a ComfyUI .safetensors file) instead of --from's.
+    /// --format comfy/comfy-split/diffusers-pipeline: the Gemma-2 text
+    /// encoder (a diffusers folder or a ComfyUI .safetensors file) instead
+    /// of --from's.
     #[arg(long)]
     text_encoder: Option<PathBuf>,
-    /// --format comfy/comfy-split: the VAE (a diffusers folder, or a BFL or
-    /// diffusers-keyed .safetensors file) instead of --from's.
+    /// --format comfy/comfy-split/diffusers-pipeline: the VAE (a diffusers
+    /// folder, or a BFL or diffusers-keyed .safetensors file) instead of
+    /// --from's.
     #[arg(long)]
     vae: Option<PathBuf>,
-    /// --format comfy/comfy-split: the SentencePiece tokenizer.model (or a
+    /// --format comfy/comfy-split/diffusers-pipeline: the SentencePiece
+    /// tokenizer.model (or a
     /// folder holding one, or a ComfyUI file with spiece_model) to embed
     /// (default: --from's tokenizer/tokenizer.model, or the text encoder
     /// file's own).
@@ -113,35 +126,91 @@ pub struct ConvertArgs {
     /// single file (default: derived from the shapes and the released model).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// --format diffusers-pipeline: the text encoder's config.json (or its
+    /// folder) for the written folder (default: Gemma-2-2B's settings with
+    /// the sizes of the tensors), checked against the tensors.
+    #[arg(long)]
+    text_encoder_config: Option<PathBuf>,
+    /// --format diffusers-pipeline: the VAE's config.json (or its folder)
+    /// (default: the Flux VAE's, scaling 0.3611, shift 0.1159, with the sizes
+    /// of the tensors), checked against the tensors.
+    #[arg(long)]
+    vae_config: Option<PathBuf>,
+    /// --format diffusers-pipeline: the scheduler_config.json (or its folder)
+    /// (default: Lumina-Image 2.0's FlowMatchEulerDiscreteScheduler, shift 6.0).
+    #[arg(long)]
+    scheduler_config: Option<PathBuf>,
+}
+
+/// A config file, or the folder holding it as `name`.
+fn config_file(p: &Option<PathBuf>, name: &str) -> Option<PathBuf> {
+    p.as_ref()
+        .map(|p| if p.is_dir() { p.join(name) } else { p.clone() })
+}
+
+/// Whether `path` is ComfyUI's all-in-one checkpoint.
+fn is_checkpoint(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+        && SingleFile::open(path).is_ok_and(|f| f.layout() == SingleFileLayout::Checkpoint)
 }
 
 /// Runs `lumina2 convert`.
 pub fn run(args: ConvertArgs, quiet: bool) -> Result<()> {
     signals::install()?;
+    // An all-in-one checkpoint to a folder: the whole pipeline, not only
+    // its transformer (--format diffusers writes the transformer alone).
+    let to_pipeline = matches!(args.format, Some(Format::DiffusersPipeline))
+        || (args.format.is_none()
+            && ConvertFormat::from_destination(&args.to) == ConvertFormat::Diffusers
+            && is_checkpoint(&args.from));
+    if to_pipeline && args.format.is_none() && !quiet {
+        eprintln!(
+            "{} is an all-in-one checkpoint: writing a whole diffusers pipeline folder \
+             (--format diffusers writes the transformer alone)",
+            args.from.display()
+        );
+    }
     let comfy = match args.format {
         Some(Format::Comfy) => Some(ComfyFormat::AllInOne),
         Some(Format::ComfySplit) => Some(ComfyFormat::Split),
         _ => None,
     };
-    if comfy.is_none()
-        && (args.text_encoder.is_some() || args.vae.is_some() || args.tokenizer.is_some())
-    {
-        bail!("--text-encoder, --vae and --tokenizer go with --format comfy or comfy-split");
+    let whole = comfy.is_some() || to_pipeline;
+    if !whole && (args.text_encoder.is_some() || args.vae.is_some() || args.tokenizer.is_some()) {
+        bail!(
+            "--text-encoder, --vae and --tokenizer go with --format comfy, comfy-split or \
+             diffusers-pipeline"
+        );
     }
-    if comfy.is_some() && (args.quantize.is_some() || args.config.is_some()) {
-        bail!("--quantize and --config do not go with --format comfy or comfy-split");
+    if !to_pipeline
+        && (args.text_encoder_config.is_some()
+            || args.vae_config.is_some()
+            || args.scheduler_config.is_some())
+    {
+        bail!(
+            "--text-encoder-config, --vae-config and --scheduler-config go with --format \
+             diffusers-pipeline"
+        );
+    }
+    if whole && args.quantize.is_some() {
+        bail!("--quantize goes with a transformer conversion, not a whole pipeline");
+    }
+    if comfy.is_some() && args.config.is_some() {
+        bail!("--config does not go with --format comfy or comfy-split");
     }
     let format = match args.format {
         Some(Format::Diffusers) => ConvertFormat::Diffusers,
         Some(Format::Original) => ConvertFormat::Original,
         Some(Format::Gguf) => ConvertFormat::Gguf,
-        Some(Format::Comfy | Format::ComfySplit) | None => {
+        Some(Format::Comfy | Format::ComfySplit | Format::DiffusersPipeline) | None => {
             ConvertFormat::from_destination(&args.to)
         }
     };
     let config = args
         .config
         .as_ref()
+        .filter(|_| !to_pipeline)
         .map(|p| {
             lumina2_loader::convert::Config::from_file(p)
                 .with_context(|| format!("reading {}", p.display()))
@@ -172,6 +241,17 @@ pub fn run(args: ConvertArgs, quiet: bool) -> Result<()> {
     let report = match comfy {
         Some(kind) => pipeline_parts(&args)
             .and_then(|parts| convert_to_comfy(&parts, &args.to, kind, &mut progress)),
+        None if to_pipeline => {
+            let configs = PipelineConfigs {
+                transformer: config_file(&args.config, "config.json"),
+                text_encoder: config_file(&args.text_encoder_config, "config.json"),
+                vae: config_file(&args.vae_config, "config.json"),
+                scheduler: config_file(&args.scheduler_config, "scheduler_config.json"),
+            };
+            pipeline_parts(&args).and_then(|parts| {
+                convert_to_diffusers_pipeline(&parts, &configs, &args.to, &mut progress)
+            })
+        }
         None => convert_transformer(&args.from, &args.to, &opts, &mut progress),
     };
     bar.finish_and_clear();

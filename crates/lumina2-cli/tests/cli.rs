@@ -675,6 +675,79 @@ fn comfy_files_written_by_convert_give_the_folders_image() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `lumina2 convert` of ComfyUI's all-in-one checkpoint to a folder writes
+/// the whole pipeline folder (detected, and with `--format
+/// diffusers-pipeline`; the tiny model's configs given, as its sizes are not
+/// Lumina-Image 2.0's), which `generate --model` reads into the folder's
+/// image with nothing else given.
+#[test]
+fn an_all_in_one_checkpoint_converts_to_a_pipeline_folder() {
+    let dir = tmp_dir("tofolder");
+    let folder = pipeline_dir();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let ckpt = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lumina2-pipeline/tests/fixtures/comfy/lumina_2.safetensors");
+    let configs = [
+        "--config".to_string(),
+        p(&folder.join("transformer/config.json")),
+        "--text-encoder-config".into(),
+        p(&folder.join("text_encoder")),
+        "--vae-config".into(),
+        p(&folder.join("vae")),
+    ];
+    let out = dir.join("pipeline");
+    let mut args = vec!["convert", "--from", &p(&ckpt), "--to", &p(&out)]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    args.extend(configs.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = lumina2(&args);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(err.contains("whole diffusers pipeline folder"), "{err}");
+    assert!(err.contains("shift 6.0"), "{err}");
+    assert_eq!(
+        files_in(&out),
+        [
+            "model_index.json",
+            "scheduler",
+            "text_encoder",
+            "tokenizer",
+            "transformer",
+            "vae"
+        ]
+    );
+    assert_eq!(
+        files_in(&out.join("tokenizer")),
+        [
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer.model",
+            "tokenizer_config.json"
+        ]
+    );
+    let reference = dir.join("folder.png");
+    assert!(generate_fixture_case(&reference, &[]).status.success());
+    let converted = dir.join("converted.png");
+    let r = generate_case(&["--model", &p(&out)], &converted, &[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(png_pixels(&converted), png_pixels(&reference));
+
+    // The explicit format; a non-empty destination is refused.
+    let mut explicit = args.clone();
+    explicit.extend(["--format", "diffusers-pipeline"]);
+    let r = lumina2(&explicit);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(err.contains("not an empty folder"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+    let r = lumina2(&explicit);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(out.join("model_index.json").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A safetensors file written by hand: `tensors` in this order, as
 /// (key, dtype name, shape, bytes).
 fn write_raw_safetensors(path: &Path, tensors: &[(String, String, Vec<usize>, Vec<u8>)]) {

@@ -214,7 +214,7 @@ fn is_param(t: &str) -> bool {
 }
 
 /// The number of resolution levels of a BFL VAE: the `encoder.down.N` there are.
-fn levels(keys: &[String]) -> usize {
+pub(crate) fn levels(keys: &[String]) -> usize {
     let mut seen = BTreeSet::new();
     for k in keys {
         if let Some(level) = k

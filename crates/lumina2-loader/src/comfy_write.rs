@@ -110,7 +110,7 @@ impl PipelineParts {
     }
 }
 
-fn open_single(path: &Path) -> Result<SingleFile, ConvertError> {
+pub(crate) fn open_single(path: &Path) -> Result<SingleFile, ConvertError> {
     SingleFile::open(path).map_err(|e| ConvertError::Source {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -118,7 +118,7 @@ fn open_single(path: &Path) -> Result<SingleFile, ConvertError> {
 }
 
 /// Where a tensor's bytes come from.
-enum Data {
+pub(crate) enum Data {
     /// One of the transformer plan's tensors.
     Transformer(usize),
     /// A stored tensor, by its key in `src`.
@@ -127,16 +127,16 @@ enum Data {
     Bytes(Vec<u8>),
 }
 
-struct Item {
-    name: String,
-    shape: Vec<usize>,
-    dtype: DType,
-    data: Data,
+pub(crate) struct Item {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) dtype: DType,
+    pub(crate) data: Data,
 }
 
 /// The float type a stored tensor is written as: its own, fp8 (listed as
 /// U8) and other types widened to f32.
-fn float_type(src: &SafetensorsSource, key: &str) -> (DType, Vec<usize>) {
+pub(crate) fn float_type(src: &SafetensorsSource, key: &str) -> (DType, Vec<usize>) {
     match src.tensor_info(key) {
         Some((d @ (DType::F16 | DType::BF16 | DType::F32), s)) => (d, s.to_vec()),
         Some((_, s)) => (DType::F32, s.to_vec()),
@@ -145,7 +145,10 @@ fn float_type(src: &SafetensorsSource, key: &str) -> (DType, Vec<usize>) {
 }
 
 /// A component folder (or a pipeline folder's `component/`) as one source.
-fn open_folder(path: &Path, component: &str) -> Result<Arc<SafetensorsSource>, ConvertError> {
+pub(crate) fn open_folder(
+    path: &Path,
+    component: &str,
+) -> Result<Arc<SafetensorsSource>, ConvertError> {
     let dir = if path.join("model_index.json").is_file() {
         path.join(component)
     } else {
@@ -161,14 +164,14 @@ fn open_folder(path: &Path, component: &str) -> Result<Arc<SafetensorsSource>, C
     ))
 }
 
-fn not_a_file(path: &Path, part: &str) -> ConvertError {
+pub(crate) fn not_a_file(path: &Path, part: &str) -> ConvertError {
     ConvertError::Options(format!(
         "{}: a {part} is read from a diffusers folder or a .safetensors file",
         path.display()
     ))
 }
 
-fn is_safetensors(path: &Path) -> bool {
+pub(crate) fn is_safetensors(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
@@ -176,7 +179,9 @@ fn is_safetensors(path: &Path) -> bool {
 
 /// The Gemma-2 tensors in transformers' names (`model.` included), and the
 /// embedded tokenizer of a ComfyUI file.
-fn text_encoder_items(path: &Path) -> Result<(Vec<Item>, Option<Vec<u8>>), ConvertError> {
+pub(crate) fn text_encoder_items(
+    path: &Path,
+) -> Result<(Vec<Item>, Option<Vec<u8>>), ConvertError> {
     if path.is_dir() {
         let st = open_folder(path, "text_encoder")?;
         let keys = st.keys();
@@ -326,7 +331,7 @@ fn vae_items(path: &Path) -> Result<Vec<Item>, ConvertError> {
 
 /// The SentencePiece model's bytes from a `tokenizer.model`, a folder
 /// holding one, or a ComfyUI file's `spiece_model`.
-fn read_tokenizer(path: &Path) -> Result<Vec<u8>, ConvertError> {
+pub(crate) fn read_tokenizer(path: &Path) -> Result<Vec<u8>, ConvertError> {
     let err = |reason: String| ConvertError::Source {
         path: path.to_path_buf(),
         reason,
@@ -375,7 +380,11 @@ fn prefixed(prefix: &str, items: Vec<Item>) -> Vec<Item> {
 }
 
 /// The bytes of one item.
-fn item_bytes(item: &Item, transformer: &Source, outs: &[Out]) -> Result<Vec<u8>, String> {
+pub(crate) fn item_bytes(
+    item: &Item,
+    transformer: &Source,
+    outs: &[Out],
+) -> Result<Vec<u8>, String> {
     match &item.data {
         Data::Transformer(i) => {
             let o = outs.get(*i).ok_or("transformer tensor out of range")?;

@@ -280,6 +280,12 @@ impl Source {
             .map_err(|e| e.to_string())
     }
 
+    /// Takes `config.json` from `path` (checked against the shapes by
+    /// [`diffusers_config`]) instead of the source folder's own.
+    pub(crate) fn set_config_json(&mut self, path: PathBuf) {
+        self.config_json = Some(path);
+    }
+
     pub(crate) fn piece(&self, p: &Piece) -> Result<Tensor, String> {
         let s = |e: candle_core::Error| e.to_string();
         match p {
@@ -701,7 +707,7 @@ fn write_st(
 /// `config.json` of the written diffusers folder: the source folder's, or
 /// `opts.config`, or one derived from the shapes; checked against every
 /// written shape.
-fn diffusers_config(
+pub(crate) fn diffusers_config(
     source: &Source,
     outs: &[Out],
     opts: &ConvertOptions,

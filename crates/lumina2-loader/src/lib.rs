@@ -32,7 +32,11 @@
 //!   quantisers are in [`gguf`]), one tensor at a time, atomically;
 //!   [`comfy_write`]: a whole pipeline (diffusers folder, ComfyUI
 //!   checkpoint, or one source per part) to ComfyUI's all-in-one checkpoint
-//!   or its split files, losslessly, atomically.
+//!   or its split files, losslessly, atomically; [`pipeline_write`]: the
+//!   other way, ComfyUI's all-in-one checkpoint or split files to a whole
+//!   diffusers `Lumina2Pipeline` folder (tokenizer built from the embedded
+//!   SentencePiece model, scheduler of the released model), losslessly,
+//!   atomically.
 //!
 //! - [`gemma_gguf`]: Gemma-2 text encoders from GGUF files in llama.cpp's
 //!   key names (the community Gemma-2-2B quantisations), config from the
@@ -74,6 +78,7 @@ pub mod lora;
 pub mod original;
 mod pickle_guard;
 mod pipeline_folder;
+pub mod pipeline_write;
 pub mod prefixed;
 pub mod pth;
 pub mod qwen3_gguf;
@@ -90,5 +95,6 @@ pub use hub::{HubEnv, HubRepo};
 pub use lora::{LoraFile, LoraSource};
 pub use original::{detect_layout, infer_config, open_transformer_file, TransformerLayout};
 pub use pipeline_folder::{Component, PipelineFolder, PIPELINE_CLASSES};
+pub use pipeline_write::{convert_to_diffusers_pipeline, PipelineConfigs};
 pub use pth::PthFile;
 pub use qwen3_gguf::{Qwen3Gguf, Qwen3GgufError};

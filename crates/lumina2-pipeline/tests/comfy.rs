@@ -543,3 +543,306 @@ fn a_failed_comfy_conversion_leaves_nothing() {
     assert_eq!(left, vec![std::ffi::OsString::from("old.safetensors")]);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+// ---- ComfyUI files to a diffusers pipeline folder
+// (`lumina2 convert --format diffusers-pipeline`) ----------------------------
+
+/// The tiny folder as a ComfyUI all-in-one checkpoint with a SentencePiece
+/// tokenizer (the committed checkpoint's `spiece_model`, the tiny
+/// vocabulary), written by `convert_to_comfy`.
+fn all_in_one_from_folder(d: &Path) -> PathBuf {
+    use lumina2_loader::{convert_to_comfy, ComfyFormat, PipelineParts};
+    let ckpt = d.join("lumina_2.safetensors");
+    let mut parts = PipelineParts::from_source(&folder()).unwrap();
+    parts.tokenizer = Some(comfy("lumina_2.safetensors"));
+    convert_to_comfy(&parts, &ckpt, ComfyFormat::AllInOne, &mut |_, _| Ok(())).unwrap();
+    ckpt
+}
+
+/// The tiny model's configs (its sizes are not the real model's); the
+/// scheduler is left to the converter's default, Lumina-Image 2.0's.
+fn tiny_configs() -> lumina2_loader::PipelineConfigs {
+    let mut c = lumina2_loader::PipelineConfigs::from_pipeline_folder(&folder());
+    c.scheduler = None;
+    c
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn folder_to_all_in_one_to_folder_gives_back_the_folder() {
+    use lumina2_loader::{convert_to_diffusers_pipeline, PipelineParts};
+    let d = out_dir("tofolder");
+    let ckpt = all_in_one_from_folder(&d);
+    let out = d.join("pipeline");
+    let parts = PipelineParts::from_source(&ckpt).unwrap();
+    let mut calls = 0;
+    let r = convert_to_diffusers_pipeline(&parts, &tiny_configs(), &out, &mut |done, total| {
+        assert!(done <= total);
+        calls += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(calls, r.tensors + 1);
+    assert!(r.notes.iter().any(|n| n.contains("shift 6.0")), "{r:?}");
+    let f = lumina2_loader::PipelineFolder::open(&out).unwrap();
+    assert_eq!(f.class_name(), "Lumina2Pipeline");
+
+    // Every tensor: same keys, dtypes, shapes and bits.
+    for (component, file) in [
+        ("transformer", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+    ] {
+        let ours =
+            lumina2_weights::SafetensorsSource::open(&[out.join(component).join(file)]).unwrap();
+        assert_same_tensors(&folder_source(component, file), &ours, component);
+        for k in lumina2_weights::WeightSource::keys(&ours) {
+            assert_eq!(
+                ours.tensor_info(&k).unwrap().0,
+                folder_source(component, file).tensor_info(&k).unwrap().0,
+                "{component}: {k}"
+            );
+        }
+    }
+    // The configs: the same JSON (the scheduler's is the real model's, which
+    // the tiny folder has too).
+    for cfg in [
+        "model_index.json",
+        "transformer/config.json",
+        "text_encoder/config.json",
+        "vae/config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        assert_eq!(json(&out.join(cfg)), json(&folder().join(cfg)), "{cfg}");
+    }
+    // The tokenizer: tokenizer.json, and tokenizer.model alone, give the
+    // folder's ids.
+    let reference =
+        lumina2_text_encoder::GemmaTokenizer::from_file(folder().join("tokenizer")).unwrap();
+    let from_json = lumina2_text_encoder::GemmaTokenizer::from_file(out.join("tokenizer")).unwrap();
+    let from_spm =
+        lumina2_text_encoder::GemmaTokenizer::from_file(out.join("tokenizer/tokenizer.model"))
+            .unwrap();
+    let texts: Vec<String> = [
+        "a red fox in the snow",
+        "  two  spaces\tand a tab\nnew line",
+        "ünïcödé, 日本語, emoji 🦊 <bos> <pad>",
+        "",
+    ]
+    .map(String::from)
+    .to_vec();
+    let ids = |t: &lumina2_text_encoder::GemmaTokenizer| t.encode_padded(&texts, 48).unwrap();
+    let want = ids(&reference);
+    assert_eq!(ids(&from_json).input_ids, want.input_ids);
+    assert_eq!(ids(&from_json).attention_mask, want.attention_mask);
+    assert_eq!(ids(&from_spm).input_ids, want.input_ids);
+    assert_eq!(from_json.pad_id(), reference.pad_id());
+    let spm = read_all(&ckpt)["text_encoders.spiece_model"]
+        .to_vec1::<u8>()
+        .unwrap();
+    assert_eq!(
+        std::fs::read(out.join("tokenizer/tokenizer.model")).unwrap(),
+        spm
+    );
+
+    // And the same image.
+    let reference = pixels(PipelineSources::from_pipeline_folder(folder()).unwrap());
+    assert_eq!(
+        pixels(PipelineSources::from_pipeline_folder(&out).unwrap()),
+        reference
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The split files (transformer, Gemma-2 with its tokenizer, BFL VAE) give
+/// the same folder.
+#[test]
+fn split_files_to_a_folder_give_back_the_folder() {
+    use lumina2_loader::comfy_write::SPLIT_FILES;
+    use lumina2_loader::{
+        convert_to_comfy, convert_to_diffusers_pipeline, ComfyFormat, PipelineParts,
+    };
+    let d = out_dir("splittofolder");
+    let ckpt = all_in_one_from_folder(&d);
+    let split = d.join("models");
+    convert_to_comfy(
+        &PipelineParts::from_source(&ckpt).unwrap(),
+        &split,
+        ComfyFormat::Split,
+        &mut |_, _| Ok(()),
+    )
+    .unwrap();
+    let parts = PipelineParts {
+        transformer: split.join(SPLIT_FILES[0]),
+        text_encoder: split.join(SPLIT_FILES[1]),
+        vae: split.join(SPLIT_FILES[2]),
+        tokenizer: None,
+    };
+    let out = d.join("pipeline");
+    convert_to_diffusers_pipeline(&parts, &tiny_configs(), &out, &mut |_, _| Ok(())).unwrap();
+    for (component, file) in [
+        ("transformer", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+    ] {
+        let ours =
+            lumina2_weights::SafetensorsSource::open(&[out.join(component).join(file)]).unwrap();
+        assert_same_tensors(&folder_source(component, file), &ours, component);
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Without configs, the text encoder's and VAE's are derived from the
+/// tensors: Gemma-2-2B's settings (head width 256) cannot describe the tiny
+/// encoder's 16 query rows, and the error names the key; the Flux VAE's
+/// config takes the tensors' sizes.
+#[test]
+fn configs_are_derived_from_the_tensors_or_refused_naming_the_key() {
+    use lumina2_loader::{convert_to_diffusers_pipeline, PipelineConfigs, PipelineParts};
+    let d = out_dir("derive");
+    let ckpt = comfy("lumina_2.safetensors");
+    let parts = PipelineParts::from_source(&ckpt).unwrap();
+    let mut configs = PipelineConfigs {
+        transformer: Some(folder().join("transformer/config.json")),
+        ..Default::default()
+    };
+    let out = d.join("pipeline");
+    let e = convert_to_diffusers_pipeline(&parts, &configs, &out, &mut |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lumina_2.safetensors")
+            && e.contains(
+                "text_encoders.gemma2_2b.transformer.model.layers.0.self_attn.q_proj.weight"
+            ),
+        "{e}"
+    );
+    assert!(!out.exists());
+    configs.text_encoder = Some(folder().join("text_encoder/config.json"));
+    convert_to_diffusers_pipeline(&parts, &configs, &out, &mut |_, _| Ok(())).unwrap();
+    let vae = json(&out.join("vae/config.json"));
+    let tiny = json(&folder().join("vae/config.json"));
+    for k in [
+        "block_out_channels",
+        "layers_per_block",
+        "latent_channels",
+        "scaling_factor",
+        "shift_factor",
+        "use_quant_conv",
+        "use_post_quant_conv",
+        "mid_block_add_attention",
+    ] {
+        assert_eq!(vae[k], tiny[k], "{k}");
+    }
+    // The real Flux VAE's group norms (the tiny one's 4 is not in its tensors).
+    assert_eq!(vae["norm_num_groups"], 32);
+    // A VAE config that does not fit the tensors is refused.
+    configs.vae = Some(folder().join("transformer/config.json"));
+    let out2 = d.join("pipeline2");
+    let e = convert_to_diffusers_pipeline(&parts, &configs, &out2, &mut |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("transformer/config.json"), "{e}");
+    assert!(!out2.exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn hostile_checkpoints_are_refused_naming_file_and_key_and_leave_nothing() {
+    use lumina2_loader::{convert_to_diffusers_pipeline, PipelineParts};
+    let d = out_dir("tofolderhostile");
+    let base = read_all(&comfy("lumina_2.safetensors"));
+    let convert = |ckpt: &Path| {
+        let out = d.join("pipeline");
+        let parts = PipelineParts {
+            transformer: ckpt.to_path_buf(),
+            text_encoder: ckpt.to_path_buf(),
+            vae: ckpt.to_path_buf(),
+            tokenizer: None,
+        };
+        let e = convert_to_diffusers_pipeline(&parts, &tiny_configs(), &out, &mut |_, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(!out.exists(), "{e}");
+        e
+    };
+
+    // No VAE.
+    let mut t = base.clone();
+    t.retain(|k, _| !k.starts_with("vae."));
+    let p = d.join("no_vae.safetensors");
+    candle_core::safetensors::save(&t, &p).unwrap();
+    let e = convert(&p);
+    assert!(
+        e.contains("no_vae.safetensors") && e.contains("vae.encoder.down.0.block.0.conv1.weight"),
+        "{e}"
+    );
+
+    // A truncated tokenizer.
+    let mut t = base.clone();
+    let spm = t["text_encoders.spiece_model"].to_vec1::<u8>().unwrap();
+    let half = spm[..spm.len() / 2].to_vec();
+    let n = half.len();
+    t.insert(
+        "text_encoders.spiece_model".into(),
+        Tensor::from_vec(half, n, &Device::Cpu).unwrap(),
+    );
+    let p = d.join("truncated_spm.safetensors");
+    candle_core::safetensors::save(&t, &p).unwrap();
+    let e = convert(&p);
+    assert!(
+        e.contains("truncated_spm.safetensors") && e.contains("text_encoders.spiece_model"),
+        "{e}"
+    );
+
+    // No tokenizer at all.
+    let mut t = base.clone();
+    t.remove("text_encoders.spiece_model");
+    let p = d.join("no_spm.safetensors");
+    candle_core::safetensors::save(&t, &p).unwrap();
+    let e = convert(&p);
+    assert!(
+        e.contains("no_spm.safetensors") && e.contains("text_encoders.spiece_model"),
+        "{e}"
+    );
+
+    // Interrupted in the VAE, the last file: no folder, no partial one.
+    let ckpt = comfy("lumina_2.safetensors");
+    let parts = PipelineParts::from_source(&ckpt).unwrap();
+    let out = d.join("pipeline");
+    let e = convert_to_diffusers_pipeline(&parts, &tiny_configs(), &out, &mut |done, total| {
+        if done + 2 == total {
+            Err("interrupted".into())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("interrupted"), "{e}");
+    assert!(!out.exists());
+    // A non-empty destination is refused.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep"), b"x").unwrap();
+    let e = convert_to_diffusers_pipeline(&parts, &tiny_configs(), &out, &mut |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not an empty folder"), "{e}");
+    std::fs::remove_dir_all(&out).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "no_spm.safetensors",
+            "no_vae.safetensors",
+            "truncated_spm.safetensors"
+        ]
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
