@@ -2,8 +2,9 @@
 //! it (`split_files/vae/ae.safetensors`, and under `vae.` in the all-in-one
 //! checkpoint), seen through diffusers' `AutoencoderKL` names.
 //!
-//! The mapping is diffusers 0.42.1's `convert_ldm_vae_checkpoint`
-//! (`loaders/single_file_utils.py`), read backwards: `down.N.block.M` is
+//! The mapping (`VAE_KEYS`, one table read both ways) is diffusers
+//! 0.42.1's `convert_ldm_vae_checkpoint` (`loaders/single_file_utils.py`),
+//! read backwards: `down.N.block.M` is
 //! `down_blocks.N.resnets.M`, `up.N` is `up_blocks.{n-1-N}` (the original
 //! counts decoder levels from the lowest resolution), `mid.block_K` is
 //! `mid_block.resnets.{K-1}`, `nin_shortcut` is `conv_shortcut`, `norm_out`
@@ -33,180 +34,168 @@ struct Origin {
     squeeze: bool,
 }
 
-/// The diffusers name of a BFL VAE key, for a VAE of `levels` resolution
-/// levels, and whether its `[C, C, 1, 1]` weight is read as `[C, C]`;
-/// `None` for a key the VAE does not have.
-pub fn bfl_key_to_diffusers(key: &str, levels: usize) -> Option<(String, bool)> {
-    if let Some(t) = key
-        .strip_prefix("quant_conv.")
-        .or_else(|| key.strip_prefix("post_quant_conv."))
-    {
-        return is_param(t).then(|| (key.to_string(), false));
-    }
-    let (side, rest) = key.split_once('.')?;
-    if side != "encoder" && side != "decoder" {
-        return None;
-    }
-    let resnet = |t: &str| -> Option<String> {
-        let (layer, param) = t.split_once('.')?;
-        let layer = match layer {
-            "norm1" | "conv1" | "norm2" | "conv2" => layer,
-            "nin_shortcut" => "conv_shortcut",
-            _ => return None,
-        };
-        is_param(param).then(|| format!("{layer}.{param}"))
+/// The Flux VAE's keys in both namings, one row per kind of tensor: the
+/// BFL pattern, the diffusers pattern, and whether the row is a mid
+/// attention linear layer (its weight is a `[C, C, 1, 1]` convolution in
+/// BFL's file and `[C, C]` in diffusers'). Placeholders (a whole segment):
+/// `{S}` encoder/decoder, `{D}` an encoder level (the same both sides),
+/// `{U}` a decoder level (`up.N` is `up_blocks.{levels-1-N}`), `{J}` a
+/// resnet index, `{R}` a resnet layer ([`RESNET_LAYERS`]), `{P}` weight or
+/// bias. Read one way it is diffusers' `convert_ldm_vae_checkpoint`; read
+/// the other way, what `lumina2 convert` writes ComfyUI's VAE with.
+const VAE_KEYS: [(&str, &str, bool); 16] = [
+    ("quant_conv.{P}", "quant_conv.{P}", false),
+    ("post_quant_conv.{P}", "post_quant_conv.{P}", false),
+    ("{S}.conv_in.{P}", "{S}.conv_in.{P}", false),
+    ("{S}.conv_out.{P}", "{S}.conv_out.{P}", false),
+    ("{S}.norm_out.{P}", "{S}.conv_norm_out.{P}", false),
+    (
+        "{S}.mid.block_1.{R}.{P}",
+        "{S}.mid_block.resnets.0.{R}.{P}",
+        false,
+    ),
+    (
+        "{S}.mid.block_2.{R}.{P}",
+        "{S}.mid_block.resnets.1.{R}.{P}",
+        false,
+    ),
+    (
+        "{S}.mid.attn_1.norm.{P}",
+        "{S}.mid_block.attentions.0.group_norm.{P}",
+        false,
+    ),
+    (
+        "{S}.mid.attn_1.q.{P}",
+        "{S}.mid_block.attentions.0.to_q.{P}",
+        true,
+    ),
+    (
+        "{S}.mid.attn_1.k.{P}",
+        "{S}.mid_block.attentions.0.to_k.{P}",
+        true,
+    ),
+    (
+        "{S}.mid.attn_1.v.{P}",
+        "{S}.mid_block.attentions.0.to_v.{P}",
+        true,
+    ),
+    (
+        "{S}.mid.attn_1.proj_out.{P}",
+        "{S}.mid_block.attentions.0.to_out.0.{P}",
+        true,
+    ),
+    (
+        "encoder.down.{D}.block.{J}.{R}.{P}",
+        "encoder.down_blocks.{D}.resnets.{J}.{R}.{P}",
+        false,
+    ),
+    (
+        "encoder.down.{D}.downsample.conv.{P}",
+        "encoder.down_blocks.{D}.downsamplers.0.conv.{P}",
+        false,
+    ),
+    (
+        "decoder.up.{U}.block.{J}.{R}.{P}",
+        "decoder.up_blocks.{U}.resnets.{J}.{R}.{P}",
+        false,
+    ),
+    (
+        "decoder.up.{U}.upsample.conv.{P}",
+        "decoder.up_blocks.{U}.upsamplers.0.conv.{P}",
+        false,
+    ),
+];
+
+/// A resnet's layers: BFL name, diffusers name.
+const RESNET_LAYERS: [(&str, &str); 5] = [
+    ("norm1", "norm1"),
+    ("conv1", "conv1"),
+    ("norm2", "norm2"),
+    ("conv2", "conv2"),
+    ("nin_shortcut", "conv_shortcut"),
+];
+
+/// The segment a placeholder's segment `value` becomes on the other side
+/// (`to_diffusers`: BFL to diffusers), `None` when it is not a valid value.
+fn placeholder(kind: &str, value: &str, levels: usize, to_diffusers: bool) -> Option<String> {
+    // Numbers as written (no sign, no leading zero), so that the renaming
+    // is one to one.
+    let number = || {
+        value
+            .parse::<usize>()
+            .ok()
+            .filter(|n| n.to_string() == value)
     };
-    let mapped = if let Some(t) = rest.strip_prefix("conv_in.") {
-        is_param(t).then(|| (format!("conv_in.{t}"), false))?
-    } else if let Some(t) = rest.strip_prefix("conv_out.") {
-        is_param(t).then(|| (format!("conv_out.{t}"), false))?
-    } else if let Some(t) = rest.strip_prefix("norm_out.") {
-        is_param(t).then(|| (format!("conv_norm_out.{t}"), false))?
-    } else if let Some(t) = rest.strip_prefix("mid.") {
-        if let Some(a) = t.strip_prefix("attn_1.") {
-            let (layer, param) = a.split_once('.')?;
-            let to = match layer {
-                "norm" => "group_norm",
-                "q" => "to_q",
-                "k" => "to_k",
-                "v" => "to_v",
-                "proj_out" => "to_out.0",
-                _ => return None,
+    let level = || number().filter(|&l| l < levels);
+    match kind {
+        "{S}" => matches!(value, "encoder" | "decoder").then(|| value.to_string()),
+        "{D}" => level().map(|l| l.to_string()),
+        "{U}" => level().map(|l| (levels - 1 - l).to_string()),
+        "{J}" => number().map(|j| j.to_string()),
+        "{P}" => is_param(value).then(|| value.to_string()),
+        "{R}" => RESNET_LAYERS.iter().find_map(|&(bfl, diffusers)| {
+            let (from, to) = if to_diffusers {
+                (bfl, diffusers)
+            } else {
+                (diffusers, bfl)
             };
-            if !is_param(param) {
-                return None;
-            }
-            let squeeze = layer != "norm" && param == "weight";
-            (format!("mid_block.attentions.0.{to}.{param}"), squeeze)
+            (from == value).then(|| to.to_string())
+        }),
+        _ => None,
+    }
+}
+
+/// `key` renamed through [`VAE_KEYS`] (`to_diffusers`: BFL to diffusers),
+/// and whether it is a mid attention linear weight.
+fn rename(key: &str, levels: usize, to_diffusers: bool) -> Option<(String, bool)> {
+    let segments: Vec<&str> = key.split('.').collect();
+    VAE_KEYS.iter().find_map(|&(bfl, diffusers, linear)| {
+        let (from, to) = if to_diffusers {
+            (bfl, diffusers)
         } else {
-            let (block, t) = t.split_once('.')?;
-            let k: usize = block.strip_prefix("block_")?.parse().ok()?;
-            if !(1..=2).contains(&k) {
-                return None;
-            }
-            (format!("mid_block.resnets.{}.{}", k - 1, resnet(t)?), false)
-        }
-    } else {
-        let (dir, t) = rest.split_once('.')?;
-        let (level, t) = t.split_once('.')?;
-        let level: usize = level.parse().ok()?;
-        if level >= levels {
+            (diffusers, bfl)
+        };
+        let pattern: Vec<&str> = from.split('.').collect();
+        if pattern.len() != segments.len() {
             return None;
         }
-        let (blocks, to_level) = match (side, dir) {
-            ("encoder", "down") => ("down_blocks", level),
-            ("decoder", "up") => ("up_blocks", levels - 1 - level),
-            _ => return None,
-        };
-        if let Some(t) = t.strip_prefix("block.") {
-            let (j, t) = t.split_once('.')?;
-            let j: usize = j.parse().ok()?;
-            (
-                format!("{blocks}.{to_level}.resnets.{j}.{}", resnet(t)?),
-                false,
-            )
-        } else {
-            let sampler = if side == "encoder" { "down" } else { "up" };
-            let param = t.strip_prefix(&format!("{sampler}sample.conv."))?;
-            if !is_param(param) {
+        // Each placeholder's value on the other side.
+        let mut values: Vec<(&str, String)> = Vec::new();
+        for (p, s) in pattern.iter().zip(&segments) {
+            if p.starts_with('{') {
+                values.push((p, placeholder(p, s, levels, to_diffusers)?));
+            } else if p != s {
                 return None;
             }
-            (
-                format!("{blocks}.{to_level}.{sampler}samplers.0.conv.{param}"),
-                false,
-            )
         }
-    };
-    Some((format!("{side}.{}", mapped.0), mapped.1))
+        let renamed: Vec<&str> = to
+            .split('.')
+            .map(|p| {
+                values
+                    .iter()
+                    .find(|(k, _)| *k == p)
+                    .map_or(p, |(_, v)| v.as_str())
+            })
+            .collect();
+        Some((renamed.join("."), linear && key.ends_with(".weight")))
+    })
+}
+
+/// The diffusers name of a BFL VAE key, for a VAE of `levels` resolution
+/// levels, and whether its `[C, C, 1, 1]` weight is read as `[C, C]`;
+/// `None` for a key the VAE does not have (`VAE_KEYS` read forwards).
+pub fn bfl_key_to_diffusers(key: &str, levels: usize) -> Option<(String, bool)> {
+    rename(key, levels, true)
 }
 
 /// The BFL name of a diffusers `AutoencoderKL` key, for a VAE of `levels`
 /// resolution levels, and whether its `[C, C]` linear weight is stored as a
-/// `[C, C, 1, 1]` convolution: exactly the inverse of
-/// [`bfl_key_to_diffusers`] (what `lumina2 convert` writes ComfyUI's VAE
-/// with); `None` for a key the Flux VAE does not have. The quant convs keep
-/// their names: the BFL layout reads them as they are.
+/// `[C, C, 1, 1]` convolution: `VAE_KEYS` read backwards, hence exactly
+/// the inverse of [`bfl_key_to_diffusers`] (what `lumina2 convert` writes
+/// ComfyUI's VAE with); `None` for a key the Flux VAE does not have. The
+/// quant convs keep their names: the BFL layout reads them as they are.
 pub fn diffusers_key_to_bfl(key: &str, levels: usize) -> Option<(String, bool)> {
-    if let Some(t) = key
-        .strip_prefix("quant_conv.")
-        .or_else(|| key.strip_prefix("post_quant_conv."))
-    {
-        return is_param(t).then(|| (key.to_string(), false));
-    }
-    let (side, rest) = key.split_once('.')?;
-    if side != "encoder" && side != "decoder" {
-        return None;
-    }
-    let resnet = |t: &str| -> Option<String> {
-        let (layer, param) = t.split_once('.')?;
-        let layer = match layer {
-            "norm1" | "conv1" | "norm2" | "conv2" => layer,
-            "conv_shortcut" => "nin_shortcut",
-            _ => return None,
-        };
-        is_param(param).then(|| format!("{layer}.{param}"))
-    };
-    let mapped = if let Some(t) = rest.strip_prefix("conv_in.") {
-        is_param(t).then(|| (format!("conv_in.{t}"), false))?
-    } else if let Some(t) = rest.strip_prefix("conv_out.") {
-        is_param(t).then(|| (format!("conv_out.{t}"), false))?
-    } else if let Some(t) = rest.strip_prefix("conv_norm_out.") {
-        is_param(t).then(|| (format!("norm_out.{t}"), false))?
-    } else if let Some(a) = rest.strip_prefix("mid_block.attentions.0.") {
-        let (layer, param) = match a.strip_prefix("to_out.0.") {
-            Some(param) => ("proj_out", param),
-            None => {
-                let (layer, param) = a.split_once('.')?;
-                let to = match layer {
-                    "group_norm" => "norm",
-                    "to_q" => "q",
-                    "to_k" => "k",
-                    "to_v" => "v",
-                    _ => return None,
-                };
-                (to, param)
-            }
-        };
-        if !is_param(param) {
-            return None;
-        }
-        let unsqueeze = layer != "norm" && param == "weight";
-        (format!("mid.attn_1.{layer}.{param}"), unsqueeze)
-    } else if let Some(t) = rest.strip_prefix("mid_block.resnets.") {
-        let (k, t) = t.split_once('.')?;
-        let k: usize = k.parse().ok()?;
-        if k > 1 {
-            return None;
-        }
-        (format!("mid.block_{}.{}", k + 1, resnet(t)?), false)
-    } else {
-        let (blocks, t) = rest.split_once('.')?;
-        let (level, t) = t.split_once('.')?;
-        let level: usize = level.parse().ok()?;
-        if level >= levels {
-            return None;
-        }
-        let (dir, to_level, sampler) = match (side, blocks) {
-            ("encoder", "down_blocks") => ("down", level, "down"),
-            ("decoder", "up_blocks") => ("up", levels - 1 - level, "up"),
-            _ => return None,
-        };
-        if let Some(t) = t.strip_prefix("resnets.") {
-            let (j, t) = t.split_once('.')?;
-            let j: usize = j.parse().ok()?;
-            (format!("{dir}.{to_level}.block.{j}.{}", resnet(t)?), false)
-        } else {
-            let param = t.strip_prefix(&format!("{sampler}samplers.0.conv."))?;
-            if !is_param(param) {
-                return None;
-            }
-            (
-                format!("{dir}.{to_level}.{sampler}sample.conv.{param}"),
-                false,
-            )
-        }
-    };
-    Some((format!("{side}.{}", mapped.0), mapped.1))
+    rename(key, levels, false)
 }
 
 fn is_param(t: &str) -> bool {
@@ -450,6 +439,8 @@ mod tests {
             "vae.encoder.conv_in.weight",
             "encoder.down.0.upsample.conv.weight",
             "encoder.conv_in.scale",
+            "encoder.down.01.block.0.conv1.weight",
+            "decoder.up.0.block.+1.conv1.weight",
         ] {
             assert_eq!(bfl_key_to_diffusers(bad, 4), None, "{bad}");
         }
