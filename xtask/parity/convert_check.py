@@ -25,6 +25,11 @@ back to a whole pipeline folder (`lumina2 convert --from lumina_2.safetensors
 diffusers' `Lumina2Pipeline.from_pretrained` loads that folder: every
 component's weights must equal the original folder's, `AutoTokenizer` must
 give the same ids, and a seeded generation the same image, exactly.
+Then the configs derived from the tensors: a split Gemma-2 file (Gemma-2-2B's
+settings at small sizes, the real head width 256, random weights, the tiny
+`spiece_model`) is converted with no text encoder config; transformers'
+`Gemma2Model.from_pretrained` must load the written config (its types are
+checked) and give the source model's `hidden_states[-2]` exactly.
 
     ... convert_check.py --lumina2 PATH --work DIR [--part transformer|pipeline]"""
 
@@ -110,7 +115,41 @@ def check_pipeline(a):
     print(f"pipeline image (seed 42, 48x32, 4 steps): identical: {same_img} "
           f"(max |diff| {(a_img - b_img).abs().max().item():.3g}, "
           f"image std {a_img.std().item():.3g})")
-    return failures
+    return failures + check_derived_text_encoder(a, work)
+
+
+def check_derived_text_encoder(a, work):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=256)
+    m = Gemma2Model(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    sd = {f"model.{k}": v.contiguous() for k, v in m.state_dict().items()}
+    with safe_open(TINY_CKPT, "pt") as f:
+        sd["spiece_model"] = f.get_tensor("text_encoders.spiece_model")
+    te = os.path.join(work, "gemma_2_small.safetensors")
+    save_file(sd, te)
+    out = os.path.join(work, "derived")
+    if os.path.exists(out):
+        import shutil
+        shutil.rmtree(out)
+    subprocess.run([a.lumina2, "-q", "convert", "--from", os.path.join(TINY, "transformer"),
+                    "--text-encoder", te, "--vae", os.path.join(TINY, "vae"), "--to", out,
+                    "--format", "diffusers-pipeline"], check=True)
+    got = Gemma2Model.from_pretrained(os.path.join(out, "text_encoder")).eval()
+    ids = torch.tensor([[2, 5, 17, 300, 42, 7, 1]])
+    with torch.no_grad():
+        want = m(ids, output_hidden_states=True).hidden_states[-2]
+        have = got(ids, output_hidden_states=True).hidden_states[-2]
+    same = torch.equal(want, have)
+    print(f"pipeline derived text encoder config: Gemma2Model loads it, hidden_states[-2] identical: {same}")
+    return 0 if same else 1
 
 
 def main():

@@ -165,7 +165,8 @@ fn gemma2_config_json(cfg: &Gemma2Config, dtype: DType) -> Value {
         "num_hidden_layers": cfg.num_hidden_layers,
         "num_key_value_heads": cfg.num_key_value_heads,
         "pad_token_id": cfg.pad_token_id,
-        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        // transformers 5 checks the type: an int (`query_pre_attn_scalar: int`).
+        "query_pre_attn_scalar": json_int_or_float(cfg.query_pre_attn_scalar),
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
         "sliding_window": cfg.sliding_window,
@@ -175,6 +176,16 @@ fn gemma2_config_json(cfg: &Gemma2Config, dtype: DType) -> Value {
         "use_cache": true,
         "vocab_size": cfg.vocab_size,
     })
+}
+
+/// `v` as a JSON integer when it is a whole number (transformers' config
+/// classes check field types), else as a float.
+fn json_int_or_float(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 9.0e15 {
+        json!(v as i64)
+    } else {
+        json!(v)
+    }
 }
 
 /// An `AutoencoderKL` `config.json` as diffusers writes it.
@@ -659,4 +670,46 @@ pub fn convert_to_diffusers_pipeline(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gemma-2-2B's config as written: the real model's values, with the
+    /// types transformers 5 checks (`query_pre_attn_scalar` and the sizes
+    /// are ints).
+    #[test]
+    fn the_derived_gemma2_config_is_gemma_2_2b() {
+        let v = gemma2_config_json(&Gemma2Config::default(), DType::BF16);
+        for (k, want) in [
+            ("vocab_size", json!(256000)),
+            ("hidden_size", json!(2304)),
+            ("intermediate_size", json!(9216)),
+            ("num_hidden_layers", json!(26)),
+            ("num_attention_heads", json!(8)),
+            ("num_key_value_heads", json!(4)),
+            ("head_dim", json!(256)),
+            ("query_pre_attn_scalar", json!(256)),
+            ("sliding_window", json!(4096)),
+            ("attn_logit_softcapping", json!(50.0)),
+            ("final_logit_softcapping", json!(30.0)),
+            ("max_position_embeddings", json!(8192)),
+            ("dtype", json!("bfloat16")),
+        ] {
+            assert_eq!(v[k], want, "{k}");
+        }
+        assert!(v["query_pre_attn_scalar"].is_u64());
+        assert_eq!(v["layer_types"][0], "sliding_attention");
+        assert_eq!(v["layer_types"][25], "full_attention");
+        assert_eq!(json_int_or_float(0.5), json!(0.5));
+    }
+
+    #[test]
+    fn the_scheduler_is_lumina_image_2s() {
+        let v = lumina2_scheduler_json();
+        assert_eq!(v["shift"], json!(6.0));
+        assert_eq!(v["use_dynamic_shifting"], json!(false));
+        assert_eq!(v["_class_name"], "FlowMatchEulerDiscreteScheduler");
+    }
 }
