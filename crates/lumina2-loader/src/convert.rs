@@ -104,6 +104,10 @@ pub enum ConvertError {
     /// Options that do not fit together.
     #[error("{0}")]
     Options(String),
+    /// An embedded or given tokenizer that cannot be read (the message
+    /// names its file, and its key when it is a tensor).
+    #[error("{0}")]
+    Tokenizer(String),
     /// Writing failed (nothing was left behind).
     #[error(transparent)]
     Write(#[from] GgufWriteError),

@@ -561,8 +561,10 @@ pub fn convert_to_diffusers_pipeline(
     } = text_encoder(&parts.text_encoder, configs.text_encoder.as_deref())?;
     let (vae_items, vae_config) = vae(&parts.vae, configs.vae.as_deref())?;
     let (spiece, origin) = tokenizer_bytes(parts, own_spiece)?;
-    let tokenizer = GemmaTokenizer::from_sentencepiece(&spiece, &origin)
-        .map_err(|e| source_err(Path::new(&origin), e))?;
+    let tokenizer = GemmaTokenizer::from_sentencepiece(&spiece, &origin).map_err(|e| {
+        // The error names `origin` (file and key) already.
+        ConvertError::Tokenizer(e.to_string())
+    })?;
     let tokenizer_json = tokenizer
         .inner()
         .to_string(true)
