@@ -31,27 +31,37 @@ VAE = dict(
     scaling_factor=0.3611, shift_factor=0.1159,
 )
 TEXT = gen_text_encoder.PROMPT_MODEL
+# The same pipeline with the real model's 16 latent channels (the Flux VAE's),
+# for which the live preview's latent-to-RGB matrix is made.
+TRANSFORMER_16 = dict(TRANSFORMER, in_channels=16)
+VAE_16 = dict(VAE, latent_channels=16)
+VARIANTS = {"latent4": (TRANSFORMER, VAE), "latent16": (TRANSFORMER_16, VAE_16)}
 
-# name, args, given latents (shape or None), committed as a test fixture
+# name, args, given latents (shape or None), committed as a test fixture,
+# pipeline variant
 CASES = [
     ("seed_cfg", dict(prompt=["a red fox in the snow"], negative_prompt=None, height=32, width=48,
                       num_inference_steps=4, guidance_scale=4.0, cfg_trunc_ratio=1.0, cfg_normalization=True,
-                      system_prompt=None, max_sequence_length=32, num_images_per_prompt=1, seed=42), None, True),
+                      system_prompt=None, max_sequence_length=32, num_images_per_prompt=1, seed=42), None, True, "latent4"),
     ("batch_negative_trunc", dict(prompt=["a castle on a hill", "two cats asleep on a sofa"],
                                   negative_prompt=["blurry", "low quality, watermark"], height=32, width=32,
                                   num_inference_steps=4, guidance_scale=3.0, cfg_trunc_ratio=0.5,
                                   cfg_normalization=False, system_prompt=None, max_sequence_length=24,
-                                  num_images_per_prompt=1, seed=7), None, True),
+                                  num_images_per_prompt=1, seed=7), None, True, "latent4"),
     ("latents_no_cfg", dict(prompt=["an empty road at night"], negative_prompt=None, height=32, width=32,
                             num_inference_steps=3, guidance_scale=1.0, cfg_trunc_ratio=1.0,
                             cfg_normalization=True, system_prompt="", max_sequence_length=16,
-                            num_images_per_prompt=2, seed=0), (2, 4, 4, 4), False),
+                            num_images_per_prompt=2, seed=0), (2, 4, 4, 4), False, "latent4"),
     ("images_per_prompt_big_seed", dict(prompt=["a lighthouse"], negative_prompt=["dark"], height=48, width=32,
                                         num_inference_steps=2, guidance_scale=5.5, cfg_trunc_ratio=1.0,
                                         cfg_normalization=True,
                                         system_prompt="You are an assistant designed to generate high-quality images.",
                                         max_sequence_length=32, num_images_per_prompt=2, seed=2 ** 40 + 3),
-     None, False),
+     None, False, "latent4"),
+    ("latent16_preview", dict(prompt=["a red fox in the snow"], negative_prompt=None, height=32, width=48,
+                              num_inference_steps=4, guidance_scale=4.0, cfg_trunc_ratio=1.0,
+                              cfg_normalization=True, system_prompt=None, max_sequence_length=32,
+                              num_images_per_prompt=1, seed=42), None, True, "latent16"),
 ]
 
 # Tolerances, measured on these cases (max |error| of our f32 pipeline against
@@ -61,15 +71,16 @@ CASES = [
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
 
 
-def build_pipeline(src):
+def build_pipeline(src, variant):
+    transformer_cfg, vae_cfg = VARIANTS[variant]
     vocab = gen_text_encoder.build_tokenizer(os.path.join(src, "tokenizer"))
     spec = dict(TEXT, vocab_size=max(vocab, TEXT["vocab_size"]))
     # Weights rounded to float16 and stored so (half the size of the committed
     # fixtures); both sides compute in float32 from the same values.
     text_encoder = gen_text_encoder.make_model(spec, 31, torch.float16)
-    transformer = Lumina2Transformer2DModel(**TRANSFORMER)
+    transformer = Lumina2Transformer2DModel(**transformer_cfg)
     randomize_(transformer, 32, torch.float16)
-    vae = AutoencoderKL(**VAE)
+    vae = AutoencoderKL(**vae_cfg)
     randomize_(vae, 33, torch.float16)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(src, "tokenizer"))
@@ -86,7 +97,7 @@ def run(pipe, args, latents):
     if latents is None:
         # What prepare_latents draws with this generator (a fresh one, same seed).
         b = len(args["prompt"]) * args["num_images_per_prompt"]
-        shape = (b, TRANSFORMER["in_channels"], 2 * (args["height"] // 16), 2 * (args["width"] // 16))
+        shape = (b, pipe.transformer.config.in_channels, 2 * (args["height"] // 16), 2 * (args["width"] // 16))
         initial = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(args["seed"]))
     with torch.no_grad():
         out = pipe(prompt=args["prompt"], negative_prompt=args["negative_prompt"], height=args["height"],
@@ -103,26 +114,28 @@ def run(pipe, args, latents):
 
 
 def generate(out_dir, only_tiny=False, only_committed=False):
-    base = os.path.join(out_dir, "pipeline")
-    src = os.path.join(base, ".pipeline_src")
-    pipe = build_pipeline(src)
-    for name, args, latent_shape, committed in CASES:
-        if only_committed and not committed:
-            continue
-        case_dir = os.path.join(base, name)
-        link_tree(os.path.join(src, "pipeline"), os.path.join(case_dir, "pipeline"))
-        inputs = None
-        latents = None
-        if latent_shape is not None:
-            latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(99))
-            inputs = {"latents": latents}
-        expected = run(pipe, args, latents)
-        # Multiple prompts with num_images_per_prompt > 1 hit diffusers' misordered
-        # masks (parity-cases.md): no case combines them.
-        assert not (len(args["prompt"]) > 1 and args["num_images_per_prompt"] > 1)
-        prov = {"generator": "xtask/parity/gen_pipeline.py", **versions()}
-        write_case(case_dir, "pipeline", "pipeline", inputs, expected, TOLERANCE, dtype="f32", args=args,
-                   provenance=prov)
-        print(f"pipeline/{name}: written")
     import shutil
-    shutil.rmtree(src)
+    base = os.path.join(out_dir, "pipeline")
+    for variant in VARIANTS:
+        cases = [c for c in CASES if c[4] == variant and (c[3] or not only_committed)]
+        if not cases:
+            continue
+        src = os.path.join(base, f".pipeline_src_{variant}")
+        pipe = build_pipeline(src, variant)
+        for name, args, latent_shape, _, _ in cases:
+            case_dir = os.path.join(base, name)
+            link_tree(os.path.join(src, "pipeline"), os.path.join(case_dir, "pipeline"))
+            inputs = None
+            latents = None
+            if latent_shape is not None:
+                latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(99))
+                inputs = {"latents": latents}
+            expected = run(pipe, args, latents)
+            # Multiple prompts with num_images_per_prompt > 1 hit diffusers' misordered
+            # masks (parity-cases.md): no case combines them.
+            assert not (len(args["prompt"]) > 1 and args["num_images_per_prompt"] > 1)
+            prov = {"generator": "xtask/parity/gen_pipeline.py", **versions()}
+            write_case(case_dir, "pipeline", "pipeline", inputs, expected, TOLERANCE, dtype="f32", args=args,
+                       provenance=prov)
+            print(f"pipeline/{name}: written")
+        shutil.rmtree(src)

@@ -865,3 +865,91 @@ fn hostile_comfy_checkpoints_are_refused_naming_file_and_key() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The `latent16_preview` fixture: the tiny pipeline with the real model's
+/// 16 latent channels, for which the preview's latent-to-RGB matrix is made.
+fn latent16_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lumina2-pipeline/tests/fixtures/pipeline/latent16_preview")
+}
+
+/// The RGB pixels of a PNG file.
+fn rgb(path: &Path) -> image::RgbImage {
+    image::open(path).unwrap().to_rgb8()
+}
+
+/// `--preview` end to end: the file is the latent-sized projection of the
+/// step's clean-image prediction; after the last step, whose next sigma is 0,
+/// that prediction is the final latents themselves, so the last preview is
+/// the projection of `--output-latents`. Previews leave the image unchanged,
+/// and `--preview-every` skips the steps between.
+#[test]
+fn previews_project_the_predicted_clean_latents() {
+    let model = latent16_dir().join("pipeline");
+    let source = ["--model", model.to_str().unwrap()];
+    let dir = tmp_dir("preview16");
+    let preview = dir.join("preview.png");
+    let latents = dir.join("latents.safetensors");
+    let r = generate_case(
+        &source,
+        &dir.join("with.png"),
+        &[
+            "--preview",
+            preview.to_str().unwrap(),
+            "--preview-every",
+            "1",
+            "--output-latents",
+            latents.to_str().unwrap(),
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // 48x32 pixels are 6x4 latents: the preview has the latent grid's size.
+    let last = rgb(&preview);
+    assert_eq!((last.width(), last.height()), (6, 4));
+    let final_latents = candle_core::safetensors::load(&latents, &candle_core::Device::Cpu)
+        .unwrap()
+        .remove("latents")
+        .unwrap();
+    let projected = lumina2_pipeline::preview::latents_to_rgb(&final_latents)
+        .unwrap()
+        .remove(0);
+    assert_eq!(last.as_raw(), projected.as_raw());
+
+    // The image is the one made without previews, and diffusers' image.
+    let r = generate_case(&source, &dir.join("without.png"), &[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(rgb(&dir.join("with.png")), rgb(&dir.join("without.png")));
+    let expected = candle_core::safetensors::load(
+        latent16_dir().join("expected.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let reference: Vec<f32> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
+    let worst = rgb(&dir.join("without.png"))
+        .as_raw()
+        .iter()
+        .zip(&reference)
+        .map(|(&p, &r)| (i32::from(p) - (r * 255.0).round_ties_even() as i32).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "pixel off by {worst}");
+
+    // Every 3rd of 4 steps: one preview, after step 3, which is not the
+    // final latents' projection.
+    let every3 = dir.join("every3.png");
+    let r = generate_case(
+        &source,
+        &dir.join("every3-image.png"),
+        &[
+            "--preview",
+            every3.to_str().unwrap(),
+            "--preview-every",
+            "3",
+        ],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let step3 = rgb(&every3);
+    assert_eq!((step3.width(), step3.height()), (6, 4));
+    assert_ne!(step3.as_raw(), projected.as_raw());
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -17,6 +17,13 @@ fn pipeline_dir() -> PathBuf {
         .join("../lumina2-pipeline/tests/fixtures/pipeline/seed_cfg/pipeline")
 }
 
+/// The tiny pipeline with the real model's 16 latent channels, the only
+/// count the preview's latent-to-RGB matrix is made for.
+fn latent16_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lumina2-pipeline/tests/fixtures/pipeline/latent16_preview/pipeline")
+}
+
 fn tmp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lumina2-serve-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -35,7 +42,10 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let model = pipeline_dir();
+        Self::start_model(&pipeline_dir(), extra, env)
+    }
+
+    fn start_model(model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lumina2"));
         cmd.args([
             "serve",
@@ -209,7 +219,11 @@ fn fox(extra: Value) -> Value {
 
 /// `lumina2 generate` of the fixture case with `extra` arguments; its PNGs.
 fn cli_pngs(dir: &Path, extra: &[&str]) -> Vec<Vec<u8>> {
-    let model = pipeline_dir();
+    cli_pngs_model(&pipeline_dir(), dir, extra)
+}
+
+/// As [`cli_pngs`], from the pipeline folder `model`.
+fn cli_pngs_model(model: &Path, dir: &Path, extra: &[&str]) -> Vec<Vec<u8>> {
     let out = dir.join("fox_{seed}.png");
     let mut args = vec![
         "generate",
@@ -607,12 +621,57 @@ fn sse_events(text: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// The committed tiny pipelines have 4 latent channels, and the preview's
-/// latent-to-RGB matrix is for 16: `generate --preview` writes no preview
-/// for them (a warning), and a job makes none either. What a job sends is
-/// the bytes `generate` writes (`generate::preview_png`, tested in the
-/// crate's unit tests); here, that `preview_every` is taken by jobs, leaves
-/// the image as it is, and is refused by the synchronous endpoint.
+/// A job's previews on the 16-channel pipeline: the stream sends the newest
+/// preview whenever it reports (a slow reader misses the ones in between),
+/// in step order, the last one after step 4 and the very bytes `generate
+/// --preview` writes for the same request; the image is the one `generate`
+/// makes.
+#[test]
+fn job_previews_are_the_files_generate_preview_writes() {
+    let model = latent16_dir();
+    let server = Server::start_model(&model, &["--preload"], &[]);
+    let job = server.post("/v1/jobs", &fox(json!({"preview_every": 1})));
+    assert_eq!(job.status, 202, "{}", job.json);
+    let id = job.json["id"].as_str().unwrap().to_string();
+    let stream = server.get(&format!("/v1/jobs/{id}/events"));
+    let events = sse_events(stream.json.as_str().unwrap());
+    assert_eq!(events.last().unwrap().0, "succeeded", "{events:?}");
+    let previews: Vec<(u64, Vec<u8>)> = events
+        .iter()
+        .filter(|(name, _)| name == "preview")
+        .map(|(_, d)| {
+            let png = base64::engine::general_purpose::STANDARD
+                .decode(d["b64_png"].as_str().unwrap())
+                .unwrap();
+            (d["step"].as_u64().unwrap(), png)
+        })
+        .collect();
+    let steps: Vec<u64> = previews.iter().map(|p| p.0).collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert_eq!(steps.last(), Some(&4), "{events:?}");
+
+    let dir = tmp_dir("preview16");
+    let file = dir.join("preview.png");
+    let out = tmp_dir("preview16-image");
+    let cli = cli_pngs_model(
+        &model,
+        &out,
+        &["--preview", file.to_str().unwrap(), "--preview-every", "1"],
+    );
+    assert_eq!(previews.last().unwrap().1, std::fs::read(&file).unwrap());
+    let done = server.get(&format!("/v1/jobs/{id}")).json;
+    let image = Reply {
+        status: 200,
+        retry_after: None,
+        json: done["result"].clone(),
+    };
+    assert_eq!(image.images(), cli);
+}
+
+/// The 4-channel tiny pipeline has no preview matrix: `generate --preview`
+/// writes no preview (a warning) and a job sends none; `preview_every` is
+/// still taken by jobs, leaves the image as it is, and is refused by the
+/// synchronous endpoint.
 #[test]
 fn a_job_with_previews_is_the_job_without() {
     let server = Server::start(&["--preload"], &[]);
