@@ -1,10 +1,13 @@
 //! Matmul throughput of the shapes of the Lumina2 transformer's linear layers:
 //! candle's f32 and bf16 matmul against the packed bf16 kernel and the int8
 //! kernel (inputs quantised per call, included in its time).
-//! `cargo run -p xtask --release --example gemm_probe`
+//! `cargo run -p xtask --release --example gemm_probe`; with `-- mapped`,
+//! only the packed bf16 kernel against the in-place one
+//! ([`lumina2_kernels::gemm::mapped`], the weight row-major as in its file).
 
 use candle_core::{DType, Device, Tensor};
 use lumina2_kernels::gemm::int8::PackedI8;
+use lumina2_kernels::gemm::mapped::RowMajorBf16;
 use lumina2_kernels::gemm::packed::PackedBf16;
 use std::time::Instant;
 
@@ -17,8 +20,55 @@ fn time(runs: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_c
     Ok(t.elapsed().as_secs_f64() / runs as f64)
 }
 
+/// Packed against in-place bf16 products of the same shapes.
+fn mapped_probe(shapes: &[(usize, usize, usize)]) -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    println!("| m x k x n | packed bf16 GFLOP/s | mapped bf16 GFLOP/s | same bits |");
+    println!("|---|---|---|---|");
+    for &(m, k, n) in shapes {
+        let flop = 2.0 * (m * k * n) as f64;
+        let ab = Tensor::randn(0f32, 1., (m, k), &dev)?.to_dtype(DType::BF16)?;
+        let wb = Tensor::randn(0f32, 1., (n, k), &dev)?.to_dtype(DType::BF16)?;
+        let bytes: Vec<u8> = wb
+            .flatten_all()?
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect();
+        let mw = RowMajorBf16::new(std::sync::Arc::new(bytes), 0, n, k)
+            .ok_or_else(|| candle_core::Error::msg("weight"))?;
+        let p = PackedBf16::pack(&wb)?;
+        let pk_s = time(5, || p.matmul(&ab, None).map(|_| ()))?;
+        let mp_s = time(5, || mw.matmul(&ab, None).map(|_| ()))?;
+        let same = p
+            .matmul(&ab, None)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?
+            == mw
+                .matmul(&ab, None)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+        println!(
+            "| {m}x{k}x{n} | {:.0} | {:.0} | {same} |",
+            flop / pk_s / 1e9,
+            flop / mp_s / 1e9
+        );
+    }
+    Ok(())
+}
+
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
+    if std::env::args().nth(1).as_deref() == Some("mapped") {
+        return mapped_probe(&[
+            (1280, 2304, 3840),
+            (1280, 2304, 2304),
+            (1280, 2304, 9216),
+            (1280, 9216, 2304),
+            (256, 2304, 9216),
+            (32, 2304, 9216),
+        ]);
+    }
     println!(
         "int8 kernel: {}",
         lumina2_kernels::gemm::int8::kernel_name()

@@ -11,6 +11,7 @@
 //! | `LUMINA2_NO_AMX=1` | no AMX: the bf16 kernels use AVX512-BF16, int8 uses VNNI |
 //! | `LUMINA2_NO_PACKED_BF16=1` | bf16 linear weights are not repacked (candle's matmul) |
 //! | `LUMINA2_NO_AVX512_CONV=1` | the f32 convolution keeps its AVX2 kernel |
+//! | `LUMINA2_NO_MMAP=1` | bf16 safetensors weights are copied into the packed layout at load instead of used in place from a memory map |
 //! | `LUMINA2_SYSTEM_MALLOC=1` | [`crate::memory::keep_freed_memory`] leaves glibc's malloc as configured |
 //!
 //! A switch counts when its value is exactly `1`; it is read once, at the
@@ -69,6 +70,8 @@ pub struct Overrides {
     pub no_packed_bf16: bool,
     /// `LUMINA2_NO_AVX512_CONV=1`.
     pub no_avx512_conv: bool,
+    /// `LUMINA2_NO_MMAP=1`.
+    pub no_mmap: bool,
 }
 
 impl Overrides {
@@ -79,6 +82,7 @@ impl Overrides {
             no_amx: on("LUMINA2_NO_AMX"),
             no_packed_bf16: on("LUMINA2_NO_PACKED_BF16"),
             no_avx512_conv: on("LUMINA2_NO_AVX512_CONV"),
+            no_mmap: on("LUMINA2_NO_MMAP"),
         }
     }
 }
@@ -115,6 +119,10 @@ pub struct Caps {
     pub packed_bf16: bool,
     /// The f32 convolution may use its AVX-512 kernel.
     pub avx512_conv: bool,
+    /// Bf16 linear weights may be multiplied in their file layout, from a
+    /// memory map ([`crate::gemm::mapped`]): AMX-BF16 usable, packed bf16
+    /// linear layers on, and not `LUMINA2_NO_MMAP`.
+    pub mapped_bf16: bool,
 }
 
 impl Caps {
@@ -137,6 +145,7 @@ impl Caps {
             amx_int8: amx_bf16 && cpu.amx_int8,
             packed_bf16: avx512_bf16 && !overrides.no_packed_bf16,
             avx512_conv: simd && cpu.avx512f && !overrides.no_avx512_conv,
+            mapped_bf16: amx_bf16 && !overrides.no_packed_bf16 && !overrides.no_mmap,
         }
     }
 

@@ -37,7 +37,9 @@ impl Embedding {
         let dtype = w.dtype();
         match w.table(name, hidden, vocab)? {
             LinearWeight::Dense(table) => Ok(Self::Dense { table, dtype }),
-            packed @ (LinearWeight::PackedBf16(_) | LinearWeight::Int8(_)) => Ok(Self::Dense {
+            packed @ (LinearWeight::PackedBf16(_)
+            | LinearWeight::MappedBf16(_)
+            | LinearWeight::Int8(_)) => Ok(Self::Dense {
                 table: packed.to_dense(w.device())?.to_dtype(dtype)?,
                 dtype,
             }),

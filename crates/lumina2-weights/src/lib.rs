@@ -30,7 +30,7 @@ use std::sync::Arc;
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use lumina2_kernels::gemm::{int8, packed};
+use lumina2_kernels::gemm::{int8, mapped, packed};
 use lumina2_kernels::ops::linear::Path as LinearPath;
 use lumina2_kernels::{cast, ops, profile};
 use rayon::prelude::*;
@@ -49,6 +49,9 @@ pub enum LinearWeight {
     /// instructions ([`packed`]); [`Linear`] makes this from a dense bf16
     /// weight on CPUs that have them.
     PackedBf16(Arc<packed::PackedBf16>),
+    /// A bf16 `[out, in]` matrix used where it lies in its file, from a
+    /// memory map ([`mapped`]: AMX CPUs; nothing copied at load).
+    MappedBf16(Arc<mapped::RowMajorBf16>),
     /// An `[out, in]` matrix quantised to int8 per output row, for
     /// [`int8`]'s kernels (made by [`Weights::with_int8_linears`]).
     Int8(Arc<int8::PackedI8>),
@@ -61,6 +64,7 @@ impl LinearWeight {
             Self::Dense(t) => t.dims().to_vec(),
             Self::Quantized(q) => q.shape().dims().to_vec(),
             Self::PackedBf16(p) => p.dims().to_vec(),
+            Self::MappedBf16(m) => m.dims().to_vec(),
             Self::Int8(p) => p.dims().to_vec(),
         }
     }
@@ -72,6 +76,7 @@ impl LinearWeight {
             Self::Dense(t) => Ok(t.clone()),
             Self::Quantized(q) => q.dequantize(device),
             Self::PackedBf16(p) => p.to_dense()?.to_device(device),
+            Self::MappedBf16(m) => m.to_dense()?.to_device(device),
             Self::Int8(p) => p.to_dense()?.to_device(device),
         }
     }
@@ -91,6 +96,7 @@ impl LinearWeight {
             Self::Dense(_) => ops::linear::WeightForm::Dense,
             Self::Quantized(_) => ops::linear::WeightForm::Quantized,
             Self::PackedBf16(_) => ops::linear::WeightForm::PackedBf16,
+            Self::MappedBf16(_) => ops::linear::WeightForm::MappedBf16,
             Self::Int8(_) => ops::linear::WeightForm::Int8,
         }
     }
@@ -256,7 +262,9 @@ pub trait WeightSource: Send + Sync {
     /// or infinite; `None` where the source cannot (the default: the caller
     /// then reads the weight and packs it). A file source reads each panel's
     /// rows into a small reused buffer and packs them from there, so the
-    /// weight's memory is written once, in its packed form.
+    /// weight's memory is written once, in its packed form; or, on AMX CPUs
+    /// ([`mapped::available`]), hands out the weight in place in a memory
+    /// map of its file ([`LinearWeight::MappedBf16`]), written nowhere.
     fn packed_bf16(&self, key: &str) -> Option<Result<(LinearWeight, bool)>> {
         let _ = key;
         None
@@ -333,11 +341,17 @@ impl WeightSource for HashMap<String, Tensor> {
 ///
 /// The headers are parsed and checked when opened (offsets inside the file,
 /// sizes that match dtype and shape, no key twice); each tensor is then read
-/// with a positioned read into its own buffer. Unlike a memory map, nothing of
-/// the file stays resident once the model holds its copy, so the peak memory of
-/// a load is the model plus one tensor.
+/// with a positioned read into its own buffer, so the peak memory of a load
+/// is the model plus one tensor. The exception: bf16 linear weights on AMX
+/// CPUs under bf16 compute are used in place from a memory map of the file
+/// ([`WeightSource::packed_bf16`], [`mapped`]; `LUMINA2_NO_MMAP=1` turns it
+/// off), and the map's pages are the page cache's, not copies.
 pub struct SafetensorsSource {
     files: Vec<(std::path::PathBuf, std::sync::Mutex<std::fs::File>)>,
+    /// Each file's memory map, made the first time a weight is used in
+    /// place ([`mapped`]); `None` when mapping failed (weights are then
+    /// copied).
+    maps: Vec<std::sync::OnceLock<Option<Arc<mapped::MappedFile>>>>,
     index: HashMap<String, StEntry>,
     names: String,
     metadata: HashMap<String, String>,
@@ -536,6 +550,7 @@ impl SafetensorsSource {
         }
         let has_fp8 = index.values().any(|e| e.fp8.is_some());
         Ok(Self {
+            maps: files.iter().map(|_| std::sync::OnceLock::new()).collect(),
             files,
             index,
             names,
@@ -646,6 +661,11 @@ impl WeightSource for SafetensorsSource {
         if e.fp8.is_some() || e.dtype != DType::BF16 || e.shape.len() != 2 {
             return None;
         }
+        if mapped::available() {
+            if let Some(found) = self.mapped_bf16(e) {
+                return Some(Ok(found));
+            }
+        }
         Some(self.read_packed_bf16(key, e))
     }
     fn name(&self) -> String {
@@ -714,6 +734,24 @@ impl SafetensorsSource {
             )
             .map_err(|x| err(x.to_string()))?;
         Ok(Tensor::from_vec(out, e.shape.as_slice(), &Device::Cpu)?)
+    }
+
+    /// A bf16 `[out, in]` weight used in place in the memory map of its
+    /// file, scanned for NaN and infinity (the scan reads the weight but
+    /// writes nothing); `None` where the file cannot be mapped or the
+    /// weight's bytes are not 2-byte aligned (the format does not promise
+    /// it): the caller then copies it.
+    fn mapped_bf16(&self, e: &StEntry) -> Option<(LinearWeight, bool)> {
+        let map = self.maps.get(e.file)?.get_or_init(|| {
+            let (_, file) = self.files.get(e.file)?;
+            let f = file.lock().ok()?;
+            mapped::MappedFile::open(&f).ok()
+        });
+        let bytes: mapped::Bytes = map.clone()?;
+        let start = usize::try_from(e.start).ok()?;
+        let w = mapped::RowMajorBf16::new(bytes, start, e.shape[0], e.shape[1])?;
+        let non_finite = w.any_non_finite();
+        Some((LinearWeight::MappedBf16(Arc::new(w)), non_finite))
     }
 
     /// A bf16 `[out, in]` weight packed while read
@@ -1057,6 +1095,10 @@ impl Weights {
                 self.check_shape(&wkey, &p.dims(), &[out_dim, in_dim])?;
                 LinearWeight::PackedBf16(p)
             }
+            LinearWeight::MappedBf16(m) => {
+                self.check_shape(&wkey, &m.dims(), &[out_dim, in_dim])?;
+                LinearWeight::MappedBf16(m)
+            }
             LinearWeight::Int8(p) => {
                 self.check_shape(&wkey, &p.dims(), &[out_dim, in_dim])?;
                 LinearWeight::Int8(p)
@@ -1084,9 +1126,7 @@ impl Weights {
             return Ok(None);
         };
         let (weight, non_finite) = read?;
-        if let LinearWeight::PackedBf16(p) = &weight {
-            self.check_shape(wkey, &p.dims(), &[out_dim, in_dim])?;
-        }
+        self.check_shape(wkey, &weight.dims(), &[out_dim, in_dim])?;
         if non_finite {
             let mut v = self.non_finite.lock().unwrap_or_else(|e| e.into_inner());
             v.push(wkey.to_string());
@@ -1312,6 +1352,9 @@ impl Linear {
         let mut y = match (ops::linear::path(self.weight.form(), x), &self.weight) {
             (LinearPath::PackedBf16, LinearWeight::PackedBf16(p)) => {
                 p.matmul(&x2, bias_f32)?.to_dtype(x.dtype())?
+            }
+            (LinearPath::MappedBf16, LinearWeight::MappedBf16(m)) => {
+                m.matmul(&x2, bias_f32)?.to_dtype(x.dtype())?
             }
             // Outputs in the input's dtype when it is f32 or bf16.
             (LinearPath::Int8, LinearWeight::Int8(p)) => {

@@ -1,4 +1,5 @@
 //! Matrix multiplies of linear layers.
 
 pub mod int8;
+pub mod mapped;
 pub mod packed;

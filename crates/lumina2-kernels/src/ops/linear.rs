@@ -15,6 +15,9 @@ pub enum WeightForm {
     Quantized,
     /// Repacked for the packed bf16 kernel ([`packed::PackedBf16`]).
     PackedBf16,
+    /// A bf16 matrix used in place in its file's memory map
+    /// ([`crate::gemm::mapped::RowMajorBf16`]).
+    MappedBf16,
     /// Quantised to int8 per output row ([`crate::gemm::int8::PackedI8`]).
     Int8,
 }
@@ -24,6 +27,8 @@ pub enum WeightForm {
 pub enum Path {
     /// The packed bf16 kernel with the layer's packed weight.
     PackedBf16,
+    /// The in-place bf16 kernel with the layer's mapped weight.
+    MappedBf16,
     /// The int8 kernel with the layer's int8 weight.
     Int8,
     /// A quantised weight packed for this call, then the packed bf16 kernel
@@ -57,6 +62,7 @@ pub fn path(form: WeightForm, x: &Tensor) -> Path {
     let rows = x.elem_count() / in_dim.max(1);
     match form {
         WeightForm::PackedBf16 if cpu => Path::PackedBf16,
+        WeightForm::MappedBf16 if cpu => Path::MappedBf16,
         WeightForm::Int8 if cpu => Path::Int8,
         WeightForm::Quantized
             if cpu

@@ -220,7 +220,9 @@ impl WeightSource for LoraSource {
             // Sources do not hand out packed or int8 weights today; one that
             // did would be unpacked, merged, and repacked by `Linear::new`
             // (or requantised by `Weights::linear`).
-            p @ (LinearWeight::PackedBf16(_) | LinearWeight::Int8(_)) => {
+            p @ (LinearWeight::PackedBf16(_)
+            | LinearWeight::MappedBf16(_)
+            | LinearWeight::Int8(_)) => {
                 LinearWeight::Dense(self.merged(key, p.to_dense(&candle_core::Device::Cpu)?)?)
             }
         })

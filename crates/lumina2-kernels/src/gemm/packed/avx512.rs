@@ -51,7 +51,7 @@ unsafe fn q4_0_pairs(blk: &[u8]) -> __m512i {
 /// Transposes a 16 x 16 matrix of u32 held as 16 rows.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+pub(crate) fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     let z = _mm512_setzero_si512();
     let mut t = [z; 16];
     for i in 0..8 {

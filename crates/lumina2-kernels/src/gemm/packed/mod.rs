@@ -36,12 +36,12 @@ const SEGMENT: usize = 256;
 /// Rows per register tile.
 const TILE_ROWS: usize = 12;
 /// Rows per parallel task (a multiple of the tile height).
-const BLOCK_ROWS: usize = 8 * TILE_ROWS;
+pub(crate) const BLOCK_ROWS: usize = 8 * TILE_ROWS;
 /// Panels per parallel task.
-const BLOCK_PANELS: usize = 8;
+pub(crate) const BLOCK_PANELS: usize = 8;
 /// Input pairs per depth chunk of the AMX kernel (2304 inputs: the text
 /// encoder's and the transformer's width, which run in one chunk).
-const CHUNK_PAIRS: usize = 1152;
+pub(crate) const CHUNK_PAIRS: usize = 1152;
 
 static DISABLED: AtomicBool = AtomicBool::new(false);
 
@@ -531,7 +531,7 @@ impl PackedBf16 {
     /// columns `k0..k0 + out.len()`, into `out` (`k0` a multiple of
     /// [`SEGMENT`]). Panels are filled in parallel, a segment of 32 rows at a
     /// time through a small buffer, so the panel is written sequentially.
-    fn from_rows(
+    pub(crate) fn from_rows(
         out_dim: usize,
         in_dim: usize,
         seg_of: impl Fn(usize, usize, &mut [u16]) + Sync,
@@ -767,7 +767,7 @@ impl PackedBf16 {
 
 /// The elements of the contiguous bf16 tensor `t`: borrowed from `view`
 /// (its CPU storage), else copied (a tensor on another device).
-fn bf16_elems<'a>(
+pub(crate) fn bf16_elems<'a>(
     view: &'a Option<CpuView<'_>>,
     t: &Tensor,
 ) -> candle_core::Result<Cow<'a, [bf16]>> {
@@ -955,7 +955,7 @@ fn fill_panel(
 #[cfg(target_arch = "x86_64")]
 pub(crate) use amx::{bf16_steps, c_tiles, prefetch_next, tile_config, zero_c};
 #[cfg(target_arch = "x86_64")]
-pub(crate) use avx512::store_row;
+pub(crate) use avx512::{store_row, transpose16};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
