@@ -31,6 +31,7 @@ import gen_scheduler  # noqa: E402
 import gen_teacache  # noqa: E402
 import gen_tokenizer  # noqa: E402
 import gen_vae  # noqa: E402
+import gen_zimage_files  # noqa: E402
 import gen_zimage_transformer  # noqa: E402
 
 GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_scheduler.generate}
@@ -49,6 +50,7 @@ GENERATORS["img2img"] = gen_img2img.generate
 GENERATORS["original"] = gen_original.generate
 GENERATORS["tokenizer_ids"] = gen_tokenizer.generate
 GENERATORS["zimage_transformer"] = gen_zimage_transformer.generate
+GENERATORS["zimage_files"] = gen_zimage_files.generate
 GENERATORS["chat_tokenizer"] = gen_qwen3_tokenizer.generate
 
 

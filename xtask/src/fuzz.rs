@@ -116,7 +116,46 @@ fn pth(path: &Path) {
 fn lora(path: &Path) {
     // Opening reads the header only; applying reads the matched factors.
     if let Ok(l) = lumina2_loader::LoraFile::open(path) {
-        apply_to_tiny_model(l);
+        apply_to_tiny_model(l.clone());
+        // The same file read as a Z-Image LoRA.
+        let base: std::sync::Arc<dyn lumina2_weights::WeightSource> =
+            std::sync::Arc::new(std::collections::HashMap::<String, candle_core::Tensor>::new());
+        let _ = lumina2_loader::LoraSource::new(base, tiny_zimage(), &[(l, 1.0)]);
+    }
+}
+
+/// The config of the committed Z-Image file fixtures (`zimage_files`).
+fn tiny_zimage() -> &'static lumina2_transformer::zimage::ZImageConfig {
+    use std::sync::OnceLock;
+    static CFG: OnceLock<lumina2_transformer::zimage::ZImageConfig> = OnceLock::new();
+    CFG.get_or_init(|| lumina2_transformer::zimage::ZImageConfig {
+        all_patch_size: vec![2],
+        all_f_patch_size: vec![1],
+        in_channels: 4,
+        dim: 32,
+        n_layers: 1,
+        n_refiner_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 2,
+        cap_feat_dim: 32,
+        axes_dims: vec![4, 4, 8],
+        axes_lens: vec![128, 32, 32],
+        ..Default::default()
+    })
+}
+
+/// A Z-Image transformer file (GGUF or safetensors, any layout): opened
+/// for the tiny config, its config inferred, every weight read.
+fn zimage_file(path: &Path) {
+    if let Ok(g) = lumina2_loader::gguf::GgufFile::open(path) {
+        let _ = lumina2_loader::infer_zimage_config(&g, path);
+    }
+    let Ok(src) = lumina2_loader::open_zimage_transformer_file(path, tiny_zimage()) else {
+        return;
+    };
+    for k in src.keys() {
+        let _ = src.linear(&k);
+        let _ = src.tensor(&k);
     }
 }
 
@@ -358,6 +397,12 @@ pub fn targets() -> Vec<Target> {
             file_name: "f.pth",
             seeds: &[".pth"],
             run: pth,
+        },
+        Target {
+            name: "zimage_file",
+            file_name: "f.gguf",
+            seeds: &["z_image-q4_0.gguf"],
+            run: zimage_file,
         },
         Target {
             name: "lora",

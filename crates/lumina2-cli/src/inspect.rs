@@ -8,6 +8,7 @@ use clap::Args;
 use lumina2_loader::gguf::{GgufFile, MetadataValue};
 use lumina2_loader::{detect_layout, original::original_key_to_diffusers, PthFile};
 use lumina2_weights::fs::{open_regular, read_to_string_bounded, MAX_CONFIG_BYTES};
+use lumina2_weights::{SafetensorsSource, WeightSource};
 
 /// Arguments of `lumina2 inspect`.
 #[derive(Args)]
@@ -140,13 +141,25 @@ fn describe(path: &Path, format: &str, entries: &[Entry], extra: &[(String, Stri
     println!("file: {}", path.display());
     println!("format: {format}");
     let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
-    let layout = detect_layout(keys.iter().copied());
+    let zimage = lumina2_loader::detect_zimage_layout(keys.iter().copied());
+    // A Z-Image file's original keys look much like Lumina2's: it is told first.
+    let layout = zimage
+        .is_none()
+        .then(|| detect_layout(keys.iter().copied()))
+        .flatten();
     println!(
         "key layout: {}",
-        match layout {
-            Some(l) => format!("Lumina2 transformer, {l:?} keys"),
-            None if keys.iter().any(|k| k.contains("lora")) => "LoRA".to_string(),
-            None => "not a Lumina2 transformer".to_string(),
+        match (zimage, layout) {
+            (Some(z), _) => z.describe().to_string(),
+            (None, Some(l)) => format!("Lumina2 transformer, {l:?} keys"),
+            (None, None) if keys.iter().any(|k| k.contains("lora")) => {
+                if keys.iter().any(|k| is_zimage_lora_key(k)) {
+                    "LoRA (Z-Image module names)".to_string()
+                } else {
+                    "LoRA".to_string()
+                }
+            }
+            (None, None) => "not a Lumina2 or Z-Image transformer".to_string(),
         }
     );
     println!("tensors: {}", entries.len());
@@ -180,6 +193,37 @@ fn describe(path: &Path, format: &str, entries: &[Entry], extra: &[(String, Stri
             println!("  {k}: {v}");
         }
     }
+}
+
+/// A LoRA key naming a module only Z-Image has (its attention is
+/// `attention.to_q`, Lumina2's `attn.to_q`; its blocks' modulation
+/// `adaLN_modulation.0`, Lumina2's `adaLN_modulation.1` / `norm1.linear`),
+/// in dotted or kohya spelling.
+fn is_zimage_lora_key(key: &str) -> bool {
+    [
+        "attention.to_q",
+        "attention_to_q",
+        "adaLN_modulation.0",
+        "adaLN_modulation_0",
+        "all_x_embedder",
+    ]
+    .iter()
+    .any(|m| key.contains(m))
+}
+
+/// The Z-Image config a transformer file implies (what
+/// `load_zimage_transformer_file` uses without a `config.json`), or `None`
+/// when the file is no Z-Image transformer.
+fn zimage_lines(source: &dyn WeightSource, path: &Path) -> Lines {
+    let keys = source.keys();
+    if lumina2_loader::detect_zimage_layout(keys.iter().map(String::as_str)).is_none() {
+        return Vec::new();
+    }
+    let cfg = match lumina2_loader::infer_zimage_config(source, path) {
+        Ok(c) => format!("{c:?}"),
+        Err(e) => format!("error: {e}"),
+    };
+    vec![("inferred Z-Image config".into(), cfg)]
 }
 
 /// What a single `.safetensors` file is (ComfyUI all-in-one checkpoint,
@@ -283,11 +327,18 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     match ext.as_str() {
         "safetensors" => {
             let entries = safetensors_entries(path)?;
-            describe(path, "safetensors", &entries, &single_file_lines(path));
+            let source = SafetensorsSource::open(&[path])
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut extra = zimage_lines(&source, path);
+            if extra.is_empty() {
+                extra = single_file_lines(path);
+            }
+            describe(path, "safetensors", &entries, &extra);
         }
         "gguf" => {
             let g = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
             let (entries, mut meta) = gguf_entries(&g);
+            meta.extend(zimage_lines(&g, path));
             let is_gemma = g
                 .metadata()
                 .get("general.architecture")
@@ -306,12 +357,15 @@ pub fn run(args: &InspectArgs) -> Result<()> {
             }
             describe(path, format, &entries, &meta);
         }
-        "pth" | "pt" | "bin" => describe(
-            path,
-            "PyTorch zip (read without executing pickle code)",
-            &pth_entries(path)?,
-            &[],
-        ),
+        "pth" | "pt" | "bin" => {
+            let pth = PthFile::open(path)?;
+            describe(
+                path,
+                "PyTorch zip (read without executing pickle code)",
+                &pth_entries(path)?,
+                &zimage_lines(&pth, path),
+            )
+        }
         _ => bail!(
             "{}: unknown checkpoint type (expected .safetensors, .gguf, .pth or a folder)",
             path.display()

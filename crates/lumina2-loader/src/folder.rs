@@ -106,6 +106,15 @@ pub enum Error {
         /// Found shape.
         found: Vec<usize>,
     },
+    /// The model could not be built from a file's weights.
+    #[error("{path}: {source}")]
+    Model {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The model's error (boxed: it is large and rare).
+        #[source]
+        source: Box<lumina2_transformer::Error>,
+    },
     /// The file's format is not one this loader knows.
     #[error("{path}: {reason}")]
     Unsupported {

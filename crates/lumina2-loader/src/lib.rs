@@ -43,6 +43,11 @@
 //!   file's metadata, linear weights kept quantised ([`Gemma2Gguf`]).
 //! - [`qwen3_gguf`]: Qwen3 text encoders (Z-Image) from llama.cpp GGUF files
 //!   the same way ([`Qwen3Gguf`]).
+//! - [`zimage_file`]: Z-Image transformers from single files (ComfyUI's
+//!   original keys with a fused `qkv`, community GGUF files kept quantised,
+//!   diffusers keys), mapped through the same machinery as Lumina2's
+//!   original checkpoints ([`model_keys::ModelKeys`]); LoRAs for Z-Image
+//!   through [`LoraSource`] with a `ZImageConfig`.
 //!
 //! ```no_run
 //! use lumina2_loader::{Component, HubRepo, PipelineFolder};
@@ -75,6 +80,7 @@ pub mod gguf;
 mod gguf_source;
 pub mod hub;
 pub mod lora;
+pub mod model_keys;
 pub mod original;
 mod pickle_guard;
 mod pipeline_folder;
@@ -83,6 +89,7 @@ pub mod prefixed;
 pub mod pth;
 pub mod qwen3_gguf;
 mod st_write;
+pub mod zimage_file;
 
 pub use comfy::{detect_single_file, GemmaFile, SingleFile, SingleFileLayout};
 pub use comfy_write::{convert_to_comfy, ComfyFormat, PipelineParts};
@@ -93,8 +100,13 @@ pub use folder::{ComponentFolder, Error, FolderError, ShardIndex};
 pub use gemma_gguf::{Gemma2Gguf, GemmaGgufError};
 pub use hub::{HubEnv, HubRepo};
 pub use lora::{LoraFile, LoraSource};
+pub use model_keys::ModelKeys;
 pub use original::{detect_layout, infer_config, open_transformer_file, TransformerLayout};
 pub use pipeline_folder::{Component, PipelineFolder, PIPELINE_CLASSES};
 pub use pipeline_write::{convert_to_diffusers_pipeline, PipelineConfigs};
 pub use pth::PthFile;
 pub use qwen3_gguf::{Qwen3Gguf, Qwen3GgufError};
+pub use zimage_file::{
+    detect_zimage_layout, infer_zimage_config, load_zimage_transformer_file,
+    open_zimage_transformer_file, ZImageLayout,
+};

@@ -17,6 +17,7 @@ use lumina2_transformer::{weight_shapes, Config, WeightSource};
 
 use crate::folder::Error;
 use crate::gguf::GgufFile;
+use crate::model_keys::{ModelKeys, COMFY_PREFIX};
 use crate::pth::PthFile;
 
 /// Key layout of a transformer checkpoint.
@@ -29,8 +30,6 @@ pub enum TransformerLayout {
     /// Original names under ComfyUI's `model.diffusion_model.` prefix.
     ComfyUi,
 }
-
-const COMFY_PREFIX: &str = "model.diffusion_model.";
 
 /// Detects the layout from the keys (diffusers' `CHECKPOINT_KEY_NAMES["lumina2"]` markers).
 pub fn detect_layout<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<TransformerLayout> {
@@ -113,25 +112,27 @@ impl OriginalTransformer {
     /// Maps every key of `inner` (original or ComfyUI layout) to diffusers'
     /// names for `cfg`. Every missing and every unexpected key is reported at
     /// once; `norm_final.weight`, unused by the model, is dropped as diffusers does.
-    pub fn new(inner: Arc<dyn WeightSource>, path: &Path, cfg: &Config) -> Result<Self, Error> {
-        let q_rows = cfg.hidden_size;
-        let kv_rows = cfg.num_kv_heads * cfg.head_dim();
+    pub fn new<M: ModelKeys + ?Sized>(
+        inner: Arc<dyn WeightSource>,
+        path: &Path,
+        cfg: &M,
+    ) -> Result<Self, Error> {
+        let [q_rows, k_rows, v_rows] = cfg.qkv_rows();
         let mut map = HashMap::new();
         for key in inner.keys() {
             // The other models of ComfyUI's all-in-one checkpoint.
             if key.starts_with("text_encoders.") || key.starts_with("vae.") {
                 continue;
             }
-            let plain = key.strip_prefix(COMFY_PREFIX).unwrap_or(&key);
-            if plain == "norm_final.weight" {
+            if cfg.unused_original_key(&key) {
                 continue;
             }
-            let d = original_key_to_diffusers(&key);
+            let d = cfg.original_to_diffusers(&key);
             if d.contains("qkv") {
                 let parts = [
                     ("to_q", 0, q_rows),
-                    ("to_k", q_rows, kv_rows),
-                    ("to_v", q_rows + kv_rows, kv_rows),
+                    ("to_k", q_rows, k_rows),
+                    ("to_v", q_rows + k_rows, v_rows),
                 ];
                 for (name, start, len) in parts {
                     map.insert(
@@ -158,8 +159,12 @@ impl OriginalTransformer {
 }
 
 /// Compares a source's keys with what the model needs for `cfg`.
-pub fn check_keys(source: &dyn WeightSource, path: &Path, cfg: &Config) -> Result<(), Error> {
-    let needed: BTreeSet<String> = weight_shapes(cfg).into_iter().map(|(k, _)| k).collect();
+pub fn check_keys<M: ModelKeys + ?Sized>(
+    source: &dyn WeightSource,
+    path: &Path,
+    cfg: &M,
+) -> Result<(), Error> {
+    let needed: BTreeSet<String> = cfg.weight_shapes().into_iter().map(|(k, _)| k).collect();
     let have: BTreeSet<String> = source.keys().into_iter().collect();
     let missing: Vec<String> = needed.difference(&have).cloned().collect();
     let unexpected: Vec<String> = have.difference(&needed).cloned().collect();
@@ -176,14 +181,18 @@ pub fn check_keys(source: &dyn WeightSource, path: &Path, cfg: &Config) -> Resul
 
 impl OriginalTransformer {
     /// The file's key of a diffusers key (for messages).
-    fn file_key(&self, key: &str) -> String {
+    pub(crate) fn file_key(&self, key: &str) -> String {
         self.map
             .get(key)
             .map_or_else(|| key.to_string(), |o| o.key.clone())
     }
 
     /// An original-layout GGUF file: linear weights, the `qkv` parts included, stay quantised.
-    pub fn from_gguf(file: Arc<GgufFile>, path: &Path, cfg: &Config) -> Result<Self, Error> {
+    pub fn from_gguf<M: ModelKeys + ?Sized>(
+        file: Arc<GgufFile>,
+        path: &Path,
+        cfg: &M,
+    ) -> Result<Self, Error> {
         let mut this = Self::new(file.clone(), path, cfg)?;
         this.gguf = Some(file);
         Ok(this)
@@ -296,13 +305,12 @@ pub fn open_transformer_file(path: &Path, cfg: &Config) -> Result<Arc<dyn Weight
                 reason: e.to_string(),
             })?);
             let keys = WeightSource::keys(g.as_ref());
-            return match detect_layout(keys.iter().map(String::as_str)) {
-                Some(TransformerLayout::Diffusers) => {
+            return match lumina_layout(path, &keys)? {
+                TransformerLayout::Diffusers => {
                     check_keys(g.as_ref(), path, cfg)?;
                     Ok(g)
                 }
-                Some(_) => Ok(Arc::new(OriginalTransformer::from_gguf(g, path, cfg)?)),
-                None => Err(not_lumina(path)),
+                _ => Ok(Arc::new(OriginalTransformer::from_gguf(g, path, cfg)?)),
             };
         }
         "pth" | "pt" | "bin" => Arc::new(PthFile::open(path)?),
@@ -324,14 +332,28 @@ pub fn open_transformer_file(path: &Path, cfg: &Config) -> Result<Arc<dyn Weight
         }
     };
     let keys = raw.keys();
-    match detect_layout(keys.iter().map(String::as_str)) {
-        Some(TransformerLayout::Diffusers) => {
+    match lumina_layout(path, &keys)? {
+        TransformerLayout::Diffusers => {
             check_keys(raw.as_ref(), path, cfg)?;
             Ok(raw)
         }
-        Some(_) => Ok(Arc::new(OriginalTransformer::new(raw, path, cfg)?)),
-        None => Err(not_lumina(path)),
+        _ => Ok(Arc::new(OriginalTransformer::new(raw, path, cfg)?)),
     }
+}
+
+/// The layout of a Lumina2 checkpoint's keys; a Z-Image transformer (whose
+/// original keys look much like Lumina2's) is named as such.
+fn lumina_layout(path: &Path, keys: &[String]) -> Result<TransformerLayout, Error> {
+    if let Some(z) = crate::zimage_file::detect_zimage_layout(keys.iter().map(String::as_str)) {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            reason: format!(
+                "a Z-Image transformer ({}), not a Lumina2 one: open it with `open_zimage_transformer_file`",
+                z.describe()
+            ),
+        });
+    }
+    detect_layout(keys.iter().map(String::as_str)).ok_or_else(|| not_lumina(path))
 }
 
 /// The config of an original-layout (or ComfyUI) transformer file that

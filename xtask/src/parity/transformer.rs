@@ -52,7 +52,7 @@ pub fn prepare(case: &Case, int8: bool) -> Result<Box<dyn Prepared>> {
 }
 
 /// `args.lora`: a list of `{"path": file relative to the case, "scale": float}`.
-fn loras(case: &Case) -> Result<Vec<(PathBuf, f64)>> {
+pub(super) fn loras(case: &Case) -> Result<Vec<(PathBuf, f64)>> {
     let items = match case.args.get("lora") {
         None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
         Some(serde_json::Value::Array(items)) => items,

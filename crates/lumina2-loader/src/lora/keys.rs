@@ -16,9 +16,7 @@
 
 use std::collections::HashMap;
 
-use lumina2_transformer::{weight_shapes, Config};
-
-use crate::original::{original_key_to_diffusers, original_weight_keys};
+use crate::model_keys::ModelKeys;
 
 /// Which factor of a module a LoRA tensor is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,9 +94,13 @@ pub(crate) struct Resolver {
 
 impl Resolver {
     /// The linear modules of the model `cfg` describes.
-    pub(crate) fn new(cfg: &Config) -> Self {
-        let linear: HashMap<String, [usize; 2]> = weight_shapes(cfg)
+    pub(crate) fn new<M: ModelKeys + ?Sized>(cfg: &M) -> Self {
+        // Linear weights: the 2-D `.weight`s (Z-Image's `[1, dim]` pad
+        // tokens are no linear layer).
+        let linear: HashMap<String, [usize; 2]> = cfg
+            .weight_shapes()
             .into_iter()
+            .filter(|(k, _)| k.ends_with(".weight"))
             .filter_map(|(k, s)| match s[..] {
                 [o, i] => Some((k, [o, i])),
                 _ => None,
@@ -115,11 +117,11 @@ impl Resolver {
             .collect();
         // Original names through the mapping of original checkpoints, listed
         // for the config (diffusers' name wins where both name a module).
-        for key in original_weight_keys(cfg) {
+        for key in cfg.original_weight_keys() {
             let Some(name) = key.strip_suffix(".weight") else {
                 continue;
             };
-            let d = original_key_to_diffusers(&key);
+            let d = cfg.original_to_diffusers(&key);
             let target = if d.contains("qkv") {
                 let parts = ["to_q", "to_k", "to_v"].map(|p| d.replace("qkv", p));
                 parts
@@ -222,7 +224,7 @@ pub struct ModuleNames(Resolver);
 
 impl ModuleNames {
     /// The module names of the model `cfg` describes.
-    pub fn new(cfg: &Config) -> Self {
+    pub fn new<M: ModelKeys + ?Sized>(cfg: &M) -> Self {
         Self(Resolver::new(cfg))
     }
 
@@ -240,6 +242,7 @@ impl ModuleNames {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lumina2_transformer::Config;
 
     fn tiny() -> Config {
         Config {

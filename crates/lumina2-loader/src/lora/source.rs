@@ -5,14 +5,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use lumina2_transformer::{Config, LinearWeight, WeightSource};
+use lumina2_transformer::{LinearWeight, WeightSource};
 use lumina2_weights::LoraAdapter;
 
 use super::file::{LoraFile, LoraModule};
 use super::keys::{Resolver, Target};
 use crate::folder::Error;
+use crate::model_keys::ModelKeys;
 
-/// Any [`WeightSource`] with LoRAs on top, for the transformer `cfg` describes.
+/// Any [`WeightSource`] with LoRAs on top, for the transformer `cfg` describes
+/// (Lumina2's [`lumina2_transformer::Config`] or Z-Image's
+/// [`lumina2_transformer::zimage::ZImageConfig`]).
 ///
 /// Dense weights are handed out with every update merged in:
 /// `W + sum_i s_i (alpha_i / r_i) B_i A_i`, computed in f32 (the model then
@@ -37,9 +40,9 @@ impl LoraSource {
     /// files' headers before any factor is read. A fused original `qkv`
     /// module is split: its `A` is shared by `to_q`, `to_k` and `to_v`, the
     /// rows of its `B` are cut with the sizes of those weights.
-    pub fn new(
+    pub fn new<M: ModelKeys + ?Sized>(
         inner: Arc<dyn WeightSource>,
-        cfg: &Config,
+        cfg: &M,
         loras: &[(LoraFile, f64)],
     ) -> Result<Self, Error> {
         let resolver = Resolver::new(cfg);
@@ -83,9 +86,9 @@ impl LoraSource {
     }
 
     /// Opens the LoRA files and puts them, each with its strength, on top of `inner`.
-    pub fn open<P: AsRef<Path>>(
+    pub fn open<P: AsRef<Path>, M: ModelKeys + ?Sized>(
         inner: Arc<dyn WeightSource>,
-        cfg: &Config,
+        cfg: &M,
         loras: &[(P, f64)],
     ) -> Result<Self, Error> {
         let files = loras
