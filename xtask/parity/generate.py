@@ -31,6 +31,7 @@ import gen_scheduler  # noqa: E402
 import gen_teacache  # noqa: E402
 import gen_tokenizer  # noqa: E402
 import gen_vae  # noqa: E402
+import gen_zimage_pipeline  # noqa: E402
 import gen_zimage_transformer  # noqa: E402
 
 GENERATORS = {"transformer": gen_transformer.generate, "scheduler": gen_scheduler.generate}
@@ -50,6 +51,7 @@ GENERATORS["original"] = gen_original.generate
 GENERATORS["tokenizer_ids"] = gen_tokenizer.generate
 GENERATORS["zimage_transformer"] = gen_zimage_transformer.generate
 GENERATORS["chat_tokenizer"] = gen_qwen3_tokenizer.generate
+GENERATORS["zimage_pipeline"] = gen_zimage_pipeline.generate
 
 
 def main():

@@ -89,6 +89,8 @@ pub use gemma_gguf::{Gemma2Gguf, GemmaGgufError};
 pub use hub::{HubEnv, HubRepo};
 pub use lora::{LoraFile, LoraSource};
 pub use original::{detect_layout, infer_config, open_transformer_file, TransformerLayout};
-pub use pipeline_folder::{Component, PipelineFolder, PIPELINE_CLASSES};
+pub use pipeline_folder::{
+    Component, PipelineFolder, PipelineKind, PIPELINE_CLASSES, ZIMAGE_PIPELINE_CLASSES,
+};
 pub use pth::PthFile;
 pub use qwen3_gguf::{Qwen3Gguf, Qwen3GgufError};
