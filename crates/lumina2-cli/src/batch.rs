@@ -242,8 +242,8 @@ pub(crate) fn apply_field(a: &mut GenerateArgs, key: &str, v: &Value) -> Result<
         "size" => (a.width, a.height) = size(v).map(|(w, h)| (Some(w), Some(h)))?,
         "negative_prompt" => a.negative_prompt = vec![text(key, v)?.to_string()],
         "seed" => a.seed = Some(whole(key, v)?),
-        "num_inference_steps" => a.num_inference_steps = count(key, v)?,
-        "guidance_scale" => a.guidance_scale = number(key, v)?,
+        "num_inference_steps" => a.num_inference_steps = Some(count(key, v)?),
+        "guidance_scale" => a.guidance_scale = Some(number(key, v)?),
         "cfg_trunc_ratio" => a.cfg_trunc_ratio = number(key, v)?,
         "cfg_normalization" => a.no_cfg_normalization = !boolean(key, v)?,
         "renorm_cfg" => a.renorm_cfg = number(key, v)?,
@@ -592,8 +592,8 @@ mod tests {
         assert_eq!(a.num_images_per_prompt, 2);
         assert_eq!((a.width, a.height), (Some(64), Some(32)));
         assert_eq!(a.negative_prompt, vec!["n"]);
-        assert_eq!(a.num_inference_steps, 9);
-        assert_eq!(a.guidance_scale, 2.5);
+        assert_eq!(a.num_inference_steps, Some(9));
+        assert_eq!(a.guidance_scale, Some(2.5));
         assert_eq!(a.cfg_trunc_ratio, 0.25);
         assert!(a.no_cfg_normalization);
         assert_eq!(a.system_prompt.as_deref(), Some("s"));
@@ -605,7 +605,7 @@ mod tests {
 
         // Absent and null fields keep the command line's values.
         let a = line_args(br#"{"prompt": "p", "seed": null}"#, 0, &d).unwrap();
-        assert_eq!(a.num_inference_steps, 4);
+        assert_eq!(a.num_inference_steps, Some(4));
         assert_eq!(a.seed, Some(5));
         assert_eq!(a.system_preset.as_deref(), Some("real"));
         assert_eq!(a.output, "lumina2_{seed}_0.png");

@@ -24,7 +24,7 @@ use crate::signals;
 const DEFAULT_MODEL: &str = "Alpha-VLLM/Lumina-Image-2.0";
 
 #[derive(Clone, Copy, ValueEnum)]
-enum DtypeArg {
+pub(crate) enum DtypeArg {
     /// bf16 where the device computes it natively (GPUs; CPUs with AMX or
     /// AVX512-BF16), f32 elsewhere.
     Auto,
@@ -69,13 +69,22 @@ pub struct GenerateArgs {
     /// Image height in pixels, a multiple of 16, at most 16384 (default: the model's sample_size * 8).
     #[arg(long)]
     pub(crate) height: Option<usize>,
-    /// Denoising steps (1 to 10000).
-    #[arg(long, visible_alias = "steps", default_value_t = 30)]
-    pub(crate) num_inference_steps: usize,
-    /// Classifier-free guidance scale, 0 to 100 (diffusers' mode guides only
-    /// above 1, the original mode at every scale).
-    #[arg(long, default_value_t = 4.0)]
-    pub(crate) guidance_scale: f64,
+    /// Denoising steps, 1 to 10000 [default: 30; Z-Image: 50, as diffusers].
+    #[arg(long, visible_alias = "steps")]
+    pub(crate) num_inference_steps: Option<usize>,
+    /// Classifier-free guidance scale, 0 to 100 [default: 4; Z-Image: 5, as
+    /// diffusers] (Lumina2: diffusers' mode guides only above 1, the original
+    /// mode at every scale; Z-Image guides above 0, Z-Image-Turbo uses 0).
+    #[arg(long)]
+    pub(crate) guidance_scale: Option<f64>,
+    /// Z-Image only: cap the guided prediction's norm at F times the
+    /// positive one's (diffusers' `cfg_normalization`; 0, the default: off).
+    #[arg(long, value_name = "F")]
+    pub(crate) cfg_normalization: Option<f64>,
+    /// Z-Image only: no guidance at the steps whose normalised time
+    /// (1000 - t) / 1000 is above T (diffusers' `cfg_truncation`, default 1).
+    #[arg(long, value_name = "T")]
+    pub(crate) cfg_truncation: Option<f64>,
     /// Fraction of the run with guidance, 0 to 1 (see --guidance-mode).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) cfg_trunc_ratio: f64,
@@ -96,9 +105,9 @@ pub struct GenerateArgs {
     /// A system prompt preset of the original sampler: align, base, aesthetics, real, 4grid, empty.
     #[arg(long)]
     pub(crate) system_preset: Option<String>,
-    /// Text tokens per prompt (at most 512).
-    #[arg(long, default_value_t = 256)]
-    max_sequence_length: usize,
+    /// Text tokens per prompt, at most 512 [default: 256; Z-Image: 512, as diffusers].
+    #[arg(long)]
+    pub(crate) max_sequence_length: Option<usize>,
     /// Images per prompt (at most 256 images in all: prompts x images).
     #[arg(long, default_value_t = 1)]
     pub(crate) num_images_per_prompt: usize,
@@ -109,7 +118,7 @@ pub struct GenerateArgs {
     /// Custom sigmas, comma-separated, each in [0, 1], at most 10000 (diffusers'
     /// `sigmas`; overrides the step count).
     #[arg(long, value_delimiter = ',')]
-    sigmas: Option<Vec<f64>>,
+    pub(crate) sigmas: Option<Vec<f64>>,
     /// Output path; `{seed}` and `{index}` are replaced. Several images without
     /// a placeholder get `_{index}` before the extension. Must be a new path or
     /// a regular file (replaced); a device, FIFO, socket, folder or symbolic
@@ -119,10 +128,10 @@ pub struct GenerateArgs {
     /// Also write the final latents (before the VAE) to this .safetensors file
     /// (a new path or a regular file, as -o).
     #[arg(long, conflicts_with = "from_file")]
-    output_latents: Option<PathBuf>,
+    pub(crate) output_latents: Option<PathBuf>,
     /// Write only the latents (no VAE decode, no image); needs --output-latents.
     #[arg(long, requires = "output_latents")]
-    latents_only: bool,
+    pub(crate) latents_only: bool,
     /// Live preview: every --preview-every steps, the current prediction of the
     /// clean image (the first image of the batch, at latent resolution,
     /// projected with ComfyUI's Flux latent-to-RGB matrix) is written to this
@@ -141,59 +150,59 @@ pub struct GenerateArgs {
     /// checkpoint (.safetensors) [default: Alpha-VLLM/Lumina-Image-2.0; not
     /// needed when --transformer, --text-encoder and --vae all name files].
     #[arg(long)]
-    model: Option<String>,
+    pub(crate) model: Option<String>,
     /// Hub revision (branch, tag or commit).
     #[arg(long, default_value = "main")]
-    revision: String,
+    pub(crate) revision: String,
     /// Never touch the network: use the Hugging Face cache only (also HF_HUB_OFFLINE=1).
     #[arg(long)]
-    offline: bool,
+    pub(crate) offline: bool,
     /// Transformer checkpoint file (.safetensors original/ComfyUI/diffusers, .pth, .gguf)
     /// or diffusers folder, instead of the model's.
     #[arg(long)]
-    transformer: Option<PathBuf>,
+    pub(crate) transformer: Option<PathBuf>,
     /// Folder or file with the config.json of --transformer, or of a
     /// checkpoint's transformer (default: the model's folder's; with no
     /// model folder, Lumina-Image 2.0's with the file's sizes).
     #[arg(long)]
-    transformer_config: Option<PathBuf>,
+    pub(crate) transformer_config: Option<PathBuf>,
     /// Folder with the config.json of a ComfyUI text encoder file (default:
     /// the model's folder's; with no model folder, Gemma-2-2B's with the file's sizes).
     #[arg(long)]
-    text_encoder_config: Option<PathBuf>,
+    pub(crate) text_encoder_config: Option<PathBuf>,
     /// Folder with the config.json of a VAE file (default: the model's
     /// folder's; with no model folder, the Flux VAE's with the file's sizes).
     #[arg(long)]
-    vae_config: Option<PathBuf>,
+    pub(crate) vae_config: Option<PathBuf>,
     /// Text encoder: folder (transformers' Gemma-2 layout), GGUF file (llama.cpp's
     /// Gemma-2 names, e.g. a community gemma-2-2b Q4_0/Q8_0), or ComfyUI Gemma-2
     /// file (gemma_2_2b_fp16.safetensors), instead of the model's.
     #[arg(long)]
-    text_encoder: Option<PathBuf>,
+    pub(crate) text_encoder: Option<PathBuf>,
     /// tokenizer.json (or its folder), or a ComfyUI file with the tokenizer
     /// embedded, instead of the model's.
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub(crate) tokenizer: Option<PathBuf>,
     /// VAE: diffusers folder, or Flux VAE file in Black Forest Labs'/ComfyUI's
     /// keys (ae.safetensors), instead of the model's.
     #[arg(long)]
-    vae: Option<PathBuf>,
+    pub(crate) vae: Option<PathBuf>,
     /// scheduler_config.json, instead of the model's.
     #[arg(long)]
-    scheduler_config: Option<PathBuf>,
+    pub(crate) scheduler_config: Option<PathBuf>,
     /// LoRA file with an optional scale (-100 to 100, default 1), FILE[:SCALE]; repeatable.
     #[arg(long)]
-    lora: Vec<String>,
+    pub(crate) lora: Vec<String>,
 
     /// Compute dtype: auto picks bf16 where the device computes it natively (GPUs, CPUs
     /// with AMX or AVX512-BF16) and f32 elsewhere; f32 matches PyTorch's f32 exactly.
     #[arg(long, value_enum, default_value = "auto")]
-    dtype: DtypeArg,
+    pub(crate) dtype: DtypeArg,
     /// Quantise the transformer's attention and feed-forward layers to int8
     /// (faster on CPUs with AMX or AVX512-VNNI; about 1% relative error on
     /// each denoising step's output). Best with `--dtype bf16`.
     #[arg(long)]
-    int8: bool,
+    pub(crate) int8: bool,
     /// Device: cpu, cuda[:N] or metal[:N] (GPU builds only).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
@@ -208,7 +217,7 @@ pub struct GenerateArgs {
     pub(crate) guidance_mode: GuidanceArg,
     /// Decode the image tile by tile (bounds the VAE's memory for large images).
     #[arg(long)]
-    vae_tiling: bool,
+    pub(crate) vae_tiling: bool,
     /// Skip the up-front memory check.
     #[arg(long)]
     pub(crate) no_memory_check: bool,
@@ -219,6 +228,11 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub(crate) batch: batch::BatchArgs,
 }
+
+/// The command's defaults for Lumina2 (Z-Image takes diffusers' own).
+const LUMINA2_STEPS: usize = 30;
+const LUMINA2_GUIDANCE_SCALE: f64 = 4.0;
+const LUMINA2_MAX_SEQUENCE_LENGTH: usize = 256;
 
 /// The largest LoRA scale magnitude: trained for 1, used between -2 and 2;
 /// far past that the merged weights overflow.
@@ -482,8 +496,16 @@ pub(crate) fn options_named(
     }
     o.width = args.width;
     o.height = args.height;
-    o.num_inference_steps = args.num_inference_steps;
-    o.guidance_scale = args.guidance_scale;
+    for (flag, given) in [
+        ("--cfg-normalization", args.cfg_normalization.is_some()),
+        ("--cfg-truncation", args.cfg_truncation.is_some()),
+    ] {
+        if given {
+            bail!("{flag} applies to Z-Image pipelines only (Lumina2: --no-cfg-normalization, --cfg-trunc-ratio)");
+        }
+    }
+    o.num_inference_steps = args.num_inference_steps.unwrap_or(LUMINA2_STEPS);
+    o.guidance_scale = args.guidance_scale.unwrap_or(LUMINA2_GUIDANCE_SCALE);
     o.cfg_trunc_ratio = args.cfg_trunc_ratio;
     o.cfg_normalization = !args.no_cfg_normalization;
     o.renorm_cfg = args.renorm_cfg;
@@ -497,7 +519,9 @@ pub(crate) fn options_named(
     };
     o.sigmas = args.sigmas.clone();
     o.num_images_per_prompt = args.num_images_per_prompt;
-    o.max_sequence_length = args.max_sequence_length;
+    o.max_sequence_length = args
+        .max_sequence_length
+        .unwrap_or(LUMINA2_MAX_SEQUENCE_LENGTH);
     o.output = if args.latents_only {
         OutputKind::Latents
     } else {
@@ -529,7 +553,7 @@ pub(crate) fn options_named(
 
 /// An invalid option of the library, named as the command line spells it
 /// (`num_images_per_prompt` -> `--num-images-per-prompt`).
-fn cli_option(e: PipelineError) -> anyhow::Error {
+pub(crate) fn cli_option(e: PipelineError) -> anyhow::Error {
     named_option(e, |option| format!("--{}", option.replace('_', "-")))
 }
 
@@ -593,6 +617,9 @@ pub(crate) fn usage<T>(r: Result<T>) -> Result<T> {
 }
 
 pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
+    if crate::zimage::is_zimage(&args)? {
+        return crate::zimage::run(args, quiet);
+    }
     if args.batch.from_file.is_some() {
         return batch::run(args, quiet);
     }
@@ -676,22 +703,7 @@ pub(crate) fn load(
         ))
         .into());
     }
-    let dtype = match args.dtype {
-        DtypeArg::Auto => {
-            let auto = lumina2_pipeline::auto_dtype(&device);
-            if !quiet {
-                eprintln!(
-                    "dtype: {} ({}; --dtype f32 or bf16 to choose)",
-                    auto.dtype.as_str(),
-                    auto.reason
-                );
-            }
-            auto.dtype
-        }
-        DtypeArg::F32 => DType::F32,
-        DtypeArg::Bf16 => DType::BF16,
-        DtypeArg::F16 => DType::F16,
-    };
+    let dtype = resolve_dtype(args, &device, quiet);
 
     let (sources, model_name) = sources(args, loras, quiet)?;
     signals::check(|| " before loading; no image was written".into())?;
@@ -717,6 +729,26 @@ pub(crate) fn load(
         pipe,
         name: model_name,
     })
+}
+
+/// The compute dtype `--dtype` asks for on `device` (`auto` says what it picked).
+pub(crate) fn resolve_dtype(args: &GenerateArgs, device: &Device, quiet: bool) -> DType {
+    match args.dtype {
+        DtypeArg::Auto => {
+            let auto = lumina2_pipeline::auto_dtype(device);
+            if !quiet {
+                eprintln!(
+                    "dtype: {} ({}; --dtype f32 or bf16 to choose)",
+                    auto.dtype.as_str(),
+                    auto.reason
+                );
+            }
+            auto.dtype
+        }
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::Bf16 => DType::BF16,
+        DtypeArg::F16 => DType::F16,
+    }
 }
 
 /// The PNG of the first image's preview (`x0`: the step's clean-latent
@@ -991,6 +1023,7 @@ fn metadata(
         GuidanceArg::Original => "original",
     };
     let mut m = vec![
+        ("pipeline".to_string(), "Lumina2Pipeline".to_string()),
         ("prompt".to_string(), prompt),
         ("negative_prompt".to_string(), negative),
         ("seed".to_string(), seed.to_string()),
@@ -1043,8 +1076,8 @@ fn metadata(
     }
     m.extend(init_image::metadata(&args.init));
     let parameters = a1111_parameters(&A1111 {
-        prompt: &m[0].1,
-        negative_prompt: &m[1].1,
+        prompt: &m[1].1,
+        negative_prompt: &m[2].1,
         steps: opts.num_inference_steps,
         sampler,
         cfg_scale: opts.guidance_scale,
@@ -1058,23 +1091,23 @@ fn metadata(
 }
 
 /// The fields of the `parameters` text chunk.
-struct A1111<'a> {
-    prompt: &'a str,
-    negative_prompt: &'a str,
-    steps: usize,
-    sampler: &'a str,
-    cfg_scale: f64,
-    seed: u64,
-    width: usize,
-    height: usize,
-    model: &'a str,
+pub(crate) struct A1111<'a> {
+    pub(crate) prompt: &'a str,
+    pub(crate) negative_prompt: &'a str,
+    pub(crate) steps: usize,
+    pub(crate) sampler: &'a str,
+    pub(crate) cfg_scale: f64,
+    pub(crate) seed: u64,
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+    pub(crate) model: &'a str,
 }
 
 /// The `parameters` text of AUTOMATIC1111's web UI, which image browsers and
 /// sharing sites parse: the prompt, `Negative prompt: ...` when there is one,
 /// then `key: value` pairs on one last line. Values holding `,` or `:` are
 /// quoted as A1111 quotes them, so the line still splits.
-fn a1111_parameters(p: &A1111) -> String {
+pub(crate) fn a1111_parameters(p: &A1111) -> String {
     let sampler = match p.sampler {
         "euler" => "Euler",
         "midpoint" => "Midpoint",

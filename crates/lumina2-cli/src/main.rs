@@ -14,6 +14,7 @@ mod inspect;
 mod output;
 mod serve;
 mod signals;
+mod zimage;
 
 use std::process::ExitCode;
 

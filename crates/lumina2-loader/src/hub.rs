@@ -28,7 +28,7 @@
 use std::path::{Component as PathComponent, Path, PathBuf};
 
 use crate::folder::{Error, ShardIndex};
-use crate::pipeline_folder::{Component, ModelIndex, PipelineFolder};
+use crate::pipeline_folder::{Component, ModelIndex, PipelineFolder, PipelineKind};
 
 /// The Lumina-Image 2.0 repo on the Hub.
 pub const DEFAULT_REPO_ID: &str = "Alpha-VLLM/Lumina-Image-2.0";
@@ -487,7 +487,7 @@ impl HubRepo {
             *revision = commit.to_string();
         }
         // The classes are checked before gigabytes are downloaded.
-        ModelIndex::read(&index_path)?;
+        ModelIndex::read(&index_path, &[PipelineKind::Lumina2])?;
         for c in Component::ALL {
             let dir = c.name();
             for f in c.required_files() {

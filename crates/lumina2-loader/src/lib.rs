@@ -102,7 +102,9 @@ pub use hub::{HubEnv, HubRepo};
 pub use lora::{LoraFile, LoraSource};
 pub use model_keys::ModelKeys;
 pub use original::{detect_layout, infer_config, open_transformer_file, TransformerLayout};
-pub use pipeline_folder::{Component, PipelineFolder, PIPELINE_CLASSES};
+pub use pipeline_folder::{
+    Component, PipelineFolder, PipelineKind, PIPELINE_CLASSES, ZIMAGE_PIPELINE_CLASSES,
+};
 pub use pipeline_write::{convert_to_diffusers_pipeline, PipelineConfigs};
 pub use pth::PthFile;
 pub use qwen3_gguf::{Qwen3Gguf, Qwen3GgufError};

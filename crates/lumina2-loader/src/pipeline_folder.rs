@@ -5,7 +5,10 @@
 //! Keys starting with `_` are metadata; a `[library, class]` pair is a
 //! component; `null` or `[null, null]` is a component that is not there;
 //! other values are pipeline config (diffusers passes them to the
-//! constructor), which Lumina2 has none of, so they are ignored.
+//! constructor), which Lumina2 and Z-Image have none of, so they are ignored.
+//!
+//! Lumina2 and Z-Image (diffusers' `ZImagePipeline`) share the layout and
+//! this reader; [`PipelineKind`] says which classes each component may have.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +20,47 @@ use crate::folder::{ComponentFolder, Error};
 /// earlier name of diffusers' class, deprecated there, still in older exports).
 pub const PIPELINE_CLASSES: [&str; 2] = ["Lumina2Pipeline", "Lumina2Text2ImgPipeline"];
 
-/// A component of a Lumina2 pipeline.
+/// The `_class_name` of a Z-Image pipeline.
+pub const ZIMAGE_PIPELINE_CLASSES: [&str; 1] = ["ZImagePipeline"];
+
+/// Which pipeline a folder holds, from `model_index.json`'s `_class_name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PipelineKind {
+    /// diffusers' `Lumina2Pipeline`: Gemma-2 text encoder.
+    Lumina2,
+    /// diffusers' `ZImagePipeline`: Qwen3 text encoder with a chat template.
+    ZImage,
+}
+
+impl PipelineKind {
+    /// Every kind this project loads.
+    pub const ALL: [PipelineKind; 2] = [Self::Lumina2, Self::ZImage];
+
+    /// The `_class_name`s of the kind.
+    pub fn class_names(self) -> &'static [&'static str] {
+        match self {
+            Self::Lumina2 => &PIPELINE_CLASSES,
+            Self::ZImage => &ZIMAGE_PIPELINE_CLASSES,
+        }
+    }
+
+    /// The kind a `_class_name` names.
+    pub fn from_class_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.class_names().contains(&name))
+    }
+
+    /// A short name (`"lumina2"`, `"z-image"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lumina2 => "lumina2",
+            Self::ZImage => "z-image",
+        }
+    }
+}
+
+/// A component of a Lumina2 or Z-Image pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Component {
     /// `transformer/`: the diffusion transformer.
@@ -61,8 +104,22 @@ impl Component {
         }
     }
 
-    /// The classes this project can load for the component.
+    /// The classes this project can load for the component of a Lumina2 pipeline.
     pub fn classes(self) -> &'static [&'static str] {
+        self.classes_in(PipelineKind::Lumina2)
+    }
+
+    /// The classes this project can load for the component of a `kind` pipeline.
+    pub fn classes_in(self, kind: PipelineKind) -> &'static [&'static str] {
+        if kind == PipelineKind::ZImage {
+            return match self {
+                Self::Transformer => &["ZImageTransformer2DModel"],
+                Self::TextEncoder => &["Qwen3Model", "Qwen3ForCausalLM"],
+                Self::Tokenizer => &["Qwen2Tokenizer", "Qwen2TokenizerFast"],
+                Self::Vae => &["AutoencoderKL"],
+                Self::Scheduler => &["FlowMatchEulerDiscreteScheduler"],
+            };
+        }
         match self {
             Self::Transformer => &["Lumina2Transformer2DModel"],
             // The pipeline takes any `Gemma2PreTrainedModel`; both keep the
@@ -77,6 +134,15 @@ impl Component {
     /// The files the component needs, relative to its folder; the weights
     /// (see [`Component::weights_stem`]) are not listed.
     pub fn required_files(self) -> &'static [&'static str] {
+        self.required_files_in(PipelineKind::Lumina2)
+    }
+
+    /// [`Component::required_files`] in a `kind` pipeline (Z-Image's
+    /// tokenizer needs its config too: the padding token and the chat template).
+    pub fn required_files_in(self, kind: PipelineKind) -> &'static [&'static str] {
+        if (kind, self) == (PipelineKind::ZImage, Self::Tokenizer) {
+            return &["tokenizer.json", "tokenizer_config.json"];
+        }
         match self {
             Self::Transformer | Self::TextEncoder | Self::Vae => &["config.json"],
             Self::Tokenizer => &["tokenizer.json"],
@@ -107,19 +173,20 @@ impl Component {
     }
 }
 
-/// `model_index.json`, parsed and checked against what Lumina2 needs.
+/// `model_index.json`, parsed and checked against what its pipeline needs.
 #[derive(Debug, Clone)]
 pub(crate) struct ModelIndex {
     class_name: String,
+    kind: PipelineKind,
     diffusers_version: Option<String>,
     /// `(component, library, class)`, in [`Component::ALL`] order.
     classes: Vec<(Component, String, String)>,
 }
 
 impl ModelIndex {
-    /// Reads `path` and checks the pipeline class and every component's
-    /// library and class (no other file is looked at).
-    pub(crate) fn read(path: &Path) -> Result<Self, Error> {
+    /// Reads `path` and checks the pipeline class (one of `kinds`) and every
+    /// component's library and class (no other file is looked at).
+    pub(crate) fn read(path: &Path, kinds: &[PipelineKind]) -> Result<Self, Error> {
         let text = lumina2_weights::fs::read_bounded(path, lumina2_weights::fs::MAX_CONFIG_BYTES)
             .map_err(|source| Error::Io {
             path: path.to_path_buf(),
@@ -138,13 +205,18 @@ impl ModelIndex {
             Some(Value::String(s)) => s.clone(),
             _ => return Err(invalid("no `_class_name` string".into())),
         };
-        if !PIPELINE_CLASSES.contains(&class_name.as_str()) {
+        let Some(kind) = PipelineKind::from_class_name(&class_name).filter(|k| kinds.contains(k))
+        else {
             return Err(Error::PipelineClass {
                 path,
                 found: class_name,
-                expected: PIPELINE_CLASSES.iter().map(|s| s.to_string()).collect(),
+                expected: kinds
+                    .iter()
+                    .flat_map(|k| k.class_names())
+                    .map(|s| s.to_string())
+                    .collect(),
             });
-        }
+        };
         let diffusers_version = map
             .get("_diffusers_version")
             .and_then(Value::as_str)
@@ -195,13 +267,13 @@ impl ModelIndex {
                     null: nulls.contains(&c),
                 });
             };
-            if library != c.library() || !c.classes().contains(&class.as_str()) {
+            if library != c.library() || !c.classes_in(kind).contains(&class.as_str()) {
                 return Err(Error::ComponentClass {
                     path,
                     component: c.name().into(),
                     found: format!("{library}.{class}"),
                     expected: c
-                        .classes()
+                        .classes_in(kind)
                         .iter()
                         .map(|k| format!("{}.{k}", c.library()))
                         .collect(),
@@ -211,6 +283,7 @@ impl ModelIndex {
         }
         Ok(Self {
             class_name,
+            kind,
             diffusers_version,
             classes,
         })
@@ -232,8 +305,23 @@ impl PipelineFolder {
     /// `tokenizer.json`, `scheduler_config.json`); weights are resolved later,
     /// by [`PipelineFolder::component_folder`].
     pub fn open(root: impl AsRef<Path>) -> Result<Self, Error> {
-        let root = root.as_ref().to_path_buf();
-        let index = ModelIndex::read(&root.join("model_index.json"))?;
+        Self::open_as(root, PipelineKind::Lumina2)
+    }
+
+    /// [`PipelineFolder::open`] for a pipeline of `kind`.
+    pub fn open_as(root: impl AsRef<Path>, kind: PipelineKind) -> Result<Self, Error> {
+        Self::open_kinds(root.as_ref(), &[kind])
+    }
+
+    /// [`PipelineFolder::open`] for a pipeline of any kind this project
+    /// loads; [`PipelineFolder::kind`] says which it is.
+    pub fn open_any(root: impl AsRef<Path>) -> Result<Self, Error> {
+        Self::open_kinds(root.as_ref(), &PipelineKind::ALL)
+    }
+
+    fn open_kinds(root: &Path, kinds: &[PipelineKind]) -> Result<Self, Error> {
+        let root = root.to_path_buf();
+        let index = ModelIndex::read(&root.join("model_index.json"), kinds)?;
         for c in Component::ALL {
             let dir = root.join(c.name());
             if !dir.is_dir() {
@@ -242,7 +330,7 @@ impl PipelineFolder {
                     path: dir,
                 });
             }
-            for f in c.required_files() {
+            for f in c.required_files_in(index.kind) {
                 let file = dir.join(f);
                 if !file.is_file() {
                     return Err(Error::ComponentFile {
@@ -263,6 +351,11 @@ impl PipelineFolder {
     /// `_class_name` of `model_index.json`.
     pub fn class_name(&self) -> &str {
         &self.index.class_name
+    }
+
+    /// Which pipeline the folder holds.
+    pub fn kind(&self) -> PipelineKind {
+        self.index.kind
     }
 
     /// `_diffusers_version` of `model_index.json`, when present.

@@ -13,6 +13,8 @@
 //! - [`ImageToImage`] starts a run from an image (and inpaints with a mask)
 //!   as diffusers' Flux img2img and inpaint pipelines do; images are read and
 //!   resized as PIL does ([`source_image`], [`resample`]).
+//! - [`ZImagePipeline`] runs Z-Image (diffusers' `ZImagePipeline`) from the
+//!   same pieces around the Z-Image transformer and the Qwen3 text encoder.
 //! - Components are loaded one at a time and released after their stage unless
 //!   [`PipelineBuilder::keep_resident`] is set.
 //!
@@ -41,7 +43,9 @@ pub mod progress;
 pub mod resample;
 pub mod source_image;
 pub mod teacache;
+pub mod torch_linspace;
 pub mod torch_rng;
+pub mod zimage;
 
 pub use components::{LoraSpec, PipelineSources, TransformerSource};
 pub use dtype::{auto_dtype, AutoDtype};
@@ -53,6 +57,7 @@ pub use options::{
 pub use pipeline::{Generation, Lumina2Pipeline, MemoryCheck, PipelineBuilder};
 pub use progress::{Control, Event, Stage, StageTimings, StepInfo};
 pub use teacache::TeaCache;
+pub use zimage::{ZImageOptions, ZImagePipeline, ZImagePipelineBuilder, ZImageSources};
 
 pub use candle_core;
 pub use lumina2_scheduler::SolverKind;

@@ -429,7 +429,7 @@ fn num(v: f64) -> String {
     }
 }
 
-fn check_prompt_lengths(name: &'static str, prompts: &[String]) -> Result<()> {
+pub(crate) fn check_prompt_lengths(name: &'static str, prompts: &[String]) -> Result<()> {
     if let Some((i, p)) = prompts
         .iter()
         .enumerate()

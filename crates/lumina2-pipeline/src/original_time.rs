@@ -10,28 +10,13 @@
 //! truncation `t < cfg_trunc` compares float32 values: a ratio that falls on
 //! a grid point decides differently unless the times are the original's.
 
-/// The shifted grid of `steps + 1` model times, from 0 (noise) to 1 (clean).
-///
-/// `torch.linspace` on the CPU computes `start + step * i` for the first half
-/// and `end - step * (steps - i)` for the second, each with one rounding
-/// (the kernel's multiply-add is fused); `step = (end - start) / steps` in float32.
+/// The shifted grid of `steps + 1` model times, from 0 (noise) to 1 (clean):
+/// `torch.linspace(0, 1, steps + 1)` ([`crate::torch_linspace`]), shifted.
 pub fn time_grid(steps: usize, shift: f32) -> Vec<f32> {
-    let n = steps + 1;
-    if steps == 0 {
-        return vec![0.0];
-    }
-    let step = 1f32 / steps as f32;
-    let halfway = n / 2;
-    (0..n)
-        .map(|i| {
-            let t = if i < halfway {
-                step * i as f32
-            } else {
-                (-step).mul_add((n - 1 - i) as f32, 1.0)
-            };
-            // Three float32 tensor ops, rounded one by one.
-            t / ((t + shift) - shift * t)
-        })
+    crate::torch_linspace::linspace_f32(0.0, 1.0, steps + 1)
+        .into_iter()
+        // Three float32 tensor ops, rounded one by one.
+        .map(|t| t / ((t + shift) - shift * t))
         .collect()
 }
 

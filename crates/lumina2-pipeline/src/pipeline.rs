@@ -704,11 +704,7 @@ impl Lumina2Pipeline {
         let vae = self.take_vae(observer, timings)?;
         let start = Instant::now();
         observer(Event::StageStarted(Stage::Decode));
-        let result = (|| -> Result<Tensor> {
-            let z = vae.unscale_latents(latents)?;
-            let decoded = vae.decode(&z)?;
-            Ok(lumina2_vae::image::denormalize(&decoded)?)
-        })();
+        let result = decode_latents(&vae, latents);
         if self.keep_resident {
             self.vae = Some(vae);
         }
@@ -761,6 +757,14 @@ impl Lumina2Pipeline {
     }
 }
 
+/// Latents to `[B, H, W, 3]` images in `[0, 1]`: `latents / scaling_factor
+/// + shift_factor`, decoded, denormalised (diffusers' `output_type="np"`).
+pub(crate) fn decode_latents(vae: &AutoencoderKL, latents: &Tensor) -> Result<Tensor> {
+    let z = vae.unscale_latents(latents)?;
+    let decoded = vae.decode(&z)?;
+    Ok(lumina2_vae::image::denormalize(&decoded)?)
+}
+
 /// Where the denoising starts.
 struct Start {
     /// The first latents.
@@ -807,7 +811,7 @@ fn model_call(
     }
 }
 
-fn count_non_finite(t: &Tensor) -> Result<usize> {
+pub(crate) fn count_non_finite(t: &Tensor) -> Result<usize> {
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(v.iter().filter(|x| !x.is_finite()).count())
 }
@@ -939,7 +943,7 @@ fn resolve_size(cfg: &TransformerConfig, opts: &GenerateOptions) -> Result<(usiz
 }
 
 /// `cpu`, `cuda:N` or `metal:N`, as the CLI's `--device` spells it.
-fn device_name(device: &Device) -> String {
+pub(crate) fn device_name(device: &Device) -> String {
     match device.location() {
         candle_core::DeviceLocation::Cpu => "cpu".to_string(),
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),

@@ -10,6 +10,7 @@ mod tokenizer;
 mod transformer;
 mod vae;
 mod zimage;
+mod zimage_pipeline;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,7 @@ pub fn prepare(case: &Case, int8: bool) -> Result<Box<dyn Prepared>> {
         "chat_tokenizer" => tokenizer::prepare_chat(case),
         "pipeline" => pipeline::prepare(case),
         "zimage_transformer" => zimage::prepare(case),
+        "zimage_pipeline" => zimage_pipeline::prepare(case),
         other => Err(anyhow!("unknown component `{other}`")),
     }
 }

@@ -1,0 +1,579 @@
+//! `ZImagePipeline`: diffusers' `ZImagePipeline.__call__`, step for step.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use lumina2_scheduler::{FlowMatchEulerDiscreteScheduler, SchedulerConfig, TimestepRequest};
+use lumina2_text_encoder::Qwen3Config;
+use lumina2_transformer::{ZImageConfig, ZImageTransformer};
+use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
+
+use crate::components;
+use crate::error::{invalid, Error, Result};
+use crate::noise;
+use crate::options::{OutputKind, MAX_SIDE};
+use crate::pipeline::{count_non_finite, decode_latents, Generation, Observer};
+use crate::progress::{Control, Event, Stage, StageTimings, StepInfo};
+use crate::torch_linspace::linspace_f32;
+
+use super::guidance;
+use super::options::{ZImageOptions, ZIMAGE_DEFAULT_SIZE};
+use super::sources::{self, ZImagePromptEncoder, ZImageSources};
+
+/// Z-Image text-to-image: diffusers' `ZImagePipeline` (Z-Image and
+/// Z-Image-Turbo), built from the same transformer blocks, VAE, scheduler,
+/// noise and progress reporting as [`crate::Lumina2Pipeline`].
+///
+/// ```no_run
+/// # fn main() -> lumina2_pipeline::Result<()> {
+/// use lumina2_pipeline::{Noise, ZImageOptions, ZImagePipeline, ZImageSources};
+///
+/// let sources = ZImageSources::from_pipeline_folder("Z-Image-Turbo")?;
+/// let mut pipe = ZImagePipeline::builder(sources).build()?;
+/// let mut opts = ZImageOptions::new("a lighthouse at dawn, oil painting");
+/// opts.num_inference_steps = 8;
+/// opts.guidance_scale = 0.0;
+/// opts.noise = Noise::Seed(42);
+/// let out = pipe.generate(&opts, &mut |_| Default::default())?;
+/// out.rgb_images()?[0].save("lighthouse.png").ok();
+/// # Ok(()) }
+/// ```
+pub struct ZImagePipeline {
+    sources: ZImageSources,
+    dtype: DType,
+    device: Device,
+    keep_resident: bool,
+    transformer_config: ZImageConfig,
+    text_encoder_config: Qwen3Config,
+    vae_config: AutoencoderKLConfig,
+    scheduler_config: SchedulerConfig,
+    prompt_encoder: Option<ZImagePromptEncoder>,
+    transformer: Option<ZImageTransformer>,
+    vae: Option<AutoencoderKL>,
+    load_warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for ZImagePipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZImagePipeline")
+            .field("sources", &self.sources)
+            .field("dtype", &self.dtype)
+            .field("keep_resident", &self.keep_resident)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`ZImagePipeline`].
+#[derive(Debug, Clone)]
+pub struct ZImagePipelineBuilder {
+    sources: ZImageSources,
+    dtype: DType,
+    device: Device,
+    keep_resident: bool,
+}
+
+impl ZImagePipelineBuilder {
+    /// The compute dtype of every component (f32 by default). The latents
+    /// and the scheduler stay in f32 whatever it is, as the reference.
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The device (CPU by default).
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Keep every component loaded between stages and generations.
+    pub fn keep_resident(mut self, keep: bool) -> Self {
+        self.keep_resident = keep;
+        self
+    }
+
+    /// Reads and checks the configurations; the weights are loaded when used.
+    pub fn build(self) -> Result<ZImagePipeline> {
+        if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(invalid(
+                "dtype",
+                format!("{:?} is not a compute dtype (f32, bf16, f16)", self.dtype),
+            ));
+        }
+        let transformer_config = self.sources.transformer_config()?;
+        let text_encoder_config = self.sources.text_encoder_config()?;
+        let vae_config = lumina2_vae::AutoencoderKLConfig::from_file(&self.sources.vae)?;
+        let scheduler_config = self.sources.scheduler()?;
+        if vae_config.latent_channels != transformer_config.in_channels {
+            return Err(invalid(
+                "vae",
+                format!(
+                    "the VAE has {} latent channels, the transformer takes {}",
+                    vae_config.latent_channels, transformer_config.in_channels
+                ),
+            ));
+        }
+        if text_encoder_config.hidden_size != transformer_config.cap_feat_dim {
+            return Err(invalid(
+                "text_encoder",
+                format!(
+                    "the text encoder's hidden_size is {}, the transformer's cap_feat_dim {}",
+                    text_encoder_config.hidden_size, transformer_config.cap_feat_dim
+                ),
+            ));
+        }
+        Ok(ZImagePipeline {
+            sources: self.sources,
+            dtype: self.dtype,
+            device: self.device,
+            keep_resident: self.keep_resident,
+            transformer_config,
+            text_encoder_config,
+            vae_config,
+            scheduler_config,
+            prompt_encoder: None,
+            transformer: None,
+            vae: None,
+            load_warnings: Vec::new(),
+        })
+    }
+}
+
+impl ZImagePipeline {
+    /// Starts a pipeline over these component files.
+    pub fn builder(sources: ZImageSources) -> ZImagePipelineBuilder {
+        ZImagePipelineBuilder {
+            sources,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            keep_resident: false,
+        }
+    }
+
+    /// The transformer's configuration.
+    pub fn transformer_config(&self) -> &ZImageConfig {
+        &self.transformer_config
+    }
+
+    /// The VAE's configuration.
+    pub fn vae_config(&self) -> &AutoencoderKLConfig {
+        &self.vae_config
+    }
+
+    /// The scheduler's configuration.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `vae_scale_factor`: `2 ** (len(block_out_channels) - 1)`.
+    pub fn vae_scale_factor(&self) -> usize {
+        let levels = self.vae_config.block_out_channels.len().max(1);
+        1usize << (levels - 1).min(16)
+    }
+
+    /// The image size a request resolves to (width, height): 1024 where
+    /// absent, each a multiple of twice the VAE's factor, as the reference
+    /// requires.
+    pub fn resolve_size(&self, opts: &ZImageOptions) -> Result<(usize, usize)> {
+        let multiple = self.vae_scale_factor() * 2;
+        let w = opts.width.unwrap_or(ZIMAGE_DEFAULT_SIZE);
+        let h = opts.height.unwrap_or(ZIMAGE_DEFAULT_SIZE);
+        for (name, v) in [("width", w), ("height", h)] {
+            if v == 0 || !v.is_multiple_of(multiple) {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "{v} is not a positive multiple of {multiple} (twice the VAE's factor)"
+                    ),
+                ));
+            }
+            if v > MAX_SIDE {
+                return Err(invalid(
+                    name,
+                    format!("{v} is larger than {MAX_SIDE} pixels"),
+                ));
+            }
+        }
+        Ok((w, h))
+    }
+
+    /// The latent shape of `prepare_latents`: `2 * (side // (vae_scale_factor * 2))`.
+    fn latent_shape(&self, batch: usize, (w, h): (usize, usize)) -> (usize, usize, usize, usize) {
+        let f = self.vae_scale_factor() * 2;
+        (
+            batch,
+            self.transformer_config.in_channels,
+            2 * (h / f),
+            2 * (w / f),
+        )
+    }
+
+    /// The sigmas the scheduler is given: the request's, or
+    /// `torch.linspace(1.0, 1 / N, N)` (float32).
+    fn sigmas(opts: &ZImageOptions) -> Vec<f64> {
+        match &opts.sigmas {
+            Some(s) => s.clone(),
+            None => {
+                let n = opts.num_inference_steps;
+                let end = (1.0 / n as f64) as f32;
+                linspace_f32(1.0, end, n)
+                    .into_iter()
+                    .map(f64::from)
+                    .collect()
+            }
+        }
+    }
+
+    /// Runs one generation. `observer` sees each stage and step; returning
+    /// [`Control::Stop`] after a step ends the run with [`Error::Stopped`].
+    pub fn generate(
+        &mut self,
+        opts: &ZImageOptions,
+        observer: &mut Observer<'_>,
+    ) -> Result<Generation> {
+        opts.validate()?;
+        let size = self.resolve_size(opts)?;
+        let batch = opts.batch_size()?;
+        let cfg = opts.do_classifier_free_guidance();
+        let mut timings = StageTimings::default();
+
+        // 1. Prompts -> per-prompt embeddings, each repeated per image.
+        let mut warnings = Vec::new();
+        let (prompt_embeds, negative_embeds) =
+            self.encode(opts, cfg, observer, &mut timings, &mut warnings)?;
+
+        // 2. Noise, drawn in f32 whatever the compute dtype.
+        let shape = self.latent_shape(batch, size);
+        let initial = noise::initial_latents(&opts.noise, shape, DType::F32, &self.device)?;
+
+        // 3. The schedule: `mu` from the image's token count, passed as the
+        //    reference passes it (the scheduler uses it only with dynamic shifting).
+        let c = &self.scheduler_config;
+        let image_seq_len = (shape.2 / 2) * (shape.3 / 2);
+        let mu = lumina2_scheduler::calculate_shift(
+            image_seq_len,
+            c.base_image_seq_len,
+            c.max_image_seq_len,
+            c.base_shift.unwrap_or(0.5),
+            c.max_shift.unwrap_or(1.15),
+        )?;
+        let mut scheduler = FlowMatchEulerDiscreteScheduler::new(self.scheduler_config.clone())?;
+        scheduler.set_timesteps(&TimestepRequest::sigmas(Self::sigmas(opts)).with_mu(mu))?;
+        scheduler.set_begin_index(0);
+
+        // 4. Denoise.
+        let transformer = self.take_transformer(observer, &mut timings)?;
+        let result = denoise(
+            &transformer,
+            &mut scheduler,
+            Denoise {
+                latents: initial.clone(),
+                prompt: &prompt_embeds,
+                negative: &negative_embeds,
+                opts,
+                cfg,
+            },
+            observer,
+            &mut timings,
+        );
+        if self.keep_resident {
+            self.transformer = Some(transformer);
+        }
+        let latents = result?;
+
+        // 5. Decode.
+        let images = match opts.output {
+            OutputKind::Latents => None,
+            OutputKind::Images => Some(self.decode(&latents, observer, &mut timings)?),
+        };
+        warnings.append(&mut self.load_warnings);
+        Ok(Generation {
+            images,
+            latents,
+            initial_latents: initial,
+            image_latents: None,
+            noised_latents: None,
+            size,
+            timings,
+            warnings,
+            cache_computed: None,
+        })
+    }
+
+    /// `encode_prompt`: the prompts' embeddings and, with guidance, the
+    /// negatives', each repeated `num_images_per_prompt` times (`p0 p0 p1 p1`).
+    fn encode(
+        &mut self,
+        opts: &ZImageOptions,
+        cfg: bool,
+        observer: &mut Observer<'_>,
+        timings: &mut StageTimings,
+        warnings: &mut Vec<String>,
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let encoder = match self.prompt_encoder.take() {
+            Some(e) => e,
+            None => {
+                let start = Instant::now();
+                observer(Event::StageStarted(Stage::LoadTextEncoder));
+                let e = sources::load_prompt_encoder(
+                    &self.sources,
+                    &self.text_encoder_config,
+                    self.dtype,
+                    &self.device,
+                    &mut self.load_warnings,
+                )?;
+                let d = start.elapsed();
+                timings.stages.push((Stage::LoadTextEncoder, d));
+                observer(Event::StageFinished(Stage::LoadTextEncoder, d));
+                e
+            }
+        };
+        let start = Instant::now();
+        observer(Event::StageStarted(Stage::Encode));
+        let result = (|| -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+            let n = opts.num_images_per_prompt;
+            let pos = encode_prompts(&encoder, &opts.prompts, opts.max_sequence_length, warnings)?;
+            let neg = if cfg {
+                encode_prompts(
+                    &encoder,
+                    &opts.negatives(),
+                    opts.max_sequence_length,
+                    warnings,
+                )?
+            } else {
+                Vec::new()
+            };
+            Ok((repeat_each(pos, n), repeat_each(neg, n)))
+        })();
+        if self.keep_resident {
+            self.prompt_encoder = Some(encoder);
+        }
+        let out = result?;
+        let d = start.elapsed();
+        timings.stages.push((Stage::Encode, d));
+        observer(Event::StageFinished(Stage::Encode, d));
+        Ok(out)
+    }
+
+    fn take_transformer(
+        &mut self,
+        observer: &mut Observer<'_>,
+        timings: &mut StageTimings,
+    ) -> Result<ZImageTransformer> {
+        if let Some(t) = self.transformer.take() {
+            return Ok(t);
+        }
+        let start = Instant::now();
+        observer(Event::StageStarted(Stage::LoadTransformer));
+        let t = sources::load_transformer(
+            &self.sources,
+            &self.transformer_config,
+            self.dtype,
+            &self.device,
+            &mut self.load_warnings,
+        )?;
+        let d = start.elapsed();
+        timings.stages.push((Stage::LoadTransformer, d));
+        observer(Event::StageFinished(Stage::LoadTransformer, d));
+        Ok(t)
+    }
+
+    fn decode(
+        &mut self,
+        latents: &Tensor,
+        observer: &mut Observer<'_>,
+        timings: &mut StageTimings,
+    ) -> Result<Tensor> {
+        let vae = match self.vae.take() {
+            Some(v) => v,
+            None => {
+                let start = Instant::now();
+                observer(Event::StageStarted(Stage::LoadVae));
+                let v = components::load_vae(
+                    &self.sources.vae,
+                    &self.vae_config,
+                    self.dtype,
+                    &self.device,
+                    &mut self.load_warnings,
+                )?;
+                let d = start.elapsed();
+                timings.stages.push((Stage::LoadVae, d));
+                observer(Event::StageFinished(Stage::LoadVae, d));
+                v
+            }
+        };
+        let start = Instant::now();
+        observer(Event::StageStarted(Stage::Decode));
+        // `latents.to(vae.dtype)` before the VAE transform, as the reference.
+        let result = latents
+            .to_dtype(self.dtype)
+            .map_err(Error::from)
+            .and_then(|l| decode_latents(&vae, &l));
+        if self.keep_resident {
+            self.vae = Some(vae);
+        }
+        let images = result?;
+        let d = start.elapsed();
+        timings.stages.push((Stage::Decode, d));
+        observer(Event::StageFinished(Stage::Decode, d));
+        Ok(images)
+    }
+}
+
+/// `_encode_prompt`: each prompt rendered with the chat template, the batch
+/// tokenized to `max_sequence_length`, `hidden_states[-2]` of the text
+/// encoder, and each prompt's rows where the attention mask is set.
+fn encode_prompts(
+    encoder: &ZImagePromptEncoder,
+    prompts: &[String],
+    max_len: usize,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Tensor>> {
+    let tokens = encoder.tokenizer.encode_prompts(prompts, max_len)?;
+    for (i, cut) in tokens.truncated.iter().enumerate() {
+        if let Some(cut) = cut {
+            let w = format!(
+                "prompt {i} is longer than {max_len} tokens with its chat template; the end was cut: {cut:?}"
+            );
+            tracing::warn!("{w}");
+            warnings.push(w);
+        }
+    }
+    let device = encoder.encoder.device().clone();
+    let b = tokens.input_ids.len();
+    let ids: Vec<u32> = tokens.input_ids.iter().flatten().copied().collect();
+    let mask: Vec<u32> = tokens.attention_mask.iter().flatten().copied().collect();
+    let ids = Tensor::from_vec(ids, (b, max_len), &device)?;
+    let mask_t = Tensor::from_vec(mask, (b, max_len), &device)?;
+    let hidden = encoder.encoder.forward(&ids, Some(&mask_t))?;
+    let mut out = Vec::with_capacity(b);
+    for (i, row) in tokens.attention_mask.iter().enumerate() {
+        let keep: Vec<u32> = row
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| **m != 0)
+            .map(|(j, _)| j as u32)
+            .collect();
+        if keep.is_empty() {
+            return Err(invalid("prompt", format!("prompt {i} has no tokens")));
+        }
+        let idx = Tensor::from_vec(keep.clone(), keep.len(), &device)?;
+        out.push(hidden.get(i)?.index_select(&idx, 0)?);
+    }
+    Ok(out)
+}
+
+/// `[pe for pe in embeds for _ in range(n)]`.
+fn repeat_each(embeds: Vec<Tensor>, n: usize) -> Vec<Tensor> {
+    embeds
+        .into_iter()
+        .flat_map(|e| std::iter::repeat_n(e, n))
+        .collect()
+}
+
+/// What the denoising loop runs on.
+struct Denoise<'a> {
+    latents: Tensor,
+    prompt: &'a [Tensor],
+    negative: &'a [Tensor],
+    opts: &'a ZImageOptions,
+    cfg: bool,
+}
+
+/// The denoising loop of `ZImagePipeline.__call__`: latents in f32, the
+/// model on `(1000 - t) / 1000`, guidance per image, the negated prediction
+/// to the Euler step.
+fn denoise(
+    transformer: &ZImageTransformer,
+    scheduler: &mut FlowMatchEulerDiscreteScheduler,
+    run: Denoise<'_>,
+    observer: &mut Observer<'_>,
+    timings: &mut StageTimings,
+) -> Result<Tensor> {
+    let Denoise {
+        mut latents,
+        prompt,
+        negative,
+        opts,
+        cfg,
+    } = run;
+    observer(Event::StageStarted(Stage::Denoise));
+    let denoise_start = Instant::now();
+    let batch = latents.dim(0)?;
+    let device = latents.device().clone();
+    let model_dtype = transformer.dtype();
+    let timesteps: Vec<f32> = scheduler.timesteps().to_vec();
+    let sigmas: Vec<f32> = scheduler.sigmas().to_vec();
+    let num_steps = timesteps.len();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let step_start = Instant::now();
+        let t_norm = guidance::normalised_time(t);
+        let scale = if cfg {
+            guidance::step_scale(opts.guidance_scale, opts.cfg_truncation, t_norm)
+        } else {
+            opts.guidance_scale
+        };
+        let apply_cfg = cfg && scale > 0.0;
+        let typed = latents.to_dtype(model_dtype)?;
+        let pred = if apply_cfg {
+            let input = Tensor::cat(&[&typed, &typed], 0)?;
+            let captions: Vec<Tensor> = prompt.iter().chain(negative).cloned().collect();
+            let timestep = Tensor::full(t_norm, 2 * batch, &device)?;
+            let out = transformer.forward(&input, &timestep, &captions)?;
+            let guided = (0..batch)
+                .map(|j| {
+                    guidance::combine(
+                        &out.get(j)?,
+                        &out.get(batch + j)?,
+                        scale,
+                        opts.cfg_normalization,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::stack(&guided, 0)?
+        } else {
+            let timestep = Tensor::full(t_norm, batch, &device)?;
+            transformer
+                .forward(&typed, &timestep, prompt)?
+                .to_dtype(DType::F32)?
+        };
+        // The flow's velocity is the negated model output.
+        latents = scheduler.step(&pred.neg()?, t, &latents, None)?;
+        let bad = count_non_finite(&latents)?;
+        if bad > 0 {
+            return Err(Error::NonFinite {
+                step: i + 1,
+                steps: num_steps,
+                count: bad,
+            });
+        }
+        let elapsed = step_start.elapsed();
+        timings.steps.push(elapsed);
+        let control = observer(Event::Step(StepInfo {
+            step: i + 1,
+            num_steps,
+            timestep: t,
+            sigma: sigmas.get(i).copied().unwrap_or(0.0),
+            guidance: apply_cfg,
+            model_calls: 1,
+            elapsed,
+            latents: &latents,
+            denoised: None,
+        }));
+        if control == Control::Stop {
+            return Err(Error::Stopped {
+                step: i + 1,
+                steps: num_steps,
+            });
+        }
+    }
+    let d = denoise_start.elapsed();
+    timings.stages.push((Stage::Denoise, d));
+    observer(Event::StageFinished(Stage::Denoise, d));
+    Ok(latents)
+}
