@@ -12,7 +12,7 @@ Z-Image-Turbo).
   (NFC, Qwen's split regex, byte-level, `<|endoftext|>` `<|im_start|>`
   `<|im_end|>` added) with a Qwen3-like chat template, small enough to commit:
   `--fixture` writes one of them to crates/lumina2-pipeline/tests/fixtures/zimage/
-  (without the transformer: the committed test takes the identical one of
+  (its transformer: the files of the identical committed model
   crates/lumina2-transformer/tests/fixtures/zimage_transformer/tiny_bf16/model).
 
 Expected: `latents` (output_type="latent"), `image` (output_type="np") and
@@ -199,7 +199,9 @@ def generate(out_dir, only_tiny=False, only_committed=False):
 
 
 def write_fixture():
-    """The committed case: its pipeline folder without the transformer."""
+    """The committed case: its whole pipeline folder (a case holds its own copy),
+    the transformer as the very files of the committed zimage_transformer
+    fixture (same weights, checked here; git stores the bytes once)."""
     tmp = os.path.join(FIXTURE_DIR, ".src")
     shutil.rmtree(FIXTURE_DIR, ignore_errors=True)
     tok_dir = build_tiny_tokenizer(os.path.join(tmp, "tok"))
@@ -217,6 +219,7 @@ def write_fixture():
         expected = run(pipe, args)
         shutil.copytree(os.path.join(tmp, "pipeline"), os.path.join(case_dir, "pipeline"),
                         ignore=shutil.ignore_patterns("transformer"))
+        shutil.copytree(os.path.dirname(committed), os.path.join(case_dir, "pipeline", "transformer"))
         write(case_dir, None, name, args, expected, link=False)
     shutil.rmtree(tmp)
 

@@ -13,14 +13,11 @@ fn case_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zimage/tiny_tokenizer_cfg")
 }
 
-/// The fixture's folder, with the transformer of lumina2-transformer's
-/// committed `zimage_transformer` fixture (the generator checks they are
-/// the same weights; not duplicated here).
+/// The fixture's pipeline folder.
 fn sources() -> ZImageSources {
     let root = case_dir().join("pipeline");
     ZImageSources {
-        transformer: Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../lumina2-transformer/tests/fixtures/zimage_transformer/tiny_bf16/model"),
+        transformer: root.join("transformer"),
         text_encoder: root.join("text_encoder"),
         tokenizer: root.join("tokenizer"),
         vae: root.join("vae"),
