@@ -45,6 +45,13 @@ unsafe fn step(a: *const u8, lda: usize, b: *const u8) {
 /// bits; the bias added and rounded once to bf16 into `out` (`rows` rows
 /// of `w.out_dim`).
 ///
+/// The blocks' weight rows of a depth chunk are first copied into a
+/// contiguous buffer (at most 1.1 MiB, in L2) that every token panel then
+/// reads: tile loads straight from the file's rows, a row stride of 4.5 or
+/// 18 KiB apart, fall into a few L1 sets and were re-read from L2 or memory
+/// for every panel (the forward ran 8-12% slower than on packed weights).
+/// The copy reads each weight row once, in order.
+///
 /// # Safety
 /// AMX is usable; `w`'s pointers are valid as [`Operand`] says; `x` holds
 /// the packed inputs (`pairs` pairs a panel) covering panel `t1 - 1`;
@@ -74,6 +81,10 @@ pub(super) unsafe fn block(
         1 => 0,
         _ => (b1 - b0) * panels * 1024,
     });
+    // One depth chunk of the blocks' rows: 2 KiB (32 rows x 64 bytes) a
+    // step and block.
+    let steps = chunk.div_ceil(16);
+    let mut rows_buf = crate::cpu::Aligned::<u8>::zeroed((b1 - b0) * steps * 2048);
     unsafe {
         asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack));
         for ci in 0..chunks {
@@ -82,13 +93,27 @@ pub(super) unsafe fn block(
                 break;
             }
             let (s0, s1) = (k0 / 16, k1 / 16);
+            let buf = rows_buf.as_mut_ptr();
             for ob in b0..b1 {
-                let o0 = ob * 32;
-                let cols = 32.min(w.out_dim - o0);
-                let (m0, m1) = crate::simd::masks32(cols);
-                let bias0 = _mm512_loadu_ps(bias.add(o0));
-                let bias1 = _mm512_loadu_ps(bias.add(o0 + 16));
-                for tp in t0..t1 {
+                let dst = buf.add((ob - b0) * steps * 2048);
+                for r in 0..32 {
+                    for s in s0..s1 {
+                        let (a, lda) = w.a_tiles(ob, s);
+                        let v = _mm512_loadu_si512(a.add(r * lda).cast());
+                        _mm512_storeu_si512(dst.add((s - s0) * 2048 + r * 64).cast(), v);
+                    }
+                }
+            }
+            // Tokens outside, blocks inside: a token panel is read from
+            // memory once and used by every block of the group in L2.
+            for tp in t0..t1 {
+                for ob in b0..b1 {
+                    let o0 = ob * 32;
+                    let cols = 32.min(w.out_dim - o0);
+                    let (m0, m1) = crate::simd::masks32(cols);
+                    let bias0 = _mm512_loadu_ps(bias.add(o0));
+                    let bias1 = _mm512_loadu_ps(bias.add(o0 + 16));
+                    let wb = buf.add((ob - b0) * steps * 2048);
                     let saved = acc
                         .as_mut_ptr()
                         .add(((ob - b0) * panels + (tp - t0)) * 1024);
@@ -99,21 +124,13 @@ pub(super) unsafe fn block(
                     }
                     let panel = x.as_ptr().add(tp * pairs * 32).cast::<u8>();
                     for s in s0..s1 {
-                        let (a, lda) = w.a_tiles(ob, s);
                         let b = panel.add(s * 2048);
-                        // The next step's tiles into L1: the weight's 32
-                        // rows are a full row stride apart, which the
-                        // hardware prefetcher does not follow.
                         if s + 1 < s1 {
-                            let (an, ldn) = w.a_tiles(ob, s + 1);
-                            for r in 0..32 {
-                                _mm_prefetch::<_MM_HINT_T0>(an.wrapping_add(r * ldn).cast());
-                            }
                             for l in 0..32 {
                                 _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(2048 + 64 * l).cast());
                             }
                         }
-                        step(a, lda, b);
+                        step(wb.add((s - s0) * 2048), 64, b);
                     }
                     if k1 < pairs {
                         c_tiles(saved, 32, false);

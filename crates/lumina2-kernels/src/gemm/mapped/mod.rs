@@ -35,9 +35,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::{Aligned, CpuView};
-use crate::gemm::packed::{
-    self, bf16_elems, check_operands, PackedBf16, BLOCK_PANELS, BLOCK_ROWS, PANEL,
-};
+use crate::gemm::packed::{self, bf16_elems, check_operands, PackedBf16, BLOCK_PANELS, PANEL};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -200,16 +198,21 @@ impl RowMajorBf16 {
         Tensor::from_vec(out, (rows, self.out_dim), &Device::Cpu)
     }
 
-    /// Spreads (token group, output group) tasks over the pool, in the
-    /// packed kernel's task sizes.
+    /// Spreads (token group, output group) tasks over the pool: output
+    /// groups of the packed kernel's size, and as few token groups as give
+    /// every thread two tasks, since each task copies its weight rows once
+    /// and reuses them for all its tokens.
     #[cfg(target_arch = "x86_64")]
     fn run(&self, xp: &PackedBf16, rows: usize, bias: &[f32], out: OutPtr) {
         let operand = self.operand();
         let token_panels = rows.div_ceil(PANEL);
-        let per_task = BLOCK_ROWS.div_ceil(PANEL);
-        let groups = token_panels.div_ceil(per_task);
         let blocks = self.out_dim.div_ceil(32);
         let block_groups = blocks.div_ceil(BLOCK_PANELS);
+        let token_groups = (2 * rayon::current_num_threads())
+            .div_ceil(block_groups)
+            .clamp(1, token_panels.max(1));
+        let per_task = token_panels.div_ceil(token_groups).max(1);
+        let groups = token_panels.div_ceil(per_task);
         let out = &out;
         (0..groups * block_groups).into_par_iter().for_each(|t| {
             let (g, bg) = (t / block_groups, t % block_groups);
