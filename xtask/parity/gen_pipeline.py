@@ -71,7 +71,7 @@ CASES = [
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
 
 
-def build_pipeline(src, variant):
+def build_pipeline(src, variant="latent4"):
     transformer_cfg, vae_cfg = VARIANTS[variant]
     vocab = gen_text_encoder.build_tokenizer(os.path.join(src, "tokenizer"))
     spec = dict(TEXT, vocab_size=max(vocab, TEXT["vocab_size"]))
