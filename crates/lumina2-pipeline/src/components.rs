@@ -11,8 +11,9 @@ use lumina2_scheduler::SchedulerConfig;
 use lumina2_text_encoder::{Gemma2Config, Gemma2Encoder, GemmaTokenizer, PromptEncoder};
 use lumina2_transformer::{Config as TransformerConfig, Lumina2Transformer, WeightSource, Weights};
 use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
+use lumina2_weights::UnscannedWeights;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Where the transformer's weights come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -212,7 +213,7 @@ pub(crate) fn load_prompt_encoder(
     sources: &PipelineSources,
     dtype: DType,
     device: &Device,
-    warnings: &mut Vec<String>,
+    report: &mut LoadReport,
 ) -> Result<PromptEncoder> {
     let tokenizer = load_tokenizer(&sources.tokenizer)?;
     let path = &sources.text_encoder;
@@ -242,7 +243,7 @@ pub(crate) fn load_prompt_encoder(
         (cfg, Weights::from_safetensors(&files, dtype, device)?)
     };
     let encoder = Gemma2Encoder::penultimate(&cfg, &weights)?;
-    warn_non_finite("text encoder", weights.non_finite_keys(), warnings);
+    report.loaded("text encoder", &weights);
     Ok(PromptEncoder::new(tokenizer, encoder))
 }
 
@@ -256,6 +257,103 @@ fn tokenizer_from_spiece(bytes: &[u8], path: &Path) -> Result<GemmaTokenizer> {
 /// Whether `path` names a GGUF file (by its extension).
 pub(crate) fn is_gguf(path: &Path) -> bool {
     path.extension().is_some_and(|e| e == "gguf")
+}
+
+/// What loading the components found: warnings for the run's report, and
+/// the weights used in place without being read ([`UnscannedWeights`]),
+/// scanned only when a run's values stop being finite.
+#[derive(Debug, Default)]
+pub(crate) struct LoadReport {
+    /// Warnings not yet handed to a run's result.
+    pub(crate) warnings: Vec<String>,
+    /// Per component, its weights not read at load.
+    unscanned: Vec<(&'static str, UnscannedWeights)>,
+}
+
+impl LoadReport {
+    /// Records `weights`' warnings and unscanned weights for `component`.
+    pub(crate) fn loaded(&mut self, component: &'static str, weights: &Weights) {
+        warn_non_finite(component, weights.non_finite_keys(), &mut self.warnings);
+        // Entries of components since dropped (loaded again each run when
+        // not resident) have nothing left to scan.
+        self.unscanned.retain(|(_, u)| u.pending() > 0);
+        let u = weights.unscanned();
+        if u.pending() > 0 {
+            self.unscanned.push((component, u));
+        }
+    }
+
+    /// Scans every component's unscanned weights still in use and returns
+    /// `component: key` for each one holding NaN or infinity.
+    pub(crate) fn scan(&self) -> Vec<String> {
+        self.unscanned
+            .iter()
+            .flat_map(|(c, u)| u.scan().into_iter().map(move |k| format!("{c}: {k}")))
+            .collect()
+    }
+
+    /// `e` with, when it is [`Error::NonFinite`], the weights still in use
+    /// that [`LoadReport::scan`] finds broken.
+    pub(crate) fn name_broken(&self, e: Error) -> Error {
+        match e {
+            Error::NonFinite {
+                step,
+                steps,
+                count,
+                mut weights,
+            } => {
+                weights.extend(self.scan());
+                Error::NonFinite {
+                    step,
+                    steps,
+                    count,
+                    weights,
+                }
+            }
+            e => e,
+        }
+    }
+
+    /// After an encode: when an embedding of a real token (`mask` 1; all
+    /// tokens without a mask) is not finite, a warning naming the text
+    /// encoder's weights that hold NaN or infinity, if any do (only then
+    /// are its unscanned weights read).
+    pub(crate) fn check_encoder_output(
+        &mut self,
+        embeds: &[(&candle_core::Tensor, Option<&candle_core::Tensor>)],
+    ) -> Result<()> {
+        let mut bad = false;
+        for (e, mask) in embeds {
+            bad |= match mask {
+                None => crate::pipeline::count_non_finite(e)? > 0,
+                Some(m) => non_finite_where_kept(e, m)?,
+            };
+        }
+        if bad {
+            let keys: Vec<String> = self
+                .unscanned
+                .iter()
+                .filter(|(c, _)| *c == "text encoder")
+                .flat_map(|(_, u)| u.scan())
+                .collect();
+            warn_non_finite("text encoder", keys, &mut self.warnings);
+        }
+        Ok(())
+    }
+}
+
+/// Whether `[B, L, D]` `embeds` hold NaN or infinity at a position whose
+/// `[B, L]` `mask` is not zero.
+fn non_finite_where_kept(embeds: &candle_core::Tensor, mask: &candle_core::Tensor) -> Result<bool> {
+    let (_, _, d) = embeds.dims3()?;
+    let e = embeds
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let m = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(e.chunks(d.max(1))
+        .zip(&m)
+        .any(|(row, &keep)| keep != 0.0 && row.iter().any(|x| !x.is_finite())))
 }
 
 /// Adds a warning (and logs it) when a component's weights hold NaN or
@@ -305,12 +403,12 @@ pub(crate) fn load_transformer(
     cfg: &TransformerConfig,
     (dtype, int8): (DType, bool),
     device: &Device,
-    warnings: &mut Vec<String>,
+    report: &mut LoadReport,
 ) -> Result<Lumina2Transformer> {
     let source = transformer_weights(&sources.transformer, &sources.loras, cfg)?;
     let weights = Weights::new(source, dtype, device).with_int8_linears(int8);
     let model = Lumina2Transformer::new(cfg, &weights)?;
-    warn_non_finite("transformer", weights.non_finite_keys(), warnings);
+    report.loaded("transformer", &weights);
     Ok(model)
 }
 
@@ -319,7 +417,7 @@ pub(crate) fn load_vae(
     cfg: &AutoencoderKLConfig,
     dtype: DType,
     device: &Device,
-    warnings: &mut Vec<String>,
+    report: &mut LoadReport,
 ) -> Result<AutoencoderKL> {
     let weights = if is_safetensors(path) {
         // A BFL/ComfyUI VAE file or the all-in-one checkpoint, in diffusers' names.
@@ -333,6 +431,6 @@ pub(crate) fn load_vae(
         Weights::from_safetensors(folder.safetensors_files(), dtype, device)?
     };
     let vae = AutoencoderKL::new(cfg, &weights)?;
-    warn_non_finite("VAE", weights.non_finite_keys(), warnings);
+    report.loaded("VAE", &weights);
     Ok(vae)
 }

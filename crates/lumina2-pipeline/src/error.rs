@@ -51,7 +51,7 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     /// The latents stopped being finite: the run stops instead of decoding a
     /// black image.
-    #[error("the latents hold {count} NaN/Inf values after denoising step {step} of {steps} (reduce the guidance scale, check the weights, or use f32)")]
+    #[error("the latents hold {count} NaN/Inf values after denoising step {step} of {steps}{} (reduce the guidance scale, check the weights, or use f32)", broken_weights_note(.weights))]
     NonFinite {
         /// The 1-based step after which it was found.
         step: usize,
@@ -59,6 +59,10 @@ pub enum Error {
         steps: usize,
         /// How many values are not finite.
         count: usize,
+        /// The weights (`component: key`) found then to hold NaN or
+        /// infinity, among those not read at load (used in place from
+        /// memory-mapped files); the others were reported when loaded.
+        weights: Vec<String>,
     },
     /// The caller's step callback asked to stop.
     #[error("stopped by the caller after step {step} of {steps}")]
@@ -94,4 +98,19 @@ pub(crate) fn invalid(option: &'static str, reason: impl Into<String>) -> Error 
         option,
         reason: reason.into(),
     }
+}
+
+/// `; NaN/Inf in the weights a, b, c and N more` (empty when none).
+fn broken_weights_note(weights: &[String]) -> String {
+    if weights.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<&str> = weights.iter().take(5).map(String::as_str).collect();
+    let more = weights.len() - shown.len();
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    format!("; NaN/Inf in the weights {}{more}", shown.join(", "))
 }

@@ -8,7 +8,7 @@ use lumina2_text_encoder::{PromptEncoder, PromptOptions, SystemPrompt};
 use lumina2_transformer::{Config as TransformerConfig, Lumina2Transformer};
 use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
 
-use crate::components::{self, PipelineSources, TransformerSource};
+use crate::components::{self, LoadReport, PipelineSources, TransformerSource};
 use crate::error::{invalid, Error, Result};
 use crate::guidance;
 use crate::img2img::{self, ImageToImage};
@@ -168,7 +168,7 @@ impl PipelineBuilder {
             prompt_encoder: None,
             transformer: None,
             vae: None,
-            load_warnings: Vec::new(),
+            load_report: LoadReport::default(),
         })
     }
 }
@@ -201,8 +201,9 @@ pub struct Lumina2Pipeline {
     prompt_encoder: Option<PromptEncoder>,
     transformer: Option<Lumina2Transformer>,
     vae: Option<AutoencoderKL>,
-    /// Warnings of the components loaded during the current run.
-    load_warnings: Vec<String>,
+    /// Warnings of the components loaded during the current run, and
+    /// their weights not read at load.
+    load_report: LoadReport,
 }
 
 impl std::fmt::Debug for Lumina2Pipeline {
@@ -419,6 +420,7 @@ impl Lumina2Pipeline {
                         step: step + 1,
                         steps: num_steps,
                         count: bad,
+                        weights: Vec::new(),
                     });
                 }
                 let elapsed = step_start.elapsed();
@@ -452,7 +454,9 @@ impl Lumina2Pipeline {
             observer(Event::StageFinished(Stage::Denoise, d));
             Ok(latents)
         };
-        let result = denoise();
+        // The transformer is still loaded: a non-finite result names its
+        // broken weights.
+        let result = denoise().map_err(|e| self.load_report.name_broken(e));
         // A resident transformer stays loaded even when the run failed or stopped.
         if self.keep_resident {
             self.transformer = Some(transformer);
@@ -466,7 +470,7 @@ impl Lumina2Pipeline {
             OutputKind::Images => Some(self.decode(&latents, observer, &mut timings)?),
         };
         let mut warnings = warnings;
-        warnings.append(&mut self.load_warnings);
+        warnings.append(&mut self.load_report.warnings);
         Ok(Generation {
             images,
             latents,
@@ -533,7 +537,7 @@ impl Lumina2Pipeline {
                     &self.sources,
                     self.dtype,
                     &self.device,
-                    &mut self.load_warnings,
+                    &mut self.load_report,
                 )?;
                 let d = start.elapsed();
                 timings.stages.push((Stage::LoadTextEncoder, d));
@@ -555,6 +559,14 @@ impl Lumina2Pipeline {
             self.prompt_encoder = Some(encoder);
         }
         let out = out?;
+        let mut produced = vec![(&out.prompt_embeds, Some(&out.prompt_attention_mask))];
+        if let (Some(e), Some(m)) = (
+            &out.negative_prompt_embeds,
+            &out.negative_prompt_attention_mask,
+        ) {
+            produced.push((e, Some(m)));
+        }
+        self.load_report.check_encoder_output(&produced)?;
         let d = start.elapsed();
         timings.stages.push((Stage::Encode, d));
         observer(Event::StageFinished(Stage::Encode, d));
@@ -590,7 +602,7 @@ impl Lumina2Pipeline {
             &self.transformer_config,
             (self.dtype, self.int8_transformer),
             &self.device,
-            &mut self.load_warnings,
+            &mut self.load_report,
         )?;
         let d = start.elapsed();
         timings.stages.push((Stage::LoadTransformer, d));
@@ -613,7 +625,7 @@ impl Lumina2Pipeline {
             &self.vae_config,
             self.dtype,
             &self.device,
-            &mut self.load_warnings,
+            &mut self.load_report,
         )?;
         if self.vae_tiling {
             v.enable_tiling();

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use lumina2_pipeline::{
     Control, Error, Event, GenerateOptions, Lumina2Pipeline, Noise, OutputKind, PipelineSources,
-    Stage,
+    Stage, TransformerSource,
 };
 
 fn pipeline(resident: bool) -> Lumina2Pipeline {
@@ -155,4 +155,59 @@ fn invalid_requests_are_refused_before_loading() {
             ..
         })
     ));
+}
+
+/// A NaN in a transformer weight stored in bf16, run in bf16. Where bf16
+/// weights are used in place from the memory map (AMX CPUs), nothing is
+/// read at load: the run's non-finite error names the weight, found by the
+/// scan it triggers. Elsewhere the weight is scanned as it is copied (a
+/// load warning) and the error names nothing more.
+#[test]
+fn a_broken_weight_used_in_place_is_named_by_the_error() {
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline/seed_cfg/pipeline");
+    let tmp = std::env::temp_dir().join(format!("lumina2-nan-weight-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(src.join("transformer/config.json"), tmp.join("config.json")).unwrap();
+    let file = src.join("transformer/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let key = "layers.0.feed_forward.linear_1.weight";
+    for (k, t) in tensors.iter_mut() {
+        let mut v = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        if k == key {
+            v[5] = f32::NAN;
+        }
+        *t = Tensor::from_vec(v, t.shape(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+    }
+    candle_core::safetensors::save(&tensors, tmp.join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
+
+    let mut sources = PipelineSources::from_pipeline_folder(&src).unwrap();
+    sources.transformer = TransformerSource::Folder(tmp.clone());
+    let mut pipe = Lumina2Pipeline::builder(sources)
+        .dtype(DType::BF16)
+        .build()
+        .unwrap();
+    let r = pipe.generate(&small("x"), &mut |_| Control::Continue);
+    std::fs::remove_dir_all(&tmp).ok();
+    let Err(Error::NonFinite {
+        step: 1, weights, ..
+    }) = r
+    else {
+        panic!("expected a non-finite error, got {r:?}");
+    };
+    if lumina2_kernels::gemm::mapped::available() {
+        assert_eq!(weights, vec![format!("transformer: {key}")]);
+    } else {
+        assert!(weights.is_empty(), "{weights:?}");
+    }
 }

@@ -3,7 +3,8 @@
 //! Gemma-2's table is large (256000 x 2304: 1.2 GB in bf16, 2.4 GB in f32,
 //! more than all the quantised layers of a Q4_0 file together). A bf16 or
 //! f16 table stays so under f32 compute (its rows widened, exactly, when
-//! gathered); a quantised table stays as stored; a lookup dequantises only the rows of the tokens
+//! gathered); a bf16 table in a memory-mapped file stays there, a lookup
+//! reading only its rows; a quantised table stays as stored; a lookup dequantises only the rows of the tokens
 //! asked for. Rows are whole quantisation blocks, so a row dequantised alone
 //! has exactly the values of the whole table dequantised.
 
@@ -15,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::weights::{LinearWeight, Weights};
+use lumina2_kernels::gemm::mapped::RowMajorBf16;
 
 /// A `[vocab, hidden]` embedding table.
 #[derive(Debug, Clone)]
@@ -22,6 +24,12 @@ pub(crate) enum Embedding {
     /// As [`Weights::table`] hands it out (the compute dtype, or f16/bf16
     /// for f32 compute); rows are converted to `dtype` when looked up.
     Dense { table: Tensor, dtype: DType },
+    /// Bf16, where it lies in a memory-mapped file; rows are read and
+    /// converted to `dtype` when looked up.
+    Mapped {
+        table: Arc<RowMajorBf16>,
+        dtype: DType,
+    },
     /// As stored; rows are dequantised to `dtype` when looked up.
     Quantized {
         table: Arc<QTensor>,
@@ -37,9 +45,8 @@ impl Embedding {
         let dtype = w.dtype();
         match w.table(name, hidden, vocab)? {
             LinearWeight::Dense(table) => Ok(Self::Dense { table, dtype }),
-            packed @ (LinearWeight::PackedBf16(_)
-            | LinearWeight::MappedBf16(_)
-            | LinearWeight::Int8(_)) => Ok(Self::Dense {
+            LinearWeight::MappedBf16(table) => Ok(Self::Mapped { table, dtype }),
+            packed @ (LinearWeight::PackedBf16(_) | LinearWeight::Int8(_)) => Ok(Self::Dense {
                 table: packed.to_dense(w.device())?.to_dtype(dtype)?,
                 dtype,
             }),
@@ -68,6 +75,10 @@ impl Embedding {
                 let ids = Tensor::from_slice(ids, ids.len(), device)?;
                 Ok(table.index_select(&ids, 0)?.to_dtype(*dtype)?)
             }
+            Self::Mapped { table, dtype } => Ok(table
+                .gather_rows(ids)?
+                .to_dtype(*dtype)?
+                .to_device(device)?),
             Self::Quantized {
                 table,
                 row_bytes,

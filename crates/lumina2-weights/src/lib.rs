@@ -259,13 +259,23 @@ pub trait WeightSource: Send + Sync {
     }
     /// The bf16 weight `key` packed for the CPU's packed bf16 kernel
     /// straight from its stored bf16 values, with whether any of them is NaN
-    /// or infinite; `None` where the source cannot (the default: the caller
-    /// then reads the weight and packs it). A file source reads each panel's
-    /// rows into a small reused buffer and packs them from there, so the
-    /// weight's memory is written once, in its packed form; or, on AMX CPUs
-    /// ([`mapped::available`]), hands out the weight in place in a memory
-    /// map of its file ([`LinearWeight::MappedBf16`]), written nowhere.
-    fn packed_bf16(&self, key: &str) -> Option<Result<(LinearWeight, bool)>> {
+    /// or infinite (`None`: not read, see below); `None` where the source
+    /// cannot (the default: the caller then reads the weight and packs it).
+    /// A file source reads each panel's rows into a small reused buffer and
+    /// packs them from there, so the weight's memory is written once, in its
+    /// packed form; or, on AMX CPUs ([`mapped::available`]), hands out the
+    /// weight in place in a memory map of its file
+    /// ([`LinearWeight::MappedBf16`]), written nowhere and not read at load
+    /// ([`UnscannedWeights`] scans it when asked).
+    fn packed_bf16(&self, key: &str) -> Option<Result<(LinearWeight, Option<bool>)>> {
+        let _ = key;
+        None
+    }
+    /// The bf16 `[rows, width]` table `key` in place in a memory map of its
+    /// file, for row lookups that read only the rows asked for; `None` where
+    /// the source cannot (the default), the tensor is not a 2-D bf16 one,
+    /// or `LUMINA2_NO_MMAP=1`.
+    fn mapped_table(&self, key: &str) -> Option<Arc<mapped::RowMajorBf16>> {
         let _ = key;
         None
     }
@@ -656,17 +666,27 @@ impl WeightSource for SafetensorsSource {
     fn linear_as(&self, key: &str, dtype: DType) -> Result<LinearWeight> {
         Ok(LinearWeight::Dense(self.tensor_as(key, dtype)?))
     }
-    fn packed_bf16(&self, key: &str) -> Option<Result<(LinearWeight, bool)>> {
+    fn packed_bf16(&self, key: &str) -> Option<Result<(LinearWeight, Option<bool>)>> {
         let e = self.index.get(key)?;
         if e.fp8.is_some() || e.dtype != DType::BF16 || e.shape.len() != 2 {
             return None;
         }
         if mapped::available() {
-            if let Some(found) = self.mapped_bf16(e) {
-                return Some(Ok(found));
+            if let Some(w) = self.mapped_bf16(e) {
+                return Some(Ok((LinearWeight::MappedBf16(w), None)));
             }
         }
-        Some(self.read_packed_bf16(key, e))
+        Some(
+            self.read_packed_bf16(key, e)
+                .map(|(w, non_finite)| (w, Some(non_finite))),
+        )
+    }
+    fn mapped_table(&self, key: &str) -> Option<Arc<mapped::RowMajorBf16>> {
+        let e = self.index.get(key)?;
+        if e.fp8.is_some() || e.dtype != DType::BF16 || e.shape.len() != 2 || !mapped::allowed() {
+            return None;
+        }
+        self.mapped_bf16(e)
     }
     fn name(&self) -> String {
         self.names.clone()
@@ -737,11 +757,11 @@ impl SafetensorsSource {
     }
 
     /// A bf16 `[out, in]` weight used in place in the memory map of its
-    /// file, scanned for NaN and infinity (the scan reads the weight but
-    /// writes nothing); `None` where the file cannot be mapped or the
-    /// weight's bytes are not 2-byte aligned (the format does not promise
-    /// it): the caller then copies it.
-    fn mapped_bf16(&self, e: &StEntry) -> Option<(LinearWeight, bool)> {
+    /// file (not read here: its pages are first touched where it is used);
+    /// `None` where the file cannot be mapped or the weight's bytes are not
+    /// 2-byte aligned (the format does not promise it): the caller then
+    /// copies it.
+    fn mapped_bf16(&self, e: &StEntry) -> Option<Arc<mapped::RowMajorBf16>> {
         let map = self.maps.get(e.file)?.get_or_init(|| {
             let (_, file) = self.files.get(e.file)?;
             let f = file.lock().ok()?;
@@ -749,9 +769,7 @@ impl SafetensorsSource {
         });
         let bytes: mapped::Bytes = map.clone()?;
         let start = usize::try_from(e.start).ok()?;
-        let w = mapped::RowMajorBf16::new(bytes, start, e.shape[0], e.shape[1])?;
-        let non_finite = w.any_non_finite();
-        Some((LinearWeight::MappedBf16(Arc::new(w)), non_finite))
+        mapped::RowMajorBf16::new(bytes, start, e.shape[0], e.shape[1]).map(Arc::new)
     }
 
     /// A bf16 `[out, in]` weight packed while read
@@ -900,8 +918,72 @@ pub struct Weights {
     /// Keys of the dense tensors loaded so far that hold NaN or infinity
     /// (shared by every handle made from one [`Weights::new`]).
     non_finite: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The weights handed out in place from a memory map, not read at load.
+    unscanned: UnscannedWeights,
     /// Whether [`Weights::linear`] quantises weights to int8.
     int8: bool,
+}
+
+/// The bf16 weights a [`Weights`] handed out in place from memory maps
+/// ([`LinearWeight::MappedBf16`], mapped embedding tables) without reading
+/// them: scanning them for NaN and infinity at load would read, and fault
+/// in, every page of the model before anything runs, which is most of a
+/// load's time. [`UnscannedWeights::scan`] reads them when asked: a
+/// pipeline asks when its latents stop being finite, to name the broken
+/// tensors in its error. It holds the weights weakly: a model dropped is
+/// not kept alive (nor its file mapped) by this list, and is not scanned.
+#[derive(Clone, Default)]
+pub struct UnscannedWeights(Arc<std::sync::Mutex<Unscanned>>);
+
+#[derive(Default)]
+struct Unscanned {
+    /// Not scanned yet.
+    pending: Vec<(String, std::sync::Weak<mapped::RowMajorBf16>)>,
+    /// Scanned and found holding NaN or infinity.
+    non_finite: Vec<String>,
+}
+
+impl std::fmt::Debug for UnscannedWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let u = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        write!(
+            f,
+            "UnscannedWeights({} pending, {} non-finite)",
+            u.pending.len(),
+            u.non_finite.len()
+        )
+    }
+}
+
+impl UnscannedWeights {
+    fn push(&self, key: &str, w: &Arc<mapped::RowMajorBf16>) {
+        let mut u = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        u.pending.push((key.to_string(), Arc::downgrade(w)));
+    }
+
+    /// Scans the weights not scanned yet that are still in use (each once,
+    /// reading all its values) and returns the keys of all those found
+    /// holding NaN or infinity.
+    pub fn scan(&self) -> Vec<String> {
+        let mut u = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = std::mem::take(&mut u.pending);
+        for (key, w) in pending {
+            if w.upgrade().is_some_and(|w| w.any_non_finite()) {
+                u.non_finite.push(key);
+            }
+        }
+        u.non_finite.clone()
+    }
+
+    /// How many weights still in use wait for [`UnscannedWeights::scan`].
+    pub fn pending(&self) -> usize {
+        self.0.lock().map_or(0, |u| {
+            u.pending
+                .iter()
+                .filter(|(_, w)| w.strong_count() > 0)
+                .count()
+        })
+    }
 }
 
 impl Weights {
@@ -913,6 +995,7 @@ impl Weights {
             dtype,
             device: device.clone(),
             non_finite: Arc::default(),
+            unscanned: UnscannedWeights::default(),
             int8: false,
         }
     }
@@ -942,6 +1025,13 @@ impl Weights {
             .lock()
             .map(|v| v.clone())
             .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// The weights this handle (or any handle derived from the same
+    /// [`Weights::new`]) handed out in place without reading them; their
+    /// keys are not in [`Weights::non_finite_keys`] until scanned.
+    pub fn unscanned(&self) -> UnscannedWeights {
+        self.unscanned.clone()
     }
 
     /// Records `key` when `t` holds NaN or infinity ([`holds_non_finite`]).
@@ -1127,9 +1217,13 @@ impl Weights {
         };
         let (weight, non_finite) = read?;
         self.check_shape(wkey, &weight.dims(), &[out_dim, in_dim])?;
-        if non_finite {
-            let mut v = self.non_finite.lock().unwrap_or_else(|e| e.into_inner());
-            v.push(wkey.to_string());
+        match (non_finite, &weight) {
+            (Some(true), _) => {
+                let mut v = self.non_finite.lock().unwrap_or_else(|e| e.into_inner());
+                v.push(wkey.to_string());
+            }
+            (None, LinearWeight::MappedBf16(m)) => self.unscanned.push(wkey, m),
+            _ => {}
         }
         Ok(Some(weight))
     }
@@ -1144,6 +1238,16 @@ impl Weights {
     pub fn table(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearWeight> {
         let wkey = self.key(&format!("{name}.weight"));
         self.require_shape(&wkey, &[out_dim, in_dim])?;
+        // A bf16 table in a mapped file is read a few rows at a time where
+        // it lies (Gemma-2's is 1.2 GB, of which a prompt uses some hundred
+        // rows), whatever the compute dtype: rows are converted as gathered.
+        if self.device.is_cpu() {
+            if let Some(m) = self.source.mapped_table(&wkey) {
+                self.check_shape(&wkey, &m.dims(), &[out_dim, in_dim])?;
+                self.unscanned.push(&wkey, &m);
+                return Ok(LinearWeight::MappedBf16(m));
+            }
+        }
         match self.source.linear(&wkey)? {
             LinearWeight::Dense(t)
                 if self.dtype == DType::F32 && matches!(t.dtype(), DType::BF16 | DType::F16) =>

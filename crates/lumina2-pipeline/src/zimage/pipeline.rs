@@ -8,7 +8,7 @@ use lumina2_text_encoder::Qwen3Config;
 use lumina2_transformer::{ZImageConfig, ZImageTransformer};
 use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
 
-use crate::components;
+use crate::components::{self, LoadReport};
 use crate::error::{invalid, Error, Result};
 use crate::noise;
 use crate::options::{OutputKind, MAX_SIDE};
@@ -50,7 +50,7 @@ pub struct ZImagePipeline {
     prompt_encoder: Option<ZImagePromptEncoder>,
     transformer: Option<ZImageTransformer>,
     vae: Option<AutoencoderKL>,
-    load_warnings: Vec<String>,
+    load_report: LoadReport,
 }
 
 impl std::fmt::Debug for ZImagePipeline {
@@ -134,7 +134,7 @@ impl ZImagePipelineBuilder {
             prompt_encoder: None,
             transformer: None,
             vae: None,
-            load_warnings: Vec::new(),
+            load_report: LoadReport::default(),
         })
     }
 }
@@ -280,7 +280,10 @@ impl ZImagePipeline {
             },
             observer,
             &mut timings,
-        );
+        )
+        // The transformer is still loaded: a non-finite result names its
+        // broken weights.
+        .map_err(|e| self.load_report.name_broken(e));
         if self.keep_resident {
             self.transformer = Some(transformer);
         }
@@ -291,7 +294,7 @@ impl ZImagePipeline {
             OutputKind::Latents => None,
             OutputKind::Images => Some(self.decode(&latents, observer, &mut timings)?),
         };
-        warnings.append(&mut self.load_warnings);
+        warnings.append(&mut self.load_report.warnings);
         Ok(Generation {
             images,
             latents,
@@ -325,7 +328,7 @@ impl ZImagePipeline {
                     &self.text_encoder_config,
                     self.dtype,
                     &self.device,
-                    &mut self.load_warnings,
+                    &mut self.load_report,
                 )?;
                 let d = start.elapsed();
                 timings.stages.push((Stage::LoadTextEncoder, d));
@@ -354,6 +357,9 @@ impl ZImagePipeline {
             self.prompt_encoder = Some(encoder);
         }
         let out = result?;
+        let all: Vec<(&Tensor, Option<&Tensor>)> =
+            out.0.iter().chain(&out.1).map(|e| (e, None)).collect();
+        self.load_report.check_encoder_output(&all)?;
         let d = start.elapsed();
         timings.stages.push((Stage::Encode, d));
         observer(Event::StageFinished(Stage::Encode, d));
@@ -375,7 +381,7 @@ impl ZImagePipeline {
             &self.transformer_config,
             self.dtype,
             &self.device,
-            &mut self.load_warnings,
+            &mut self.load_report,
         )?;
         let d = start.elapsed();
         timings.stages.push((Stage::LoadTransformer, d));
@@ -399,7 +405,7 @@ impl ZImagePipeline {
                     &self.vae_config,
                     self.dtype,
                     &self.device,
-                    &mut self.load_warnings,
+                    &mut self.load_report,
                 )?;
                 let d = start.elapsed();
                 timings.stages.push((Stage::LoadVae, d));
@@ -550,6 +556,7 @@ fn denoise(
                 step: i + 1,
                 steps: num_steps,
                 count: bad,
+                weights: Vec::new(),
             });
         }
         let elapsed = step_start.elapsed();

@@ -7,7 +7,7 @@ use lumina2_scheduler::SchedulerConfig;
 use lumina2_text_encoder::{ChatTokenizer, Qwen3Config, Qwen3Encoder};
 use lumina2_transformer::{Weights, ZImageConfig, ZImageTransformer};
 
-use crate::components::warn_non_finite;
+use crate::components::LoadReport;
 use crate::error::Result;
 
 /// The files of every component of a Z-Image pipeline (diffusers' folder
@@ -76,13 +76,13 @@ pub(crate) fn load_prompt_encoder(
     cfg: &Qwen3Config,
     dtype: DType,
     device: &Device,
-    warnings: &mut Vec<String>,
+    report: &mut LoadReport,
 ) -> Result<ZImagePromptEncoder> {
     let tokenizer = ChatTokenizer::from_folder(&sources.tokenizer)?;
     let folder = lumina2_loader::ComponentFolder::open(&sources.text_encoder)?;
     let weights = Weights::from_safetensors(folder.safetensors_files(), dtype, device)?;
     let encoder = Qwen3Encoder::penultimate(cfg, &weights)?;
-    warn_non_finite("text encoder", weights.non_finite_keys(), warnings);
+    report.loaded("text encoder", &weights);
     Ok(ZImagePromptEncoder { tokenizer, encoder })
 }
 
@@ -91,11 +91,11 @@ pub(crate) fn load_transformer(
     cfg: &ZImageConfig,
     dtype: DType,
     device: &Device,
-    warnings: &mut Vec<String>,
+    report: &mut LoadReport,
 ) -> Result<ZImageTransformer> {
     let folder = lumina2_loader::ComponentFolder::open(&sources.transformer)?;
     let weights = Weights::from_safetensors(folder.safetensors_files(), dtype, device)?;
     let model = ZImageTransformer::new(cfg, &weights)?;
-    warn_non_finite("transformer", weights.non_finite_keys(), warnings);
+    report.loaded("transformer", &weights);
     Ok(model)
 }

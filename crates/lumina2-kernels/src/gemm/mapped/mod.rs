@@ -47,6 +47,12 @@ pub fn available() -> bool {
     crate::caps().mapped_bf16 && packed::available()
 }
 
+/// Whether files may be memory-mapped at all (not `LUMINA2_NO_MMAP=1`):
+/// bf16 tables are then read in place on any CPU ([`RowMajorBf16::gather_rows`]).
+pub fn allowed() -> bool {
+    !crate::caps().overrides.no_mmap
+}
+
 /// A file mapped read-only into memory, shared by the weights that borrow
 /// from it (see the module's note on truncated files).
 #[derive(Debug)]
@@ -153,6 +159,28 @@ impl RowMajorBf16 {
         self.bits()
             .par_chunks(1 << 20)
             .any(crate::bf16_bits_non_finite)
+    }
+
+    /// Rows `ids` as an `[ids.len(), in]` bf16 tensor: an embedding lookup
+    /// that reads only the rows asked for (a table used this way is never
+    /// copied whole). An id past the last row is an error naming it.
+    pub fn gather_rows(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let w = self.bits();
+        let mut v = Vec::with_capacity(ids.len() * self.in_dim);
+        for &id in ids {
+            let r = id as usize;
+            let row = w
+                .get(r * self.in_dim..(r + 1) * self.in_dim)
+                .filter(|_| r < self.out_dim)
+                .ok_or_else(|| {
+                    candle_core::Error::msg(format!(
+                        "row {id} is past the {} rows of the table",
+                        self.out_dim
+                    ))
+                })?;
+            v.extend(row.iter().map(|&b| bf16::from_bits(b)));
+        }
+        Tensor::from_vec(v, (ids.len(), self.in_dim), &Device::Cpu)
     }
 
     /// The dense `[out, in]` bf16 weight (a copy).
@@ -388,6 +416,23 @@ mod tests {
         assert!(RowMajorBf16::new(buf.clone(), 0, 4, 9).is_none());
         assert!(RowMajorBf16::new(buf.clone(), 0, usize::MAX, 2).is_none());
         assert!(RowMajorBf16::new(buf, 32, 4, 4).is_some());
+    }
+
+    /// A gather returns exactly the table's rows, and refuses an id past it.
+    #[test]
+    fn gathers_rows() -> candle_core::Result<()> {
+        let w = Tensor::randn(0f32, 1., (40, 70), &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let m = mapped(&w, 0).ok_or_else(|| candle_core::Error::msg("new"))?;
+        let ids = [39u32, 0, 7, 7];
+        let got = m.gather_rows(&ids)?;
+        let want = w.index_select(&Tensor::new(&ids, &Device::Cpu)?, 0)?;
+        let diff = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        assert!(m.gather_rows(&[40]).is_err());
+        Ok(())
     }
 
     /// The non-finite scan finds one NaN among finite values.
