@@ -176,6 +176,14 @@ pub fn bf16_bits_non_finite(bits: &[u16]) -> bool {
     bits.iter().any(|&b| b & 0x7f80 == 0x7f80)
 }
 
+/// Whether any of these f32 values is NaN or infinite, by the exponent
+/// bits (a branch-free fold, which the compiler vectorises).
+pub fn f32_non_finite(values: &[f32]) -> bool {
+    values.iter().fold(false, |bad, v| {
+        bad | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+    })
+}
+
 /// Whether a contiguous float CPU tensor holds NaN or infinity, by the
 /// exponent bits of each value (all ones), in parallel chunks that stop at
 /// the first hit. `None` where `x` is not a contiguous f32/bf16/f16 CPU
@@ -243,6 +251,13 @@ mod tests {
                 }
             }
         }
+        // The slice test on f32 values.
+        for &v in ordinary.iter().chain(&specials) {
+            let mut data = vec![0.25f32; 1000];
+            data[999] = v;
+            assert_eq!(super::f32_non_finite(&data), !v.is_finite(), "{v}");
+        }
+        assert!(!super::f32_non_finite(&[]));
         // Not contiguous: the caller's fallback.
         let t = Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?.t()?;
         assert_eq!(super::any_non_finite(&t), None);

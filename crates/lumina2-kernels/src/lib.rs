@@ -47,4 +47,4 @@ pub mod profile;
 mod simd;
 
 pub use caps::{caps, report_paths, Caps, CpuFeatures, Overrides};
-pub use cpu::{any_non_finite, bf16_bits_non_finite, cast, widen_bf16, widen_f16};
+pub use cpu::{any_non_finite, bf16_bits_non_finite, cast, f32_non_finite, widen_bf16, widen_f16};

@@ -47,6 +47,13 @@ impl WeightSource for Prefixed {
     fn linear_as(&self, key: &str, dtype: DType) -> lumina2_weights::Result<LinearWeight> {
         self.inner.linear_as(&self.full(key), dtype)
     }
+    fn linear_as_scanned(
+        &self,
+        key: &str,
+        dtype: DType,
+    ) -> lumina2_weights::Result<(LinearWeight, Option<bool>)> {
+        self.inner.linear_as_scanned(&self.full(key), dtype)
+    }
     fn name(&self) -> String {
         format!("{} (under `{}`)", self.inner.name(), self.prefix)
     }

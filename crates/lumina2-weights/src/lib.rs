@@ -257,6 +257,14 @@ pub trait WeightSource: Send + Sync {
     fn linear_as(&self, key: &str, dtype: DType) -> Result<LinearWeight> {
         Ok(self.linear(key)?.dense_as(dtype)?)
     }
+    /// [`WeightSource::linear_as`], with whether the weight holds NaN or
+    /// infinity where the source found out while converting it (`None`:
+    /// not checked, the default; the caller then scans the result). A file
+    /// source widening bf16 to f32 checks each piece while it is in the
+    /// cache, sparing a second pass over the whole f32 weight.
+    fn linear_as_scanned(&self, key: &str, dtype: DType) -> Result<(LinearWeight, Option<bool>)> {
+        Ok((self.linear_as(key, dtype)?, None))
+    }
     /// The bf16 weight `key` packed for the CPU's packed bf16 kernel
     /// straight from its stored bf16 values, with whether any of them is NaN
     /// or infinite (`None`: not read, see below); `None` where the source
@@ -655,16 +663,30 @@ impl WeightSource for SafetensorsSource {
     fn tensor_as(&self, key: &str, dtype: DType) -> Result<Tensor> {
         match self.index.get(key) {
             Some(e) if e.fp8.is_none() && dtype == DType::F32 && e.dtype == DType::BF16 => {
-                self.read_widened(key, e, lumina2_kernels::widen_bf16)
+                Ok(self.read_widened(key, e, lumina2_kernels::widen_bf16)?.0)
             }
             Some(e) if e.fp8.is_none() && dtype == DType::F32 && e.dtype == DType::F16 => {
-                self.read_widened(key, e, lumina2_kernels::widen_f16)
+                Ok(self.read_widened(key, e, lumina2_kernels::widen_f16)?.0)
             }
             _ => Ok(cast(&self.tensor(key)?, dtype)?),
         }
     }
     fn linear_as(&self, key: &str, dtype: DType) -> Result<LinearWeight> {
         Ok(LinearWeight::Dense(self.tensor_as(key, dtype)?))
+    }
+    fn linear_as_scanned(&self, key: &str, dtype: DType) -> Result<(LinearWeight, Option<bool>)> {
+        let (t, non_finite) = match self.index.get(key) {
+            Some(e) if e.fp8.is_none() && dtype == DType::F32 && e.dtype == DType::BF16 => {
+                let (t, bad) = self.read_widened(key, e, lumina2_kernels::widen_bf16)?;
+                (t, Some(bad))
+            }
+            Some(e) if e.fp8.is_none() && dtype == DType::F32 && e.dtype == DType::F16 => {
+                let (t, bad) = self.read_widened(key, e, lumina2_kernels::widen_f16)?;
+                (t, Some(bad))
+            }
+            _ => (self.tensor_as(key, dtype)?, None),
+        };
+        Ok((LinearWeight::Dense(t), non_finite))
     }
     fn packed_bf16(&self, key: &str) -> Option<Result<(LinearWeight, Option<bool>)>> {
         let e = self.index.get(key)?;
@@ -711,13 +733,15 @@ impl SafetensorsSource {
     /// small buffer that each thread reuses and widened straight into the
     /// output, so the only memory the load touches is the f32 weight itself
     /// (reading the whole tensor first would touch, then free, a second
-    /// buffer half its size).
+    /// buffer half its size). Each widened piece is checked for NaN and
+    /// infinity while it is in the cache: the second value says whether one
+    /// was found.
     fn read_widened<T: bytemuck::Pod + Send + Sync>(
         &self,
         key: &str,
         e: &StEntry,
         widen: fn(&[T], &mut [f32]),
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, bool)> {
         /// Elements per piece: 2 MiB read, 4 MiB written, within the caches.
         const PIECE: usize = 1 << 20;
         let (path, file) = self.files.get(e.file).ok_or_else(|| Error::MissingWeight {
@@ -737,6 +761,7 @@ impl SafetensorsSource {
         let f = file.lock().map_err(|_| err("file lock poisoned".into()))?;
         let f: &std::fs::File = &f;
         let mut out = vec![0f32; n];
+        let non_finite = std::sync::atomic::AtomicBool::new(false);
         out.par_chunks_mut(PIECE)
             .enumerate()
             .try_for_each_init(
@@ -749,11 +774,17 @@ impl SafetensorsSource {
                         bytemuck::cast_slice_mut(s),
                     )?;
                     widen(s, o);
+                    if lumina2_kernels::f32_non_finite(o) {
+                        non_finite.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Ok::<(), std::io::Error>(())
                 },
             )
             .map_err(|x| err(x.to_string()))?;
-        Ok(Tensor::from_vec(out, e.shape.as_slice(), &Device::Cpu)?)
+        Ok((
+            Tensor::from_vec(out, e.shape.as_slice(), &Device::Cpu)?,
+            non_finite.into_inner(),
+        ))
     }
 
     /// A bf16 `[out, in]` weight used in place in the memory map of its
@@ -1166,15 +1197,22 @@ impl Weights {
     pub fn linear_weight(&self, name: &str, in_dim: usize, out_dim: usize) -> Result<LinearWeight> {
         let wkey = self.key(&format!("{name}.weight"));
         self.require_shape(&wkey, &[out_dim, in_dim])?;
-        let stored = if self.device.is_cpu() {
-            self.source.linear_as(&wkey, self.dtype)?
+        let (stored, scanned) = if self.device.is_cpu() {
+            self.source.linear_as_scanned(&wkey, self.dtype)?
         } else {
-            self.source.linear(&wkey)?
+            (self.source.linear(&wkey)?, None)
         };
         let weight = match stored {
             LinearWeight::Dense(t) => {
                 self.check_shape(&wkey, t.dims(), &[out_dim, in_dim])?;
-                self.scan(&wkey, &t)?;
+                match scanned {
+                    Some(true) => {
+                        let mut v = self.non_finite.lock().unwrap_or_else(|e| e.into_inner());
+                        v.push(wkey.clone());
+                    }
+                    Some(false) => {}
+                    None => self.scan(&wkey, &t)?,
+                }
                 LinearWeight::Dense(cast(&t.to_device(&self.device)?, self.dtype)?)
             }
             LinearWeight::Quantized(q) => {
