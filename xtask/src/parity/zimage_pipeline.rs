@@ -1,10 +1,14 @@
-//! `zimage_pipeline` cases: prompts to images through [`ZImagePipeline`].
+//! `zimage_pipeline` cases: prompts to images through [`ZImagePipeline`];
+//! with `args.image` (and `args.mask_image`, `args.strength`) image-to-image
+//! and inpainting (diffusers' `ZImageImg2ImgPipeline` / `ZImageInpaintPipeline`).
 
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
-use lumina2_pipeline::{Noise, ZImageOptions, ZImagePipeline, ZImageSources};
+use lumina2_pipeline::{
+    source_image, ImageToImage, Noise, ZImageOptions, ZImagePipeline, ZImageSources,
+};
 
 use super::text_encoder::strings;
 use super::Case;
@@ -72,6 +76,28 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
             .ok_or_else(|| anyhow!("`sigmas` must be a list of numbers"))?;
         opts.sigmas = Some(s);
     }
+    // Image-to-image and inpainting: PNG files inside the case.
+    if let Some(image) = get("image") {
+        let rel = image
+            .as_str()
+            .ok_or_else(|| anyhow!("`image` must be a path"))?;
+        let image = source_image::read_rgb(&case.path("args.image", rel)?)?;
+        let mask = get("mask_image")
+            .map(|m| -> Result<_> {
+                let rel = m
+                    .as_str()
+                    .ok_or_else(|| anyhow!("`mask_image` must be a path"))?;
+                Ok(source_image::read_rgb(&case.path("args.mask_image", rel)?)?)
+            })
+            .transpose()?;
+        let strength = float("strength")?
+            .ok_or_else(|| anyhow!("a case with an `image` needs a number `strength`"))?;
+        opts.image_to_image = Some(ImageToImage {
+            image,
+            mask,
+            strength,
+        });
+    }
     opts.noise = Noise::Seed(
         get("seed")
             .and_then(|v| v.as_u64())
@@ -101,6 +127,12 @@ impl Prepared for ZImagePipelineCase {
         }
         m.insert("initial_latents".to_string(), out.initial_latents);
         m.insert("latents".to_string(), out.latents);
+        if let Some(l) = out.image_latents {
+            m.insert("image_latents".to_string(), l);
+        }
+        if let Some(l) = out.noised_latents {
+            m.insert("noised_latents".to_string(), l);
+        }
         Ok(m)
     }
 }
