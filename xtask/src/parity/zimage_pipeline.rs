@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
-use lumina2_pipeline::{
-    source_image, ImageToImage, Noise, ZImageOptions, ZImagePipeline, ZImageSources,
-};
+use lumina2_pipeline::{Noise, ZImageOptions, ZImagePipeline, ZImageSources};
 
 use super::text_encoder::strings;
 use super::Case;
@@ -77,27 +75,7 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
         opts.sigmas = Some(s);
     }
     // Image-to-image and inpainting: PNG files inside the case.
-    if let Some(image) = get("image") {
-        let rel = image
-            .as_str()
-            .ok_or_else(|| anyhow!("`image` must be a path"))?;
-        let image = source_image::read_rgb(&case.path("args.image", rel)?)?;
-        let mask = get("mask_image")
-            .map(|m| -> Result<_> {
-                let rel = m
-                    .as_str()
-                    .ok_or_else(|| anyhow!("`mask_image` must be a path"))?;
-                Ok(source_image::read_rgb(&case.path("args.mask_image", rel)?)?)
-            })
-            .transpose()?;
-        let strength = float("strength")?
-            .ok_or_else(|| anyhow!("a case with an `image` needs a number `strength`"))?;
-        opts.image_to_image = Some(ImageToImage {
-            image,
-            mask,
-            strength,
-        });
-    }
+    opts.image_to_image = super::pipeline::image_to_image(case)?;
     opts.noise = Noise::Seed(
         get("seed")
             .and_then(|v| v.as_u64())

@@ -301,6 +301,13 @@ impl ZImagePipeline {
                 }
             }
             Some(i2i) => {
+                let (iw, ih) = i2i.image.dimensions();
+                if (iw as usize, ih as usize) != size {
+                    warnings.push(format!(
+                        "the init image is {iw}x{ih}: resized to {}x{} (Lanczos)",
+                        size.0, size.1
+                    ));
+                }
                 let vae = self.take_vae(observer, &mut timings)?;
                 let spec = img2img::StartSpec {
                     noise: &opts.noise,
