@@ -32,6 +32,7 @@ import gen_teacache  # noqa: E402
 import gen_tokenizer  # noqa: E402
 import gen_vae  # noqa: E402
 import gen_zimage_files  # noqa: E402
+import gen_zimage_img2img  # noqa: E402
 import gen_zimage_pipeline  # noqa: E402
 import gen_zimage_transformer  # noqa: E402
 
@@ -54,6 +55,7 @@ GENERATORS["zimage_transformer"] = gen_zimage_transformer.generate
 GENERATORS["zimage_files"] = gen_zimage_files.generate
 GENERATORS["chat_tokenizer"] = gen_qwen3_tokenizer.generate
 GENERATORS["zimage_pipeline"] = gen_zimage_pipeline.generate
+GENERATORS["zimage_img2img"] = gen_zimage_img2img.generate
 
 
 def main():

@@ -1074,7 +1074,10 @@ fn metadata(
     if opts.guidance_mode == GuidanceMode::Original {
         m.push(("renorm_cfg".to_string(), opts.renorm_cfg.to_string()));
     }
-    m.extend(init_image::metadata(&args.init));
+    m.extend(init_image::metadata(
+        &args.init,
+        init_image::DEFAULT_STRENGTH,
+    ));
     let parameters = a1111_parameters(&A1111 {
         prompt: &m[1].1,
         negative_prompt: &m[2].1,

@@ -1,5 +1,5 @@
 //! `--image`, `--mask-image` and `--strength`: image-to-image and inpainting
-//! from the command line (the library's `ImageToImage`).
+//! from the command line (the library's `ImageToImage`), for both pipelines.
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +12,8 @@ use lumina2_pipeline::{source_image, GenerateOptions, ImageToImage};
 pub(crate) struct InitImageArgs {
     /// Start from this PNG image (image-to-image). Width and height default to
     /// its size rounded down to a multiple of 16; it is resized (Lanczos, as
-    /// diffusers) to the output size.
+    /// diffusers) to the output size (Z-Image: to that rounded size, which a
+    /// given width and height must equal, as diffusers' Z-Image pipelines).
     #[arg(long, conflicts_with = "from_file")]
     pub(crate) image: Option<PathBuf>,
     /// Inpainting mask, a PNG of the image's size: white is repainted, black
@@ -20,16 +21,31 @@ pub(crate) struct InitImageArgs {
     #[arg(long, requires = "image")]
     pub(crate) mask_image: Option<PathBuf>,
     /// How much of the schedule runs with --image, above 0 and at most 1
-    /// (1: from pure noise).
-    #[arg(long, requires = "image", default_value_t = 0.6)]
-    pub(crate) strength: f64,
+    /// (1: from pure noise). Default 0.6; 1 for Z-Image inpainting (the
+    /// defaults of the diffusers pipelines).
+    #[arg(long, requires = "image")]
+    pub(crate) strength: Option<f64>,
 }
 
-/// Reads the image and mask into `o` and sizes the output after the image
-/// when width or height are not given (with a warning when rounding changes them).
-pub(crate) fn apply(args: &InitImageArgs, o: &mut GenerateOptions) -> Result<()> {
+/// The strength of Lumina2 runs (`FluxImg2ImgPipeline`'s and
+/// `FluxInpaintPipeline`'s default) and of Z-Image image-to-image.
+pub(crate) const DEFAULT_STRENGTH: f64 = 0.6;
+
+impl InitImageArgs {
+    /// `--strength`, or `default` when not given.
+    pub(crate) fn strength_or(&self, default: f64) -> f64 {
+        self.strength.unwrap_or(default)
+    }
+}
+
+/// Reads `--image` and `--mask-image` (of the same size) into the library's
+/// request, with `--strength` or `default_strength`; `None` without `--image`.
+pub(crate) fn read_request(
+    args: &InitImageArgs,
+    default_strength: f64,
+) -> Result<Option<ImageToImage>> {
     let Some(path) = &args.image else {
-        return Ok(());
+        return Ok(None);
     };
     let image = read("--image", path)?;
     let mask = match &args.mask_image {
@@ -50,7 +66,23 @@ pub(crate) fn apply(args: &InitImageArgs, o: &mut GenerateOptions) -> Result<()>
         }
         None => None,
     };
-    let (w, h) = (image.width() as usize, image.height() as usize);
+    Ok(Some(ImageToImage {
+        image,
+        mask,
+        strength: args.strength_or(default_strength),
+    }))
+}
+
+/// Reads the image and mask into `o` and sizes the output after the image
+/// when width or height are not given (with a warning when rounding changes them).
+pub(crate) fn apply(args: &InitImageArgs, o: &mut GenerateOptions) -> Result<()> {
+    let Some(request) = read_request(args, DEFAULT_STRENGTH)? else {
+        return Ok(());
+    };
+    let (w, h) = (
+        request.image.width() as usize,
+        request.image.height() as usize,
+    );
     let round = |v: usize| v - v % lumina2_pipeline::options::SIZE_MULTIPLE;
     if o.width.is_none() {
         o.width = Some(round(w));
@@ -61,16 +93,12 @@ pub(crate) fn apply(args: &InitImageArgs, o: &mut GenerateOptions) -> Result<()>
     if (o.width, o.height) != (Some(w), Some(h)) {
         tracing::warn!(
             "--image {} is {w}x{h}: resized to {}x{} (Lanczos)",
-            path.display(),
+            args.image.as_deref().unwrap_or(Path::new("")).display(),
             o.width.unwrap_or(w),
             o.height.unwrap_or(h)
         );
     }
-    o.image_to_image = Some(ImageToImage {
-        image,
-        mask,
-        strength: args.strength,
-    });
+    o.image_to_image = Some(request);
     Ok(())
 }
 
@@ -78,8 +106,9 @@ fn read(flag: &str, path: &Path) -> Result<image::RgbImage> {
     source_image::read_rgb(path).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
-/// PNG metadata of an image-to-image run: the source file names and the strength.
-pub(crate) fn metadata(args: &InitImageArgs) -> Vec<(String, String)> {
+/// PNG metadata of an image-to-image run: the source file names and the
+/// strength (`default_strength` when not given).
+pub(crate) fn metadata(args: &InitImageArgs, default_strength: f64) -> Vec<(String, String)> {
     let Some(image) = &args.image else {
         return Vec::new();
     };
@@ -91,7 +120,10 @@ pub(crate) fn metadata(args: &InitImageArgs) -> Vec<(String, String)> {
     };
     let mut m = vec![
         ("source_image".to_string(), name(image)),
-        ("strength".to_string(), args.strength.to_string()),
+        (
+            "strength".to_string(),
+            args.strength_or(default_strength).to_string(),
+        ),
     ];
     if let Some(mask) = &args.mask_image {
         m.push(("mask_image".to_string(), name(mask)));

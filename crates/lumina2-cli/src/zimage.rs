@@ -135,11 +135,6 @@ fn lumina2_only(args: &GenerateArgs) -> Vec<(&'static str, bool, &'static str)> 
             "not wired for Z-Image yet",
         ),
         (
-            "--image",
-            args.init.image.is_some(),
-            "Z-Image image-to-image is not supported yet",
-        ),
-        (
             "--from-file",
             args.batch.from_file.is_some(),
             "not wired for Z-Image yet",
@@ -177,6 +172,9 @@ pub(crate) fn options(args: &GenerateArgs, seed: u64) -> Result<ZImageOptions> {
         o.max_sequence_length = n;
     }
     o.sigmas = args.sigmas.clone();
+    // `--image` / `--mask-image`: ZImageImg2ImgPipeline / ZImageInpaintPipeline
+    // (strength defaults 0.6 and 1.0, as theirs).
+    o.image_to_image = crate::init_image::read_request(&args.init, zimage_strength(args))?;
     o.num_images_per_prompt = args.num_images_per_prompt;
     o.output = if args.latents_only {
         OutputKind::Latents
@@ -281,7 +279,7 @@ pub(crate) fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             let p = i / opts.num_images_per_prompt.max(1);
             let prompt = opts.prompts.get(p).cloned().unwrap_or_default();
             let negative = negatives.get(p).cloned().unwrap_or_default();
-            let meta = metadata(
+            let mut meta = metadata(
                 &opts,
                 (&prompt, &negative),
                 seeds[i],
@@ -289,6 +287,10 @@ pub(crate) fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
                 &model,
                 &pipe,
             );
+            meta.extend(crate::init_image::metadata(
+                &args.init,
+                zimage_strength(&args),
+            ));
             output::write_png(path, img, &meta)?;
             if !quiet {
                 eprintln!("wrote {}", path.display());
@@ -296,6 +298,16 @@ pub(crate) fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The default `--strength` of diffusers' Z-Image pipelines: 0.6 for
+/// image-to-image, 1.0 for inpainting.
+fn zimage_strength(args: &GenerateArgs) -> f64 {
+    if args.init.mask_image.is_some() {
+        1.0
+    } else {
+        crate::init_image::DEFAULT_STRENGTH
+    }
 }
 
 /// The PNG text chunks of one image; `pipeline` says which pipeline made it.

@@ -157,3 +157,104 @@ fn bad_inputs_fail_with_a_message_naming_them() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `generate` on the committed Z-Image inpainting case's pipeline folder.
+fn zimage(case: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        case.join("pipeline").to_string_lossy().into_owned(),
+        "--prompt".into(),
+        "a red fox in the snow".into(),
+        "--steps".into(),
+        "5".into(),
+        "--seed".into(),
+        "11".into(),
+        "--guidance-scale".into(),
+        "3".into(),
+        "--max-sequence-length".into(),
+        "48".into(),
+        "--dtype".into(),
+        "f32".into(),
+        "-q".into(),
+        "-o".into(),
+        out.to_string_lossy().into_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(env!("CARGO_BIN_EXE_lumina2"))
+        .args(&args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn zimage_inpainting_from_the_command_line_gives_the_reference_image() {
+    let case = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lumina2-pipeline/tests/fixtures/zimage/inpaint_soft_mask");
+    let dir = tmp_dir("zimage");
+    let out = dir.join("fox.png");
+    let image = case.join("image.png");
+    let mask = case.join("mask.png");
+    let (image, mask) = (image.to_str().unwrap(), mask.to_str().unwrap());
+    let r = zimage(
+        &case,
+        &out,
+        &["--image", image, "--mask-image", mask, "--strength", "0.8"],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let bytes = std::fs::read(&out).unwrap();
+    let text = png_text(&bytes);
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("source_image").as_deref(), Some("image.png"));
+    assert_eq!(get("mask_image").as_deref(), Some("mask.png"));
+    assert_eq!(get("strength").as_deref(), Some("0.8"));
+    assert_eq!(get("width").as_deref(), Some("24"));
+    let expected = candle_core::safetensors::load(
+        case.join("expected.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let reference: Vec<f32> = expected["image"].flatten_all().unwrap().to_vec1().unwrap();
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    assert_eq!((img.width(), img.height()), (24, 16));
+    let worst = img
+        .as_raw()
+        .iter()
+        .zip(&reference)
+        .map(|(&p, &r)| (i32::from(p) - (r * 255.0).round_ties_even() as i32).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "pixel off by {worst}");
+    std::fs::remove_file(&out).unwrap();
+
+    // Without --strength, inpainting takes ZImageInpaintPipeline's 1.0.
+    let r = zimage(&case, &out, &["--image", image, "--mask-image", mask]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let text = png_text(&std::fs::read(&out).unwrap());
+    assert!(text.contains(&("strength".to_string(), "1".to_string())));
+    std::fs::remove_file(&out).unwrap();
+
+    // Errors, exit status 2: another output size than the image's (the
+    // reference encodes the image at its own), and one negative prompt for
+    // two prompts with guidance (the reference asserts equal counts).
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--image", image, "--width", "32"], "--width"),
+        (
+            vec!["--prompt", "two cats", "--negative-prompt", "blurry"],
+            "1 negative prompt(s) for 2 prompt(s)",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let r = zimage(&case, &out, &extra);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,28 +1,47 @@
-//! Image-to-image and inpainting: diffusers 0.42.1's `FluxImg2ImgPipeline`
-//! and `FluxInpaintPipeline` (`prepare_latents`, `get_timesteps`,
-//! `prepare_mask_latents` and the inpainting step) transplanted onto
-//! `Lumina2Pipeline`.
+//! Image-to-image and inpainting, shared by both pipelines:
 //!
-//! - The image is resized to the output size with PIL's Lanczos filter,
-//!   scaled to [-1, 1] (`VaeImageProcessor.preprocess`), encoded, and a
-//!   posterior sample taken with the run's generator:
+//! - `Lumina2Pipeline`: diffusers 0.42.1's `FluxImg2ImgPipeline` and
+//!   `FluxInpaintPipeline` (`prepare_latents`, `get_timesteps`,
+//!   `prepare_mask_latents` and the inpainting step) transplanted onto it.
+//! - `ZImagePipeline`: diffusers 0.42.1's `ZImageImg2ImgPipeline` and
+//!   `ZImageInpaintPipeline`, the same steps with two differences: the image
+//!   is not resized to the requested size but to its own size rounded down to
+//!   a multiple of twice the VAE's factor (`preprocess(image)` without a size;
+//!   the output size defaults to it and must equal it), and the noise is
+//!   mixed into latents in the compute dtype that the first Euler step turns
+//!   into f32.
+//!
+//! The steps:
+//!
+//! - The image is resized with PIL's Lanczos filter, scaled to [-1, 1]
+//!   (`VaeImageProcessor.preprocess`), encoded, and a posterior sample taken
+//!   with the run's generator (`retrieve_latents`, sample mode):
 //!   `image_latents = (sample - shift_factor) * scaling_factor`.
 //! - `strength` cuts the schedule (`get_timesteps`): the run starts at step
-//!   `t_start = int(max(N - min(N * strength, N), 0))`, and the noise, drawn
-//!   from the same generator after the posterior sample, is mixed in at that
-//!   step's sigma (`scale_noise`).
+//!   `t_start = int(max(N - min(N * strength, N), 0))` (the scheduler's begin
+//!   index), and the noise, drawn from the same generator after the posterior
+//!   sample, is mixed in at that step's sigma (`scale_noise`). A strength that
+//!   leaves no step is refused, as the reference raises.
 //! - With a mask (white = repaint; resized, made grey as PIL's `convert("L")`,
 //!   binarised at 0.5, then sampled to the latent grid by nearest neighbour),
 //!   each step ends with `latents = (1 - mask) * scale_noise(image_latents,
 //!   next t, noise) + mask * latents`, the last one with the clean image latents.
+//!   (The references also encode the masked image, drawing a posterior sample
+//!   after every draw that matters; neither pipeline's transformer reads it, so
+//!   it is left out.)
+
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 use lumina2_scheduler::FlowMatchEulerDiscreteScheduler;
+use lumina2_vae::AutoencoderKL;
 
 use crate::error::{invalid, Result};
 use crate::noise;
 use crate::options::Noise;
+use crate::pipeline::Observer;
+use crate::progress::{Event, Stage, StageTimings};
 use crate::resample;
 use crate::torch_rng::TorchGenerator;
 
@@ -77,6 +96,34 @@ impl ImageToImage {
         }
         Ok(())
     }
+}
+
+/// The request checks both pipelines share: the image against a run of
+/// `num_inference_steps` steps, and a seed (not given latents) to draw from.
+pub(crate) fn check_request(
+    i2i: &ImageToImage,
+    num_inference_steps: usize,
+    noise: &Noise,
+) -> Result<()> {
+    i2i.validate(num_inference_steps)?;
+    if matches!(noise, Noise::Latents(_)) {
+        return Err(invalid(
+            "latents",
+            "given initial latents cannot be combined with an init image (use a seed)",
+        ));
+    }
+    Ok(())
+}
+
+/// The size `VaeImageProcessor.preprocess(image)` resizes an image to when
+/// given no size (`get_default_height_width`): each side rounded down to a
+/// multiple of `multiple` (width, height).
+pub fn default_size(image: &RgbImage, multiple: usize) -> (usize, usize) {
+    let round = |v: u32| {
+        let v = v as usize;
+        v - v % multiple.max(1)
+    };
+    (round(image.width()), round(image.height()))
 }
 
 /// `get_timesteps`: the first step that runs and the number of steps left,
@@ -261,7 +308,9 @@ pub(crate) struct Inpaint {
 
 impl Inpaint {
     /// The latents after run step `step` (0-based) of `steps`:
-    /// `(1 - mask) * init_latents_proper + mask * latents`.
+    /// `(1 - mask) * init_latents_proper + mask * latents`. The kept part is
+    /// computed in the image latents' dtype and the sum in the latents' (type
+    /// promotion, where Z-Image's latents are f32 and the mask bf16).
     pub(crate) fn blend(&self, latents: &Tensor, step: usize, steps: usize) -> Result<Tensor> {
         let proper = if step + 1 < steps {
             noise_at(
@@ -273,9 +322,114 @@ impl Inpaint {
         } else {
             self.image_latents.clone()
         };
-        let keep = self.mask.affine(-1.0, 1.0)?;
-        Ok((keep.broadcast_mul(&proper)? + self.mask.broadcast_mul(latents)?)?)
+        let keep = self
+            .mask
+            .affine(-1.0, 1.0)?
+            .broadcast_mul(&proper)?
+            .to_dtype(latents.dtype())?;
+        let repaint = self
+            .mask
+            .to_dtype(latents.dtype())?
+            .broadcast_mul(latents)?;
+        Ok((keep + repaint)?)
     }
+}
+
+/// Where the denoising starts.
+pub(crate) struct Start {
+    /// The first latents.
+    pub latents: Tensor,
+    /// The noise drawn for them.
+    pub noise: Tensor,
+    /// The first step of the schedule that runs.
+    pub begin: usize,
+    /// Image-to-image: the image latents, repeated to the batch.
+    pub image_latents: Option<Tensor>,
+    /// Inpainting: what each step puts back.
+    pub inpaint: Option<Inpaint>,
+}
+
+/// What an image-to-image start depends on besides the image.
+pub(crate) struct StartSpec<'a> {
+    /// The request's noise (seeds).
+    pub noise: &'a Noise,
+    /// The latent shape `[b, c, h, w]`.
+    pub shape: (usize, usize, usize, usize),
+    /// The pixel size the image and mask are resized to (width, height).
+    pub size: (usize, usize),
+    /// The dtype of the image latents, the noise and the mask.
+    pub dtype: DType,
+    /// The device of the run.
+    pub device: &'a Device,
+}
+
+/// The start of an image-to-image run, in the order of diffusers'
+/// pipelines: the image encoded and its posterior sampled with the
+/// generator (stage [`Stage::EncodeImage`]), then the noise drawn from it,
+/// then `scale_noise` at the first step that runs (the scheduler's schedule
+/// must be set).
+pub(crate) fn image_start(
+    vae: &AutoencoderKL,
+    i2i: &ImageToImage,
+    spec: &StartSpec<'_>,
+    scheduler: &FlowMatchEulerDiscreteScheduler,
+    observer: &mut Observer<'_>,
+    timings: &mut StageTimings,
+) -> Result<Start> {
+    let StartSpec {
+        noise,
+        shape,
+        size: (width, height),
+        dtype,
+        device,
+    } = *spec;
+    let (begin, _) = start_step(scheduler.timesteps().len(), i2i.strength);
+    let mut gens = Generators::new(noise)?;
+    let pixels = image_tensor(&i2i.image, width, height, device)?;
+    let started = Instant::now();
+    observer(Event::StageStarted(Stage::EncodeImage));
+    let posterior = vae.encode(&pixels.to_dtype(vae.dtype())?)?;
+    let eps = gens
+        .posterior_noise(posterior.mean.dims(), vae.dtype())?
+        .to_device(vae.device())?;
+    let image_latents = vae
+        .scale_latents(&posterior.sample(&eps)?)?
+        .to_dtype(dtype)?;
+    let d = started.elapsed();
+    timings.stages.push((Stage::EncodeImage, d));
+    observer(Event::StageFinished(Stage::EncodeImage, d));
+    // One image for the whole batch (prompts x images per prompt).
+    let image_latents = image_latents.repeat((shape.0, 1, 1, 1))?;
+    let noise = gens.latent_noise(shape, dtype)?.to_device(device)?;
+    let latents = noise_at(scheduler, begin, &image_latents, &noise)?;
+    let inpaint = match &i2i.mask {
+        None => None,
+        Some(mask) => {
+            let pixels = mask_pixels(mask, width, height);
+            let mask = mask_latents(
+                &pixels,
+                (width, height),
+                (shape.2, shape.3),
+                shape.0,
+                dtype,
+                device,
+            )?;
+            Some(Inpaint {
+                image_latents: image_latents.clone(),
+                noise: noise.clone(),
+                mask,
+                scheduler: scheduler.clone(),
+                begin,
+            })
+        }
+    };
+    Ok(Start {
+        latents,
+        noise,
+        begin,
+        image_latents: Some(image_latents),
+        inpaint,
+    })
 }
 
 #[cfg(test)]

@@ -13,8 +13,10 @@
 //! - [`ImageToImage`] starts a run from an image (and inpaints with a mask)
 //!   as diffusers' Flux img2img and inpaint pipelines do; images are read and
 //!   resized as PIL does ([`source_image`], [`resample`]).
-//! - [`ZImagePipeline`] runs Z-Image (diffusers' `ZImagePipeline`) from the
-//!   same pieces around the Z-Image transformer and the Qwen3 text encoder.
+//! - [`ZImagePipeline`] runs Z-Image (diffusers' `ZImagePipeline`, and with
+//!   an [`ImageToImage`] its `ZImageImg2ImgPipeline` / `ZImageInpaintPipeline`)
+//!   from the same pieces around the Z-Image transformer and the Qwen3 text
+//!   encoder.
 //! - Components are loaded one at a time and released after their stage unless
 //!   [`PipelineBuilder::keep_resident`] is set.
 //!

@@ -398,13 +398,7 @@ impl GenerateOptions {
                 .sigmas
                 .as_ref()
                 .map_or(self.num_inference_steps, Vec::len);
-            i2i.validate(steps)?;
-            if matches!(self.noise, Noise::Latents(_)) {
-                return Err(invalid(
-                    "latents",
-                    "given initial latents cannot be combined with an init image (use a seed)",
-                ));
-            }
+            crate::img2img::check_request(i2i, steps, &self.noise)?;
         }
         match &self.noise {
             Noise::Seeds(s) if s.len() != batch => Err(invalid(

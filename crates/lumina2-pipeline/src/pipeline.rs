@@ -11,7 +11,7 @@ use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::components::{self, LoadReport, PipelineSources, TransformerSource};
 use crate::error::{invalid, Error, Result};
 use crate::guidance;
-use crate::img2img::{self, ImageToImage};
+use crate::img2img::{self, ImageToImage, Start};
 use crate::memory::{self, MemoryEstimate};
 use crate::noise;
 use crate::options::{check_size, Conditioning, GenerateOptions, GuidanceMode, OutputKind};
@@ -325,8 +325,7 @@ impl Lumina2Pipeline {
             Some(i2i) => self.image_start(
                 i2i,
                 opts,
-                shape,
-                (width, height),
+                (shape, (width, height)),
                 &scheduler,
                 observer,
                 &mut timings,
@@ -636,75 +635,30 @@ impl Lumina2Pipeline {
         Ok(v)
     }
 
-    /// The start of an image-to-image run, in the order of diffusers' Flux
-    /// pipelines: the image encoded and its posterior sampled with the
-    /// generator, then the noise drawn from it, then `scale_noise` at the
-    /// first step that runs (see [`crate::img2img`]).
-    #[allow(clippy::too_many_arguments)]
+    /// The start of an image-to-image run (see [`img2img::image_start`]):
+    /// the image resized to the output size, as diffusers' Flux pipelines.
     fn image_start(
         &mut self,
         i2i: &ImageToImage,
         opts: &GenerateOptions,
-        shape: (usize, usize, usize, usize),
-        (width, height): (usize, usize),
+        (shape, size): ((usize, usize, usize, usize), (usize, usize)),
         scheduler: &FlowMatchEulerDiscreteScheduler,
         observer: &mut Observer<'_>,
         timings: &mut StageTimings,
     ) -> Result<Start> {
-        let (begin, _) = img2img::start_step(scheduler.timesteps().len(), i2i.strength);
-        let mut gens = img2img::Generators::new(&opts.noise)?;
-        let pixels = img2img::image_tensor(&i2i.image, width, height, &self.device)?;
         let vae = self.take_vae(observer, timings)?;
-        let started = Instant::now();
-        observer(Event::StageStarted(Stage::EncodeImage));
-        let encoded = (|| -> Result<Tensor> {
-            let posterior = vae.encode(&pixels)?;
-            let eps = gens
-                .posterior_noise(posterior.mean.dims(), vae.dtype())?
-                .to_device(vae.device())?;
-            Ok(vae.scale_latents(&posterior.sample(&eps)?)?)
-        })();
+        let spec = img2img::StartSpec {
+            noise: &opts.noise,
+            shape,
+            size,
+            dtype: self.dtype,
+            device: &self.device,
+        };
+        let start = img2img::image_start(&vae, i2i, &spec, scheduler, observer, timings);
         if self.keep_resident {
             self.vae = Some(vae);
         }
-        let image_latents = encoded?.to_dtype(self.dtype)?;
-        let d = started.elapsed();
-        timings.stages.push((Stage::EncodeImage, d));
-        observer(Event::StageFinished(Stage::EncodeImage, d));
-        // One image for the whole batch (prompts x images per prompt).
-        let image_latents = image_latents.repeat((shape.0, 1, 1, 1))?;
-        let noise = gens
-            .latent_noise(shape, self.dtype)?
-            .to_device(&self.device)?;
-        let latents = img2img::noise_at(scheduler, begin, &image_latents, &noise)?;
-        let inpaint = match &i2i.mask {
-            None => None,
-            Some(mask) => {
-                let pixels = img2img::mask_pixels(mask, width, height);
-                let mask = img2img::mask_latents(
-                    &pixels,
-                    (width, height),
-                    (shape.2, shape.3),
-                    shape.0,
-                    self.dtype,
-                    &self.device,
-                )?;
-                Some(img2img::Inpaint {
-                    image_latents: image_latents.clone(),
-                    noise: noise.clone(),
-                    mask,
-                    scheduler: scheduler.clone(),
-                    begin,
-                })
-            }
-        };
-        Ok(Start {
-            latents,
-            noise,
-            begin,
-            image_latents: Some(image_latents),
-            inpaint,
-        })
+        start
     }
 
     fn decode(
@@ -775,20 +729,6 @@ pub(crate) fn decode_latents(vae: &AutoencoderKL, latents: &Tensor) -> Result<Te
     let z = vae.unscale_latents(latents)?;
     let decoded = vae.decode(&z)?;
     Ok(lumina2_vae::image::denormalize(&decoded)?)
-}
-
-/// Where the denoising starts.
-struct Start {
-    /// The first latents.
-    latents: Tensor,
-    /// The noise drawn for them.
-    noise: Tensor,
-    /// The first step of the schedule that runs.
-    begin: usize,
-    /// Image-to-image: the image latents, repeated to the batch.
-    image_latents: Option<Tensor>,
-    /// Inpainting: what each step puts back.
-    inpaint: Option<img2img::Inpaint>,
 }
 
 struct Embeds {

@@ -82,28 +82,7 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
         opts.sigmas = Some(s);
     }
     opts.cache_threshold = float("cache_threshold")?;
-    // Image-to-image and inpainting: PNG files inside the case.
-    if let Some(image) = get("image") {
-        let rel = image
-            .as_str()
-            .ok_or_else(|| anyhow!("`image` must be a path"))?;
-        let image = source_image::read_rgb(&case.path("args.image", rel)?)?;
-        let mask = get("mask_image")
-            .map(|m| -> Result<_> {
-                let rel = m
-                    .as_str()
-                    .ok_or_else(|| anyhow!("`mask_image` must be a path"))?;
-                Ok(source_image::read_rgb(&case.path("args.mask_image", rel)?)?)
-            })
-            .transpose()?;
-        let strength = float("strength")?
-            .ok_or_else(|| anyhow!("a case with an `image` needs a number `strength`"))?;
-        opts.image_to_image = Some(ImageToImage {
-            image,
-            mask,
-            strength,
-        });
-    }
+    opts.image_to_image = image_to_image(case)?;
     match get("guidance_mode").map(|v| v.as_str()) {
         None => {}
         Some(Some("diffusers")) => opts.guidance_mode = GuidanceMode::Diffusers,
@@ -167,4 +146,33 @@ impl Prepared for PipelineCase {
         }
         Ok(m)
     }
+}
+
+/// `args.image`, `args.mask_image` and `args.strength` of a case (PNG files
+/// inside it): the image-to-image request of either pipeline, if any.
+pub(super) fn image_to_image(case: &Case) -> Result<Option<ImageToImage>> {
+    let get = |k: &str| case.args.get(k).filter(|v| !v.is_null());
+    let Some(image) = get("image") else {
+        return Ok(None);
+    };
+    let file = |field: &str, v: &serde_json::Value| -> Result<_> {
+        let rel = v
+            .as_str()
+            .ok_or_else(|| anyhow!("`{field}` must be a path"))?;
+        Ok(source_image::read_rgb(
+            &case.path(&format!("args.{field}"), rel)?,
+        )?)
+    };
+    let image = file("image", image)?;
+    let mask = get("mask_image")
+        .map(|m| file("mask_image", m))
+        .transpose()?;
+    let strength = get("strength")
+        .and_then(|v| v.as_f64())
+        .ok_or_else(|| anyhow!("a case with an `image` needs a number `strength`"))?;
+    Ok(Some(ImageToImage {
+        image,
+        mask,
+        strength,
+    }))
 }

@@ -1,4 +1,6 @@
-//! `zimage_pipeline` cases: prompts to images through [`ZImagePipeline`].
+//! `zimage_pipeline` cases: prompts to images through [`ZImagePipeline`];
+//! with `args.image` (and `args.mask_image`, `args.strength`) image-to-image
+//! and inpainting (diffusers' `ZImageImg2ImgPipeline` / `ZImageInpaintPipeline`).
 
 use std::collections::BTreeMap;
 
@@ -72,6 +74,8 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
             .ok_or_else(|| anyhow!("`sigmas` must be a list of numbers"))?;
         opts.sigmas = Some(s);
     }
+    // Image-to-image and inpainting: PNG files inside the case.
+    opts.image_to_image = super::pipeline::image_to_image(case)?;
     opts.noise = Noise::Seed(
         get("seed")
             .and_then(|v| v.as_u64())
@@ -101,6 +105,12 @@ impl Prepared for ZImagePipelineCase {
         }
         m.insert("initial_latents".to_string(), out.initial_latents);
         m.insert("latents".to_string(), out.latents);
+        if let Some(l) = out.image_latents {
+            m.insert("image_latents".to_string(), l);
+        }
+        if let Some(l) = out.noised_latents {
+            m.insert("noised_latents".to_string(), l);
+        }
         Ok(m)
     }
 }

@@ -1,7 +1,9 @@
 //! What to generate with Z-Image: the arguments of diffusers'
-//! `ZImagePipeline.__call__`, with its defaults.
+//! `ZImagePipeline.__call__` (and, with an init image, of
+//! `ZImageImg2ImgPipeline` / `ZImageInpaintPipeline`), with their defaults.
 
 use crate::error::{invalid, Result};
+use crate::img2img::{self, ImageToImage};
 use crate::options::{
     check_prompt_lengths, Noise, OutputKind, MAX_BATCH_SIZE, MAX_GUIDANCE_SCALE, MAX_STEPS,
 };
@@ -17,13 +19,15 @@ pub const ZIMAGE_DEFAULT_SIZE: usize = 1024;
 pub struct ZImageOptions {
     /// The prompts (a batch).
     pub prompts: Vec<String>,
-    /// The negative prompts, used only with guidance: one per prompt, or one
-    /// for all. `None`: the empty prompt, as diffusers.
+    /// The negative prompts, used only with guidance: one per prompt (with
+    /// guidance, another count is refused, as diffusers asserts it). `None`:
+    /// the empty prompt, as diffusers.
     pub negative_prompts: Option<Vec<String>>,
-    /// Image width in pixels (`None`: 1024); a multiple of twice the VAE's
-    /// factor (16 for the real VAE), checked by the pipeline.
+    /// Image width in pixels (`None`: 1024, or with an init image its width
+    /// rounded down to the multiple); a multiple of twice the VAE's factor
+    /// (16 for the real VAE), checked by the pipeline.
     pub width: Option<usize>,
-    /// Image height in pixels (`None`: 1024).
+    /// Image height in pixels (`None`: 1024, or the init image's rounded height).
     pub height: Option<usize>,
     /// Denoising steps (50).
     pub num_inference_steps: usize,
@@ -47,6 +51,11 @@ pub struct ZImageOptions {
     pub max_sequence_length: usize,
     /// Images or only latents.
     pub output: OutputKind,
+    /// Start from an image (`ZImageImg2ImgPipeline`), and inpaint with a mask
+    /// (`ZImageInpaintPipeline`): the image is resized to its own size rounded
+    /// down to the multiple, which the output size must equal. The
+    /// references' `strength` defaults are 0.6 and 1.0 (inpainting).
+    pub image_to_image: Option<ImageToImage>,
 }
 
 impl ZImageOptions {
@@ -71,6 +80,7 @@ impl ZImageOptions {
             noise: Noise::Seed(0),
             max_sequence_length: ZIMAGE_MAX_SEQUENCE_LENGTH,
             output: OutputKind::Images,
+            image_to_image: None,
         }
     }
 
@@ -99,7 +109,6 @@ impl ZImageOptions {
     /// The negative prompt of each prompt (`""` by default).
     pub fn negatives(&self) -> Vec<String> {
         match &self.negative_prompts {
-            Some(n) if n.len() == 1 => vec![n[0].clone(); self.prompts.len()],
             Some(n) => n.clone(),
             None => vec![String::new(); self.prompts.len()],
         }
@@ -112,11 +121,14 @@ impl ZImageOptions {
         }
         check_prompt_lengths("prompt", &self.prompts)?;
         if let Some(n) = &self.negative_prompts {
-            if n.len() != 1 && n.len() != self.prompts.len() {
+            // `encode_prompt` asserts `len(prompt) == len(negative_prompt)`
+            // with guidance (a single string counts as one); without, the
+            // negative prompts are not read.
+            if self.do_classifier_free_guidance() && n.len() != self.prompts.len() {
                 return Err(invalid(
                     "negative_prompt",
                     format!(
-                        "{} negative prompts for {} prompts",
+                        "{} negative prompt(s) for {} prompt(s): give one per prompt",
                         n.len(),
                         self.prompts.len()
                     ),
@@ -169,6 +181,13 @@ impl ZImageOptions {
             if !v.is_finite() || v < 0.0 {
                 return Err(invalid(name, format!("{v} is not a finite value >= 0")));
             }
+        }
+        if let Some(i2i) = &self.image_to_image {
+            let steps = self
+                .sigmas
+                .as_ref()
+                .map_or(self.num_inference_steps, Vec::len);
+            img2img::check_request(i2i, steps, &self.noise)?;
         }
         if self.max_sequence_length == 0 || self.max_sequence_length > 1 << 16 {
             return Err(invalid(

@@ -1,4 +1,6 @@
-//! `ZImagePipeline`: diffusers' `ZImagePipeline.__call__`, step for step.
+//! `ZImagePipeline`: diffusers' `ZImagePipeline.__call__`, step for step,
+//! and with an init image `ZImageImg2ImgPipeline.__call__` /
+//! `ZImageInpaintPipeline.__call__` (the shared steps of [`crate::img2img`]).
 
 use std::time::Instant;
 
@@ -10,6 +12,7 @@ use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
 
 use crate::components::{self, LoadReport};
 use crate::error::{invalid, Error, Result};
+use crate::img2img::{self, Inpaint, Start};
 use crate::noise;
 use crate::options::{OutputKind, MAX_SIDE};
 use crate::pipeline::{count_non_finite, decode_latents, Generation, Observer};
@@ -178,11 +181,18 @@ impl ZImagePipeline {
 
     /// The image size a request resolves to (width, height): 1024 where
     /// absent, each a multiple of twice the VAE's factor, as the reference
-    /// requires.
+    /// requires. With an init image, the image's size rounded down to the
+    /// multiple where absent, and refused where it differs from it: the
+    /// references resize the image to that size whatever the request says,
+    /// and fail mixing its latents with noise of another size.
     pub fn resolve_size(&self, opts: &ZImageOptions) -> Result<(usize, usize)> {
         let multiple = self.vae_scale_factor() * 2;
-        let w = opts.width.unwrap_or(ZIMAGE_DEFAULT_SIZE);
-        let h = opts.height.unwrap_or(ZIMAGE_DEFAULT_SIZE);
+        let default = match &opts.image_to_image {
+            Some(i2i) => img2img::default_size(&i2i.image, multiple),
+            None => (ZIMAGE_DEFAULT_SIZE, ZIMAGE_DEFAULT_SIZE),
+        };
+        let w = opts.width.unwrap_or(default.0);
+        let h = opts.height.unwrap_or(default.1);
         for (name, v) in [("width", w), ("height", h)] {
             if v == 0 || !v.is_multiple_of(multiple) {
                 return Err(invalid(
@@ -196,6 +206,19 @@ impl ZImagePipeline {
                 return Err(invalid(
                     name,
                     format!("{v} is larger than {MAX_SIDE} pixels"),
+                ));
+            }
+        }
+        if let Some(i2i) = &opts.image_to_image {
+            if (w, h) != default {
+                let (iw, ih) = i2i.image.dimensions();
+                return Err(invalid(
+                    if w != default.0 { "width" } else { "height" },
+                    format!(
+                        "{w}x{h} is not the size of the init image ({iw}x{ih}, resized to {}x{}, \
+                         its size rounded down to a multiple of {multiple}); leave the size unset",
+                        default.0, default.1
+                    ),
                 ));
             }
         }
@@ -247,11 +270,9 @@ impl ZImagePipeline {
         let (prompt_embeds, negative_embeds) =
             self.encode(opts, cfg, observer, &mut timings, &mut warnings)?;
 
-        // 2. Noise, drawn in f32 whatever the compute dtype.
         let shape = self.latent_shape(batch, size);
-        let initial = noise::initial_latents(&opts.noise, shape, DType::F32, &self.device)?;
 
-        // 3. The schedule: `mu` from the image's token count, passed as the
+        // 2. The schedule: `mu` from the image's token count, passed as the
         //    reference passes it (the scheduler uses it only with dynamic shifting).
         let c = &self.scheduler_config;
         let image_seq_len = (shape.2 / 2) * (shape.3 / 2);
@@ -264,7 +285,46 @@ impl ZImagePipeline {
         )?;
         let mut scheduler = FlowMatchEulerDiscreteScheduler::new(self.scheduler_config.clone())?;
         scheduler.set_timesteps(&TimestepRequest::sigmas(Self::sigmas(opts)).with_mu(mu))?;
-        scheduler.set_begin_index(0);
+
+        // 3. Initial latents: noise drawn in f32 whatever the compute dtype,
+        //    or the init image noised to the first step that runs (in the
+        //    compute dtype, as the reference: the first step returns f32).
+        let start = match &opts.image_to_image {
+            None => {
+                let initial = noise::initial_latents(&opts.noise, shape, DType::F32, &self.device)?;
+                Start {
+                    latents: initial.clone(),
+                    noise: initial,
+                    begin: 0,
+                    image_latents: None,
+                    inpaint: None,
+                }
+            }
+            Some(i2i) => {
+                let (iw, ih) = i2i.image.dimensions();
+                if (iw as usize, ih as usize) != size {
+                    warnings.push(format!(
+                        "the init image is {iw}x{ih}: resized to {}x{} (Lanczos)",
+                        size.0, size.1
+                    ));
+                }
+                let vae = self.take_vae(observer, &mut timings)?;
+                let spec = img2img::StartSpec {
+                    noise: &opts.noise,
+                    shape,
+                    size,
+                    dtype: self.dtype,
+                    device: &self.device,
+                };
+                let start =
+                    img2img::image_start(&vae, i2i, &spec, &scheduler, observer, &mut timings);
+                if self.keep_resident {
+                    self.vae = Some(vae);
+                }
+                start?
+            }
+        };
+        scheduler.set_begin_index(start.begin);
 
         // 4. Denoise.
         let transformer = self.take_transformer(observer, &mut timings)?;
@@ -272,7 +332,9 @@ impl ZImagePipeline {
             &transformer,
             &mut scheduler,
             Denoise {
-                latents: initial.clone(),
+                latents: start.latents.clone(),
+                begin: start.begin,
+                inpaint: start.inpaint.as_ref(),
                 prompt: &prompt_embeds,
                 negative: &negative_embeds,
                 opts,
@@ -298,9 +360,9 @@ impl ZImagePipeline {
         Ok(Generation {
             images,
             latents,
-            initial_latents: initial,
-            image_latents: None,
-            noised_latents: None,
+            initial_latents: start.noise,
+            noised_latents: start.image_latents.as_ref().map(|_| start.latents.clone()),
+            image_latents: start.image_latents,
             size,
             timings,
             warnings,
@@ -389,30 +451,36 @@ impl ZImagePipeline {
         Ok(t)
     }
 
+    fn take_vae(
+        &mut self,
+        observer: &mut Observer<'_>,
+        timings: &mut StageTimings,
+    ) -> Result<AutoencoderKL> {
+        if let Some(v) = self.vae.take() {
+            return Ok(v);
+        }
+        let start = Instant::now();
+        observer(Event::StageStarted(Stage::LoadVae));
+        let v = components::load_vae(
+            &self.sources.vae,
+            &self.vae_config,
+            self.dtype,
+            &self.device,
+            &mut self.load_report,
+        )?;
+        let d = start.elapsed();
+        timings.stages.push((Stage::LoadVae, d));
+        observer(Event::StageFinished(Stage::LoadVae, d));
+        Ok(v)
+    }
+
     fn decode(
         &mut self,
         latents: &Tensor,
         observer: &mut Observer<'_>,
         timings: &mut StageTimings,
     ) -> Result<Tensor> {
-        let vae = match self.vae.take() {
-            Some(v) => v,
-            None => {
-                let start = Instant::now();
-                observer(Event::StageStarted(Stage::LoadVae));
-                let v = components::load_vae(
-                    &self.sources.vae,
-                    &self.vae_config,
-                    self.dtype,
-                    &self.device,
-                    &mut self.load_report,
-                )?;
-                let d = start.elapsed();
-                timings.stages.push((Stage::LoadVae, d));
-                observer(Event::StageFinished(Stage::LoadVae, d));
-                v
-            }
-        };
+        let vae = self.take_vae(observer, timings)?;
         let start = Instant::now();
         observer(Event::StageStarted(Stage::Decode));
         // `latents.to(vae.dtype)` before the VAE transform, as the reference.
@@ -485,6 +553,10 @@ fn repeat_each(embeds: Vec<Tensor>, n: usize) -> Vec<Tensor> {
 /// What the denoising loop runs on.
 struct Denoise<'a> {
     latents: Tensor,
+    /// The first step of the schedule that runs (image-to-image).
+    begin: usize,
+    /// Inpainting: what each step puts back.
+    inpaint: Option<&'a Inpaint>,
     prompt: &'a [Tensor],
     negative: &'a [Tensor],
     opts: &'a ZImageOptions,
@@ -493,7 +565,8 @@ struct Denoise<'a> {
 
 /// The denoising loop of `ZImagePipeline.__call__`: latents in f32, the
 /// model on `(1000 - t) / 1000`, guidance per image, the negated prediction
-/// to the Euler step.
+/// to the Euler step; from the begin index on, and with inpainting the known
+/// region put back after each step (`ZImageInpaintPipeline`).
 fn denoise(
     transformer: &ZImageTransformer,
     scheduler: &mut FlowMatchEulerDiscreteScheduler,
@@ -503,6 +576,8 @@ fn denoise(
 ) -> Result<Tensor> {
     let Denoise {
         mut latents,
+        begin,
+        inpaint,
         prompt,
         negative,
         opts,
@@ -513,8 +588,8 @@ fn denoise(
     let batch = latents.dim(0)?;
     let device = latents.device().clone();
     let model_dtype = transformer.dtype();
-    let timesteps: Vec<f32> = scheduler.timesteps().to_vec();
-    let sigmas: Vec<f32> = scheduler.sigmas().to_vec();
+    let timesteps: Vec<f32> = scheduler.timesteps().get(begin..).unwrap_or(&[]).to_vec();
+    let sigmas: Vec<f32> = scheduler.sigmas().get(begin..).unwrap_or(&[]).to_vec();
     let num_steps = timesteps.len();
     for (i, &t) in timesteps.iter().enumerate() {
         let step_start = Instant::now();
@@ -550,6 +625,9 @@ fn denoise(
         };
         // The flow's velocity is the negated model output.
         latents = scheduler.step(&pred.neg()?, t, &latents, None)?;
+        if let Some(inpaint) = inpaint {
+            latents = inpaint.blend(&latents, i, num_steps)?;
+        }
         let bad = count_non_finite(&latents)?;
         if bad > 0 {
             return Err(Error::NonFinite {
