@@ -457,27 +457,38 @@ impl PromptEncoder {
             .iter()
             .map(|p| opts.system_prompt.apply(p.as_ref()))
             .collect();
+        let negatives: Vec<String> = if opts.do_classifier_free_guidance {
+            match &opts.negative_prompt {
+                None => vec![String::new(); prompts.len()],
+                Some(n) if n.len() == prompts.len() => n.clone(),
+                Some(n) if n.len() == 1 => vec![n[0].clone(); prompts.len()],
+                Some(n) => {
+                    return Err(invalid_input(
+                        "negative_prompt",
+                        format!("{} negative prompts for {} prompts", n.len(), prompts.len()),
+                    ))
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        // Prompts and negative prompts go through the encoder as one batch:
+        // diffusers encodes them in two calls, but every row is computed on
+        // its own (its own mask, per-token layers), so one call gives the
+        // same rows while reading the weights once instead of twice.
+        let b = texts.len();
+        let all: Vec<String> = texts.into_iter().chain(negatives).collect();
         let mut warnings = Vec::new();
+        let (embeds, mask) = self.encode_texts(&all, opts, &mut warnings)?;
+        let n = opts.num_images_per_prompt;
         let (prompt_embeds, prompt_attention_mask) =
-            self.encode_texts(&texts, opts, &mut warnings)?;
-        let (negative_prompt_embeds, negative_prompt_attention_mask) =
-            if opts.do_classifier_free_guidance {
-                let negs: Vec<String> = match &opts.negative_prompt {
-                    None => vec![String::new(); prompts.len()],
-                    Some(n) if n.len() == prompts.len() => n.clone(),
-                    Some(n) if n.len() == 1 => vec![n[0].clone(); prompts.len()],
-                    Some(n) => {
-                        return Err(invalid_input(
-                            "negative_prompt",
-                            format!("{} negative prompts for {} prompts", n.len(), prompts.len()),
-                        ))
-                    }
-                };
-                let (e, m) = self.encode_texts(&negs, opts, &mut warnings)?;
-                (Some(e), Some(m))
-            } else {
-                (None, None)
-            };
+            repeat_rows(embeds.narrow(0, 0, b)?, mask.narrow(0, 0, b)?, n)?;
+        let (negative_prompt_embeds, negative_prompt_attention_mask) = if all.len() > b {
+            let (e, m) = repeat_rows(embeds.narrow(0, b, b)?, mask.narrow(0, b, b)?, n)?;
+            (Some(e), Some(m))
+        } else {
+            (None, None)
+        };
         Ok(PromptEmbeddings {
             prompt_embeds,
             prompt_attention_mask,
@@ -512,19 +523,24 @@ impl PromptEncoder {
         let ids = Tensor::from_vec(ids, (b, max_len), dev)?;
         let mask = Tensor::from_vec(mask, (b, max_len), &Device::Cpu)?;
         let embeds = self.encoder.forward(&ids, Some(&mask))?;
-        let n = opts.num_images_per_prompt;
-        if n == 1 {
-            return Ok((embeds, mask));
-        }
-        // Each prompt's rows repeated n times, masks alike (p0 p0 p1 p1).
-        let idx: Vec<u32> = (0..b as u32)
-            .flat_map(|i| std::iter::repeat_n(i, n))
-            .collect();
-        let idx_dev = Tensor::from_vec(idx.clone(), b * n, dev)?;
-        let idx_cpu = Tensor::from_vec(idx, b * n, &Device::Cpu)?;
-        Ok((
-            embeds.index_select(&idx_dev, 0)?,
-            mask.index_select(&idx_cpu, 0)?,
-        ))
+        Ok((embeds, mask))
     }
+}
+
+/// Each row of `embeds` and `mask` repeated `n` times (p0 p0 p1 p1), as
+/// diffusers repeats them for `num_images_per_prompt`.
+fn repeat_rows(embeds: Tensor, mask: Tensor, n: usize) -> Result<(Tensor, Tensor)> {
+    if n == 1 {
+        return Ok((embeds, mask));
+    }
+    let b = embeds.dim(0)?;
+    let idx: Vec<u32> = (0..b as u32)
+        .flat_map(|i| std::iter::repeat_n(i, n))
+        .collect();
+    let idx_dev = Tensor::from_vec(idx.clone(), b * n, embeds.device())?;
+    let idx_cpu = Tensor::from_vec(idx, b * n, &Device::Cpu)?;
+    Ok((
+        embeds.index_select(&idx_dev, 0)?,
+        mask.index_select(&idx_cpu, 0)?,
+    ))
 }
