@@ -47,6 +47,10 @@ pub struct ZImageOptions {
     pub max_sequence_length: usize,
     /// Images or only latents.
     pub output: OutputKind,
+    /// Every this many steps, the step's clean-image prediction is handed
+    /// to the observer ([`crate::StepInfo::denoised`]) for a live preview;
+    /// `None`: no previews.
+    pub preview_every: Option<usize>,
 }
 
 impl ZImageOptions {
@@ -71,6 +75,7 @@ impl ZImageOptions {
             noise: Noise::Seed(0),
             max_sequence_length: ZIMAGE_MAX_SEQUENCE_LENGTH,
             output: OutputKind::Images,
+            preview_every: None,
         }
     }
 
@@ -169,6 +174,9 @@ impl ZImageOptions {
             if !v.is_finite() || v < 0.0 {
                 return Err(invalid(name, format!("{v} is not a finite value >= 0")));
             }
+        }
+        if self.preview_every == Some(0) {
+            return Err(invalid("preview_every", "0 steps; give at least 1"));
         }
         if self.max_sequence_length == 0 || self.max_sequence_length > 1 << 16 {
             return Err(invalid(
