@@ -196,9 +196,23 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// The options of one line: `defaults` (the command line) with the line's
-/// fields put in. A `null` field is an absent one.
+/// Puts a request field into the options; false for a field it does not know.
+type ApplyField = fn(&mut GenerateArgs, &str, &Value) -> Result<bool>;
+
+/// [`line_args_with`] with Lumina2's fields.
+#[cfg(test)]
 fn line_args(raw: &[u8], line: usize, defaults: &GenerateArgs) -> Result<GenerateArgs> {
+    line_args_with(raw, line, defaults, apply_field)
+}
+
+/// The options of one line: `defaults` (the command line) with the line's
+/// fields put in by `apply` (the pipeline's). A `null` field is an absent one.
+fn line_args_with(
+    raw: &[u8],
+    line: usize,
+    defaults: &GenerateArgs,
+    apply: ApplyField,
+) -> Result<GenerateArgs> {
     if raw.len() > MAX_LINE_BYTES {
         bail!(
             "{} bytes, more than the {} MiB a line may hold",
@@ -223,7 +237,7 @@ fn line_args(raw: &[u8], line: usize, defaults: &GenerateArgs) -> Result<Generat
                  (previews are watched live; for one run use `lumina2 generate --preview`)"
             ),
             other => {
-                if !apply_field(&mut a, other, v)? {
+                if !apply(&mut a, other, v)? {
                     bail!("unknown field `{other}` (the fields are {FIELDS})");
                 }
                 prompt |= other == "prompt";
@@ -276,6 +290,8 @@ pub(crate) fn field_name(option: &str) -> String {
         | "negative_prompt"
         | "cache_threshold"
         | "preview_every"
+        | "cfg_normalization"
+        | "cfg_truncation"
         | "prompt" => format!("`{option}`"),
         other => format!("--{}", other.replace('_', "-")),
     }
@@ -289,6 +305,12 @@ pub(crate) trait BatchPipeline {
     type Options;
     /// The loaded pipeline.
     type Model;
+    /// Puts a line's field into the options (false for a field it does not
+    /// know): the shared [`apply_field`] unless the pipeline reads a field
+    /// its own way.
+    fn apply_field(a: &mut GenerateArgs, key: &str, v: &Value) -> Result<bool> {
+        apply_field(a, key, v)
+    }
     /// The request of `args`, each image `i` on seed `seed + i`; `name`
     /// spells the library's option names in errors.
     fn options(args: &GenerateArgs, seed: u64, name: fn(&str) -> String) -> Result<Self::Options>;
@@ -343,6 +365,21 @@ struct ZImage;
 impl BatchPipeline for ZImage {
     type Options = lumina2_pipeline::ZImageOptions;
     type Model = crate::zimage::ZModel;
+    /// diffusers' `ZImagePipeline` fields: `cfg_normalization` true or
+    /// false (1 or 0), or the factor; `cfg_truncation`. The others are shared.
+    fn apply_field(a: &mut GenerateArgs, key: &str, v: &Value) -> Result<bool> {
+        match key {
+            "cfg_normalization" => {
+                a.cfg_normalization = Some(match v {
+                    Value::Bool(b) => f64::from(u8::from(*b)),
+                    _ => number(key, v)?,
+                })
+            }
+            "cfg_truncation" => a.cfg_truncation = Some(number(key, v)?),
+            _ => return apply_field(a, key, v),
+        }
+        Ok(true)
+    }
     fn options(args: &GenerateArgs, seed: u64, name: fn(&str) -> String) -> Result<Self::Options> {
         crate::zimage::options_named(args, seed, name)
     }
@@ -391,7 +428,7 @@ fn job<P: BatchPipeline>(
     line: usize,
     defaults: &GenerateArgs,
 ) -> Result<Job<P::Options>> {
-    let args = line_args(raw, line, defaults)?;
+    let args = line_args_with(raw, line, defaults, P::apply_field)?;
     let seed = args.seed.unwrap_or_else(random_seed);
     let opts = P::options(&args, seed, field_name)?;
     let outputs = P::output_paths(&args.output, &opts);
@@ -437,7 +474,7 @@ fn first_claims<P: BatchPipeline>(
     };
     let mut first = HashMap::new();
     for (line, raw) in lines(bytes) {
-        let Ok(args) = line_args(raw, line, defaults) else {
+        let Ok(args) = line_args_with(raw, line, defaults, P::apply_field) else {
             continue;
         };
         let known = match args.seed {

@@ -770,7 +770,7 @@ fn batches_shard_and_resume_on_a_zimage_folder() {
         &jsonl,
         format!(
             "{{\"prompt\": \"{PROMPT}\", \"seed\": 5}}\n\
-             {{\"prompt\": \"two cats asleep\", \"seed\": 6, \"guidance_scale\": 0}}\n\
+             {{\"prompt\": \"two cats asleep\", \"seed\": 6, \"cfg_normalization\": false, \"cfg_truncation\": 0.1}}\n\
              {{\"prompt\": \"a lighthouse\", \"seed\": 7, \"sampler\": \"midpoint\"}}\n"
         ),
     )
@@ -829,7 +829,11 @@ fn batches_shard_and_resume_on_a_zimage_folder() {
         "--seed",
         "6",
         "--guidance-scale",
+        "3",
+        "--cfg-normalization",
         "0",
+        "--cfg-truncation",
+        "0.1",
         "--width",
         "24",
         "--height",
@@ -845,6 +849,13 @@ fn batches_shard_and_resume_on_a_zimage_folder() {
         &s(&one),
     ]));
     assert_eq!(rgb(&dir.join("img_1.png")), rgb(&one));
+    // The line's Z-Image fields took effect: not the command line's request.
+    let mut o = options();
+    o.prompts = vec!["two cats asleep".into()];
+    o.noise = Noise::Seeds(vec![6]);
+    let mut pipe = ZImagePipeline::builder(folder_sources()).build().unwrap();
+    let defaults = pipe.generate(&o, &mut |_| Default::default()).unwrap();
+    assert_ne!(rgb(&one), defaults.rgb_images().unwrap().remove(0));
     assert!(!dir.join("img_2.png").exists());
     // Resuming skips what exists.
     ok(&run("1/2", &["--skip-existing"]));
