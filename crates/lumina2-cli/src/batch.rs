@@ -8,6 +8,10 @@
 //! reported and the others go on; `--shard I/N` keeps the lines whose index
 //! is I modulo N, so N workers cover a file once; `--manifest` records each
 //! image as it is written; `--skip-existing` resumes a killed run.
+//!
+//! The same runner serves every pipeline ([`BatchPipeline`]): a Z-Image
+//! folder's lines are Z-Image requests, checked and rendered as
+//! `lumina2 generate --model <Z-Image folder>` does.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -16,12 +20,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
-use lumina2_pipeline::StageTimings;
+use lumina2_pipeline::{LoraSpec, StageTimings};
 use serde_json::{json, Map, Value};
 
 use crate::generate::{
-    self, options, options_named, output_paths, parse_loras, prepare_output, random_seed, render,
-    set_threads, usage, GenerateArgs, GuidanceArg, Model, SamplerArg,
+    self, options_named, parse_loras, prepare_output, random_seed, set_threads, usage,
+    GenerateArgs, GuidanceArg, Model, Rendered, SamplerArg,
 };
 use crate::signals;
 
@@ -192,9 +196,23 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// The options of one line: `defaults` (the command line) with the line's
-/// fields put in. A `null` field is an absent one.
+/// Puts a request field into the options; false for a field it does not know.
+type ApplyField = fn(&mut GenerateArgs, &str, &Value) -> Result<bool>;
+
+/// [`line_args_with`] with Lumina2's fields.
+#[cfg(test)]
 fn line_args(raw: &[u8], line: usize, defaults: &GenerateArgs) -> Result<GenerateArgs> {
+    line_args_with(raw, line, defaults, apply_field)
+}
+
+/// The options of one line: `defaults` (the command line) with the line's
+/// fields put in by `apply` (the pipeline's). A `null` field is an absent one.
+fn line_args_with(
+    raw: &[u8],
+    line: usize,
+    defaults: &GenerateArgs,
+    apply: ApplyField,
+) -> Result<GenerateArgs> {
     if raw.len() > MAX_LINE_BYTES {
         bail!(
             "{} bytes, more than the {} MiB a line may hold",
@@ -219,7 +237,7 @@ fn line_args(raw: &[u8], line: usize, defaults: &GenerateArgs) -> Result<Generat
                  (previews are watched live; for one run use `lumina2 generate --preview`)"
             ),
             other => {
-                if !apply_field(&mut a, other, v)? {
+                if !apply(&mut a, other, v)? {
                     bail!("unknown field `{other}` (the fields are {FIELDS})");
                 }
                 prompt |= other == "prompt";
@@ -272,23 +290,148 @@ pub(crate) fn field_name(option: &str) -> String {
         | "negative_prompt"
         | "cache_threshold"
         | "preview_every"
+        | "cfg_normalization"
+        | "cfg_truncation"
         | "prompt" => format!("`{option}`"),
         other => format!("--{}", other.replace('_', "-")),
     }
 }
 
+/// What a batch needs of a pipeline: a request's options from the command
+/// line (and a line), its images' seeds and paths, the model loaded once
+/// and kept resident, and one request rendered and written.
+pub(crate) trait BatchPipeline {
+    /// The options of one request.
+    type Options;
+    /// The loaded pipeline.
+    type Model;
+    /// Puts a line's field into the options (false for a field it does not
+    /// know): the shared [`apply_field`] unless the pipeline reads a field
+    /// its own way.
+    fn apply_field(a: &mut GenerateArgs, key: &str, v: &Value) -> Result<bool> {
+        apply_field(a, key, v)
+    }
+    /// The request of `args`, each image `i` on seed `seed + i`; `name`
+    /// spells the library's option names in errors.
+    fn options(args: &GenerateArgs, seed: u64, name: fn(&str) -> String) -> Result<Self::Options>;
+    /// The seed of each image.
+    fn seeds(opts: &Self::Options) -> &[u64];
+    /// The image files of a request: `pattern` (`-o`) expanded for each image.
+    fn output_paths(pattern: &str, opts: &Self::Options) -> Vec<PathBuf>;
+    /// Loads the pipeline, every component kept resident.
+    fn load(args: &GenerateArgs, loras: Vec<LoraSpec>, quiet: bool) -> Result<Self::Model>;
+    /// Renders one request and writes its images.
+    fn render(
+        model: &mut Self::Model,
+        args: &GenerateArgs,
+        opts: &Self::Options,
+        outputs: &[PathBuf],
+        quiet: bool,
+    ) -> Result<Rendered>;
+}
+
+/// Lumina2 (`Lumina2Pipeline`).
+struct Lumina2;
+
+impl BatchPipeline for Lumina2 {
+    type Options = lumina2_pipeline::GenerateOptions;
+    type Model = Model;
+    fn options(args: &GenerateArgs, seed: u64, name: fn(&str) -> String) -> Result<Self::Options> {
+        options_named(args, seed, name)
+    }
+    fn seeds(opts: &Self::Options) -> &[u64] {
+        noise_seeds(&opts.noise)
+    }
+    fn output_paths(pattern: &str, opts: &Self::Options) -> Vec<PathBuf> {
+        generate::output_paths(pattern, opts)
+    }
+    fn load(args: &GenerateArgs, loras: Vec<LoraSpec>, quiet: bool) -> Result<Self::Model> {
+        generate::load(args, loras, true, quiet)
+    }
+    fn render(
+        model: &mut Self::Model,
+        args: &GenerateArgs,
+        opts: &Self::Options,
+        outputs: &[PathBuf],
+        quiet: bool,
+    ) -> Result<Rendered> {
+        generate::render(model, args, opts, outputs, quiet)
+    }
+}
+
+/// Z-Image (`ZImagePipeline`).
+struct ZImage;
+
+impl BatchPipeline for ZImage {
+    type Options = lumina2_pipeline::ZImageOptions;
+    type Model = crate::zimage::ZModel;
+    /// diffusers' `ZImagePipeline` fields: `cfg_normalization` true or
+    /// false (1 or 0), or the factor; `cfg_truncation`. The others are shared.
+    fn apply_field(a: &mut GenerateArgs, key: &str, v: &Value) -> Result<bool> {
+        match key {
+            "cfg_normalization" => {
+                a.cfg_normalization = Some(match v {
+                    Value::Bool(b) => f64::from(u8::from(*b)),
+                    _ => number(key, v)?,
+                })
+            }
+            "cfg_truncation" => a.cfg_truncation = Some(number(key, v)?),
+            _ => return apply_field(a, key, v),
+        }
+        Ok(true)
+    }
+    fn options(args: &GenerateArgs, seed: u64, name: fn(&str) -> String) -> Result<Self::Options> {
+        crate::zimage::options_named(args, seed, name)
+    }
+    fn seeds(opts: &Self::Options) -> &[u64] {
+        noise_seeds(&opts.noise)
+    }
+    fn output_paths(pattern: &str, opts: &Self::Options) -> Vec<PathBuf> {
+        crate::zimage::output_paths(pattern, opts)
+    }
+    fn load(args: &GenerateArgs, loras: Vec<LoraSpec>, quiet: bool) -> Result<Self::Model> {
+        crate::zimage::load(args, loras, true, quiet)
+    }
+    fn render(
+        model: &mut Self::Model,
+        args: &GenerateArgs,
+        opts: &Self::Options,
+        outputs: &[PathBuf],
+        quiet: bool,
+    ) -> Result<Rendered> {
+        crate::zimage::render(model, args, opts, outputs, quiet)
+    }
+}
+
+/// The per-image seeds the options hold.
+fn noise_seeds(noise: &lumina2_pipeline::Noise) -> &[u64] {
+    match noise {
+        lumina2_pipeline::Noise::Seeds(s) => s,
+        _ => &[],
+    }
+}
+
+/// An option of the library as the command line spells it.
+fn flag_name(option: &str) -> String {
+    format!("--{}", option.replace('_', "-"))
+}
+
 /// One line, checked: its options, the seed of its first image, its images' paths.
-struct Job {
+struct Job<O> {
     args: GenerateArgs,
-    opts: lumina2_pipeline::GenerateOptions,
+    opts: O,
     outputs: Vec<PathBuf>,
 }
 
-fn job(raw: &[u8], line: usize, defaults: &GenerateArgs) -> Result<Job> {
-    let args = line_args(raw, line, defaults)?;
+fn job<P: BatchPipeline>(
+    raw: &[u8],
+    line: usize,
+    defaults: &GenerateArgs,
+) -> Result<Job<P::Options>> {
+    let args = line_args_with(raw, line, defaults, P::apply_field)?;
     let seed = args.seed.unwrap_or_else(random_seed);
-    let opts = options_named(&args, seed, field_name)?;
-    let outputs = output_paths(&args.output, &opts);
+    let opts = P::options(&args, seed, field_name)?;
+    let outputs = P::output_paths(&args.output, &opts);
     Ok(Job {
         args,
         opts,
@@ -320,15 +463,18 @@ fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
 /// and the earlier one is rendered once. A line without a seed draws a
 /// random one: its paths that hold the seed cannot be known in advance and
 /// are left out (those that do not, are kept).
-fn first_claims(bytes: &[u8], defaults: &GenerateArgs) -> HashMap<PathBuf, usize> {
+fn first_claims<P: BatchPipeline>(
+    bytes: &[u8],
+    defaults: &GenerateArgs,
+) -> HashMap<PathBuf, usize> {
     let paths = |args: &GenerateArgs, seed: u64| {
-        options_named(args, seed, field_name)
-            .map(|opts| output_paths(&args.output, &opts))
+        P::options(args, seed, field_name)
+            .map(|opts| P::output_paths(&args.output, &opts))
             .unwrap_or_default()
     };
     let mut first = HashMap::new();
     for (line, raw) in lines(bytes) {
-        let Ok(args) = line_args(raw, line, defaults) else {
+        let Ok(args) = line_args_with(raw, line, defaults, P::apply_field) else {
             continue;
         };
         let known = match args.seed {
@@ -397,11 +543,8 @@ fn timings_json(t: &StageTimings) -> Value {
 }
 
 /// One manifest entry per image of `job`.
-fn image_entries(job: &Job, line: usize, status: &str) -> Vec<Value> {
-    let seeds = match &job.opts.noise {
-        lumina2_pipeline::Noise::Seeds(s) => s.as_slice(),
-        _ => &[],
-    };
+fn image_entries<P: BatchPipeline>(job: &Job<P::Options>, line: usize, status: &str) -> Vec<Value> {
+    let seeds = P::seeds(&job.opts);
     job.outputs
         .iter()
         .zip(seeds)
@@ -416,7 +559,17 @@ fn image_entries(job: &Job, line: usize, status: &str) -> Vec<Value> {
         .collect()
 }
 
+/// `lumina2 generate --from-file` on a Lumina2 model.
 pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
+    run_with::<Lumina2>(args, quiet)
+}
+
+/// `lumina2 generate --from-file` on a Z-Image pipeline folder.
+pub(crate) fn run_zimage(args: GenerateArgs, quiet: bool) -> Result<()> {
+    run_with::<ZImage>(args, quiet)
+}
+
+fn run_with<P: BatchPipeline>(args: GenerateArgs, quiet: bool) -> Result<()> {
     let batch = args.batch.clone();
     let Some(file) = batch.from_file.as_deref() else {
         bail!("--from-file is missing");
@@ -426,7 +579,7 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     // anything is read or loaded, as `generate` checks them.
     let mut probe = args.clone();
     probe.prompt = vec![String::new()];
-    usage(options(&probe, args.seed.unwrap_or(0)))?;
+    usage(P::options(&probe, args.seed.unwrap_or(0), flag_name))?;
     let loras = usage(parse_loras(&args))?;
     usage(set_threads(args.threads))?;
     // The device too: a build or machine without it fails now, not at the
@@ -436,8 +589,8 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         .with_context(|| format!("--from-file {}", file.display()))?;
     let mut manifest = batch.manifest.as_deref().map(Manifest::open).transpose()?;
 
-    let claimed = first_claims(&bytes, &args);
-    let mut model: Option<Model> = None;
+    let claimed = first_claims::<P>(&bytes, &args);
+    let mut model: Option<P::Model> = None;
     let (mut done, mut failed, mut skipped) = (0usize, 0usize, 0usize);
     for (line, raw) in lines(&bytes) {
         if !shard.takes(line) {
@@ -446,9 +599,9 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
         signals::check(|| format!(" before line {line}"))?;
         let place = format!("line {line} ({}:{})", file.display(), line + 1);
         let result = (|| -> Result<Option<StageTimings>> {
-            let job = job(raw, line, &args)?;
+            let job = job::<P>(raw, line, &args)?;
             if batch.skip_existing && job.outputs.iter().all(|p| p.is_file()) {
-                for e in image_entries(&job, line, "skipped") {
+                for e in image_entries::<P>(&job, line, "skipped") {
                     record(&mut manifest, e)?;
                 }
                 return Ok(None);
@@ -464,11 +617,11 @@ pub fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             let m = match &mut model {
                 Some(m) => m,
                 // A load failure ends the run: no line could be rendered.
-                None => model.insert(load_model(&args, &loras, quiet).map_err(Fatal)?),
+                None => model.insert(load_model::<P>(&args, &loras, quiet).map_err(Fatal)?),
             };
-            let r = render(m, &job.args, &job.opts, &job.outputs, quiet)?;
+            let r = P::render(m, &job.args, &job.opts, &job.outputs, quiet)?;
             let times = timings_json(&r.timings);
-            for mut e in image_entries(&job, line, "ok") {
+            for mut e in image_entries::<P>(&job, line, "ok") {
                 e["timings"] = times.clone();
                 if let Some((skipped, calls)) = r.cache {
                     // The run's (all its images are one batch).
@@ -528,14 +681,14 @@ impl std::fmt::Display for Fatal {
 
 impl std::error::Error for Fatal {}
 
-fn load_model(
+fn load_model<P: BatchPipeline>(
     args: &GenerateArgs,
-    loras: &[lumina2_pipeline::LoraSpec],
+    loras: &[LoraSpec],
     quiet: bool,
-) -> Result<Model> {
+) -> Result<P::Model> {
     // The signals of `lumina2 generate` (see `signals`).
     signals::install()?;
-    generate::load(args, loras.to_vec(), true, quiet)
+    P::load(args, loras.to_vec(), quiet)
 }
 
 #[cfg(test)]

@@ -398,53 +398,17 @@ fn sources(
             .with_context(|| format!("getting `{model}` from the Hugging Face Hub"))?;
         PipelineSources::from_folder(&folder)
     };
-    if let Some(t) = &args.transformer {
-        let config = args
-            .transformer_config
-            .clone()
-            .or_else(|| s.transformer.config_path().map(Path::to_path_buf));
-        s.transformer = if t.is_dir() {
-            TransformerSource::Folder(t.clone())
-        } else {
-            TransformerSource::File {
-                path: t.clone(),
-                config,
-            }
-        };
+    Components {
+        transformer: &mut s.transformer,
+        text_encoder: &mut s.text_encoder,
+        text_encoder_config: &mut s.text_encoder_config,
+        tokenizer: &mut s.tokenizer,
+        vae: &mut s.vae,
+        vae_config: &mut s.vae_config,
     }
-    if let Some(p) = &args.text_encoder {
-        // A ComfyUI file takes the config of the model's folder, when there
-        // is one (a GGUF file keeps its metadata's).
-        if s.text_encoder.is_dir()
-            && p.is_file()
-            && p.extension().is_some_and(|e| e == "safetensors")
-        {
-            s.text_encoder_config = Some(s.text_encoder.clone());
-        }
-        s.text_encoder = p.clone();
-    }
-    if let Some(p) = &args.tokenizer {
-        s.tokenizer = p.clone();
-    }
-    if let Some(p) = &args.vae {
-        if s.vae.is_dir() && p.is_file() {
-            s.vae_config = Some(s.vae.clone());
-        }
-        s.vae = p.clone();
-    }
+    .override_with(args);
     if let Some(p) = &args.scheduler_config {
         s.scheduler_config = Some(p.clone());
-    }
-    if let (Some(c), TransformerSource::File { config, .. }) =
-        (&args.transformer_config, &mut s.transformer)
-    {
-        *config = Some(c.clone());
-    }
-    if let Some(p) = &args.text_encoder_config {
-        s.text_encoder_config = Some(p.clone());
-    }
-    if let Some(p) = &args.vae_config {
-        s.vae_config = Some(p.clone());
     }
     if s.scheduler_config.is_none() && !quiet {
         eprintln!(
@@ -454,6 +418,71 @@ fn sources(
     }
     s.loras = loras;
     Ok((s, model_name(args)))
+}
+
+/// The components of a pipeline's sources that the command line can
+/// replace, whatever the pipeline (Lumina2's [`PipelineSources`], Z-Image's
+/// `ZImageSources`).
+pub(crate) struct Components<'a> {
+    pub(crate) transformer: &'a mut TransformerSource,
+    pub(crate) text_encoder: &'a mut PathBuf,
+    pub(crate) text_encoder_config: &'a mut Option<PathBuf>,
+    pub(crate) tokenizer: &'a mut PathBuf,
+    pub(crate) vae: &'a mut PathBuf,
+    pub(crate) vae_config: &'a mut Option<PathBuf>,
+}
+
+impl Components<'_> {
+    /// Puts in `--transformer`, `--text-encoder`, `--tokenizer`, `--vae` and
+    /// their `--*-config`. A single file takes the config of the model's
+    /// folder for that component, when there is one, unless one is given.
+    pub(crate) fn override_with(self, args: &GenerateArgs) {
+        if let Some(t) = &args.transformer {
+            let config = args
+                .transformer_config
+                .clone()
+                .or_else(|| self.transformer.config_path().map(Path::to_path_buf));
+            *self.transformer = if t.is_dir() {
+                TransformerSource::Folder(t.clone())
+            } else {
+                TransformerSource::File {
+                    path: t.clone(),
+                    config,
+                }
+            };
+        }
+        if let Some(p) = &args.text_encoder {
+            // A safetensors file takes the config of the model's folder,
+            // when there is one (a GGUF file keeps its metadata's).
+            if self.text_encoder.is_dir()
+                && p.is_file()
+                && p.extension().is_some_and(|e| e == "safetensors")
+            {
+                *self.text_encoder_config = Some(self.text_encoder.clone());
+            }
+            *self.text_encoder = p.clone();
+        }
+        if let Some(p) = &args.tokenizer {
+            *self.tokenizer = p.clone();
+        }
+        if let Some(p) = &args.vae {
+            if self.vae.is_dir() && p.is_file() {
+                *self.vae_config = Some(self.vae.clone());
+            }
+            *self.vae = p.clone();
+        }
+        if let (Some(c), TransformerSource::File { config, .. }) =
+            (&args.transformer_config, &mut *self.transformer)
+        {
+            *config = Some(c.clone());
+        }
+        if let Some(p) = &args.text_encoder_config {
+            *self.text_encoder_config = Some(p.clone());
+        }
+        if let Some(p) = &args.vae_config {
+            *self.vae_config = Some(p.clone());
+        }
+    }
 }
 
 /// The model name images record: the transformer file when one is given,
@@ -696,28 +725,12 @@ pub(crate) fn load(
     quiet: bool,
 ) -> Result<Model> {
     let device = usage(parse_device(&args.device))?;
-    if args.int8 && !device.is_cpu() {
-        return Err(Usage(anyhow::anyhow!(
-            "--int8 runs on the CPU only, not with --device {}: on a GPU use --dtype bf16 or a GGUF transformer",
-            args.device
-        ))
-        .into());
-    }
+    check_int8_device(args, &device)?;
     let dtype = resolve_dtype(args, &device, quiet);
 
     let (sources, model_name) = sources(args, loras, quiet)?;
     signals::check(|| " before loading; no image was written".into())?;
-    if let Some(bad) = sources
-        .loras
-        .iter()
-        .find(|l| !lumina2_weights::fs::is_regular_file(&l.path))
-    {
-        return Err(Usage(anyhow::anyhow!(
-            "--lora {}: no such file",
-            bad.path.display()
-        ))
-        .into());
-    }
+    check_lora_files(&sources.loras)?;
     let pipe = Lumina2Pipeline::builder(sources)
         .dtype(dtype)
         .device(device)
@@ -729,6 +742,33 @@ pub(crate) fn load(
         pipe,
         name: model_name,
     })
+}
+
+/// `--int8` runs on the CPU only (a usage error elsewhere).
+pub(crate) fn check_int8_device(args: &GenerateArgs, device: &Device) -> Result<()> {
+    if args.int8 && !device.is_cpu() {
+        return Err(Usage(anyhow::anyhow!(
+            "--int8 runs on the CPU only, not with --device {}: on a GPU use --dtype bf16 or a GGUF transformer",
+            args.device
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Every `--lora` names a regular file (a usage error otherwise).
+pub(crate) fn check_lora_files(loras: &[LoraSpec]) -> Result<()> {
+    if let Some(bad) = loras
+        .iter()
+        .find(|l| !lumina2_weights::fs::is_regular_file(&l.path))
+    {
+        return Err(Usage(anyhow::anyhow!(
+            "--lora {}: no such file",
+            bad.path.display()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// The compute dtype `--dtype` asks for on `device` (`auto` says what it picked).
@@ -765,7 +805,7 @@ pub(crate) fn preview_png(x0: &lumina2_pipeline::candle_core::Tensor) -> Result<
 }
 
 /// Writes the first image's preview; a failure is logged, the run goes on.
-fn write_preview(path: &std::path::Path, x0: &lumina2_pipeline::candle_core::Tensor) {
+pub(crate) fn write_preview(path: &std::path::Path, x0: &lumina2_pipeline::candle_core::Tensor) {
     let result = preview_png(x0).and_then(|png| match png {
         Some(png) => output::write_atomically(path, |w| Ok(w.write_all(&png)?)),
         None => Ok(()),

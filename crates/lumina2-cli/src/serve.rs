@@ -268,6 +268,15 @@ pub fn run(args: ServeArgs, quiet: bool) -> Result<()> {
         shutdown_grace,
     } = args;
     usage(refuse_generate_only(&defaults))?;
+    // The server's requests and jobs are Lumina2's (system prompts,
+    // samplers, TeaCache, image-to-image); a Z-Image folder is not served.
+    if crate::zimage::is_zimage(&defaults)? {
+        return Err(crate::generate::Usage(anyhow::anyhow!(
+            "--model {}: a Z-Image pipeline; `lumina2 serve` serves Lumina2 models only              (generate Z-Image images with `lumina2 generate`, or many with `--from-file`)",
+            defaults.model.as_deref().unwrap_or_default()
+        ))
+        .into());
+    }
     // The defaults of every request are checked before anything is loaded,
     // as `generate` checks its options.
     let mut probe = defaults.clone();

@@ -3,21 +3,25 @@
 //!
 //! The Lumina2-only options are refused with the reason, rather than
 //! silently ignored; the shared ones left unset take diffusers'
-//! `ZImagePipeline` defaults (50 steps, guidance 5, 512 tokens).
+//! `ZImagePipeline` defaults (50 steps, guidance 5, 512 tokens). The
+//! component options (`--transformer`, `--text-encoder`, `--vae`, ...),
+//! `--lora`, `--int8`, `--preview`, `--vae-tiling` and `--from-file` mean
+//! what they mean for Lumina2 (see `generate` and `batch`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use lumina2_loader::{PipelineFolder, PipelineKind};
 use lumina2_pipeline::{
-    Control, Event, Noise, OutputKind, ZImageOptions, ZImagePipeline, ZImageSources,
+    Control, Event, LoraSpec, Noise, OutputKind, ZImageOptions, ZImagePipeline, ZImageSources,
 };
 
 use crate::generate::{
-    a1111_parameters, cli_option, parse_device, prepare_output, random_seed, resolve_dtype, usage,
-    GenerateArgs, GuidanceArg, SamplerArg, A1111,
+    a1111_parameters, check_int8_device, check_lora_files, model_name, named_option, parse_device,
+    parse_loras, prepare_output, random_seed, resolve_dtype, usage, write_preview, Components,
+    GenerateArgs, GuidanceArg, Rendered, SamplerArg, A1111,
 };
-use crate::{output, signals};
+use crate::{batch, output, signals};
 
 /// Whether `--model` is a local folder holding a Z-Image pipeline.
 pub(crate) fn is_zimage(args: &GenerateArgs) -> Result<bool> {
@@ -78,73 +82,25 @@ fn lumina2_only(args: &GenerateArgs) -> Vec<(&'static str, bool, &'static str)> 
             !matches!(args.guidance_mode, GuidanceArg::Diffusers),
             "the original mode is Lumina2's sampler",
         ),
-        (
-            "--int8",
-            args.int8,
-            "not wired for the Z-Image transformer yet",
-        ),
-        (
-            "--lora",
-            !args.lora.is_empty(),
-            "Z-Image LoRAs are not supported yet",
-        ),
-        (
-            "--transformer",
-            args.transformer.is_some(),
-            "the folder's components are used",
-        ),
-        (
-            "--transformer-config",
-            args.transformer_config.is_some(),
-            "the folder's components are used",
-        ),
-        (
-            "--text-encoder",
-            args.text_encoder.is_some(),
-            "the folder's components are used",
-        ),
-        (
-            "--text-encoder-config",
-            args.text_encoder_config.is_some(),
-            "the folder's components are used",
-        ),
-        (
-            "--tokenizer",
-            args.tokenizer.is_some(),
-            "the folder's components are used",
-        ),
-        (
-            "--vae",
-            args.vae.is_some(),
-            "the folder's components are used",
-        ),
-        (
-            "--vae-config",
-            args.vae_config.is_some(),
-            "the folder's components are used",
-        ),
-        (
-            "--scheduler-config",
-            args.scheduler_config.is_some(),
-            "the folder's components are used",
-        ),
-        ("--vae-tiling", args.vae_tiling, "not wired for Z-Image yet"),
-        (
-            "--preview",
-            args.preview.is_some(),
-            "not wired for Z-Image yet",
-        ),
-        (
-            "--from-file",
-            args.batch.from_file.is_some(),
-            "not wired for Z-Image yet",
-        ),
     ]
 }
 
 /// The request of the command line, with diffusers' Z-Image defaults for
 /// what is not given; each image `i` uses seed `seed + i`.
 pub(crate) fn options(args: &GenerateArgs, seed: u64) -> Result<ZImageOptions> {
+    options_named(args, seed, |option| {
+        format!("--{}", option.replace('_', "-"))
+    })
+}
+
+/// [`options`], with `name` spelling the library's option names in errors
+/// (a batch line's fields).
+pub(crate) fn options_named(
+    args: &GenerateArgs,
+    seed: u64,
+    name: impl Fn(&str) -> String,
+) -> Result<ZImageOptions> {
+    let named = |e| named_option(e, &name);
     for (flag, given, why) in lumina2_only(args) {
         if given {
             bail!("{flag} does not apply to a Z-Image pipeline: {why}");
@@ -181,8 +137,9 @@ pub(crate) fn options(args: &GenerateArgs, seed: u64) -> Result<ZImageOptions> {
     } else {
         OutputKind::Images
     };
-    o.validate().map_err(cli_option)?;
-    let batch = o.batch_size().map_err(cli_option)?;
+    o.preview_every = args.preview.is_some().then_some(args.preview_every);
+    o.validate().map_err(named)?;
+    let batch = o.batch_size().map_err(named)?;
     let seeds = (0..batch as u64)
         .map(|i| {
             seed.checked_add(i)
@@ -195,35 +152,117 @@ pub(crate) fn options(args: &GenerateArgs, seed: u64) -> Result<ZImageOptions> {
 
 /// `lumina2 generate --model <Z-Image folder>`.
 pub(crate) fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
+    if args.batch.from_file.is_some() {
+        return batch::run_zimage(args, quiet);
+    }
+    usage(args.batch.check_need_file())?;
     let seed = args.seed.unwrap_or_else(random_seed);
     let opts = usage(options(&args, seed))?;
+    let loras = usage(parse_loras(&args))?;
     usage(crate::generate::set_threads(args.threads))?;
-    let seeds = match &opts.noise {
-        Noise::Seeds(s) => s.clone(),
-        _ => vec![seed],
-    };
-    let outputs: Vec<PathBuf> = if args.latents_only {
+    let outputs = if args.latents_only {
         Vec::new()
     } else {
-        seeds
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| output::output_path(&args.output, Some(s), i, seeds.len()))
-            .collect()
+        output_paths(&args.output, &opts)
     };
-    for p in outputs.iter().chain(args.output_latents.iter()) {
+    for p in outputs
+        .iter()
+        .chain(args.output_latents.iter())
+        .chain(args.preview.iter())
+    {
         prepare_output(p)?;
     }
     signals::install()?;
-    let device = usage(parse_device(&args.device))?;
-    let dtype = resolve_dtype(&args, &device, quiet);
+    let mut model = load(&args, loras, false, quiet)?;
+    render(&mut model, &args, &opts, &outputs, quiet)?;
+    Ok(())
+}
+
+/// The seed of each image (the options hold one per image).
+pub(crate) fn seeds_of(opts: &ZImageOptions) -> &[u64] {
+    match &opts.noise {
+        Noise::Seeds(s) => s,
+        _ => &[],
+    }
+}
+
+/// The image files of a request: `pattern` (`-o`) expanded for each image.
+pub(crate) fn output_paths(pattern: &str, opts: &ZImageOptions) -> Vec<PathBuf> {
+    let seeds = seeds_of(opts);
+    seeds
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| output::output_path(pattern, Some(s), i, seeds.len()))
+        .collect()
+}
+
+/// A built Z-Image pipeline and the model name its images record.
+pub(crate) struct ZModel {
+    pub(crate) pipe: ZImagePipeline,
+    pub(crate) name: String,
+}
+
+/// The pipeline folder of `--model` with the command line's components
+/// put in, as Lumina2's `generate` puts them in.
+fn sources(args: &GenerateArgs, loras: Vec<LoraSpec>) -> Result<ZImageSources> {
     let model = args.model.clone().unwrap_or_default();
-    let sources = ZImageSources::from_pipeline_folder(&model)?;
-    let mut pipe = ZImagePipeline::builder(sources)
+    let mut s = ZImageSources::from_pipeline_folder(&model)
+        .with_context(|| format!("opening pipeline folder {model}"))?;
+    Components {
+        transformer: &mut s.transformer,
+        text_encoder: &mut s.text_encoder,
+        text_encoder_config: &mut s.text_encoder_config,
+        tokenizer: &mut s.tokenizer,
+        vae: &mut s.vae,
+        vae_config: &mut s.vae_config,
+    }
+    .override_with(args);
+    if let Some(p) = &args.scheduler_config {
+        s.scheduler_config = p.clone();
+    }
+    s.loras = loras;
+    Ok(s)
+}
+
+/// Opens the device, resolves the sources and builds the pipeline
+/// (`keep_resident`: every component stays loaded between generations).
+pub(crate) fn load(
+    args: &GenerateArgs,
+    loras: Vec<LoraSpec>,
+    keep_resident: bool,
+    quiet: bool,
+) -> Result<ZModel> {
+    let device = usage(parse_device(&args.device))?;
+    check_int8_device(args, &device)?;
+    let dtype = resolve_dtype(args, &device, quiet);
+    let sources = sources(args, loras)?;
+    signals::check(|| " before loading; no image was written".into())?;
+    check_lora_files(&sources.loras)?;
+    let pipe = ZImagePipeline::builder(sources)
         .dtype(dtype)
         .device(device)
+        .vae_tiling(args.vae_tiling)
+        .int8_transformer(args.int8)
+        .keep_resident(keep_resident)
         .build()?;
-    let (width, height) = usage(pipe.resolve_size(&opts).map_err(cli_option))?;
+    Ok(ZModel {
+        pipe,
+        name: model_name(args),
+    })
+}
+
+/// Generates `opts` on `model` and writes the latents (`--output-latents`)
+/// and each image to its path in `outputs`; returns the stage timings.
+pub(crate) fn render(
+    model: &mut ZModel,
+    args: &GenerateArgs,
+    opts: &ZImageOptions,
+    outputs: &[PathBuf],
+    quiet: bool,
+) -> Result<Rendered> {
+    let pipe = &mut model.pipe;
+    let (width, height) = usage(pipe.resolve_size(opts).map_err(crate::generate::cli_option))?;
+    signals::check(|| " before denoising; no image was written".into())?;
     let mut observer = |e: Event<'_>| -> Control {
         match e {
             Event::StageStarted(stage) => tracing::info!("{} ...", stage.name()),
@@ -239,6 +278,9 @@ pub(crate) fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
                         s.elapsed.as_secs_f64()
                     );
                 }
+                if let (Some(x0), Some(path)) = (s.denoised, &args.preview) {
+                    write_preview(path, x0);
+                }
             }
         }
         if signals::received().is_some() {
@@ -247,7 +289,7 @@ pub(crate) fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             Control::Continue
         }
     };
-    let out = match pipe.generate(&opts, &mut observer) {
+    let out = match pipe.generate(opts, &mut observer) {
         Ok(out) => out,
         Err(lumina2_pipeline::Error::Stopped { step, steps }) => {
             signals::check(|| format!(" after step {step} of {steps}; no image was written"))?;
@@ -275,17 +317,18 @@ pub(crate) fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
     if !args.latents_only {
         let images = out.rgb_images()?;
         let negatives = opts.negatives();
-        for (i, (img, path)) in images.iter().zip(&outputs).enumerate() {
+        let seeds = seeds_of(opts);
+        for (i, (img, path)) in images.iter().zip(outputs).enumerate() {
             let p = i / opts.num_images_per_prompt.max(1);
             let prompt = opts.prompts.get(p).cloned().unwrap_or_default();
             let negative = negatives.get(p).cloned().unwrap_or_default();
             let mut meta = metadata(
-                &opts,
+                args,
+                opts,
                 (&prompt, &negative),
-                seeds[i],
+                seeds.get(i).copied().unwrap_or_default(),
                 (width, height),
-                &model,
-                &pipe,
+                (&model.name, pipe),
             );
             meta.extend(crate::init_image::metadata(
                 &args.init,
@@ -297,7 +340,10 @@ pub(crate) fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(Rendered {
+        timings: out.timings,
+        cache: None,
+    })
 }
 
 /// The default `--strength` of diffusers' Z-Image pipelines: 0.6 for
@@ -312,12 +358,12 @@ fn zimage_strength(args: &GenerateArgs) -> f64 {
 
 /// The PNG text chunks of one image; `pipeline` says which pipeline made it.
 fn metadata(
+    args: &GenerateArgs,
     opts: &ZImageOptions,
     (prompt, negative): (&str, &str),
     seed: u64,
     (width, height): (usize, usize),
-    model: &str,
-    pipe: &ZImagePipeline,
+    (model, pipe): (&str, &ZImagePipeline),
 ) -> Vec<(String, String)> {
     let mut m = vec![
         ("pipeline".to_string(), "ZImagePipeline".to_string()),
@@ -357,6 +403,9 @@ fn metadata(
     if let Some(s) = &opts.sigmas {
         let v: Vec<String> = s.iter().map(|x| x.to_string()).collect();
         m.push(("sigmas".to_string(), v.join(",")));
+    }
+    for l in &args.lora {
+        m.push(("lora".to_string(), l.clone()));
     }
     let parameters = a1111_parameters(&A1111 {
         prompt,

@@ -42,7 +42,8 @@
 //!   key names (the community Gemma-2-2B quantisations), config from the
 //!   file's metadata, linear weights kept quantised ([`Gemma2Gguf`]).
 //! - [`qwen3_gguf`]: Qwen3 text encoders (Z-Image) from llama.cpp GGUF files
-//!   the same way ([`Qwen3Gguf`]).
+//!   the same way ([`Qwen3Gguf`]); [`qwen3_file`]: a single safetensors
+//!   file of it (ComfyUI's `qwen_3_4b.safetensors`, keys under any prefix).
 //! - [`zimage_file`]: Z-Image transformers from single files (ComfyUI's
 //!   original keys with a fused `qkv`, community GGUF files kept quantised,
 //!   diffusers keys), mapped through the same machinery as Lumina2's
@@ -87,6 +88,7 @@ mod pipeline_folder;
 pub mod pipeline_write;
 pub mod prefixed;
 pub mod pth;
+pub mod qwen3_file;
 pub mod qwen3_gguf;
 mod st_write;
 pub mod zimage_file;
@@ -107,8 +109,9 @@ pub use pipeline_folder::{
 };
 pub use pipeline_write::{convert_to_diffusers_pipeline, PipelineConfigs};
 pub use pth::PthFile;
+pub use qwen3_file::open_qwen3_file;
 pub use qwen3_gguf::{Qwen3Gguf, Qwen3GgufError};
 pub use zimage_file::{
     detect_zimage_layout, infer_zimage_config, load_zimage_transformer_file,
-    open_zimage_transformer_file, ZImageLayout,
+    open_zimage_transformer_file, zimage_file_config, ZImageLayout,
 };

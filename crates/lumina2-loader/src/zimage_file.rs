@@ -345,6 +345,13 @@ pub fn infer_zimage_config(source: &dyn WeightSource, path: &Path) -> Result<ZIm
     Ok(cfg)
 }
 
+/// The config of a single Z-Image transformer file opened on its own
+/// ([`infer_zimage_config`] over its raw tensors, any layout or format).
+pub fn zimage_file_config(path: &Path) -> Result<ZImageConfig, Error> {
+    let (raw, _) = open_raw(path)?;
+    infer_zimage_config(raw.as_ref(), path)
+}
+
 /// Every tensor's shape against `cfg`: a wrong one is [`Error::Shape`]
 /// naming the file's key (`file_key`).
 fn check_shapes(
@@ -383,10 +390,7 @@ pub fn load_zimage_transformer_file<P: AsRef<Path>>(
 ) -> Result<(ZImageTransformer, ZImageConfig), Error> {
     let cfg = match cfg {
         Some(c) => c.clone(),
-        None => {
-            let (raw, _) = open_raw(path)?;
-            infer_zimage_config(raw.as_ref(), path)?
-        }
+        None => zimage_file_config(path)?,
     };
     let mut source = open_zimage_transformer_file(path, &cfg)?;
     if !loras.is_empty() {

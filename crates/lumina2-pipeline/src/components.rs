@@ -162,13 +162,19 @@ impl PipelineSources {
     /// The VAE's config: its folder's `config.json`, the one given for a
     /// single file, or the Flux VAE's with the file's sizes.
     pub fn vae_config(&self) -> Result<AutoencoderKLConfig> {
-        if self.vae.is_dir() {
-            return Ok(AutoencoderKLConfig::from_file(&self.vae)?);
-        }
-        match &self.vae_config {
-            Some(c) => Ok(AutoencoderKLConfig::from_file(c)?),
-            None => Ok(lumina2_loader::SingleFile::open(&self.vae)?.flux_vae_config()?),
-        }
+        vae_config(&self.vae, self.vae_config.as_deref())
+    }
+}
+
+/// The config of the VAE at `vae`: its folder's `config.json`, `config`
+/// for a single file, or the Flux VAE's with the file's sizes.
+pub(crate) fn vae_config(vae: &Path, config: Option<&Path>) -> Result<AutoencoderKLConfig> {
+    if vae.is_dir() {
+        return Ok(AutoencoderKLConfig::from_file(vae)?);
+    }
+    match config {
+        Some(c) => Ok(AutoencoderKLConfig::from_file(c)?),
+        None => Ok(lumina2_loader::SingleFile::open(vae)?.flux_vae_config()?),
     }
 }
 
@@ -384,18 +390,21 @@ pub fn transformer_weights(
     cfg: &TransformerConfig,
 ) -> Result<Arc<dyn WeightSource>> {
     let base: Arc<dyn WeightSource> = match source {
-        TransformerSource::Folder(dir) => {
-            let folder = lumina2_loader::ComponentFolder::open(dir)?;
-            Arc::new(lumina2_weights::SafetensorsSource::open(
-                folder.safetensors_files(),
-            )?)
-        }
+        TransformerSource::Folder(dir) => folder_source(dir)?,
         TransformerSource::File { path, .. } => lumina2_loader::open_transformer_file(path, cfg)?,
     };
     if loras.is_empty() {
         return Ok(base);
     }
     crate::lora::apply(base, loras, cfg)
+}
+
+/// The safetensors of a diffusers component folder (sharded or not), as one source.
+pub(crate) fn folder_source(dir: &Path) -> Result<Arc<dyn WeightSource>> {
+    let folder = lumina2_loader::ComponentFolder::open(dir)?;
+    Ok(Arc::new(lumina2_weights::SafetensorsSource::open(
+        folder.safetensors_files(),
+    )?))
 }
 
 pub(crate) fn load_transformer(

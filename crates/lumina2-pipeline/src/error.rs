@@ -31,6 +31,9 @@ pub enum Error {
     /// A GGUF text encoder could not be read.
     #[error("text encoder: {0}")]
     TextEncoderGguf(Box<lumina2_loader::GemmaGgufError>),
+    /// A Qwen3 GGUF text encoder (Z-Image) could not be read.
+    #[error("text encoder: {0}")]
+    TextEncoderQwen3Gguf(Box<lumina2_loader::Qwen3GgufError>),
     /// The VAE failed.
     #[error("VAE: {0}")]
     Vae(#[from] lumina2_vae::VaeError),
@@ -87,6 +90,12 @@ pub enum Error {
 impl From<lumina2_loader::GemmaGgufError> for Error {
     fn from(e: lumina2_loader::GemmaGgufError) -> Self {
         Self::TextEncoderGguf(Box::new(e))
+    }
+}
+
+impl From<lumina2_loader::Qwen3GgufError> for Error {
+    fn from(e: lumina2_loader::Qwen3GgufError) -> Self {
+        Self::TextEncoderQwen3Gguf(Box::new(e))
     }
 }
 

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use lumina2_loader::lora::LoraSource;
-use lumina2_transformer::{Config, WeightSource};
+use lumina2_loader::ModelKeys;
+use lumina2_transformer::WeightSource;
 
 use crate::components::LoraSpec;
 use crate::error::Result;
@@ -12,7 +13,7 @@ use crate::error::Result;
 pub(crate) fn apply(
     base: Arc<dyn WeightSource>,
     loras: &[LoraSpec],
-    cfg: &Config,
+    cfg: &(impl ModelKeys + ?Sized),
 ) -> Result<Arc<dyn WeightSource>> {
     let list: Vec<(&std::path::Path, f64)> =
         loras.iter().map(|l| (l.path.as_path(), l.scale)).collect();

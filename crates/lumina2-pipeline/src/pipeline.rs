@@ -130,17 +130,8 @@ impl PipelineBuilder {
                 format!("{:?} is not a compute dtype (f32, bf16, f16)", self.dtype),
             ));
         }
-        if self.int8_transformer && !self.device.is_cpu() {
-            // The int8 kernels are CPU code (AMX-INT8, AVX512-VNNI, plain
-            // Rust); on a GPU they would copy every activation to the host
-            // and back at each layer.
-            return Err(invalid(
-                "int8",
-                format!(
-                    "int8 linears run on the CPU only, not on {}; on a GPU use bf16, f16 or a GGUF transformer",
-                    device_name(&self.device)
-                ),
-            ));
+        if self.int8_transformer {
+            check_int8_device(&self.device)?;
         }
         let transformer_config = self.sources.transformer.config()?;
         let vae_config = self.sources.vae_config()?;
@@ -892,6 +883,22 @@ fn resolve_size(cfg: &TransformerConfig, opts: &GenerateOptions) -> Result<(usiz
     check_size("width", w)?;
     check_size("height", h)?;
     Ok((w, h))
+}
+
+/// int8 linears run on the CPU only: the kernels are CPU code (AMX-INT8,
+/// AVX512-VNNI, plain Rust); on a GPU they would copy every activation to
+/// the host and back at each layer.
+pub(crate) fn check_int8_device(device: &Device) -> Result<()> {
+    if device.is_cpu() {
+        return Ok(());
+    }
+    Err(invalid(
+        "int8",
+        format!(
+            "int8 linears run on the CPU only, not on {}; on a GPU use bf16, f16 or a GGUF transformer",
+            device_name(device)
+        ),
+    ))
 }
 
 /// `cpu`, `cuda:N` or `metal:N`, as the CLI's `--device` spells it.

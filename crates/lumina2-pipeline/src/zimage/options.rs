@@ -56,6 +56,10 @@ pub struct ZImageOptions {
     /// down to the multiple, which the output size must equal. The
     /// references' `strength` defaults are 0.6 and 1.0 (inpainting).
     pub image_to_image: Option<ImageToImage>,
+    /// Every this many steps, the step's clean-image prediction is handed
+    /// to the observer ([`crate::StepInfo::denoised`]) for a live preview;
+    /// `None`: no previews.
+    pub preview_every: Option<usize>,
 }
 
 impl ZImageOptions {
@@ -81,6 +85,7 @@ impl ZImageOptions {
             max_sequence_length: ZIMAGE_MAX_SEQUENCE_LENGTH,
             output: OutputKind::Images,
             image_to_image: None,
+            preview_every: None,
         }
     }
 
@@ -188,6 +193,9 @@ impl ZImageOptions {
                 .as_ref()
                 .map_or(self.num_inference_steps, Vec::len);
             img2img::check_request(i2i, steps, &self.noise)?;
+        }
+        if self.preview_every == Some(0) {
+            return Err(invalid("preview_every", "0 steps; give at least 1"));
         }
         if self.max_sequence_length == 0 || self.max_sequence_length > 1 << 16 {
             return Err(invalid(

@@ -15,7 +15,8 @@ use crate::error::{invalid, Error, Result};
 use crate::img2img::{self, Inpaint, Start};
 use crate::noise;
 use crate::options::{OutputKind, MAX_SIDE};
-use crate::pipeline::{count_non_finite, decode_latents, Generation, Observer};
+use crate::pipeline::{check_int8_device, count_non_finite, decode_latents, Generation, Observer};
+use crate::preview;
 use crate::progress::{Control, Event, Stage, StageTimings, StepInfo};
 use crate::torch_linspace::linspace_f32;
 
@@ -46,6 +47,8 @@ pub struct ZImagePipeline {
     dtype: DType,
     device: Device,
     keep_resident: bool,
+    vae_tiling: bool,
+    int8_transformer: bool,
     transformer_config: ZImageConfig,
     text_encoder_config: Qwen3Config,
     vae_config: AutoencoderKLConfig,
@@ -73,6 +76,8 @@ pub struct ZImagePipelineBuilder {
     dtype: DType,
     device: Device,
     keep_resident: bool,
+    vae_tiling: bool,
+    int8_transformer: bool,
 }
 
 impl ZImagePipelineBuilder {
@@ -95,6 +100,21 @@ impl ZImagePipelineBuilder {
         self
     }
 
+    /// Decode large images tile by tile (diffusers' `enable_tiling`).
+    pub fn vae_tiling(mut self, tiling: bool) -> Self {
+        self.vae_tiling = tiling;
+        self
+    }
+
+    /// Quantise the transformer's attention and feed-forward linears (those
+    /// of its blocks) to int8 as they load, as
+    /// [`crate::PipelineBuilder::int8_transformer`] does for Lumina2: the
+    /// embedders, modulation and output layer keep the compute dtype. CPU only.
+    pub fn int8_transformer(mut self, on: bool) -> Self {
+        self.int8_transformer = on;
+        self
+    }
+
     /// Reads and checks the configurations; the weights are loaded when used.
     pub fn build(self) -> Result<ZImagePipeline> {
         if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16) {
@@ -103,9 +123,12 @@ impl ZImagePipelineBuilder {
                 format!("{:?} is not a compute dtype (f32, bf16, f16)", self.dtype),
             ));
         }
+        if self.int8_transformer {
+            check_int8_device(&self.device)?;
+        }
         let transformer_config = self.sources.transformer_config()?;
         let text_encoder_config = self.sources.text_encoder_config()?;
-        let vae_config = lumina2_vae::AutoencoderKLConfig::from_file(&self.sources.vae)?;
+        let vae_config = self.sources.vae_config()?;
         let scheduler_config = self.sources.scheduler()?;
         if vae_config.latent_channels != transformer_config.in_channels {
             return Err(invalid(
@@ -130,6 +153,8 @@ impl ZImagePipelineBuilder {
             dtype: self.dtype,
             device: self.device,
             keep_resident: self.keep_resident,
+            vae_tiling: self.vae_tiling,
+            int8_transformer: self.int8_transformer,
             transformer_config,
             text_encoder_config,
             vae_config,
@@ -150,6 +175,8 @@ impl ZImagePipeline {
             dtype: DType::F32,
             device: Device::Cpu,
             keep_resident: false,
+            vae_tiling: false,
+            int8_transformer: false,
         }
     }
 
@@ -441,7 +468,7 @@ impl ZImagePipeline {
         let t = sources::load_transformer(
             &self.sources,
             &self.transformer_config,
-            self.dtype,
+            (self.dtype, self.int8_transformer),
             &self.device,
             &mut self.load_report,
         )?;
@@ -461,13 +488,16 @@ impl ZImagePipeline {
         }
         let start = Instant::now();
         observer(Event::StageStarted(Stage::LoadVae));
-        let v = components::load_vae(
+        let mut v = components::load_vae(
             &self.sources.vae,
             &self.vae_config,
             self.dtype,
             &self.device,
             &mut self.load_report,
         )?;
+        if self.vae_tiling {
+            v.enable_tiling();
+        }
         let d = start.elapsed();
         timings.stages.push((Stage::LoadVae, d));
         observer(Event::StageFinished(Stage::LoadVae, d));
@@ -623,6 +653,12 @@ fn denoise(
                 .forward(&typed, &timestep, prompt)?
                 .to_dtype(DType::F32)?
         };
+        let sigma = sigmas.get(i).copied().unwrap_or(0.0);
+        let denoised = if opts.preview_every.is_some_and(|k| (i + 1) % k == 0) {
+            Some(preview::predicted_x0(&latents, &pred, sigma)?)
+        } else {
+            None
+        };
         // The flow's velocity is the negated model output.
         latents = scheduler.step(&pred.neg()?, t, &latents, None)?;
         if let Some(inpaint) = inpaint {
@@ -643,12 +679,12 @@ fn denoise(
             step: i + 1,
             num_steps,
             timestep: t,
-            sigma: sigmas.get(i).copied().unwrap_or(0.0),
+            sigma,
             guidance: apply_cfg,
             model_calls: 1,
             elapsed,
             latents: &latents,
-            denoised: None,
+            denoised: denoised.as_ref(),
         }));
         if control == Control::Stop {
             return Err(Error::Stopped {
