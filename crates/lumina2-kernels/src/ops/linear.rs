@@ -79,10 +79,14 @@ pub fn path(form: WeightForm, x: &Tensor) -> Path {
 /// Whether a gated feed-forward on Q4_0 weights runs its one-pass kernels
 /// ([`packed::PackedBf16::gated_q4_0_rows`],
 /// [`packed::PackedBf16::feed_forward_q4_0`]) for the input `x`: bf16 inputs
-/// with AMX usable. (The kernels themselves answer `None` for weights of
-/// other types.)
+/// of at least [`PACK_PER_CALL_ROWS`] rows, with AMX usable. Those are the
+/// inputs for which each of its layers alone would run the packed kernel
+/// ([`Path::PackPerCall`]), whose bits the one-pass kernels reproduce; on
+/// fewer rows the layers run one by one, as [`path`] sends each. (The
+/// kernels themselves answer `None` for weights of other types.)
 pub fn fused_q4_0(x: &Tensor) -> bool {
-    x.dtype() == DType::BF16 && packed::use_amx()
+    let rows = x.dims().last().map_or(0, |&w| x.elem_count() / w.max(1));
+    x.dtype() == DType::BF16 && rows >= PACK_PER_CALL_ROWS && packed::use_amx()
 }
 
 /// candle's `x W^T + b` for rows `x` `[n, in]`, `weight` `[out, in]` and
