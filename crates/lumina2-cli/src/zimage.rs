@@ -332,7 +332,7 @@ pub(crate) fn render(
             );
             meta.extend(crate::init_image::metadata(
                 &args.init,
-                zimage_strength(&args),
+                zimage_strength(args),
             ));
             output::write_png(path, img, &meta)?;
             if !quiet {
