@@ -424,7 +424,7 @@ pub(crate) fn load_transformer(
 pub(crate) fn load_vae(
     path: &Path,
     cfg: &AutoencoderKLConfig,
-    dtype: DType,
+    (dtype, tiling): (DType, bool),
     device: &Device,
     report: &mut LoadReport,
 ) -> Result<AutoencoderKL> {
@@ -439,7 +439,10 @@ pub(crate) fn load_vae(
         let folder = lumina2_loader::ComponentFolder::open(path)?;
         Weights::from_safetensors(folder.safetensors_files(), dtype, device)?
     };
-    let vae = AutoencoderKL::new(cfg, &weights)?;
+    let mut vae = AutoencoderKL::new(cfg, &weights)?;
+    if tiling {
+        vae.enable_tiling();
+    }
     report.loaded("VAE", &weights);
     Ok(vae)
 }

@@ -17,7 +17,7 @@ use crate::noise;
 use crate::options::{check_size, Conditioning, GenerateOptions, GuidanceMode, OutputKind};
 use crate::original_time;
 use crate::preview;
-use crate::progress::{Control, Event, Stage, StageTimings, StepInfo};
+use crate::progress::{timed_stage, Control, Event, Stage, StageTimings, StepInfo};
 use crate::teacache::TeaCache;
 
 /// What a generation returns.
@@ -520,20 +520,14 @@ impl Lumina2Pipeline {
         };
         let encoder = match self.prompt_encoder.take() {
             Some(e) => e,
-            None => {
-                let start = Instant::now();
-                observer(Event::StageStarted(Stage::LoadTextEncoder));
-                let e = components::load_prompt_encoder(
+            None => timed_stage(Stage::LoadTextEncoder, observer, timings, || {
+                components::load_prompt_encoder(
                     &self.sources,
                     self.dtype,
                     &self.device,
                     &mut self.load_report,
-                )?;
-                let d = start.elapsed();
-                timings.stages.push((Stage::LoadTextEncoder, d));
-                observer(Event::StageFinished(Stage::LoadTextEncoder, d));
-                e
-            }
+                )
+            })?,
         };
         let start = Instant::now();
         observer(Event::StageStarted(Stage::Encode));
@@ -585,19 +579,15 @@ impl Lumina2Pipeline {
         if let Some(t) = self.transformer.take() {
             return Ok(t);
         }
-        let start = Instant::now();
-        observer(Event::StageStarted(Stage::LoadTransformer));
-        let t = components::load_transformer(
-            &self.sources,
-            &self.transformer_config,
-            (self.dtype, self.int8_transformer),
-            &self.device,
-            &mut self.load_report,
-        )?;
-        let d = start.elapsed();
-        timings.stages.push((Stage::LoadTransformer, d));
-        observer(Event::StageFinished(Stage::LoadTransformer, d));
-        Ok(t)
+        timed_stage(Stage::LoadTransformer, observer, timings, || {
+            components::load_transformer(
+                &self.sources,
+                &self.transformer_config,
+                (self.dtype, self.int8_transformer),
+                &self.device,
+                &mut self.load_report,
+            )
+        })
     }
 
     fn take_vae(
@@ -608,22 +598,15 @@ impl Lumina2Pipeline {
         if let Some(v) = self.vae.take() {
             return Ok(v);
         }
-        let start = Instant::now();
-        observer(Event::StageStarted(Stage::LoadVae));
-        let mut v = components::load_vae(
-            &self.sources.vae,
-            &self.vae_config,
-            self.dtype,
-            &self.device,
-            &mut self.load_report,
-        )?;
-        if self.vae_tiling {
-            v.enable_tiling();
-        }
-        let d = start.elapsed();
-        timings.stages.push((Stage::LoadVae, d));
-        observer(Event::StageFinished(Stage::LoadVae, d));
-        Ok(v)
+        timed_stage(Stage::LoadVae, observer, timings, || {
+            components::load_vae(
+                &self.sources.vae,
+                &self.vae_config,
+                (self.dtype, self.vae_tiling),
+                &self.device,
+                &mut self.load_report,
+            )
+        })
     }
 
     /// The start of an image-to-image run (see [`img2img::image_start`]):

@@ -108,3 +108,20 @@ impl StageTimings {
         self.stages.iter().map(|(_, d)| *d).sum()
     }
 }
+
+/// Runs `run` as `stage`: the observer is told when it starts and when it
+/// finishes, and its time is recorded in `timings` (not when it fails).
+pub(crate) fn timed_stage<T>(
+    stage: Stage,
+    observer: &mut crate::pipeline::Observer<'_>,
+    timings: &mut StageTimings,
+    run: impl FnOnce() -> crate::error::Result<T>,
+) -> crate::error::Result<T> {
+    let start = std::time::Instant::now();
+    observer(Event::StageStarted(stage));
+    let out = run()?;
+    let d = start.elapsed();
+    timings.stages.push((stage, d));
+    observer(Event::StageFinished(stage, d));
+    Ok(out)
+}

@@ -17,7 +17,7 @@ use crate::noise;
 use crate::options::{OutputKind, MAX_SIDE};
 use crate::pipeline::{check_int8_device, count_non_finite, decode_latents, Generation, Observer};
 use crate::preview;
-use crate::progress::{Control, Event, Stage, StageTimings, StepInfo};
+use crate::progress::{timed_stage, Control, Event, Stage, StageTimings, StepInfo};
 use crate::torch_linspace::linspace_f32;
 
 use super::guidance;
@@ -409,21 +409,15 @@ impl ZImagePipeline {
     ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         let encoder = match self.prompt_encoder.take() {
             Some(e) => e,
-            None => {
-                let start = Instant::now();
-                observer(Event::StageStarted(Stage::LoadTextEncoder));
-                let e = sources::load_prompt_encoder(
+            None => timed_stage(Stage::LoadTextEncoder, observer, timings, || {
+                sources::load_prompt_encoder(
                     &self.sources,
                     &self.text_encoder_config,
                     self.dtype,
                     &self.device,
                     &mut self.load_report,
-                )?;
-                let d = start.elapsed();
-                timings.stages.push((Stage::LoadTextEncoder, d));
-                observer(Event::StageFinished(Stage::LoadTextEncoder, d));
-                e
-            }
+                )
+            })?,
         };
         let start = Instant::now();
         observer(Event::StageStarted(Stage::Encode));
@@ -463,19 +457,15 @@ impl ZImagePipeline {
         if let Some(t) = self.transformer.take() {
             return Ok(t);
         }
-        let start = Instant::now();
-        observer(Event::StageStarted(Stage::LoadTransformer));
-        let t = sources::load_transformer(
-            &self.sources,
-            &self.transformer_config,
-            (self.dtype, self.int8_transformer),
-            &self.device,
-            &mut self.load_report,
-        )?;
-        let d = start.elapsed();
-        timings.stages.push((Stage::LoadTransformer, d));
-        observer(Event::StageFinished(Stage::LoadTransformer, d));
-        Ok(t)
+        timed_stage(Stage::LoadTransformer, observer, timings, || {
+            sources::load_transformer(
+                &self.sources,
+                &self.transformer_config,
+                (self.dtype, self.int8_transformer),
+                &self.device,
+                &mut self.load_report,
+            )
+        })
     }
 
     fn take_vae(
@@ -486,22 +476,15 @@ impl ZImagePipeline {
         if let Some(v) = self.vae.take() {
             return Ok(v);
         }
-        let start = Instant::now();
-        observer(Event::StageStarted(Stage::LoadVae));
-        let mut v = components::load_vae(
-            &self.sources.vae,
-            &self.vae_config,
-            self.dtype,
-            &self.device,
-            &mut self.load_report,
-        )?;
-        if self.vae_tiling {
-            v.enable_tiling();
-        }
-        let d = start.elapsed();
-        timings.stages.push((Stage::LoadVae, d));
-        observer(Event::StageFinished(Stage::LoadVae, d));
-        Ok(v)
+        timed_stage(Stage::LoadVae, observer, timings, || {
+            components::load_vae(
+                &self.sources.vae,
+                &self.vae_config,
+                (self.dtype, self.vae_tiling),
+                &self.device,
+                &mut self.load_report,
+            )
+        })
     }
 
     fn decode(
