@@ -297,6 +297,9 @@ pub(crate) fn run(args: GenerateArgs, quiet: bool) -> Result<()> {
             }
         }
     }
+    if !quiet {
+        crate::generate::print_timings(&out.timings);
+    }
     Ok(())
 }
 
