@@ -221,6 +221,9 @@ fn run() -> Result<bool> {
         } => {
             let (e2e, what): (Vec<String>, Vec<String>) =
                 what.into_iter().partition(|w| w == "e2e");
+            if e2e.is_empty() && model != "lumina2" {
+                anyhow::bail!("--model {model} is an option of --what e2e only");
+            }
             if !what.is_empty() {
                 let rows = bench::bench(&bench::BenchOptions {
                     what,
