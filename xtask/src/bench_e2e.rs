@@ -56,13 +56,15 @@ impl E2eModel {
 
     /// The depth the benchmark uses unless told: Lumina2's real model
     /// (11 GB of bf16 weights); for Z-Image (20 GB at full depth) 12 of
-    /// Qwen3-4B's 36 layers and 10 of the transformer's 30 with both real
-    /// refiners, about 8.5 GB, so that either side's peak RSS stays well
-    /// under a 24 GiB machine's memory.
+    /// Qwen3-4B's 36 layers and 8 of the transformer's 30 with both real
+    /// refiners, about 7.7 GB, so that either side's peak RSS stays under
+    /// about 14 GB in f32 too (diffusers' f32 transformer stage holds the
+    /// widened weights beside the mapped bf16 file: at 10 layers it peaked
+    /// at 15.1 GiB).
     pub fn default_depth(self) -> (usize, usize, usize) {
         match self {
             E2eModel::Lumina2 => (26, 26, 2),
-            E2eModel::ZImage => (12, 10, 2),
+            E2eModel::ZImage => (12, 8, 2),
         }
     }
 
@@ -317,7 +319,7 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
 
 /// The folder of the written pipeline under `target/bench/`: the model and
 /// its depth (`e2e-t26-l26-r2` for Lumina2, as before Z-Image was added;
-/// `e2e-zimage-t12-l10-r2`).
+/// `e2e-zimage-t12-l8-r2`).
 fn folder_name(opts: &E2eOptions) -> String {
     let depth = format!(
         "t{}-l{}-r{}",

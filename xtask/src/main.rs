@@ -66,7 +66,7 @@ enum Cmd {
         #[arg(long)]
         text_layers: Option<usize>,
         /// Main transformer blocks of the benchmark models (Lumina2: 26; Z-Image: 30)
-        /// [default: 4; e2e: 26; e2e zimage: 10].
+        /// [default: 4; e2e: 26; e2e zimage: 8].
         #[arg(long)]
         layers: Option<usize>,
         /// Blocks per refiner (both real models have 2).
