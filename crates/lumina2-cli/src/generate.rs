@@ -948,25 +948,31 @@ pub(crate) fn render(
     }
     let t = out.timings;
     if !quiet {
-        let parts: Vec<String> = t
-            .stages
-            .iter()
-            .map(|(s, d)| format!("{} {:.2} s", s.name(), d.as_secs_f64()))
-            .collect();
-        eprintln!(
-            "timings: {} (total {:.2} s)",
-            parts.join(", "),
-            t.total().as_secs_f64()
-        );
-        if let Some(mean) = mean(&t.steps) {
-            eprintln!(
-                "denoising: {} steps, {:.3} s/step",
-                t.steps.len(),
-                mean.as_secs_f64()
-            );
-        }
+        print_timings(&t);
     }
     Ok(Rendered { timings: t, cache })
+}
+
+/// The `timings:` and `denoising:` lines on stderr (read by `cargo xtask
+/// bench --what e2e`).
+pub(crate) fn print_timings(t: &StageTimings) {
+    let parts: Vec<String> = t
+        .stages
+        .iter()
+        .map(|(s, d)| format!("{} {:.2} s", s.name(), d.as_secs_f64()))
+        .collect();
+    eprintln!(
+        "timings: {} (total {:.2} s)",
+        parts.join(", "),
+        t.total().as_secs_f64()
+    );
+    if let Some(mean) = mean(&t.steps) {
+        eprintln!(
+            "denoising: {} steps, {:.3} s/step",
+            t.steps.len(),
+            mean.as_secs_f64()
+        );
+    }
 }
 
 /// The PNG text chunks of each image of a request (`width` x `height`, as

@@ -340,6 +340,9 @@ pub(crate) fn render(
             }
         }
     }
+    if !quiet {
+        crate::generate::print_timings(&out.timings);
+    }
     Ok(Rendered {
         timings: out.timings,
         cache: None,
