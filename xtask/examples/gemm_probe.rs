@@ -3,7 +3,8 @@
 //! kernel (inputs quantised per call, included in its time).
 //! `cargo run -p xtask --release --example gemm_probe`; with `-- mapped`,
 //! only the packed bf16 kernel against the in-place one
-//! ([`lumina2_kernels::gemm::mapped`], the weight row-major as in its file).
+//! ([`lumina2_kernels::gemm::mapped`], the weight row-major as in its file);
+//! `-- mapped zimage`: the same at Z-Image's widths.
 
 use candle_core::{DType, Device, Tensor};
 use lumina2_kernels::gemm::int8::PackedI8;
@@ -60,6 +61,10 @@ fn mapped_probe(shapes: &[(usize, usize, usize)]) -> candle_core::Result<()> {
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     if std::env::args().nth(1).as_deref() == Some("mapped") {
+        if std::env::args().nth(2).as_deref() == Some("zimage") {
+            // Z-Image's widths (3840, feed-forward 10240) at 512x512, one item.
+            return mapped_probe(&[(1056, 3840, 3840), (1056, 3840, 10240), (1056, 10240, 3840)]);
+        }
         return mapped_probe(&[
             (1280, 2304, 3840),
             (1280, 2304, 2304),

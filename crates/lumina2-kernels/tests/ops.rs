@@ -366,6 +366,60 @@ fn ropes_rotate() {
 }
 
 #[test]
+fn rope_to_heads_is_the_transposed_rope_bit_for_bit() {
+    // The fused path (AVX512-BF16) against the transpose copy and candle's
+    // `rope_i`; widths with a partial last vector (40) and Z-Image's (128),
+    // factors of any sign including zero rows (masked positions).
+    for (b, s, h, d) in [(2, 7, 3, 40), (1, 33, 2, 128)] {
+        let x = randn(&[b, s, h, d], 21);
+        let n = b * s * d / 2;
+        let ang: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32) * 0.13 - 6.0)
+            .collect();
+        let zero_row = |i: usize| (i / (d / 2)) % s == 3;
+        let cos: Vec<f32> = (0..n)
+            .map(|i| if zero_row(i) { 0.0 } else { ang[i].cos() })
+            .collect();
+        let sin: Vec<f32> = (0..n)
+            .map(|i| if zero_row(i) { 0.0 } else { ang[i].sin() })
+            .collect();
+        let cos = Tensor::from_vec(cos, (b, s, d / 2), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(sin, (b, s, d / 2), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = x.to_dtype(dtype).unwrap();
+            let got = ops::rope::interleaved_to_heads(&x, &cos, &sin).unwrap();
+            let want = candle_nn::rotary_emb::rope_i(
+                &x.transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+                &cos,
+                &sin,
+            )
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+            assert_eq!(got.dims(), [b, h, s, d]);
+            assert_eq!(got.dtype(), dtype);
+            let bits = |t: &Tensor| {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&got), bits(&want), "{dtype:?} {:?}", (b, s, h, d));
+        }
+    }
+}
+
+#[test]
 fn elementwise_ops_compute_their_math() {
     let dev = Device::Cpu;
     eprintln!("elementwise: {:?}", ops::elementwise::path(&dev));

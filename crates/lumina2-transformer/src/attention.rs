@@ -138,16 +138,10 @@ impl Attention {
             Some(n) => n.forward(&k)?,
             None => k,
         };
-        let (q, k) = {
-            let _span = span(groups::COPY);
-            (
-                q.transpose(1, 2)?.contiguous()?,
-                k.transpose(1, 2)?.contiguous()?,
-            )
-        };
-        // RoPE in f32, rounded back to the compute dtype as diffusers does.
-        let q = rope.apply(&q)?;
-        let k = rope.apply(&k)?;
+        // RoPE in f32, rounded back to the compute dtype as diffusers does,
+        // and the heads moved before the sequence ([B, H, S, hd]).
+        let q = rope.apply_to_heads(&q)?;
+        let k = rope.apply_to_heads(&k)?;
 
         let v = v.transpose(1, 2)?;
         let scale = 1.0 / (hd as f64).sqrt();

@@ -28,6 +28,14 @@ impl Rope {
         let _span = span(groups::ROPE);
         ops::rope::interleaved(x, &self.cos, &self.sin)
     }
+
+    /// Rotates `x` of shape `[B, S, H, head_dim]` and returns it as
+    /// `[B, H, S, head_dim]` (contiguous): [`Self::apply`] on the transposed
+    /// `x`, in one pass where the CPU allows.
+    pub fn apply_to_heads(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let _span = span(groups::ROPE);
+        ops::rope::interleaved_to_heads(x, &self.cos, &self.sin)
+    }
 }
 
 /// One position of the joint sequence: `[caption index, row, column]`, or

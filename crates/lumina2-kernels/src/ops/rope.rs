@@ -16,6 +16,17 @@ pub fn interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Resul
     crate::cast(&candle_nn::rotary_emb::rope_i(&xf, cos, sin)?, dtype)
 }
 
+/// [`interleaved`] applied to `x` `[B, S, H, d]` transposed to `[B, H, S, d]`
+/// (the layout attention needs), contiguous: one fused pass on CPUs with
+/// AVX512-BF16 for bf16 and f32 ([`fused::rope_pairs_to_heads`]), else the
+/// transpose copy and [`interleaved`]; the same bits either way.
+pub fn interleaved_to_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    if let Some(y) = fused::rope_pairs_to_heads(x, cos, sin)? {
+        return Ok(y);
+    }
+    interleaved(&x.transpose(1, 2)?.contiguous()?, cos, sin)
+}
+
 /// Rotate-half RoPE (transformers' `apply_rotary_pos_emb`, Gemma's):
 /// `x * cos + rotate_half(x) * sin` for `x` `[..., L, D]` and `cos`, `sin`
 /// `[L, D]` in `x`'s dtype, each op rounded in a half dtype as PyTorch

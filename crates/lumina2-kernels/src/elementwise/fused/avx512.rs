@@ -60,6 +60,57 @@ pub unsafe fn rope_row<E: super::Lanes>(x: &[E], c: &[E], s: &[E], o: &mut [E]) 
     }
 }
 
+/// One row of [`super::rope_pairs_to_heads`]: each pair `(x[2i], x[2i+1])`
+/// rotated by `(c[i], s[i])` in f32, `o[2i] = x[2i] c[i] - x[2i+1] s[i]`,
+/// `o[2i+1] = x[2i] s[i] + x[2i+1] c[i]`, rounded once to `E`. Written as
+/// `x * c' + swap(x) * s'` with `c' = (c0, c0, c1, c1, ...)` and `s' = (-s0,
+/// s0, -s1, s1, ...)`: the same products and one addition each (a negated
+/// product added is the subtraction, and the sum's order does not matter),
+/// no fused multiply-add, so the bits of candle's `rope_i`. `x.len()` even,
+/// `c` and `s` `x.len() / 2` long.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn rope_pairs_row<E: super::Lanes>(x: &[E], c: &[f32], s: &[f32], o: &mut [E]) {
+    let dup = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    // The sign bit on the even lanes.
+    let neg_even = _mm512_set_epi32(
+        0,
+        i32::MIN,
+        0,
+        i32::MIN,
+        0,
+        i32::MIN,
+        0,
+        i32::MIN,
+        0,
+        i32::MIN,
+        0,
+        i32::MIN,
+        0,
+        i32::MIN,
+        0,
+        i32::MIN,
+    );
+    let mut j = 0;
+    while j < x.len() {
+        let len = 16.min(x.len() - j);
+        unsafe {
+            let half_mask = crate::simd::mask16(len / 2);
+            let cv = _mm512_maskz_loadu_ps(half_mask, c.as_ptr().add(j / 2));
+            let sv = _mm512_maskz_loadu_ps(half_mask, s.as_ptr().add(j / 2));
+            let cd = _mm512_permutexvar_ps(dup, cv);
+            let sd = _mm512_castsi512_ps(_mm512_xor_si512(
+                _mm512_castps_si512(_mm512_permutexvar_ps(dup, sv)),
+                neg_even,
+            ));
+            let xv = E::load16(x.as_ptr().add(j), len);
+            let swapped = _mm512_permute_ps::<0b1011_0001>(xv);
+            let r = _mm512_add_ps(_mm512_mul_ps(xv, cd), _mm512_mul_ps(swapped, sd));
+            E::store16(o.as_mut_ptr().add(j), r, len);
+        }
+        j += len;
+    }
+}
+
 /// `o = E(x + y)`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub unsafe fn add<E: super::Lanes>(x: &[E], y: &[E], o: &mut [E]) {

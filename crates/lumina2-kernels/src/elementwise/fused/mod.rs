@@ -131,6 +131,84 @@ where
     Tensor::from_vec(out, x.dims(), x.device())
 }
 
+/// Interleaved RoPE with the head transpose folded in: `x` `[B, S, H, d]`
+/// (contiguous, bf16 or f32, as the q/k projections give it), `cos`, `sin`
+/// `[B, S, d/2]` f32; returns `[B, H, S, d]` with each channel pair of each
+/// head rotated in f32 and rounded once to `x`'s dtype (diffusers' complex
+/// product; the bits of candle's `rope_i` on the transposed `x`). One
+/// parallel pass instead of a transpose copy, two casts and candle's
+/// `rope_i`. `None` where the fast path does not apply (no AVX512-BF16,
+/// other dtypes or devices, other shapes): the caller runs the unfused ops.
+pub fn rope_pairs_to_heads(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    let Ok((b, s, _, d)) = x.dims4() else {
+        return Ok(None);
+    };
+    let applies = has_avx512_bf16()
+        && x.device().is_cpu()
+        && d % 2 == 0
+        && cos.dims() == [b, s, d / 2]
+        && sin.dims() == cos.dims()
+        && cos.dtype() == DType::F32
+        && sin.dtype() == DType::F32;
+    if !applies {
+        return Ok(None);
+    }
+    #[cfg(target_arch = "x86_64")]
+    match x.dtype() {
+        DType::BF16 => return rope_pairs_fast::<bf16>(x, cos, sin).map(Some),
+        DType::F32 => return rope_pairs_fast::<f32>(x, cos, sin).map(Some),
+        _ => {}
+    }
+    Ok(None)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn rope_pairs_fast<E>(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor>
+where
+    E: candle_core::WithDType + Lanes,
+{
+    let (b, s, h, d) = x.dims4()?;
+    let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let views = (CpuView::of(&x), CpuView::of(&cos), CpuView::of(&sin));
+    let (Some(xs), Some(cs), Some(ss)) = (
+        views.0.as_ref().and_then(|v| v.slice::<E>()),
+        views.1.as_ref().and_then(|v| v.slice::<f32>()),
+        views.2.as_ref().and_then(|v| v.slice::<f32>()),
+    ) else {
+        return Err(candle_core::Error::Msg(
+            "rope: tensors not on the CPU".into(),
+        ));
+    };
+    let half = d / 2;
+    let mut out = vec![E::zero(); xs.len()];
+    // Tasks over (item, head): each writes its own [S, d] block of the
+    // output, reading its head's row at every position.
+    out.par_chunks_mut((s * d).max(1))
+        .enumerate()
+        .for_each(|(bh, o)| {
+            let (bi, hi) = (bh / h, bh % h);
+            for (p, o) in o.chunks_exact_mut(d).enumerate() {
+                let row = (bi * s + p) * h + hi;
+                let at = (bi * s + p) * half;
+                // SAFETY: the features were checked; the row has `d`
+                // elements and the factors `d / 2`.
+                unsafe {
+                    avx512::rope_pairs_row(
+                        &xs[row * d..(row + 1) * d],
+                        &cs[at..at + half],
+                        &ss[at..at + half],
+                        o,
+                    )
+                };
+            }
+        });
+    Tensor::from_vec(out, (b, h, s, d), x.device())
+}
+
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 /// `f` over chunks of two CPU tensors of the same shape and dtype `E`, in
 /// parallel, into a new tensor.
