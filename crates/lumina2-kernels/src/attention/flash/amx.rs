@@ -1,5 +1,5 @@
 //! The AMX-BF16 block of [`super::attention_bf16`]: the scores of 32 queries
-//! against 128 keys in tiles, the online softmax in AVX-512 registers, the
+//! against 512 keys in tiles, the online softmax in AVX-512 registers, the
 //! probabilities as bf16 A tiles for the product with the values.
 
 use std::arch::asm;
@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use super::{Scratch, KB, KSUB, QB};
+use super::{Scratch, KB, KSUB, QB, SROW};
 use crate::gemm::packed::PackedBf16;
 use crate::gemm::packed::{bf16_steps as product, c_tiles, zero_c};
 use crate::simd::mask16;
@@ -64,12 +64,12 @@ pub unsafe fn block(
                 let panel = kdata.add((kb / 32 + j) * kpairs * 128);
                 zero_c();
                 product(qa, qa.add(steps * 1024), 1024, panel, 16 * 128, steps);
-                c_tiles(sc.s.as_mut_ptr().add(j * 32), KB, false);
+                c_tiles(sc.s.as_mut_ptr().add(j * 32), SROW, false);
             }
             // 2. Online softmax, row by row: probabilities into A tiles.
             let width = nsub * 32;
             for i in 0..QB {
-                let row = sc.s.as_mut_ptr().add(i * KB);
+                let row = sc.s.as_mut_ptr().add(i * SROW);
                 let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
                 let mut c = 0;
                 while c < width {

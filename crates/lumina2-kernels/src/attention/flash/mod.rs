@@ -1,5 +1,5 @@
 //! Fused bf16 attention on AMX tiles ("flash attention"): the scores of a
-//! block of 32 queries against 128 keys are made, turned into
+//! block of 32 queries against 512 keys are made, turned into
 //! probabilities and multiplied into the output without leaving the core's
 //! caches, with the running maximum and sum of the online softmax.
 //!
@@ -8,8 +8,11 @@
 //! f32, scaled and masked in f32, `exp(s - running max)` in f32 and rounded
 //! to bf16 for the product with `v` (summed in f32), the running sum kept in
 //! f32 from the unrounded values, the output divided by it at the end and
-//! rounded once. PyTorch takes 512 keys a block, this kernel 128, so the
-//! running maximum (and with it which values are rounded) can differ.
+//! rounded once. Key blocks of 512, as PyTorch's, so the running maximum
+//! is taken over the same keys (with 128 the per-block rescaling of the
+//! output and the row reductions were a quarter of the kernel's time);
+//! PyTorch's query blocks are larger for long sequences, which does not
+//! change the values.
 //!
 //! [`attention_bf16`] returns `None` where AMX is not usable; callers keep
 //! their unfused path for those CPUs.
@@ -84,9 +87,12 @@ pub(crate) fn operands(
 /// Queries per block (two AMX row tiles).
 const QB: usize = 32;
 /// Keys per online-softmax step (four 32-key tiles).
-const KB: usize = 128;
+const KB: usize = 512;
 /// 32-key tiles per step.
 const KSUB: usize = KB / 32;
+/// Row stride of the score block, in f32: `KB` plus a cache line, so that
+/// the 16 rows a tile store writes do not share a few L1 sets (2 KiB apart).
+const SROW: usize = KB + 16;
 
 /// Softmax attention of bf16 `q` `[B, H, S_q, d]` over `k`, `v` `[B, KV,
 /// S_kv, d]` (`H` a multiple of `KV`: query head `i` reads key head
@@ -126,15 +132,37 @@ pub fn attention_bf16(
     };
     // Keys as panels of 32 keys (pairs over d); values transposed, as panels
     // of 32 output columns (pairs over keys): the B operands of the two
-    // products.
-    let mut packed = Vec::with_capacity(b * kv);
-    for bi in 0..b {
-        for g in 0..kv {
-            let keys = PackedBf16::pack(&k.get(bi)?.get(g)?)?;
-            let values = PackedBf16::pack(&v.get(bi)?.get(g)?.t()?)?;
-            packed.push((keys, values));
-        }
-    }
+    // products. Packed from the contiguous `[B, KV, S_kv, d]` rows, all
+    // heads in parallel (the values' transpose through candle's strided
+    // copy, one head after another, took as long as the products at
+    // Z-Image's 30 heads).
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let (kview, vview) = (CpuView::of(&k), CpuView::of(&v));
+    let (Some(ks), Some(vs)) = (
+        kview.as_ref().and_then(|v| v.slice::<bf16>()),
+        vview.as_ref().and_then(|v| v.slice::<bf16>()),
+    ) else {
+        return Ok(None);
+    };
+    let head = s_kv * d;
+    let packed: Vec<(PackedBf16, PackedBf16)> = (0..b * kv)
+        .into_par_iter()
+        .map(|item| {
+            let (kh, vh) = (
+                &ks[item * head..(item + 1) * head],
+                &vs[item * head..(item + 1) * head],
+            );
+            let keys = PackedBf16::from_rows(s_kv, d, |n, k0, out| {
+                out.copy_from_slice(bytemuck::cast_slice(&kh[n * d + k0..][..out.len()]));
+            });
+            let values = PackedBf16::from_rows(d, s_kv, |c, j0, out| {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = vh[(j0 + i) * d + c].to_bits();
+                }
+            });
+            (keys, values)
+        })
+        .collect();
     let mut out = vec![bf16::ZERO; b * h * s_q * d];
     let rows = rep * s_q; // the query heads of one key head, stacked
     let blocks = rows.div_ceil(QB);
@@ -171,7 +199,7 @@ pub fn attention_bf16(
             };
         },
     );
-    drop(view);
+    drop((view, kview, vview));
     Ok(Some(Tensor::from_vec(out, (b, h, s_q, d), &Device::Cpu)?))
 }
 
@@ -212,7 +240,7 @@ impl Scratch {
         let steps = d.div_ceil(32);
         Self {
             q: Aligned::zeroed(2 * steps * 512),
-            s: Aligned::zeroed(QB * KB),
+            s: Aligned::zeroed(QB * SROW),
             p: Aligned::zeroed(2 * KSUB * 512),
             o: Aligned::zeroed(QB * steps * 32),
             m: [0.0; QB],
