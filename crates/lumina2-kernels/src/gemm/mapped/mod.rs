@@ -235,8 +235,15 @@ impl RowMajorBf16 {
         let operand = self.operand();
         let token_panels = rows.div_ceil(PANEL);
         let blocks = self.out_dim.div_ceil(32);
-        let block_groups = blocks.div_ceil(BLOCK_PANELS);
-        let token_groups = (2 * rayon::current_num_threads())
+        let threads = rayon::current_num_threads().max(1);
+        // Output groups of at most `BLOCK_PANELS` blocks, as many as a whole
+        // number of rounds over the threads: 2304 outputs in 9 groups of 8
+        // left one of two threads idle for the last ninth of the call.
+        let mut block_groups = blocks.div_ceil(BLOCK_PANELS);
+        if block_groups > threads {
+            block_groups = block_groups.next_multiple_of(threads).min(blocks);
+        }
+        let token_groups = (2 * threads)
             .div_ceil(block_groups)
             .clamp(1, token_panels.max(1));
         let per_task = token_panels.div_ceil(token_groups).max(1);
@@ -246,8 +253,8 @@ impl RowMajorBf16 {
             let (g, bg) = (t / block_groups, t % block_groups);
             let t0 = g * per_task;
             let t1 = (t0 + per_task).min(token_panels);
-            let b0 = bg * BLOCK_PANELS;
-            let b1 = (b0 + BLOCK_PANELS).min(blocks);
+            // Group `bg`'s blocks: an even share, at most `BLOCK_PANELS`.
+            let (b0, b1) = (bg * blocks / block_groups, (bg + 1) * blocks / block_groups);
             // SAFETY: AMX is usable (checked by `matmul`); `operand`'s
             // pointers stay valid while `self` lives; `xp` holds the
             // inputs' panels, `bias` `blocks * 32` values; tasks write
