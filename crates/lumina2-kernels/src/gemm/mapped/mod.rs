@@ -380,6 +380,10 @@ mod tests {
             (100, 96, 8),
             (97, 2304, 48),
             (40, 5000, 40),
+            // Several output groups, split unevenly over the threads, with
+            // a partial last block (and below, several depth chunks).
+            (70, 96, 600),
+            (40, 2600, 300),
         ];
         for (i, &(rows, inp, out)) in shapes.iter().enumerate() {
             let x = Tensor::randn(0f32, 1., (rows, inp), &dev)?.to_dtype(DType::BF16)?;
