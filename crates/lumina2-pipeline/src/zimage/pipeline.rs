@@ -533,10 +533,28 @@ fn encode_prompts(
     }
     let device = encoder.encoder.device().clone();
     let b = tokens.input_ids.len();
-    let ids: Vec<u32> = tokens.input_ids.iter().flatten().copied().collect();
-    let mask: Vec<u32> = tokens.attention_mask.iter().flatten().copied().collect();
-    let ids = Tensor::from_vec(ids, (b, max_len), &device)?;
-    let mask_t = Tensor::from_vec(mask, (b, max_len), &device)?;
+    // The padding is on the right and the encoder is causal: a real token
+    // never sees a pad, so the batch is cut after its longest prompt.
+    // diffusers runs all `max_len` positions and then drops the pads'
+    // states; the real tokens' states do not depend on the pads (every op
+    // is per token, or sums over keys where a pad's weight is 0; only a
+    // matmul's order of summation may change with its number of rows:
+    // text encoder test `right_padding_does_not_change_real_tokens`), and
+    // the usual short prompt costs a fraction of 512 positions (the default).
+    let len = tokens
+        .attention_mask
+        .iter()
+        .map(|row| row.iter().rposition(|&m| m != 0).map_or(0, |j| j + 1))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let cut = |rows: &[Vec<u32>]| -> Vec<u32> {
+        rows.iter()
+            .flat_map(|r| r[..len.min(r.len())].iter().copied())
+            .collect()
+    };
+    let ids = Tensor::from_vec(cut(&tokens.input_ids), (b, len), &device)?;
+    let mask_t = Tensor::from_vec(cut(&tokens.attention_mask), (b, len), &device)?;
     let hidden = encoder.encoder.forward(&ids, Some(&mask_t))?;
     let mut out = Vec::with_capacity(b);
     for (i, row) in tokens.attention_mask.iter().enumerate() {
