@@ -197,6 +197,16 @@ CASES = [
     ("inpaint_resize_both_axes", dict(BASE, prompt=["a red fox in the snow"], height=32, width=48,
                                       num_inference_steps=4, strength=0.9, seed=13),
      (40, 44, "RGB"), (40, 44, "RGB"), False),
+    # A mask of another size and aspect than the image (the mask processor
+    # resizes it to the output size whatever its own): a portrait 20x36
+    # mask on a landscape 48x32 image.
+    ("inpaint_mask_other_size", dict(BASE, prompt=["a red fox in the snow"], height=32, width=48,
+                                     num_inference_steps=5, strength=0.9, seed=17),
+     (48, 32, "RGB"), (20, 36, "RGB"), False),
+    # Image 40x44 and a larger, wider 90x50 grey mask, both resized to 48x32.
+    ("inpaint_mask_larger_resized", dict(BASE, prompt=["an orange cat"], height=32, width=48,
+                                         num_inference_steps=4, strength=1.0, seed=19),
+     (40, 44, "RGB"), (90, 50, "L"), False),
 ]
 
 

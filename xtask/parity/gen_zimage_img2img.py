@@ -57,6 +57,15 @@ CASES = [
     ("inpaint_resize_full", dict(BASE, prompt=["an orange cat"], guidance_scale=0.0, num_inference_steps=4,
                                  strength=1.0, num_images_per_prompt=2, seed=3),
      (27, 21, "P"), (27, 21, "L"), False),
+    # A mask of another size and aspect than the image (the mask processor
+    # resizes it to the output size whatever its own): a portrait 13x30 mask
+    # on a landscape 24x16 image.
+    ("inpaint_mask_other_size", dict(BASE, prompt=["a red fox in the snow"], num_inference_steps=5, strength=0.9,
+                                     seed=17), (24, 16, "RGB"), (13, 30, "RGB"), True),
+    # A 27x21 image resized to 24x20 and a larger, wider 50x33 grey mask
+    # resized to it too.
+    ("inpaint_mask_larger_resized", dict(BASE, prompt=["an orange cat"], guidance_scale=0.0, num_inference_steps=4,
+                                         strength=1.0, seed=19), (27, 21, "RGB"), (50, 33, "L"), False),
 ]
 
 

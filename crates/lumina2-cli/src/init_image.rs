@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use lumina2_pipeline::{source_image, GenerateOptions, ImageToImage};
 
@@ -16,8 +16,9 @@ pub(crate) struct InitImageArgs {
     /// given width and height must equal, as diffusers' Z-Image pipelines).
     #[arg(long, conflicts_with = "from_file")]
     pub(crate) image: Option<PathBuf>,
-    /// Inpainting mask, a PNG of the image's size: white is repainted, black
-    /// kept (made grey as PIL's convert("L"), then cut at 50%).
+    /// Inpainting mask, a PNG of any size (resized to the output size as the
+    /// image, Lanczos): white is repainted, black kept (made grey as PIL's
+    /// convert("L"), then cut at 50%).
     #[arg(long, requires = "image")]
     pub(crate) mask_image: Option<PathBuf>,
     /// How much of the schedule runs with --image, above 0 and at most 1
@@ -38,7 +39,7 @@ impl InitImageArgs {
     }
 }
 
-/// Reads `--image` and `--mask-image` (of the same size) into the library's
+/// Reads `--image` and `--mask-image` (of any size) into the library's
 /// request, with `--strength` or `default_strength`; `None` without `--image`.
 pub(crate) fn read_request(
     args: &InitImageArgs,
@@ -48,24 +49,11 @@ pub(crate) fn read_request(
         return Ok(None);
     };
     let image = read("--image", path)?;
-    let mask = match &args.mask_image {
-        Some(m) => {
-            let mask = read("--mask-image", m)?;
-            if mask.dimensions() != image.dimensions() {
-                bail!(
-                    "--mask-image {}: {}x{} is not the size of --image {} ({}x{})",
-                    m.display(),
-                    mask.width(),
-                    mask.height(),
-                    path.display(),
-                    image.width(),
-                    image.height()
-                );
-            }
-            Some(mask)
-        }
-        None => None,
-    };
+    let mask = args
+        .mask_image
+        .as_deref()
+        .map(|m| read("--mask-image", m))
+        .transpose()?;
     Ok(Some(ImageToImage {
         image,
         mask,

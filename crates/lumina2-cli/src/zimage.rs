@@ -359,6 +359,18 @@ fn zimage_strength(args: &GenerateArgs) -> f64 {
     }
 }
 
+/// diffusers' class of the run: `ZImagePipeline`, or, with `--image`,
+/// `ZImageImg2ImgPipeline` / `ZImageInpaintPipeline` (with `--mask-image`),
+/// the classes whose semantics the run follows. (Lumina2's image runs keep
+/// `Lumina2Pipeline`: diffusers has no Lumina2 image-to-image class.)
+fn pipeline_class(args: &GenerateArgs) -> &'static str {
+    match (&args.init.image, &args.init.mask_image) {
+        (None, _) => "ZImagePipeline",
+        (Some(_), None) => "ZImageImg2ImgPipeline",
+        (Some(_), Some(_)) => "ZImageInpaintPipeline",
+    }
+}
+
 /// The PNG text chunks of one image; `pipeline` says which pipeline made it.
 fn metadata(
     args: &GenerateArgs,
@@ -369,7 +381,7 @@ fn metadata(
     (model, pipe): (&str, &ZImagePipeline),
 ) -> Vec<(String, String)> {
     let mut m = vec![
-        ("pipeline".to_string(), "ZImagePipeline".to_string()),
+        ("pipeline".to_string(), pipeline_class(args).to_string()),
         ("prompt".to_string(), prompt.to_string()),
         ("negative_prompt".to_string(), negative.to_string()),
         ("seed".to_string(), seed.to_string()),

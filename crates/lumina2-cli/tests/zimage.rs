@@ -247,6 +247,31 @@ fn the_folder_gives_the_librarys_image() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Image-to-image and inpainting runs name diffusers' classes whose
+/// semantics they follow, as a text-to-image run names `ZImagePipeline`.
+#[test]
+fn image_runs_name_diffusers_img2img_and_inpaint_classes() {
+    let dir = tmp_dir("classes");
+    let cases = fixture().join("../..");
+    let image = s(&cases.join("img2img_strength_0_6/image.png"));
+    let mask = s(&cases.join("inpaint_soft_mask/mask.png"));
+    let runs: [(&[&str], &str); 2] = [
+        (&["--image", &image], "ZImageImg2ImgPipeline"),
+        (
+            &["--image", &image, "--mask-image", &mask],
+            "ZImageInpaintPipeline",
+        ),
+    ];
+    for (extra, class) in runs {
+        let out = dir.join(format!("{class}.png"));
+        ok(&generate(&fixture(), &out, extra));
+        let meta = png_text(&out);
+        assert_eq!(text_of(&meta, "pipeline"), vec![class], "{extra:?}");
+        assert_eq!(text_of(&meta, "source_image"), vec!["image.png"]);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `--transformer` in every layout people download gives the folder's
 /// image: the weights are the same numbers.
 #[test]

@@ -22,8 +22,9 @@
 //!   index), and the noise, drawn from the same generator after the posterior
 //!   sample, is mixed in at that step's sigma (`scale_noise`). A strength that
 //!   leaves no step is refused, as the reference raises.
-//! - With a mask (white = repaint; resized, made grey as PIL's `convert("L")`,
-//!   binarised at 0.5, then sampled to the latent grid by nearest neighbour),
+//! - With a mask (white = repaint; of any size, resized to the output size as
+//!   the image is, made grey as PIL's `convert("L")`, binarised at 0.5, then
+//!   sampled to the latent grid by nearest neighbour),
 //!   each step ends with `latents = (1 - mask) * scale_noise(image_latents,
 //!   next t, noise) + mask * latents`, the last one with the clean image latents.
 //!   (The references also encode the masked image, drawing a posterior sample
@@ -51,8 +52,9 @@ pub struct ImageToImage {
     /// The init image, 8-bit RGB (see [`crate::source_image::read_rgb`]);
     /// resized to the output size with PIL's Lanczos filter when it differs.
     pub image: RgbImage,
-    /// Inpainting mask of the image's size, 8-bit RGB: white (at least 128
-    /// after PIL's grey conversion) is repainted, black kept.
+    /// Inpainting mask of any size, 8-bit RGB, resized to the output size
+    /// (PIL's Lanczos filter, as the image) whatever the image's size: white
+    /// (at least 128 after PIL's grey conversion) is repainted, black kept.
     pub mask: Option<RgbImage>,
     /// How much of the schedule runs, in [0, 1] (1: all of it, from pure
     /// noise; small values stay close to the image).
@@ -72,16 +74,13 @@ impl ImageToImage {
         if w == 0 || h == 0 {
             return Err(invalid("image", format!("empty image ({w}x{h})")));
         }
+        // Any mask size is taken, as diffusers' mask processor resizes the
+        // mask to the output size whatever its own; only an empty one has
+        // nothing to resize.
         if let Some(m) = &self.mask {
-            if m.dimensions() != (w, h) {
-                return Err(invalid(
-                    "mask_image",
-                    format!(
-                        "{}x{} is not the size of the image ({w}x{h})",
-                        m.width(),
-                        m.height()
-                    ),
-                ));
+            let (mw, mh) = m.dimensions();
+            if mw == 0 || mh == 0 {
+                return Err(invalid("mask_image", format!("empty mask ({mw}x{mh})")));
             }
         }
         let (_, left) = start_step(num_inference_steps, self.strength);
@@ -454,6 +453,41 @@ mod tests {
         // next to N in f64 (30 - 3e-300 == 30).
         assert_eq!(start_step(30, 0.001), (29, 1));
         assert_eq!(start_step(30, 1e-300), (30, 0));
+    }
+
+    #[test]
+    fn a_mask_of_any_non_empty_size_is_taken() {
+        let request = |mask: (u32, u32)| ImageToImage {
+            image: RgbImage::new(48, 32),
+            mask: Some(RgbImage::new(mask.0, mask.1)),
+            strength: 0.8,
+        };
+        for size in [(48, 32), (20, 36), (90, 50), (1, 1)] {
+            assert!(request(size).validate(5).is_ok(), "{size:?}");
+        }
+        for size in [(0, 32), (48, 0)] {
+            let e = request(size).validate(5).unwrap_err().to_string();
+            assert!(e.contains("mask_image") && e.contains("empty mask"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_mask_of_another_size_is_resized_to_the_output() {
+        // Left half white on a 10x4 mask: 48x32 binary values, the left
+        // half repainted and the right half kept (Lanczos keeps the edge
+        // in the middle, as the PIL tests check bit for bit).
+        let mut mask = RgbImage::new(10, 4);
+        for (x, _, p) in mask.enumerate_pixels_mut() {
+            if x < 5 {
+                *p = image::Rgb([255, 255, 255]);
+            }
+        }
+        let px = mask_pixels(&mask, 48, 32);
+        assert_eq!(px.len(), 48 * 32);
+        for row in px.chunks_exact(48) {
+            assert!(row[..20].iter().all(|&v| v == 1.0), "{row:?}");
+            assert!(row[28..].iter().all(|&v| v == 0.0), "{row:?}");
+        }
     }
 
     #[test]

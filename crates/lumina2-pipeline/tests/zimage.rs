@@ -190,6 +190,17 @@ fn inpaint_matches_diffusers() {
     check_image_case("inpaint_soft_mask", 4);
 }
 
+#[test]
+fn inpaint_with_a_mask_of_another_size_matches_diffusers() {
+    // A portrait 13x30 mask on a landscape 24x16 image, resized to the
+    // output size as the mask processor does. 5 steps at strength 0.9:
+    // int(5 - 4.5) = 0, so all 5 run.
+    let mask =
+        source_image::read_rgb(&named_case("inpaint_mask_other_size").join("mask.png")).unwrap();
+    assert_eq!(mask.dimensions(), (13, 30));
+    check_image_case("inpaint_mask_other_size", 5);
+}
+
 fn image_options() -> ZImageOptions {
     options_of(&named_case("img2img_strength_0_6"))
 }
