@@ -2,7 +2,8 @@
 process, as a user runs it, loading included.
 
     bench_e2e.py setup --out DIR [--kind lumina2|zimage] [--text-layers N --layers N --refiner-layers N]
-    bench_e2e.py run --model DIR --inputs RUN.json --dtype f32|bf16 [--staged] --out IMAGE.png
+    bench_e2e.py setup-gguf --model DIR --out FILE.gguf
+    bench_e2e.py run --model DIR --inputs RUN.json --dtype f32|bf16|q4_0 [--transformer FILE.gguf] [--staged] --out IMAGE.png
     bench_e2e.py compare A.png B.png
     bench_e2e.py measure -- COMMAND...
 
@@ -21,6 +22,12 @@ gen_qwen3_tokenizer.py, fetched into target/parity-downloads/, never
 committed); the embedding table keeps Qwen3-4B's 151936 rows. The pipeline
 class of `run` comes from the folder's model_index.json.
 
+`setup-gguf` writes the pipeline's Z-Image transformer as the community
+GGUF Q4_0 files are made (ComfyUI-GGUF's `tools/convert.py`, then its
+patched `llama-quantize ... Q4_0`; the rules are `gguf_qtype` below): the
+original / ComfyUI key names, `general.architecture` = `lumina2`. Both sides
+of `--dtype q4_0` load that one file.
+
 `run` prints one JSON line: the seconds of each stage (`startup`: the Python
 imports; `load`; `encode`; `denoise`; `decode`; `save`), the seconds of each
 denoising step, the total from process start, and the peak RSS. Without
@@ -28,6 +35,11 @@ denoising step, the total from process start, and the peak RSS. Without
 and one pipeline call generates, as diffusers' documentation shows. With
 `--staged`, each component is loaded just before its stage and freed after it
 (the only way the f32 pipeline fits a 24 GiB machine beside the other side).
+`--dtype q4_0` computes in bf16 with the transformer from `--transformer`
+(the GGUF), as diffusers documents it: `from_single_file` with
+`GGUFQuantizationConfig(compute_dtype=torch.bfloat16)` (the weights stay
+quantised and are dequantised by diffusers when used), the rest of the
+pipeline from the folder.
 
 `compare` prints the largest and the mean absolute difference of two images'
 8-bit RGB values (ours against diffusers' image of the same seed)."""
@@ -47,7 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "q4_0": torch.bfloat16}
 
 # The real Gemma-2-2B configuration (google/gemma-2-2b config.json, as
 # Alpha-VLLM/Lumina-Image-2.0's text_encoder/config.json holds it).
@@ -206,6 +218,152 @@ def setup_zimage(a):
                    "layers": a.layers, "refiner_layers": a.refiner_layers}, f, indent=2)
 
 
+# ComfyUI-GGUF's rules for a Q4_0 Z-Image file (city96/ComfyUI-GGUF
+# tools/convert.py, then tools/lcpp.patch's llama-quantize; Z-Image is its
+# `lumina2` architecture):
+# - convert.py: a bf16 tensor becomes BF16, except 1-D tensors and tensors
+#   of at most QUANTIZATION_THRESHOLD (1024) elements, which become F32;
+# - llama-quantize quantises only 2-D tensors whose name ends in `weight`
+#   and, for `lumina2`, none under `t_embedder.`, `x_embedder.`,
+#   `final_layer.`, `cap_embedder.`, `context_refiner.` or `noise_refiner.`
+#   (the embeddings, the output layer and both refiners keep convert.py's
+#   type);
+# - its image-model type rules turn the feed-forward down projection
+#   (`.feed_forward.w2.weight`) of a Q4_0 file into Q4_1; every other
+#   quantised tensor (`attention.qkv`, `attention.out`, `feed_forward.w1`,
+#   `w3`, `adaLN_modulation.0` of the main layers) is Q4_0.
+# - `x_pad_token` and `cap_pad_token` are F32: they are bare parameters, not
+#   linear weights, and neither diffusers 0.42.1's GGUF loader nor
+#   ComfyUI-GGUF's can use them as BF16 (both see the raw bytes, 7680 values
+#   for 3840; city96/ComfyUI-GGUF issue #419), so the files people use hold
+#   them as F32, as convert.py's `keys_hiprec` does for such parameters of
+#   other models ("nn.parameter, can't load from BF16 ver").
+# A row that is not a whole number of 32-value blocks cannot be quantised;
+# such a tensor keeps convert.py's type (none of Z-Image's widths has one).
+QUANTIZATION_THRESHOLD = 1024
+LUMINA2_KEEP = ("t_embedder.", "x_embedder.", "final_layer.", "cap_embedder.", "context_refiner.", "noise_refiner.")
+LUMINA2_HIPREC = ("x_pad_token", "cap_pad_token")
+
+
+def gguf_qtype(name, shape):
+    """The GGML type name ComfyUI-GGUF gives a bf16 tensor `name` of `shape`
+    in a Q4_0 file (rules above)."""
+    n = 1
+    for d in shape:
+        n *= d
+    if len(shape) == 1 or n <= QUANTIZATION_THRESHOLD or name in LUMINA2_HIPREC:
+        return "F32"
+    quantize = (name.endswith("weight") and len(shape) == 2 and shape[-1] % 32 == 0
+                and not any(k in name for k in LUMINA2_KEEP))
+    if not quantize:
+        return "BF16"
+    return "Q4_1" if ".feed_forward.w2.weight" in name else "Q4_0"
+
+
+def check_gguf_rules():
+    """The rules on the names and shapes of the real model (a guard against
+    an edit that changes which tensors the benchmark quantises)."""
+    cases = {
+        ("layers.0.attention.qkv.weight", (11520, 3840)): "Q4_0",
+        ("layers.0.attention.out.weight", (3840, 3840)): "Q4_0",
+        ("layers.0.feed_forward.w1.weight", (10240, 3840)): "Q4_0",
+        ("layers.0.feed_forward.w2.weight", (3840, 10240)): "Q4_1",
+        ("layers.0.adaLN_modulation.0.weight", (15360, 256)): "Q4_0",
+        ("layers.0.adaLN_modulation.0.bias", (15360,)): "F32",
+        ("layers.0.attention.q_norm.weight", (128,)): "F32",
+        ("noise_refiner.0.attention.qkv.weight", (11520, 3840)): "BF16",
+        ("context_refiner.1.feed_forward.w2.weight", (3840, 10240)): "BF16",
+        ("cap_embedder.1.weight", (3840, 2560)): "BF16",
+        ("x_embedder.weight", (3840, 64)): "BF16",
+        ("final_layer.linear.weight", (64, 3840)): "BF16",
+        ("t_embedder.mlp.0.weight", (1024, 256)): "BF16",
+        ("x_pad_token", (1, 3840)): "F32",
+        ("cap_pad_token", (1, 3840)): "F32",
+        ("norm_final.weight", (3840,)): "F32",
+        ("layers.0.attention.out.weight", (16, 32)): "F32",
+        ("layers.0.attention.out.weight", (64, 48)): "BF16",
+    }
+    for (name, shape), want in cases.items():
+        got = gguf_qtype(name, shape)
+        assert got == want, f"{name} {shape}: {got}, expected {want}"
+
+
+def original_zimage_keys(diffusers_keys, patch_key="2-1"):
+    """original / ComfyUI key -> the diffusers keys it is made of (several
+    for a fused `attention.qkv`: to_q, to_k, to_v rows in that order), the
+    inverse of diffusers' `convert_z_image_transformer_checkpoint_to_diffusers`
+    (gen_zimage_files.to_original, without holding the tensors)."""
+    out = {}
+    for k in diffusers_keys:
+        if ".attention.to_k." in k or ".attention.to_v." in k:
+            continue
+        if ".attention.to_q." in k:
+            out[k.replace(".attention.to_q.", ".attention.qkv.")] = [
+                k, k.replace(".to_q.", ".to_k."), k.replace(".to_q.", ".to_v.")]
+            continue
+        o = k.replace(f"all_final_layer.{patch_key}.", "final_layer.").replace(
+            f"all_x_embedder.{patch_key}.", "x_embedder.")
+        if o.startswith("all_x_embedder.") or o.startswith("all_final_layer."):
+            raise SystemExit(f"{k}: the original layout holds one patch size ({patch_key})")
+        for a, b in [(".attention.to_out.0.", ".attention.out."), (".attention.norm_q.", ".attention.q_norm."),
+                     (".attention.norm_k.", ".attention.k_norm.")]:
+            o = o.replace(a, b)
+        out[o] = [k]
+    return out
+
+
+def setup_gguf(a):
+    """The pipeline's transformer (`--model DIR`'s transformer/, bf16
+    safetensors) as one GGUF Q4_0 file in the community layout. Tensors are
+    read one at a time (the shards stay mapped); the file is written under a
+    temporary name and renamed when complete, so that an interrupted run
+    leaves nothing the benchmark would take as written."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    check_gguf_rules()
+    t0 = time.perf_counter()
+    src = os.path.join(a.model, "transformer")
+    handles, where = [], {}
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors"):
+            h = safe_open(os.path.join(src, f), framework="pt")
+            handles.append(h)
+            for k in h.keys():
+                where[k] = h
+    if not where:
+        raise SystemExit(f"{src}: no .safetensors shards")
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    patch_key = f"{cfg['all_patch_size'][0]}-{cfg['all_f_patch_size'][0]}"
+    plan = original_zimage_keys(sorted(where), patch_key)
+    tmp = a.out + ".tmp"
+    w = gguf.GGUFWriter(tmp, "lumina2")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    counts = {}
+    for name, parts in plan.items():
+        t = torch.cat([where[p].get_tensor(p) for p in parts], 0) if len(parts) > 1 else where[parts[0]].get_tensor(parts[0])
+        qtype = gguf_qtype(name, tuple(t.shape))
+        data = t.float().numpy()
+        q = gguf.GGMLQuantizationType[qtype]
+        w.add_tensor(name, gguf.quants.quantize(data, q) if qtype != "F32" else data, raw_dtype=q)
+        counts[qtype] = counts.get(qtype, 0) + 1
+    # Lumina's unused final norm, present in the original checkpoints (and so
+    # in the community GGUFs); both loaders drop it.
+    dim = cfg["dim"]
+    w.add_tensor("norm_final.weight", np.ones(dim, dtype=np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+    counts["F32"] = counts.get("F32", 0) + 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, a.out)
+    print(f"bench: wrote {a.out} ({os.path.getsize(a.out) / 1e9:.2f} GB, tensors {counts}) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
 class Clock:
     """Named stage durations, summed per name in the order first seen."""
 
@@ -245,12 +403,31 @@ def pipeline_class(model_dir):
         return json.load(f)["_class_name"]
 
 
+def gguf_transformer(a, zimage):
+    """diffusers' GGUF path for the pipeline's transformer: `from_single_file`
+    of the GGUF with `GGUFQuantizationConfig` (bf16 compute), the config from
+    the pipeline's transformer/ folder."""
+    from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
+
+    if not zimage:
+        raise SystemExit("--dtype q4_0: implemented for Z-Image pipelines only")
+    return ZImageTransformer2DModel.from_single_file(
+        a.transformer, quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
+        config=os.path.join(a.model, "transformer"), torch_dtype=torch.bfloat16)
+
+
 def run(a):
     from diffusers import AutoencoderKL, Lumina2Pipeline, ZImagePipeline
     from diffusers.image_processor import VaeImageProcessor
 
     zimage = pipeline_class(a.model) == "ZImagePipeline"
     Pipeline = ZImagePipeline if zimage else Lumina2Pipeline
+    if a.dtype not in DTYPES:
+        raise SystemExit(f"--dtype {a.dtype}: one of {sorted(DTYPES)}")
+    if (a.dtype == "q4_0") != (a.transformer is not None):
+        raise SystemExit("--dtype q4_0 takes the GGUF transformer (--transformer), the other dtypes none")
+    if a.dtype == "q4_0" and a.staged:
+        raise SystemExit("--dtype q4_0 runs the whole pipeline (no --staged)")
     clock = Clock()
     clock.add("startup", time.perf_counter() - T_START)
     dtype = DTYPES[a.dtype]
@@ -265,7 +442,10 @@ def run(a):
     with torch.inference_mode():
         if not a.staged:
             t = time.perf_counter()
-            pipe = Pipeline.from_pretrained(a.model, torch_dtype=dtype)
+            if a.dtype == "q4_0":
+                pipe = Pipeline.from_pretrained(a.model, transformer=gguf_transformer(a, zimage), torch_dtype=dtype)
+            else:
+                pipe = Pipeline.from_pretrained(a.model, torch_dtype=dtype)
             clock.add("load", time.perf_counter() - t)
             pipe.encode_prompt = clock.timed("encode", pipe.encode_prompt)
             pipe.vae.decode = clock.timed("decode", pipe.vae.decode)
@@ -359,7 +539,8 @@ def main():
     if len(sys.argv) == 4 and sys.argv[1] == "compare":
         return compare(sys.argv[2], sys.argv[3])
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["setup", "run"])
+    ap.add_argument("what", choices=["setup", "setup-gguf", "run"])
+    ap.add_argument("--transformer")
     ap.add_argument("--out")
     ap.add_argument("--model")
     ap.add_argument("--kind", choices=["lumina2", "zimage"], default="lumina2")
@@ -370,7 +551,7 @@ def main():
     ap.add_argument("--layers", type=int, default=26)
     ap.add_argument("--refiner-layers", type=int, default=2)
     a = ap.parse_args()
-    {"setup": setup, "run": run}[a.what](a)
+    {"setup": setup, "setup-gguf": setup_gguf, "run": run}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,83 @@ impl E2eModel {
     }
 }
 
+/// A value of `--dtypes`: what both sides compute in, and how the
+/// transformer's weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum E2eDtype {
+    /// f32 throughout (diffusers component by component).
+    F32,
+    /// bf16 throughout (diffusers' whole pipeline).
+    Bf16,
+    /// bf16 compute with the transformer read from a GGUF whose linear
+    /// weights stay quantised (Q4_0; the community files' rules, see
+    /// `bench_e2e.py setup-gguf`): ours `--transformer FILE.gguf --dtype
+    /// bf16`, diffusers `from_single_file` with `GGUFQuantizationConfig`.
+    /// Z-Image only.
+    Q4_0,
+}
+
+impl E2eDtype {
+    /// Parses one `--dtypes` value for `model`.
+    pub fn parse(s: &str, model: E2eModel) -> Result<Self> {
+        match s {
+            "f32" => Ok(E2eDtype::F32),
+            "bf16" => Ok(E2eDtype::Bf16),
+            "q4_0" if model == E2eModel::ZImage => Ok(E2eDtype::Q4_0),
+            "q4_0" => bail!(
+                "e2e: dtype q4_0 (a GGUF Q4_0 transformer) is implemented for --model zimage only"
+            ),
+            _ => bail!("e2e: unknown dtype `{s}` (f32, bf16, q4_0)"),
+        }
+    }
+
+    /// The name in `--dtypes`, the table and the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            E2eDtype::F32 => "f32",
+            E2eDtype::Bf16 => "bf16",
+            E2eDtype::Q4_0 => "q4_0",
+        }
+    }
+
+    /// The compute dtype `lumina2 generate --dtype` takes.
+    fn compute(self) -> &'static str {
+        match self {
+            E2eDtype::F32 => "f32",
+            E2eDtype::Bf16 | E2eDtype::Q4_0 => "bf16",
+        }
+    }
+
+    /// diffusers' whole f32 pipeline holds twice the bf16 weights (21 GB
+    /// for Lumina2's): on a 24 GiB machine it runs component by component,
+    /// as ours does.
+    fn staged(self) -> bool {
+        self == E2eDtype::F32
+    }
+
+    /// How diffusers runs, for the table.
+    fn torch_mode(self) -> &'static str {
+        match self {
+            E2eDtype::F32 => "component by component",
+            E2eDtype::Bf16 => "whole pipeline",
+            E2eDtype::Q4_0 => {
+                "whole pipeline, transformer from the GGUF with GGUFQuantizationConfig(bf16)"
+            }
+        }
+    }
+}
+
+/// Parses `--dtypes` for `model`, all of them before anything is written.
+pub fn parse_dtypes(dtypes: &[String], model: E2eModel) -> Result<Vec<E2eDtype>> {
+    dtypes.iter().map(|d| E2eDtype::parse(d, model)).collect()
+}
+
+/// The GGUF Q4_0 transformer of `--dtypes q4_0`, next to the pipeline it is
+/// made from (written once, as the pipeline).
+fn gguf_path(dir: &Path) -> PathBuf {
+    dir.join("transformer-q4_0.gguf")
+}
+
 /// Options of the end-to-end benchmark.
 #[derive(Debug, Clone)]
 pub struct E2eOptions {
@@ -95,7 +172,7 @@ pub struct E2eOptions {
     pub refiner_layers: usize,
     /// Square image sizes in pixels.
     pub sizes: Vec<usize>,
-    /// `f32` and/or `bf16`.
+    /// `f32`, `bf16` and/or `q4_0` ([`E2eDtype`]).
     pub dtypes: Vec<String>,
     /// Pairs of runs (ours, PyTorch) per size and dtype.
     pub runs: usize,
@@ -181,6 +258,7 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
     }
     let (usual_steps, guidance, max_sequence_length) = opts.model.settings();
     let steps = opts.steps.unwrap_or(usual_steps);
+    let dtypes = parse_dtypes(&opts.dtypes, opts.model)?;
     let python = pyenv::ensure_venv()?;
     let script = pyenv::scripts_dir().join("bench_e2e.py");
     let dir = pyenv::workspace_root()
@@ -211,6 +289,22 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
                 .args(["--refiner-layers", &opts.refiner_layers.to_string()]),
         )?;
     }
+    let gguf = gguf_path(&dir);
+    if dtypes.contains(&E2eDtype::Q4_0) && !gguf.exists() {
+        eprintln!(
+            "bench: writing the transformer as a GGUF Q4_0 file to {} (once)",
+            gguf.display()
+        );
+        pyenv::run(
+            Command::new(&python)
+                .arg(&script)
+                .arg("setup-gguf")
+                .arg("--model")
+                .arg(&model)
+                .arg("--out")
+                .arg(&gguf),
+        )?;
+    }
     let bin = server::lumina2_binary(None)?;
     let guidance_arg = format!("{guidance}");
     let mut rows = Vec::new();
@@ -227,24 +321,14 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
                 max_sequence_length,
             })?,
         )?;
-        for dtype in &opts.dtypes {
-            if dtype != "f32" && dtype != "bf16" {
-                bail!("e2e: unknown dtype `{dtype}` (f32, bf16)");
-            }
-            // diffusers' whole f32 pipeline holds twice the bf16 weights
-            // (21 GB for Lumina2's): on a 24 GiB machine it runs component
-            // by component, as ours does.
-            let staged = dtype == "f32";
+        for &dt in &dtypes {
+            let dtype = dt.name();
             let mut row = E2eRow {
                 model: opts.model.name().into(),
                 steps,
                 size,
-                dtype: dtype.clone(),
-                torch_mode: if staged {
-                    "component by component".into()
-                } else {
-                    "whole pipeline".into()
-                },
+                dtype: dtype.into(),
+                torch_mode: dt.torch_mode().into(),
                 ours: Vec::new(),
                 torch: Vec::new(),
                 pixel_diff: Vec::new(),
@@ -273,10 +357,13 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
                     "--seed".into(),
                     "0".into(),
                     "--dtype".into(),
-                    dtype.clone(),
+                    dt.compute().into(),
                     "--output".into(),
                     ours_png.display().to_string(),
                 ];
+                if dt == E2eDtype::Q4_0 {
+                    cmd.extend(["--transformer".into(), gguf.display().to_string()]);
+                }
                 let m = launch(&python, &script, &cmd)?;
                 row.ours.push(ours_run(&m)?);
                 eprintln!("{}", one_line("ours", row.ours.last()));
@@ -293,12 +380,15 @@ pub fn bench_e2e(opts: &E2eOptions) -> Result<Vec<E2eRow>> {
                     "--inputs".into(),
                     inputs.display().to_string(),
                     "--dtype".into(),
-                    dtype.clone(),
+                    dtype.into(),
                     "--out".into(),
                     torch_png.display().to_string(),
                 ];
-                if staged {
+                if dt.staged() {
                     cmd.push("--staged".into());
+                }
+                if dt == E2eDtype::Q4_0 {
+                    cmd.extend(["--transformer".into(), gguf.display().to_string()]);
                 }
                 let m = launch(&python, &script, &cmd)?;
                 row.torch.push(torch_run(&m)?);
@@ -673,6 +763,70 @@ mod tests {
             "e2e-zimage-t12-l10-r2"
         );
         assert!(E2eModel::parse("flux").is_err());
+        assert_eq!(
+            gguf_path(Path::new("target/bench/e2e-zimage-t12-l8-r2")),
+            Path::new("target/bench/e2e-zimage-t12-l8-r2/transformer-q4_0.gguf")
+        );
         assert_eq!(E2eModel::parse("zimage").unwrap(), E2eModel::ZImage);
+    }
+
+    #[test]
+    fn dtypes_parse_to_what_each_side_runs() {
+        let zimage = |d: &[&str]| {
+            parse_dtypes(
+                &d.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                E2eModel::ZImage,
+            )
+        };
+        let all = zimage(&["q4_0", "f32", "bf16"]).unwrap();
+        assert_eq!(all, vec![E2eDtype::Q4_0, E2eDtype::F32, E2eDtype::Bf16]);
+        let names: Vec<_> = all.iter().map(|d| d.name()).collect();
+        assert_eq!(names, vec!["q4_0", "f32", "bf16"]);
+        // q4_0 computes in bf16, with diffusers' whole pipeline.
+        assert_eq!(E2eDtype::Q4_0.compute(), "bf16");
+        assert!(!E2eDtype::Q4_0.staged());
+        assert!(E2eDtype::Q4_0.torch_mode().contains("GGUF"));
+        assert_eq!(E2eDtype::F32.compute(), "f32");
+        assert!(E2eDtype::F32.staged());
+        assert!(!E2eDtype::Bf16.staged());
+        // One bad value fails the whole list, naming it.
+        let err = zimage(&["bf16", "q8_0"]).unwrap_err().to_string();
+        assert!(err.contains("`q8_0`"), "{err}");
+        // The GGUF transformer is written for Z-Image only.
+        let err = E2eDtype::parse("q4_0", E2eModel::Lumina2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--model zimage"), "{err}");
+        assert_eq!(
+            E2eDtype::parse("f32", E2eModel::Lumina2).unwrap(),
+            E2eDtype::F32
+        );
+    }
+
+    #[test]
+    fn a_q4_0_row_is_labelled_q4_0() {
+        let run = E2eRun {
+            stages: STAGES.iter().map(|s| (s.to_string(), 1.0)).collect(),
+            step_s: 1.0,
+            total_s: 5.0,
+            peak_rss_mb: 1024.0,
+        };
+        let row = E2eRow {
+            model: "zimage".into(),
+            steps: 8,
+            size: 512,
+            dtype: E2eDtype::Q4_0.name().into(),
+            torch_mode: E2eDtype::Q4_0.torch_mode().into(),
+            ours: vec![run.clone()],
+            torch: vec![run],
+            pixel_diff: Vec::new(),
+        };
+        let table = format_e2e(std::slice::from_ref(&row));
+        assert!(
+            table.starts_with("zimage 512x512 q4_0, 8 steps, 1 pair(s) of runs (diffusers: whole pipeline, transformer from the GGUF"),
+            "{table}"
+        );
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(json["dtype"], "q4_0");
     }
 }

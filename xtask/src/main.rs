@@ -76,7 +76,9 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "512,1024")]
         sizes: Vec<usize>,
         /// Compute dtypes, comma separated (f32, bf16; int8: the transformer in
-        /// bf16 with int8 attention and feed-forward layers, against PyTorch bf16).
+        /// bf16 with int8 attention and feed-forward layers, against PyTorch bf16;
+        /// e2e zimage also q4_0: bf16 with the transformer from a GGUF Q4_0 file
+        /// written once beside the pipeline, loaded by both sides).
         #[arg(long, value_delimiter = ',', default_value = "f32")]
         dtypes: Vec<String>,
         /// Timed runs per measurement, after one warm-up (e2e: pairs of runs, ours then
