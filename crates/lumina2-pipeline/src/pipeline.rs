@@ -537,6 +537,9 @@ impl Lumina2Pipeline {
             do_classifier_free_guidance: cfg,
             num_images_per_prompt: n,
             max_sequence_length: opts.max_sequence_length,
+            // The transformer drops padded caption rows: they need not be
+            // computed (the usual prompt is far shorter than 256 tokens).
+            trim_padding: true,
         };
         let out = encoder.encode(prompts, &popts);
         if self.keep_resident {

@@ -357,6 +357,17 @@ pub struct PromptOptions {
     pub num_images_per_prompt: usize,
     /// Tokens per sequence after padding/truncation (at most 512).
     pub max_sequence_length: usize,
+    /// `false` (diffusers): every row has `max_sequence_length` positions.
+    /// `true`: the batch ends after its longest prompt's last token; the
+    /// positions past it are padding in every row, and they are neither
+    /// computed nor returned. The padding is on the right and Gemma-2 is
+    /// causal, so the real tokens' states do not depend on it (up to a
+    /// matmul's order of summation), and a short prompt costs a fraction of
+    /// `max_sequence_length` positions. The padded positions that remain
+    /// may differ (one whose keys are all masked averages over every
+    /// position, as in PyTorch); Lumina's transformer drops padded caption
+    /// rows, so its output does not change.
+    pub trim_padding: bool,
 }
 
 impl Default for PromptOptions {
@@ -367,6 +378,7 @@ impl Default for PromptOptions {
             do_classifier_free_guidance: true,
             num_images_per_prompt: 1,
             max_sequence_length: 256,
+            trim_padding: false,
         }
     }
 }
@@ -374,7 +386,9 @@ impl Default for PromptOptions {
 /// Encoded prompts: what Lumina's transformer receives.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeddings {
-    /// `[B * num_images_per_prompt, L, D]` in the encoder's dtype.
+    /// `[B * num_images_per_prompt, L, D]` in the encoder's dtype; `L` is
+    /// `max_sequence_length`, or the longest prompt's length with
+    /// [`PromptOptions::trim_padding`].
     pub prompt_embeds: Tensor,
     /// `[B * num_images_per_prompt, L]` int64 on the CPU, 1 for tokens, 0 for padding.
     pub prompt_attention_mask: Tensor,
@@ -513,15 +527,30 @@ impl PromptEncoder {
         }
         let b = texts.len();
         let dev = self.encoder.device();
-        let ids: Vec<u32> = tok.input_ids.concat();
+        // Positions kept per row: all, or up to the longest prompt's last
+        // token (at least one, so that the shapes stay valid).
+        let len = if opts.trim_padding {
+            tok.attention_mask
+                .iter()
+                .map(|row| row.iter().rposition(|&m| m != 0).map_or(0, |j| j + 1))
+                .max()
+                .unwrap_or(0)
+                .clamp(1, max_len)
+        } else {
+            max_len
+        };
+        let ids: Vec<u32> = tok
+            .input_ids
+            .iter()
+            .flat_map(|row| row[..len].iter().copied())
+            .collect();
         let mask: Vec<i64> = tok
             .attention_mask
-            .concat()
-            .into_iter()
-            .map(i64::from)
+            .iter()
+            .flat_map(|row| row[..len].iter().map(|&m| i64::from(m)))
             .collect();
-        let ids = Tensor::from_vec(ids, (b, max_len), dev)?;
-        let mask = Tensor::from_vec(mask, (b, max_len), &Device::Cpu)?;
+        let ids = Tensor::from_vec(ids, (b, len), dev)?;
+        let mask = Tensor::from_vec(mask, (b, len), &Device::Cpu)?;
         let embeds = self.encoder.forward(&ids, Some(&mask))?;
         Ok((embeds, mask))
     }

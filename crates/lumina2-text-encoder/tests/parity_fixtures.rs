@@ -86,6 +86,7 @@ fn prompt_encoding_fixtures_match_diffusers() {
             do_classifier_free_guidance: a["do_classifier_free_guidance"].as_bool().unwrap(),
             num_images_per_prompt: a["num_images_per_prompt"].as_u64().unwrap() as usize,
             max_sequence_length: a["max_sequence_length"].as_u64().unwrap() as usize,
+            trim_padding: false,
         };
         let enc =
             PromptEncoder::from_pipeline_folder(c.model().unwrap(), c.dtype, &Device::Cpu).unwrap();

@@ -271,6 +271,77 @@ fn repeated_prompts_keep_masks_aligned() {
 }
 
 #[test]
+fn trimmed_padding_keeps_the_real_tokens_states() {
+    let enc = PromptEncoder::from_pipeline_folder(pipeline(), DType::F32, &Device::Cpu).unwrap();
+    let prompts = [
+        "a red cat",
+        "two dogs run in the snow near a small wooden house",
+    ];
+    let opts = PromptOptions {
+        max_sequence_length: 64,
+        negative_prompt: Some(vec!["blurry".into()]),
+        ..Default::default()
+    };
+    let full = enc.encode(&prompts, &opts).unwrap();
+    let cut = enc
+        .encode(
+            &prompts,
+            &PromptOptions {
+                trim_padding: true,
+                ..opts
+            },
+        )
+        .unwrap();
+    let masks = full.prompt_attention_mask.to_vec2::<i64>().unwrap();
+    let negative_masks = full
+        .negative_prompt_attention_mask
+        .as_ref()
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap();
+    let longest = masks
+        .iter()
+        .chain(&negative_masks)
+        .map(|r| r.iter().filter(|&&m| m != 0).count())
+        .max()
+        .unwrap();
+    assert!(longest < 64, "the prompts must leave padding to trim");
+    assert_eq!(cut.prompt_embeds.dims(), &[2, longest, 16]);
+    let pairs = [
+        (
+            &full.prompt_embeds,
+            &full.prompt_attention_mask,
+            &cut.prompt_embeds,
+            &cut.prompt_attention_mask,
+        ),
+        (
+            full.negative_prompt_embeds.as_ref().unwrap(),
+            full.negative_prompt_attention_mask.as_ref().unwrap(),
+            cut.negative_prompt_embeds.as_ref().unwrap(),
+            cut.negative_prompt_attention_mask.as_ref().unwrap(),
+        ),
+    ];
+    for (fe, fm, ce, cm) in pairs {
+        assert_eq!(
+            fm.narrow(1, 0, longest).unwrap().to_vec2::<i64>().unwrap(),
+            cm.to_vec2::<i64>().unwrap()
+        );
+        // The real tokens' states: only a matmul's order of summation may
+        // differ with fewer rows. (A padded position whose keys are all
+        // masked averages over every position, as in PyTorch, so it depends
+        // on the length; the transformer drops those rows.)
+        for (r, row) in cm.to_vec2::<i64>().unwrap().iter().enumerate() {
+            let real = row.iter().filter(|&&m| m != 0).count();
+            let d = max_abs_diff(
+                &fe.i(r).unwrap().narrow(0, 0, real).unwrap(),
+                &ce.i(r).unwrap().narrow(0, 0, real).unwrap(),
+            );
+            assert!(d <= 1e-5, "row {r}: real tokens' states moved by {d}");
+        }
+    }
+}
+
+#[test]
 fn prompt_options_are_checked() {
     let enc = PromptEncoder::from_pipeline_folder(pipeline(), DType::F32, &Device::Cpu).unwrap();
     let bad = |opts: PromptOptions| enc.encode(&["a cat", "a dog"], &opts).unwrap_err();
