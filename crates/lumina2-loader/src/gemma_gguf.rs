@@ -15,11 +15,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use lumina2_text_encoder::{Gemma2Config, Gemma2Encoder};
-use lumina2_weights::{LinearWeight, WeightSource, Weights};
+use lumina2_weights::Weights;
 
-use crate::gguf::{GgufError, GgufFile, MetadataValue};
+use crate::gguf::{GgufError, GgufFile};
+use crate::llama_gguf::{
+    delegate_weight_source, Arch, ArchMismatch, EncoderGguf, NameTables,
+    Optional::{Float, Int},
+};
 
 /// Errors of reading a Gemma-2 GGUF file.
 #[derive(Debug, thiserror::Error)]
@@ -82,40 +86,19 @@ const LAYER_NAMES: [(&str, &str); 11] = [
     ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
 ];
 
-/// A model's table of names: (transformers, llama.cpp) outside the layers,
-/// and inside layer N after `layers.N.` / `blk.N.`.
-pub(crate) struct NameTables {
-    pub global: &'static [(&'static str, &'static str)],
-    pub layer: &'static [(&'static str, &'static str)],
-}
-
+/// Gemma-2's table of names.
 const GEMMA2_NAMES: NameTables = NameTables {
     global: &GLOBAL_NAMES,
     layer: &LAYER_NAMES,
 };
 
-/// Maps `name` from one naming to the other: `from_prefix`/`to_prefix` are the
-/// layer prefixes (`layers.`, `blk.`), `side` picks the column of the tables
-/// that `name` is in (0: transformers, 1: llama.cpp).
-pub(crate) fn rename(
-    tables: &NameTables,
-    name: &str,
-    from_prefix: &str,
-    to_prefix: &str,
-    side: usize,
-) -> Option<String> {
-    let pick = |pair: &(&'static str, &'static str)| if side == 0 { pair.0 } else { pair.1 };
-    let other = |pair: &(&'static str, &'static str)| if side == 0 { pair.1 } else { pair.0 };
-    if let Some(pair) = tables.global.iter().find(|p| pick(p) == name) {
-        return Some(other(pair).to_string());
-    }
-    let (layer, tail) = name.strip_prefix(from_prefix)?.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let pair = tables.layer.iter().find(|p| pick(p) == tail)?;
-    Some(format!("{to_prefix}{layer}.{}", other(pair)))
-}
+/// Gemma-2's architecture: llama.cpp's names and the `weight + 1` norms.
+static GEMMA2: Arch = Arch {
+    name: "gemma2",
+    label: "Gemma-2",
+    names: GEMMA2_NAMES,
+    norms_plus_one: true,
+};
 
 /// The llama.cpp name of a transformers `Gemma2Model` key (without the
 /// `model.` prefix), or `None` for a key llama.cpp does not have.
@@ -132,24 +115,22 @@ pub(crate) fn rename(
 /// | `layers.N.mlp.{gate,up,down}_proj.weight` | `blk.N.ffn_{gate,up,down}.weight` |
 /// | `layers.N.post_feedforward_layernorm.weight` | `blk.N.post_ffw_norm.weight` |
 pub fn llama_cpp_name(key: &str) -> Option<String> {
-    rename(&GEMMA2_NAMES, key, "layers.", "blk.", 0)
+    GEMMA2.names.llama_cpp_name(key)
 }
 
 /// The transformers key of a llama.cpp Gemma-2 tensor name (the inverse of
 /// [`llama_cpp_name`]).
 pub fn transformers_name(name: &str) -> Option<String> {
-    rename(&GEMMA2_NAMES, name, "blk.", "layers.", 1)
+    GEMMA2.names.transformers_name(name)
 }
 
-/// A Gemma-2 GGUF file as a [`WeightSource`] in transformers' key names
-/// (`layers.0.self_attn.q_proj.weight`, with or without `model.`): linear
-/// weights stay quantised where candle has the block type, norm weights come
-/// back as transformers stores them.
+/// A Gemma-2 GGUF file as a [`WeightSource`](lumina2_weights::WeightSource)
+/// in transformers' key names (`layers.0.self_attn.q_proj.weight`, with or
+/// without `model.`): linear weights stay quantised where candle has the
+/// block type, norm weights come back as transformers stores them.
 #[derive(Debug)]
 pub struct Gemma2Gguf {
-    file: GgufFile,
-    /// Whether the tensors carry llama.cpp's names (else transformers').
-    llama_cpp_names: bool,
+    inner: EncoderGguf,
 }
 
 impl Gemma2Gguf {
@@ -160,50 +141,14 @@ impl Gemma2Gguf {
 
     /// Wraps an open GGUF file, checking `general.architecture` when present.
     pub fn new(file: GgufFile) -> Result<Self, GemmaGgufError> {
-        if let Some(arch) = file.metadata().get("general.architecture") {
-            let found = arch.as_str().unwrap_or("<not a string>");
-            if found != "gemma2" {
-                return Err(GemmaGgufError::Architecture {
-                    path: file.path().to_path_buf(),
-                    found: found.to_string(),
-                });
-            }
-        }
-        let llama_cpp_names = file.tensor_info("token_embd.weight").is_ok();
-        Ok(Self {
-            file,
-            llama_cpp_names,
-        })
+        let inner = EncoderGguf::new(file, &GEMMA2)
+            .map_err(|ArchMismatch { path, found }| GemmaGgufError::Architecture { path, found })?;
+        Ok(Self { inner })
     }
 
     /// The underlying GGUF file.
     pub fn file(&self) -> &GgufFile {
-        &self.file
-    }
-
-    /// The name of `key` (a transformers key) in the file, and whether it is
-    /// a norm weight stored as `weight + 1`.
-    fn resolve(&self, key: &str) -> Option<(String, bool)> {
-        let key = key.strip_prefix("model.").unwrap_or(key);
-        if !self.llama_cpp_names {
-            let name = if self.file.tensor_info(key).is_ok() {
-                key.to_string()
-            } else {
-                format!("model.{key}")
-            };
-            return Some((name, false));
-        }
-        let name = llama_cpp_name(key)?;
-        let shifted = key.ends_with("norm.weight");
-        Some((name, shifted))
-    }
-
-    fn err(&self, key: &str, e: impl std::fmt::Display) -> lumina2_weights::Error {
-        lumina2_weights::Error::WeightLoad {
-            key: key.to_string(),
-            source_name: self.file.path().display().to_string(),
-            reason: e.to_string(),
-        }
+        self.inner.file()
     }
 
     /// The config of the encoder, from the `gemma2.*` metadata (what
@@ -213,71 +158,19 @@ impl Gemma2Gguf {
     /// llama.cpp it is the head width, except for the 46-layer 27B model,
     /// where it is `hidden_size / num_attention_heads`.
     pub fn config(&self) -> Result<Gemma2Config, GemmaGgufError> {
-        let path = self.file.path().to_path_buf();
-        let md = self.file.metadata();
-        let missing = |key: &str, reason: &str| GemmaGgufError::Metadata {
+        let path = self.file().path().to_path_buf();
+        let bad = |key, reason| GemmaGgufError::Metadata {
             path: path.clone(),
-            key: key.to_string(),
-            reason: reason.to_string(),
+            key,
+            reason,
         };
-        let int = |key: &str| -> Result<usize, GemmaGgufError> {
-            let v = md.get(key).ok_or_else(|| missing(key, "missing"))?;
-            let n = v
-                .as_u64()
-                .ok_or_else(|| missing(key, "not a non-negative integer"))?;
-            usize::try_from(n).map_err(|_| missing(key, "too large"))
-        };
-        let opt_int = |key: &str| -> Result<Option<usize>, GemmaGgufError> {
-            if md.contains_key(key) {
-                int(key).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        let float = |key: &str| -> Result<Option<f64>, GemmaGgufError> {
-            match md.get(key) {
-                None => Ok(None),
-                Some(MetadataValue::F32(v)) => Ok(Some(f64::from(*v))),
-                Some(MetadataValue::F64(v)) => Ok(Some(*v)),
-                Some(v) => v
-                    .as_u64()
-                    .map(|n| Some(n as f64))
-                    .ok_or_else(|| missing(key, "not a number")),
-            }
-        };
-        let hidden = int("gemma2.embedding_length")?;
-        let layers = int("gemma2.block_count")?;
-        let heads = int("gemma2.attention.head_count")?;
-        let kv_heads = opt_int("gemma2.attention.head_count_kv")?.unwrap_or(heads);
-        let head_dim = match opt_int("gemma2.attention.key_length")? {
-            Some(d) => d,
-            None => hidden / heads.max(1),
-        };
-        if let Some(v) = opt_int("gemma2.attention.value_length")? {
-            if v != head_dim {
-                return Err(missing(
-                    "gemma2.attention.value_length",
-                    &format!("{v} differs from the key length {head_dim}"),
-                ));
-            }
-        }
-        let embd = self
-            .file
-            .tensor_info(
-                &self
-                    .resolve("embed_tokens.weight")
-                    .map_or_else(|| "token_embd.weight".to_string(), |(n, _)| n),
-            )?
-            .shape();
-        let vocab = match embd.as_slice() {
-            [v, h] if *h == hidden => *v,
-            _ => {
-                return Err(missing(
-                    "gemma2.embedding_length",
-                    &format!("{hidden} does not match the token embedding's shape {embd:?}"),
-                ))
-            }
-        };
+        let md = self.inner.metadata(&bad);
+        let hidden = md.int("embedding_length")?;
+        let layers = md.int("block_count")?;
+        let heads = md.int("attention.head_count")?;
+        let kv_heads = md.opt_int("attention.head_count_kv")?.unwrap_or(heads);
+        let head_dim = md.head_dim(hidden, heads)?;
+        let vocab = md.vocab(hidden)?;
         let query_pre_attn_scalar = if layers == 46 {
             (hidden / heads.max(1)) as f64
         } else {
@@ -286,36 +179,24 @@ impl Gemma2Gguf {
         let mut cfg = serde_json::json!({
             "vocab_size": vocab,
             "hidden_size": hidden,
-            "intermediate_size": int("gemma2.feed_forward_length")?,
+            "intermediate_size": md.int("feed_forward_length")?,
             "num_hidden_layers": layers,
             "num_attention_heads": heads,
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,
             "query_pre_attn_scalar": query_pre_attn_scalar,
         });
-        let set = |cfg: &mut serde_json::Value, name: &str, v: serde_json::Value| {
-            if let Some(o) = cfg.as_object_mut() {
-                o.insert(name.to_string(), v);
-            }
-        };
-        if let Some(ctx) = opt_int("gemma2.context_length")? {
-            set(&mut cfg, "max_position_embeddings", ctx.into());
-        }
-        if let Some(eps) = float("gemma2.attention.layer_norm_rms_epsilon")? {
-            set(&mut cfg, "rms_norm_eps", eps.into());
-        }
-        if let Some(w) = opt_int("gemma2.attention.sliding_window")? {
-            set(&mut cfg, "sliding_window", w.into());
-        }
-        if let Some(c) = float("gemma2.attn_logit_softcapping")? {
-            set(&mut cfg, "attn_logit_softcapping", c.into());
-        }
-        if let Some(c) = float("gemma2.final_logit_softcapping")? {
-            set(&mut cfg, "final_logit_softcapping", c.into());
-        }
-        if let Some(theta) = float("gemma2.rope.freq_base")? {
-            set(&mut cfg, "rope_theta", theta.into());
-        }
+        md.set_optional(
+            &mut cfg,
+            &[
+                Int("max_position_embeddings", "context_length"),
+                Float("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
+                Int("sliding_window", "attention.sliding_window"),
+                Float("attn_logit_softcapping", "attn_logit_softcapping"),
+                Float("final_logit_softcapping", "final_logit_softcapping"),
+                Float("rope_theta", "rope.freq_base"),
+            ],
+        )?;
         Gemma2Config::from_json(&cfg.to_string())
             .map_err(|source| GemmaGgufError::Encoder { path, source })
     }
@@ -346,65 +227,13 @@ impl Gemma2Gguf {
         dtype: DType,
         device: &Device,
     ) -> Result<Gemma2Encoder, GemmaGgufError> {
-        let path = self.file.path().to_path_buf();
-        let weights = Weights::new(Arc::new(self), dtype, device);
-        Gemma2Encoder::penultimate(cfg, &weights)
+        let path = self.file().path().to_path_buf();
+        Gemma2Encoder::penultimate(cfg, &self.into_weights(dtype, device))
             .map_err(|source| GemmaGgufError::Encoder { path, source })
     }
 }
 
-impl WeightSource for Gemma2Gguf {
-    fn contains(&self, key: &str) -> bool {
-        self.resolve(key)
-            .is_some_and(|(name, _)| self.file.tensor_info(&name).is_ok())
-    }
-
-    fn tensor(&self, key: &str) -> lumina2_weights::Result<Tensor> {
-        let (name, shifted) = self
-            .resolve(key)
-            .ok_or_else(|| self.err(key, "not a Gemma-2 weight"))?;
-        let t = self
-            .file
-            .tensor(&name, DType::F32, &Device::Cpu)
-            .map_err(|e| self.err(key, e))?;
-        if shifted {
-            // llama.cpp's converter stored `weight + 1` (see the module docs).
-            return (t - 1.0).map_err(|e| self.err(key, e));
-        }
-        Ok(t)
-    }
-
-    fn linear(&self, key: &str) -> lumina2_weights::Result<LinearWeight> {
-        let (name, shifted) = self
-            .resolve(key)
-            .ok_or_else(|| self.err(key, "not a Gemma-2 weight"))?;
-        if shifted {
-            return Ok(LinearWeight::Dense(WeightSource::tensor(self, key)?));
-        }
-        WeightSource::linear(&self.file, &name)
-    }
-
-    fn keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .file
-            .tensor_infos()
-            .iter()
-            .map(|t| {
-                if self.llama_cpp_names {
-                    transformers_name(&t.name).unwrap_or_else(|| t.name.clone())
-                } else {
-                    t.name.clone()
-                }
-            })
-            .collect();
-        keys.sort();
-        keys
-    }
-
-    fn name(&self) -> String {
-        self.file.path().display().to_string()
-    }
-}
+delegate_weight_source!(Gemma2Gguf);
 
 #[cfg(test)]
 mod tests {

@@ -80,6 +80,7 @@ pub mod gemma_gguf;
 pub mod gguf;
 mod gguf_source;
 pub mod hub;
+mod llama_gguf;
 pub mod lora;
 pub mod model_keys;
 pub mod original;

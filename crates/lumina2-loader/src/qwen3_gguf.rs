@@ -13,12 +13,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use lumina2_text_encoder::{Qwen3Config, Qwen3Encoder};
-use lumina2_weights::{LinearWeight, WeightSource, Weights};
+use lumina2_weights::{WeightSource, Weights};
 
-use crate::gemma_gguf::{rename, NameTables};
-use crate::gguf::{GgufError, GgufFile, MetadataValue};
+use crate::gguf::{GgufError, GgufFile};
+use crate::llama_gguf::{
+    delegate_weight_source, Arch, ArchMismatch, EncoderGguf, NameTables,
+    Optional::{Float, Int},
+};
 
 /// Errors of reading a Qwen3 GGUF file.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,14 @@ const QWEN3_NAMES: NameTables = NameTables {
     ],
 };
 
+/// Qwen3's architecture: the norms are stored as they are.
+static QWEN3: Arch = Arch {
+    name: "qwen3",
+    label: "Qwen3",
+    names: QWEN3_NAMES,
+    norms_plus_one: false,
+};
+
 /// The llama.cpp name of a transformers `Qwen3Model` key (without the
 /// `model.` prefix), or `None` for a key llama.cpp does not have.
 ///
@@ -95,13 +106,13 @@ const QWEN3_NAMES: NameTables = NameTables {
 /// | `layers.N.post_attention_layernorm.weight` | `blk.N.ffn_norm.weight` |
 /// | `layers.N.mlp.{gate,up,down}_proj.weight` | `blk.N.ffn_{gate,up,down}.weight` |
 pub fn llama_cpp_name(key: &str) -> Option<String> {
-    rename(&QWEN3_NAMES, key, "layers.", "blk.", 0)
+    QWEN3.names.llama_cpp_name(key)
 }
 
 /// The transformers key of a llama.cpp Qwen3 tensor name (the inverse of
 /// [`llama_cpp_name`]).
 pub fn transformers_name(name: &str) -> Option<String> {
-    rename(&QWEN3_NAMES, name, "blk.", "layers.", 1)
+    QWEN3.names.transformers_name(name)
 }
 
 /// A Qwen3 GGUF file as a [`WeightSource`] in transformers' key names
@@ -109,9 +120,7 @@ pub fn transformers_name(name: &str) -> Option<String> {
 /// weights and the embedding stay quantised where candle has the block type.
 #[derive(Debug)]
 pub struct Qwen3Gguf {
-    file: GgufFile,
-    /// Whether the tensors carry llama.cpp's names (else transformers').
-    llama_cpp_names: bool,
+    inner: EncoderGguf,
 }
 
 impl Qwen3Gguf {
@@ -122,46 +131,14 @@ impl Qwen3Gguf {
 
     /// Wraps an open GGUF file, checking `general.architecture` when present.
     pub fn new(file: GgufFile) -> Result<Self, Qwen3GgufError> {
-        if let Some(arch) = file.metadata().get("general.architecture") {
-            let found = arch.as_str().unwrap_or("<not a string>");
-            if found != "qwen3" {
-                return Err(Qwen3GgufError::Architecture {
-                    path: file.path().to_path_buf(),
-                    found: found.to_string(),
-                });
-            }
-        }
-        let llama_cpp_names = file.tensor_info("token_embd.weight").is_ok();
-        Ok(Self {
-            file,
-            llama_cpp_names,
-        })
+        let inner = EncoderGguf::new(file, &QWEN3)
+            .map_err(|ArchMismatch { path, found }| Qwen3GgufError::Architecture { path, found })?;
+        Ok(Self { inner })
     }
 
     /// The underlying GGUF file.
     pub fn file(&self) -> &GgufFile {
-        &self.file
-    }
-
-    /// The name of `key` (a transformers key) in the file.
-    fn resolve(&self, key: &str) -> Option<String> {
-        let key = key.strip_prefix("model.").unwrap_or(key);
-        if !self.llama_cpp_names {
-            return Some(if self.file.tensor_info(key).is_ok() {
-                key.to_string()
-            } else {
-                format!("model.{key}")
-            });
-        }
-        llama_cpp_name(key)
-    }
-
-    fn err(&self, key: &str, e: impl std::fmt::Display) -> lumina2_weights::Error {
-        lumina2_weights::Error::WeightLoad {
-            key: key.to_string(),
-            source_name: self.file.path().display().to_string(),
-            reason: e.to_string(),
-        }
+        self.inner.file()
     }
 
     /// The config of the encoder, from the `qwen3.*` metadata (what
@@ -171,82 +148,36 @@ impl Qwen3Gguf {
     /// `qwen3.attention.key_length` when present, else `hidden / heads`
     /// (llama.cpp's own default).
     pub fn config(&self) -> Result<Qwen3Config, Qwen3GgufError> {
-        let path = self.file.path().to_path_buf();
-        let md = self.file.metadata();
-        let bad = |key: &str, reason: &str| Qwen3GgufError::Metadata {
+        let path = self.file().path().to_path_buf();
+        let bad = |key, reason| Qwen3GgufError::Metadata {
             path: path.clone(),
-            key: key.to_string(),
-            reason: reason.to_string(),
+            key,
+            reason,
         };
-        let opt_int = |key: &str| -> Result<Option<usize>, Qwen3GgufError> {
-            let Some(v) = md.get(key) else {
-                return Ok(None);
-            };
-            let n = v
-                .as_u64()
-                .ok_or_else(|| bad(key, "not a non-negative integer"))?;
-            usize::try_from(n)
-                .map(Some)
-                .map_err(|_| bad(key, "too large"))
-        };
-        let int = |key: &str| opt_int(key)?.ok_or_else(|| bad(key, "missing"));
-        let float = |key: &str| -> Result<Option<f64>, Qwen3GgufError> {
-            match md.get(key) {
-                None => Ok(None),
-                Some(MetadataValue::F32(v)) => Ok(Some(f64::from(*v))),
-                Some(MetadataValue::F64(v)) => Ok(Some(*v)),
-                Some(v) => v
-                    .as_u64()
-                    .map(|n| Some(n as f64))
-                    .ok_or_else(|| bad(key, "not a number")),
-            }
-        };
-        let hidden = int("qwen3.embedding_length")?;
-        let heads = int("qwen3.attention.head_count")?;
-        let head_dim = opt_int("qwen3.attention.key_length")?.unwrap_or(hidden / heads.max(1));
-        if let Some(v) = opt_int("qwen3.attention.value_length")? {
-            if v != head_dim {
-                return Err(bad(
-                    "qwen3.attention.value_length",
-                    &format!("{v} differs from the key length {head_dim}"),
-                ));
-            }
-        }
-        let embd_name = self
-            .resolve("embed_tokens.weight")
-            .unwrap_or_else(|| "token_embd.weight".to_string());
-        let embd = self.file.tensor_info(&embd_name)?.shape();
-        let vocab = match embd.as_slice() {
-            [v, h] if *h == hidden => *v,
-            _ => {
-                return Err(bad(
-                    "qwen3.embedding_length",
-                    &format!("{hidden} does not match the token embedding's shape {embd:?}"),
-                ))
-            }
-        };
+        let md = self.inner.metadata(&bad);
+        let hidden = md.int("embedding_length")?;
+        let heads = md.int("attention.head_count")?;
+        let head_dim = md.head_dim(hidden, heads)?;
+        let vocab = md.vocab(hidden)?;
         let bias = self.contains("layers.0.self_attn.q_proj.bias");
         let mut cfg = serde_json::json!({
             "vocab_size": vocab,
             "hidden_size": hidden,
-            "intermediate_size": int("qwen3.feed_forward_length")?,
-            "num_hidden_layers": int("qwen3.block_count")?,
+            "intermediate_size": md.int("feed_forward_length")?,
+            "num_hidden_layers": md.int("block_count")?,
             "num_attention_heads": heads,
-            "num_key_value_heads": opt_int("qwen3.attention.head_count_kv")?.unwrap_or(heads),
+            "num_key_value_heads": md.opt_int("attention.head_count_kv")?.unwrap_or(heads),
             "head_dim": head_dim,
             "attention_bias": bias,
         });
-        if let Some(o) = cfg.as_object_mut() {
-            if let Some(ctx) = opt_int("qwen3.context_length")? {
-                o.insert("max_position_embeddings".into(), ctx.into());
-            }
-            if let Some(eps) = float("qwen3.attention.layer_norm_rms_epsilon")? {
-                o.insert("rms_norm_eps".into(), eps.into());
-            }
-            if let Some(theta) = float("qwen3.rope.freq_base")? {
-                o.insert("rope_theta".into(), theta.into());
-            }
-        }
+        md.set_optional(
+            &mut cfg,
+            &[
+                Int("max_position_embeddings", "context_length"),
+                Float("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
+                Float("rope_theta", "rope.freq_base"),
+            ],
+        )?;
         Qwen3Config::from_json(&cfg.to_string())
             .map_err(|source| Qwen3GgufError::Encoder { path, source })
     }
@@ -277,56 +208,13 @@ impl Qwen3Gguf {
         dtype: DType,
         device: &Device,
     ) -> Result<Qwen3Encoder, Qwen3GgufError> {
-        let path = self.file.path().to_path_buf();
-        let weights = Weights::new(Arc::new(self), dtype, device);
-        Qwen3Encoder::penultimate(cfg, &weights)
+        let path = self.file().path().to_path_buf();
+        Qwen3Encoder::penultimate(cfg, &self.into_weights(dtype, device))
             .map_err(|source| Qwen3GgufError::Encoder { path, source })
     }
 }
 
-impl WeightSource for Qwen3Gguf {
-    fn contains(&self, key: &str) -> bool {
-        self.resolve(key)
-            .is_some_and(|name| self.file.tensor_info(&name).is_ok())
-    }
-
-    fn tensor(&self, key: &str) -> lumina2_weights::Result<Tensor> {
-        let name = self
-            .resolve(key)
-            .ok_or_else(|| self.err(key, "not a Qwen3 weight"))?;
-        self.file
-            .tensor(&name, DType::F32, &Device::Cpu)
-            .map_err(|e| self.err(key, e))
-    }
-
-    fn linear(&self, key: &str) -> lumina2_weights::Result<LinearWeight> {
-        let name = self
-            .resolve(key)
-            .ok_or_else(|| self.err(key, "not a Qwen3 weight"))?;
-        WeightSource::linear(&self.file, &name)
-    }
-
-    fn keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .file
-            .tensor_infos()
-            .iter()
-            .map(|t| {
-                if self.llama_cpp_names {
-                    transformers_name(&t.name).unwrap_or_else(|| t.name.clone())
-                } else {
-                    t.name.clone()
-                }
-            })
-            .collect();
-        keys.sort();
-        keys
-    }
-
-    fn name(&self) -> String {
-        self.file.path().display().to_string()
-    }
-}
+delegate_weight_source!(Qwen3Gguf);
 
 #[cfg(test)]
 mod tests {

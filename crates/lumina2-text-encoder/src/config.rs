@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -180,22 +181,12 @@ pub const MAX_PARAMETERS: u64 = 1 << 38;
 impl Gemma2Config {
     /// Parses a `config.json` text.
     pub fn from_json(text: &str) -> Result<Self> {
-        Self::parse(text, "<string>")
+        parse_config(text, "<string>", Self::validate)
     }
 
     /// Reads `config.json` from a file or from a folder that holds it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let (text, origin) = read_config(path.as_ref())?;
-        Self::parse(&text, &origin)
-    }
-
-    fn parse(text: &str, origin: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text).map_err(|source| Error::Json {
-            origin: origin.to_string(),
-            source,
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
+        load_config(path.as_ref(), Self::validate)
     }
 
     /// Checks that the config describes a model this crate can build.
@@ -425,6 +416,30 @@ pub(crate) fn read_config(path: &Path) -> Result<(String, String)> {
             source,
         })?;
     Ok((text, path.display().to_string()))
+}
+
+/// Parses a `config.json` text (read from `origin`, for errors) and checks
+/// it with `validate`.
+pub(crate) fn parse_config<T: DeserializeOwned>(
+    text: &str,
+    origin: &str,
+    validate: impl FnOnce(&T) -> Result<()>,
+) -> Result<T> {
+    let cfg: T = serde_json::from_str(text).map_err(|source| Error::Json {
+        origin: origin.to_string(),
+        source,
+    })?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// [`read_config`], then [`parse_config`].
+pub(crate) fn load_config<T: DeserializeOwned>(
+    path: &Path,
+    validate: impl FnOnce(&T) -> Result<()>,
+) -> Result<T> {
+    let (text, origin) = read_config(path)?;
+    parse_config(&text, &origin, validate)
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@ mod qwen3;
 mod qwen3_config;
 mod sentencepiece;
 mod spm_tokenizer;
+mod stack;
 mod weights;
 
 pub use chat_template::{

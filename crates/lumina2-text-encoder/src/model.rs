@@ -6,13 +6,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Gemma2Config, LayerType};
-use crate::decoder::{
-    check_ids, check_mask, inv_freq, residual, rope_tables, without_model_prefix, Attention,
-    AttentionSpec, Masks, Mlp, RmsNorm,
+use crate::decoder::{residual, Attention, AttentionSpec, Mlp, RmsNorm};
+use crate::error::Result;
+use crate::stack::{
+    folder_weights, penultimate_layers, stack_accessors, DecoderStack, Layer, StackConfig,
 };
-use crate::embedding::Embedding;
-use crate::error::{invalid_input, Error, Result};
-use crate::weights::{safetensors_files, Weights};
+use crate::weights::Weights;
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
@@ -49,6 +48,12 @@ impl DecoderLayer {
             layer_type,
         })
     }
+}
+
+impl Layer for DecoderLayer {
+    fn layer_type(&self) -> LayerType {
+        self.layer_type
+    }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
@@ -84,16 +89,8 @@ impl DecoderLayer {
 /// padded positions therefore match transformers too.
 #[derive(Debug, Clone)]
 pub struct Gemma2Encoder {
-    embed_tokens: Embedding,
+    stack: DecoderStack<DecoderLayer>,
     embed_scale: Tensor,
-    layers: Vec<DecoderLayer>,
-    inv_freq: Vec<f32>,
-    sliding_window: Option<usize>,
-    vocab_size: usize,
-    hidden_size: usize,
-    num_hidden_layers: usize,
-    dtype: DType,
-    device: Device,
 }
 
 impl Gemma2Encoder {
@@ -103,48 +100,27 @@ impl Gemma2Encoder {
     /// (`Gemma2ForCausalLM` checkpoints have it, `Gemma2Model` ones do not).
     pub fn new(cfg: &Gemma2Config, weights: &Weights, num_layers: usize) -> Result<Self> {
         cfg.validate()?;
-        if num_layers > cfg.num_hidden_layers {
-            return Err(Error::InvalidConfig(format!(
-                "cannot load {num_layers} layers: the config has {}",
-                cfg.num_hidden_layers
-            )));
-        }
-        let w = without_model_prefix(weights);
-        let dtype = w.dtype();
-        let device = w.device().clone();
-        let embed_tokens = Embedding::load(&w, "embed_tokens", cfg.vocab_size, cfg.hidden_size)?;
-        // transformers: torch.tensor(hidden_size ** 0.5) (float32) cast to the weights' dtype.
-        let scale = (cfg.hidden_size as f64).sqrt() as f32;
-        let embed_scale = Tensor::new(scale, &device)?.to_dtype(dtype)?;
-        let types = cfg.layer_types()?;
-        let mut layers = Vec::with_capacity(num_layers);
-        for (i, t) in types.iter().take(num_layers).enumerate() {
-            layers.push(DecoderLayer::load(&w.pp(format!("layers.{i}")), cfg, *t)?);
-        }
-        let rope = cfg.rope()?;
-        let inv_freq = inv_freq(rope.theta, rope.linear_factor, cfg.head_dim());
-        Ok(Self {
-            embed_tokens,
-            embed_scale,
-            layers,
-            inv_freq,
-            sliding_window: cfg.sliding_window,
+        let stack_cfg = StackConfig {
             vocab_size: cfg.vocab_size,
             hidden_size: cfg.hidden_size,
             num_hidden_layers: cfg.num_hidden_layers,
-            dtype,
-            device,
-        })
+            head_dim: cfg.head_dim(),
+            layer_types: cfg.layer_types()?,
+            rope: cfg.rope()?,
+            sliding_window: cfg.sliding_window,
+        };
+        let stack = DecoderStack::load(stack_cfg, weights, num_layers, |w, t| {
+            DecoderLayer::load(w, cfg, t)
+        })?;
+        // transformers: torch.tensor(hidden_size ** 0.5) (float32) cast to the weights' dtype.
+        let scale = (cfg.hidden_size as f64).sqrt() as f32;
+        let embed_scale = Tensor::new(scale, &stack.device)?.to_dtype(stack.dtype)?;
+        Ok(Self { stack, embed_scale })
     }
 
     /// Loads what `hidden_states[-2]` needs: all decoder layers but the last.
     pub fn penultimate(cfg: &Gemma2Config, weights: &Weights) -> Result<Self> {
-        if cfg.num_hidden_layers == 0 {
-            return Err(Error::InvalidConfig(
-                "a model without decoder layers has no penultimate hidden state".into(),
-            ));
-        }
-        Self::new(cfg, weights, cfg.num_hidden_layers - 1)
+        Self::new(cfg, weights, penultimate_layers(cfg.num_hidden_layers)?)
     }
 
     /// Opens a transformers folder (`config.json` and safetensors, sharded or
@@ -153,35 +129,10 @@ impl Gemma2Encoder {
     pub fn from_folder(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         let cfg = Gemma2Config::from_file(path)?;
-        let files = safetensors_files(path)?;
-        let weights = Weights::from_safetensors(&files, dtype, device)?;
-        Self::penultimate(&cfg, &weights)
+        Self::penultimate(&cfg, &folder_weights(path, dtype, device)?)
     }
 
-    /// Number of loaded (and run) decoder layers.
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    /// Decoder layers of the checkpoint (`num_hidden_layers`).
-    pub fn num_hidden_layers(&self) -> usize {
-        self.num_hidden_layers
-    }
-
-    /// Width of the returned hidden states.
-    pub fn hidden_size(&self) -> usize {
-        self.hidden_size
-    }
-
-    /// The compute dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// The compute device.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
+    stack_accessors!();
 
     /// The hidden states after all loaded layers, `[B, L, hidden_size]` in the
     /// compute dtype (with [`Gemma2Encoder::penultimate`]: `hidden_states[-2]`).
@@ -189,7 +140,7 @@ impl Gemma2Encoder {
     /// `input_ids`: `[B, L]` integer token ids; `attention_mask`: `[B, L]`,
     /// nonzero for tokens, 0 for padding (`None`: no padding).
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_to_layer(input_ids, attention_mask, self.layers.len())
+        self.forward_to_layer(input_ids, attention_mask, self.num_layers())
     }
 
     /// `hidden_states[n]` of transformers: the embeddings for `n = 0`, else the
@@ -200,36 +151,9 @@ impl Gemma2Encoder {
         attention_mask: Option<&Tensor>,
         n: usize,
     ) -> Result<Tensor> {
-        if n > self.layers.len() {
-            return Err(invalid_input(
-                "n",
-                format!("layer {n} asked, only {} loaded", self.layers.len()),
-            ));
-        }
-        let (b, l, ids) = check_ids(input_ids, self.vocab_size)?;
-        let keep = check_mask(attention_mask, b, l)?;
-        let x = self
-            .embed_tokens
-            .lookup(&ids, self.hidden_size, &self.device)?
-            .reshape((b, l, self.hidden_size))?;
-        let mut x = x.broadcast_mul(&self.embed_scale)?;
-        if n == 0 {
-            return Ok(x);
-        }
-        let (cos, sin) = rope_tables(&self.inv_freq, l, self.dtype, &self.device)?;
-        let layers = &self.layers[..n];
-        let any_sliding = layers.iter().any(|ly| ly.layer_type == LayerType::Sliding);
-        let masks = Masks::new(
-            &keep,
-            (b, l),
-            self.sliding_window,
-            any_sliding,
-            self.dtype,
-            &self.device,
-        )?;
-        for layer in layers {
-            x = layer.forward(&x, &cos, &sin, masks.for_layer(layer.layer_type))?;
-        }
-        Ok(x)
+        // Gemma scales the embeddings by sqrt(hidden_size).
+        let scale = Some(&self.embed_scale);
+        self.stack
+            .forward_to_layer(input_ids, attention_mask, n, scale)
     }
 }

@@ -7,14 +7,13 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::LayerType;
-use crate::decoder::{
-    check_ids, check_mask, inv_freq, residual, rope_tables, without_model_prefix, Attention,
-    AttentionSpec, Masks, Mlp, RmsNorm,
-};
-use crate::embedding::Embedding;
-use crate::error::{invalid_input, Error, Result};
+use crate::decoder::{residual, Attention, AttentionSpec, Mlp, RmsNorm};
+use crate::error::Result;
 use crate::qwen3_config::Qwen3Config;
-use crate::weights::{safetensors_files, Weights};
+use crate::stack::{
+    folder_weights, penultimate_layers, stack_accessors, DecoderStack, Layer, StackConfig,
+};
+use crate::weights::Weights;
 
 /// A pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`
 /// (two norms, unlike Gemma-2's four).
@@ -47,6 +46,12 @@ impl DecoderLayer {
             mlp: Mlp::load(&w.pp("mlp"), d, cfg.intermediate_size, cfg.activation()?)?,
             layer_type,
         })
+    }
+}
+
+impl Layer for DecoderLayer {
+    fn layer_type(&self) -> LayerType {
+        self.layer_type
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -83,15 +88,7 @@ impl DecoderLayer {
 /// padded keys, so their states do not depend on the padding.
 #[derive(Debug, Clone)]
 pub struct Qwen3Encoder {
-    embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    inv_freq: Vec<f32>,
-    sliding_window: Option<usize>,
-    vocab_size: usize,
-    hidden_size: usize,
-    num_hidden_layers: usize,
-    dtype: DType,
-    device: Device,
+    stack: DecoderStack<DecoderLayer>,
 }
 
 impl Qwen3Encoder {
@@ -101,41 +98,24 @@ impl Qwen3Encoder {
     /// (`Qwen3ForCausalLM` checkpoints have it, `Qwen3Model` ones do not).
     pub fn new(cfg: &Qwen3Config, weights: &Weights, num_layers: usize) -> Result<Self> {
         cfg.validate()?;
-        if num_layers > cfg.num_hidden_layers {
-            return Err(Error::InvalidConfig(format!(
-                "cannot load {num_layers} layers: the config has {}",
-                cfg.num_hidden_layers
-            )));
-        }
-        let w = without_model_prefix(weights);
-        let embed_tokens = Embedding::load(&w, "embed_tokens", cfg.vocab_size, cfg.hidden_size)?;
-        let types = cfg.layer_types()?;
-        let mut layers = Vec::with_capacity(num_layers);
-        for (i, t) in types.iter().take(num_layers).enumerate() {
-            layers.push(DecoderLayer::load(&w.pp(format!("layers.{i}")), cfg, *t)?);
-        }
-        let rope = cfg.rope()?;
-        Ok(Self {
-            embed_tokens,
-            layers,
-            inv_freq: inv_freq(rope.theta, rope.linear_factor, cfg.head_dim),
-            sliding_window: cfg.effective_sliding_window(),
+        let stack_cfg = StackConfig {
             vocab_size: cfg.vocab_size,
             hidden_size: cfg.hidden_size,
             num_hidden_layers: cfg.num_hidden_layers,
-            dtype: w.dtype(),
-            device: w.device().clone(),
-        })
+            head_dim: cfg.head_dim,
+            layer_types: cfg.layer_types()?,
+            rope: cfg.rope()?,
+            sliding_window: cfg.effective_sliding_window(),
+        };
+        let stack = DecoderStack::load(stack_cfg, weights, num_layers, |w, t| {
+            DecoderLayer::load(w, cfg, t)
+        })?;
+        Ok(Self { stack })
     }
 
     /// Loads what `hidden_states[-2]` needs: all decoder layers but the last.
     pub fn penultimate(cfg: &Qwen3Config, weights: &Weights) -> Result<Self> {
-        if cfg.num_hidden_layers == 0 {
-            return Err(Error::InvalidConfig(
-                "a model without decoder layers has no penultimate hidden state".into(),
-            ));
-        }
-        Self::new(cfg, weights, cfg.num_hidden_layers - 1)
+        Self::new(cfg, weights, penultimate_layers(cfg.num_hidden_layers)?)
     }
 
     /// Opens a transformers folder (`config.json` and safetensors, sharded
@@ -145,35 +125,10 @@ impl Qwen3Encoder {
     pub fn from_folder(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         let cfg = Qwen3Config::from_file(path)?;
-        let files = safetensors_files(path)?;
-        let weights = Weights::from_safetensors(&files, dtype, device)?;
-        Self::penultimate(&cfg, &weights)
+        Self::penultimate(&cfg, &folder_weights(path, dtype, device)?)
     }
 
-    /// Number of loaded (and run) decoder layers.
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    /// Decoder layers of the checkpoint (`num_hidden_layers`).
-    pub fn num_hidden_layers(&self) -> usize {
-        self.num_hidden_layers
-    }
-
-    /// Width of the returned hidden states.
-    pub fn hidden_size(&self) -> usize {
-        self.hidden_size
-    }
-
-    /// The compute dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// The compute device.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
+    stack_accessors!();
 
     /// The hidden states after all loaded layers, `[B, L, hidden_size]` in the
     /// compute dtype (with [`Qwen3Encoder::penultimate`]: `hidden_states[-2]`).
@@ -181,7 +136,7 @@ impl Qwen3Encoder {
     /// `input_ids`: `[B, L]` integer token ids; `attention_mask`: `[B, L]`,
     /// nonzero for tokens, 0 for padding (`None`: no padding).
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        self.forward_to_layer(input_ids, attention_mask, self.layers.len())
+        self.forward_to_layer(input_ids, attention_mask, self.num_layers())
     }
 
     /// `hidden_states[n]` of transformers: the embeddings for `n = 0`, else the
@@ -192,36 +147,8 @@ impl Qwen3Encoder {
         attention_mask: Option<&Tensor>,
         n: usize,
     ) -> Result<Tensor> {
-        if n > self.layers.len() {
-            return Err(invalid_input(
-                "n",
-                format!("layer {n} asked, only {} loaded", self.layers.len()),
-            ));
-        }
-        let (b, l, ids) = check_ids(input_ids, self.vocab_size)?;
-        let keep = check_mask(attention_mask, b, l)?;
         // No scaling of the embeddings (Gemma scales them by sqrt(hidden)).
-        let mut x = self
-            .embed_tokens
-            .lookup(&ids, self.hidden_size, &self.device)?
-            .reshape((b, l, self.hidden_size))?;
-        if n == 0 {
-            return Ok(x);
-        }
-        let (cos, sin) = rope_tables(&self.inv_freq, l, self.dtype, &self.device)?;
-        let layers = &self.layers[..n];
-        let any_sliding = layers.iter().any(|ly| ly.layer_type == LayerType::Sliding);
-        let masks = Masks::new(
-            &keep,
-            (b, l),
-            self.sliding_window,
-            any_sliding,
-            self.dtype,
-            &self.device,
-        )?;
-        for layer in layers {
-            x = layer.forward(&x, &cos, &sin, masks.for_layer(layer.layer_type))?;
-        }
-        Ok(x)
+        self.stack
+            .forward_to_layer(input_ids, attention_mask, n, None)
     }
 }

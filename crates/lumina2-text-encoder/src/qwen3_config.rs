@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::config::{
-    parse_layer_types, parse_rope, read_config, Activation, Dims, LayerType, Rope,
+    load_config, parse_config, parse_layer_types, parse_rope, Activation, Dims, LayerType, Rope,
 };
 use crate::error::{Error, Result};
 
@@ -123,22 +123,12 @@ impl Default for Qwen3Config {
 impl Qwen3Config {
     /// Parses a `config.json` text.
     pub fn from_json(text: &str) -> Result<Self> {
-        Self::parse(text, "<string>")
+        parse_config(text, "<string>", Self::validate)
     }
 
     /// Reads `config.json` from a file or from a folder that holds it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let (text, origin) = read_config(path.as_ref())?;
-        Self::parse(&text, &origin)
-    }
-
-    fn parse(text: &str, origin: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text).map_err(|source| Error::Json {
-            origin: origin.to_string(),
-            source,
-        })?;
-        cfg.validate()?;
-        Ok(cfg)
+        load_config(path.as_ref(), Self::validate)
     }
 
     /// Checks that the config describes a model this crate can build.
