@@ -331,7 +331,7 @@ impl LoadReport {
         let mut bad = false;
         for (e, mask) in embeds {
             bad |= match mask {
-                None => crate::pipeline::count_non_finite(e)? > 0,
+                None => crate::stages::count_non_finite(e)? > 0,
                 Some(m) => non_finite_where_kept(e, m)?,
             };
         }

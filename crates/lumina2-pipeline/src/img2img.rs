@@ -348,6 +348,19 @@ pub(crate) struct Start {
     pub inpaint: Option<Inpaint>,
 }
 
+impl Start {
+    /// A text-to-image start: the noise itself, from the first step.
+    pub fn from_noise(noise: Tensor) -> Self {
+        Self {
+            latents: noise.clone(),
+            noise,
+            begin: 0,
+            image_latents: None,
+            inpaint: None,
+        }
+    }
+}
+
 /// What an image-to-image start depends on besides the image.
 pub(crate) struct StartSpec<'a> {
     /// The request's noise (seeds).

@@ -1,23 +1,25 @@
 //! `Lumina2Pipeline`: diffusers' `Lumina2Pipeline.__call__`, step for step.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use lumina2_scheduler::{FlowMatchEulerDiscreteScheduler, SchedulerConfig, TimestepRequest};
+use lumina2_scheduler::{FlowMatchEulerDiscreteScheduler, TimestepRequest};
 use lumina2_text_encoder::{PromptEncoder, PromptOptions, SystemPrompt};
 use lumina2_transformer::{Config as TransformerConfig, Lumina2Transformer};
-use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
+use lumina2_vae::AutoencoderKLConfig;
 
-use crate::components::{self, LoadReport, PipelineSources, TransformerSource};
+use crate::components::{self, PipelineSources, TransformerSource};
 use crate::error::{invalid, Error, Result};
 use crate::guidance;
-use crate::img2img::{self, ImageToImage, Start};
+use crate::img2img::Start;
 use crate::memory::{self, MemoryEstimate};
 use crate::noise;
 use crate::options::{check_size, Conditioning, GenerateOptions, GuidanceMode, OutputKind};
 use crate::original_time;
 use crate::preview;
-use crate::progress::{timed_stage, Control, Event, Stage, StageTimings, StepInfo};
+use crate::progress::{Control, Event, Stage, StageTimings, StepInfo};
+use crate::settings::{check_latent_channels, device_name, pipeline_builder, BuildSettings};
+use crate::stages::{end_step, shared_accessors, Denoised, Shared};
 use crate::teacache::TeaCache;
 
 /// What a generation returns.
@@ -72,94 +74,42 @@ impl Generation {
     }
 }
 
-/// Builds a [`Lumina2Pipeline`].
-#[derive(Debug, Clone)]
-pub struct PipelineBuilder {
-    sources: PipelineSources,
-    dtype: DType,
-    device: Device,
-    keep_resident: bool,
-    vae_tiling: bool,
-    int8_transformer: bool,
-}
+pipeline_builder! {
+    /// Builds a [`Lumina2Pipeline`].
+    PipelineBuilder(PipelineSources) -> Lumina2Pipeline;
 
-impl PipelineBuilder {
     /// The compute dtype of every component (f32 by default; bf16 halves the
     /// memory of the weights).
-    pub fn dtype(mut self, dtype: DType) -> Self {
-        self.dtype = dtype;
-        self
-    }
-
-    /// The device (CPU by default).
-    pub fn device(mut self, device: Device) -> Self {
-        self.device = device;
-        self
-    }
+    dtype;
 
     /// Keep every component loaded between stages and generations (faster
     /// repeated generations; peak memory is the sum of the components).
     /// By default each is loaded when needed and released after its stage,
     /// so the peak is the largest component plus activations.
-    pub fn keep_resident(mut self, keep: bool) -> Self {
-        self.keep_resident = keep;
-        self
-    }
-
-    /// Decode large images tile by tile (diffusers' `enable_tiling`).
-    pub fn vae_tiling(mut self, tiling: bool) -> Self {
-        self.vae_tiling = tiling;
-        self
-    }
+    keep_resident;
 
     /// Quantise the transformer's attention and feed-forward linears to int8
     /// as they load (`lumina2_kernels::gemm::int8`; the embedders, modulation and
     /// output layer keep the compute dtype). Faster on CPUs with AMX or
     /// AVX512-VNNI, less exact: about 1% relative error on the transformer's
     /// output in the parity cases (`cargo xtask parity --int8`).
-    pub fn int8_transformer(mut self, on: bool) -> Self {
-        self.int8_transformer = on;
-        self
-    }
+    int8_transformer;
+}
 
-    /// Reads and checks the configurations; the weights are loaded when used.
-    pub fn build(self) -> Result<Lumina2Pipeline> {
-        if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(invalid(
-                "dtype",
-                format!("{:?} is not a compute dtype (f32, bf16, f16)", self.dtype),
-            ));
-        }
-        if self.int8_transformer {
-            check_int8_device(&self.device)?;
-        }
-        let transformer_config = self.sources.transformer.config()?;
-        let vae_config = self.sources.vae_config()?;
+impl Lumina2Pipeline {
+    /// Reads and checks the configurations (`build`, after the settings).
+    fn new(sources: PipelineSources, settings: BuildSettings) -> Result<Self> {
+        let transformer_config = sources.transformer.config()?;
+        let vae_config = sources.vae_config()?;
         let scheduler_config =
-            components::read_scheduler_config(self.sources.scheduler_config.as_deref())?;
-        if vae_config.latent_channels != transformer_config.in_channels {
-            return Err(invalid(
-                "vae",
-                format!(
-                    "the VAE has {} latent channels, the transformer takes {}",
-                    vae_config.latent_channels, transformer_config.in_channels
-                ),
-            ));
-        }
-        Ok(Lumina2Pipeline {
-            sources: self.sources,
-            dtype: self.dtype,
-            device: self.device,
-            keep_resident: self.keep_resident,
-            vae_tiling: self.vae_tiling,
-            int8_transformer: self.int8_transformer,
+            components::read_scheduler_config(sources.scheduler_config.as_deref())?;
+        check_latent_channels(vae_config.latent_channels, transformer_config.in_channels)?;
+        Ok(Self {
+            sources,
             transformer_config,
-            vae_config,
-            scheduler_config,
             prompt_encoder: None,
             transformer: None,
-            vae: None,
-            load_report: LoadReport::default(),
+            shared: Shared::new(settings, vae_config, scheduler_config),
         })
     }
 }
@@ -181,29 +131,18 @@ impl PipelineBuilder {
 /// ```
 pub struct Lumina2Pipeline {
     sources: PipelineSources,
-    dtype: DType,
-    device: Device,
-    keep_resident: bool,
-    vae_tiling: bool,
-    int8_transformer: bool,
     transformer_config: TransformerConfig,
-    vae_config: AutoencoderKLConfig,
-    scheduler_config: SchedulerConfig,
     prompt_encoder: Option<PromptEncoder>,
     transformer: Option<Lumina2Transformer>,
-    vae: Option<AutoencoderKL>,
-    /// Warnings of the components loaded during the current run, and
-    /// their weights not read at load.
-    load_report: LoadReport,
+    /// The settings, the VAE, the scheduler's configuration and the load
+    /// report, as Z-Image holds them.
+    shared: Shared,
 }
 
 impl std::fmt::Debug for Lumina2Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lumina2Pipeline")
-            .field("sources", &self.sources)
-            .field("dtype", &self.dtype)
-            .field("keep_resident", &self.keep_resident)
-            .finish_non_exhaustive()
+        self.shared
+            .fmt_pipeline(f, "Lumina2Pipeline", &self.sources)
     }
 }
 
@@ -215,33 +154,11 @@ impl Lumina2Pipeline {
     pub fn builder(sources: PipelineSources) -> PipelineBuilder {
         PipelineBuilder {
             sources,
-            dtype: DType::F32,
-            device: Device::Cpu,
-            keep_resident: false,
-            vae_tiling: false,
-            int8_transformer: false,
+            settings: BuildSettings::default(),
         }
     }
 
-    /// The transformer's configuration.
-    pub fn transformer_config(&self) -> &TransformerConfig {
-        &self.transformer_config
-    }
-
-    /// The VAE's configuration.
-    pub fn vae_config(&self) -> &AutoencoderKLConfig {
-        &self.vae_config
-    }
-
-    /// The scheduler's configuration.
-    pub fn scheduler_config(&self) -> &SchedulerConfig {
-        &self.scheduler_config
-    }
-
-    /// The compute dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
+    shared_accessors!(TransformerConfig);
 
     /// The default image side: `sample_size * 8`, as diffusers.
     pub fn default_size(&self) -> usize {
@@ -279,14 +196,15 @@ impl Lumina2Pipeline {
         // 2. The schedule: linspace(1, 1/N, N) unless sigmas are given. diffusers
         //    computes `mu` from `latents.shape[1]` (the channel count, not the
         //    sequence length); it only matters with dynamic shifting, kept for parity.
-        let mut scheduler = FlowMatchEulerDiscreteScheduler::new(self.scheduler_config.clone())?;
+        let scheduler_config = &self.shared.scheduler_config;
+        let mut scheduler = FlowMatchEulerDiscreteScheduler::new(scheduler_config.clone())?;
         let sigmas = opts
             .sigmas
             .clone()
             .unwrap_or_else(|| lumina2_scheduler::lumina2_sigmas(opts.num_inference_steps));
         let mut req = TimestepRequest::sigmas(sigmas);
-        if self.scheduler_config.use_dynamic_shifting {
-            let c = &self.scheduler_config;
+        if scheduler_config.use_dynamic_shifting {
+            let c = scheduler_config;
             let mu = lumina2_scheduler::calculate_shift(
                 shape.1,
                 c.base_image_seq_len,
@@ -298,31 +216,33 @@ impl Lumina2Pipeline {
         }
         scheduler.set_timesteps(&req)?;
         scheduler.set_begin_index(0);
-        let num_train = self.scheduler_config.num_train_timesteps as f32;
+        let num_train = scheduler_config.num_train_timesteps as f32;
+        let shift = scheduler_config.shift as f32;
 
         // 3. Initial latents: noise in the dtype of the embeddings as diffusers
         //    draws it, or the init image noised to the first step that runs.
-        let start = match &opts.image_to_image {
+        let mut start = match &opts.image_to_image {
             None => {
-                let initial = noise::initial_latents(&opts.noise, shape, self.dtype, &self.device)?;
-                Start {
-                    latents: initial.clone(),
-                    noise: initial,
-                    begin: 0,
-                    image_latents: None,
-                    inpaint: None,
-                }
+                let settings = &self.shared.settings;
+                Start::from_noise(noise::initial_latents(
+                    &opts.noise,
+                    shape,
+                    settings.dtype,
+                    &settings.device,
+                )?)
             }
-            Some(i2i) => self.image_start(
+            // The image resized to the output size, as diffusers' Flux pipelines.
+            Some(i2i) => self.shared.image_start(
+                &self.sources.vae,
                 i2i,
-                opts,
+                &opts.noise,
                 (shape, (width, height)),
                 &scheduler,
                 observer,
                 &mut timings,
             )?,
         };
-        let inpaint = start.inpaint;
+        let inpaint = start.inpaint.take();
         let mut solver = opts
             .solver
             .build_at(scheduler, start.latents.clone(), start.begin)?;
@@ -330,15 +250,24 @@ impl Lumina2Pipeline {
         // The original mode's model times: the Alpha-VLLM sampler's own grid
         // over the same schedule (custom sigmas have none).
         let original_grid = (opts.guidance_mode == GuidanceMode::Original && opts.sigmas.is_none())
-            .then(|| original_time::time_grid(num_steps, self.scheduler_config.shift as f32));
+            .then(|| original_time::time_grid(num_steps, shift));
 
         // 4. Denoise.
-        let transformer = self.take_transformer(observer, &mut timings)?;
-        let device = self.device.clone();
+        let transformer = self.shared.take_transformer(
+            &mut self.transformer,
+            (
+                components::load_transformer,
+                &self.sources,
+                &self.transformer_config,
+            ),
+            observer,
+            &mut timings,
+        )?;
+        let device = self.shared.settings.device.clone();
         let mut cache = opts
             .cache_threshold
             .map(|t| TeaCache::new(t, opts.num_inference_steps));
-        let mut denoise = || -> Result<Tensor> {
+        let denoise = |transformer: &Lumina2Transformer| -> Result<Tensor> {
             observer(Event::StageStarted(Stage::Denoise));
             let denoise_start = Instant::now();
             let mut step_start = Instant::now();
@@ -356,7 +285,7 @@ impl Lumina2Pipeline {
                 let timestep = Tensor::full(model_t, batch, &device)?;
                 let sample = eval.sample.clone();
                 let cond = model_call(
-                    &transformer,
+                    transformer,
                     cache.as_mut(),
                     (&sample, &timestep),
                     (&prompt, &prompt_mask),
@@ -373,7 +302,7 @@ impl Lumina2Pipeline {
                 let pred = match (&negative, guided) {
                     (Some((neg, neg_mask)), true) => {
                         let uncond = model_call(
-                            &transformer,
+                            transformer,
                             cache.as_mut(),
                             (&sample, &timestep),
                             (neg, neg_mask),
@@ -403,35 +332,18 @@ impl Lumina2Pipeline {
                     let blended = inpaint.blend(solver.sample(), step, num_steps)?;
                     solver.replace_sample(blended)?;
                 }
-                let latents = solver.sample();
-                let bad = count_non_finite(latents)?;
-                if bad > 0 {
-                    return Err(Error::NonFinite {
-                        step: step + 1,
-                        steps: num_steps,
-                        count: bad,
-                        weights: Vec::new(),
-                    });
-                }
-                let elapsed = step_start.elapsed();
-                timings.steps.push(elapsed);
-                let control = observer(Event::Step(StepInfo {
+                let info = StepInfo {
                     step: step + 1,
                     num_steps,
                     timestep: t,
                     sigma,
                     guidance: step_guided,
                     model_calls: calls,
-                    elapsed,
-                    latents,
+                    elapsed: Duration::ZERO,
+                    latents: solver.sample(),
                     denoised: denoised.as_ref(),
-                }));
-                if control == Control::Stop {
-                    return Err(Error::Stopped {
-                        step: step + 1,
-                        steps: num_steps,
-                    });
-                }
+                };
+                end_step(info, step_start, observer, &mut timings)?;
                 calls = 0;
                 step_guided = false;
                 denoised = None;
@@ -444,34 +356,22 @@ impl Lumina2Pipeline {
             observer(Event::StageFinished(Stage::Denoise, d));
             Ok(latents)
         };
-        // The transformer is still loaded: a non-finite result names its
-        // broken weights.
-        let result = denoise().map_err(|e| self.load_report.name_broken(e));
-        // A resident transformer stays loaded even when the run failed or stopped.
-        if self.keep_resident {
-            self.transformer = Some(transformer);
-        }
-        let latents = result?;
+        let latents = self
+            .shared
+            .denoise_with(&mut self.transformer, transformer, denoise)?;
         let cache_computed = cache.map(|c| c.computed().to_vec());
 
         // 5. Decode.
-        let images = match opts.output {
-            OutputKind::Latents => None,
-            OutputKind::Images => Some(self.decode(&latents, observer, &mut timings)?),
-        };
-        let mut warnings = warnings;
-        warnings.append(&mut self.load_report.warnings);
-        Ok(Generation {
-            images,
+        let run = Denoised {
+            start,
             latents,
-            initial_latents: start.noise,
-            noised_latents: start.image_latents.as_ref().map(|_| start.latents.clone()),
-            image_latents: start.image_latents,
             size: (width, height),
             timings,
             warnings,
             cache_computed,
-        })
+        };
+        self.shared
+            .finish(&self.sources.vae, run, (opts.output, false), observer)
     }
 
     fn encode(
@@ -518,19 +418,6 @@ impl Lumina2Pipeline {
             ),
             (_, negs) => negs.clone(),
         };
-        let encoder = match self.prompt_encoder.take() {
-            Some(e) => e,
-            None => timed_stage(Stage::LoadTextEncoder, observer, timings, || {
-                components::load_prompt_encoder(
-                    &self.sources,
-                    self.dtype,
-                    &self.device,
-                    &mut self.load_report,
-                )
-            })?,
-        };
-        let start = Instant::now();
-        observer(Event::StageStarted(Stage::Encode));
         let popts = PromptOptions {
             system_prompt: opts.system_prompt.clone(),
             negative_prompt: negatives,
@@ -541,22 +428,14 @@ impl Lumina2Pipeline {
             // computed (the usual prompt is far shorter than 256 tokens).
             trim_padding: true,
         };
-        let out = encoder.encode(prompts, &popts);
-        if self.keep_resident {
-            self.prompt_encoder = Some(encoder);
-        }
-        let out = out?;
-        let mut produced = vec![(&out.prompt_embeds, Some(&out.prompt_attention_mask))];
-        if let (Some(e), Some(m)) = (
-            &out.negative_prompt_embeds,
-            &out.negative_prompt_attention_mask,
-        ) {
-            produced.push((e, Some(m)));
-        }
-        self.load_report.check_encoder_output(&produced)?;
-        let d = start.elapsed();
-        timings.stages.push((Stage::Encode, d));
-        observer(Event::StageFinished(Stage::Encode, d));
+        let sources = &self.sources;
+        let out = self.shared.encode_stage(
+            &mut self.prompt_encoder,
+            |s, report| components::load_prompt_encoder(sources, s.dtype, &s.device, report),
+            observer,
+            timings,
+            |encoder| Ok(encoder.encode(prompts, &popts)?),
+        )?;
         let negative = match (
             out.negative_prompt_embeds,
             out.negative_prompt_attention_mask,
@@ -574,106 +453,23 @@ impl Lumina2Pipeline {
         ))
     }
 
-    fn take_transformer(
-        &mut self,
-        observer: &mut Observer<'_>,
-        timings: &mut StageTimings,
-    ) -> Result<Lumina2Transformer> {
-        if let Some(t) = self.transformer.take() {
-            return Ok(t);
-        }
-        timed_stage(Stage::LoadTransformer, observer, timings, || {
-            components::load_transformer(
-                &self.sources,
-                &self.transformer_config,
-                (self.dtype, self.int8_transformer),
-                &self.device,
-                &mut self.load_report,
-            )
-        })
-    }
-
-    fn take_vae(
-        &mut self,
-        observer: &mut Observer<'_>,
-        timings: &mut StageTimings,
-    ) -> Result<AutoencoderKL> {
-        if let Some(v) = self.vae.take() {
-            return Ok(v);
-        }
-        timed_stage(Stage::LoadVae, observer, timings, || {
-            components::load_vae(
-                &self.sources.vae,
-                &self.vae_config,
-                (self.dtype, self.vae_tiling),
-                &self.device,
-                &mut self.load_report,
-            )
-        })
-    }
-
-    /// The start of an image-to-image run (see [`img2img::image_start`]):
-    /// the image resized to the output size, as diffusers' Flux pipelines.
-    fn image_start(
-        &mut self,
-        i2i: &ImageToImage,
-        opts: &GenerateOptions,
-        (shape, size): ((usize, usize, usize, usize), (usize, usize)),
-        scheduler: &FlowMatchEulerDiscreteScheduler,
-        observer: &mut Observer<'_>,
-        timings: &mut StageTimings,
-    ) -> Result<Start> {
-        let vae = self.take_vae(observer, timings)?;
-        let spec = img2img::StartSpec {
-            noise: &opts.noise,
-            shape,
-            size,
-            dtype: self.dtype,
-            device: &self.device,
-        };
-        let start = img2img::image_start(&vae, i2i, &spec, scheduler, observer, timings);
-        if self.keep_resident {
-            self.vae = Some(vae);
-        }
-        start
-    }
-
-    fn decode(
-        &mut self,
-        latents: &Tensor,
-        observer: &mut Observer<'_>,
-        timings: &mut StageTimings,
-    ) -> Result<Tensor> {
-        let vae = self.take_vae(observer, timings)?;
-        let start = Instant::now();
-        observer(Event::StageStarted(Stage::Decode));
-        let result = decode_latents(&vae, latents);
-        if self.keep_resident {
-            self.vae = Some(vae);
-        }
-        let images = result?;
-        let d = start.elapsed();
-        timings.stages.push((Stage::Decode, d));
-        observer(Event::StageFinished(Stage::Decode, d));
-        Ok(images)
-    }
-
     /// What sizes requests: a copy of the configuration the estimate needs,
     /// so that requests can be checked while the pipeline renders another
     /// (a server checks each request before queueing it).
     pub fn memory_check(&self) -> MemoryCheck {
+        let settings = &self.shared.settings;
         MemoryCheck {
             sources: self.sources.clone(),
-            dtype: self.dtype,
-            device: self.device.clone(),
-            keep_resident: self.keep_resident,
-            vae_tiling: self.vae_tiling,
+            dtype: settings.dtype,
+            device: settings.device.clone(),
+            keep_resident: settings.keep_resident,
+            vae_tiling: settings.vae_tiling,
             transformer_config: self.transformer_config.clone(),
-            vae_config: self.vae_config.clone(),
+            vae_config: self.shared.vae_config.clone(),
             loaded: Loaded {
                 text_encoder: self.prompt_encoder.is_some(),
                 transformer: self.transformer.is_some(),
-                vae: self.vae.is_some(),
+                vae: self.shared.vae_loaded(),
             },
         }
     }
@@ -698,14 +494,6 @@ impl Lumina2Pipeline {
             SystemPrompt::None => None,
         }
     }
-}
-
-/// Latents to `[B, H, W, 3]` images in `[0, 1]`: `latents / scaling_factor
-/// + shift_factor`, decoded, denormalised (diffusers' `output_type="np"`).
-pub(crate) fn decode_latents(vae: &AutoencoderKL, latents: &Tensor) -> Result<Tensor> {
-    let z = vae.unscale_latents(latents)?;
-    let decoded = vae.decode(&z)?;
-    Ok(lumina2_vae::image::denormalize(&decoded)?)
 }
 
 struct Embeds {
@@ -738,11 +526,6 @@ fn model_call(
         Some(c) => c.forward(transformer, sample, timestep, caption, mask),
         None => Ok(transformer.forward(sample, timestep, caption, mask)?),
     }
-}
-
-pub(crate) fn count_non_finite(t: &Tensor) -> Result<usize> {
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(v.iter().filter(|x| !x.is_finite()).count())
 }
 
 /// The memory estimate of a pipeline's requests, apart from the pipeline
@@ -869,29 +652,4 @@ fn resolve_size(cfg: &TransformerConfig, opts: &GenerateOptions) -> Result<(usiz
     check_size("width", w)?;
     check_size("height", h)?;
     Ok((w, h))
-}
-
-/// int8 linears run on the CPU only: the kernels are CPU code (AMX-INT8,
-/// AVX512-VNNI, plain Rust); on a GPU they would copy every activation to
-/// the host and back at each layer.
-pub(crate) fn check_int8_device(device: &Device) -> Result<()> {
-    if device.is_cpu() {
-        return Ok(());
-    }
-    Err(invalid(
-        "int8",
-        format!(
-            "int8 linears run on the CPU only, not on {}; on a GPU use bf16, f16 or a GGUF transformer",
-            device_name(device)
-        ),
-    ))
-}
-
-/// `cpu`, `cuda:N` or `metal:N`, as the CLI's `--device` spells it.
-pub(crate) fn device_name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
 }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use lumina2_pipeline::{
-    source_image, Conditioning, GenerateOptions, GuidanceMode, ImageToImage, Lumina2Pipeline,
-    Noise, PipelineSources, SolverKind, SystemPrompt,
+    source_image, Conditioning, GenerateOptions, Generation, GuidanceMode, ImageToImage,
+    Lumina2Pipeline, Noise, PipelineSources, SolverKind, SystemPrompt,
 };
 
 use super::text_encoder::strings;
@@ -19,42 +19,16 @@ struct PipelineCase {
 }
 
 pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
-    let a = &case.args;
-    let get = |k: &str| a.get(k).filter(|v| !v.is_null());
-    let prompts = strings(
-        get("prompt").ok_or_else(|| anyhow!("args has no `prompt`"))?,
-        "prompt",
-    )?;
-    let negative_prompts = get("negative_prompt")
-        .map(|v| strings(v, "negative_prompt"))
-        .transpose()?;
+    let args = CaseArgs(case);
+    let get = |k: &str| args.get(k);
+    let (prompts, negative_prompts) = args.prompts()?;
     let mut opts = GenerateOptions::with_prompts(prompts.clone());
     opts.conditioning = Conditioning::Prompts {
         prompts,
         negative_prompts,
     };
-    let uint = |k: &str| -> Result<Option<usize>> {
-        get(k)
-            .map(|v| {
-                v.as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| anyhow!("`{k}` must be a non-negative integer"))
-            })
-            .transpose()
-    };
-    let float = |k: &str| -> Result<Option<f64>> {
-        get(k)
-            .map(|v| v.as_f64().ok_or_else(|| anyhow!("`{k}` must be a number")))
-            .transpose()
-    };
-    opts.height = uint("height")?;
-    opts.width = uint("width")?;
-    if let Some(n) = uint("num_inference_steps")? {
-        opts.num_inference_steps = n;
-    }
-    if let Some(v) = float("guidance_scale")? {
-        opts.guidance_scale = v;
-    }
+    let float = |k: &str| args.float(k);
+    set_size_steps_guidance!(opts, args);
     if let Some(v) = float("cfg_trunc_ratio")? {
         opts.cfg_trunc_ratio = v;
     }
@@ -68,19 +42,7 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
         Some(serde_json::Value::String(s)) => opts.system_prompt = SystemPrompt::Text(s.clone()),
         Some(_) => bail!("`system_prompt` must be a string or null"),
     }
-    if let Some(n) = uint("max_sequence_length")? {
-        opts.max_sequence_length = n;
-    }
-    if let Some(n) = uint("num_images_per_prompt")? {
-        opts.num_images_per_prompt = n;
-    }
-    if let Some(v) = get("sigmas") {
-        let s = v
-            .as_array()
-            .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| anyhow!("`sigmas` must be a list of numbers"))?;
-        opts.sigmas = Some(s);
-    }
+    set_length_batch_sigmas!(opts, args);
     opts.cache_threshold = float("cache_threshold")?;
     opts.image_to_image = image_to_image(case)?;
     match get("guidance_mode").map(|v| v.as_str()) {
@@ -124,28 +86,35 @@ impl Prepared for PipelineCase {
         let out = self
             .pipe
             .generate(&self.opts, &mut |_| Default::default())?;
-        let mut m = BTreeMap::new();
-        if let Some(images) = out.images {
-            m.insert("image".to_string(), images);
-        }
-        m.insert("initial_latents".to_string(), out.initial_latents);
-        m.insert("latents".to_string(), out.latents);
-        if let Some(computed) = out.cache_computed {
-            let flags: Vec<f32> = computed.iter().map(|&c| f32::from(u8::from(c))).collect();
-            let n = flags.len();
-            m.insert(
-                "cache_computed".to_string(),
-                Tensor::from_vec(flags, n, &Device::Cpu)?,
-            );
-        }
-        if let Some(l) = out.image_latents {
-            m.insert("image_latents".to_string(), l);
-        }
-        if let Some(l) = out.noised_latents {
-            m.insert("noised_latents".to_string(), l);
-        }
-        Ok(m)
+        outputs(out)
     }
+}
+
+/// What a run of either pipeline gives the comparison: the images, the
+/// initial and final latents, and where there are any, TeaCache's flags and
+/// the image-to-image latents.
+pub(super) fn outputs(out: Generation) -> Result<BTreeMap<String, Tensor>> {
+    let mut m = BTreeMap::new();
+    if let Some(images) = out.images {
+        m.insert("image".to_string(), images);
+    }
+    m.insert("initial_latents".to_string(), out.initial_latents);
+    m.insert("latents".to_string(), out.latents);
+    if let Some(computed) = out.cache_computed {
+        let flags: Vec<f32> = computed.iter().map(|&c| f32::from(u8::from(c))).collect();
+        let n = flags.len();
+        m.insert(
+            "cache_computed".to_string(),
+            Tensor::from_vec(flags, n, &Device::Cpu)?,
+        );
+    }
+    if let Some(l) = out.image_latents {
+        m.insert("image_latents".to_string(), l);
+    }
+    if let Some(l) = out.noised_latents {
+        m.insert("noised_latents".to_string(), l);
+    }
+    Ok(m)
 }
 
 /// `args.image`, `args.mask_image` and `args.strength` of a case (PNG files
@@ -176,3 +145,86 @@ pub(super) fn image_to_image(case: &Case) -> Result<Option<ImageToImage>> {
         strength,
     }))
 }
+
+/// A pipeline case's `args` (null reads as absent), with the readers both
+/// pipelines' cases use.
+pub(super) struct CaseArgs<'a>(pub &'a Case);
+
+impl<'a> CaseArgs<'a> {
+    pub fn get(&self, k: &str) -> Option<&'a serde_json::Value> {
+        self.0.args.get(k).filter(|v| !v.is_null())
+    }
+
+    pub fn uint(&self, k: &str) -> Result<Option<usize>> {
+        self.get(k)
+            .map(|v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| anyhow!("`{k}` must be a non-negative integer"))
+            })
+            .transpose()
+    }
+
+    pub fn float(&self, k: &str) -> Result<Option<f64>> {
+        self.get(k)
+            .map(|v| v.as_f64().ok_or_else(|| anyhow!("`{k}` must be a number")))
+            .transpose()
+    }
+
+    /// `prompt` (required) and `negative_prompt`.
+    pub fn prompts(&self) -> Result<(Vec<String>, Option<Vec<String>>)> {
+        let prompts = strings(
+            self.get("prompt")
+                .ok_or_else(|| anyhow!("args has no `prompt`"))?,
+            "prompt",
+        )?;
+        let negative_prompts = self
+            .get("negative_prompt")
+            .map(|v| strings(v, "negative_prompt"))
+            .transpose()?;
+        Ok((prompts, negative_prompts))
+    }
+
+    pub fn sigmas(&self) -> Result<Option<Vec<f64>>> {
+        self.get("sigmas")
+            .map(|v| {
+                v.as_array()
+                    .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| anyhow!("`sigmas` must be a list of numbers"))
+            })
+            .transpose()
+    }
+}
+
+/// `height`, `width`, `num_inference_steps` and `guidance_scale` from a
+/// case's [`CaseArgs`]: the same fields in both pipelines' options.
+macro_rules! set_size_steps_guidance {
+    ($opts:ident, $args:ident) => {
+        $opts.height = $args.uint("height")?;
+        $opts.width = $args.uint("width")?;
+        if let Some(n) = $args.uint("num_inference_steps")? {
+            $opts.num_inference_steps = n;
+        }
+        if let Some(v) = $args.float("guidance_scale")? {
+            $opts.guidance_scale = v;
+        }
+    };
+}
+pub(super) use set_size_steps_guidance;
+
+/// `max_sequence_length`, `num_images_per_prompt` and `sigmas` from a
+/// case's [`CaseArgs`]: the same fields in both pipelines' options.
+macro_rules! set_length_batch_sigmas {
+    ($opts:ident, $args:ident) => {
+        if let Some(n) = $args.uint("max_sequence_length")? {
+            $opts.max_sequence_length = n;
+        }
+        if let Some(n) = $args.uint("num_images_per_prompt")? {
+            $opts.num_images_per_prompt = n;
+        }
+        if let Some(s) = $args.sigmas()? {
+            $opts.sigmas = Some(s);
+        }
+    };
+}
+pub(super) use set_length_batch_sigmas;

@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use candle_core::{Device, Tensor};
 use lumina2_pipeline::{Noise, ZImageOptions, ZImagePipeline, ZImageSources};
 
-use super::text_encoder::strings;
+use super::pipeline::{set_length_batch_sigmas, set_size_steps_guidance, CaseArgs};
 use super::Case;
 use super::Prepared;
 
@@ -18,38 +18,12 @@ struct ZImagePipelineCase {
 }
 
 pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
-    let a = &case.args;
-    let get = |k: &str| a.get(k).filter(|v| !v.is_null());
-    let prompts = strings(
-        get("prompt").ok_or_else(|| anyhow!("args has no `prompt`"))?,
-        "prompt",
-    )?;
+    let args = CaseArgs(case);
+    let get = |k: &str| args.get(k);
+    let (prompts, negative_prompts) = args.prompts()?;
     let mut opts = ZImageOptions::with_prompts(prompts);
-    opts.negative_prompts = get("negative_prompt")
-        .map(|v| strings(v, "negative_prompt"))
-        .transpose()?;
-    let uint = |k: &str| -> Result<Option<usize>> {
-        get(k)
-            .map(|v| {
-                v.as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| anyhow!("`{k}` must be a non-negative integer"))
-            })
-            .transpose()
-    };
-    let float = |k: &str| -> Result<Option<f64>> {
-        get(k)
-            .map(|v| v.as_f64().ok_or_else(|| anyhow!("`{k}` must be a number")))
-            .transpose()
-    };
-    opts.height = uint("height")?;
-    opts.width = uint("width")?;
-    if let Some(n) = uint("num_inference_steps")? {
-        opts.num_inference_steps = n;
-    }
-    if let Some(v) = float("guidance_scale")? {
-        opts.guidance_scale = v;
-    }
+    opts.negative_prompts = negative_prompts;
+    set_size_steps_guidance!(opts, args);
     // diffusers takes a bool or a float: `True` caps at 1x the positive norm.
     if let Some(v) = get("cfg_normalization") {
         opts.cfg_normalization = match (v.as_bool(), v.as_f64()) {
@@ -58,22 +32,10 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
             _ => return Err(anyhow!("`cfg_normalization` must be a boolean or a number")),
         };
     }
-    if let Some(v) = float("cfg_truncation")? {
+    if let Some(v) = args.float("cfg_truncation")? {
         opts.cfg_truncation = v;
     }
-    if let Some(n) = uint("max_sequence_length")? {
-        opts.max_sequence_length = n;
-    }
-    if let Some(n) = uint("num_images_per_prompt")? {
-        opts.num_images_per_prompt = n;
-    }
-    if let Some(v) = get("sigmas") {
-        let s = v
-            .as_array()
-            .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| anyhow!("`sigmas` must be a list of numbers"))?;
-        opts.sigmas = Some(s);
-    }
+    set_length_batch_sigmas!(opts, args);
     // Image-to-image and inpainting: PNG files inside the case.
     opts.image_to_image = super::pipeline::image_to_image(case)?;
     opts.noise = Noise::Seed(
@@ -94,23 +56,11 @@ pub fn prepare(case: &Case) -> Result<Box<dyn Prepared>> {
 
 impl Prepared for ZImagePipelineCase {
     fn run(&mut self) -> Result<BTreeMap<String, Tensor>> {
-        let mut m = BTreeMap::new();
         // The latents and the image come from one run, as diffusers' two
         // (output_type "latent" and "np") from the same seed.
         let out = self
             .pipe
             .generate(&self.opts, &mut |_| Default::default())?;
-        if let Some(images) = out.images {
-            m.insert("image".to_string(), images);
-        }
-        m.insert("initial_latents".to_string(), out.initial_latents);
-        m.insert("latents".to_string(), out.latents);
-        if let Some(l) = out.image_latents {
-            m.insert("image_latents".to_string(), l);
-        }
-        if let Some(l) = out.noised_latents {
-            m.insert("noised_latents".to_string(), l);
-        }
-        Ok(m)
+        super::pipeline::outputs(out)
     }
 }

@@ -2,22 +2,22 @@
 //! and with an init image `ZImageImg2ImgPipeline.__call__` /
 //! `ZImageInpaintPipeline.__call__` (the shared steps of [`crate::img2img`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
-use lumina2_scheduler::{FlowMatchEulerDiscreteScheduler, SchedulerConfig, TimestepRequest};
+use candle_core::{DType, Tensor};
+use lumina2_scheduler::{FlowMatchEulerDiscreteScheduler, TimestepRequest};
 use lumina2_text_encoder::Qwen3Config;
 use lumina2_transformer::{ZImageConfig, ZImageTransformer};
-use lumina2_vae::{AutoencoderKL, AutoencoderKLConfig};
 
-use crate::components::{self, LoadReport};
-use crate::error::{invalid, Error, Result};
+use crate::error::{invalid, Result};
 use crate::img2img::{self, Inpaint, Start};
 use crate::noise;
-use crate::options::{OutputKind, MAX_SIDE};
-use crate::pipeline::{check_int8_device, count_non_finite, decode_latents, Generation, Observer};
+use crate::options::MAX_SIDE;
+use crate::pipeline::{Generation, Observer};
 use crate::preview;
-use crate::progress::{timed_stage, Control, Event, Stage, StageTimings, StepInfo};
+use crate::progress::{Event, Stage, StageTimings, StepInfo};
+use crate::settings::{check_latent_channels, pipeline_builder, BuildSettings};
+use crate::stages::{end_step, shared_accessors, Denoised, Shared};
 use crate::torch_linspace::linspace_f32;
 
 use super::guidance;
@@ -44,101 +44,47 @@ use super::sources::{self, ZImagePromptEncoder, ZImageSources};
 /// ```
 pub struct ZImagePipeline {
     sources: ZImageSources,
-    dtype: DType,
-    device: Device,
-    keep_resident: bool,
-    vae_tiling: bool,
-    int8_transformer: bool,
     transformer_config: ZImageConfig,
     text_encoder_config: Qwen3Config,
-    vae_config: AutoencoderKLConfig,
-    scheduler_config: SchedulerConfig,
     prompt_encoder: Option<ZImagePromptEncoder>,
     transformer: Option<ZImageTransformer>,
-    vae: Option<AutoencoderKL>,
-    load_report: LoadReport,
+    /// The settings, the VAE, the scheduler's configuration and the load
+    /// report, as Lumina2 holds them.
+    shared: Shared,
 }
 
 impl std::fmt::Debug for ZImagePipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ZImagePipeline")
-            .field("sources", &self.sources)
-            .field("dtype", &self.dtype)
-            .field("keep_resident", &self.keep_resident)
-            .finish_non_exhaustive()
+        self.shared.fmt_pipeline(f, "ZImagePipeline", &self.sources)
     }
 }
 
-/// Builds a [`ZImagePipeline`].
-#[derive(Debug, Clone)]
-pub struct ZImagePipelineBuilder {
-    sources: ZImageSources,
-    dtype: DType,
-    device: Device,
-    keep_resident: bool,
-    vae_tiling: bool,
-    int8_transformer: bool,
-}
+pipeline_builder! {
+    /// Builds a [`ZImagePipeline`].
+    ZImagePipelineBuilder(ZImageSources) -> ZImagePipeline;
 
-impl ZImagePipelineBuilder {
     /// The compute dtype of every component (f32 by default). The latents
     /// and the scheduler stay in f32 whatever it is, as the reference.
-    pub fn dtype(mut self, dtype: DType) -> Self {
-        self.dtype = dtype;
-        self
-    }
-
-    /// The device (CPU by default).
-    pub fn device(mut self, device: Device) -> Self {
-        self.device = device;
-        self
-    }
+    dtype;
 
     /// Keep every component loaded between stages and generations.
-    pub fn keep_resident(mut self, keep: bool) -> Self {
-        self.keep_resident = keep;
-        self
-    }
-
-    /// Decode large images tile by tile (diffusers' `enable_tiling`).
-    pub fn vae_tiling(mut self, tiling: bool) -> Self {
-        self.vae_tiling = tiling;
-        self
-    }
+    keep_resident;
 
     /// Quantise the transformer's attention and feed-forward linears (those
     /// of its blocks) to int8 as they load, as
     /// [`crate::PipelineBuilder::int8_transformer`] does for Lumina2: the
     /// embedders, modulation and output layer keep the compute dtype. CPU only.
-    pub fn int8_transformer(mut self, on: bool) -> Self {
-        self.int8_transformer = on;
-        self
-    }
+    int8_transformer;
+}
 
-    /// Reads and checks the configurations; the weights are loaded when used.
-    pub fn build(self) -> Result<ZImagePipeline> {
-        if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(invalid(
-                "dtype",
-                format!("{:?} is not a compute dtype (f32, bf16, f16)", self.dtype),
-            ));
-        }
-        if self.int8_transformer {
-            check_int8_device(&self.device)?;
-        }
-        let transformer_config = self.sources.transformer_config()?;
-        let text_encoder_config = self.sources.text_encoder_config()?;
-        let vae_config = self.sources.vae_config()?;
-        let scheduler_config = self.sources.scheduler()?;
-        if vae_config.latent_channels != transformer_config.in_channels {
-            return Err(invalid(
-                "vae",
-                format!(
-                    "the VAE has {} latent channels, the transformer takes {}",
-                    vae_config.latent_channels, transformer_config.in_channels
-                ),
-            ));
-        }
+impl ZImagePipeline {
+    /// Reads and checks the configurations (`build`, after the settings).
+    fn new(sources: ZImageSources, settings: BuildSettings) -> Result<Self> {
+        let transformer_config = sources.transformer_config()?;
+        let text_encoder_config = sources.text_encoder_config()?;
+        let vae_config = sources.vae_config()?;
+        let scheduler_config = sources.scheduler()?;
+        check_latent_channels(vae_config.latent_channels, transformer_config.in_channels)?;
         if text_encoder_config.hidden_size != transformer_config.cap_feat_dim {
             return Err(invalid(
                 "text_encoder",
@@ -148,61 +94,29 @@ impl ZImagePipelineBuilder {
                 ),
             ));
         }
-        Ok(ZImagePipeline {
-            sources: self.sources,
-            dtype: self.dtype,
-            device: self.device,
-            keep_resident: self.keep_resident,
-            vae_tiling: self.vae_tiling,
-            int8_transformer: self.int8_transformer,
+        Ok(Self {
+            sources,
             transformer_config,
             text_encoder_config,
-            vae_config,
-            scheduler_config,
             prompt_encoder: None,
             transformer: None,
-            vae: None,
-            load_report: LoadReport::default(),
+            shared: Shared::new(settings, vae_config, scheduler_config),
         })
     }
-}
 
-impl ZImagePipeline {
     /// Starts a pipeline over these component files.
     pub fn builder(sources: ZImageSources) -> ZImagePipelineBuilder {
         ZImagePipelineBuilder {
             sources,
-            dtype: DType::F32,
-            device: Device::Cpu,
-            keep_resident: false,
-            vae_tiling: false,
-            int8_transformer: false,
+            settings: BuildSettings::default(),
         }
     }
 
-    /// The transformer's configuration.
-    pub fn transformer_config(&self) -> &ZImageConfig {
-        &self.transformer_config
-    }
-
-    /// The VAE's configuration.
-    pub fn vae_config(&self) -> &AutoencoderKLConfig {
-        &self.vae_config
-    }
-
-    /// The scheduler's configuration.
-    pub fn scheduler_config(&self) -> &SchedulerConfig {
-        &self.scheduler_config
-    }
-
-    /// The compute dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
+    shared_accessors!(ZImageConfig);
 
     /// `vae_scale_factor`: `2 ** (len(block_out_channels) - 1)`.
     pub fn vae_scale_factor(&self) -> usize {
-        let levels = self.vae_config.block_out_channels.len().max(1);
+        let levels = self.shared.vae_config.block_out_channels.len().max(1);
         1usize << (levels - 1).min(16)
     }
 
@@ -301,7 +215,7 @@ impl ZImagePipeline {
 
         // 2. The schedule: `mu` from the image's token count, passed as the
         //    reference passes it (the scheduler uses it only with dynamic shifting).
-        let c = &self.scheduler_config;
+        let c = &self.shared.scheduler_config;
         let image_seq_len = (shape.2 / 2) * (shape.3 / 2);
         let mu = lumina2_scheduler::calculate_shift(
             image_seq_len,
@@ -310,23 +224,19 @@ impl ZImagePipeline {
             c.base_shift.unwrap_or(0.5),
             c.max_shift.unwrap_or(1.15),
         )?;
-        let mut scheduler = FlowMatchEulerDiscreteScheduler::new(self.scheduler_config.clone())?;
+        let mut scheduler = FlowMatchEulerDiscreteScheduler::new(c.clone())?;
         scheduler.set_timesteps(&TimestepRequest::sigmas(Self::sigmas(opts)).with_mu(mu))?;
 
         // 3. Initial latents: noise drawn in f32 whatever the compute dtype,
         //    or the init image noised to the first step that runs (in the
         //    compute dtype, as the reference: the first step returns f32).
         let start = match &opts.image_to_image {
-            None => {
-                let initial = noise::initial_latents(&opts.noise, shape, DType::F32, &self.device)?;
-                Start {
-                    latents: initial.clone(),
-                    noise: initial,
-                    begin: 0,
-                    image_latents: None,
-                    inpaint: None,
-                }
-            }
+            None => Start::from_noise(noise::initial_latents(
+                &opts.noise,
+                shape,
+                DType::F32,
+                &self.shared.settings.device,
+            )?),
             Some(i2i) => {
                 let (iw, ih) = i2i.image.dimensions();
                 if (iw as usize, ih as usize) != size {
@@ -335,66 +245,56 @@ impl ZImagePipeline {
                         size.0, size.1
                     ));
                 }
-                let vae = self.take_vae(observer, &mut timings)?;
-                let spec = img2img::StartSpec {
-                    noise: &opts.noise,
-                    shape,
-                    size,
-                    dtype: self.dtype,
-                    device: &self.device,
-                };
-                let start =
-                    img2img::image_start(&vae, i2i, &spec, &scheduler, observer, &mut timings);
-                if self.keep_resident {
-                    self.vae = Some(vae);
-                }
-                start?
+                self.shared.image_start(
+                    &self.sources.vae,
+                    i2i,
+                    &opts.noise,
+                    (shape, size),
+                    &scheduler,
+                    observer,
+                    &mut timings,
+                )?
             }
         };
         scheduler.set_begin_index(start.begin);
 
         // 4. Denoise.
-        let transformer = self.take_transformer(observer, &mut timings)?;
-        let result = denoise(
-            &transformer,
-            &mut scheduler,
-            Denoise {
-                latents: start.latents.clone(),
-                begin: start.begin,
-                inpaint: start.inpaint.as_ref(),
-                prompt: &prompt_embeds,
-                negative: &negative_embeds,
-                opts,
-                cfg,
-            },
+        let transformer = self.shared.take_transformer(
+            &mut self.transformer,
+            (
+                sources::load_transformer,
+                &self.sources,
+                &self.transformer_config,
+            ),
             observer,
             &mut timings,
-        )
-        // The transformer is still loaded: a non-finite result names its
-        // broken weights.
-        .map_err(|e| self.load_report.name_broken(e));
-        if self.keep_resident {
-            self.transformer = Some(transformer);
-        }
-        let latents = result?;
-
-        // 5. Decode.
-        let images = match opts.output {
-            OutputKind::Latents => None,
-            OutputKind::Images => Some(self.decode(&latents, observer, &mut timings)?),
+        )?;
+        let run = Denoise {
+            latents: start.latents.clone(),
+            begin: start.begin,
+            inpaint: start.inpaint.as_ref(),
+            prompt: &prompt_embeds,
+            negative: &negative_embeds,
+            opts,
+            cfg,
         };
-        warnings.append(&mut self.load_report.warnings);
-        Ok(Generation {
-            images,
+        let latents =
+            self.shared
+                .denoise_with(&mut self.transformer, transformer, |transformer| {
+                    denoise(transformer, &mut scheduler, run, observer, &mut timings)
+                })?;
+
+        // 5. Decode, the latents cast to the VAE's dtype.
+        let run = Denoised {
+            start,
             latents,
-            initial_latents: start.noise,
-            noised_latents: start.image_latents.as_ref().map(|_| start.latents.clone()),
-            image_latents: start.image_latents,
             size,
             timings,
             warnings,
             cache_computed: None,
-        })
+        };
+        self.shared
+            .finish(&self.sources.vae, run, (opts.output, true), observer)
     }
 
     /// `encode_prompt`: the prompts' embeddings and, with guidance, the
@@ -407,26 +307,16 @@ impl ZImagePipeline {
         timings: &mut StageTimings,
         warnings: &mut Vec<String>,
     ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-        let encoder = match self.prompt_encoder.take() {
-            Some(e) => e,
-            None => timed_stage(Stage::LoadTextEncoder, observer, timings, || {
-                sources::load_prompt_encoder(
-                    &self.sources,
-                    &self.text_encoder_config,
-                    self.dtype,
-                    &self.device,
-                    &mut self.load_report,
-                )
-            })?,
+        let (zsources, te_config) = (&self.sources, &self.text_encoder_config);
+        let load = |s: &BuildSettings, report: &mut _| {
+            sources::load_prompt_encoder(zsources, te_config, s.dtype, &s.device, report)
         };
-        let start = Instant::now();
-        observer(Event::StageStarted(Stage::Encode));
-        let result = (|| -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let run = |encoder: &ZImagePromptEncoder| -> Result<(Vec<Tensor>, Vec<Tensor>)> {
             let n = opts.num_images_per_prompt;
-            let pos = encode_prompts(&encoder, &opts.prompts, opts.max_sequence_length, warnings)?;
+            let pos = encode_prompts(encoder, &opts.prompts, opts.max_sequence_length, warnings)?;
             let neg = if cfg {
                 encode_prompts(
-                    &encoder,
+                    encoder,
                     &opts.negatives(),
                     opts.max_sequence_length,
                     warnings,
@@ -435,80 +325,9 @@ impl ZImagePipeline {
                 Vec::new()
             };
             Ok((repeat_each(pos, n), repeat_each(neg, n)))
-        })();
-        if self.keep_resident {
-            self.prompt_encoder = Some(encoder);
-        }
-        let out = result?;
-        let all: Vec<(&Tensor, Option<&Tensor>)> =
-            out.0.iter().chain(&out.1).map(|e| (e, None)).collect();
-        self.load_report.check_encoder_output(&all)?;
-        let d = start.elapsed();
-        timings.stages.push((Stage::Encode, d));
-        observer(Event::StageFinished(Stage::Encode, d));
-        Ok(out)
-    }
-
-    fn take_transformer(
-        &mut self,
-        observer: &mut Observer<'_>,
-        timings: &mut StageTimings,
-    ) -> Result<ZImageTransformer> {
-        if let Some(t) = self.transformer.take() {
-            return Ok(t);
-        }
-        timed_stage(Stage::LoadTransformer, observer, timings, || {
-            sources::load_transformer(
-                &self.sources,
-                &self.transformer_config,
-                (self.dtype, self.int8_transformer),
-                &self.device,
-                &mut self.load_report,
-            )
-        })
-    }
-
-    fn take_vae(
-        &mut self,
-        observer: &mut Observer<'_>,
-        timings: &mut StageTimings,
-    ) -> Result<AutoencoderKL> {
-        if let Some(v) = self.vae.take() {
-            return Ok(v);
-        }
-        timed_stage(Stage::LoadVae, observer, timings, || {
-            components::load_vae(
-                &self.sources.vae,
-                &self.vae_config,
-                (self.dtype, self.vae_tiling),
-                &self.device,
-                &mut self.load_report,
-            )
-        })
-    }
-
-    fn decode(
-        &mut self,
-        latents: &Tensor,
-        observer: &mut Observer<'_>,
-        timings: &mut StageTimings,
-    ) -> Result<Tensor> {
-        let vae = self.take_vae(observer, timings)?;
-        let start = Instant::now();
-        observer(Event::StageStarted(Stage::Decode));
-        // `latents.to(vae.dtype)` before the VAE transform, as the reference.
-        let result = latents
-            .to_dtype(self.dtype)
-            .map_err(Error::from)
-            .and_then(|l| decode_latents(&vae, &l));
-        if self.keep_resident {
-            self.vae = Some(vae);
-        }
-        let images = result?;
-        let d = start.elapsed();
-        timings.stages.push((Stage::Decode, d));
-        observer(Event::StageFinished(Stage::Decode, d));
-        Ok(images)
+        };
+        self.shared
+            .encode_stage(&mut self.prompt_encoder, load, observer, timings, run)
     }
 }
 
@@ -665,34 +484,18 @@ fn denoise(
         if let Some(inpaint) = inpaint {
             latents = inpaint.blend(&latents, i, num_steps)?;
         }
-        let bad = count_non_finite(&latents)?;
-        if bad > 0 {
-            return Err(Error::NonFinite {
-                step: i + 1,
-                steps: num_steps,
-                count: bad,
-                weights: Vec::new(),
-            });
-        }
-        let elapsed = step_start.elapsed();
-        timings.steps.push(elapsed);
-        let control = observer(Event::Step(StepInfo {
+        let info = StepInfo {
             step: i + 1,
             num_steps,
             timestep: t,
             sigma,
             guidance: apply_cfg,
             model_calls: 1,
-            elapsed,
+            elapsed: Duration::ZERO,
             latents: &latents,
             denoised: denoised.as_ref(),
-        }));
-        if control == Control::Stop {
-            return Err(Error::Stopped {
-                step: i + 1,
-                steps: num_steps,
-            });
-        }
+        };
+        end_step(info, step_start, observer, timings)?;
     }
     let d = denoise_start.elapsed();
     timings.stages.push((Stage::Denoise, d));
