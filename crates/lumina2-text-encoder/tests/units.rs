@@ -223,13 +223,16 @@ fn tokenizer_prepends_bos_pads_right_and_reports_truncation() {
     assert_eq!(format!("{kept}{cut}").trim(), long);
 }
 
+/// Two prompts of different lengths.
+const TWO_PROMPTS: [&str; 2] = [
+    "a red cat",
+    "two dogs run in the snow near a small wooden house",
+];
+
 #[test]
 fn repeated_prompts_keep_masks_aligned() {
     let enc = PromptEncoder::from_pipeline_folder(pipeline(), DType::F32, &Device::Cpu).unwrap();
-    let prompts = [
-        "a red cat",
-        "two dogs run in the snow near a small wooden house",
-    ];
+    let prompts = TWO_PROMPTS;
     let one = enc
         .encode(
             &prompts,
@@ -273,10 +276,7 @@ fn repeated_prompts_keep_masks_aligned() {
 #[test]
 fn trimmed_padding_keeps_the_real_tokens_states() {
     let enc = PromptEncoder::from_pipeline_folder(pipeline(), DType::F32, &Device::Cpu).unwrap();
-    let prompts = [
-        "a red cat",
-        "two dogs run in the snow near a small wooden house",
-    ];
+    let prompts = TWO_PROMPTS;
     let opts = PromptOptions {
         max_sequence_length: 64,
         negative_prompt: Some(vec!["blurry".into()]),
