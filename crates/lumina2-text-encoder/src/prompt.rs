@@ -96,6 +96,19 @@ pub struct Tokenized {
     pub truncated: Vec<Option<String>>,
 }
 
+impl Tokenized {
+    /// Positions up to the last real token of the longest row (0 for an
+    /// empty batch or all padding). The padding is on the right, so the
+    /// columns past it are padding in every row.
+    pub fn longest(&self) -> usize {
+        self.attention_mask
+            .iter()
+            .map(|row| row.iter().rposition(|&m| m != 0).map_or(0, |j| j + 1))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// The model's tokenizer (its `tokenizer.json`, or built from a SentencePiece
 /// `tokenizer.model`), with its special tokens and post-processor
 /// (Gemma's prepends `<bos>`), padded on the right as diffusers sets it.
@@ -530,12 +543,7 @@ impl PromptEncoder {
         // Positions kept per row: all, or up to the longest prompt's last
         // token (at least one, so that the shapes stay valid).
         let len = if opts.trim_padding {
-            tok.attention_mask
-                .iter()
-                .map(|row| row.iter().rposition(|&m| m != 0).map_or(0, |j| j + 1))
-                .max()
-                .unwrap_or(0)
-                .clamp(1, max_len)
+            tok.longest().clamp(1, max_len)
         } else {
             max_len
         };

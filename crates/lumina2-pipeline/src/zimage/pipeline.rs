@@ -360,13 +360,7 @@ fn encode_prompts(
     // matmul's order of summation may change with its number of rows:
     // text encoder test `right_padding_does_not_change_real_tokens`), and
     // the usual short prompt costs a fraction of 512 positions (the default).
-    let len = tokens
-        .attention_mask
-        .iter()
-        .map(|row| row.iter().rposition(|&m| m != 0).map_or(0, |j| j + 1))
-        .max()
-        .unwrap_or(0)
-        .max(1);
+    let len = tokens.longest().max(1);
     let cut = |rows: &[Vec<u32>]| -> Vec<u32> {
         rows.iter()
             .flat_map(|r| r[..len.min(r.len())].iter().copied())
